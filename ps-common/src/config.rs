@@ -1,0 +1,420 @@
+//! The job file: one TOML document that drives `ps-worker local`, separate
+//! `ps-worker train` processes and, later, Kubernetes jobs.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the
+//! offending key and its line, so a typo never silently falls back to a
+//! default. Relative data paths are resolved against the job file's folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::routing::{fnv1a64, mix64};
+use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+
+/// A job file that could not be used, with the key and line at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default(), key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// 1-based line of the offending key, when known.
+    pub line: Option<usize>,
+    /// Dotted path of the offending key, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A complete, validated job.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Where the examples come from.
+    pub data: DataConfig,
+    /// Which model to train and which tables it uses.
+    pub model: ModelConfig,
+    /// Batch size, epochs, seed and client settings.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Tables by name.
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// Input files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// File format of `train` and `validation`.
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Training examples: a path (relative to the job file) or `builtin:NAME`.
+    pub train: DataSource,
+    /// Held-out examples evaluated after training.
+    #[serde(default)]
+    pub validation: Option<DataSource>,
+}
+
+/// Supported input formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// `label idx:value idx:value ...` with labels in {-1, 0, 1} (+1 positive).
+    #[default]
+    Libsvm,
+}
+
+/// Where a data file comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub enum DataSource {
+    /// A file on disk (resolved against the job file's folder on load).
+    File(PathBuf),
+    /// A data set compiled into the worker binary, e.g. `builtin:a9a/train`.
+    Builtin(String),
+}
+
+impl From<String> for DataSource {
+    fn from(s: String) -> Self {
+        match s.strip_prefix("builtin:") {
+            Some(name) => DataSource::Builtin(name.to_string()),
+            None => DataSource::File(PathBuf::from(s)),
+        }
+    }
+}
+
+impl std::fmt::Display for DataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataSource::File(p) => write!(f, "{}", p.display()),
+            DataSource::Builtin(name) => write!(f, "builtin:{name}"),
+        }
+    }
+}
+
+/// The model and the tables it reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// Sparse logistic regression: `p = sigmoid(bias + sum_j w[j] * x_j)`.
+    Lr {
+        /// Sparse table of dim 1 holding one weight per feature id.
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense table of 1 row x dim 1 holding the bias.
+        #[serde(default = "default_bias_table")]
+        bias: String,
+    },
+}
+
+fn default_weights_table() -> String {
+    "weights".into()
+}
+fn default_bias_table() -> String {
+    "bias".into()
+}
+
+/// Training-loop settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Examples per step per worker.
+    pub batch_size: usize,
+    /// Passes over each worker's shard of the training data.
+    pub epochs: usize,
+    /// Seed of table initializers (unless a table sets its own) and of shuffling.
+    pub seed: u64,
+    /// Pushes a worker may have in flight before the next one waits.
+    pub max_pushes_in_flight: usize,
+    /// A progress line every this many steps (0: never).
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 128,
+            epochs: 1,
+            seed: 1,
+            max_pushes_in_flight: 4,
+            log_every: 100,
+        }
+    }
+}
+
+/// One table as written in the job file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `sparse` or `dense`.
+    pub kind: TableKindConfig,
+    /// Floats per row.
+    pub dim: u32,
+    /// Dense only: number of rows.
+    #[serde(default)]
+    pub rows: Option<u64>,
+    /// Dense only: rows per routing block (default: all rows in one block).
+    #[serde(default)]
+    pub block_rows: Option<u32>,
+    /// Row initializer.
+    pub initializer: InitializerSpec,
+    /// Server-side optimizer.
+    pub optimizer: OptimizerSpec,
+    /// Initializer seed (default: derived from `train.seed` and the table name).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// Table kind as written in the job file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableKindConfig {
+    /// Rows created on touch.
+    Sparse,
+    /// A fixed `rows x dim` tensor.
+    Dense,
+}
+
+impl JobConfig {
+    /// Parses and validates a job file's text. Relative file paths are
+    /// resolved against `base_dir`.
+    pub fn from_toml(src: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let mut job: JobConfig = toml::from_str(src).map_err(|e| ConfigError {
+            line: e.span().map(|s| line_of_offset(src, s.start)),
+            key: None,
+            message: e.message().trim().to_string(),
+        })?;
+        job.validate().map_err(|(key, message)| ConfigError {
+            line: line_of_key(src, &key),
+            key: Some(key),
+            message,
+        })?;
+        for source in [Some(&mut job.data.train), job.data.validation.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let DataSource::File(path) = source {
+                if path.is_relative() {
+                    *path = base_dir.join(&*path);
+                }
+            }
+        }
+        Ok(job)
+    }
+
+    /// The table specs the servers are asked to create.
+    pub fn table_specs(&self) -> Vec<TableSpec> {
+        self.tables
+            .iter()
+            .map(|(name, t)| TableSpec {
+                name: name.clone(),
+                kind: match t.kind {
+                    TableKindConfig::Sparse => TableKind::Sparse,
+                    TableKindConfig::Dense => {
+                        let rows = t.rows.unwrap_or(0);
+                        TableKind::Dense {
+                            rows,
+                            block_rows: t.block_rows.unwrap_or(rows.min(u64::from(u32::MAX)) as u32),
+                        }
+                    }
+                },
+                dim: t.dim,
+                initializer: t.initializer,
+                optimizer: t.optimizer,
+                seed: t
+                    .seed
+                    .unwrap_or_else(|| mix64(self.train.seed ^ fnv1a64(name.as_bytes()))),
+            })
+            .collect()
+    }
+
+    /// Checks the rules serde cannot express; errors are (dotted key, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(("train.batch_size".into(), "must be >= 1".into()));
+        }
+        if t.epochs == 0 {
+            return Err(("train.epochs".into(), "must be >= 1".into()));
+        }
+        if t.max_pushes_in_flight == 0 {
+            return Err(("train.max_pushes_in_flight".into(), "must be >= 1".into()));
+        }
+        if self.tables.is_empty() {
+            return Err(("tables".into(), "at least one table is required".into()));
+        }
+        for (name, table) in &self.tables {
+            let key = |field: &str| format!("tables.{name}.{field}");
+            match table.kind {
+                TableKindConfig::Sparse => {
+                    for (field, set) in [("rows", table.rows.is_some()), ("block_rows", table.block_rows.is_some())] {
+                        if set {
+                            return Err((key(field), "only dense tables have this key".into()));
+                        }
+                    }
+                }
+                TableKindConfig::Dense => {
+                    if table.rows.is_none() {
+                        return Err((key("kind"), "a dense table needs `rows`".into()));
+                    }
+                }
+            }
+        }
+        for spec in self.table_specs() {
+            if let Err(e) = spec.validate() {
+                let msg = e.to_string();
+                let field = ["dim", "rows", "block_rows", "initializer", "optimizer"]
+                    .into_iter()
+                    .find(|f| msg.contains(f))
+                    .unwrap_or("kind");
+                return Err((format!("tables.{}.{field}", spec.name), msg));
+            }
+        }
+        self.model.validate(&self.tables)
+    }
+}
+
+impl ModelConfig {
+    /// Checks that the tables the model reads exist with the shape it needs.
+    fn validate(&self, tables: &BTreeMap<String, TableConfig>) -> Result<(), (String, String)> {
+        match self {
+            ModelConfig::Lr { weights, bias } => {
+                let need = |field: &str, name: &str, kind: TableKindConfig, rows: Option<u64>| {
+                    let table = tables.get(name).ok_or_else(|| {
+                        (format!("model.{field}"), format!("table '{name}' is not defined under [tables]"))
+                    })?;
+                    if table.kind != kind || table.dim != 1 || (rows.is_some() && table.rows != rows) {
+                        let shape = match rows {
+                            Some(r) => format!("a dense table with rows = {r} and dim = 1"),
+                            None => "a sparse table with dim = 1".into(),
+                        };
+                        return Err((format!("tables.{name}"), format!("the lr model needs {shape}")));
+                    }
+                    Ok(())
+                };
+                need("weights", weights, TableKindConfig::Sparse, None)?;
+                need("bias", bias, TableKindConfig::Dense, Some(1))
+            }
+        }
+    }
+}
+
+/// 1-based line number of byte `offset` in `src`.
+fn line_of_offset(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Line of the deepest key of `dotted` that exists in `src`.
+fn line_of_key(src: &str, dotted: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(src).ok()?;
+    let mut table = doc.get_ref();
+    let mut line = None;
+    for part in dotted.split('.') {
+        let (key, value) = table.get_key_value(part)?;
+        line = Some(line_of_offset(src, key.span().start));
+        match value.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+[data]
+train = "train.libsvm"
+validation = "builtin:a9a/test"
+
+[model]
+kind = "lr"
+
+[train]
+batch_size = 32
+epochs = 2
+
+[tables.weights]
+kind = "sparse"
+dim = 1
+initializer = { kind = "zeros" }
+optimizer = { kind = "adagrad", lr = 0.05 }
+
+[tables.bias]
+kind = "dense"
+rows = 1
+dim = 1
+initializer = { kind = "zeros" }
+optimizer = { kind = "sgd", lr = 0.01 }
+"#;
+
+    #[test]
+    fn a_complete_job_parses_and_resolves_paths() {
+        let job = JobConfig::from_toml(JOB, Path::new("/jobs")).unwrap();
+        assert_eq!(job.data.train, DataSource::File("/jobs/train.libsvm".into()));
+        assert_eq!(job.data.validation, Some(DataSource::Builtin("a9a/test".into())));
+        assert_eq!(job.train.batch_size, 32);
+        assert_eq!(job.train.max_pushes_in_flight, 4, "defaults fill the rest");
+        let specs = job.table_specs();
+        assert_eq!(specs.len(), 2);
+        let bias = specs.iter().find(|s| s.name == "bias").unwrap();
+        assert_eq!(bias.kind, TableKind::Dense { rows: 1, block_rows: 1 });
+        if let OptimizerSpec::Adagrad { initial_accumulator, .. } =
+            specs.iter().find(|s| s.name == "weights").unwrap().optimizer
+        {
+            assert_eq!(initial_accumulator, 0.1);
+        } else {
+            panic!("weights should use adagrad");
+        }
+    }
+
+    fn error_of(src: &str) -> ConfigError {
+        JobConfig::from_toml(src, Path::new(".")).unwrap_err()
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_line() {
+        let err = error_of(&JOB.replace("epochs = 2", "epochs = 2\nepocs = 3"));
+        assert_eq!(err.line, Some(12), "{err}");
+        assert!(err.to_string().contains("epocs"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named_with_its_line() {
+        let err = error_of(&JOB.replace("batch_size = 32", "batch_size = \"big\""));
+        assert_eq!(err.line, Some(10), "{err}");
+    }
+
+    #[test]
+    fn an_invalid_value_names_the_key_and_line() {
+        let err = error_of(&JOB.replace("lr = 0.05", "lr = -1.0"));
+        assert_eq!(err.key.as_deref(), Some("tables.weights.optimizer"));
+        assert_eq!(err.line, Some(17), "{err}");
+        assert!(err.to_string().contains("lr must be > 0"), "{err}");
+
+        let err = error_of(&JOB.replace("batch_size = 32", "batch_size = 0"));
+        assert_eq!(err.key.as_deref(), Some("train.batch_size"));
+        assert_eq!(err.line, Some(10));
+    }
+
+    #[test]
+    fn a_model_whose_table_is_missing_or_misshapen_is_refused() {
+        let err = error_of(&JOB.replace("kind = \"lr\"", "kind = \"lr\"\nweights = \"w\""));
+        assert_eq!(err.key.as_deref(), Some("model.weights"));
+        assert_eq!(err.line, Some(8));
+        let err = error_of(&JOB.replace("dim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\"", "dim = 4\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\""));
+        assert_eq!(err.key.as_deref(), Some("tables.weights"));
+        assert!(err.message.contains("sparse table with dim = 1"));
+    }
+
+    #[test]
+    fn malformed_toml_reports_the_line() {
+        let err = error_of("[data]\ntrain = \n");
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+}

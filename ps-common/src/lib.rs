@@ -1,0 +1,31 @@
+//! Everything a parameter-server process and its clients must agree on.
+//!
+//! No I/O happens here: this crate is the vocabulary shared by `ps-server`
+//! and `ps-worker`.
+//!
+//! # Layout
+//! - [`pb`]: the generated gRPC API (`proto/ps.proto`, package `ps.v1`).
+//! - [`table`]: validated table specs ([`TableSpec`]), converted from and to
+//!   the protobuf types at the boundary.
+//! - [`init`]: the deterministic row initializer, seeded by (table seed, key).
+//! - [`routing`]: the one function that maps a key to its shard.
+//! - [`wire`]: the little-endian `f32` codec for row values on the wire.
+//! - [`config`]: the job file (TOML) that drives every way of running a job.
+//! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
+
+pub mod config;
+pub mod error;
+pub mod init;
+pub mod routing;
+pub mod table;
+pub mod wire;
+
+/// Generated protobuf and gRPC types of package `ps.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("ps.v1");
+}
+
+pub use error::PsError;
+pub use routing::ShardRouter;
+pub use table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
