@@ -1,1 +1,21 @@
-//! placeholder
+//! One parameter-server shard.
+//!
+//! A push travels: [`service`] (decode, limits) -> [`store`] (validate, find
+//! rows) -> [`optimizer`] (update the row in place).
+//!
+//! # Layout
+//! - [`store`]: the shard's tables over dashmap; transport-free.
+//! - [`optimizer`]: SGD, Adagrad, Adam and FTRL-proximal on one row.
+//! - [`service`]: the thin tonic adapter and its request [`Limits`](service::Limits).
+//! - [`limits`]: a tower layer giving oversized messages their gRPC status.
+//! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
+
+pub mod limits;
+pub mod optimizer;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use server::{ServerConfig, run};
+pub use service::Limits;
+pub use store::Shard;

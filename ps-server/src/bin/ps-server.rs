@@ -1,0 +1,85 @@
+//! `ps-server`: one parameter-server shard process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ps_server::{Limits, ServerConfig, Shard};
+
+/// Serve one shard of a parameter-server job over gRPC.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on, e.g. 0.0.0.0:7000 (port 0 picks a free port;
+    /// the bound address is printed as `listening on ADDR`).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// This shard's index in [0, --num-shards).
+    #[arg(long)]
+    shard_id: u32,
+    /// Number of shards in the job; every worker must list this many servers.
+    #[arg(long)]
+    num_shards: u32,
+    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_request_bytes)]
+    max_request_bytes: usize,
+    /// Largest number of keys in one pull or push; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_keys_per_request)]
+    max_keys_per_request: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = ServerConfig {
+        shard_id: args.shard_id,
+        num_shards: args.num_shards,
+        limits: Limits {
+            max_request_bytes: args.max_request_bytes,
+            max_keys_per_request: args.max_keys_per_request,
+        },
+    };
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port; keep it stable.
+    println!("listening on {addr}");
+    tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, "serving");
+    let shard = Arc::new(Shard::new(args.shard_id, args.num_shards));
+    ps_server::run(listener, config, shard, shutdown_signal()).await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the server");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received; draining in-flight requests");
+}

@@ -1,0 +1,70 @@
+//! Serving one shard: binds the service to a listener until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ps_common::pb::parameter_server_server::ParameterServerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::limits::OversizeStatusLayer;
+use crate::service::{Limits, ShardService};
+use crate::store::Shard;
+
+/// Everything a shard process is configured with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This shard's index in `[0, num_shards)`.
+    pub shard_id: u32,
+    /// Number of shards in the job.
+    pub num_shards: u32,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+/// Errors that stop a shard from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is inconsistent.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+    /// The transport failed.
+    #[error("gRPC transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl ServerConfig {
+    /// Checks the shard id against the shard count and the limits against zero.
+    pub fn validate(&self) -> Result<(), ServeError> {
+        if self.num_shards == 0 || self.shard_id >= self.num_shards {
+            return Err(ServeError::Config(format!(
+                "--shard-id must be in [0, --num-shards), got shard {} of {}",
+                self.shard_id, self.num_shards
+            )));
+        }
+        if self.limits.max_keys_per_request == 0 || self.limits.max_request_bytes == 0 {
+            return Err(ServeError::Config("request limits must be >= 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `shard` on `listener` until `shutdown` resolves, then lets in-flight
+/// requests finish and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shard: Arc<Shard>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    let service = ParameterServerServer::new(ShardService::new(shard, config.limits))
+        .max_decoding_message_size(config.limits.max_request_bytes)
+        .max_encoding_message_size(usize::MAX);
+    tonic::transport::Server::builder()
+        .layer(OversizeStatusLayer)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The gRPC adapter: converts `ps.v1` messages to store calls and back.
+//!
+//! It checks the request limits, decodes values, delegates to [`Shard`] on a
+//! blocking thread (pulls and pushes are CPU work) and counts requests. No
+//! table logic lives here.
+
+use std::sync::Arc;
+
+use prost::Message;
+use ps_common::pb::parameter_server_server::ParameterServer;
+use ps_common::pb::{self, TableStats as PbTableStats};
+use ps_common::table::validate_table_name;
+use ps_common::{PsError, TableKind, TableSpec, wire};
+use tonic::{Request, Response, Status};
+
+use crate::store::{RequestCounters, Shard};
+
+/// Limits a shard enforces on every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded request message, in bytes.
+    pub max_request_bytes: usize,
+    /// Largest number of keys in one pull or push.
+    pub max_keys_per_request: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 64 << 20,
+            max_keys_per_request: 1 << 20,
+        }
+    }
+}
+
+/// The `ParameterServer` service of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardService {
+    shard: Arc<Shard>,
+    limits: Limits,
+}
+
+impl ShardService {
+    /// A service over `shard` enforcing `limits`.
+    pub fn new(shard: Arc<Shard>, limits: Limits) -> Self {
+        ShardService { shard, limits }
+    }
+
+    fn check_keys(&self, table: &str, keys: usize) -> Result<(), PsError> {
+        validate_table_name(table)?;
+        if keys > self.limits.max_keys_per_request {
+            return Err(PsError::ResourceExhausted(format!(
+                "{keys} keys in one request is over this shard's limit of {}",
+                self.limits.max_keys_per_request
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` (store work) on a blocking thread and counts errors.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shard) -> Result<T, PsError> + Send + 'static,
+    {
+        let shard = Arc::clone(&self.shard);
+        let result = tokio::task::spawn_blocking(move || f(&shard))
+            .await
+            .map_err(|e| Status::internal(format!("shard task failed: {e}")))?;
+        result.map_err(|e| self.fail(e))
+    }
+
+    fn fail(&self, err: PsError) -> Status {
+        RequestCounters::add(&self.shard.counters.errors, 1);
+        err.into()
+    }
+}
+
+#[tonic::async_trait]
+impl ParameterServer for ShardService {
+    async fn describe(
+        &self,
+        _request: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::DescribeResponse>, Status> {
+        Ok(Response::new(pb::DescribeResponse {
+            shard_id: self.shard.shard_id(),
+            num_shards: self.shard.num_shards(),
+            max_keys_per_request: self.limits.max_keys_per_request as u64,
+            max_request_bytes: self.limits.max_request_bytes as u64,
+        }))
+    }
+
+    async fn create_table(
+        &self,
+        request: Request<pb::CreateTableRequest>,
+    ) -> Result<Response<pb::CreateTableResponse>, Status> {
+        RequestCounters::add(&self.shard.counters.create_table, 1);
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| PsError::invalid("CreateTable needs a spec"))
+            .and_then(TableSpec::try_from)
+            .map_err(|e| self.fail(e))?;
+        let name = spec.name.clone();
+        let created = self.blocking(move |shard| shard.create_table(spec)).await?;
+        if created {
+            tracing::info!(table = %name, "created table");
+        }
+        Ok(Response::new(pb::CreateTableResponse { created }))
+    }
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let counters = &self.shard.counters;
+        RequestCounters::add(&counters.pull, 1);
+        let req = request.into_inner();
+        self.check_keys(&req.table, req.keys.len())
+            .map_err(|e| self.fail(e))?;
+        let rows = req.keys.len() as u64;
+        let (values, dim) = self
+            .blocking(move |shard| {
+                let mut out = Vec::new();
+                shard.pull(&req.table, &req.keys, &mut out)?;
+                Ok((out, shard.table(&req.table)?.spec().dim))
+            })
+            .await?;
+        let response = pb::PullResponse {
+            values: wire::encode_f32s(&values),
+            dim,
+        };
+        RequestCounters::add(&counters.rows_pulled, rows);
+        RequestCounters::add(&counters.pull_bytes, response.encoded_len() as u64);
+        Ok(Response::new(response))
+    }
+
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let counters = &self.shard.counters;
+        RequestCounters::add(&counters.push, 1);
+        let req = request.into_inner();
+        let bytes = req.encoded_len() as u64;
+        self.check_keys(&req.table, req.keys.len())
+            .map_err(|e| self.fail(e))?;
+        let grads = wire::decode_f32s(&req.gradients).map_err(|e| self.fail(e))?;
+        let applied = self
+            .blocking(move |shard| shard.push(&req.table, &req.keys, &grads))
+            .await?;
+        RequestCounters::add(&counters.rows_pushed, applied as u64);
+        RequestCounters::add(&counters.push_bytes, bytes);
+        Ok(Response::new(pb::PushResponse {
+            rows_applied: applied as u64,
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shard.counters;
+        RequestCounters::add(&c.stats, 1);
+        let tables = self
+            .shard
+            .table_stats()
+            .into_iter()
+            .map(|t| PbTableStats {
+                kind: match t.spec.kind {
+                    TableKind::Sparse => pb::TableKind::Sparse,
+                    TableKind::Dense { .. } => pb::TableKind::Dense,
+                } as i32,
+                dim: t.spec.dim,
+                name: t.spec.name,
+                rows: t.rows,
+                bytes: t.bytes,
+            })
+            .collect();
+        Ok(Response::new(pb::StatsResponse {
+            shard_id: self.shard.shard_id(),
+            tables,
+            requests: Some(pb::RequestCounts {
+                create_table: c.create_table.load(Relaxed),
+                pull: c.pull.load(Relaxed),
+                push: c.push.load(Relaxed),
+                stats: c.stats.load(Relaxed),
+                errors: c.errors.load(Relaxed),
+                rows_pulled: c.rows_pulled.load(Relaxed),
+                rows_pushed: c.rows_pushed.load(Relaxed),
+                pull_bytes: c.pull_bytes.load(Relaxed),
+                push_bytes: c.push_bytes.load(Relaxed),
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ps_common::{InitializerSpec, OptimizerSpec};
+    use tonic::Code;
+
+    fn service(limits: Limits) -> ShardService {
+        ShardService::new(Arc::new(Shard::new(0, 1)), limits)
+    }
+
+    async fn create(svc: &ShardService, dim: u32) {
+        let spec = TableSpec {
+            name: "emb".into(),
+            kind: TableKind::Sparse,
+            dim,
+            initializer: InitializerSpec::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            seed: 0,
+        };
+        let req = pb::CreateTableRequest {
+            spec: Some((&spec).into()),
+        };
+        svc.create_table(Request::new(req)).await.unwrap();
+    }
+
+    fn push(keys: Vec<u64>, grads: &[f32]) -> Request<pb::PushRequest> {
+        Request::new(pb::PushRequest {
+            table: "emb".into(),
+            keys,
+            gradients: wire::encode_f32s(grads),
+        })
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_their_status_and_are_counted() {
+        let svc = service(Limits {
+            max_request_bytes: 1 << 20,
+            max_keys_per_request: 4,
+        });
+        create(&svc, 2).await;
+        let missing = pb::PullRequest {
+            table: "nope".into(),
+            keys: vec![1],
+        };
+        assert_eq!(svc.pull(Request::new(missing)).await.unwrap_err().code(), Code::NotFound);
+        let wrong_dim = svc.push(push(vec![1], &[1.0, 2.0, 3.0])).await.unwrap_err();
+        assert_eq!(wrong_dim.code(), Code::InvalidArgument);
+        let ragged = pb::PushRequest {
+            table: "emb".into(),
+            keys: vec![1],
+            gradients: vec![0u8; 7].into(),
+        };
+        assert_eq!(svc.push(Request::new(ragged)).await.unwrap_err().code(), Code::InvalidArgument);
+        let too_many = svc.push(push(vec![1, 2, 3, 4, 5], &[0.0; 10])).await.unwrap_err();
+        assert_eq!(too_many.code(), Code::ResourceExhausted);
+        assert!(too_many.message().contains("limit of 4"), "{}", too_many.message());
+        let no_spec = svc
+            .create_table(Request::new(pb::CreateTableRequest { spec: None }))
+            .await
+            .unwrap_err();
+        assert_eq!(no_spec.code(), Code::InvalidArgument);
+
+        let stats = svc.stats(Request::new(pb::StatsRequest {})).await.unwrap().into_inner();
+        let requests = stats.requests.unwrap();
+        assert_eq!(requests.errors, 5);
+        assert_eq!(stats.tables[0].rows, 0, "no failed request created a row");
+    }
+
+    #[tokio::test]
+    async fn pull_returns_rows_in_request_order_with_their_dim() {
+        let svc = service(Limits::default());
+        create(&svc, 2).await;
+        svc.push(push(vec![3], &[-1.0, -2.0])).await.unwrap();
+        let resp = svc
+            .pull(Request::new(pb::PullRequest {
+                table: "emb".into(),
+                keys: vec![4, 3, 3],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.dim, 2);
+        assert_eq!(wire::decode_f32s(&resp.values).unwrap(), [0.0, 0.0, 1.0, 2.0, 1.0, 2.0]);
+    }
+}

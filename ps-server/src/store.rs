@@ -1,0 +1,416 @@
+//! The tables of one shard: concurrent maps of rows, knowing nothing of gRPC.
+//!
+//! Every table is a `DashMap<u64, Box<[f32]>>` whose values are whole rows
+//! `[weights | optimizer state]`. A push updates a row while holding that
+//! map shard's write lock, so concurrent pushes to one row serialize and a
+//! pull never observes a half-written row. Sparse tables create rows on first
+//! touch; dense tables create the rows this shard owns when the table is made.
+//!
+//! Every operation validates its whole input before changing anything, so a
+//! request is either applied completely or not at all.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use ps_common::init::init_row;
+use ps_common::routing::{IdBuildHasher, Placement};
+use ps_common::{PsError, ShardRouter, TableKind, TableSpec};
+
+use crate::optimizer;
+
+/// One table's rows on this shard.
+#[derive(Debug)]
+pub struct Table {
+    spec: TableSpec,
+    placement: Placement,
+    /// Floats per stored row: `dim` weights plus optimizer state.
+    row_len: usize,
+    rows: DashMap<u64, Box<[f32]>, IdBuildHasher>,
+}
+
+impl Table {
+    fn new(spec: TableSpec, owner: &Owner) -> Self {
+        let dim = spec.dim as usize;
+        let table = Table {
+            placement: spec.placement(),
+            row_len: dim + optimizer::state_len(&spec.optimizer, dim),
+            rows: DashMap::with_hasher(IdBuildHasher::default()),
+            spec,
+        };
+        if let TableKind::Dense { rows, .. } = table.spec.kind {
+            for key in (0..rows).filter(|&k| owner.owns(table.placement, k)) {
+                table.rows.insert(key, table.fresh_row(key));
+            }
+        }
+        table
+    }
+
+    /// The table's spec.
+    pub fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    /// Rows held on this shard.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when this shard holds no row of the table.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Bytes of weights and optimizer state held on this shard.
+    pub fn bytes(&self) -> u64 {
+        (self.rows.len() * self.row_len * std::mem::size_of::<f32>()) as u64
+    }
+
+    fn fresh_row(&self, key: u64) -> Box<[f32]> {
+        let mut row = vec![0f32; self.row_len].into_boxed_slice();
+        let (w, state) = row.split_at_mut(self.spec.dim as usize);
+        init_row(&self.spec.initializer, self.spec.seed, key, w);
+        optimizer::init_state(&self.spec.optimizer, w, state);
+        row
+    }
+}
+
+/// Which keys this shard owns.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    shard_id: u32,
+    router: ShardRouter,
+}
+
+impl Owner {
+    fn owns(&self, placement: Placement, key: u64) -> bool {
+        self.router.shard_of(placement, key) == self.shard_id
+    }
+}
+
+/// Counters of the requests a shard has served.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    /// CreateTable calls.
+    pub create_table: AtomicU64,
+    /// Pull calls.
+    pub pull: AtomicU64,
+    /// Push calls.
+    pub push: AtomicU64,
+    /// Stats calls.
+    pub stats: AtomicU64,
+    /// Calls answered with an error.
+    pub errors: AtomicU64,
+    /// Rows returned by pulls.
+    pub rows_pulled: AtomicU64,
+    /// Rows updated by pushes.
+    pub rows_pushed: AtomicU64,
+    /// Encoded bytes of pull responses.
+    pub pull_bytes: AtomicU64,
+    /// Encoded bytes of push requests.
+    pub push_bytes: AtomicU64,
+}
+
+impl RequestCounters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Rows and bytes of one table, as reported by [`Shard::table_stats`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableStats {
+    /// The table's spec.
+    pub spec: TableSpec,
+    /// Rows held on this shard.
+    pub rows: u64,
+    /// Bytes of weights and optimizer state.
+    pub bytes: u64,
+}
+
+/// All tables of one shard. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct Shard {
+    owner: Owner,
+    tables: DashMap<String, Arc<Table>>,
+    /// Request counters, updated by the service layer.
+    pub counters: RequestCounters,
+}
+
+impl Shard {
+    /// An empty shard `shard_id` of `num_shards`.
+    pub fn new(shard_id: u32, num_shards: u32) -> Self {
+        Shard {
+            owner: Owner {
+                shard_id,
+                router: ShardRouter::new(num_shards),
+            },
+            tables: DashMap::new(),
+            counters: RequestCounters::default(),
+        }
+    }
+
+    /// This shard's index.
+    pub fn shard_id(&self) -> u32 {
+        self.owner.shard_id
+    }
+
+    /// Number of shards in the job.
+    pub fn num_shards(&self) -> u32 {
+        self.owner.router.num_shards()
+    }
+
+    /// Creates a table. Returns `Ok(true)` if it was created, `Ok(false)` if an
+    /// identical table already existed, and an error naming the first differing
+    /// field if a different one did.
+    pub fn create_table(&self, spec: TableSpec) -> Result<bool, PsError> {
+        spec.validate()?;
+        match self.tables.entry(spec.name.clone()) {
+            Entry::Occupied(existing) => match existing.get().spec.first_difference(&spec) {
+                None => Ok(false),
+                Some((field, existing, requested)) => Err(PsError::TableConflict {
+                    table: spec.name,
+                    field,
+                    existing,
+                    requested,
+                }),
+            },
+            Entry::Vacant(slot) => {
+                slot.insert(Arc::new(Table::new(spec, &self.owner)));
+                Ok(true)
+            }
+        }
+    }
+
+    /// The named table.
+    pub fn table(&self, name: &str) -> Result<Arc<Table>, PsError> {
+        self.tables
+            .get(name)
+            .map(|t| Arc::clone(t.value()))
+            .ok_or_else(|| PsError::UnknownTable(name.to_string()))
+    }
+
+    /// Checks that every key belongs to this shard (and, for dense tables, to the tensor).
+    fn check_keys(&self, table: &Table, keys: &[u64]) -> Result<(), PsError> {
+        if let TableKind::Dense { rows, .. } = table.spec.kind {
+            if let Some(&bad) = keys.iter().find(|&&k| k >= rows) {
+                return Err(PsError::invalid(format!(
+                    "row {bad} is out of range for dense table '{}' with {rows} rows",
+                    table.spec.name
+                )));
+            }
+        }
+        if let Some(&bad) = keys.iter().find(|&&k| !self.owner.owns(table.placement, k)) {
+            return Err(PsError::invalid(format!(
+                "key {bad} of table '{}' belongs to shard {}, not shard {} (client routing mismatch: check the order and count of --servers)",
+                table.spec.name,
+                self.owner.router.shard_of(table.placement, bad),
+                self.owner.shard_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends the weights of `keys` (in order) to `out`; creates missing sparse rows.
+    pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<(), PsError> {
+        let table = self.table(table)?;
+        self.check_keys(&table, keys)?;
+        let dim = table.spec.dim as usize;
+        out.reserve(keys.len() * dim);
+        for &key in keys {
+            // Fast path under a read lock; create under the write lock only when missing.
+            if let Some(row) = table.rows.get(&key) {
+                out.extend_from_slice(&row[..dim]);
+                continue;
+            }
+            let row = table
+                .rows
+                .entry(key)
+                .or_insert_with(|| table.fresh_row(key));
+            out.extend_from_slice(&row[..dim]);
+        }
+        Ok(())
+    }
+
+    /// Applies `grads` (`keys.len() * dim` values, key after key) with the
+    /// table's optimizer. Nothing is applied unless the whole request is valid.
+    pub fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<usize, PsError> {
+        let table = self.table(table)?;
+        let dim = table.spec.dim as usize;
+        if grads.len() != keys.len() * dim {
+            return Err(PsError::invalid(format!(
+                "table '{}' has dim {dim}: {} keys need {} gradient values, got {}",
+                table.spec.name,
+                keys.len(),
+                keys.len() * dim,
+                grads.len()
+            )));
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(PsError::invalid(format!(
+                "gradient for key {} of table '{}' is not finite ({}); nothing was applied",
+                keys[i / dim], table.spec.name, grads[i]
+            )));
+        }
+        self.check_keys(&table, keys)?;
+        let spec = table.spec.optimizer;
+        for (&key, grad) in keys.iter().zip(grads.chunks_exact(dim)) {
+            let mut row = table
+                .rows
+                .entry(key)
+                .or_insert_with(|| table.fresh_row(key));
+            optimizer::apply(&spec, &mut row, grad);
+        }
+        Ok(keys.len())
+    }
+
+    /// Rows and bytes of every table, sorted by name.
+    pub fn table_stats(&self) -> Vec<TableStats> {
+        let mut stats: Vec<TableStats> = self
+            .tables
+            .iter()
+            .map(|t| TableStats {
+                spec: t.spec.clone(),
+                rows: t.len() as u64,
+                bytes: t.bytes(),
+            })
+            .collect();
+        stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ps_common::{InitializerSpec, OptimizerSpec};
+
+    fn spec(name: &str, kind: TableKind, dim: u32) -> TableSpec {
+        TableSpec {
+            name: name.into(),
+            kind,
+            dim,
+            initializer: InitializerSpec::Normal { mean: 0.0, std: 1.0 },
+            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            seed: 9,
+        }
+    }
+
+    #[test]
+    fn create_table_is_idempotent_and_names_a_conflicting_field() {
+        let shard = Shard::new(0, 1);
+        assert_eq!(shard.create_table(spec("emb", TableKind::Sparse, 4)), Ok(true));
+        assert_eq!(shard.create_table(spec("emb", TableKind::Sparse, 4)), Ok(false));
+        let err = shard.create_table(spec("emb", TableKind::Sparse, 8)).unwrap_err();
+        assert!(err.to_string().contains("different dim: existing 4, requested 8"), "{err}");
+    }
+
+    #[test]
+    fn a_sparse_row_is_the_same_on_any_shard_that_creates_it() {
+        let (a, b) = (Shard::new(0, 1), Shard::new(0, 1));
+        for s in [&a, &b] {
+            s.create_table(spec("emb", TableKind::Sparse, 4)).unwrap();
+        }
+        let (mut ra, mut rb) = (vec![], vec![]);
+        a.pull("emb", &[17, 4], &mut ra).unwrap();
+        b.pull("emb", &[4, 17], &mut rb).unwrap();
+        assert_eq!(ra[..4], rb[4..]);
+        assert_eq!(ra[4..], rb[..4]);
+        assert_eq!(a.table("emb").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_push_applies_every_occurrence_of_a_key() {
+        let shard = Shard::new(0, 1);
+        shard.create_table(spec("emb", TableKind::Sparse, 2)).unwrap();
+        let mut before = vec![];
+        shard.pull("emb", &[5], &mut before).unwrap();
+        shard.push("emb", &[5, 5], &[1.0, 0.0, 0.5, 2.0]).unwrap();
+        let mut after = vec![];
+        shard.pull("emb", &[5], &mut after).unwrap();
+        assert!((after[0] - (before[0] - 1.5)).abs() < 1e-6);
+        assert!((after[1] - (before[1] - 2.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_invalid_push_changes_nothing() {
+        let shard = Shard::new(0, 1);
+        shard.create_table(spec("emb", TableKind::Sparse, 2)).unwrap();
+        let mut before = vec![];
+        shard.pull("emb", &[1, 2], &mut before).unwrap();
+
+        let nan = shard.push("emb", &[1, 2], &[1.0, 1.0, f32::NAN, 1.0]).unwrap_err();
+        assert!(nan.to_string().contains("not finite"), "{nan}");
+        let inf = shard.push("emb", &[1, 2], &[1.0, 1.0, 1.0, f32::INFINITY]).unwrap_err();
+        assert_eq!(inf.code(), tonic::Code::InvalidArgument);
+        let short = shard.push("emb", &[1, 2], &[1.0, 1.0, 1.0]).unwrap_err();
+        assert!(short.to_string().contains("need 4 gradient values, got 3"), "{short}");
+        let unknown = shard.push("nope", &[1], &[1.0, 1.0]).unwrap_err();
+        assert_eq!(unknown, PsError::UnknownTable("nope".into()));
+
+        let mut after = vec![];
+        shard.pull("emb", &[1, 2], &mut after).unwrap();
+        assert_eq!(before, after);
+        assert_eq!(shard.table("emb").unwrap().len(), 2, "no row was created either");
+    }
+
+    #[test]
+    fn a_dense_table_holds_exactly_the_rows_this_shard_owns() {
+        let kind = TableKind::Dense {
+            rows: 100,
+            block_rows: 8,
+        };
+        let shards: Vec<Shard> = (0..3).map(|i| Shard::new(i, 3)).collect();
+        for s in &shards {
+            s.create_table(spec("mlp", kind, 3)).unwrap();
+        }
+        let total: usize = shards.iter().map(|s| s.table("mlp").unwrap().len()).sum();
+        assert_eq!(total, 100);
+        let router = ShardRouter::new(3);
+        let placement = Placement::dense("mlp", 8);
+        let owner = router.shard_of(placement, 42) as usize;
+        let mut out = vec![];
+        shards[owner].pull("mlp", &[42], &mut out).unwrap();
+        let other = (owner + 1) % 3;
+        let err = shards[other].pull("mlp", &[42], &mut out).unwrap_err();
+        assert!(err.to_string().contains("belongs to shard"), "{err}");
+        let err = shards[owner].pull("mlp", &[100], &mut out).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn concurrent_pushes_never_tear_a_row() {
+        // Every push adds the same gradient to all coordinates of one row, so the
+        // row must stay uniform at every moment and end at exactly -total.
+        let shard = Arc::new(Shard::new(0, 1));
+        let mut s = spec("emb", TableKind::Sparse, 64);
+        s.initializer = InitializerSpec::Zeros;
+        shard.create_table(s).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let shard = Arc::clone(&shard);
+                std::thread::spawn(move || {
+                    let grad = vec![1.0f32; 64];
+                    let mut seen = vec![];
+                    for i in 0..2000 {
+                        if (i + t) % 2 == 0 {
+                            shard.push("emb", &[7], &grad).unwrap();
+                        } else {
+                            seen.clear();
+                            shard.pull("emb", &[7], &mut seen).unwrap();
+                            assert!(seen.iter().all(|&x| x == seen[0]), "torn row: {seen:?}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut row = vec![];
+        shard.pull("emb", &[7], &mut row).unwrap();
+        assert!(row.iter().all(|&x| x == -4000.0), "{:?}", &row[..4]);
+    }
+}
