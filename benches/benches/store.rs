@@ -1,1 +1,102 @@
-fn main(){}
+//! Shard store throughput: optimizer apply (rows/s), pull (rows/s) and the
+//! value codec (MB/s). Run: `cargo bench -p ps-benches --bench store`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ps_benches::zipf_keys;
+use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec, wire};
+use ps_server::Shard;
+
+const ROWS_PER_REQUEST: usize = 4096;
+
+fn shard_with(optimizer: OptimizerSpec, dim: u32) -> Shard {
+    let shard = Shard::new(0, 1);
+    shard
+        .create_table(TableSpec {
+            name: "emb".into(),
+            kind: TableKind::Sparse,
+            dim,
+            initializer: InitializerSpec::Normal {
+                mean: 0.0,
+                std: 0.01,
+            },
+            optimizer,
+            seed: 1,
+        })
+        .expect("valid spec");
+    shard
+}
+
+fn optimizers() -> [(&'static str, OptimizerSpec); 3] {
+    [
+        ("sgd", OptimizerSpec::Sgd { lr: 0.05 }),
+        (
+            "adagrad",
+            OptimizerSpec::Adagrad {
+                lr: 0.05,
+                initial_accumulator: 0.1,
+                eps: 1e-8,
+            },
+        ),
+        (
+            "adam",
+            OptimizerSpec::Adam {
+                lr: 0.001,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ),
+    ]
+}
+
+fn apply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("apply");
+    group.throughput(Throughput::Elements(ROWS_PER_REQUEST as u64));
+    for dim in [16u32, 64] {
+        for (name, optimizer) in optimizers() {
+            let shard = shard_with(optimizer, dim);
+            let keys = zipf_keys(ROWS_PER_REQUEST, 1_000_000, 7);
+            let grads = vec![0.01f32; ROWS_PER_REQUEST * dim as usize];
+            shard.push("emb", &keys, &grads).expect("warm-up push");
+            group.bench_function(BenchmarkId::new(name, dim), |b| {
+                b.iter(|| shard.push("emb", &keys, &grads).expect("push"))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn pull(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pull");
+    group.throughput(Throughput::Elements(ROWS_PER_REQUEST as u64));
+    for dim in [16u32, 64] {
+        let shard = shard_with(OptimizerSpec::Sgd { lr: 0.05 }, dim);
+        let keys = zipf_keys(ROWS_PER_REQUEST, 1_000_000, 7);
+        let mut out = Vec::new();
+        shard.pull("emb", &keys, &mut out).expect("warm-up pull");
+        group.bench_function(BenchmarkId::from_parameter(dim), |b| {
+            b.iter(|| {
+                out.clear();
+                shard.pull("emb", &keys, &mut out).expect("pull");
+            })
+        });
+    }
+    group.finish();
+}
+
+fn codec(c: &mut Criterion) {
+    let values: Vec<f32> = (0..ROWS_PER_REQUEST * 16)
+        .map(|i| i as f32 * 0.001)
+        .collect();
+    let encoded = wire::encode_f32s(&values);
+    let mut group = c.benchmark_group("wire_f32");
+    group.throughput(Throughput::Bytes(encoded.len() as u64));
+    group.bench_function("encode", |b| b.iter(|| wire::encode_f32s(&values)));
+    group.bench_function("decode", |b| {
+        b.iter(|| wire::decode_f32s(&encoded).expect("decode"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, apply, pull, codec);
+criterion_main!(benches);

@@ -180,7 +180,7 @@ impl JobConfig {
     pub fn from_toml(src: &str, base_dir: &Path) -> Result<Self, ConfigError> {
         let mut job: JobConfig = toml::from_str(src).map_err(|e| ConfigError {
             line: e.span().map(|s| line_of_offset(src, s.start)),
-            key: None,
+            key: e.span().and_then(|s| key_at_offset(src, s.start)),
             message: e.message().trim().to_string(),
         })?;
         job.validate().map_err(|(key, message)| ConfigError {
@@ -192,10 +192,10 @@ impl JobConfig {
             .into_iter()
             .flatten()
         {
-            if let DataSource::File(path) = source {
-                if path.is_relative() {
-                    *path = base_dir.join(&*path);
-                }
+            if let DataSource::File(path) = source
+                && path.is_relative()
+            {
+                *path = base_dir.join(&*path);
             }
         }
         Ok(job)
@@ -213,7 +213,9 @@ impl JobConfig {
                         let rows = t.rows.unwrap_or(0);
                         TableKind::Dense {
                             rows,
-                            block_rows: t.block_rows.unwrap_or(rows.min(u64::from(u32::MAX)) as u32),
+                            block_rows: t
+                                .block_rows
+                                .unwrap_or(rows.min(u64::from(u32::MAX)) as u32),
                         }
                     }
                 },
@@ -246,7 +248,10 @@ impl JobConfig {
             let key = |field: &str| format!("tables.{name}.{field}");
             match table.kind {
                 TableKindConfig::Sparse => {
-                    for (field, set) in [("rows", table.rows.is_some()), ("block_rows", table.block_rows.is_some())] {
+                    for (field, set) in [
+                        ("rows", table.rows.is_some()),
+                        ("block_rows", table.block_rows.is_some()),
+                    ] {
                         if set {
                             return Err((key(field), "only dense tables have this key".into()));
                         }
@@ -280,14 +285,23 @@ impl ModelConfig {
             ModelConfig::Lr { weights, bias } => {
                 let need = |field: &str, name: &str, kind: TableKindConfig, rows: Option<u64>| {
                     let table = tables.get(name).ok_or_else(|| {
-                        (format!("model.{field}"), format!("table '{name}' is not defined under [tables]"))
+                        (
+                            format!("model.{field}"),
+                            format!("table '{name}' is not defined under [tables]"),
+                        )
                     })?;
-                    if table.kind != kind || table.dim != 1 || (rows.is_some() && table.rows != rows) {
+                    if table.kind != kind
+                        || table.dim != 1
+                        || (rows.is_some() && table.rows != rows)
+                    {
                         let shape = match rows {
                             Some(r) => format!("a dense table with rows = {r} and dim = 1"),
                             None => "a sparse table with dim = 1".into(),
                         };
-                        return Err((format!("tables.{name}"), format!("the lr model needs {shape}")));
+                        return Err((
+                            format!("tables.{name}"),
+                            format!("the lr model needs {shape}"),
+                        ));
                     }
                     Ok(())
                 };
@@ -305,6 +319,37 @@ fn line_of_offset(src: &str, offset: usize) -> usize {
         .filter(|&&b| b == b'\n')
         .count()
         + 1
+}
+
+/// Dotted path of the deepest key whose name or value covers byte `offset`.
+fn key_at_offset(src: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    // Container spans are unreliable for `[header]` tables, so search every
+    // descendant instead of pruning by the parent's span.
+    fn in_value(value: &DeValue<'_>, offset: usize) -> Option<Vec<String>> {
+        match value {
+            DeValue::Table(inner) => in_table(inner, offset),
+            DeValue::Array(items) => items
+                .iter()
+                .find_map(|item| in_value(item.get_ref(), offset)),
+            _ => None,
+        }
+    }
+    fn in_table(table: &DeTable<'_>, offset: usize) -> Option<Vec<String>> {
+        table.iter().find_map(|(key, value)| {
+            let name = key.get_ref().to_string();
+            if let Some(mut path) = in_value(value.get_ref(), offset) {
+                path.insert(0, name);
+                Some(path)
+            } else if key.span().contains(&offset) || value.span().contains(&offset) {
+                Some(vec![name])
+            } else {
+                None
+            }
+        })
+    }
+    let doc = DeTable::parse(src).ok()?;
+    in_table(doc.get_ref(), offset).map(|path| path.join("."))
 }
 
 /// Line of the deepest key of `dotted` that exists in `src`.
@@ -356,16 +401,34 @@ optimizer = { kind = "sgd", lr = 0.01 }
     #[test]
     fn a_complete_job_parses_and_resolves_paths() {
         let job = JobConfig::from_toml(JOB, Path::new("/jobs")).unwrap();
-        assert_eq!(job.data.train, DataSource::File("/jobs/train.libsvm".into()));
-        assert_eq!(job.data.validation, Some(DataSource::Builtin("a9a/test".into())));
+        assert_eq!(
+            job.data.train,
+            DataSource::File("/jobs/train.libsvm".into())
+        );
+        assert_eq!(
+            job.data.validation,
+            Some(DataSource::Builtin("a9a/test".into()))
+        );
         assert_eq!(job.train.batch_size, 32);
         assert_eq!(job.train.max_pushes_in_flight, 4, "defaults fill the rest");
         let specs = job.table_specs();
         assert_eq!(specs.len(), 2);
         let bias = specs.iter().find(|s| s.name == "bias").unwrap();
-        assert_eq!(bias.kind, TableKind::Dense { rows: 1, block_rows: 1 });
-        if let OptimizerSpec::Adagrad { initial_accumulator, .. } =
-            specs.iter().find(|s| s.name == "weights").unwrap().optimizer
+        assert_eq!(
+            bias.kind,
+            TableKind::Dense {
+                rows: 1,
+                block_rows: 1
+            }
+        );
+        if let OptimizerSpec::Adagrad {
+            initial_accumulator,
+            ..
+        } = specs
+            .iter()
+            .find(|s| s.name == "weights")
+            .unwrap()
+            .optimizer
         {
             assert_eq!(initial_accumulator, 0.1);
         } else {
@@ -381,13 +444,23 @@ optimizer = { kind = "sgd", lr = 0.01 }
     fn an_unknown_key_is_named_with_its_line() {
         let err = error_of(&JOB.replace("epochs = 2", "epochs = 2\nepocs = 3"));
         assert_eq!(err.line, Some(12), "{err}");
-        assert!(err.to_string().contains("epocs"), "{err}");
+        assert_eq!(err.key.as_deref(), Some("train.epocs"), "{err}");
+        assert!(err.to_string().contains("unknown field `epocs`"), "{err}");
     }
 
     #[test]
     fn a_wrong_type_is_named_with_its_line() {
         let err = error_of(&JOB.replace("batch_size = 32", "batch_size = \"big\""));
         assert_eq!(err.line, Some(10), "{err}");
+        assert_eq!(err.key.as_deref(), Some("train.batch_size"), "{err}");
+        // Inside an inline `{ kind = ... }` table the error points at the table.
+        let err = error_of(&JOB.replace("lr = 0.05", "lr = \"fast\""));
+        assert_eq!(
+            err.key.as_deref(),
+            Some("tables.weights.optimizer"),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(17), "{err}");
     }
 
     #[test]
@@ -407,7 +480,10 @@ optimizer = { kind = "sgd", lr = 0.01 }
         let err = error_of(&JOB.replace("kind = \"lr\"", "kind = \"lr\"\nweights = \"w\""));
         assert_eq!(err.key.as_deref(), Some("model.weights"));
         assert_eq!(err.line, Some(8));
-        let err = error_of(&JOB.replace("dim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\"", "dim = 4\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\""));
+        let err = error_of(&JOB.replace(
+            "dim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\"",
+            "dim = 4\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\"",
+        ));
         assert_eq!(err.key.as_deref(), Some("tables.weights"));
         assert!(err.message.contains("sparse table with dim = 1"));
     }

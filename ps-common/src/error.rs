@@ -16,7 +16,9 @@ pub enum PsError {
     #[error("{0}")]
     InvalidArgument(String),
     /// A table with this name exists with a different spec.
-    #[error("table '{table}' already exists with a different {field}: existing {existing}, requested {requested}")]
+    #[error(
+        "table '{table}' already exists with a different {field}: existing {existing}, requested {requested}"
+    )]
     TableConflict {
         /// Table name.
         table: String,
@@ -89,6 +91,9 @@ mod tests {
         }
         .into();
         assert_eq!(s.code(), Code::AlreadyExists);
-        assert!(s.message().contains("different dim: existing 8, requested 16"));
+        assert!(
+            s.message()
+                .contains("different dim: existing 8, requested 16")
+        );
     }
 }

@@ -70,7 +70,10 @@ mod tests {
 
     #[test]
     fn same_seed_and_key_give_the_same_row_different_keys_differ() {
-        let init = InitializerSpec::Normal { mean: 0.0, std: 1.0 };
+        let init = InitializerSpec::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
         let (mut a, mut b, mut c) = ([0f32; 8], [0f32; 8], [0f32; 8]);
         init_row(&init, 7, 42, &mut a);
         init_row(&init, 7, 42, &mut b);
@@ -87,7 +90,15 @@ mod tests {
         let mut row = [0f32; 4];
         let (mut sum, mut sq) = (0f64, 0f64);
         for key in 0..n {
-            init_row(&InitializerSpec::Normal { mean: 1.0, std: 2.0 }, 3, key, &mut row);
+            init_row(
+                &InitializerSpec::Normal {
+                    mean: 1.0,
+                    std: 2.0,
+                },
+                3,
+                key,
+                &mut row,
+            );
             for &x in &row {
                 sum += f64::from(x);
                 sq += f64::from(x) * f64::from(x);
@@ -100,7 +111,15 @@ mod tests {
         assert!((std - 2.0).abs() < 0.03, "std {std}");
 
         for key in 0..1000 {
-            init_row(&InitializerSpec::Uniform { low: -0.5, high: 0.25 }, 3, key, &mut row);
+            init_row(
+                &InitializerSpec::Uniform {
+                    low: -0.5,
+                    high: 0.25,
+                },
+                3,
+                key,
+                &mut row,
+            );
             assert!(row.iter().all(|&x| (-0.5..0.25).contains(&x)));
         }
     }

@@ -153,7 +153,9 @@ mod tests {
         let after = ShardRouter::new(9);
         let n = 1_000_000u64;
         let moved = (0..n)
-            .filter(|&k| before.shard_of(Placement::Sparse, k) != after.shard_of(Placement::Sparse, k))
+            .filter(|&k| {
+                before.shard_of(Placement::Sparse, k) != after.shard_of(Placement::Sparse, k)
+            })
             .count() as f64;
         let expected = n as f64 / 9.0;
         assert!(
@@ -162,7 +164,10 @@ mod tests {
         );
         // Every moved key moves to the new shard: nothing shuffles between old shards.
         for k in 0..100_000 {
-            let (a, b) = (before.shard_of(Placement::Sparse, k), after.shard_of(Placement::Sparse, k));
+            let (a, b) = (
+                before.shard_of(Placement::Sparse, k),
+                after.shard_of(Placement::Sparse, k),
+            );
             assert!(a == b || b == 8);
         }
     }

@@ -153,7 +153,10 @@ impl TableSpec {
         validate_table_name(&self.name)?;
         let ctx = |msg: String| PsError::invalid(format!("table '{}': {msg}", self.name));
         if self.dim == 0 || self.dim > MAX_DIM {
-            return Err(ctx(format!("dim must be in 1..={MAX_DIM}, got {}", self.dim)));
+            return Err(ctx(format!(
+                "dim must be in 1..={MAX_DIM}, got {}",
+                self.dim
+            )));
         }
         if let TableKind::Dense { rows, block_rows } = self.kind {
             if rows == 0 {
@@ -287,7 +290,12 @@ impl OptimizerSpec {
                 unit_interval("optimizer beta2", beta2)?;
                 positive("optimizer eps", eps)
             }
-            OptimizerSpec::Ftrl { alpha, beta, l1, l2 } => {
+            OptimizerSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
                 positive("optimizer alpha", alpha)?;
                 non_negative("optimizer beta", beta)?;
                 non_negative("optimizer l1", l1)?;
@@ -324,7 +332,9 @@ impl TryFrom<pb::TableSpec> for TableSpec {
         };
         let initializer = match p.initializer.and_then(|i| i.kind) {
             Some(pb::initializer::Kind::Zeros(_)) => InitializerSpec::Zeros,
-            Some(pb::initializer::Kind::Constant(c)) => InitializerSpec::Constant { value: c.value },
+            Some(pb::initializer::Kind::Constant(c)) => {
+                InitializerSpec::Constant { value: c.value }
+            }
             Some(pb::initializer::Kind::Uniform(u)) => InitializerSpec::Uniform {
                 low: u.low,
                 high: u.high,
@@ -334,7 +344,10 @@ impl TryFrom<pb::TableSpec> for TableSpec {
                 std: n.std,
             },
             None => {
-                return Err(PsError::invalid(format!("table '{}': initializer is missing", p.name)));
+                return Err(PsError::invalid(format!(
+                    "table '{}': initializer is missing",
+                    p.name
+                )));
             }
         };
         let optimizer = match p.optimizer.and_then(|o| o.kind) {
@@ -357,7 +370,10 @@ impl TryFrom<pb::TableSpec> for TableSpec {
                 l2: o.l2,
             },
             None => {
-                return Err(PsError::invalid(format!("table '{}': optimizer is missing", p.name)));
+                return Err(PsError::invalid(format!(
+                    "table '{}': optimizer is missing",
+                    p.name
+                )));
             }
         };
         let spec = TableSpec {
@@ -413,9 +429,17 @@ impl From<&TableSpec> for pb::TableSpec {
                 beta2,
                 eps,
             }),
-            OptimizerSpec::Ftrl { alpha, beta, l1, l2 } => {
-                pb::optimizer::Kind::Ftrl(pb::Ftrl { alpha, beta, l1, l2 })
-            }
+            OptimizerSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => pb::optimizer::Kind::Ftrl(pb::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            }),
         };
         pb::TableSpec {
             name: s.name.clone(),
@@ -443,7 +467,10 @@ mod tests {
             name: name.into(),
             kind: TableKind::Sparse,
             dim: 8,
-            initializer: InitializerSpec::Normal { mean: 0.0, std: 0.01 },
+            initializer: InitializerSpec::Normal {
+                mean: 0.0,
+                std: 0.01,
+            },
             optimizer: OptimizerSpec::Adagrad {
                 lr: 0.1,
                 initial_accumulator: 0.1,
@@ -474,7 +501,8 @@ mod tests {
 
     #[test]
     fn invalid_specs_are_refused_with_the_field_named() {
-        let cases: Vec<(Box<dyn Fn(&mut TableSpec)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut TableSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.dim = 0), "dim must be in"),
             (Box::new(|s| s.name = "a b".into()), "table name"),
             (Box::new(|s| s.name = String::new()), "table name"),
@@ -494,7 +522,12 @@ mod tests {
                 "beta1 must be in [0, 1)",
             ),
             (
-                Box::new(|s| s.initializer = InitializerSpec::Uniform { low: 1.0, high: 1.0 }),
+                Box::new(|s| {
+                    s.initializer = InitializerSpec::Uniform {
+                        low: 1.0,
+                        high: 1.0,
+                    }
+                }),
                 "low < high",
             ),
             (
@@ -511,7 +544,10 @@ mod tests {
             let mut spec = sparse("t");
             mutate(&mut spec);
             let err = spec.validate().unwrap_err().to_string();
-            assert!(err.contains(expected), "{err:?} should contain {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} should contain {expected:?}"
+            );
         }
     }
 
@@ -519,10 +555,20 @@ mod tests {
     fn a_wire_spec_without_optimizer_or_with_unknown_kind_is_invalid() {
         let mut wire = pb::TableSpec::from(&sparse("t"));
         wire.optimizer = None;
-        assert!(TableSpec::try_from(wire).unwrap_err().to_string().contains("optimizer is missing"));
+        assert!(
+            TableSpec::try_from(wire)
+                .unwrap_err()
+                .to_string()
+                .contains("optimizer is missing")
+        );
         let mut wire = pb::TableSpec::from(&sparse("t"));
         wire.kind = 7;
-        assert!(TableSpec::try_from(wire).unwrap_err().to_string().contains("kind must be"));
+        assert!(
+            TableSpec::try_from(wire)
+                .unwrap_err()
+                .to_string()
+                .contains("kind must be")
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub fn decode_f32s_into(bytes: &[u8], out: &mut [f32]) -> Result<(), PsError> {
 
 /// Decodes little-endian bytes into a new vector; the length must be a multiple of 4.
 pub fn decode_f32s(bytes: &[u8]) -> Result<Vec<f32>, PsError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(PsError::invalid(format!(
             "value bytes must be a multiple of 4 (little-endian f32), got {}",
             bytes.len()
@@ -48,12 +48,24 @@ mod tests {
 
     #[test]
     fn floats_round_trip_bit_exactly() {
-        let values = [0.0, -0.0, 1.5, f32::MIN_POSITIVE, f32::MAX, -3.25e-7, f32::NAN];
+        let values = [
+            0.0,
+            -0.0,
+            1.5,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            -3.25e-7,
+            f32::NAN,
+        ];
         let back = decode_f32s(&encode_f32s(&values)).unwrap();
         for (a, b) in values.iter().zip(&back) {
             assert_eq!(a.to_bits(), b.to_bits());
         }
-        assert_eq!(&encode_f32s(&[1.0])[..], &[0x00, 0x00, 0x80, 0x3f], "little-endian");
+        assert_eq!(
+            &encode_f32s(&[1.0])[..],
+            &[0x00, 0x00, 0x80, 0x3f],
+            "little-endian"
+        );
     }
 
     #[test]

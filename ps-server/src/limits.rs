@@ -93,9 +93,18 @@ mod tests {
 
     #[test]
     fn percent_encoded_messages_are_matched_after_decoding() {
-        assert!(percent_decoded_starts_with(b"Error,%20decoded%20message%20length%20too%20large: x", TONIC_TOO_LARGE));
-        assert!(percent_decoded_starts_with(b"Error, decoded message length too large: x", TONIC_TOO_LARGE));
-        assert!(!percent_decoded_starts_with(b"Error, decoded", TONIC_TOO_LARGE));
+        assert!(percent_decoded_starts_with(
+            b"Error,%20decoded%20message%20length%20too%20large: x",
+            TONIC_TOO_LARGE
+        ));
+        assert!(percent_decoded_starts_with(
+            b"Error, decoded message length too large: x",
+            TONIC_TOO_LARGE
+        ));
+        assert!(!percent_decoded_starts_with(
+            b"Error, decoded",
+            TONIC_TOO_LARGE
+        ));
         assert!(!percent_decoded_starts_with(b"%zz", TONIC_TOO_LARGE));
     }
 }

@@ -32,14 +32,23 @@ pub fn init_state(spec: &OptimizerSpec, weights: &[f32], state: &mut [f32]) {
             state[..2 * dim].fill(0.0);
             state[2 * dim..].fill(1.0);
         }
-        OptimizerSpec::Ftrl { alpha, beta, l1, l2 } => {
+        OptimizerSpec::Ftrl {
+            alpha,
+            beta,
+            l1,
+            l2,
+        } => {
             // Choose z so that the proximal weight equals the initializer's
             // value with n = 0: w = -(z - sgn(z) l1) / (beta / alpha + l2).
             let (z, n) = state.split_at_mut(weights.len());
             n.fill(0.0);
             let denom = beta / alpha + l2;
             for (z, &w) in z.iter_mut().zip(weights) {
-                *z = if w == 0.0 { 0.0 } else { -w * denom - w.signum() * l1 };
+                *z = if w == 0.0 {
+                    0.0
+                } else {
+                    -w * denom - w.signum() * l1
+                };
             }
         }
     }
@@ -79,7 +88,12 @@ pub fn apply(spec: &OptimizerSpec, row: &mut [f32], grad: &[f32]) {
                 *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
             }
         }
-        OptimizerSpec::Ftrl { alpha, beta, l1, l2 } => {
+        OptimizerSpec::Ftrl {
+            alpha,
+            beta,
+            l1,
+            l2,
+        } => {
             let (z, n) = state.split_at_mut(dim);
             for (((w, z), n), &g) in w.iter_mut().zip(z).zip(n).zip(grad) {
                 let sigma = ((*n + g * g).sqrt() - n.sqrt()) / alpha;
@@ -134,7 +148,10 @@ mod tests {
         assert!(close(row[0], 1.0 - 1.0 / 4.1f32.sqrt()), "{row:?}");
         apply(&spec, &mut row, &[-1.0]);
         // acc = 5.1; w += 0.5 / sqrt(5.1)
-        assert!(close(row[0], 1.0 - 1.0 / 4.1f32.sqrt() + 0.5 / 5.1f32.sqrt()));
+        assert!(close(
+            row[0],
+            1.0 - 1.0 / 4.1f32.sqrt() + 0.5 / 5.1f32.sqrt()
+        ));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ps_common::pb::parameter_server_server::ParameterServerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::limits::OversizeStatusLayer;
 use crate::service::{Limits, ShardService};
@@ -61,10 +61,12 @@ pub async fn run(
     let service = ParameterServerServer::new(ShardService::new(shard, config.limits))
         .max_decoding_message_size(config.limits.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
+    // Small pulls and pushes are latency-bound: never let Nagle's algorithm hold them.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .layer(OversizeStatusLayer)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

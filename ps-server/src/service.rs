@@ -240,7 +240,10 @@ mod tests {
             table: "nope".into(),
             keys: vec![1],
         };
-        assert_eq!(svc.pull(Request::new(missing)).await.unwrap_err().code(), Code::NotFound);
+        assert_eq!(
+            svc.pull(Request::new(missing)).await.unwrap_err().code(),
+            Code::NotFound
+        );
         let wrong_dim = svc.push(push(vec![1], &[1.0, 2.0, 3.0])).await.unwrap_err();
         assert_eq!(wrong_dim.code(), Code::InvalidArgument);
         let ragged = pb::PushRequest {
@@ -248,17 +251,31 @@ mod tests {
             keys: vec![1],
             gradients: vec![0u8; 7].into(),
         };
-        assert_eq!(svc.push(Request::new(ragged)).await.unwrap_err().code(), Code::InvalidArgument);
-        let too_many = svc.push(push(vec![1, 2, 3, 4, 5], &[0.0; 10])).await.unwrap_err();
+        assert_eq!(
+            svc.push(Request::new(ragged)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let too_many = svc
+            .push(push(vec![1, 2, 3, 4, 5], &[0.0; 10]))
+            .await
+            .unwrap_err();
         assert_eq!(too_many.code(), Code::ResourceExhausted);
-        assert!(too_many.message().contains("limit of 4"), "{}", too_many.message());
+        assert!(
+            too_many.message().contains("limit of 4"),
+            "{}",
+            too_many.message()
+        );
         let no_spec = svc
             .create_table(Request::new(pb::CreateTableRequest { spec: None }))
             .await
             .unwrap_err();
         assert_eq!(no_spec.code(), Code::InvalidArgument);
 
-        let stats = svc.stats(Request::new(pb::StatsRequest {})).await.unwrap().into_inner();
+        let stats = svc
+            .stats(Request::new(pb::StatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
         let requests = stats.requests.unwrap();
         assert_eq!(requests.errors, 5);
         assert_eq!(stats.tables[0].rows, 0, "no failed request created a row");
@@ -278,6 +295,9 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(resp.dim, 2);
-        assert_eq!(wire::decode_f32s(&resp.values).unwrap(), [0.0, 0.0, 1.0, 2.0, 1.0, 2.0]);
+        assert_eq!(
+            wire::decode_f32s(&resp.values).unwrap(),
+            [0.0, 0.0, 1.0, 2.0, 1.0, 2.0]
+        );
     }
 }

@@ -194,13 +194,13 @@ impl Shard {
 
     /// Checks that every key belongs to this shard (and, for dense tables, to the tensor).
     fn check_keys(&self, table: &Table, keys: &[u64]) -> Result<(), PsError> {
-        if let TableKind::Dense { rows, .. } = table.spec.kind {
-            if let Some(&bad) = keys.iter().find(|&&k| k >= rows) {
-                return Err(PsError::invalid(format!(
-                    "row {bad} is out of range for dense table '{}' with {rows} rows",
-                    table.spec.name
-                )));
-            }
+        if let TableKind::Dense { rows, .. } = table.spec.kind
+            && let Some(&bad) = keys.iter().find(|&&k| k >= rows)
+        {
+            return Err(PsError::invalid(format!(
+                "row {bad} is out of range for dense table '{}' with {rows} rows",
+                table.spec.name
+            )));
         }
         if let Some(&bad) = keys.iter().find(|&&k| !self.owner.owns(table.placement, k)) {
             return Err(PsError::invalid(format!(
@@ -251,7 +251,9 @@ impl Shard {
         if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
             return Err(PsError::invalid(format!(
                 "gradient for key {} of table '{}' is not finite ({}); nothing was applied",
-                keys[i / dim], table.spec.name, grads[i]
+                keys[i / dim],
+                table.spec.name,
+                grads[i]
             )));
         }
         self.check_keys(&table, keys)?;
@@ -292,7 +294,10 @@ mod tests {
             name: name.into(),
             kind,
             dim,
-            initializer: InitializerSpec::Normal { mean: 0.0, std: 1.0 },
+            initializer: InitializerSpec::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
             optimizer: OptimizerSpec::Sgd { lr: 1.0 },
             seed: 9,
         }
@@ -301,10 +306,22 @@ mod tests {
     #[test]
     fn create_table_is_idempotent_and_names_a_conflicting_field() {
         let shard = Shard::new(0, 1);
-        assert_eq!(shard.create_table(spec("emb", TableKind::Sparse, 4)), Ok(true));
-        assert_eq!(shard.create_table(spec("emb", TableKind::Sparse, 4)), Ok(false));
-        let err = shard.create_table(spec("emb", TableKind::Sparse, 8)).unwrap_err();
-        assert!(err.to_string().contains("different dim: existing 4, requested 8"), "{err}");
+        assert_eq!(
+            shard.create_table(spec("emb", TableKind::Sparse, 4)),
+            Ok(true)
+        );
+        assert_eq!(
+            shard.create_table(spec("emb", TableKind::Sparse, 4)),
+            Ok(false)
+        );
+        let err = shard
+            .create_table(spec("emb", TableKind::Sparse, 8))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("different dim: existing 4, requested 8"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -324,7 +341,9 @@ mod tests {
     #[test]
     fn a_push_applies_every_occurrence_of_a_key() {
         let shard = Shard::new(0, 1);
-        shard.create_table(spec("emb", TableKind::Sparse, 2)).unwrap();
+        shard
+            .create_table(spec("emb", TableKind::Sparse, 2))
+            .unwrap();
         let mut before = vec![];
         shard.pull("emb", &[5], &mut before).unwrap();
         shard.push("emb", &[5, 5], &[1.0, 0.0, 0.5, 2.0]).unwrap();
@@ -337,23 +356,36 @@ mod tests {
     #[test]
     fn an_invalid_push_changes_nothing() {
         let shard = Shard::new(0, 1);
-        shard.create_table(spec("emb", TableKind::Sparse, 2)).unwrap();
+        shard
+            .create_table(spec("emb", TableKind::Sparse, 2))
+            .unwrap();
         let mut before = vec![];
         shard.pull("emb", &[1, 2], &mut before).unwrap();
 
-        let nan = shard.push("emb", &[1, 2], &[1.0, 1.0, f32::NAN, 1.0]).unwrap_err();
+        let nan = shard
+            .push("emb", &[1, 2], &[1.0, 1.0, f32::NAN, 1.0])
+            .unwrap_err();
         assert!(nan.to_string().contains("not finite"), "{nan}");
-        let inf = shard.push("emb", &[1, 2], &[1.0, 1.0, 1.0, f32::INFINITY]).unwrap_err();
+        let inf = shard
+            .push("emb", &[1, 2], &[1.0, 1.0, 1.0, f32::INFINITY])
+            .unwrap_err();
         assert_eq!(inf.code(), tonic::Code::InvalidArgument);
         let short = shard.push("emb", &[1, 2], &[1.0, 1.0, 1.0]).unwrap_err();
-        assert!(short.to_string().contains("need 4 gradient values, got 3"), "{short}");
+        assert!(
+            short.to_string().contains("need 4 gradient values, got 3"),
+            "{short}"
+        );
         let unknown = shard.push("nope", &[1], &[1.0, 1.0]).unwrap_err();
         assert_eq!(unknown, PsError::UnknownTable("nope".into()));
 
         let mut after = vec![];
         shard.pull("emb", &[1, 2], &mut after).unwrap();
         assert_eq!(before, after);
-        assert_eq!(shard.table("emb").unwrap().len(), 2, "no row was created either");
+        assert_eq!(
+            shard.table("emb").unwrap().len(),
+            2,
+            "no row was created either"
+        );
     }
 
     #[test]

@@ -1,0 +1,127 @@
+//! `ps-worker`: train a model against parameter servers.
+//!
+//! - `train`: one worker of a job whose servers run elsewhere.
+//! - `local`: servers and workers inside this process (loopback gRPC).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use ps_common::config::JobConfig;
+use ps_worker::job::{self, Report};
+
+/// Train sparse models whose weights live on parameter servers.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one worker of a job against running `ps-server` shards.
+    Train {
+        /// The job file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// This worker's rank in [0, --world); it reads lines i with i % world == rank.
+        #[arg(long)]
+        rank: usize,
+        /// Number of workers in the job.
+        #[arg(long)]
+        world: usize,
+        /// Write the job's report (metrics, throughput, bytes) as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Seconds to keep retrying servers that do not accept connections yet.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout_secs: u64,
+    },
+    /// Run servers and workers inside this process over loopback gRPC.
+    Local {
+        /// The job file (TOML); without it, an embedded default job trains
+        /// logistic regression on the built-in a9a data.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Number of server shards.
+        #[arg(long, default_value_t = 2)]
+        servers: u32,
+        /// Number of workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Write the job's report (metrics, throughput, bytes) as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train {
+            config,
+            servers,
+            rank,
+            world,
+            report,
+            connect_timeout_secs,
+        } => {
+            if world == 0 || rank >= world {
+                bail!("--rank must be in [0, --world), got rank {rank} of world {world}");
+            }
+            let job = load_job(&config)?;
+            let client = job::client_config(&job, Duration::from_secs(connect_timeout_secs));
+            let result = job::run_train(&job, &servers, rank, world, &client)
+                .with_context(|| format!("worker {rank} of {world} failed"))?;
+            finish(&result, report.as_deref())
+        }
+        Command::Local {
+            config,
+            servers,
+            workers,
+            report,
+        } => {
+            if servers == 0 || workers == 0 {
+                bail!("--servers and --workers must be >= 1");
+            }
+            let job = match &config {
+                Some(path) => load_job(path)?,
+                None => JobConfig::from_toml(job::DEFAULT_JOB, Path::new("."))
+                    .context("the embedded default job is invalid")?,
+            };
+            let client = job::client_config(&job, Duration::from_secs(10));
+            let result =
+                job::run_local(&job, servers, workers, &client).context("local job failed")?;
+            finish(&result, report.as_deref())
+        }
+    }
+}
+
+fn load_job(path: &Path) -> anyhow::Result<JobConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read job file {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    JobConfig::from_toml(&text, base)
+        .with_context(|| format!("invalid job file {}", path.display()))
+}
+
+fn finish(report: &Report, path: Option<&Path>) -> anyhow::Result<()> {
+    println!("{}", report.summary());
+    if let Some(path) = path {
+        let json = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write --report {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! `PsClient`: one worker's connection to every shard.
+//!
+//! It routes keys with the shared [`ShardRouter`], de-duplicates them,
+//! splits requests per shard (and into chunks under each shard's limits),
+//! sends them to all shards in parallel and puts pulled rows back in the
+//! caller's order. Pushes are asynchronous: [`PsClient::push`] returns once
+//! the requests are handed to background tasks, with at most
+//! `max_pushes_in_flight` requests outstanding. The first push error is kept
+//! and returned by the next `push` or by [`PsClient::flush`]; none is dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prost::Message;
+use ps_common::pb::parameter_server_client::ParameterServerClient;
+use ps_common::pb::{self};
+use ps_common::routing::Placement;
+use ps_common::{PsError, ShardRouter, TableSpec, wire};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::dedup::UniqueKeys;
+
+/// How a client connects and how many pushes it keeps in flight.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Push requests outstanding before the next push waits.
+    pub max_pushes_in_flight: usize,
+    /// How long to keep retrying a shard that does not accept connections.
+    pub connect_timeout: Duration,
+    /// Deadline of every RPC.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            max_pushes_in_flight: 4,
+            connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Payload bytes this client sent and received, per RPC family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByteCounts {
+    /// Encoded Pull requests sent plus Pull responses received.
+    pub pull_bytes: u64,
+    /// Encoded Push requests sent plus Push responses received.
+    pub push_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct ShardConn {
+    addr: String,
+    client: ParameterServerClient<Channel>,
+    /// Most keys one request to this shard may carry.
+    max_keys: usize,
+    /// Largest request this shard accepts, in bytes.
+    max_bytes: usize,
+}
+
+impl ShardConn {
+    fn error(&self, shard: usize, status: tonic::Status) -> PsError {
+        PsError::Shard {
+            shard,
+            addr: self.addr.clone(),
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// Keys per request so that a request of rows of `dim` floats stays under both limits.
+    fn chunk_keys(&self, dim: usize) -> usize {
+        // 8 bytes per key (worst-case varint is 10) + 4 per float, with headroom for framing.
+        let per_key = 10 + 4 * dim;
+        let by_bytes = self.max_bytes.saturating_sub(1024) / per_key;
+        self.max_keys.min(by_bytes).max(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TableInfo {
+    dim: usize,
+    placement: Placement,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Vec<ShardConn>,
+    router: ShardRouter,
+    tables: RwLock<HashMap<String, TableInfo>>,
+    push_slots: Arc<Semaphore>,
+    max_pushes_in_flight: u32,
+    push_error: Mutex<Option<PsError>>,
+    pull_bytes: AtomicU64,
+    push_bytes: AtomicU64,
+}
+
+/// A connection to all shards of a job. Cheap to clone; clones share state.
+#[derive(Debug, Clone)]
+pub struct PsClient {
+    inner: Arc<Inner>,
+}
+
+impl PsClient {
+    /// Connects to every shard, in shard order, retrying each for up to
+    /// `config.connect_timeout`, and checks that each server is the shard its
+    /// position says.
+    pub async fn connect(addrs: &[String], config: &ClientConfig) -> Result<PsClient, PsError> {
+        if addrs.is_empty() {
+            return Err(PsError::invalid("at least one server address is required"));
+        }
+        let mut tasks = JoinSet::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let (addr, config) = (addr.clone(), config.clone());
+            tasks.spawn(async move { (i, connect_one(i, addr, &config).await) });
+        }
+        let mut shards: Vec<Option<ShardConn>> = vec![None; addrs.len()];
+        while let Some(joined) = tasks.join_next().await {
+            let (i, conn) =
+                joined.map_err(|e| PsError::invalid(format!("connect task failed: {e}")))?;
+            let (conn, described) = conn?;
+            if described.shard_id as usize != i || described.num_shards as usize != addrs.len() {
+                return Err(PsError::invalid(format!(
+                    "server {} is shard {} of {}, but was listed at position {i} of {} servers: \
+                     list every shard once, in shard-id order",
+                    conn.addr,
+                    described.shard_id,
+                    described.num_shards,
+                    addrs.len()
+                )));
+            }
+            shards[i] = Some(conn);
+        }
+        let in_flight = config.max_pushes_in_flight.clamp(1, Semaphore::MAX_PERMITS) as u32;
+        Ok(PsClient {
+            inner: Arc::new(Inner {
+                shards: shards.into_iter().flatten().collect(),
+                router: ShardRouter::new(addrs.len() as u32),
+                tables: RwLock::new(HashMap::new()),
+                push_slots: Arc::new(Semaphore::new(in_flight as usize)),
+                max_pushes_in_flight: in_flight,
+                push_error: Mutex::new(None),
+                pull_bytes: AtomicU64::new(0),
+                push_bytes: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Number of shards.
+    pub fn num_shards(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// Creates `spec` on every shard (idempotent) and remembers its layout.
+    pub async fn create_table(&self, spec: &TableSpec) -> Result<(), PsError> {
+        spec.validate()?;
+        let mut tasks = JoinSet::new();
+        for (i, shard) in self.inner.shards.iter().enumerate() {
+            let (mut shard, request) = (
+                shard.clone(),
+                pb::CreateTableRequest {
+                    spec: Some(spec.into()),
+                },
+            );
+            tasks.spawn(async move {
+                shard
+                    .client
+                    .create_table(request)
+                    .await
+                    .map_err(|s| shard.error(i, s))
+            });
+        }
+        join_all_ok(tasks).await?;
+        self.inner
+            .tables
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(
+                spec.name.clone(),
+                TableInfo {
+                    dim: spec.dim as usize,
+                    placement: spec.placement(),
+                },
+            );
+        Ok(())
+    }
+
+    fn table(&self, name: &str) -> Result<TableInfo, PsError> {
+        self.inner
+            .tables
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(name)
+            .copied()
+            .ok_or_else(|| {
+                PsError::invalid(format!(
+                    "table '{name}' was not created through this client (call create_table first)"
+                ))
+            })
+    }
+
+    /// Rows of `keys` in the caller's order (`keys.len() * dim` floats);
+    /// duplicate keys are fetched once.
+    pub async fn pull(&self, table: &str, keys: &[u64]) -> Result<Vec<f32>, PsError> {
+        let unique = UniqueKeys::new(keys);
+        let rows = self.pull_unique(table, &unique.keys).await?;
+        Ok(unique.gather(&rows, self.table(table)?.dim))
+    }
+
+    /// Rows of `keys` in order, one request per shard (and chunk); `keys`
+    /// should already be distinct.
+    pub async fn pull_unique(&self, table: &str, keys: &[u64]) -> Result<Vec<f32>, PsError> {
+        let info = self.table(table)?;
+        let dim = info.dim;
+        let mut tasks = JoinSet::new();
+        for (shard_id, positions, shard_keys) in self.split(info, keys) {
+            let shard = self.inner.shards[shard_id].clone();
+            for (chunk_pos, chunk_keys) in positions
+                .chunks(shard.chunk_keys(dim))
+                .zip(shard_keys.chunks(shard.chunk_keys(dim)))
+            {
+                let request = pb::PullRequest {
+                    table: table.to_string(),
+                    keys: chunk_keys.to_vec(),
+                };
+                let (mut shard, positions, inner) =
+                    (shard.clone(), chunk_pos.to_vec(), Arc::clone(&self.inner));
+                tasks.spawn(async move {
+                    let sent = request.encoded_len();
+                    let response = shard
+                        .client
+                        .pull(request)
+                        .await
+                        .map_err(|s| shard.error(shard_id, s))?
+                        .into_inner();
+                    inner
+                        .pull_bytes
+                        .fetch_add((sent + response.encoded_len()) as u64, Ordering::Relaxed);
+                    if response.dim as usize != dim || response.values.len() != positions.len() * dim * 4 {
+                        return Err(PsError::invalid(format!(
+                            "shard {shard_id} ({}) answered {} bytes of dim {} for {} keys of dim {dim}",
+                            shard.addr,
+                            response.values.len(),
+                            response.dim,
+                            positions.len()
+                        )));
+                    }
+                    Ok((positions, wire::decode_f32s(&response.values)?))
+                });
+            }
+        }
+        let mut out = vec![0f32; keys.len() * dim];
+        for (positions, values) in join_all_ok(tasks).await? {
+            for (&pos, row) in positions.iter().zip(values.chunks_exact(dim)) {
+                out[pos * dim..(pos + 1) * dim].copy_from_slice(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sums the gradients of duplicate keys and pushes them asynchronously.
+    /// `grads` holds `keys.len() * dim` values in key order.
+    pub async fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<(), PsError> {
+        let dim = self.table(table)?.dim;
+        check_gradient_len(table, dim, keys, grads)?;
+        let unique = UniqueKeys::new(keys);
+        self.push_unique(table, &unique.keys, &unique.sum(grads, dim))
+            .await
+    }
+
+    /// Pushes gradients of distinct `keys` asynchronously: returns once every
+    /// per-shard request has a slot among the `max_pushes_in_flight`. Returns
+    /// the error of an earlier failed push, if any.
+    pub async fn push_unique(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+    ) -> Result<(), PsError> {
+        self.take_push_error()?;
+        let info = self.table(table)?;
+        let dim = info.dim;
+        check_gradient_len(table, dim, keys, grads)?;
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(PsError::invalid(format!(
+                "gradient for key {} of '{table}' is not finite ({})",
+                keys[i / dim],
+                grads[i]
+            )));
+        }
+        for (shard_id, positions, shard_keys) in self.split(info, keys) {
+            let shard = self.inner.shards[shard_id].clone();
+            let chunk = shard.chunk_keys(dim);
+            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+                let mut values = Vec::with_capacity(chunk_pos.len() * dim);
+                for &p in chunk_pos {
+                    values.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+                }
+                let request = pb::PushRequest {
+                    table: table.to_string(),
+                    keys: chunk_keys.to_vec(),
+                    gradients: wire::encode_f32s(&values),
+                };
+                let permit = Arc::clone(&self.inner.push_slots)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| PsError::invalid("client is shutting down"))?;
+                let (mut shard, inner) = (shard.clone(), Arc::clone(&self.inner));
+                tokio::spawn(async move {
+                    let sent = request.encoded_len();
+                    match shard.client.push(request).await {
+                        Ok(response) => {
+                            let received = response.get_ref().encoded_len();
+                            inner
+                                .push_bytes
+                                .fetch_add((sent + received) as u64, Ordering::Relaxed);
+                        }
+                        Err(status) => {
+                            let err = shard.error(shard_id, status);
+                            tracing::warn!("push failed: {err}");
+                            let mut slot = inner
+                                .push_error
+                                .lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                            slot.get_or_insert(err);
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every push issued so far has been answered; returns the
+    /// first push error since the last check.
+    pub async fn flush(&self) -> Result<(), PsError> {
+        let all = self
+            .inner
+            .push_slots
+            .acquire_many(self.inner.max_pushes_in_flight)
+            .await
+            .map_err(|_| PsError::invalid("client is shutting down"))?;
+        drop(all);
+        self.take_push_error()
+    }
+
+    fn take_push_error(&self) -> Result<(), PsError> {
+        match self
+            .inner
+            .push_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Stats of every shard, in shard order.
+    pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, PsError> {
+        let mut tasks = JoinSet::new();
+        for (i, shard) in self.inner.shards.iter().enumerate() {
+            let mut shard = shard.clone();
+            tasks.spawn(async move {
+                let r = shard.client.stats(pb::StatsRequest {}).await;
+                r.map(|r| (i, r.into_inner()))
+                    .map_err(|s| shard.error(i, s))
+            });
+        }
+        let mut all = join_all_ok(tasks).await?;
+        all.sort_by_key(|(i, _)| *i);
+        Ok(all.into_iter().map(|(_, s)| s).collect())
+    }
+
+    /// Payload bytes sent and received so far.
+    pub fn bytes(&self) -> ByteCounts {
+        ByteCounts {
+            pull_bytes: self.inner.pull_bytes.load(Ordering::Relaxed),
+            push_bytes: self.inner.push_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Groups `keys` by owning shard: (shard, positions in `keys`, keys).
+    fn split(&self, info: TableInfo, keys: &[u64]) -> Vec<(usize, Vec<usize>, Vec<u64>)> {
+        let n = self.inner.shards.len();
+        let mut groups: Vec<(Vec<usize>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); n];
+        for (pos, &key) in keys.iter().enumerate() {
+            let shard = self.inner.router.shard_of(info.placement, key) as usize;
+            groups[shard].0.push(pos);
+            groups[shard].1.push(key);
+        }
+        groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (p, _))| !p.is_empty())
+            .map(|(i, (p, k))| (i, p, k))
+            .collect()
+    }
+}
+
+/// Connects to shard `i` at `addr`, retrying with backoff until the deadline,
+/// and asks it who it is.
+async fn connect_one(
+    i: usize,
+    addr: String,
+    config: &ClientConfig,
+) -> Result<(ShardConn, pb::DescribeResponse), PsError> {
+    let fail = |code, message: String| PsError::Shard {
+        shard: i,
+        addr: addr.clone(),
+        code,
+        message,
+    };
+    let uri = if addr.contains("://") {
+        addr.clone()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| {
+            fail(
+                tonic::Code::InvalidArgument,
+                format!("invalid server address: {e}"),
+            )
+        })?
+        .connect_timeout(config.connect_timeout.min(Duration::from_secs(5)))
+        .timeout(config.request_timeout)
+        .tcp_nodelay(true);
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let mut backoff = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    let channel = loop {
+        attempts += 1;
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            Err(e) => {
+                if tokio::time::Instant::now() + backoff > deadline {
+                    return Err(fail(
+                        tonic::Code::Unavailable,
+                        format!(
+                            "unreachable after {attempts} attempts over {:?}: {e}",
+                            config.connect_timeout
+                        ),
+                    ));
+                }
+                tracing::debug!(%addr, attempts, "server not reachable yet: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let mut client = ParameterServerClient::new(channel)
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(usize::MAX);
+    let described = client
+        .describe(pb::DescribeRequest {})
+        .await
+        .map_err(|s| fail(s.code(), s.message().to_string()))?
+        .into_inner();
+    let conn = ShardConn {
+        addr: addr.clone(),
+        client,
+        max_keys: usize::try_from(described.max_keys_per_request)
+            .unwrap_or(usize::MAX)
+            .max(1),
+        max_bytes: usize::try_from(described.max_request_bytes).unwrap_or(usize::MAX),
+    };
+    Ok((conn, described))
+}
+
+fn check_gradient_len(table: &str, dim: usize, keys: &[u64], grads: &[f32]) -> Result<(), PsError> {
+    if grads.len() == keys.len() * dim {
+        return Ok(());
+    }
+    Err(PsError::invalid(format!(
+        "push to '{table}' (dim {dim}): {} keys need {} gradient values, got {}",
+        keys.len(),
+        keys.len() * dim,
+        grads.len()
+    )))
+}
+
+/// Awaits every task; returns all results or the first error.
+async fn join_all_ok<T: 'static>(
+    mut tasks: JoinSet<Result<T, PsError>>,
+) -> Result<Vec<T>, PsError> {
+    let mut out = Vec::with_capacity(tasks.len());
+    while let Some(joined) = tasks.join_next().await {
+        out.push(joined.map_err(|e| PsError::invalid(format!("request task failed: {e}")))??);
+    }
+    Ok(out)
+}

@@ -1,0 +1,97 @@
+//! `LocalCluster`: N real shards served over loopback gRPC inside this
+//! process, for `ps-worker local` and for tests.
+//!
+//! Each shard is the same `ps_server::run` a `ps-server` process runs, bound
+//! to `127.0.0.1:0`; the cluster hands out the addresses, direct handles to
+//! the shards' stores (for assertions), and shuts every shard down when
+//! dropped.
+
+use std::sync::Arc;
+
+use ps_common::PsError;
+use ps_server::server::ServeError;
+use ps_server::{Limits, ServerConfig, Shard};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::client::{ClientConfig, PsClient};
+
+/// Shards running in this process on loopback ports.
+#[derive(Debug)]
+pub struct LocalCluster {
+    addrs: Vec<String>,
+    shards: Vec<Arc<Shard>>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl LocalCluster {
+    /// Starts `num_shards` shards with the given limits. Each is accepting
+    /// connections when this returns (its listener is bound).
+    pub async fn start(num_shards: u32, limits: Limits) -> std::io::Result<LocalCluster> {
+        let mut cluster = LocalCluster {
+            addrs: Vec::new(),
+            shards: Vec::new(),
+            stops: Vec::new(),
+            tasks: Vec::new(),
+        };
+        for shard_id in 0..num_shards {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            cluster.addrs.push(listener.local_addr()?.to_string());
+            let shard = Arc::new(Shard::new(shard_id, num_shards));
+            let (stop, stopped) = oneshot::channel::<()>();
+            let config = ServerConfig {
+                shard_id,
+                num_shards,
+                limits,
+            };
+            cluster.tasks.push(tokio::spawn(ps_server::run(
+                listener,
+                config,
+                Arc::clone(&shard),
+                async {
+                    let _ = stopped.await;
+                },
+            )));
+            cluster.shards.push(shard);
+            cluster.stops.push(stop);
+        }
+        Ok(cluster)
+    }
+
+    /// Shard addresses in shard order, as `--servers` takes them.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// Direct access to shard `i`'s store.
+    pub fn shard(&self, i: usize) -> &Arc<Shard> {
+        &self.shards[i]
+    }
+
+    /// A client connected to every shard.
+    pub async fn client(&self, config: &ClientConfig) -> Result<PsClient, PsError> {
+        PsClient::connect(&self.addrs, config).await
+    }
+
+    /// Stops every shard after its in-flight requests and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for task in self.tasks.drain(..) {
+            if let Ok(result) = task.await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Whole jobs: one worker process (`ps-worker train`) or a cluster inside
+//! one process (`ps-worker local`), each ending in a [`Report`].
+
+use std::time::{Duration, Instant};
+
+use ps_common::config::{DataSource, JobConfig};
+use ps_server::Limits;
+use serde::Serialize;
+use tokio::runtime::Runtime;
+
+use crate::client::{ClientConfig, PsClient};
+use crate::cluster::LocalCluster;
+use crate::data;
+use crate::metrics::BinaryMetrics;
+use crate::trainer::{self, TrainError, TrainSummary};
+
+/// The job file used by `ps-worker local` without `--config`: logistic
+/// regression on the a9a data compiled into the binary.
+pub const DEFAULT_JOB: &str = include_str!("../../examples/a9a-lr.toml");
+
+/// The result of a job, written as one JSON object by `--report`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `local` or `train`.
+    pub mode: &'static str,
+    /// This worker's rank (`train` only).
+    pub rank: Option<usize>,
+    /// Workers in the job.
+    pub workers: usize,
+    /// Shards in the job.
+    pub servers: usize,
+    /// Examples trained on, by the workers this report covers.
+    pub train_samples: u64,
+    /// Batches trained on, likewise.
+    pub train_steps: u64,
+    /// Seconds from the start of training to its end (pushes flushed).
+    pub train_seconds: f64,
+    /// `train_samples / train_seconds`.
+    pub samples_per_sec: f64,
+    /// Mean training loss over each worker's last epoch (mean over workers).
+    pub final_train_loss: f64,
+    /// Validation examples (0 without a validation file).
+    pub val_examples: usize,
+    /// Validation ROC AUC.
+    pub val_auc: Option<f64>,
+    /// Validation mean logloss.
+    pub val_logloss: Option<f64>,
+    /// Validation accuracy at threshold 0.5.
+    pub val_accuracy: Option<f64>,
+    /// Payload bytes of Pull requests and responses.
+    pub pull_bytes: u64,
+    /// Payload bytes of Push requests and responses.
+    pub push_bytes: u64,
+    /// Seconds from start-up to the end of validation.
+    pub wall_seconds: f64,
+}
+
+impl Report {
+    fn new(mode: &'static str, workers: usize, servers: usize, summaries: &[TrainSummary]) -> Self {
+        let samples = summaries.iter().map(|s| s.samples).sum::<u64>();
+        let seconds = summaries.iter().map(|s| s.seconds).fold(0.0, f64::max);
+        Report {
+            mode,
+            rank: None,
+            workers,
+            servers,
+            train_samples: samples,
+            train_steps: summaries.iter().map(|s| s.steps).sum(),
+            train_seconds: seconds,
+            samples_per_sec: samples as f64 / seconds.max(1e-9),
+            final_train_loss: summaries.iter().map(|s| s.last_epoch_loss).sum::<f64>()
+                / summaries.len().max(1) as f64,
+            val_examples: 0,
+            val_auc: None,
+            val_logloss: None,
+            val_accuracy: None,
+            pull_bytes: 0,
+            push_bytes: 0,
+            wall_seconds: 0.0,
+        }
+    }
+
+    fn set_validation(&mut self, metrics: Option<BinaryMetrics>) {
+        if let Some(m) = metrics {
+            self.val_examples = m.count;
+            self.val_auc = Some(m.auc);
+            self.val_logloss = Some(m.logloss);
+            self.val_accuracy = Some(m.accuracy);
+        }
+    }
+
+    fn add_bytes(&mut self, client: &PsClient) {
+        let bytes = client.bytes();
+        self.pull_bytes += bytes.pull_bytes;
+        self.push_bytes += bytes.push_bytes;
+    }
+
+    /// A human-readable summary of the metrics.
+    pub fn summary(&self) -> String {
+        let fmt = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
+        format!(
+            "trained {} samples in {:.2}s ({:.0} samples/s) on {} worker(s) x {} server(s); \
+             validation ({} examples): auc {} logloss {} accuracy {}",
+            self.train_samples,
+            self.train_seconds,
+            self.samples_per_sec,
+            self.workers,
+            self.servers,
+            self.val_examples,
+            fmt(self.val_auc),
+            fmt(self.val_logloss),
+            fmt(self.val_accuracy)
+        )
+    }
+}
+
+/// Errors of a whole job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Training or evaluation failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// The async runtime or a local server could not start.
+    #[error("{0}")]
+    Startup(String),
+}
+
+impl From<ps_common::PsError> for JobError {
+    fn from(e: ps_common::PsError) -> Self {
+        JobError::Train(e.into())
+    }
+}
+
+impl From<data::DataError> for JobError {
+    fn from(e: data::DataError) -> Self {
+        JobError::Train(e.into())
+    }
+}
+
+/// Client settings a job file implies.
+pub fn client_config(job: &JobConfig, connect_timeout: Duration) -> ClientConfig {
+    ClientConfig {
+        max_pushes_in_flight: job.train.max_pushes_in_flight,
+        connect_timeout,
+        ..ClientConfig::default()
+    }
+}
+
+fn runtime() -> Result<Runtime, JobError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| JobError::Startup(format!("cannot start the async runtime: {e}")))
+}
+
+/// Checks that every data source opens, before any server state changes.
+fn check_data(job: &JobConfig) -> Result<(), data::DataError> {
+    data::check_readable(&job.data.train)?;
+    job.data
+        .validation
+        .as_ref()
+        .map_or(Ok(()), data::check_readable)
+}
+
+/// Connects to the servers and creates the job's tables (idempotent).
+async fn connect_and_create(
+    servers: &[String],
+    job: &JobConfig,
+    config: &ClientConfig,
+) -> Result<PsClient, JobError> {
+    let client = PsClient::connect(servers, config).await?;
+    for spec in job.table_specs() {
+        client.create_table(&spec).await?;
+    }
+    Ok(client)
+}
+
+fn validate(
+    runtime: &Runtime,
+    client: &PsClient,
+    job: &JobConfig,
+) -> Result<Option<BinaryMetrics>, JobError> {
+    let metrics = job
+        .data
+        .validation
+        .as_ref()
+        .map(|source: &DataSource| trainer::evaluate(runtime.handle(), client, job, source))
+        .transpose()?;
+    Ok(metrics)
+}
+
+/// `ps-worker train`: worker `rank` of `world` against running servers.
+pub fn run_train(
+    job: &JobConfig,
+    servers: &[String],
+    rank: usize,
+    world: usize,
+    config: &ClientConfig,
+) -> Result<Report, JobError> {
+    let started = Instant::now();
+    check_data(job)?;
+    let runtime = runtime()?;
+    let client = runtime.block_on(connect_and_create(servers, job, config))?;
+    let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world)?;
+    let mut report = Report::new("train", world, servers.len(), &[summary]);
+    report.rank = Some(rank);
+    report.add_bytes(&client); // training traffic only, before validation pulls
+    report.set_validation(validate(&runtime, &client, job)?);
+    report.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// `ps-worker local`: `servers` shards and `workers` workers in this process,
+/// talking over loopback gRPC exactly as separate processes would.
+pub fn run_local(
+    job: &JobConfig,
+    servers: u32,
+    workers: usize,
+    config: &ClientConfig,
+) -> Result<Report, JobError> {
+    let started = Instant::now();
+    check_data(job)?;
+    let runtime = runtime()?;
+    let cluster = runtime
+        .block_on(LocalCluster::start(servers, Limits::default()))
+        .map_err(|e| JobError::Startup(format!("cannot start local servers: {e}")))?;
+    let addrs = cluster.addrs().to_vec();
+    let results: Vec<Result<(TrainSummary, PsClient), JobError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|rank| {
+                let (runtime, addrs) = (&runtime, &addrs);
+                scope.spawn(move || {
+                    let client = runtime.block_on(connect_and_create(addrs, job, config))?;
+                    let summary =
+                        trainer::train_worker(runtime.handle(), &client, job, rank, workers)?;
+                    Ok((summary, client))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(JobError::Startup("a worker thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut summaries = Vec::new();
+    let mut clients = Vec::new();
+    for result in results {
+        let (summary, client) = result?;
+        summaries.push(summary);
+        clients.push(client);
+    }
+    let mut report = Report::new("local", workers, servers as usize, &summaries);
+    for client in &clients {
+        report.add_bytes(client);
+    }
+    let evaluator = runtime.block_on(connect_and_create(&addrs, job, config))?;
+    report.set_validation(validate(&runtime, &evaluator, job)?);
+    report.wall_seconds = started.elapsed().as_secs_f64();
+    runtime
+        .block_on(cluster.shutdown())
+        .map_err(|e| JobError::Startup(format!("local server failed: {e}")))?;
+    Ok(report)
+}

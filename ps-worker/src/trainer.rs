@@ -1,0 +1,179 @@
+//! The training loop of one worker, and evaluation on a held-out file.
+//!
+//! The loop runs on a plain thread (the math stays off the async runtime)
+//! and hands network work to the runtime: while batch `t` is computed, the
+//! pull for batch `t + 1` is already in flight, and pushes go out
+//! asynchronously through the client's bounded window.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ps_common::PsError;
+use ps_common::config::{DataSource, JobConfig};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use crate::client::PsClient;
+use crate::data::{Batch, DataError, LibsvmBatches};
+use crate::metrics::BinaryMetrics;
+use crate::model::{BatchParams, LogisticRegression};
+
+/// Why training or evaluation stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Reading the data failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A parameter server refused a request or could not be reached.
+    #[error(transparent)]
+    Ps(#[from] PsError),
+    /// A background task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// What one worker did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TrainSummary {
+    /// Examples trained on (all epochs).
+    pub samples: u64,
+    /// Batches trained on.
+    pub steps: u64,
+    /// Seconds spent training.
+    pub seconds: f64,
+    /// Mean loss over the last epoch.
+    pub last_epoch_loss: f64,
+}
+
+/// Batches paired with their pulled parameters, one pull running ahead.
+struct Prefetched<I> {
+    runtime: Handle,
+    client: PsClient,
+    model: Arc<LogisticRegression>,
+    batches: I,
+    pending: Option<JoinHandle<Result<(Batch, BatchParams), PsError>>>,
+}
+
+impl<I: Iterator<Item = Result<Batch, DataError>>> Prefetched<I> {
+    fn new(
+        runtime: &Handle,
+        client: &PsClient,
+        model: &Arc<LogisticRegression>,
+        batches: I,
+    ) -> Self {
+        Prefetched {
+            runtime: runtime.clone(),
+            client: client.clone(),
+            model: Arc::clone(model),
+            batches,
+            pending: None,
+        }
+    }
+
+    /// Starts the pull of the next batch, if there is one.
+    fn start_next(&mut self) -> Result<(), TrainError> {
+        if let Some(batch) = self.batches.next().transpose()? {
+            let (client, model) = (self.client.clone(), Arc::clone(&self.model));
+            self.pending = Some(self.runtime.spawn(async move {
+                let params = model.pull(&client, &batch).await?;
+                Ok((batch, params))
+            }));
+        }
+        Ok(())
+    }
+
+    /// The next batch with its parameters; the pull after it is started first.
+    fn next_pulled(&mut self) -> Result<Option<(Batch, BatchParams)>, TrainError> {
+        if self.pending.is_none() {
+            self.start_next()?;
+        }
+        let Some(current) = self.pending.take() else {
+            return Ok(None);
+        };
+        self.start_next()?;
+        let pulled = self
+            .runtime
+            .block_on(current)
+            .map_err(|e| TrainError::Task(e.to_string()))??;
+        Ok(Some(pulled))
+    }
+}
+
+impl<I> Drop for Prefetched<I> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.abort();
+        }
+    }
+}
+
+/// Trains worker `rank` of `world` on its shard of the job's training data.
+/// Must be called from a thread that is not a runtime worker.
+pub fn train_worker(
+    runtime: &Handle,
+    client: &PsClient,
+    job: &JobConfig,
+    rank: usize,
+    world: usize,
+) -> Result<TrainSummary, TrainError> {
+    let model = Arc::new(LogisticRegression::from_config(&job.model));
+    let train = &job.train;
+    let started = Instant::now();
+    let mut summary = TrainSummary::default();
+    for epoch in 1..=train.epochs {
+        let batches = LibsvmBatches::open(&job.data.train, rank, world, train.batch_size)?;
+        let mut pulled = Prefetched::new(runtime, client, &model, batches);
+        let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
+        while let Some((batch, params)) = pulled.next_pulled()? {
+            let logits = model.forward(&batch, &params);
+            let (loss, grads) = model.backward(&batch, &params, logits.view());
+            runtime.block_on(model.push(client, &params, &grads))?;
+            let n = batch.len() as u64;
+            epoch_loss += f64::from(loss) * n as f64;
+            epoch_samples += n;
+            summary.samples += n;
+            summary.steps += 1;
+            if train.log_every > 0 && summary.steps % train.log_every as u64 == 0 {
+                let rate = summary.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                tracing::info!(
+                    worker = rank,
+                    epoch,
+                    step = summary.steps,
+                    loss = format_args!("{:.4}", epoch_loss / epoch_samples.max(1) as f64),
+                    samples_per_sec = format_args!("{rate:.0}"),
+                    "training"
+                );
+            }
+        }
+        summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
+        tracing::info!(
+            worker = rank,
+            epoch,
+            samples = epoch_samples,
+            loss = format_args!("{:.4}", summary.last_epoch_loss),
+            "epoch done"
+        );
+    }
+    runtime.block_on(client.flush())?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Evaluates the current server-side model on every example of `source`.
+/// Must be called from a thread that is not a runtime worker.
+pub fn evaluate(
+    runtime: &Handle,
+    client: &PsClient,
+    job: &JobConfig,
+    source: &DataSource,
+) -> Result<BinaryMetrics, TrainError> {
+    let model = Arc::new(LogisticRegression::from_config(&job.model));
+    let batches = LibsvmBatches::open(source, 0, 1, 4096)?;
+    let mut pulled = Prefetched::new(runtime, client, &model, batches);
+    let (mut probs, mut labels) = (Vec::new(), Vec::new());
+    while let Some((batch, params)) = pulled.next_pulled()? {
+        probs.extend(model.predict(&batch, &params));
+        labels.extend_from_slice(&batch.labels);
+    }
+    Ok(BinaryMetrics::compute(&probs, &labels))
+}

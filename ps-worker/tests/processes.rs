@@ -1,0 +1,295 @@
+//! Real `ps-server` and `ps-worker` processes on loopback ports.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Path of a workspace binary; builds `ps-server` if this test run did not.
+fn binary(name: &str) -> PathBuf {
+    if name == "ps-worker" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_ps-worker"));
+    }
+    // Integration tests live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", name, "--bin", name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// A `ps-server` child process, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(shard: u32, shards: u32) -> Server {
+        let mut child = Command::new(binary("ps-server"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shard-id",
+                &shard.to_string(),
+                "--num-shards",
+                &shards.to_string(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Readiness: the server prints its bound address once it listens.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ps-proc-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The example job with the a9a files read from disk (not the built-in copy).
+fn a9a_job(dir: &Path) -> PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/a9a");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/a9a-lr.toml"),
+    )
+    .unwrap()
+    .replace(
+        "builtin:a9a/train",
+        &data.join("a9a.train.libsvm").display().to_string(),
+    )
+    .replace(
+        "builtin:a9a/test",
+        &data.join("a9a.test.libsvm").display().to_string(),
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn worker(args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("ps-worker"));
+    cmd.args(args).env("RUST_LOG", "warn");
+    cmd
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn two_server_and_two_worker_processes_train_a9a_and_servers_stop_on_sigterm() {
+    let dir = temp_dir("a9a");
+    let job = a9a_job(&dir);
+    let servers = [Server::start(0, 2), Server::start(1, 2)];
+    let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
+    let workers: Vec<(Child, PathBuf)> = (0..2)
+        .map(|rank| {
+            let report = dir.join(format!("report-{rank}.json"));
+            let child = worker(&[
+                "train",
+                "--config",
+                job.to_str().unwrap(),
+                "--servers",
+                &addrs,
+                "--rank",
+                &rank.to_string(),
+                "--world",
+                "2",
+                "--report",
+                report.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+            (child, report)
+        })
+        .collect();
+    let mut total_samples = 0;
+    for (mut child, report) in workers {
+        assert!(child.wait().unwrap().success(), "worker failed");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        let auc = report["val_auc"].as_f64().unwrap();
+        let acc = report["val_accuracy"].as_f64().unwrap();
+        assert!(auc >= 0.895, "AUC {auc}: {report}");
+        assert!(acc >= 0.845, "accuracy {acc}: {report}");
+        assert!(report["samples_per_sec"].as_f64().unwrap() > 0.0);
+        for key in [
+            "val_logloss",
+            "train_samples",
+            "wall_seconds",
+            "push_bytes",
+            "pull_bytes",
+        ] {
+            assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+        }
+        total_samples += report["train_samples"].as_u64().unwrap();
+    }
+    assert_eq!(
+        total_samples,
+        32_561 * 5,
+        "each line trained by one worker per epoch"
+    );
+    for server in servers {
+        assert!(
+            server.terminate().success(),
+            "server did not shut down cleanly on SIGTERM"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_worker_exits_non_zero_naming_an_unreachable_server() {
+    let dir = temp_dir("unreachable");
+    let job = a9a_job(&dir);
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let out = worker(&[
+        "train",
+        "--config",
+        job.to_str().unwrap(),
+        "--servers",
+        &addr,
+        "--rank",
+        "0",
+        "--world",
+        "1",
+        "--connect-timeout-secs",
+        "1",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&addr) && err.contains("unreachable after"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_malformed_job_file_is_reported_with_its_key_and_line() {
+    let dir = temp_dir("badjob");
+    let job = a9a_job(&dir);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("batch_size = 32", "batch_size = -4");
+    std::fs::write(&job, text).unwrap();
+    let out = worker(&["local", "--config", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("invalid job file") && err.contains("job.toml"),
+        "{err}"
+    );
+    assert!(err.contains("line 19"), "{err}");
+    assert!(err.contains("key `train.batch_size`"), "{err}");
+}
+
+#[test]
+fn a_missing_data_file_is_reported_before_anything_starts() {
+    let dir = temp_dir("nodata");
+    let job = a9a_job(&dir);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("a9a.train.libsvm", "missing.libsvm");
+    std::fs::write(&job, text).unwrap();
+    let out = worker(&["local", "--config", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("missing.libsvm: cannot open"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn every_flag_is_documented_in_help() {
+    for (bin, sub, flags) in [
+        (
+            "ps-server",
+            None,
+            &[
+                "--listen",
+                "--shard-id",
+                "--num-shards",
+                "--max-request-bytes",
+                "--max-keys-per-request",
+            ][..],
+        ),
+        (
+            "ps-worker",
+            Some("train"),
+            &[
+                "--config",
+                "--servers",
+                "--rank",
+                "--world",
+                "--report",
+                "--connect-timeout-secs",
+            ][..],
+        ),
+        (
+            "ps-worker",
+            Some("local"),
+            &["--config", "--servers", "--workers", "--report"][..],
+        ),
+    ] {
+        let mut cmd = Command::new(binary(bin));
+        cmd.args(sub).arg("--help");
+        let help = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+        for flag in flags {
+            assert!(
+                help.contains(flag),
+                "{bin} {sub:?} --help lacks {flag}:\n{help}"
+            );
+        }
+    }
+}
