@@ -32,6 +32,12 @@ pub enum PsError {
     /// The request is over one of the shard's configured limits.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The operation needs server state or configuration that is missing.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Reading or writing persistent state (checkpoints) failed.
+    #[error("{0}")]
+    Storage(String),
     /// A shard could not be reached or answered with an error.
     #[error("shard {shard} ({addr}): {message}")]
     Shard {
@@ -59,6 +65,8 @@ impl PsError {
             PsError::InvalidArgument(_) => Code::InvalidArgument,
             PsError::TableConflict { .. } => Code::AlreadyExists,
             PsError::ResourceExhausted(_) => Code::ResourceExhausted,
+            PsError::FailedPrecondition(_) => Code::FailedPrecondition,
+            PsError::Storage(_) => Code::Internal,
             PsError::Shard { code, .. } => *code,
         }
     }

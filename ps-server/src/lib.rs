@@ -6,10 +6,12 @@
 //! # Layout
 //! - [`store`]: the shard's tables over dashmap; transport-free.
 //! - [`optimizer`]: SGD, Adagrad, Adam and FTRL-proximal on one row.
+//! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
 //! - [`service`]: the thin tonic adapter and its request [`Limits`](service::Limits).
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
+pub mod checkpoint;
 pub mod limits;
 pub mod optimizer;
 pub mod server;

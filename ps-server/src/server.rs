@@ -1,7 +1,9 @@
 //! Serving one shard: binds the service to a listener until shutdown.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ps_common::pb::parameter_server_server::ParameterServerServer;
 use tokio::net::TcpListener;
@@ -20,6 +22,12 @@ pub struct ServerConfig {
     pub num_shards: u32,
     /// Request limits.
     pub limits: Limits,
+    /// Root folder of checkpoints (`ROOT/NAME/shard-I.bin`); `None` refuses them.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// After shutdown is requested, how long to wait for in-flight requests
+    /// and open connections to finish before stopping anyway (a client that
+    /// never answers the GOAWAY must not keep the process alive).
+    pub drain_timeout: Duration,
 }
 
 /// Errors that stop a shard from serving.
@@ -50,7 +58,7 @@ impl ServerConfig {
 }
 
 /// Serves `shard` on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish and returns.
+/// requests finish (for at most `config.drain_timeout`) and returns.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
@@ -58,15 +66,35 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     config.validate()?;
-    let service = ParameterServerServer::new(ShardService::new(shard, config.limits))
-        .max_decoding_message_size(config.limits.max_request_bytes)
-        .max_encoding_message_size(usize::MAX);
+    let service = ParameterServerServer::new(ShardService::new(
+        shard,
+        config.limits,
+        config.checkpoint_dir.clone(),
+    ))
+    .max_decoding_message_size(config.limits.max_request_bytes)
+    .max_encoding_message_size(usize::MAX);
     // Small pulls and pushes are latency-bound: never let Nagle's algorithm hold them.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let (requested, drain_started) = tokio::sync::oneshot::channel::<()>();
+    let serve = tonic::transport::Server::builder()
         .layer(OversizeStatusLayer)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = requested.send(());
+        });
+    tokio::pin!(serve);
+    tokio::select! {
+        served = &mut serve => served?,
+        () = async {
+            if drain_started.await.is_ok() {
+                tokio::time::sleep(config.drain_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(timeout = ?config.drain_timeout, "connections still open after the drain timeout; stopping anyway");
+        }
+    }
     Ok(())
 }

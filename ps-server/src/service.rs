@@ -4,6 +4,7 @@
 //! blocking thread (pulls and pushes are CPU work) and counts requests. No
 //! table logic lives here.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use prost::Message;
@@ -13,6 +14,7 @@ use ps_common::table::validate_table_name;
 use ps_common::{PsError, TableKind, TableSpec, wire};
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint;
 use crate::store::{RequestCounters, Shard};
 
 /// Limits a shard enforces on every request.
@@ -38,12 +40,18 @@ impl Default for Limits {
 pub struct ShardService {
     shard: Arc<Shard>,
     limits: Limits,
+    /// Where Checkpoint writes; `None` refuses checkpoints.
+    checkpoint_dir: Option<PathBuf>,
 }
 
 impl ShardService {
-    /// A service over `shard` enforcing `limits`.
-    pub fn new(shard: Arc<Shard>, limits: Limits) -> Self {
-        ShardService { shard, limits }
+    /// A service over `shard` enforcing `limits`, writing checkpoints under `checkpoint_dir`.
+    pub fn new(shard: Arc<Shard>, limits: Limits, checkpoint_dir: Option<PathBuf>) -> Self {
+        ShardService {
+            shard,
+            limits,
+            checkpoint_dir,
+        }
     }
 
     fn check_keys(&self, table: &str, keys: usize) -> Result<(), PsError> {
@@ -156,6 +164,28 @@ impl ParameterServer for ShardService {
         }))
     }
 
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        RequestCounters::add(&self.shard.counters.checkpoint, 1);
+        let Some(root) = self.checkpoint_dir.clone() else {
+            return Err(self.fail(PsError::FailedPrecondition(
+                "this server was started without --checkpoint-dir".into(),
+            )));
+        };
+        let name = request.into_inner().name;
+        let written = self
+            .blocking(move |shard| checkpoint::save(shard, &root, &name))
+            .await?;
+        tracing::info!(path = %written.path.display(), rows = written.rows, bytes = written.bytes, "checkpoint written");
+        Ok(Response::new(pb::CheckpointResponse {
+            path: written.path.display().to_string(),
+            rows: written.rows,
+            bytes: written.bytes,
+        }))
+    }
+
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,
@@ -191,6 +221,7 @@ impl ParameterServer for ShardService {
                 rows_pushed: c.rows_pushed.load(Relaxed),
                 pull_bytes: c.pull_bytes.load(Relaxed),
                 push_bytes: c.push_bytes.load(Relaxed),
+                checkpoint: c.checkpoint.load(Relaxed),
             }),
         }))
     }
@@ -203,7 +234,7 @@ mod tests {
     use tonic::Code;
 
     fn service(limits: Limits) -> ShardService {
-        ShardService::new(Arc::new(Shard::new(0, 1)), limits)
+        ShardService::new(Arc::new(Shard::new(0, 1)), limits, None)
     }
 
     async fn create(svc: &ShardService, dim: u32) {

@@ -17,6 +17,7 @@ use dashmap::mapref::entry::Entry;
 use ps_common::init::init_row;
 use ps_common::routing::{IdBuildHasher, Placement};
 use ps_common::{PsError, ShardRouter, TableKind, TableSpec};
+use serde::{Deserialize, Serialize};
 
 use crate::optimizer;
 
@@ -31,14 +32,18 @@ pub struct Table {
 }
 
 impl Table {
-    fn new(spec: TableSpec, owner: &Owner) -> Self {
+    fn new_empty(spec: TableSpec) -> Self {
         let dim = spec.dim as usize;
-        let table = Table {
+        Table {
             placement: spec.placement(),
             row_len: dim + optimizer::state_len(&spec.optimizer, dim),
             rows: DashMap::with_hasher(IdBuildHasher::default()),
             spec,
-        };
+        }
+    }
+
+    fn new(spec: TableSpec, owner: &Owner) -> Self {
+        let table = Table::new_empty(spec);
         if let TableKind::Dense { rows, .. } = table.spec.kind {
             for key in (0..rows).filter(|&k| owner.owns(table.placement, k)) {
                 table.rows.insert(key, table.fresh_row(key));
@@ -100,6 +105,8 @@ pub struct RequestCounters {
     pub push: AtomicU64,
     /// Stats calls.
     pub stats: AtomicU64,
+    /// Checkpoint calls.
+    pub checkpoint: AtomicU64,
     /// Calls answered with an error.
     pub errors: AtomicU64,
     /// Rows returned by pulls.
@@ -128,6 +135,48 @@ pub struct TableStats {
     pub rows: u64,
     /// Bytes of weights and optimizer state.
     pub bytes: u64,
+}
+
+/// Everything a shard holds, in a form bincode can write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardSnapshot {
+    /// The shard that wrote it.
+    pub shard_id: u32,
+    /// Shards in the job that wrote it.
+    pub num_shards: u32,
+    /// Tables, by name order.
+    pub tables: Vec<TableSnapshot>,
+}
+
+/// One table's rows on one shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableSnapshot {
+    /// The table's spec (stored as its `ps.v1.TableSpec` protobuf encoding:
+    /// the versioned wire format, and one bincode can carry).
+    #[serde(with = "spec_as_protobuf")]
+    pub spec: TableSpec,
+    /// Floats per stored row (weights plus optimizer state).
+    pub row_len: u32,
+    /// Row keys.
+    pub keys: Vec<u64>,
+    /// `keys.len() * row_len` floats, row after row.
+    pub values: Vec<f32>,
+}
+
+mod spec_as_protobuf {
+    use prost::Message;
+    use ps_common::{TableSpec, pb};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(spec: &TableSpec, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&pb::TableSpec::from(spec).encode_to_vec())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TableSpec, D::Error> {
+        let bytes = <Vec<u8>>::deserialize(d)?;
+        let wire = pb::TableSpec::decode(bytes.as_slice()).map_err(D::Error::custom)?;
+        TableSpec::try_from(wire).map_err(D::Error::custom)
+    }
 }
 
 /// All tables of one shard. Cheap to share: wrap it in an `Arc`.
@@ -266,6 +315,72 @@ impl Shard {
             optimizer::apply(&spec, &mut row, grad);
         }
         Ok(keys.len())
+    }
+
+    /// A copy of every table (rows sorted by key), for checkpoints.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let mut names: Vec<String> = self.tables.iter().map(|t| t.key().clone()).collect();
+        names.sort();
+        let tables = names
+            .into_iter()
+            .filter_map(|name| self.table(&name).ok())
+            .map(|table| {
+                // One pass keeps keys and rows aligned even while pushes create rows.
+                let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
+                for row in table.rows.iter() {
+                    unsorted_keys.push(*row.key());
+                    unsorted.extend_from_slice(row.value());
+                }
+                let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
+                order.sort_unstable_by_key(|&i| unsorted_keys[i]);
+                let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
+                let mut values = Vec::with_capacity(unsorted.len());
+                for &i in &order {
+                    values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
+                }
+                TableSnapshot {
+                    spec: table.spec.clone(),
+                    row_len: table.row_len as u32,
+                    keys,
+                    values,
+                }
+            })
+            .collect();
+        ShardSnapshot {
+            shard_id: self.shard_id(),
+            num_shards: self.num_shards(),
+            tables,
+        }
+    }
+
+    /// A shard holding exactly the snapshot's tables and rows. Refuses a
+    /// snapshot whose specs, row layout or keys do not fit this shard.
+    pub fn restore(snapshot: ShardSnapshot) -> Result<Shard, PsError> {
+        let shard = Shard::new(snapshot.shard_id, snapshot.num_shards);
+        if snapshot.shard_id >= snapshot.num_shards.max(1) {
+            return Err(PsError::invalid(format!(
+                "snapshot of shard {} of {} is inconsistent",
+                snapshot.shard_id, snapshot.num_shards
+            )));
+        }
+        for t in snapshot.tables {
+            t.spec.validate()?;
+            let table = Table::new_empty(t.spec);
+            let name = table.spec.name.clone();
+            if t.row_len as usize != table.row_len || t.values.len() != t.keys.len() * table.row_len
+            {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': snapshot rows of {} floats do not match the spec's {} (or are truncated)",
+                    t.row_len, table.row_len
+                )));
+            }
+            shard.check_keys(&table, &t.keys)?;
+            for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
+                table.rows.insert(key, row.into());
+            }
+            shard.tables.insert(name, Arc::new(table));
+        }
+        Ok(shard)
     }
 
     /// Rows and bytes of every table, sorted by name.

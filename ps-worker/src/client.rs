@@ -9,6 +9,7 @@
 //! and returned by the next `push` or by [`PsClient::flush`]; none is dropped.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -160,23 +161,14 @@ impl PsClient {
     /// Creates `spec` on every shard (idempotent) and remembers its layout.
     pub async fn create_table(&self, spec: &TableSpec) -> Result<(), PsError> {
         spec.validate()?;
-        let mut tasks = JoinSet::new();
-        for (i, shard) in self.inner.shards.iter().enumerate() {
-            let (mut shard, request) = (
-                shard.clone(),
-                pb::CreateTableRequest {
-                    spec: Some(spec.into()),
-                },
-            );
-            tasks.spawn(async move {
-                shard
-                    .client
-                    .create_table(request)
-                    .await
-                    .map_err(|s| shard.error(i, s))
-            });
-        }
-        join_all_ok(tasks).await?;
+        let request = pb::CreateTableRequest {
+            spec: Some(spec.into()),
+        };
+        self.on_every_shard(move |mut client| {
+            let request = request.clone();
+            async move { client.create_table(request).await }
+        })
+        .await?;
         self.inner
             .tables
             .write()
@@ -364,20 +356,46 @@ impl PsClient {
         }
     }
 
+    /// Asks every shard to write checkpoint `name` (each under its own
+    /// `--checkpoint-dir`); returns each shard's answer, in shard order.
+    /// Call [`PsClient::flush`] first so this worker's pushes are included.
+    pub async fn checkpoint(&self, name: &str) -> Result<Vec<pb::CheckpointResponse>, PsError> {
+        let request = pb::CheckpointRequest {
+            name: name.to_string(),
+        };
+        self.on_every_shard(move |mut client| {
+            let request = request.clone();
+            async move { client.checkpoint(request).await }
+        })
+        .await
+    }
+
     /// Stats of every shard, in shard order.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, PsError> {
+        self.on_every_shard(|mut client| async move { client.stats(pb::StatsRequest {}).await })
+            .await
+    }
+
+    /// Sends one RPC to every shard in parallel; answers in shard order.
+    async fn on_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<T>, PsError>
+    where
+        T: Send + 'static,
+        F: Fn(ParameterServerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
+    {
         let mut tasks = JoinSet::new();
         for (i, shard) in self.inner.shards.iter().enumerate() {
-            let mut shard = shard.clone();
+            let (answer, shard) = (call(shard.client.clone()), shard.clone());
             tasks.spawn(async move {
-                let r = shard.client.stats(pb::StatsRequest {}).await;
-                r.map(|r| (i, r.into_inner()))
+                answer
+                    .await
+                    .map(|r| (i, r.into_inner()))
                     .map_err(|s| shard.error(i, s))
             });
         }
         let mut all = join_all_ok(tasks).await?;
         all.sort_by_key(|(i, _)| *i);
-        Ok(all.into_iter().map(|(_, s)| s).collect())
+        Ok(all.into_iter().map(|(_, r)| r).collect())
     }
 
     /// Payload bytes sent and received so far.

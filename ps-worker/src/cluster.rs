@@ -6,6 +6,7 @@
 //! the shards' stores (for assertions), and shuts every shard down when
 //! dropped.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ps_common::PsError;
@@ -29,6 +30,15 @@ impl LocalCluster {
     /// Starts `num_shards` shards with the given limits. Each is accepting
     /// connections when this returns (its listener is bound).
     pub async fn start(num_shards: u32, limits: Limits) -> std::io::Result<LocalCluster> {
+        Self::start_with_checkpoints(num_shards, limits, None).await
+    }
+
+    /// Like [`LocalCluster::start`], with every shard writing checkpoints under `checkpoint_dir`.
+    pub async fn start_with_checkpoints(
+        num_shards: u32,
+        limits: Limits,
+        checkpoint_dir: Option<PathBuf>,
+    ) -> std::io::Result<LocalCluster> {
         let mut cluster = LocalCluster {
             addrs: Vec::new(),
             shards: Vec::new(),
@@ -44,6 +54,8 @@ impl LocalCluster {
                 shard_id,
                 num_shards,
                 limits,
+                checkpoint_dir: checkpoint_dir.clone(),
+                drain_timeout: std::time::Duration::from_secs(5),
             };
             cluster.tasks.push(tokio::spawn(ps_server::run(
                 listener,

@@ -283,3 +283,31 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
     let moved = client.pull("emb", &[1]).await.unwrap();
     assert!((moved[0] - (snapshot[0] - 1.0)).abs() < 1e-6);
 }
+
+#[tokio::test]
+async fn a_checkpoint_captures_every_shards_rows_and_needs_a_directory() {
+    let dir = std::env::temp_dir().join(format!("ps-cluster-ckpt-{}", std::process::id()));
+    let cluster = LocalCluster::start_with_checkpoints(2, Limits::default(), Some(dir.clone()))
+        .await
+        .unwrap();
+    let client = cluster.client(&ClientConfig::default()).await.unwrap();
+    client.create_table(&sparse("emb", 4)).await.unwrap();
+    let keys: Vec<u64> = (0..300).collect();
+    client
+        .push("emb", &keys, &vec![0.1; 300 * 4])
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let written = client.checkpoint("c1").await.unwrap();
+    assert_eq!(written.iter().map(|w| w.rows).sum::<u64>(), 300);
+    for shard in 0..2u32 {
+        let saved = ps_server::checkpoint::load(&dir.join("c1"), shard, 2).unwrap();
+        assert_eq!(saved, cluster.shard(shard as usize).snapshot());
+    }
+
+    let (_plain, client) = self::cluster(1, Limits::default()).await;
+    let err = client.checkpoint("c1").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.to_string().contains("--checkpoint-dir"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

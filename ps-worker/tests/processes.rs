@@ -6,23 +6,30 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-/// Path of a workspace binary; builds `ps-server` if this test run did not.
+/// Path of a workspace binary. `ps-server` belongs to another package, so
+/// cargo does not rebuild it for these tests: build it (once per test
+/// process; a no-op when fresh) so a stale binary is never tested.
 fn binary(name: &str) -> PathBuf {
+    static BUILD_SERVER: std::sync::Once = std::sync::Once::new();
     if name == "ps-worker" {
         return PathBuf::from(env!("CARGO_BIN_EXE_ps-worker"));
     }
     // Integration tests live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    if !path.exists() {
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    BUILD_SERVER.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", name, "--bin", name])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building {name} failed");
-    }
-    path
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "ps-server", "--bin", "ps-server"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().unwrap().success(),
+            "building ps-server failed"
+        );
+    });
+    profile_dir.join(name)
 }
 
 /// A `ps-server` child process, killed on drop.
@@ -33,6 +40,10 @@ struct Server {
 
 impl Server {
     fn start(shard: u32, shards: u32) -> Server {
+        Self::start_with(shard, shards, &[])
+    }
+
+    fn start_with(shard: u32, shards: u32, extra: &[&str]) -> Server {
         let mut child = Command::new(binary("ps-server"))
             .args([
                 "--listen",
@@ -42,6 +53,7 @@ impl Server {
                 "--num-shards",
                 &shards.to_string(),
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -262,6 +274,9 @@ fn every_flag_is_documented_in_help() {
                 "--num-shards",
                 "--max-request-bytes",
                 "--max-keys-per-request",
+                "--checkpoint-dir",
+                "--restore",
+                "--drain-timeout-secs",
             ][..],
         ),
         (
@@ -281,6 +296,11 @@ fn every_flag_is_documented_in_help() {
             Some("local"),
             &["--config", "--servers", "--workers", "--report"][..],
         ),
+        (
+            "ps-worker",
+            Some("checkpoint"),
+            &["--servers", "--name", "--connect-timeout-secs"][..],
+        ),
     ] {
         let mut cmd = Command::new(binary(bin));
         cmd.args(sub).arg("--help");
@@ -292,4 +312,96 @@ fn every_flag_is_documented_in_help() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_server_restored_from_a_checkpoint_serves_the_same_weights() {
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+    use ps_worker::{ClientConfig, PsClient};
+
+    let dir = temp_dir("restore");
+    let spec = TableSpec {
+        name: "emb".into(),
+        kind: TableKind::Sparse,
+        dim: 3,
+        initializer: InitializerSpec::Normal {
+            mean: 0.0,
+            std: 0.1,
+        },
+        optimizer: OptimizerSpec::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-8,
+        },
+        seed: 4,
+    };
+    let keys: Vec<u64> = (0..500).collect();
+    let ckpt_root = dir.join("ckpt");
+    let server = Server::start_with(
+        0,
+        1,
+        &[
+            "--checkpoint-dir",
+            ckpt_root.to_str().unwrap(),
+            "--drain-timeout-secs",
+            "1",
+        ],
+    );
+    let client = PsClient::connect(std::slice::from_ref(&server.addr), &ClientConfig::default())
+        .await
+        .unwrap();
+    client.create_table(&spec).await.unwrap();
+    client
+        .push("emb", &keys, &vec![0.5; 500 * 3])
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let trained = client.pull("emb", &keys).await.unwrap();
+
+    let out = worker(&["checkpoint", "--servers", &server.addr, "--name", "c1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("500 rows"));
+    // `client` still holds a connection this (blocked) test task cannot close:
+    // SIGTERM must still stop the server, after the drain timeout.
+    assert!(server.terminate().success());
+
+    let restored = Server::start_with(0, 1, &["--restore", ckpt_root.join("c1").to_str().unwrap()]);
+    let client = PsClient::connect(
+        std::slice::from_ref(&restored.addr),
+        &ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    client.create_table(&spec).await.unwrap(); // idempotent: the restored table has this spec
+    assert_eq!(client.pull("emb", &keys).await.unwrap(), trained);
+    drop(restored);
+
+    // A corrupted checkpoint is refused at start-up with a message.
+    let file = ckpt_root.join("c1/shard-0.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let out = Command::new(binary("ps-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-id",
+            "0",
+            "--num-shards",
+            "1",
+            "--restore",
+        ])
+        .arg(ckpt_root.join("c1"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("checksum mismatch"),
+        "{}",
+        stderr_of(&out)
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,11 +1,12 @@
 //! `ps-server`: one parameter-server shard process.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ps_server::{Limits, ServerConfig, Shard};
+use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
 /// Serve one shard of a parameter-server job over gRPC.
 #[derive(Debug, Parser)]
@@ -27,6 +28,18 @@ struct Args {
     /// Largest number of keys in one pull or push; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_keys_per_request)]
     max_keys_per_request: usize,
+    /// Folder where the Checkpoint RPC writes NAME/shard-I.bin (and its
+    /// manifest); without it, checkpoints are refused.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Start from a checkpoint folder (DIR/NAME) instead of empty tables;
+    /// refused if its checksum, shard id or shard count do not match.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// On SIGINT/SIGTERM, seconds to let in-flight requests and open
+    /// connections finish before exiting anyway.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
 }
 
 #[tokio::main]
@@ -46,8 +59,22 @@ async fn main() -> anyhow::Result<()> {
             max_request_bytes: args.max_request_bytes,
             max_keys_per_request: args.max_keys_per_request,
         },
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
     };
     config.validate()?;
+    let shard = match &args.restore {
+        Some(dir) => {
+            let snapshot = checkpoint::load(dir, args.shard_id, args.num_shards)
+                .with_context(|| format!("cannot --restore {}", dir.display()))?;
+            let shard = Shard::restore(snapshot)
+                .with_context(|| format!("cannot --restore {}", dir.display()))?;
+            let rows: usize = shard.table_stats().iter().map(|t| t.rows as usize).sum();
+            tracing::info!(from = %dir.display(), rows, "restored checkpoint");
+            shard
+        }
+        None => Shard::new(args.shard_id, args.num_shards),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
@@ -55,8 +82,7 @@ async fn main() -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port; keep it stable.
     println!("listening on {addr}");
     tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, "serving");
-    let shard = Arc::new(Shard::new(args.shard_id, args.num_shards));
-    ps_server::run(listener, config, shard, shutdown_signal()).await?;
+    ps_server::run(listener, config, Arc::new(shard), shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //!
 //! - `train`: one worker of a job whose servers run elsewhere.
 //! - `local`: servers and workers inside this process (loopback gRPC).
+//! - `checkpoint`: ask every shard of a running job to write a checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,6 +59,19 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Ask every shard of a running job to write checkpoint NAME under its
+    /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
+    Checkpoint {
+        /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// Checkpoint name: 1-128 characters from [A-Za-z0-9_.-].
+        #[arg(long)]
+        name: String,
+        /// Seconds to keep retrying servers that do not accept connections yet.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout_secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +118,31 @@ fn main() -> anyhow::Result<()> {
             let result =
                 job::run_local(&job, servers, workers, &client).context("local job failed")?;
             finish(&result, report.as_deref())
+        }
+        Command::Checkpoint {
+            servers,
+            name,
+            connect_timeout_secs,
+        } => {
+            let config = ps_worker::ClientConfig {
+                connect_timeout: Duration::from_secs(connect_timeout_secs),
+                ..ps_worker::ClientConfig::default()
+            };
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let written = runtime
+                .block_on(async {
+                    let client = ps_worker::PsClient::connect(&servers, &config).await?;
+                    client.checkpoint(&name).await
+                })
+                .with_context(|| format!("checkpoint {name:?} failed"))?;
+            for (shard, w) in written.iter().enumerate() {
+                println!(
+                    "shard {shard}: wrote {} ({} rows, {} bytes)",
+                    w.path, w.rows, w.bytes
+                );
+            }
+            Ok(())
         }
     }
 }
