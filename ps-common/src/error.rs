@@ -38,6 +38,9 @@ pub enum PsError {
     /// Reading or writing persistent state (checkpoints) failed.
     #[error("{0}")]
     Storage(String),
+    /// A failure inside this process (a task panicked, a channel closed).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A shard could not be reached or answered with an error.
     #[error("shard {shard} ({addr}): {message}")]
     Shard {
@@ -66,7 +69,7 @@ impl PsError {
             PsError::TableConflict { .. } => Code::AlreadyExists,
             PsError::ResourceExhausted(_) => Code::ResourceExhausted,
             PsError::FailedPrecondition(_) => Code::FailedPrecondition,
-            PsError::Storage(_) => Code::Internal,
+            PsError::Storage(_) | PsError::Internal(_) => Code::Internal,
             PsError::Shard { code, .. } => *code,
         }
     }
@@ -91,6 +94,12 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         let s: Status = PsError::ResourceExhausted("too many keys".into()).into();
         assert_eq!(s.code(), Code::ResourceExhausted);
+        let s: Status = PsError::FailedPrecondition("no --checkpoint-dir".into()).into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(
+            PsError::Internal("task panicked".into()).code(),
+            Code::Internal
+        );
         let s: Status = PsError::TableConflict {
             table: "w".into(),
             field: "dim",

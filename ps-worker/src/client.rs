@@ -124,7 +124,7 @@ impl PsClient {
         let mut shards: Vec<Option<ShardConn>> = vec![None; addrs.len()];
         while let Some(joined) = tasks.join_next().await {
             let (i, conn) =
-                joined.map_err(|e| PsError::invalid(format!("connect task failed: {e}")))?;
+                joined.map_err(|e| PsError::Internal(format!("connect task failed: {e}")))?;
             let (conn, described) = conn?;
             if described.shard_id as usize != i || described.num_shards as usize != addrs.len() {
                 return Err(PsError::invalid(format!(
@@ -302,7 +302,7 @@ impl PsClient {
                 let permit = Arc::clone(&self.inner.push_slots)
                     .acquire_owned()
                     .await
-                    .map_err(|_| PsError::invalid("client is shutting down"))?;
+                    .map_err(|_| PsError::Internal("push window closed".into()))?;
                 let (mut shard, inner) = (shard.clone(), Arc::clone(&self.inner));
                 tokio::spawn(async move {
                     let sent = request.encoded_len();
@@ -338,7 +338,7 @@ impl PsClient {
             .push_slots
             .acquire_many(self.inner.max_pushes_in_flight)
             .await
-            .map_err(|_| PsError::invalid("client is shutting down"))?;
+            .map_err(|_| PsError::Internal("push window closed".into()))?;
         drop(all);
         self.take_push_error()
     }
@@ -512,7 +512,7 @@ async fn join_all_ok<T: 'static>(
 ) -> Result<Vec<T>, PsError> {
     let mut out = Vec::with_capacity(tasks.len());
     while let Some(joined) = tasks.join_next().await {
-        out.push(joined.map_err(|e| PsError::invalid(format!("request task failed: {e}")))??);
+        out.push(joined.map_err(|e| PsError::Internal(format!("request task failed: {e}")))??);
     }
     Ok(out)
 }
