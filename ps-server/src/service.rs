@@ -130,8 +130,8 @@ impl ParameterServer for ShardService {
         let (values, dim) = self
             .blocking(move |shard| {
                 let mut out = Vec::new();
-                shard.pull(&req.table, &req.keys, &mut out)?;
-                Ok((out, shard.table(&req.table)?.spec().dim))
+                let dim = shard.pull(&req.table, &req.keys, &mut out)?;
+                Ok((out, dim))
             })
             .await?;
         let response = pb::PullResponse {

@@ -262,8 +262,9 @@ impl Shard {
         Ok(())
     }
 
-    /// Appends the weights of `keys` (in order) to `out`; creates missing sparse rows.
-    pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<(), PsError> {
+    /// Appends the weights of `keys` (in order) to `out`; creates missing
+    /// sparse rows. Returns the table's dim.
+    pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<u32, PsError> {
         let table = self.table(table)?;
         self.check_keys(&table, keys)?;
         let dim = table.spec.dim as usize;
@@ -280,7 +281,7 @@ impl Shard {
                 .or_insert_with(|| table.fresh_row(key));
             out.extend_from_slice(&row[..dim]);
         }
-        Ok(())
+        Ok(table.spec.dim)
     }
 
     /// Applies `grads` (`keys.len() * dim` values, key after key) with the

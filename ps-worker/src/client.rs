@@ -200,23 +200,30 @@ impl PsClient {
     /// Rows of `keys` in the caller's order (`keys.len() * dim` floats);
     /// duplicate keys are fetched once.
     pub async fn pull(&self, table: &str, keys: &[u64]) -> Result<Vec<f32>, PsError> {
+        let info = self.table(table)?;
         let unique = UniqueKeys::new(keys);
-        let rows = self.pull_unique(table, &unique.keys).await?;
-        Ok(unique.gather(&rows, self.table(table)?.dim))
+        let rows = self.pull_rows(table, info, &unique.keys).await?;
+        Ok(unique.gather(&rows, info.dim))
     }
 
     /// Rows of `keys` in order, one request per shard (and chunk); `keys`
     /// should already be distinct.
     pub async fn pull_unique(&self, table: &str, keys: &[u64]) -> Result<Vec<f32>, PsError> {
-        let info = self.table(table)?;
+        self.pull_rows(table, self.table(table)?, keys).await
+    }
+
+    async fn pull_rows(
+        &self,
+        table: &str,
+        info: TableInfo,
+        keys: &[u64],
+    ) -> Result<Vec<f32>, PsError> {
         let dim = info.dim;
         let mut tasks = JoinSet::new();
         for (shard_id, positions, shard_keys) in self.split(info, keys) {
             let shard = self.inner.shards[shard_id].clone();
-            for (chunk_pos, chunk_keys) in positions
-                .chunks(shard.chunk_keys(dim))
-                .zip(shard_keys.chunks(shard.chunk_keys(dim)))
-            {
+            let chunk = shard.chunk_keys(dim);
+            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
                 let request = pb::PullRequest {
                     table: table.to_string(),
                     keys: chunk_keys.to_vec(),
@@ -259,10 +266,10 @@ impl PsClient {
     /// Sums the gradients of duplicate keys and pushes them asynchronously.
     /// `grads` holds `keys.len() * dim` values in key order.
     pub async fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<(), PsError> {
-        let dim = self.table(table)?.dim;
-        check_gradient_len(table, dim, keys, grads)?;
+        let info = self.table(table)?;
+        check_gradient_len(table, info.dim, keys, grads)?;
         let unique = UniqueKeys::new(keys);
-        self.push_unique(table, &unique.keys, &unique.sum(grads, dim))
+        self.push_rows(table, info, &unique.keys, &unique.sum(grads, info.dim))
             .await
     }
 
@@ -275,10 +282,20 @@ impl PsClient {
         keys: &[u64],
         grads: &[f32],
     ) -> Result<(), PsError> {
-        self.take_push_error()?;
         let info = self.table(table)?;
+        check_gradient_len(table, info.dim, keys, grads)?;
+        self.push_rows(table, info, keys, grads).await
+    }
+
+    async fn push_rows(
+        &self,
+        table: &str,
+        info: TableInfo,
+        keys: &[u64],
+        grads: &[f32],
+    ) -> Result<(), PsError> {
+        self.take_push_error()?;
         let dim = info.dim;
-        check_gradient_len(table, dim, keys, grads)?;
         if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
             return Err(PsError::invalid(format!(
                 "gradient for key {} of '{table}' is not finite ({})",
