@@ -99,13 +99,19 @@ pub fn apply(spec: &OptimizerSpec, row: &mut [f32], grad: &[f32]) {
                 let sigma = ((*n + g * g).sqrt() - n.sqrt()) / alpha;
                 *z += g - sigma * *w;
                 *n += g * g;
-                *w = if z.abs() <= l1 {
-                    0.0
-                } else {
-                    -(*z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
-                };
+                *w = ftrl_weight(*z, *n, alpha, beta, l1, l2);
             }
         }
+    }
+}
+
+/// FTRL-proximal's closed-form weight from its accumulators `z` and `n`.
+#[inline]
+fn ftrl_weight(z: f32, n: f32, alpha: f32, beta: f32, l1: f32, l2: f32) -> f32 {
+    if z.abs() <= l1 {
+        0.0
+    } else {
+        -(z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
     }
 }
 
@@ -209,11 +215,7 @@ mod tests {
         let row = row_for(&spec, &weights);
         let (z, n) = row[3..].split_at(3);
         for ((&w, &z), &n) in weights.iter().zip(z).zip(n) {
-            let derived = if z.abs() <= 0.3 {
-                0.0
-            } else {
-                -(z - z.signum() * 0.3) / ((1.0 + n.sqrt()) / 0.1 + 2.0)
-            };
+            let derived = ftrl_weight(z, n, 0.1, 1.0, 0.3, 2.0);
             assert!(close(derived, w), "{derived} vs {w}");
         }
     }
