@@ -52,6 +52,15 @@ pub struct DataConfig {
     /// Held-out examples evaluated after training.
     #[serde(default)]
     pub validation: Option<DataSource>,
+    /// Fields per example for the models' per-field pooling. libsvm has no
+    /// fields: every feature is in field 0 and the deep models see the sum of
+    /// an example's embeddings.
+    #[serde(default = "default_fields")]
+    pub fields: u32,
+}
+
+fn default_fields() -> u32 {
+    1
 }
 
 /// Supported input formats.
@@ -92,6 +101,11 @@ impl std::fmt::Display for DataSource {
 }
 
 /// The model and the tables it reads.
+///
+/// Every model has a sparse `weights` table (dim 1, the linear part) and a
+/// dense `bias` table (1 x 1). FM, DeepFM and Wide&Deep add a sparse
+/// `embeddings` table (dim k); DeepFM and Wide&Deep add an MLP whose weights
+/// are dense tables generated from `[model.mlp]` (see [`MlpConfig`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ModelConfig {
@@ -104,6 +118,76 @@ pub enum ModelConfig {
         #[serde(default = "default_bias_table")]
         bias: String,
     },
+    /// Factorization machine: LR plus `sum_{i<j} <v_i, v_j> x_i x_j`.
+    Fm {
+        /// Sparse table of dim 1 (linear part).
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k: one factor vector per feature id.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+    },
+    /// DeepFM: FM plus an MLP over the per-field pooled embeddings.
+    Deepfm {
+        /// Sparse table of dim 1 (linear part).
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k shared by the FM and the MLP.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The deep part.
+        mlp: MlpConfig,
+    },
+    /// Wide&Deep: the linear (wide) part plus an MLP over the per-field
+    /// pooled embeddings.
+    WideDeep {
+        /// Sparse table of dim 1 (wide part).
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k feeding the MLP.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The deep part.
+        mlp: MlpConfig,
+    },
+}
+
+/// The MLP of DeepFM and Wide&Deep. Its weights are dense tables the job
+/// creates itself, named `{name}.{i}.w` (`in x out`), `{name}.{i}.b`
+/// (`1 x out`), `{name}.{i}.bn` and `{name}.{i}.bn_stats` with batch norm,
+/// and `{name}.out.w` (`last x 1`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Prefix of the generated table names.
+    #[serde(default = "default_mlp_name")]
+    pub name: String,
+    /// Widths of the hidden layers (ReLU), e.g. `[64, 32]`.
+    pub hidden: Vec<u32>,
+    /// Dropout rate after each hidden layer during training, in `[0, 1)`.
+    #[serde(default)]
+    pub dropout: f32,
+    /// Batch normalization before each hidden layer's activation; running
+    /// statistics live on the servers.
+    #[serde(default)]
+    pub batch_norm: bool,
+    /// Momentum of the running batch-norm statistics.
+    #[serde(default = "default_bn_momentum")]
+    pub bn_momentum: f32,
+    /// Add the layer's input to its output when a layer keeps the width.
+    #[serde(default = "default_true")]
+    pub residual: bool,
+    /// Server-side optimizer of every MLP table.
+    pub optimizer: OptimizerSpec,
 }
 
 fn default_weights_table() -> String {
@@ -111,6 +195,18 @@ fn default_weights_table() -> String {
 }
 fn default_bias_table() -> String {
     "bias".into()
+}
+fn default_embeddings_table() -> String {
+    "embeddings".into()
+}
+fn default_mlp_name() -> String {
+    "mlp".into()
+}
+fn default_bn_momentum() -> f32 {
+    0.9
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Training-loop settings.
@@ -127,6 +223,52 @@ pub struct TrainConfig {
     pub max_pushes_in_flight: usize,
     /// A progress line every this many steps (0: never).
     pub log_every: usize,
+    /// Where the worker computes: `cpu`, `cuda` or `cuda:N`.
+    pub device: Device,
+}
+
+/// The device a worker computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Device {
+    /// The host CPU.
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -137,6 +279,7 @@ impl Default for TrainConfig {
             seed: 1,
             max_pushes_in_flight: 4,
             log_every: 100,
+            device: Device::Cpu,
         }
     }
 }
@@ -201,8 +344,18 @@ impl JobConfig {
         Ok(job)
     }
 
-    /// The table specs the servers are asked to create.
+    /// The table specs the servers are asked to create: the job's
+    /// `[tables]` and the model's generated MLP tables.
     pub fn table_specs(&self) -> Vec<TableSpec> {
+        let mut specs = self.declared_table_specs();
+        if let (Some(mlp), Some(embeddings)) = (self.model.mlp(), self.model.embeddings_table()) {
+            let dim = self.tables.get(embeddings).map_or(0, |t| t.dim);
+            specs.extend(mlp.table_specs(self.data.fields * dim, self.train.seed));
+        }
+        specs
+    }
+
+    fn declared_table_specs(&self) -> Vec<TableSpec> {
         self.tables
             .iter()
             .map(|(name, t)| TableSpec {
@@ -264,7 +417,10 @@ impl JobConfig {
                 }
             }
         }
-        for spec in self.table_specs() {
+        if self.data.fields == 0 {
+            return Err(("data.fields".into(), "must be >= 1".into()));
+        }
+        for spec in self.declared_table_specs() {
             if let Err(e) = spec.validate() {
                 let msg = e.to_string();
                 let field = ["dim", "rows", "block_rows", "initializer", "optimizer"]
@@ -279,36 +435,181 @@ impl JobConfig {
 }
 
 impl ModelConfig {
+    /// The `weights` (linear) and `bias` table names every model has.
+    pub fn linear_tables(&self) -> (&str, &str) {
+        match self {
+            ModelConfig::Lr { weights, bias }
+            | ModelConfig::Fm { weights, bias, .. }
+            | ModelConfig::Deepfm { weights, bias, .. }
+            | ModelConfig::WideDeep { weights, bias, .. } => (weights, bias),
+        }
+    }
+
+    /// The embeddings table, for models that have one.
+    pub fn embeddings_table(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Lr { .. } => None,
+            ModelConfig::Fm { embeddings, .. }
+            | ModelConfig::Deepfm { embeddings, .. }
+            | ModelConfig::WideDeep { embeddings, .. } => Some(embeddings),
+        }
+    }
+
+    /// The MLP, for models that have one.
+    pub fn mlp(&self) -> Option<&MlpConfig> {
+        match self {
+            ModelConfig::Deepfm { mlp, .. } | ModelConfig::WideDeep { mlp, .. } => Some(mlp),
+            _ => None,
+        }
+    }
+
     /// Checks that the tables the model reads exist with the shape it needs.
     fn validate(&self, tables: &BTreeMap<String, TableConfig>) -> Result<(), (String, String)> {
-        match self {
-            ModelConfig::Lr { weights, bias } => {
-                let need = |field: &str, name: &str, kind: TableKindConfig, rows: Option<u64>| {
-                    let table = tables.get(name).ok_or_else(|| {
-                        (
-                            format!("model.{field}"),
-                            format!("table '{name}' is not defined under [tables]"),
-                        )
-                    })?;
-                    if table.kind != kind
-                        || table.dim != 1
-                        || (rows.is_some() && table.rows != rows)
-                    {
-                        let shape = match rows {
-                            Some(r) => format!("a dense table with rows = {r} and dim = 1"),
-                            None => "a sparse table with dim = 1".into(),
-                        };
-                        return Err((
-                            format!("tables.{name}"),
-                            format!("the lr model needs {shape}"),
-                        ));
-                    }
-                    Ok(())
-                };
-                need("weights", weights, TableKindConfig::Sparse, None)?;
-                need("bias", bias, TableKindConfig::Dense, Some(1))
+        let model = match self {
+            ModelConfig::Lr { .. } => "lr",
+            ModelConfig::Fm { .. } => "fm",
+            ModelConfig::Deepfm { .. } => "deepfm",
+            ModelConfig::WideDeep { .. } => "wide_deep",
+        };
+        let get = |field: &str, name: &str| {
+            tables.get(name).ok_or_else(|| {
+                (
+                    format!("model.{field}"),
+                    format!("table '{name}' is not defined under [tables]"),
+                )
+            })
+        };
+        let (weights, bias) = self.linear_tables();
+        let w = get("weights", weights)?;
+        if w.kind != TableKindConfig::Sparse || w.dim != 1 {
+            return Err((
+                format!("tables.{weights}"),
+                format!("the {model} model needs a sparse table with dim = 1"),
+            ));
+        }
+        let b = get("bias", bias)?;
+        if b.kind != TableKindConfig::Dense || b.dim != 1 || b.rows != Some(1) {
+            return Err((
+                format!("tables.{bias}"),
+                format!("the {model} model needs a dense table with rows = 1 and dim = 1"),
+            ));
+        }
+        if let Some(name) = self.embeddings_table() {
+            let e = get("embeddings", name)?;
+            if e.kind != TableKindConfig::Sparse {
+                return Err((
+                    format!("tables.{name}"),
+                    format!("the {model} model needs a sparse embeddings table"),
+                ));
             }
         }
+        if let Some(mlp) = self.mlp() {
+            if mlp.hidden.is_empty() || mlp.hidden.contains(&0) {
+                return Err((
+                    "model.mlp.hidden".into(),
+                    "needs at least one layer, each of width >= 1".into(),
+                ));
+            }
+            if !(0.0..1.0).contains(&mlp.dropout) {
+                return Err(("model.mlp.dropout".into(), "must be in [0, 1)".into()));
+            }
+            if !(0.0..1.0).contains(&mlp.bn_momentum) {
+                return Err(("model.mlp.bn_momentum".into(), "must be in [0, 1)".into()));
+            }
+            if mlp.name.is_empty() {
+                return Err(("model.mlp.name".into(), "must not be empty".into()));
+            }
+            mlp.optimizer
+                .validate()
+                .map_err(|e| ("model.mlp.optimizer".into(), e.to_string()))?;
+            if let Some(clash) = tables
+                .keys()
+                .find(|t| t.starts_with(&format!("{}.", mlp.name)))
+            {
+                return Err((
+                    format!("tables.{clash}"),
+                    format!(
+                        "names starting with '{}.' are reserved for the MLP's generated tables",
+                        mlp.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MlpConfig {
+    /// The dense tables of an MLP over `input` features, in layer order.
+    pub fn table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
+        let dense = |name: String, rows: u32, dim: u32, initializer, optimizer| TableSpec {
+            seed: mix64(seed ^ fnv1a64(name.as_bytes())),
+            name,
+            // Blocks of 16 rows spread a layer over the shards.
+            kind: TableKind::Dense {
+                rows: u64::from(rows),
+                block_rows: rows.clamp(1, 16),
+            },
+            dim,
+            initializer,
+            optimizer,
+        };
+        let stats_optimizer = OptimizerSpec::Sgd { lr: 1.0 };
+        let mut specs = Vec::new();
+        let mut width = input;
+        for (i, &out) in self.hidden.iter().enumerate() {
+            let name = &self.name;
+            specs.push(dense(
+                format!("{name}.{i}.w"),
+                width,
+                out,
+                he_normal(width),
+                self.optimizer,
+            ));
+            specs.push(dense(
+                format!("{name}.{i}.b"),
+                1,
+                out,
+                InitializerSpec::Zeros,
+                self.optimizer,
+            ));
+            if self.batch_norm {
+                // Row 0 holds gamma - 1, so zeros start at the identity.
+                specs.push(dense(
+                    format!("{name}.{i}.bn"),
+                    1,
+                    out,
+                    InitializerSpec::Zeros,
+                    self.optimizer,
+                ));
+                // Running mean and variance - 1, moved by pushes through SGD
+                // with lr 1: pushing (1 - m) (running - batch) is the EMA.
+                specs.push(dense(
+                    format!("{name}.{i}.bn_stats"),
+                    2,
+                    out,
+                    InitializerSpec::Zeros,
+                    stats_optimizer,
+                ));
+            }
+            width = out;
+        }
+        specs.push(dense(
+            format!("{}.out.w", self.name),
+            width,
+            1,
+            he_normal(width),
+            self.optimizer,
+        ));
+        specs
+    }
+}
+
+/// He initialization for a layer with `fan_in` inputs.
+fn he_normal(fan_in: u32) -> InitializerSpec {
+    InitializerSpec::Normal {
+        mean: 0.0,
+        std: (2.0 / fan_in.max(1) as f32).sqrt(),
     }
 }
 

@@ -45,6 +45,16 @@ pub enum TableKind {
     },
 }
 
+impl TableKind {
+    /// Rows of a dense table; `None` for sparse tables.
+    pub fn rows(&self) -> Option<u64> {
+        match self {
+            TableKind::Sparse => None,
+            TableKind::Dense { rows, .. } => Some(*rows),
+        }
+    }
+}
+
 /// Row initializer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -267,7 +277,8 @@ impl InitializerSpec {
 }
 
 impl OptimizerSpec {
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the hyper-parameters' ranges.
+    pub fn validate(&self) -> Result<(), String> {
         match *self {
             OptimizerSpec::Sgd { lr } => positive("optimizer lr", lr),
             OptimizerSpec::Adagrad {

@@ -53,6 +53,9 @@ pub struct Batch {
     pub ids: Vec<u64>,
     /// Feature values, parallel to `ids`.
     pub values: Vec<f32>,
+    /// Field of each feature, parallel to `ids`; empty when the format has
+    /// no fields (every feature is then in field 0).
+    pub fields: Vec<u32>,
 }
 
 impl Batch {

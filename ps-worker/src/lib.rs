@@ -16,6 +16,7 @@
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
 
+pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod data;

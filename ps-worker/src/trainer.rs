@@ -9,14 +9,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ps_common::PsError;
-use ps_common::config::{DataSource, JobConfig};
+use ps_common::config::{DataSource, Device, JobConfig};
+use ps_common::routing::mix64;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, BackendError};
 use crate::client::PsClient;
 use crate::data::{Batch, DataError, LibsvmBatches};
 use crate::metrics::BinaryMetrics;
-use crate::model::{BatchParams, LogisticRegression};
+use crate::model::{Mode, Model, Pulled};
 
 /// Why training or evaluation stopped.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,9 @@ pub enum TrainError {
     /// A parameter server refused a request or could not be reached.
     #[error(transparent)]
     Ps(#[from] PsError),
+    /// The compute backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),
@@ -49,18 +56,13 @@ pub struct TrainSummary {
 struct Prefetched<I> {
     runtime: Handle,
     client: PsClient,
-    model: Arc<LogisticRegression>,
+    model: Arc<Model>,
     batches: I,
-    pending: Option<JoinHandle<Result<(Batch, BatchParams), PsError>>>,
+    pending: Option<JoinHandle<Result<Pulled, PsError>>>,
 }
 
 impl<I: Iterator<Item = Result<Batch, DataError>>> Prefetched<I> {
-    fn new(
-        runtime: &Handle,
-        client: &PsClient,
-        model: &Arc<LogisticRegression>,
-        batches: I,
-    ) -> Self {
+    fn new(runtime: &Handle, client: &PsClient, model: &Arc<Model>, batches: I) -> Self {
         Prefetched {
             runtime: runtime.clone(),
             client: client.clone(),
@@ -74,16 +76,16 @@ impl<I: Iterator<Item = Result<Batch, DataError>>> Prefetched<I> {
     fn start_next(&mut self) -> Result<(), TrainError> {
         if let Some(batch) = self.batches.next().transpose()? {
             let (client, model) = (self.client.clone(), Arc::clone(&self.model));
-            self.pending = Some(self.runtime.spawn(async move {
-                let params = model.pull(&client, &batch).await?;
-                Ok((batch, params))
-            }));
+            self.pending = Some(
+                self.runtime
+                    .spawn(async move { model.pull(&client, &batch).await }),
+            );
         }
         Ok(())
     }
 
     /// The next batch with its parameters; the pull after it is started first.
-    fn next_pulled(&mut self) -> Result<Option<(Batch, BatchParams)>, TrainError> {
+    fn next_pulled(&mut self) -> Result<Option<Pulled>, TrainError> {
         if self.pending.is_none() {
             self.start_next()?;
         }
@@ -107,7 +109,8 @@ impl<I> Drop for Prefetched<I> {
     }
 }
 
-/// Trains worker `rank` of `world` on its shard of the job's training data.
+/// Trains worker `rank` of `world` on its shard of the job's training data,
+/// computing on the job's device.
 /// Must be called from a thread that is not a runtime worker.
 pub fn train_worker(
     runtime: &Handle,
@@ -116,7 +119,24 @@ pub fn train_worker(
     rank: usize,
     world: usize,
 ) -> Result<TrainSummary, TrainError> {
-    let model = Arc::new(LogisticRegression::from_config(&job.model));
+    match job.train.device {
+        Device::Cpu => train_on(&CpuBackend, runtime, client, job, rank, world),
+        Device::Cuda(ordinal) => {
+            let backend = CudaBackend::new(ordinal)?;
+            train_on(&backend, runtime, client, job, rank, world)
+        }
+    }
+}
+
+fn train_on<B: Backend>(
+    backend: &B,
+    runtime: &Handle,
+    client: &PsClient,
+    job: &JobConfig,
+    rank: usize,
+    world: usize,
+) -> Result<TrainSummary, TrainError> {
+    let model = Arc::new(Model::from_job(job));
     let train = &job.train;
     let started = Instant::now();
     let mut summary = TrainSummary::default();
@@ -124,12 +144,14 @@ pub fn train_worker(
         let batches = LibsvmBatches::open(&job.data.train, rank, world, train.batch_size)?;
         let mut pulled = Prefetched::new(runtime, client, &model, batches);
         let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
-        while let Some((batch, params)) = pulled.next_pulled()? {
-            let logits = model.forward(&batch, &params);
-            let (loss, grads) = model.backward(&batch, &params, logits.view());
-            runtime.block_on(model.push(client, &params, &grads))?;
-            let n = batch.len() as u64;
-            epoch_loss += f64::from(loss) * n as f64;
+        while let Some(params) = pulled.next_pulled()? {
+            let seed = mix64(train.seed ^ mix64(summary.steps ^ ((rank as u64) << 48)));
+            let output = model.compute(backend, &params, Mode::Train { seed })?;
+            if let Some(grads) = &output.grads {
+                runtime.block_on(model.push(client, &params, grads))?;
+            }
+            let n = params.labels.len() as u64;
+            epoch_loss += output.loss_sum;
             epoch_samples += n;
             summary.samples += n;
             summary.steps += 1;
@@ -167,13 +189,29 @@ pub fn evaluate(
     job: &JobConfig,
     source: &DataSource,
 ) -> Result<BinaryMetrics, TrainError> {
-    let model = Arc::new(LogisticRegression::from_config(&job.model));
+    match job.train.device {
+        Device::Cpu => evaluate_on(&CpuBackend, runtime, client, job, source),
+        Device::Cuda(ordinal) => {
+            let backend = CudaBackend::new(ordinal)?;
+            evaluate_on(&backend, runtime, client, job, source)
+        }
+    }
+}
+
+fn evaluate_on<B: Backend>(
+    backend: &B,
+    runtime: &Handle,
+    client: &PsClient,
+    job: &JobConfig,
+    source: &DataSource,
+) -> Result<BinaryMetrics, TrainError> {
+    let model = Arc::new(Model::from_job(job));
     let batches = LibsvmBatches::open(source, 0, 1, 4096)?;
     let mut pulled = Prefetched::new(runtime, client, &model, batches);
     let (mut probs, mut labels) = (Vec::new(), Vec::new());
-    while let Some((batch, params)) = pulled.next_pulled()? {
-        probs.extend(model.predict(&batch, &params));
-        labels.extend_from_slice(&batch.labels);
+    while let Some(params) = pulled.next_pulled()? {
+        probs.extend(model.compute(backend, &params, Mode::Eval)?.probs);
+        labels.extend_from_slice(&params.labels);
     }
     Ok(BinaryMetrics::compute(&probs, &labels))
 }

@@ -1,0 +1,302 @@
+//! Backend conformance: run every op of two backends on the same random
+//! inputs and report how far apart their results are.
+//!
+//! The CUDA parity tests and `benches/gpu.sh` call [`compare`] with the CPU
+//! backend as the reference. Inputs are drawn from a seeded generator and
+//! include the edge cases kernels get wrong: an empty batch, a single row,
+//! many duplicate keys, and sizes that are not a multiple of the block size.
+
+use std::sync::Arc;
+
+use ps_common::routing::mix64;
+
+use super::{Activation, Backend, BackendError, BatchNormMode, Dropout, Pooling, SparsePlan};
+
+/// One op's result on both backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agreement {
+    /// `op/case`, e.g. `gather_pool/duplicates`.
+    pub name: String,
+    /// `max |a - b| / max(max |b|, 1e-6)` over the op's outputs.
+    pub relative_error: f32,
+}
+
+/// A seeded stream of uniform floats and integers.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.0)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn signed(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / 16_777_216.0) * 2.0 - 1.0
+    }
+
+    /// Uniform in `0..n` (`n >= 1`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// `n` values uniform in `[-1, 1)`.
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.signed()).collect()
+    }
+}
+
+/// A random batch layout: `examples` examples with up to `per_example`
+/// occurrences each over `unique` distinct rows and `fields` fields.
+pub fn random_plan(
+    rng: &mut Rng,
+    examples: usize,
+    per_example: usize,
+    unique: usize,
+    fields: usize,
+) -> SparsePlan {
+    let mut offsets = vec![0usize];
+    let (mut rows, mut values, mut field_ids) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..examples {
+        let count = if unique == 0 {
+            0
+        } else {
+            1 + rng.below(per_example.max(1))
+        };
+        for _ in 0..count {
+            rows.push(rng.below(unique) as u32);
+            values.push(rng.signed());
+            field_ids.push(rng.below(fields) as u32);
+        }
+        offsets.push(rows.len());
+    }
+    SparsePlan::new(&offsets, &rows, &values, Some(&field_ids), fields, unique)
+}
+
+/// The cases every op is checked on: (name, examples, occurrences per
+/// example, distinct rows, fields, embedding dim).
+pub const CASES: &[(&str, usize, usize, usize, usize, usize)] = &[
+    ("empty", 0, 0, 0, 3, 8),
+    ("single", 1, 1, 1, 1, 1),
+    ("duplicates", 37, 9, 3, 4, 16),
+    ("odd_sizes", 257, 13, 1001, 5, 13),
+    ("wide", 130, 40, 5000, 26, 33),
+];
+
+fn relative(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        if x.is_nan() || y.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((x - y).abs())
+        }
+    });
+    diff / scale
+}
+
+/// Runs every op of `test` and `reference` on the same inputs.
+pub fn compare<T: Backend, R: Backend>(
+    test: &T,
+    reference: &R,
+    seed: u64,
+) -> Result<Vec<Agreement>, BackendError> {
+    let mut out = Vec::new();
+    let mut rng = Rng::new(seed);
+    for &(case, examples, per, unique, fields, dim) in CASES {
+        let plan = Arc::new(random_plan(&mut rng, examples, per, unique, fields));
+        let rows = rng.vec(unique * dim);
+        let mut record = |op: &str, a: Vec<f32>, b: Vec<f32>| {
+            out.push(Agreement {
+                name: format!("{op}/{case}"),
+                relative_error: relative(&a, &b),
+            });
+        };
+        // Sparse ops.
+        let (tp, rp) = (test.upload_plan(&plan)?, reference.upload_plan(&plan)?);
+        let (tr, rr) = (
+            test.upload(&rows, unique, dim)?,
+            reference.upload(&rows, unique, dim)?,
+        );
+        for (label, pooling) in [("example", Pooling::Example), ("field", Pooling::Field)] {
+            let pooled = plan.pooled_rows(pooling);
+            let g = rng.vec(pooled * dim);
+            record(
+                &format!("gather_pool_{label}"),
+                test.download(&test.gather_pool(&tr, &tp, pooling)?)?,
+                reference.download(&reference.gather_pool(&rr, &rp, pooling)?)?,
+            );
+            record(
+                &format!("scatter_pool_{label}"),
+                test.download(&test.scatter_pool(&test.upload(&g, pooled, dim)?, &tp, pooling)?)?,
+                reference.download(&reference.scatter_pool(
+                    &reference.upload(&g, pooled, dim)?,
+                    &rp,
+                    pooling,
+                )?)?,
+            );
+        }
+        let (tf, ts) = test.fm_forward(&tr, &tp)?;
+        let (rf, rs) = reference.fm_forward(&rr, &rp)?;
+        record("fm_forward", test.download(&tf)?, reference.download(&rf)?);
+        let g = rng.vec(examples);
+        record(
+            "fm_backward",
+            test.download(&test.fm_backward(&test.upload(&g, examples, 1)?, &ts, &tr, &tp)?)?,
+            reference.download(&reference.fm_backward(
+                &reference.upload(&g, examples, 1)?,
+                &rs,
+                &rr,
+                &rp,
+            )?)?,
+        );
+
+        // Dense ops on [examples, width] activations.
+        let width = fields * dim;
+        let x = rng.vec(examples * width);
+        let w = rng.vec(width * 17);
+        let (tx, rx) = (
+            test.upload(&x, examples, width)?,
+            reference.upload(&x, examples, width)?,
+        );
+        let (tw, rw) = (
+            test.upload(&w, width, 17)?,
+            reference.upload(&w, width, 17)?,
+        );
+        record(
+            "matmul",
+            test.download(&test.matmul(&tx, &tw, false, false)?)?,
+            reference.download(&reference.matmul(&rx, &rw, false, false)?)?,
+        );
+        record(
+            "matmul_ta",
+            test.download(&test.matmul(&tx, &tx, true, false)?)?,
+            reference.download(&reference.matmul(&rx, &rx, true, false)?)?,
+        );
+        record(
+            "matmul_tb",
+            test.download(&test.matmul(&tw, &tw, false, true)?)?,
+            reference.download(&reference.matmul(&rw, &rw, false, true)?)?,
+        );
+        record(
+            "add",
+            test.download(&test.add(&tx, &tx)?)?,
+            reference.download(&reference.add(&rx, &rx)?)?,
+        );
+        let bias = rng.vec(width);
+        let (tb, rb) = (
+            test.upload(&bias, 1, width)?,
+            reference.upload(&bias, 1, width)?,
+        );
+        let g = rng.vec(examples * width);
+        let (tg, rg) = (
+            test.upload(&g, examples, width)?,
+            reference.upload(&g, examples, width)?,
+        );
+        for (label, act, dropout) in [
+            ("identity", Activation::Identity, None),
+            ("relu", Activation::Relu, None),
+            (
+                "relu_dropout",
+                Activation::Relu,
+                Some(Dropout {
+                    rate: 0.3,
+                    seed: rng.next_u64(),
+                }),
+            ),
+        ] {
+            let ty = test.bias_act(&tx, &tb, act, dropout)?;
+            let ry = reference.bias_act(&rx, &rb, act, dropout)?;
+            record(
+                &format!("bias_act_{label}"),
+                test.download(&ty)?,
+                reference.download(&ry)?,
+            );
+            let (tdx, tdb) = test.bias_act_backward(&tg, &ty, act, dropout)?;
+            let (rdx, rdb) = reference.bias_act_backward(&rg, &ry, act, dropout)?;
+            record(
+                &format!("bias_act_backward_{label}"),
+                test.download(&tdx)?,
+                reference.download(&rdx)?,
+            );
+            record(
+                &format!("bias_grad_{label}"),
+                test.download(&tdb)?,
+                reference.download(&rdb)?,
+            );
+        }
+        let mut params = rng.vec(4 * width);
+        params[3 * width..]
+            .iter_mut()
+            .for_each(|v| *v = v.abs() + 0.5);
+        let (tpar, rpar) = (
+            test.upload(&params, 4, width)?,
+            reference.upload(&params, 4, width)?,
+        );
+        for (label, mode) in [
+            ("batch", BatchNormMode::Batch),
+            ("running", BatchNormMode::Running),
+        ] {
+            let (ty, tstats, tsaved) = test.batch_norm(&tx, &tpar, mode, 1e-5)?;
+            let (ry, rstats, rsaved) = reference.batch_norm(&rx, &rpar, mode, 1e-5)?;
+            record(
+                &format!("batch_norm_{label}"),
+                test.download(&ty)?,
+                reference.download(&ry)?,
+            );
+            record(
+                &format!("batch_norm_stats_{label}"),
+                test.download(&tstats)?,
+                reference.download(&rstats)?,
+            );
+            if mode == BatchNormMode::Batch {
+                let (tdx, tdp) = test.batch_norm_backward(&tg, &tpar, &tsaved)?;
+                let (rdx, rdp) = reference.batch_norm_backward(&rg, &rpar, &rsaved)?;
+                record(
+                    "batch_norm_backward",
+                    test.download(&tdx)?,
+                    reference.download(&rdx)?,
+                );
+                record(
+                    "batch_norm_param_grad",
+                    test.download(&tdp)?,
+                    reference.download(&rdp)?,
+                );
+            }
+        }
+        let logits: Vec<f32> = rng.vec(examples).iter().map(|v| v * 20.0).collect();
+        let labels: Vec<f32> = (0..examples).map(|_| (rng.below(2)) as f32).collect();
+        let (tz, rz) = (
+            test.upload(&logits, examples, 1)?,
+            reference.upload(&logits, examples, 1)?,
+        );
+        let (ty, ry) = (
+            test.upload(&labels, examples, 1)?,
+            reference.upload(&labels, examples, 1)?,
+        );
+        let (tl, tgrad) = test.bce_with_logits(&tz, &ty)?;
+        let (rl, rgrad) = reference.bce_with_logits(&rz, &ry)?;
+        record("bce_loss", vec![tl as f32], vec![rl as f32]);
+        record(
+            "bce_grad",
+            test.download(&tgrad)?,
+            reference.download(&rgrad)?,
+        );
+        record(
+            "sigmoid",
+            test.download(&test.sigmoid(&tz)?)?,
+            reference.download(&reference.sigmoid(&rz)?)?,
+        );
+    }
+    Ok(out)
+}

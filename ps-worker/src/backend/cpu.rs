@@ -1,0 +1,381 @@
+//! The CPU backend: every op on ndarray arrays in host memory.
+//!
+//! Reductions run in a fixed order so results are deterministic; the CUDA
+//! kernels follow the same order where they can, and the parity tests
+//! compare the two within 1e-4 relative error.
+
+use std::sync::Arc;
+
+use ndarray::{Array2, Axis};
+
+use super::{
+    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
+    shape_error,
+};
+
+/// Host compute with ndarray.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+fn same_shape(op: &'static str, a: &Array2<f32>, b: &Array2<f32>) -> Result<(), BackendError> {
+    if a.dim() == b.dim() {
+        Ok(())
+    } else {
+        Err(shape_error(op, format!("{:?} vs {:?}", a.dim(), b.dim())))
+    }
+}
+
+fn rows_match_plan(
+    op: &'static str,
+    rows: &Array2<f32>,
+    plan: &SparsePlan,
+) -> Result<(), BackendError> {
+    if rows.nrows() == plan.unique {
+        Ok(())
+    } else {
+        Err(shape_error(
+            op,
+            format!(
+                "{} rows for a plan over {} distinct rows",
+                rows.nrows(),
+                plan.unique
+            ),
+        ))
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Array2<f32>;
+    type Plan = Arc<SparsePlan>;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Array2<f32>, BackendError> {
+        Array2::from_shape_vec((rows, cols), data.to_vec()).map_err(|e| {
+            shape_error(
+                "upload",
+                format!("{} values as [{rows}, {cols}]: {e}", data.len()),
+            )
+        })
+    }
+
+    fn download(&self, t: &Array2<f32>) -> Result<Vec<f32>, BackendError> {
+        Ok(t.iter().copied().collect())
+    }
+
+    fn shape(&self, t: &Array2<f32>) -> [usize; 2] {
+        [t.nrows(), t.ncols()]
+    }
+
+    fn reshape(
+        &self,
+        t: Array2<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Array2<f32>, BackendError> {
+        let dim = t.dim();
+        let data: Vec<f32> = if t.is_standard_layout() {
+            t.into_raw_vec_and_offset().0
+        } else {
+            t.iter().copied().collect()
+        };
+        Array2::from_shape_vec((rows, cols), data)
+            .map_err(|e| shape_error("reshape", format!("{dim:?} to [{rows}, {cols}]: {e}")))
+    }
+
+    fn upload_plan(&self, plan: &Arc<SparsePlan>) -> Result<Arc<SparsePlan>, BackendError> {
+        Ok(Arc::clone(plan))
+    }
+
+    fn gather_pool(
+        &self,
+        rows: &Array2<f32>,
+        plan: &Arc<SparsePlan>,
+        pooling: Pooling,
+    ) -> Result<Array2<f32>, BackendError> {
+        rows_match_plan("gather_pool", rows, plan)?;
+        let stride = plan.stride(pooling);
+        let mut out = Array2::<f32>::zeros((plan.pooled_rows(pooling), rows.ncols()));
+        for (o, mut target) in out.outer_iter_mut().enumerate() {
+            let range = plan.segment_offsets[o * stride] as usize
+                ..plan.segment_offsets[(o + 1) * stride] as usize;
+            for e in range {
+                let x = plan.entry_value[e];
+                target.scaled_add(x, &rows.row(plan.entry_row[e] as usize));
+            }
+        }
+        Ok(out)
+    }
+
+    fn scatter_pool(
+        &self,
+        grad: &Array2<f32>,
+        plan: &Arc<SparsePlan>,
+        pooling: Pooling,
+    ) -> Result<Array2<f32>, BackendError> {
+        if grad.nrows() != plan.pooled_rows(pooling) {
+            return Err(shape_error(
+                "scatter_pool",
+                format!(
+                    "{} gradient rows, expected {}",
+                    grad.nrows(),
+                    plan.pooled_rows(pooling)
+                ),
+            ));
+        }
+        let stride = plan.stride(pooling) as u32;
+        let mut out = Array2::<f32>::zeros((plan.unique, grad.ncols()));
+        for (u, mut target) in out.outer_iter_mut().enumerate() {
+            let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
+            for &e in &plan.row_entries[range] {
+                let e = e as usize;
+                let o = (plan.entry_segment[e] / stride) as usize;
+                target.scaled_add(plan.entry_value[e], &grad.row(o));
+            }
+        }
+        Ok(out)
+    }
+
+    fn fm_forward(
+        &self,
+        rows: &Array2<f32>,
+        plan: &Arc<SparsePlan>,
+    ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
+        rows_match_plan("fm_forward", rows, plan)?;
+        let dim = rows.ncols();
+        let mut sums = Array2::<f32>::zeros((plan.examples, dim));
+        let mut out = Array2::<f32>::zeros((plan.examples, 1));
+        let mut squares = vec![0f32; dim];
+        for b in 0..plan.examples {
+            squares.iter_mut().for_each(|q| *q = 0.0);
+            let range = plan.segment_offsets[b * plan.fields] as usize
+                ..plan.segment_offsets[(b + 1) * plan.fields] as usize;
+            let mut sum = sums.row_mut(b);
+            for e in range {
+                let x = plan.entry_value[e];
+                let v = rows.row(plan.entry_row[e] as usize);
+                for d in 0..dim {
+                    sum[d] += x * v[d];
+                    squares[d] += x * x * v[d] * v[d];
+                }
+            }
+            out[[b, 0]] = 0.5 * (0..dim).map(|d| sum[d] * sum[d] - squares[d]).sum::<f32>();
+        }
+        Ok((out, sums))
+    }
+
+    fn fm_backward(
+        &self,
+        grad: &Array2<f32>,
+        sums: &Array2<f32>,
+        rows: &Array2<f32>,
+        plan: &Arc<SparsePlan>,
+    ) -> Result<Array2<f32>, BackendError> {
+        rows_match_plan("fm_backward", rows, plan)?;
+        if grad.dim() != (plan.examples, 1) || sums.dim() != (plan.examples, rows.ncols()) {
+            return Err(shape_error(
+                "fm_backward",
+                format!(
+                    "grad {:?}, sums {:?} for {} examples",
+                    grad.dim(),
+                    sums.dim(),
+                    plan.examples
+                ),
+            ));
+        }
+        let fields = plan.fields as u32;
+        let mut out = Array2::<f32>::zeros(rows.dim());
+        for (u, mut target) in out.outer_iter_mut().enumerate() {
+            let v = rows.row(u);
+            let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
+            for &e in &plan.row_entries[range] {
+                let e = e as usize;
+                let b = (plan.entry_segment[e] / fields) as usize;
+                let (x, g) = (plan.entry_value[e], grad[[b, 0]]);
+                let s = sums.row(b);
+                for d in 0..v.len() {
+                    target[d] += g * (x * s[d] - x * x * v[d]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn matmul(
+        &self,
+        a: &Array2<f32>,
+        b: &Array2<f32>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Result<Array2<f32>, BackendError> {
+        let a = if transpose_a { a.t() } else { a.view() };
+        let b = if transpose_b { b.t() } else { b.view() };
+        if a.ncols() != b.nrows() {
+            return Err(shape_error(
+                "matmul",
+                format!("{:?} @ {:?}", a.dim(), b.dim()),
+            ));
+        }
+        Ok(a.dot(&b))
+    }
+
+    fn add(&self, a: &Array2<f32>, b: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
+        same_shape("add", a, b)?;
+        Ok(a + b)
+    }
+
+    fn bias_act(
+        &self,
+        x: &Array2<f32>,
+        bias: &Array2<f32>,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<Array2<f32>, BackendError> {
+        if bias.dim() != (1, x.ncols()) {
+            return Err(shape_error(
+                "bias_act",
+                format!("x {:?}, bias {:?}", x.dim(), bias.dim()),
+            ));
+        }
+        let mut y = x + bias;
+        let cols = y.ncols();
+        for (i, v) in y.iter_mut().enumerate() {
+            if act == Activation::Relu && *v < 0.0 {
+                *v = 0.0;
+            }
+            if let Some(d) = dropout {
+                *v = if d.keeps(i as u64) {
+                    *v * d.scale()
+                } else {
+                    0.0
+                };
+            }
+        }
+        debug_assert_eq!(cols, bias.ncols());
+        Ok(y)
+    }
+
+    fn bias_act_backward(
+        &self,
+        grad: &Array2<f32>,
+        y: &Array2<f32>,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
+        same_shape("bias_act_backward", grad, y)?;
+        let mut dx = grad.clone();
+        for (i, (g, &out)) in dx.iter_mut().zip(y.iter()).enumerate() {
+            let mut factor = 1.0;
+            if let Some(d) = dropout {
+                factor = if d.keeps(i as u64) { d.scale() } else { 0.0 };
+            }
+            if act == Activation::Relu && out <= 0.0 {
+                factor = 0.0;
+            }
+            *g *= factor;
+        }
+        let dbias = dx.sum_axis(Axis(0)).insert_axis(Axis(0));
+        Ok((dx, dbias))
+    }
+
+    fn batch_norm(
+        &self,
+        x: &Array2<f32>,
+        params: &Array2<f32>,
+        mode: BatchNormMode,
+        eps: f32,
+    ) -> Result<(Array2<f32>, Array2<f32>, BatchNormSaved<Array2<f32>>), BackendError> {
+        if params.dim() != (4, x.ncols()) {
+            return Err(shape_error(
+                "batch_norm",
+                format!("x {:?}, params {:?}", x.dim(), params.dim()),
+            ));
+        }
+        let n = x.nrows().max(1) as f32;
+        let (mean, var) = match mode {
+            BatchNormMode::Batch => {
+                let mean = x.sum_axis(Axis(0)) / n;
+                let var =
+                    x.outer_iter()
+                        .fold(ndarray::Array1::<f32>::zeros(x.ncols()), |acc, row| {
+                            let d = &row - &mean;
+                            acc + &d * &d
+                        })
+                        / n;
+                (mean, var)
+            }
+            BatchNormMode::Running => (params.row(2).to_owned(), params.row(3).to_owned()),
+        };
+        let inv_std = var.mapv(|v| 1.0 / (v + eps).sqrt());
+        let normalized = (x - &mean) * &inv_std;
+        let y = &normalized * &params.row(0) + &params.row(1);
+        let mut stats = Array2::<f32>::zeros((2, x.ncols()));
+        stats.row_mut(0).assign(&mean);
+        stats.row_mut(1).assign(&var);
+        Ok((
+            y,
+            stats,
+            BatchNormSaved {
+                normalized,
+                inv_std: inv_std.insert_axis(Axis(0)),
+            },
+        ))
+    }
+
+    fn batch_norm_backward(
+        &self,
+        grad: &Array2<f32>,
+        params: &Array2<f32>,
+        saved: &BatchNormSaved<Array2<f32>>,
+    ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
+        same_shape("batch_norm_backward", grad, &saved.normalized)?;
+        let n = grad.nrows().max(1) as f32;
+        let dbeta = grad.sum_axis(Axis(0));
+        let dgamma = (grad * &saved.normalized).sum_axis(Axis(0));
+        // dx = gamma * inv_std / n * (n * g - sum(g) - xhat * sum(g * xhat))
+        let scale = &params.row(0) * &saved.inv_std.row(0) / n;
+        let dx = (grad * n - &dbeta - &saved.normalized * &dgamma) * &scale;
+        let mut dparams = Array2::<f32>::zeros((2, grad.ncols()));
+        dparams.row_mut(0).assign(&dgamma);
+        dparams.row_mut(1).assign(&dbeta);
+        Ok((dx, dparams))
+    }
+
+    fn bce_with_logits(
+        &self,
+        logits: &Array2<f32>,
+        labels: &Array2<f32>,
+    ) -> Result<(f64, Array2<f32>), BackendError> {
+        same_shape("bce_with_logits", logits, labels)?;
+        let n = logits.len().max(1) as f32;
+        let mut loss = 0f64;
+        let mut grad = Array2::<f32>::zeros(logits.dim());
+        for ((g, &z), &y) in grad.iter_mut().zip(logits.iter()).zip(labels.iter()) {
+            loss += f64::from(bce(z, y));
+            *g = (sigmoid(z) - y) / n;
+        }
+        Ok((loss, grad))
+    }
+
+    fn sigmoid(&self, x: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
+        Ok(x.mapv(sigmoid))
+    }
+}
+
+/// The logistic function.
+#[inline]
+pub fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Binary cross-entropy of logit `z` against label `y`, computed without overflow.
+#[inline]
+pub fn bce(z: f32, y: f32) -> f32 {
+    z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
+}
+
+#[cfg(test)]
+#[path = "cpu_tests.rs"]
+mod tests;

@@ -1,0 +1,288 @@
+//! Every CPU op's backward pass against central finite differences of
+//! `L = sum(out * r)` for a random `r`.
+
+use std::sync::Arc;
+
+use ndarray::Array2;
+
+use super::*;
+use crate::backend::conformance;
+use crate::backend::conformance::{Rng, random_plan};
+
+const B: CpuBackend = CpuBackend;
+
+fn arr(data: Vec<f32>, rows: usize, cols: usize) -> Array2<f32> {
+    B.upload(&data, rows, cols).unwrap()
+}
+
+/// Asserts that `analytic` is the gradient of `loss` at `x`.
+fn check(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64) {
+    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
+    let h = 1e-2f32;
+    for i in 0..x.len() {
+        let (mut plus, mut minus) = (x.to_vec(), x.to_vec());
+        plus[i] += h;
+        minus[i] -= h;
+        let numeric = ((loss(&plus) - loss(&minus)) / (2.0 * f64::from(h))) as f32;
+        let tol = 2e-2 * (1.0 + numeric.abs().max(analytic[i].abs()));
+        assert!(
+            (numeric - analytic[i]).abs() <= tol,
+            "{name}[{i}]: finite difference {numeric} vs backward {}",
+            analytic[i]
+        );
+    }
+}
+
+fn dot(a: &Array2<f32>, r: &[f32]) -> f64 {
+    a.iter()
+        .zip(r)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum()
+}
+
+#[test]
+fn gather_pool_backward_is_scatter_pool() {
+    let mut rng = Rng::new(1);
+    let plan = Arc::new(random_plan(&mut rng, 5, 4, 3, 2));
+    let rows = rng.vec(3 * 4);
+    for pooling in [Pooling::Example, Pooling::Field] {
+        let r = rng.vec(plan.pooled_rows(pooling) * 4);
+        let grad = B
+            .scatter_pool(
+                &arr(r.clone(), plan.pooled_rows(pooling), 4),
+                &plan,
+                pooling,
+            )
+            .unwrap();
+        check("gather_pool", &rows, grad.as_slice().unwrap(), |x| {
+            dot(
+                &B.gather_pool(&arr(x.to_vec(), 3, 4), &plan, pooling)
+                    .unwrap(),
+                &r,
+            )
+        });
+    }
+}
+
+#[test]
+fn fm_backward_matches_finite_differences() {
+    let mut rng = Rng::new(2);
+    let plan = Arc::new(random_plan(&mut rng, 6, 5, 4, 3));
+    let rows = rng.vec(4 * 3);
+    let r = rng.vec(6);
+    let (_, sums) = B.fm_forward(&arr(rows.clone(), 4, 3), &plan).unwrap();
+    let grad = B
+        .fm_backward(
+            &arr(r.clone(), 6, 1),
+            &sums,
+            &arr(rows.clone(), 4, 3),
+            &plan,
+        )
+        .unwrap();
+    check("fm", &rows, grad.as_slice().unwrap(), |x| {
+        dot(&B.fm_forward(&arr(x.to_vec(), 4, 3), &plan).unwrap().0, &r)
+    });
+}
+
+#[test]
+fn fm_forward_is_the_sum_over_pairs() {
+    // One example, features (row 0, x = 1), (row 1, x = 2): <v0, v1> * 1 * 2.
+    let plan = Arc::new(SparsePlan::new(&[0, 2], &[0, 1], &[1.0, 2.0], None, 1, 2));
+    let (out, _) = B
+        .fm_forward(&arr(vec![1.0, 2.0, 3.0, -1.0], 2, 2), &plan)
+        .unwrap();
+    assert_eq!(out.as_slice().unwrap(), [(3.0 - 2.0) * 2.0]);
+}
+
+#[test]
+fn matmul_backward_is_two_matmuls() {
+    let mut rng = Rng::new(3);
+    let (a, b, r) = (rng.vec(3 * 4), rng.vec(4 * 2), rng.vec(3 * 2));
+    let (ta, tb, tr) = (
+        arr(a.clone(), 3, 4),
+        arr(b.clone(), 4, 2),
+        arr(r.clone(), 3, 2),
+    );
+    // d/dA = R B^T, d/dB = A^T R
+    let da = B.matmul(&tr, &tb, false, true).unwrap();
+    let db = B.matmul(&ta, &tr, true, false).unwrap();
+    check("matmul a", &a, da.as_slice().unwrap(), |x| {
+        dot(
+            &B.matmul(&arr(x.to_vec(), 3, 4), &tb, false, false).unwrap(),
+            &r,
+        )
+    });
+    check("matmul b", &b, db.as_slice().unwrap(), |x| {
+        dot(
+            &B.matmul(&ta, &arr(x.to_vec(), 4, 2), false, false).unwrap(),
+            &r,
+        )
+    });
+}
+
+#[test]
+fn bias_act_backward_matches_finite_differences() {
+    let mut rng = Rng::new(4);
+    // Keep inputs away from the ReLU kink so differences are smooth.
+    let x: Vec<f32> = rng
+        .vec(6 * 5)
+        .into_iter()
+        .map(|v| if v.abs() < 0.1 { v + 0.3 } else { v })
+        .collect();
+    let bias = vec![0.0f32; 5];
+    let r = rng.vec(6 * 5);
+    for (act, dropout) in [
+        (Activation::Identity, None),
+        (Activation::Relu, None),
+        (Activation::Relu, Some(Dropout { rate: 0.4, seed: 9 })),
+        (Activation::Identity, Some(Dropout { rate: 0.2, seed: 3 })),
+    ] {
+        let y = B
+            .bias_act(
+                &arr(x.clone(), 6, 5),
+                &arr(bias.clone(), 1, 5),
+                act,
+                dropout,
+            )
+            .unwrap();
+        let (dx, db) = B
+            .bias_act_backward(&arr(r.clone(), 6, 5), &y, act, dropout)
+            .unwrap();
+        check("bias_act x", &x, dx.as_slice().unwrap(), |v| {
+            dot(
+                &B.bias_act(
+                    &arr(v.to_vec(), 6, 5),
+                    &arr(bias.clone(), 1, 5),
+                    act,
+                    dropout,
+                )
+                .unwrap(),
+                &r,
+            )
+        });
+        check("bias_act bias", &bias, db.as_slice().unwrap(), |v| {
+            dot(
+                &B.bias_act(&arr(x.clone(), 6, 5), &arr(v.to_vec(), 1, 5), act, dropout)
+                    .unwrap(),
+                &r,
+            )
+        });
+    }
+}
+
+#[test]
+fn dropout_keeps_about_one_minus_rate_and_rescales() {
+    let d = Dropout {
+        rate: 0.25,
+        seed: 7,
+    };
+    let kept = (0..100_000).filter(|&i| d.keeps(i)).count();
+    assert!((kept as f64 / 100_000.0 - 0.75).abs() < 0.01, "{kept}");
+    let y = B
+        .bias_act(
+            &arr(vec![1.0; 8], 2, 4),
+            &arr(vec![0.0; 4], 1, 4),
+            Activation::Identity,
+            Some(d),
+        )
+        .unwrap();
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+}
+
+#[test]
+fn batch_norm_backward_matches_finite_differences() {
+    let mut rng = Rng::new(5);
+    let x = rng.vec(7 * 3);
+    let mut params = rng.vec(4 * 3);
+    params[9..].iter_mut().for_each(|v| *v = v.abs() + 0.5);
+    let r = rng.vec(7 * 3);
+    let (_, _, saved) = B
+        .batch_norm(
+            &arr(x.clone(), 7, 3),
+            &arr(params.clone(), 4, 3),
+            BatchNormMode::Batch,
+            1e-5,
+        )
+        .unwrap();
+    let (dx, dp) = B
+        .batch_norm_backward(&arr(r.clone(), 7, 3), &arr(params.clone(), 4, 3), &saved)
+        .unwrap();
+    let loss = |x: &[f32], p: &[f32]| {
+        let (y, _, _) = B
+            .batch_norm(
+                &arr(x.to_vec(), 7, 3),
+                &arr(p.to_vec(), 4, 3),
+                BatchNormMode::Batch,
+                1e-5,
+            )
+            .unwrap();
+        dot(&y, &r)
+    };
+    check("batch_norm x", &x, dx.as_slice().unwrap(), |v| {
+        loss(v, &params)
+    });
+    check(
+        "batch_norm gamma, beta",
+        &params[..6],
+        dp.as_slice().unwrap(),
+        |v| {
+            let mut p = params.clone();
+            p[..6].copy_from_slice(v);
+            loss(&x, &p)
+        },
+    );
+}
+
+#[test]
+fn batch_norm_in_running_mode_uses_the_given_statistics() {
+    // gamma 2, beta 1, mean 3, var 4: (5 - 3) / 2 * 2 + 1 = 3.
+    let (y, stats, _) = B
+        .batch_norm(
+            &arr(vec![5.0], 1, 1),
+            &arr(vec![2.0, 1.0, 3.0, 4.0], 4, 1),
+            BatchNormMode::Running,
+            0.0,
+        )
+        .unwrap();
+    assert_eq!(y.as_slice().unwrap(), [3.0]);
+    assert_eq!(stats.as_slice().unwrap(), [3.0, 4.0]);
+}
+
+#[test]
+fn bce_gradient_is_the_mean_loss_derivative() {
+    let z = vec![0.3f32, -2.0, 4.0];
+    let labels = arr(vec![1.0, 0.0, 0.0], 3, 1);
+    let (_, grad) = B.bce_with_logits(&arr(z.clone(), 3, 1), &labels).unwrap();
+    check("bce", &z, grad.as_slice().unwrap(), |v| {
+        B.bce_with_logits(&arr(v.to_vec(), 3, 1), &labels)
+            .unwrap()
+            .0
+            / 3.0
+    });
+    assert!(bce(100.0, 1.0).abs() < 1e-6);
+    assert!((bce(-100.0, 1.0) - 100.0).abs() < 1e-3);
+}
+
+#[test]
+fn mismatched_shapes_are_errors_not_panics() {
+    let a = arr(vec![0.0; 6], 2, 3);
+    assert!(matches!(
+        B.matmul(&a, &a, false, false),
+        Err(BackendError::Shape { .. })
+    ));
+    assert!(matches!(
+        B.add(&a, &arr(vec![0.0; 3], 1, 3)),
+        Err(BackendError::Shape { .. })
+    ));
+    assert!(B.upload(&[1.0], 2, 2).is_err());
+    let plan = Arc::new(SparsePlan::new(&[0, 1], &[0], &[1.0], None, 1, 1));
+    assert!(B.gather_pool(&a, &plan, Pooling::Example).is_err());
+}
+
+#[test]
+fn the_cpu_backend_agrees_with_itself() {
+    // The conformance harness itself: identical backends agree exactly.
+    for a in conformance::compare(&B, &B, 11).unwrap() {
+        assert_eq!(a.relative_error, 0.0, "{}", a.name);
+    }
+}

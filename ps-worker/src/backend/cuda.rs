@@ -1,0 +1,740 @@
+//! The CUDA backend: the [`Backend`] ops as custom kernels launched with cudarc.
+//!
+//! Kernel sources live in `ps-worker/kernels/*.cu` and are compiled once per
+//! backend with NVRTC. cudarc loads `libcuda` and `libnvrtc` at run time, so
+//! this module builds on machines with no CUDA toolkit; [`CudaBackend::new`]
+//! checks for the libraries and the device first and returns
+//! [`BackendError::Unavailable`] with one clear message instead of letting
+//! cudarc panic. Host-device copies are whole tensors (one per pulled table,
+//! one per gradient), never per row.
+#![allow(unsafe_code)] // kernel launches and the library probes are `unsafe` in cudarc
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
+    PushKernelArg,
+};
+
+use super::{
+    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
+    shape_error,
+};
+
+/// All kernel sources, concatenated into one NVRTC program.
+const KERNELS: [&str; 4] = [
+    include_str!("../../kernels/common.cuh"),
+    include_str!("../../kernels/sparse.cu"),
+    include_str!("../../kernels/dense.cu"),
+    include_str!("../../kernels/norm_loss.cu"),
+];
+
+const THREADS: u32 = 256;
+
+/// A row-major `[rows, cols]` f32 matrix in device memory.
+#[derive(Debug)]
+pub struct CudaTensor {
+    buf: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaTensor {
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// A [`SparsePlan`] in device memory.
+#[derive(Debug)]
+pub struct CudaPlan {
+    examples: usize,
+    fields: usize,
+    unique: usize,
+    entry_row: CudaSlice<u32>,
+    entry_value: CudaSlice<f32>,
+    entry_segment: CudaSlice<u32>,
+    segment_offsets: CudaSlice<u32>,
+    row_offsets: CudaSlice<u32>,
+    row_entries: CudaSlice<u32>,
+}
+
+struct Kernels {
+    gather_pool: CudaFunction,
+    scatter_pool: CudaFunction,
+    fm_sums: CudaFunction,
+    fm_reduce: CudaFunction,
+    fm_backward: CudaFunction,
+    matmul: CudaFunction,
+    add: CudaFunction,
+    bias_act: CudaFunction,
+    bias_act_backward: CudaFunction,
+    col_sums: CudaFunction,
+    col_dots: CudaFunction,
+    bn_stats: CudaFunction,
+    bn_apply: CudaFunction,
+    bn_backward: CudaFunction,
+    bce_with_logits: CudaFunction,
+    sigmoid: CudaFunction,
+}
+
+impl Kernels {
+    fn load(module: &Arc<CudaModule>) -> Result<Kernels, DriverError> {
+        let f = |name: &str| module.load_function(name);
+        Ok(Kernels {
+            gather_pool: f("gather_pool")?,
+            scatter_pool: f("scatter_pool")?,
+            fm_sums: f("fm_sums")?,
+            fm_reduce: f("fm_reduce")?,
+            fm_backward: f("fm_backward")?,
+            matmul: f("matmul")?,
+            add: f("add")?,
+            bias_act: f("bias_act")?,
+            bias_act_backward: f("bias_act_backward")?,
+            col_sums: f("col_sums")?,
+            col_dots: f("col_dots")?,
+            bn_stats: f("bn_stats")?,
+            bn_apply: f("bn_apply")?,
+            bn_backward: f("bn_backward")?,
+            bce_with_logits: f("bce_with_logits")?,
+            sigmoid: f("sigmoid")?,
+        })
+    }
+}
+
+/// Compute on one CUDA device.
+pub struct CudaBackend {
+    name: String,
+    stream: Arc<CudaStream>,
+    k: Kernels,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+fn device_error(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Device(e.to_string())
+}
+
+/// Whether a CUDA driver and at least one device are present. Never panics.
+pub fn device_count() -> usize {
+    // SAFETY: the probes only try to dlopen the libraries; they read no
+    // memory of ours.
+    let present = unsafe {
+        cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
+    };
+    if !present {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+fn blocks(n: usize) -> u32 {
+    n.div_ceil(THREADS as usize).max(1) as u32
+}
+
+fn linear(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks(n), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn int(n: usize, what: &'static str) -> Result<i32, BackendError> {
+    i32::try_from(n).map_err(|_| shape_error(what, format!("{n} does not fit in i32")))
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and compiles the kernels, or explains why not.
+    pub fn new(ordinal: usize) -> Result<CudaBackend, BackendError> {
+        // SAFETY: see `device_count`.
+        let (driver, nvrtc) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !driver {
+            return Err(BackendError::Unavailable(format!(
+                "cuda:{ordinal}: no CUDA driver found (libcuda.so could not be loaded); use device = \"cpu\""
+            )));
+        }
+        if !nvrtc {
+            return Err(BackendError::Unavailable(format!(
+                "cuda:{ordinal}: the CUDA runtime compiler libnvrtc.so (CUDA 13) could not be loaded; add the CUDA toolkit's lib64 to LD_LIBRARY_PATH or use device = \"cpu\""
+            )));
+        }
+        let count = CudaContext::device_count().map_err(device_error)?.max(0) as usize;
+        if ordinal >= count {
+            return Err(BackendError::Unavailable(format!(
+                "cuda:{ordinal}: no such CUDA device ({count} found); use device = \"cpu\""
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(device_error)?;
+        let name = format!("cuda:{ordinal} ({})", ctx.name().map_err(device_error)?);
+        let ptx = cudarc::nvrtc::compile_ptx(KERNELS.concat())
+            .map_err(|e| BackendError::Device(format!("kernel compilation failed: {e:?}")))?;
+        let module = ctx.load_module(ptx).map_err(device_error)?;
+        let k = Kernels::load(&module).map_err(device_error)?;
+        Ok(CudaBackend {
+            name,
+            stream: ctx.default_stream(),
+            k,
+        })
+    }
+
+    /// The stream every op runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for every queued op.
+    pub fn synchronize(&self) -> Result<(), BackendError> {
+        self.stream.synchronize().map_err(device_error)
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        let buf = self
+            .stream
+            .alloc_zeros::<f32>((rows * cols).max(1))
+            .map_err(device_error)?;
+        Ok(CudaTensor { buf, rows, cols })
+    }
+
+    fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
+        if data.is_empty() {
+            return self.stream.alloc_zeros::<u32>(1).map_err(device_error);
+        }
+        self.stream.clone_htod(data).map_err(device_error)
+    }
+
+    fn check_plan_rows(
+        &self,
+        op: &'static str,
+        rows: &CudaTensor,
+        plan: &CudaPlan,
+    ) -> Result<(), BackendError> {
+        if rows.rows == plan.unique {
+            Ok(())
+        } else {
+            Err(shape_error(
+                op,
+                format!(
+                    "{} rows for a plan over {} distinct rows",
+                    rows.rows, plan.unique
+                ),
+            ))
+        }
+    }
+
+    fn same_shape(op: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<(), BackendError> {
+        if (a.rows, a.cols) == (b.rows, b.cols) {
+            Ok(())
+        } else {
+            Err(shape_error(
+                op,
+                format!("[{}, {}] vs [{}, {}]", a.rows, a.cols, b.rows, b.cols),
+            ))
+        }
+    }
+}
+
+fn pooled_rows(plan: &CudaPlan, pooling: Pooling) -> (usize, usize) {
+    match pooling {
+        Pooling::Example => (plan.examples, plan.fields),
+        Pooling::Field => (plan.examples * plan.fields, 1),
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Plan = CudaPlan;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        if data.len() != rows * cols {
+            return Err(shape_error(
+                "upload",
+                format!("{} values as [{rows}, {cols}]", data.len()),
+            ));
+        }
+        if data.is_empty() {
+            return self.zeros(rows, cols);
+        }
+        let buf = self.stream.clone_htod(data).map_err(device_error)?;
+        Ok(CudaTensor { buf, rows, cols })
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Vec<f32>, BackendError> {
+        if t.len() == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream
+            .clone_dtoh(&t.buf.slice(0..t.len()))
+            .map_err(device_error)
+    }
+
+    fn shape(&self, t: &CudaTensor) -> [usize; 2] {
+        [t.rows, t.cols]
+    }
+
+    fn reshape(&self, t: CudaTensor, rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        if t.len() != rows * cols {
+            return Err(shape_error(
+                "reshape",
+                format!("[{}, {}] to [{rows}, {cols}]", t.rows, t.cols),
+            ));
+        }
+        Ok(CudaTensor {
+            buf: t.buf,
+            rows,
+            cols,
+        })
+    }
+
+    fn upload_plan(&self, plan: &Arc<SparsePlan>) -> Result<CudaPlan, BackendError> {
+        let entry_value = if plan.entry_value.is_empty() {
+            self.stream.alloc_zeros::<f32>(1).map_err(device_error)?
+        } else {
+            self.stream
+                .clone_htod(&plan.entry_value)
+                .map_err(device_error)?
+        };
+        Ok(CudaPlan {
+            examples: plan.examples,
+            fields: plan.fields,
+            unique: plan.unique,
+            entry_row: self.upload_u32(&plan.entry_row)?,
+            entry_value,
+            entry_segment: self.upload_u32(&plan.entry_segment)?,
+            segment_offsets: self.upload_u32(&plan.segment_offsets)?,
+            row_offsets: self.upload_u32(&plan.row_offsets)?,
+            row_entries: self.upload_u32(&plan.row_entries)?,
+        })
+    }
+
+    fn gather_pool(
+        &self,
+        rows: &CudaTensor,
+        plan: &CudaPlan,
+        pooling: Pooling,
+    ) -> Result<CudaTensor, BackendError> {
+        self.check_plan_rows("gather_pool", rows, plan)?;
+        let (out_rows, stride) = pooled_rows(plan, pooling);
+        let mut out = self.zeros(out_rows, rows.cols)?;
+        if out.len() == 0 {
+            return Ok(out);
+        }
+        let (n, dim, stride) = (
+            int(out_rows, "gather_pool")?,
+            int(rows.cols, "gather_pool")?,
+            int(stride, "gather_pool")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.gather_pool);
+        b.arg(&mut out.buf)
+            .arg(&rows.buf)
+            .arg(&plan.entry_row)
+            .arg(&plan.entry_value);
+        b.arg(&plan.segment_offsets).arg(&n).arg(&dim).arg(&stride);
+        // SAFETY: the kernel reads `segment_offsets[0..=n*stride]` and the rows
+        // they index, all sized by the plan, and writes `out[0..n*dim]`.
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
+    }
+
+    fn scatter_pool(
+        &self,
+        grad: &CudaTensor,
+        plan: &CudaPlan,
+        pooling: Pooling,
+    ) -> Result<CudaTensor, BackendError> {
+        let (out_rows, stride) = pooled_rows(plan, pooling);
+        if grad.rows != out_rows {
+            return Err(shape_error(
+                "scatter_pool",
+                format!("{} gradient rows, expected {out_rows}", grad.rows),
+            ));
+        }
+        let mut out = self.zeros(plan.unique, grad.cols)?;
+        if out.len() == 0 {
+            return Ok(out);
+        }
+        let (u, dim, stride) = (
+            int(plan.unique, "scatter_pool")?,
+            int(grad.cols, "scatter_pool")?,
+            int(stride, "scatter_pool")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.scatter_pool);
+        b.arg(&mut out.buf)
+            .arg(&grad.buf)
+            .arg(&plan.row_offsets)
+            .arg(&plan.row_entries);
+        b.arg(&plan.entry_segment)
+            .arg(&plan.entry_value)
+            .arg(&u)
+            .arg(&dim)
+            .arg(&stride);
+        // SAFETY: reads the plan's index arrays and `grad[0..out_rows*dim]`,
+        // writes `out[0..unique*dim]`.
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
+    }
+
+    fn fm_forward(
+        &self,
+        rows: &CudaTensor,
+        plan: &CudaPlan,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        self.check_plan_rows("fm_forward", rows, plan)?;
+        let mut sums = self.zeros(plan.examples, rows.cols)?;
+        let mut terms = self.zeros(plan.examples, rows.cols)?;
+        let mut out = self.zeros(plan.examples, 1)?;
+        if sums.len() == 0 {
+            return Ok((out, sums));
+        }
+        let (n, dim, fields) = (
+            int(plan.examples, "fm")?,
+            int(rows.cols, "fm")?,
+            int(plan.fields, "fm")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.fm_sums);
+        b.arg(&mut sums.buf)
+            .arg(&mut terms.buf)
+            .arg(&rows.buf)
+            .arg(&plan.entry_row);
+        b.arg(&plan.entry_value)
+            .arg(&plan.segment_offsets)
+            .arg(&n)
+            .arg(&dim)
+            .arg(&fields);
+        // SAFETY: as gather_pool with per-example pooling; writes [n, dim] twice.
+        unsafe { b.launch(linear(sums.rows * sums.cols)) }.map_err(device_error)?;
+        let mut b = self.stream.launch_builder(&self.k.fm_reduce);
+        b.arg(&mut out.buf).arg(&terms.buf).arg(&n).arg(&dim);
+        // SAFETY: reads terms[0..n*dim], writes out[0..n].
+        unsafe { b.launch(linear(plan.examples)) }.map_err(device_error)?;
+        Ok((out, sums))
+    }
+
+    fn fm_backward(
+        &self,
+        grad: &CudaTensor,
+        sums: &CudaTensor,
+        rows: &CudaTensor,
+        plan: &CudaPlan,
+    ) -> Result<CudaTensor, BackendError> {
+        self.check_plan_rows("fm_backward", rows, plan)?;
+        if (grad.rows, grad.cols) != (plan.examples, 1)
+            || (sums.rows, sums.cols) != (plan.examples, rows.cols)
+        {
+            return Err(shape_error(
+                "fm_backward",
+                format!(
+                    "grad [{}, {}], sums [{}, {}] for {} examples",
+                    grad.rows, grad.cols, sums.rows, sums.cols, plan.examples
+                ),
+            ));
+        }
+        let mut out = self.zeros(plan.unique, rows.cols)?;
+        if out.len() == 0 {
+            return Ok(out);
+        }
+        let (u, dim, fields) = (
+            int(plan.unique, "fm")?,
+            int(rows.cols, "fm")?,
+            int(plan.fields, "fm")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.fm_backward);
+        b.arg(&mut out.buf)
+            .arg(&grad.buf)
+            .arg(&sums.buf)
+            .arg(&rows.buf);
+        b.arg(&plan.row_offsets)
+            .arg(&plan.row_entries)
+            .arg(&plan.entry_segment)
+            .arg(&plan.entry_value);
+        b.arg(&u).arg(&dim).arg(&fields);
+        // SAFETY: reads the plan and [examples, dim] / [unique, dim] operands
+        // checked above, writes out[0..unique*dim].
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
+    }
+
+    fn matmul(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Result<CudaTensor, BackendError> {
+        let (m, ka) = if transpose_a {
+            (a.cols, a.rows)
+        } else {
+            (a.rows, a.cols)
+        };
+        let (kb, n) = if transpose_b {
+            (b.cols, b.rows)
+        } else {
+            (b.rows, b.cols)
+        };
+        if ka != kb {
+            return Err(shape_error("matmul", format!("[{m}, {ka}] @ [{kb}, {n}]")));
+        }
+        let mut c = self.zeros(m, n)?;
+        if c.len() == 0 || ka == 0 {
+            return Ok(c);
+        }
+        let (mi, ni, ki) = (int(m, "matmul")?, int(n, "matmul")?, int(ka, "matmul")?);
+        let (ta, tb) = (i32::from(transpose_a), i32::from(transpose_b));
+        let mut builder = self.stream.launch_builder(&self.k.matmul);
+        builder
+            .arg(&mut c.buf)
+            .arg(&a.buf)
+            .arg(&b.buf)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&ta)
+            .arg(&tb);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: bounds are checked in the kernel against m, n, k, which match
+        // the operands' shapes checked above.
+        unsafe { builder.launch(cfg) }.map_err(device_error)?;
+        Ok(c)
+    }
+
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        Self::same_shape("add", a, b)?;
+        let mut out = self.zeros(a.rows, a.cols)?;
+        if out.len() == 0 {
+            return Ok(out);
+        }
+        let n = out.len() as i64;
+        let mut builder = self.stream.launch_builder(&self.k.add);
+        builder.arg(&mut out.buf).arg(&a.buf).arg(&b.buf).arg(&n);
+        // SAFETY: three buffers of n elements.
+        unsafe { builder.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
+    }
+
+    fn bias_act(
+        &self,
+        x: &CudaTensor,
+        bias: &CudaTensor,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<CudaTensor, BackendError> {
+        if (bias.rows, bias.cols) != (1, x.cols) {
+            return Err(shape_error(
+                "bias_act",
+                format!(
+                    "x [{}, {}], bias [{}, {}]",
+                    x.rows, x.cols, bias.rows, bias.cols
+                ),
+            ));
+        }
+        let mut y = self.zeros(x.rows, x.cols)?;
+        if y.len() == 0 {
+            return Ok(y);
+        }
+        let (rows, cols) = (int(x.rows, "bias_act")?, int(x.cols, "bias_act")?);
+        let act = i32::from(act == Activation::Relu);
+        let (use_dropout, rate, seed) = dropout.map_or((0i32, 0f32, 0u64), |d| (1, d.rate, d.seed));
+        let mut b = self.stream.launch_builder(&self.k.bias_act);
+        b.arg(&mut y.buf)
+            .arg(&x.buf)
+            .arg(&bias.buf)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&act);
+        b.arg(&use_dropout).arg(&rate).arg(&seed);
+        // SAFETY: x and y hold rows*cols elements, bias cols.
+        unsafe { b.launch(linear(y.rows * y.cols)) }.map_err(device_error)?;
+        Ok(y)
+    }
+
+    fn bias_act_backward(
+        &self,
+        grad: &CudaTensor,
+        y: &CudaTensor,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        Self::same_shape("bias_act_backward", grad, y)?;
+        let mut dx = self.zeros(grad.rows, grad.cols)?;
+        let mut dbias = self.zeros(1, grad.cols)?;
+        if dx.len() == 0 {
+            return Ok((dx, dbias));
+        }
+        let n = dx.len() as i64;
+        let act = i32::from(act == Activation::Relu);
+        let (use_dropout, rate, seed) = dropout.map_or((0i32, 0f32, 0u64), |d| (1, d.rate, d.seed));
+        let mut b = self.stream.launch_builder(&self.k.bias_act_backward);
+        b.arg(&mut dx.buf)
+            .arg(&grad.buf)
+            .arg(&y.buf)
+            .arg(&n)
+            .arg(&act);
+        b.arg(&use_dropout).arg(&rate).arg(&seed);
+        // SAFETY: three buffers of n elements.
+        unsafe { b.launch(linear(dx.rows * dx.cols)) }.map_err(device_error)?;
+        let (rows, cols) = (
+            int(grad.rows, "bias_act_backward")?,
+            int(grad.cols, "bias_act_backward")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.col_sums);
+        b.arg(&mut dbias.buf).arg(&dx.buf).arg(&rows).arg(&cols);
+        // SAFETY: reads rows*cols, writes cols.
+        unsafe { b.launch(linear(grad.cols)) }.map_err(device_error)?;
+        Ok((dx, dbias))
+    }
+
+    fn batch_norm(
+        &self,
+        x: &CudaTensor,
+        params: &CudaTensor,
+        mode: BatchNormMode,
+        eps: f32,
+    ) -> Result<(CudaTensor, CudaTensor, BatchNormSaved<CudaTensor>), BackendError> {
+        if (params.rows, params.cols) != (4, x.cols) {
+            return Err(shape_error(
+                "batch_norm",
+                format!(
+                    "x [{}, {}], params [{}, {}]",
+                    x.rows, x.cols, params.rows, params.cols
+                ),
+            ));
+        }
+        let mut stats = self.zeros(2, x.cols)?;
+        let mut inv_std = self.zeros(1, x.cols)?;
+        let mut y = self.zeros(x.rows, x.cols)?;
+        let mut xhat = self.zeros(x.rows, x.cols)?;
+        if x.cols > 0 {
+            let (rows, cols) = (int(x.rows, "batch_norm")?, int(x.cols, "batch_norm")?);
+            let running = i32::from(mode == BatchNormMode::Running);
+            let mut b = self.stream.launch_builder(&self.k.bn_stats);
+            b.arg(&mut stats.buf)
+                .arg(&mut inv_std.buf)
+                .arg(&x.buf)
+                .arg(&params.buf);
+            b.arg(&rows).arg(&cols).arg(&running).arg(&eps);
+            // SAFETY: reads x [rows, cols] and params [4, cols]; writes [2, cols] and [cols].
+            unsafe { b.launch(linear(x.cols)) }.map_err(device_error)?;
+            if y.len() > 0 {
+                let mut b = self.stream.launch_builder(&self.k.bn_apply);
+                b.arg(&mut y.buf)
+                    .arg(&mut xhat.buf)
+                    .arg(&x.buf)
+                    .arg(&stats.buf);
+                b.arg(&inv_std.buf).arg(&params.buf).arg(&rows).arg(&cols);
+                // SAFETY: elementwise over [rows, cols] with per-column operands.
+                unsafe { b.launch(linear(y.rows * y.cols)) }.map_err(device_error)?;
+            }
+        }
+        Ok((
+            y,
+            stats,
+            BatchNormSaved {
+                normalized: xhat,
+                inv_std,
+            },
+        ))
+    }
+
+    fn batch_norm_backward(
+        &self,
+        grad: &CudaTensor,
+        params: &CudaTensor,
+        saved: &BatchNormSaved<CudaTensor>,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        Self::same_shape("batch_norm_backward", grad, &saved.normalized)?;
+        let mut dparams = self.zeros(2, grad.cols)?;
+        let mut dx = self.zeros(grad.rows, grad.cols)?;
+        if grad.cols == 0 {
+            return Ok((dx, dparams));
+        }
+        let (rows, cols) = (
+            int(grad.rows, "batch_norm_backward")?,
+            int(grad.cols, "batch_norm_backward")?,
+        );
+        {
+            let mut dgamma = dparams.buf.slice_mut(0..grad.cols);
+            let mut b = self.stream.launch_builder(&self.k.col_dots);
+            b.arg(&mut dgamma)
+                .arg(&grad.buf)
+                .arg(&saved.normalized.buf)
+                .arg(&rows)
+                .arg(&cols);
+            // SAFETY: reads two [rows, cols] buffers, writes cols.
+            unsafe { b.launch(linear(grad.cols)) }.map_err(device_error)?;
+        }
+        {
+            let mut dbeta = dparams.buf.slice_mut(grad.cols..2 * grad.cols);
+            let mut b = self.stream.launch_builder(&self.k.col_sums);
+            b.arg(&mut dbeta).arg(&grad.buf).arg(&rows).arg(&cols);
+            // SAFETY: reads [rows, cols], writes cols.
+            unsafe { b.launch(linear(grad.cols)) }.map_err(device_error)?;
+        }
+        if dx.len() > 0 {
+            let mut b = self.stream.launch_builder(&self.k.bn_backward);
+            b.arg(&mut dx.buf)
+                .arg(&grad.buf)
+                .arg(&saved.normalized.buf)
+                .arg(&saved.inv_std.buf);
+            b.arg(&params.buf).arg(&dparams.buf).arg(&rows).arg(&cols);
+            // SAFETY: elementwise over [rows, cols] with per-column operands.
+            unsafe { b.launch(linear(dx.rows * dx.cols)) }.map_err(device_error)?;
+        }
+        Ok((dx, dparams))
+    }
+
+    fn bce_with_logits(
+        &self,
+        logits: &CudaTensor,
+        labels: &CudaTensor,
+    ) -> Result<(f64, CudaTensor), BackendError> {
+        Self::same_shape("bce_with_logits", logits, labels)?;
+        let mut loss = self.zeros(logits.rows, logits.cols)?;
+        let mut grad = self.zeros(logits.rows, logits.cols)?;
+        if loss.len() == 0 {
+            return Ok((0.0, grad));
+        }
+        let n = int(loss.len(), "bce_with_logits")?;
+        let mut b = self.stream.launch_builder(&self.k.bce_with_logits);
+        b.arg(&mut loss.buf)
+            .arg(&mut grad.buf)
+            .arg(&logits.buf)
+            .arg(&labels.buf)
+            .arg(&n);
+        // SAFETY: four buffers of n elements.
+        unsafe { b.launch(linear(loss.rows * loss.cols)) }.map_err(device_error)?;
+        let total = self.download(&loss)?.iter().map(|&l| f64::from(l)).sum();
+        Ok((total, grad))
+    }
+
+    fn sigmoid(&self, x: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        let mut out = self.zeros(x.rows, x.cols)?;
+        if out.len() == 0 {
+            return Ok(out);
+        }
+        let n = out.len() as i64;
+        let mut b = self.stream.launch_builder(&self.k.sigmoid);
+        b.arg(&mut out.buf).arg(&x.buf).arg(&n);
+        // SAFETY: two buffers of n elements.
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
+    }
+}

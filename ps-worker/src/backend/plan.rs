@@ -1,0 +1,159 @@
+//! [`SparsePlan`]: a batch's sparse occurrences laid out for gather and scatter.
+
+/// The feature occurrences of a batch, laid out for pooling and for a
+/// deterministic gradient scatter.
+///
+/// Occurrences are sorted (stably) by segment `example * fields + field`.
+/// `segment_offsets[s]..segment_offsets[s + 1]` are the occurrences of segment
+/// `s`; example `b`'s are `segment_offsets[b * fields]..segment_offsets[(b + 1) * fields]`.
+/// The transposed index lists, for each distinct row `u`, the occurrences
+/// that read it, in ascending order: `row_entries[row_offsets[u]..row_offsets[u + 1]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparsePlan {
+    /// Examples in the batch.
+    pub examples: usize,
+    /// Fields per example (1 when the data has none).
+    pub fields: usize,
+    /// Distinct rows the occurrences index.
+    pub unique: usize,
+    /// Distinct-row index of each occurrence.
+    pub entry_row: Vec<u32>,
+    /// Feature value of each occurrence.
+    pub entry_value: Vec<f32>,
+    /// Segment (`example * fields + field`) of each occurrence.
+    pub entry_segment: Vec<u32>,
+    /// `examples * fields + 1` offsets into the occurrences.
+    pub segment_offsets: Vec<u32>,
+    /// `unique + 1` offsets into `row_entries`.
+    pub row_offsets: Vec<u32>,
+    /// Occurrence ids grouped by distinct row.
+    pub row_entries: Vec<u32>,
+}
+
+impl SparsePlan {
+    /// Builds the plan of a CSR batch.
+    ///
+    /// `offsets` (length `examples + 1`) delimit each example's occurrences in
+    /// `rows` (distinct-row index, each `< unique`), `values` and `fields`
+    /// (each `< num_fields`; `None` puts every occurrence in field 0).
+    pub fn new(
+        offsets: &[usize],
+        rows: &[u32],
+        values: &[f32],
+        fields: Option<&[u32]>,
+        num_fields: usize,
+        unique: usize,
+    ) -> SparsePlan {
+        let examples = offsets.len().saturating_sub(1);
+        let num_fields = num_fields.max(1);
+        let segments = examples * num_fields;
+        // Counting sort of occurrences by segment (stable).
+        let segment_of = |i: usize, b: usize| -> usize {
+            let f = fields.map_or(0, |f| f[i] as usize).min(num_fields - 1);
+            b * num_fields + f
+        };
+        let mut counts = vec![0u32; segments + 1];
+        for b in 0..examples {
+            for i in offsets[b]..offsets[b + 1] {
+                counts[segment_of(i, b) + 1] += 1;
+            }
+        }
+        for s in 0..segments {
+            counts[s + 1] += counts[s];
+        }
+        let segment_offsets = counts.clone();
+        let n = offsets.last().copied().unwrap_or(0);
+        let mut entry_row = vec![0u32; n];
+        let mut entry_value = vec![0f32; n];
+        let mut entry_segment = vec![0u32; n];
+        let mut next = counts;
+        for b in 0..examples {
+            for i in offsets[b]..offsets[b + 1] {
+                let s = segment_of(i, b);
+                let at = next[s] as usize;
+                next[s] += 1;
+                entry_row[at] = rows[i];
+                entry_value[at] = values[i];
+                entry_segment[at] = s as u32;
+            }
+        }
+        // Transposed index: counting sort of occurrences by distinct row.
+        let mut row_offsets = vec![0u32; unique + 1];
+        for &r in &entry_row {
+            row_offsets[r as usize + 1] += 1;
+        }
+        for u in 0..unique {
+            row_offsets[u + 1] += row_offsets[u];
+        }
+        let mut fill = row_offsets.clone();
+        let mut row_entries = vec![0u32; n];
+        for (e, &r) in entry_row.iter().enumerate() {
+            row_entries[fill[r as usize] as usize] = e as u32;
+            fill[r as usize] += 1;
+        }
+        SparsePlan {
+            examples,
+            fields: num_fields,
+            unique,
+            entry_row,
+            entry_value,
+            entry_segment,
+            segment_offsets,
+            row_offsets,
+            row_entries,
+        }
+    }
+
+    /// Number of occurrences.
+    pub fn entries(&self) -> usize {
+        self.entry_row.len()
+    }
+
+    /// Output rows of a gather with this pooling.
+    pub fn pooled_rows(&self, pooling: super::Pooling) -> usize {
+        match pooling {
+            super::Pooling::Example => self.examples,
+            super::Pooling::Field => self.examples * self.fields,
+        }
+    }
+
+    /// Segments per pooled output row (`fields` for per-example pooling).
+    pub fn stride(&self, pooling: super::Pooling) -> usize {
+        match pooling {
+            super::Pooling::Example => self.fields,
+            super::Pooling::Field => 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn occurrences_are_sorted_by_example_then_field_and_indexed_by_row() {
+        // Example 0: rows 2 (field 1), 0 (field 0); example 1: row 2 (field 0).
+        let plan = SparsePlan::new(
+            &[0, 2, 3],
+            &[2, 0, 2],
+            &[1.0, 2.0, 3.0],
+            Some(&[1, 0, 0]),
+            2,
+            3,
+        );
+        assert_eq!(plan.entry_row, [0, 2, 2]);
+        assert_eq!(plan.entry_value, [2.0, 1.0, 3.0]);
+        assert_eq!(plan.entry_segment, [0, 1, 2]);
+        assert_eq!(plan.segment_offsets, [0, 1, 2, 3, 3]);
+        assert_eq!(plan.row_offsets, [0, 1, 1, 3]);
+        assert_eq!(plan.row_entries, [0, 1, 2]);
+    }
+
+    #[test]
+    fn an_empty_batch_has_an_empty_plan() {
+        let plan = SparsePlan::new(&[0], &[], &[], None, 3, 0);
+        assert_eq!(plan.examples, 0);
+        assert_eq!(plan.segment_offsets, [0]);
+        assert_eq!(plan.row_offsets, [0]);
+    }
+}

@@ -1,0 +1,523 @@
+//! The models: LR, FM, DeepFM and Wide&Deep over server-side tables.
+//!
+//! One [`Model`] covers all four: a linear part (sparse `weights`, dim 1) and
+//! a `bias`, optionally an FM interaction over a sparse `embeddings` table,
+//! optionally an MLP over the per-field pooled embeddings whose weights are
+//! dense tables. The worker holds nothing between steps: [`Model::pull`]
+//! fetches what a batch touches, [`Model::compute`] runs forward (and in
+//! training backward) on any [`Backend`], and [`Model::push`] sends the
+//! gradients.
+//!
+//! Layer order in the MLP: `x W` -> batch norm (optional) -> `+ b` -> ReLU
+//! -> dropout, plus the layer's input when `residual` and the width is kept.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ps_common::PsError;
+use ps_common::config::{JobConfig, ModelConfig};
+use ps_common::routing::mix64;
+
+use crate::backend::{
+    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
+};
+use crate::client::PsClient;
+use crate::data::Batch;
+use crate::dedup::UniqueKeys;
+
+/// A table the model reads, with the shape it expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableUse {
+    /// Table name.
+    pub name: String,
+    /// Rows pulled: `None` for sparse tables (the batch's ids).
+    pub rows: Option<usize>,
+    /// Floats per row.
+    pub dim: usize,
+}
+
+/// One hidden layer's tables.
+#[derive(Debug, Clone, PartialEq)]
+struct Layer {
+    input: usize,
+    output: usize,
+    /// Index of the weight table among the dense tables; the bias follows,
+    /// then (with batch norm) `bn` and `bn_stats`.
+    dense: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Mlp {
+    layers: Vec<Layer>,
+    /// Index of `{name}.out.w` among the dense tables.
+    out: usize,
+    dropout: f32,
+    batch_norm: bool,
+    momentum: f32,
+    residual: bool,
+}
+
+/// LR, FM, DeepFM or Wide&Deep, as a job configures it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    sparse: Vec<TableUse>,
+    dense: Vec<TableUse>,
+    fm: bool,
+    fields: usize,
+    mlp: Option<Mlp>,
+    frozen: BTreeSet<String>,
+}
+
+/// Epsilon of batch normalization.
+const BN_EPS: f32 = 1e-5;
+
+/// What a batch needs from the servers, pulled.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The batch's distinct ids.
+    pub keys: Vec<u64>,
+    /// Occurrences laid out for the backend.
+    pub plan: Arc<SparsePlan>,
+    /// Labels, one per example.
+    pub labels: Vec<f32>,
+    /// Rows of each sparse table (model order), `keys.len() * dim`.
+    pub sparse: Vec<Vec<f32>>,
+    /// All rows of each dense table (model order), `rows * dim`.
+    pub dense: Vec<Vec<f32>>,
+}
+
+/// Gradients in the layout of [`Pulled`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients {
+    /// Per sparse table, `keys.len() * dim`.
+    pub sparse: Vec<Vec<f32>>,
+    /// Per dense table, `rows * dim`.
+    pub dense: Vec<Vec<f32>>,
+}
+
+/// Training (backward, dropout, batch statistics) or evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward and backward; `seed` drives this step's dropout masks.
+    Train {
+        /// Dropout seed of the step.
+        seed: u64,
+    },
+    /// Forward only, with running batch-norm statistics and no dropout.
+    Eval,
+}
+
+/// The result of one forward (and backward) pass.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Summed binary cross-entropy over the batch.
+    pub loss_sum: f64,
+    /// Predicted click probabilities.
+    pub probs: Vec<f32>,
+    /// Gradients of the mean loss (training only).
+    pub grads: Option<Gradients>,
+}
+
+impl Model {
+    /// The model a job configures.
+    pub fn from_job(job: &JobConfig) -> Model {
+        let (weights, bias) = job.model.linear_tables();
+        let mut sparse = vec![TableUse {
+            name: weights.into(),
+            rows: None,
+            dim: 1,
+        }];
+        let mut dense = vec![TableUse {
+            name: bias.into(),
+            rows: Some(1),
+            dim: 1,
+        }];
+        let k = job
+            .model
+            .embeddings_table()
+            .and_then(|e| job.tables.get(e).map(|t| (e, t.dim as usize)));
+        if let Some((name, dim)) = k {
+            sparse.push(TableUse {
+                name: name.into(),
+                rows: None,
+                dim,
+            });
+        }
+        let fields = job.data.fields as usize;
+        let mlp = job.model.mlp().map(|config| {
+            let specs =
+                config.table_specs((fields * k.map_or(0, |(_, d)| d)) as u32, job.train.seed);
+            let first = dense.len();
+            dense.extend(specs.iter().map(|s| TableUse {
+                name: s.name.clone(),
+                rows: Some(s.kind.rows().unwrap_or(1) as usize),
+                dim: s.dim as usize,
+            }));
+            let per_layer = if config.batch_norm { 4 } else { 2 };
+            let mut input = fields * k.map_or(0, |(_, d)| d);
+            let layers = config
+                .hidden
+                .iter()
+                .enumerate()
+                .map(|(i, &out)| {
+                    let layer = Layer {
+                        input,
+                        output: out as usize,
+                        dense: first + i * per_layer,
+                    };
+                    input = out as usize;
+                    layer
+                })
+                .collect::<Vec<_>>();
+            Mlp {
+                out: first + layers.len() * per_layer,
+                layers,
+                dropout: config.dropout,
+                batch_norm: config.batch_norm,
+                momentum: config.bn_momentum,
+                residual: config.residual,
+            }
+        });
+        Model {
+            sparse,
+            dense,
+            fm: matches!(
+                job.model,
+                ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }
+            ),
+            fields,
+            mlp,
+            frozen: BTreeSet::new(),
+        }
+    }
+
+    /// Keeps these tables fixed: their gradients are never pushed.
+    pub fn freeze(mut self, tables: impl IntoIterator<Item = String>) -> Model {
+        self.frozen.extend(tables);
+        self
+    }
+
+    /// The sparse tables, in the order of [`Pulled::sparse`].
+    pub fn sparse_tables(&self) -> &[TableUse] {
+        &self.sparse
+    }
+
+    /// The dense tables, in the order of [`Pulled::dense`].
+    pub fn dense_tables(&self) -> &[TableUse] {
+        &self.dense
+    }
+
+    /// Lays out a batch's occurrences for the backend.
+    pub fn plan(&self, batch: &Batch) -> (Vec<u64>, Arc<SparsePlan>) {
+        let unique = UniqueKeys::new(&batch.ids);
+        let plan = SparsePlan::new(
+            &batch.offsets,
+            &unique.index,
+            &batch.values,
+            (!batch.fields.is_empty()).then_some(batch.fields.as_slice()),
+            self.fields,
+            unique.keys.len(),
+        );
+        (unique.keys, Arc::new(plan))
+    }
+
+    /// Pulls every row the batch needs, all tables in parallel.
+    pub async fn pull(&self, client: &PsClient, batch: &Batch) -> Result<Pulled, PsError> {
+        let (keys, plan) = self.plan(batch);
+        let keys = Arc::new(keys);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (slot, table) in self.sparse.iter().chain(&self.dense).enumerate() {
+            let (client, name, keys) = (client.clone(), table.name.clone(), Arc::clone(&keys));
+            let rows = table.rows;
+            tasks.spawn(async move {
+                let rows = match rows {
+                    None => client.pull_unique(&name, &keys).await?,
+                    Some(n) => {
+                        let all: Vec<u64> = (0..n as u64).collect();
+                        client.pull_unique(&name, &all).await?
+                    }
+                };
+                Ok::<_, PsError>((slot, rows))
+            });
+        }
+        let mut slots = vec![Vec::new(); self.sparse.len() + self.dense.len()];
+        while let Some(joined) = tasks.join_next().await {
+            let (slot, rows) =
+                joined.map_err(|e| PsError::Internal(format!("pull task failed: {e}")))??;
+            slots[slot] = rows;
+        }
+        let dense = slots.split_off(self.sparse.len());
+        Ok(Pulled {
+            keys: Arc::try_unwrap(keys).unwrap_or_else(|k| (*k).clone()),
+            plan,
+            labels: batch.labels.clone(),
+            sparse: slots,
+            dense,
+        })
+    }
+
+    /// Pushes gradients asynchronously (see [`PsClient::push_unique`]),
+    /// skipping frozen tables.
+    pub async fn push(
+        &self,
+        client: &PsClient,
+        pulled: &Pulled,
+        grads: &Gradients,
+    ) -> Result<(), PsError> {
+        for (table, grad) in self.sparse.iter().zip(&grads.sparse) {
+            if !self.frozen.contains(&table.name) {
+                client.push_unique(&table.name, &pulled.keys, grad).await?;
+            }
+        }
+        for (table, grad) in self.dense.iter().zip(&grads.dense) {
+            if !self.frozen.contains(&table.name) {
+                let rows: Vec<u64> = (0..table.rows.unwrap_or(1) as u64).collect();
+                client.push_unique(&table.name, &rows, grad).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward pass, and in training the backward pass, on `backend`.
+    pub fn compute<B: Backend>(
+        &self,
+        backend: &B,
+        pulled: &Pulled,
+        mode: Mode,
+    ) -> Result<Output, BackendError> {
+        let plan_host = &pulled.plan;
+        let (n, unique) = (plan_host.examples, plan_host.unique);
+        let plan = backend.upload_plan(plan_host)?;
+        let dense_tensor = |i: usize| {
+            let t = &self.dense[i];
+            backend.upload(&pulled.dense[i], t.rows.unwrap_or(1), t.dim)
+        };
+        let w = backend.upload(&pulled.sparse[0], unique, 1)?;
+        let mut z = backend.gather_pool(&w, &plan, Pooling::Example)?;
+        let v = match self.sparse.get(1) {
+            Some(t) => Some(backend.upload(&pulled.sparse[1], unique, t.dim)?),
+            None => None,
+        };
+        let mut fm_sums = None;
+        if let (true, Some(v)) = (self.fm, &v) {
+            let (interaction, sums) = backend.fm_forward(v, &plan)?;
+            z = backend.add(&z, &interaction)?;
+            fm_sums = Some(sums);
+        }
+        let mut deep = None;
+        if let (Some(mlp), Some(v)) = (&self.mlp, &v) {
+            let (out, tape) = self.mlp_forward(backend, mlp, v, &plan, pulled, mode)?;
+            z = backend.add(&z, &out)?;
+            deep = Some(tape);
+        }
+        let bias = dense_tensor(0)?;
+        let logits = backend.bias_act(&z, &bias, Activation::Identity, None)?;
+        let labels = backend.upload(&pulled.labels, n, 1)?;
+        let (loss_sum, dlogits) = backend.bce_with_logits(&logits, &labels)?;
+        let probs = backend.download(&backend.sigmoid(&logits)?)?;
+        let Mode::Train { .. } = mode else {
+            return Ok(Output {
+                loss_sum,
+                probs,
+                grads: None,
+            });
+        };
+
+        let mut dense_grads: Vec<Vec<f32>> = self.dense.iter().map(|_| Vec::new()).collect();
+        let (dz, dbias) =
+            backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
+        dense_grads[0] = backend.download(&dbias)?;
+        let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
+        let mut sparse_grads = vec![backend.download(&dw)?];
+        if let Some(v) = &v {
+            let mut dv: Option<B::Tensor> = None;
+            if let Some(sums) = &fm_sums {
+                dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
+            }
+            if let (Some(mlp), Some(tape)) = (&self.mlp, deep) {
+                let de = self.mlp_backward(backend, mlp, tape, &dz, pulled, &mut dense_grads)?;
+                let de = backend.reshape(de, n * self.fields, self.sparse[1].dim)?;
+                let from_deep = backend.scatter_pool(&de, &plan, Pooling::Field)?;
+                dv = Some(match dv {
+                    Some(fm) => backend.add(&fm, &from_deep)?,
+                    None => from_deep,
+                });
+            }
+            if let Some(dv) = dv {
+                sparse_grads.push(backend.download(&dv)?);
+            }
+        }
+        Ok(Output {
+            loss_sum,
+            probs,
+            grads: Some(Gradients {
+                sparse: sparse_grads,
+                dense: dense_grads,
+            }),
+        })
+    }
+
+    fn mlp_forward<B: Backend>(
+        &self,
+        backend: &B,
+        mlp: &Mlp,
+        v: &B::Tensor,
+        plan: &B::Plan,
+        pulled: &Pulled,
+        mode: Mode,
+    ) -> Result<(B::Tensor, Tape<B::Tensor>), BackendError> {
+        let n = pulled.plan.examples;
+        let pooled = backend.gather_pool(v, plan, Pooling::Field)?;
+        let mut h = backend.reshape(pooled, n, self.fields * self.sparse[1].dim)?;
+        let mut steps = Vec::with_capacity(mlp.layers.len());
+        for (i, layer) in mlp.layers.iter().enumerate() {
+            let weight = self.upload_dense(backend, pulled, layer.dense)?;
+            let bias = self.upload_dense(backend, pulled, layer.dense + 1)?;
+            let pre = backend.matmul(&h, &weight, false, false)?;
+            let (pre, norm) = if mlp.batch_norm {
+                let params = bn_params(pulled, layer);
+                let params = backend.upload(&params, 4, layer.output)?;
+                let bn_mode = match mode {
+                    Mode::Train { .. } => BatchNormMode::Batch,
+                    Mode::Eval => BatchNormMode::Running,
+                };
+                let (y, stats, saved) = backend.batch_norm(&pre, &params, bn_mode, BN_EPS)?;
+                (y, Some((params, stats, saved)))
+            } else {
+                (pre, None)
+            };
+            let dropout = match mode {
+                Mode::Train { seed } if mlp.dropout > 0.0 => Some(Dropout {
+                    rate: mlp.dropout,
+                    seed: mix64(seed ^ (i as u64 + 1)),
+                }),
+                _ => None,
+            };
+            let act = backend.bias_act(&pre, &bias, Activation::Relu, dropout)?;
+            let residual = mlp.residual && layer.input == layer.output;
+            let (next, act) = if residual {
+                (backend.add(&h, &act)?, Some(act))
+            } else {
+                (act, None)
+            };
+            steps.push(Step {
+                input: std::mem::replace(&mut h, next),
+                weight,
+                act,
+                dropout,
+                norm,
+            });
+        }
+        let out_w = self.upload_dense(backend, pulled, mlp.out)?;
+        let out = backend.matmul(&h, &out_w, false, false)?;
+        Ok((
+            out,
+            Tape {
+                steps,
+                last: h,
+                out_w,
+            },
+        ))
+    }
+
+    fn mlp_backward<B: Backend>(
+        &self,
+        backend: &B,
+        mlp: &Mlp,
+        tape: Tape<B::Tensor>,
+        dz: &B::Tensor,
+        pulled: &Pulled,
+        grads: &mut [Vec<f32>],
+    ) -> Result<B::Tensor, BackendError> {
+        grads[mlp.out] = backend.download(&backend.matmul(&tape.last, dz, true, false)?)?;
+        let mut dh = backend.matmul(dz, &tape.out_w, false, true)?;
+        // The output of layer i is the input of layer i + 1 (or `last`).
+        let mut output = tape.last;
+        for (layer, step) in mlp.layers.iter().zip(tape.steps).rev() {
+            let act = step.act.as_ref().unwrap_or(&output);
+            let (dpre, dbias) =
+                backend.bias_act_backward(&dh, act, Activation::Relu, step.dropout)?;
+            grads[layer.dense + 1] = backend.download(&dbias)?;
+            let dlin = match &step.norm {
+                Some((params, stats, saved)) => {
+                    let (dx, dparams) = backend.batch_norm_backward(&dpre, params, saved)?;
+                    let dparams = backend.download(&dparams)?;
+                    grads[layer.dense + 2] = dparams[..layer.output].to_vec();
+                    grads[layer.dense + 3] =
+                        running_stats_push(pulled, layer, &backend.download(stats)?, mlp.momentum);
+                    dx
+                }
+                None => dpre,
+            };
+            grads[layer.dense] =
+                backend.download(&backend.matmul(&step.input, &dlin, true, false)?)?;
+            let dinput = backend.matmul(&dlin, &step.weight, false, true)?;
+            dh = if step.act.is_some() {
+                backend.add(&dinput, &dh)?
+            } else {
+                dinput
+            };
+            output = step.input;
+        }
+        Ok(dh)
+    }
+
+    fn upload_dense<B: Backend>(
+        &self,
+        backend: &B,
+        pulled: &Pulled,
+        i: usize,
+    ) -> Result<B::Tensor, BackendError> {
+        let t = &self.dense[i];
+        backend.upload(&pulled.dense[i], t.rows.unwrap_or(1), t.dim)
+    }
+}
+
+/// What the MLP's forward pass keeps for the backward pass.
+struct Tape<T> {
+    steps: Vec<Step<T>>,
+    last: T,
+    out_w: T,
+}
+
+struct Step<T> {
+    input: T,
+    weight: T,
+    /// With a residual connection, the layer's own activation
+    /// `dropout(relu(...))` (without, it is the next layer's input).
+    act: Option<T>,
+    dropout: Option<Dropout>,
+    norm: Option<(T, T, BatchNormSaved<T>)>,
+}
+
+/// `[gamma, beta = 0, running mean, running var]` of a layer from its tables
+/// (which store gamma - 1 and var - 1 so that zeros are the identity).
+fn bn_params(pulled: &Pulled, layer: &Layer) -> Vec<f32> {
+    let (bn, stats) = (
+        &pulled.dense[layer.dense + 2],
+        &pulled.dense[layer.dense + 3],
+    );
+    let w = layer.output;
+    let mut params = Vec::with_capacity(4 * w);
+    params.extend(bn[..w].iter().map(|g| 1.0 + g));
+    params.extend(std::iter::repeat_n(0.0, w));
+    params.extend_from_slice(&stats[..w]);
+    params.extend(stats[w..2 * w].iter().map(|v| 1.0 + v));
+    params
+}
+
+/// The push that moves the running statistics toward the batch's: through
+/// SGD with lr 1, `stored - (1 - m) (stored - batch)` is the moving average.
+fn running_stats_push(pulled: &Pulled, layer: &Layer, batch: &[f32], momentum: f32) -> Vec<f32> {
+    let stored = &pulled.dense[layer.dense + 3];
+    let w = layer.output;
+    (0..2 * w)
+        .map(|i| {
+            let target = if i < w { batch[i] } else { batch[i] - 1.0 };
+            (1.0 - momentum) * (stored[i] - target)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

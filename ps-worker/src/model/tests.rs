@@ -1,0 +1,235 @@
+//! Each model's gradients against finite differences of its loss, on the
+//! CPU backend, with random parameters and a batch with duplicate ids.
+
+use std::path::Path;
+
+use super::*;
+use crate::backend::conformance::Rng;
+use crate::backend::cpu::CpuBackend;
+
+/// A job for `model` (a `[model]` body) with 8-dim embeddings and 3 fields.
+pub(crate) fn job(model: &str) -> JobConfig {
+    let src = format!(
+        r#"
+[data]
+train = "builtin:a9a/train"
+fields = 3
+[model]
+{model}
+[tables.weights]
+kind = "sparse"
+dim = 1
+initializer = {{ kind = "zeros" }}
+optimizer = {{ kind = "sgd", lr = 0.1 }}
+[tables.bias]
+kind = "dense"
+rows = 1
+dim = 1
+initializer = {{ kind = "zeros" }}
+optimizer = {{ kind = "sgd", lr = 0.1 }}
+[tables.embeddings]
+kind = "sparse"
+dim = 4
+initializer = {{ kind = "normal", std = 0.1 }}
+optimizer = {{ kind = "sgd", lr = 0.1 }}
+"#
+    );
+    JobConfig::from_toml(&src, Path::new(".")).unwrap()
+}
+
+pub(crate) const MODELS: &[(&str, &str)] = &[
+    ("lr", "kind = \"lr\""),
+    ("fm", "kind = \"fm\""),
+    (
+        "deepfm",
+        "kind = \"deepfm\"\nmlp = { hidden = [6, 6], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+    (
+        "deepfm_bn_dropout",
+        "kind = \"deepfm\"\nmlp = { hidden = [5, 5, 3], dropout = 0.3, batch_norm = true, optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+    (
+        "wide_deep",
+        "kind = \"wide_deep\"\nmlp = { hidden = [4], residual = false, optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+];
+
+/// A batch of 6 examples over 5 distinct ids (with repeats) in 3 fields.
+pub(crate) fn batch() -> Batch {
+    Batch {
+        labels: vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0],
+        offsets: vec![0, 3, 5, 8, 9, 11, 14],
+        ids: vec![1, 2, 3, 2, 4, 1, 1, 5, 3, 4, 2, 5, 3, 1],
+        values: vec![
+            1.0, 0.5, -1.0, 1.0, 2.0, 1.0, 0.5, 1.0, 1.0, -0.5, 1.0, 1.0, 1.5, 1.0,
+        ],
+        fields: vec![0, 1, 2, 1, 0, 0, 2, 1, 2, 0, 1, 1, 2, 0],
+    }
+}
+
+/// Random values for every pulled table.
+pub(crate) fn pulled(model: &Model, batch: &Batch, seed: u64) -> Pulled {
+    let mut rng = Rng::new(seed);
+    let (keys, plan) = model.plan(batch);
+    let sparse = model
+        .sparse_tables()
+        .iter()
+        .map(|t| rng.vec(keys.len() * t.dim))
+        .collect();
+    let dense = model
+        .dense_tables()
+        .iter()
+        .map(|t| {
+            rng.vec(t.rows.unwrap_or(1) * t.dim)
+                .into_iter()
+                .map(|v| v * 0.5)
+                .collect()
+        })
+        .collect();
+    Pulled {
+        keys,
+        plan,
+        labels: batch.labels.clone(),
+        sparse,
+        dense,
+    }
+}
+
+fn mean_loss(model: &Model, p: &Pulled, mode: Mode) -> f64 {
+    model.compute(&CpuBackend, p, mode).unwrap().loss_sum / p.labels.len() as f64
+}
+
+#[test]
+fn every_model_s_gradients_match_finite_differences() {
+    let b = batch();
+    let mode = Mode::Train { seed: 42 };
+    for &(name, body) in MODELS {
+        let model = Model::from_job(&job(body));
+        let p = pulled(&model, &b, 7);
+        let grads = model.compute(&CpuBackend, &p, mode).unwrap().grads.unwrap();
+        let h = 1e-2f32;
+        let mut checked = 0;
+        let tables = model.sparse_tables().len();
+        for t in 0..tables + model.dense_tables().len() {
+            let table = if t < tables {
+                &model.sparse_tables()[t]
+            } else {
+                &model.dense_tables()[t - tables]
+            };
+            if table.name.ends_with(".bn_stats") {
+                continue; // a moving-average push, not a gradient
+            }
+            let (values, grad) = if t < tables {
+                (&p.sparse[t], &grads.sparse[t])
+            } else {
+                (&p.dense[t - tables], &grads.dense[t - tables])
+            };
+            assert_eq!(values.len(), grad.len(), "{name}: {}", table.name);
+            for i in 0..values.len() {
+                let at = |delta: f32| {
+                    let mut q = p.clone();
+                    let slot = if t < tables {
+                        &mut q.sparse[t]
+                    } else {
+                        &mut q.dense[t - tables]
+                    };
+                    slot[i] += delta;
+                    mean_loss(&model, &q, mode)
+                };
+                let numeric = ((at(h) - at(-h)) / (2.0 * f64::from(h))) as f32;
+                let tol = 2e-2 * (1.0 + numeric.abs().max(grad[i].abs()));
+                assert!(
+                    (numeric - grad[i]).abs() <= tol,
+                    "{name}: {}[{i}]: finite difference {numeric} vs backward {}",
+                    table.name,
+                    grad[i]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 5, "{name}: checked {checked} values");
+    }
+}
+
+#[test]
+fn lr_computes_bias_plus_weighted_features() {
+    let model = Model::from_job(&job("kind = \"lr\""));
+    let b = Batch {
+        labels: vec![1.0, 0.0],
+        offsets: vec![0, 2, 5],
+        ids: vec![1, 2, 2, 2, 3],
+        values: vec![1.0, 0.5, 1.0, 2.0, -1.0],
+        fields: Vec::new(),
+    };
+    let mut p = pulled(&model, &b, 1);
+    p.sparse[0] = vec![0.5, -1.0, 2.0];
+    p.dense[0] = vec![0.25];
+    let out = model.compute(&CpuBackend, &p, Mode::Eval).unwrap();
+    // 0.25 + 0.5 - 0.5 = 0.25; 0.25 - 1 - 2 - 2 = -4.75
+    let expect = [0.25f32, -4.75].map(crate::backend::cpu::sigmoid);
+    assert!((out.probs[0] - expect[0]).abs() < 1e-6 && (out.probs[1] - expect[1]).abs() < 1e-6);
+    assert!(out.grads.is_none(), "evaluation computes no gradients");
+}
+
+#[test]
+fn the_mlp_tables_follow_the_layers() {
+    let model = Model::from_job(&job(MODELS[3].1));
+    let names: Vec<(&str, Option<usize>, usize)> = model
+        .dense_tables()
+        .iter()
+        .map(|t| (t.name.as_str(), t.rows, t.dim))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("bias", Some(1), 1),
+            ("mlp.0.w", Some(12), 5), // 3 fields x dim 4
+            ("mlp.0.b", Some(1), 5),
+            ("mlp.0.bn", Some(1), 5),
+            ("mlp.0.bn_stats", Some(2), 5),
+            ("mlp.1.w", Some(5), 5),
+            ("mlp.1.b", Some(1), 5),
+            ("mlp.1.bn", Some(1), 5),
+            ("mlp.1.bn_stats", Some(2), 5),
+            ("mlp.2.w", Some(5), 3),
+            ("mlp.2.b", Some(1), 3),
+            ("mlp.2.bn", Some(1), 3),
+            ("mlp.2.bn_stats", Some(2), 3),
+            ("mlp.out.w", Some(3), 1),
+        ]
+    );
+}
+
+#[test]
+fn running_statistics_move_toward_the_batch_by_one_minus_momentum() {
+    let model = Model::from_job(&job(MODELS[3].1));
+    let b = batch();
+    let mut p = pulled(&model, &b, 3);
+    let stats = model
+        .dense_tables()
+        .iter()
+        .position(|t| t.name == "mlp.0.bn_stats")
+        .unwrap();
+    p.dense[stats] = vec![0.0; 10]; // mean 0, var 1
+    let grads = model
+        .compute(&CpuBackend, &p, Mode::Train { seed: 1 })
+        .unwrap()
+        .grads
+        .unwrap();
+    // The first layer's pre-activation, computed independently.
+    let cpu = CpuBackend;
+    let v = cpu.upload(&p.sparse[1], p.keys.len(), 4).unwrap();
+    let pooled = cpu.gather_pool(&v, &p.plan, Pooling::Field).unwrap();
+    let x = cpu.reshape(pooled, 6, 12).unwrap();
+    let w = cpu.upload(&p.dense[1], 12, 5).unwrap();
+    let pre = cpu.matmul(&x, &w, false, false).unwrap();
+    let mean = pre.mean_axis(ndarray::Axis(0)).unwrap();
+    let var = pre.var_axis(ndarray::Axis(0), 0.0);
+    // SGD with lr 1 makes the stored values `stored - push`; from mean 0 and
+    // var 1 (stored 0) that is 0.1 * batch mean and 0.1 * (batch var - 1).
+    let push = &grads.dense[stats];
+    for c in 0..5 {
+        assert!((-push[c] - 0.1 * mean[c]).abs() < 1e-5, "mean[{c}]");
+        assert!((-push[5 + c] - 0.1 * (var[c] - 1.0)).abs() < 1e-5, "var[{c}]");
+    }
+}
