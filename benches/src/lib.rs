@@ -1,9 +1,13 @@
-//! Benchmarks of the parameter server (criterion benches under `benches/`).
+//! Benchmarks of the parameter server (criterion benches under `benches/`,
+//! the `ps-bench` binary).
 //!
 //! This library holds the workload generators the benches share, so every
-//! bench draws keys the same way.
+//! bench draws keys the same way: [`zipf_keys`] and the [`ctr26`] workload
+//! of `../shared/bench/ctr26.md`.
 
 use ps_common::init::RowRng;
+
+pub mod ctr26;
 
 /// `n` ids drawn log-uniformly from `[0, range)` (close to Zipf(1): a few
 /// ids are very hot), as the ctr26 workload draws them.

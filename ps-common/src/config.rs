@@ -70,6 +70,8 @@ pub enum DataFormat {
     /// `label idx:value idx:value ...` with labels in {-1, 0, 1} (+1 positive).
     #[default]
     Libsvm,
+    /// `label field:idx:value ...`; fields must be below `data.fields`.
+    Libffm,
 }
 
 /// Where a data file comes from.
@@ -159,6 +161,19 @@ pub enum ModelConfig {
         /// The deep part.
         mlp: MlpConfig,
     },
+    /// A plain deep model: the per-field pooled embeddings through the MLP
+    /// (no linear part; `hidden = []` is a single linear layer, as in the
+    /// ctr26 benchmark).
+    Dnn {
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k feeding the MLP.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The deep part.
+        mlp: MlpConfig,
+    },
 }
 
 /// The MLP of DeepFM and Wide&Deep. Its weights are dense tables the job
@@ -188,6 +203,10 @@ pub struct MlpConfig {
     pub residual: bool,
     /// Server-side optimizer of every MLP table.
     pub optimizer: OptimizerSpec,
+    /// Initializer of the weight matrices (default: He normal,
+    /// `std = sqrt(2 / fan_in)`); biases start at zero.
+    #[serde(default)]
+    pub initializer: Option<InitializerSpec>,
 }
 
 fn default_weights_table() -> String {
@@ -435,13 +454,36 @@ impl JobConfig {
 }
 
 impl ModelConfig {
-    /// The `weights` (linear) and `bias` table names every model has.
-    pub fn linear_tables(&self) -> (&str, &str) {
+    /// The model's `kind` as written in the job file.
+    pub fn kind_name(&self) -> &'static str {
         match self {
-            ModelConfig::Lr { weights, bias }
-            | ModelConfig::Fm { weights, bias, .. }
-            | ModelConfig::Deepfm { weights, bias, .. }
-            | ModelConfig::WideDeep { weights, bias, .. } => (weights, bias),
+            ModelConfig::Lr { .. } => "lr",
+            ModelConfig::Fm { .. } => "fm",
+            ModelConfig::Deepfm { .. } => "deepfm",
+            ModelConfig::WideDeep { .. } => "wide_deep",
+            ModelConfig::Dnn { .. } => "dnn",
+        }
+    }
+
+    /// The bias table every model has.
+    pub fn bias_table(&self) -> &str {
+        match self {
+            ModelConfig::Lr { bias, .. }
+            | ModelConfig::Fm { bias, .. }
+            | ModelConfig::Deepfm { bias, .. }
+            | ModelConfig::WideDeep { bias, .. }
+            | ModelConfig::Dnn { bias, .. } => bias,
+        }
+    }
+
+    /// The linear part's sparse `weights` table, for models that have one.
+    pub fn weights_table(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Lr { weights, .. }
+            | ModelConfig::Fm { weights, .. }
+            | ModelConfig::Deepfm { weights, .. }
+            | ModelConfig::WideDeep { weights, .. } => Some(weights),
+            ModelConfig::Dnn { .. } => None,
         }
     }
 
@@ -451,26 +493,24 @@ impl ModelConfig {
             ModelConfig::Lr { .. } => None,
             ModelConfig::Fm { embeddings, .. }
             | ModelConfig::Deepfm { embeddings, .. }
-            | ModelConfig::WideDeep { embeddings, .. } => Some(embeddings),
+            | ModelConfig::WideDeep { embeddings, .. }
+            | ModelConfig::Dnn { embeddings, .. } => Some(embeddings),
         }
     }
 
     /// The MLP, for models that have one.
     pub fn mlp(&self) -> Option<&MlpConfig> {
         match self {
-            ModelConfig::Deepfm { mlp, .. } | ModelConfig::WideDeep { mlp, .. } => Some(mlp),
+            ModelConfig::Deepfm { mlp, .. }
+            | ModelConfig::WideDeep { mlp, .. }
+            | ModelConfig::Dnn { mlp, .. } => Some(mlp),
             _ => None,
         }
     }
 
     /// Checks that the tables the model reads exist with the shape it needs.
     fn validate(&self, tables: &BTreeMap<String, TableConfig>) -> Result<(), (String, String)> {
-        let model = match self {
-            ModelConfig::Lr { .. } => "lr",
-            ModelConfig::Fm { .. } => "fm",
-            ModelConfig::Deepfm { .. } => "deepfm",
-            ModelConfig::WideDeep { .. } => "wide_deep",
-        };
+        let model = self.kind_name();
         let get = |field: &str, name: &str| {
             tables.get(name).ok_or_else(|| {
                 (
@@ -479,14 +519,16 @@ impl ModelConfig {
                 )
             })
         };
-        let (weights, bias) = self.linear_tables();
-        let w = get("weights", weights)?;
-        if w.kind != TableKindConfig::Sparse || w.dim != 1 {
-            return Err((
-                format!("tables.{weights}"),
-                format!("the {model} model needs a sparse table with dim = 1"),
-            ));
+        if let Some(weights) = self.weights_table() {
+            let w = get("weights", weights)?;
+            if w.kind != TableKindConfig::Sparse || w.dim != 1 {
+                return Err((
+                    format!("tables.{weights}"),
+                    format!("the {model} model needs a sparse table with dim = 1"),
+                ));
+            }
         }
+        let bias = self.bias_table();
         let b = get("bias", bias)?;
         if b.kind != TableKindConfig::Dense || b.dim != 1 || b.rows != Some(1) {
             return Err((
@@ -504,11 +546,21 @@ impl ModelConfig {
             }
         }
         if let Some(mlp) = self.mlp() {
-            if mlp.hidden.is_empty() || mlp.hidden.contains(&0) {
+            if mlp.hidden.contains(&0) {
                 return Err((
                     "model.mlp.hidden".into(),
-                    "needs at least one layer, each of width >= 1".into(),
+                    "every layer needs a width >= 1".into(),
                 ));
+            }
+            if mlp.hidden.is_empty() && !matches!(self, ModelConfig::Dnn { .. }) {
+                return Err((
+                    "model.mlp.hidden".into(),
+                    format!("the {model} model needs at least one hidden layer"),
+                ));
+            }
+            if let Some(init) = &mlp.initializer {
+                init.validate()
+                    .map_err(|e| ("model.mlp.initializer".into(), e))?;
             }
             if !(0.0..1.0).contains(&mlp.dropout) {
                 return Err(("model.mlp.dropout".into(), "must be in [0, 1)".into()));
@@ -563,7 +615,7 @@ impl MlpConfig {
                 format!("{name}.{i}.w"),
                 width,
                 out,
-                he_normal(width),
+                self.initializer.unwrap_or_else(|| he_normal(width)),
                 self.optimizer,
             ));
             specs.push(dense(
@@ -598,7 +650,7 @@ impl MlpConfig {
             format!("{}.out.w", self.name),
             width,
             1,
-            he_normal(width),
+            self.initializer.unwrap_or_else(|| he_normal(width)),
             self.optimizer,
         ));
         specs

@@ -255,7 +255,8 @@ fn unit_interval(name: &str, v: f32) -> Result<(), String> {
 }
 
 impl InitializerSpec {
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the parameters' ranges.
+    pub fn validate(&self) -> Result<(), String> {
         match *self {
             InitializerSpec::Zeros => Ok(()),
             InitializerSpec::Constant { value } => finite("initializer value", value),

@@ -21,19 +21,37 @@ extern "C" __global__ void gather_pool(
     out[t] = acc;
 }
 
-// out[u, d] = sum over the occurrences e of distinct row u (ascending) of
+// The gradient scatter runs in two deterministic phases so that a hot row
+// with thousands of occurrences does not serialize on one thread: each
+// chunk of at most 32 occurrences of a row is summed into partial[c, d],
+// then each row sums its chunks in order.
+
+// partial[c, d] = sum over occurrences e of chunk c of
 // value[e] * grad[segment[e] / stride, d].
-extern "C" __global__ void scatter_pool(
-    float* out, const float* grad, const unsigned int* row_offsets,
+extern "C" __global__ void scatter_chunks(
+    float* partial, const float* grad, const unsigned int* chunk_offsets,
     const unsigned int* row_entries, const unsigned int* entry_segment,
-    const float* entry_value, int unique, int dim, int stride) {
+    const float* entry_value, int chunks, int dim, int stride) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)chunks * dim) return;
+    int c = (int)(t / dim), d = (int)(t % dim);
+    float acc = 0.0f;
+    for (unsigned int i = chunk_offsets[c]; i < chunk_offsets[c + 1]; ++i) {
+        unsigned int e = row_entries[i];
+        acc += entry_value[e] * grad[(long long)(entry_segment[e] / stride) * dim + d];
+    }
+    partial[t] = acc;
+}
+
+// out[u, d] = sum of partial[c, d] over row u's chunks, in order.
+extern "C" __global__ void reduce_chunks(
+    float* out, const float* partial, const unsigned int* row_chunks, int unique, int dim) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)unique * dim) return;
     int u = (int)(t / dim), d = (int)(t % dim);
     float acc = 0.0f;
-    for (unsigned int i = row_offsets[u]; i < row_offsets[u + 1]; ++i) {
-        unsigned int e = row_entries[i];
-        acc += entry_value[e] * grad[(long long)(entry_segment[e] / stride) * dim + d];
+    for (unsigned int c = row_chunks[u]; c < row_chunks[u + 1]; ++c) {
+        acc += partial[(long long)c * dim + d];
     }
     out[t] = acc;
 }
@@ -68,23 +86,25 @@ extern "C" __global__ void fm_reduce(float* out, const float* terms, int example
     out[b] = 0.5f * acc;
 }
 
-// out[u, d] = sum over occurrences e of row u of
-// g[b] * (x sums[b, d] - x^2 rows[u, d]), b the occurrence's example.
-extern "C" __global__ void fm_backward(
-    float* out, const float* grad, const float* sums, const float* rows,
-    const unsigned int* row_offsets, const unsigned int* row_entries,
-    const unsigned int* entry_segment, const float* entry_value,
-    int unique, int dim, int fields) {
+// FM gradient, phase one of the chunked scatter: partial[c, d] = sum over
+// occurrences e of chunk c (all of row u) of g[b] * (x sums[b, d] - x^2 rows[u, d]).
+extern "C" __global__ void fm_backward_chunks(
+    float* partial, const float* grad, const float* sums, const float* rows,
+    const unsigned int* chunk_offsets, const unsigned int* row_entries,
+    const unsigned int* entry_row, const unsigned int* entry_segment,
+    const float* entry_value, int chunks, int dim, int fields) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (long long)unique * dim) return;
-    int u = (int)(t / dim), d = (int)(t % dim);
-    float v = rows[t];
+    if (t >= (long long)chunks * dim) return;
+    int c = (int)(t / dim), d = (int)(t % dim);
+    unsigned int begin = chunk_offsets[c], end = chunk_offsets[c + 1];
+    if (begin == end) { partial[t] = 0.0f; return; }
+    float v = rows[(long long)entry_row[row_entries[begin]] * dim + d];
     float acc = 0.0f;
-    for (unsigned int i = row_offsets[u]; i < row_offsets[u + 1]; ++i) {
+    for (unsigned int i = begin; i < end; ++i) {
         unsigned int e = row_entries[i];
         unsigned int b = entry_segment[e] / fields;
         float x = entry_value[e];
         acc += grad[b] * (x * sums[(long long)b * dim + d] - x * x * v);
     }
-    out[t] = acc;
+    partial[t] = acc;
 }

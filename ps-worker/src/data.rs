@@ -1,14 +1,18 @@
-//! Training data: streaming libsvm reader, per-worker sharding, batching.
+//! Training data: streaming libsvm and libffm readers, per-worker sharding,
+//! batching, and parsing ahead on a thread of its own.
 //!
 //! The reader never holds the file in memory: it streams lines, keeps those
 //! of this worker's shard (line `i` goes to worker `i % world`) and emits
 //! [`Batch`]es in CSR form. A malformed line is an error naming the source and
-//! the line number.
+//! the line number. [`Batches::ahead`] moves parsing to its own thread with a
+//! bounded queue, so it overlaps the pulls and the compute.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 
-use ps_common::config::DataSource;
+use std::sync::mpsc;
+
+use ps_common::config::{DataFormat, DataSource};
 
 /// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
 const BUILTIN: &[(&str, &[u8])] = &[
@@ -110,9 +114,11 @@ pub fn open(source: &DataSource) -> Result<Box<dyn BufRead + Send>, DataError> {
     }
 }
 
-/// Streams one worker's shard of a libsvm source as batches.
-pub struct LibsvmBatches {
+/// Streams one worker's shard of a libsvm or libffm source as batches.
+pub struct Batches {
     reader: Box<dyn BufRead + Send>,
+    format: DataFormat,
+    fields: u32,
     source_name: String,
     rank: usize,
     world: usize,
@@ -123,16 +129,32 @@ pub struct LibsvmBatches {
     done: bool,
 }
 
-impl LibsvmBatches {
-    /// Batches of `batch_size` examples from the lines `i` with `i % world == rank`.
+impl Batches {
+    /// Batches of `batch_size` examples of a libsvm source from the lines
+    /// `i` with `i % world == rank`.
     pub fn open(
         source: &DataSource,
         rank: usize,
         world: usize,
         batch_size: usize,
     ) -> Result<Self, DataError> {
-        Ok(LibsvmBatches {
+        Self::open_format(source, DataFormat::Libsvm, 1, rank, world, batch_size)
+    }
+
+    /// As [`Batches::open`] for a given format; libffm field ids must be
+    /// below `fields`.
+    pub fn open_format(
+        source: &DataSource,
+        format: DataFormat,
+        fields: u32,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+    ) -> Result<Self, DataError> {
+        Ok(Batches {
             reader: open(source)?,
+            format,
+            fields,
             source_name: source.to_string(),
             rank,
             world: world.max(1),
@@ -167,7 +189,11 @@ impl LibsvmBatches {
             if text.is_empty() || text.starts_with('#') {
                 continue;
             }
-            parse_libsvm_line(text, &mut batch).map_err(|message| DataError::Parse {
+            let parsed = match self.format {
+                DataFormat::Libsvm => parse_libsvm_line(text, &mut batch),
+                DataFormat::Libffm => parse_libffm_line(text, self.fields, &mut batch),
+            };
+            parsed.map_err(|message| DataError::Parse {
                 source_name: self.source_name.clone(),
                 line: self.line,
                 message,
@@ -177,7 +203,54 @@ impl LibsvmBatches {
     }
 }
 
-impl Iterator for LibsvmBatches {
+impl Batches {
+    /// Parses on a thread of its own, up to `depth` batches ahead.
+    pub fn ahead(self, depth: usize) -> Ahead {
+        let (tx, rx) = mpsc::sync_channel(depth.max(1));
+        let thread = std::thread::Builder::new()
+            .name("ps-parse".into())
+            .spawn(move || {
+                for item in self {
+                    if tx.send(item).is_err() {
+                        break; // the consumer is gone
+                    }
+                }
+            });
+        match thread {
+            Ok(_) => Ahead {
+                rx: Some(rx),
+                error: None,
+            },
+            Err(e) => Ahead {
+                rx: None,
+                error: Some(DataError::Io {
+                    source_name: "parser thread".into(),
+                    message: format!("cannot start: {e}"),
+                }),
+            },
+        }
+    }
+}
+
+/// Batches parsed ahead on their own thread (see [`Batches::ahead`]).
+/// Dropping it stops the thread at its next batch.
+pub struct Ahead {
+    rx: Option<mpsc::Receiver<Result<Batch, DataError>>>,
+    error: Option<DataError>,
+}
+
+impl Iterator for Ahead {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.error.take() {
+            return Some(Err(e));
+        }
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Iterator for Batches {
     type Item = Result<Batch, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -229,6 +302,56 @@ fn parse_libsvm_line(text: &str, batch: &mut Batch) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses `label field:id:value ...` and appends it to `batch`; on error the
+/// batch is left unchanged.
+fn parse_libffm_line(text: &str, fields: u32, batch: &mut Batch) -> Result<(), String> {
+    let mut tokens = text.split_ascii_whitespace();
+    let label_text = tokens.next().unwrap_or_default();
+    let label: f32 = label_text
+        .parse()
+        .map_err(|_| format!("label {label_text:?} is not a number"))?;
+    if !label.is_finite() {
+        return Err(format!("label {label_text:?} is not finite"));
+    }
+    let start = batch.ids.len();
+    let fail = |batch: &mut Batch, message: String| {
+        batch.ids.truncate(start);
+        batch.values.truncate(start);
+        batch.fields.truncate(start);
+        Err(message)
+    };
+    for token in tokens {
+        let mut parts = token.splitn(3, ':');
+        let parsed = (|| {
+            let field = parts.next()?.parse::<u32>().ok()?;
+            let id = parts.next()?.parse::<u64>().ok()?;
+            let value = parts.next()?.parse::<f32>().ok()?;
+            Some((field, id, value))
+        })();
+        match parsed {
+            Some((field, _, _)) if field >= fields => {
+                return fail(
+                    batch,
+                    format!("feature {token:?}: field {field} is not below data.fields = {fields}"),
+                );
+            }
+            Some((field, id, value)) if value.is_finite() => {
+                batch.fields.push(field);
+                batch.ids.push(id);
+                batch.values.push(value);
+            }
+            _ => {
+                return fail(
+                    batch,
+                    format!("feature {token:?} is not field:index:value with a finite value"),
+                );
+            }
+        }
+    }
+    batch.push_example(if label > 0.0 { 1.0 } else { 0.0 });
+    Ok(())
+}
+
 /// Fails early if a source cannot be opened.
 pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
     open(source).map(drop)
@@ -251,14 +374,14 @@ mod tests {
     #[test]
     fn worker_r_of_w_reads_lines_i_mod_w() {
         let src = write_temp("shard", "1 1:1\n-1 2:1\n+1 3:1\n0 4:1\n1 5:0.5\n");
-        let all: Vec<Batch> = LibsvmBatches::open(&src, 1, 2, 10)
+        let all: Vec<Batch> = Batches::open(&src, 1, 2, 10)
             .unwrap()
             .map(Result::unwrap)
             .collect();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].ids, [2, 4]);
         assert_eq!(all[0].labels, [0.0, 0.0]);
-        let zero: Vec<Batch> = LibsvmBatches::open(&src, 0, 2, 2)
+        let zero: Vec<Batch> = Batches::open(&src, 0, 2, 2)
             .unwrap()
             .map(Result::unwrap)
             .collect();
@@ -271,7 +394,7 @@ mod tests {
     #[test]
     fn a_malformed_line_is_reported_with_its_number() {
         let src = write_temp("bad", "1 1:1\n1 2:x\n");
-        let err = LibsvmBatches::open(&src, 0, 1, 10)
+        let err = Batches::open(&src, 0, 1, 10)
             .unwrap()
             .find_map(Result::err)
             .unwrap();
@@ -281,7 +404,7 @@ mod tests {
             "{msg}"
         );
         let src = write_temp("label", "yes 1:1\n");
-        let err = LibsvmBatches::open(&src, 0, 1, 10)
+        let err = Batches::open(&src, 0, 1, 10)
             .unwrap()
             .find_map(Result::err)
             .unwrap();
@@ -304,9 +427,46 @@ mod tests {
     }
 
     #[test]
+    fn libffm_lines_carry_fields_and_bad_fields_are_refused() {
+        let src = write_temp("ffm", "1 0:5:1 2:7:0.5\n0 1:5:1\n");
+        let b: Vec<Batch> = Batches::open_format(&src, DataFormat::Libffm, 3, 0, 1, 10)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(b[0].ids, [5, 7, 5]);
+        assert_eq!(b[0].fields, [0, 2, 1]);
+        assert_eq!(b[0].values, [1.0, 0.5, 1.0]);
+        assert_eq!(b[0].labels, [1.0, 0.0]);
+        let src = write_temp("ffm-bad", "1 0:5:1\n1 3:1:1\n");
+        let err = Batches::open_format(&src, DataFormat::Libffm, 3, 0, 1, 10)
+            .unwrap()
+            .find_map(Result::err)
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains(":2: feature \"3:1:1\": field 3 is not below"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parsing_ahead_yields_the_same_batches() {
+        let direct: Vec<Batch> = Batches::open(&DataSource::Builtin("a9a/test".into()), 1, 3, 100)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let ahead: Vec<Batch> = Batches::open(&DataSource::Builtin("a9a/test".into()), 1, 3, 100)
+            .unwrap()
+            .ahead(4)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(direct, ahead);
+    }
+
+    #[test]
     fn the_builtin_a9a_has_the_published_row_counts() {
         let count = |name: &str| -> usize {
-            LibsvmBatches::open(&DataSource::Builtin(name.into()), 0, 1, 4096)
+            Batches::open(&DataSource::Builtin(name.into()), 0, 1, 4096)
                 .unwrap()
                 .map(|b| b.unwrap().len())
                 .sum()

@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use ps_common::config::{DataSource, JobConfig};
+use ps_common::config::{DataSource, Device, JobConfig};
 use ps_server::Limits;
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
+use crate::backend::cuda::CudaBackend;
 use crate::client::{ClientConfig, PsClient};
 use crate::cluster::LocalCluster;
 use crate::data;
@@ -23,6 +24,10 @@ pub const DEFAULT_JOB: &str = include_str!("../../examples/a9a-lr.toml");
 pub struct Report {
     /// `local` or `train`.
     pub mode: &'static str,
+    /// The model kind (`lr`, `fm`, `deepfm`, `wide_deep`, `dnn`).
+    pub model: String,
+    /// Where the workers computed (`cpu`, `cuda:0`).
+    pub device: String,
     /// This worker's rank (`train` only).
     pub rank: Option<usize>,
     /// Workers in the job.
@@ -56,11 +61,19 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(mode: &'static str, workers: usize, servers: usize, summaries: &[TrainSummary]) -> Self {
+    fn new(
+        mode: &'static str,
+        job: &JobConfig,
+        workers: usize,
+        servers: usize,
+        summaries: &[TrainSummary],
+    ) -> Self {
         let samples = summaries.iter().map(|s| s.samples).sum::<u64>();
         let seconds = summaries.iter().map(|s| s.seconds).fold(0.0, f64::max);
         Report {
             mode,
+            model: job.model.kind_name().to_string(),
+            device: job.train.device.to_string(),
             rank: None,
             workers,
             servers,
@@ -153,13 +166,17 @@ fn runtime() -> Result<Runtime, JobError> {
         .map_err(|e| JobError::Startup(format!("cannot start the async runtime: {e}")))
 }
 
-/// Checks that every data source opens, before any server state changes.
-fn check_data(job: &JobConfig) -> Result<(), data::DataError> {
+/// Checks that every data source opens and the device works, before any
+/// server state changes.
+fn check_inputs(job: &JobConfig) -> Result<(), JobError> {
     data::check_readable(&job.data.train)?;
-    job.data
-        .validation
-        .as_ref()
-        .map_or(Ok(()), data::check_readable)
+    if let Some(validation) = &job.data.validation {
+        data::check_readable(validation)?;
+    }
+    if let Device::Cuda(ordinal) = job.train.device {
+        CudaBackend::new(ordinal).map_err(TrainError::from)?;
+    }
+    Ok(())
 }
 
 /// Connects to the servers and creates the job's tables (idempotent).
@@ -198,11 +215,11 @@ pub fn run_train(
     config: &ClientConfig,
 ) -> Result<Report, JobError> {
     let started = Instant::now();
-    check_data(job)?;
+    check_inputs(job)?;
     let runtime = runtime()?;
     let client = runtime.block_on(connect_and_create(servers, job, config))?;
     let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world)?;
-    let mut report = Report::new("train", world, servers.len(), &[summary]);
+    let mut report = Report::new("train", job, world, servers.len(), &[summary]);
     report.rank = Some(rank);
     report.add_bytes(&client); // training traffic only, before validation pulls
     report.set_validation(validate(&runtime, &client, job)?);
@@ -219,7 +236,7 @@ pub fn run_local(
     config: &ClientConfig,
 ) -> Result<Report, JobError> {
     let started = Instant::now();
-    check_data(job)?;
+    check_inputs(job)?;
     let runtime = runtime()?;
     let cluster = runtime
         .block_on(LocalCluster::start(servers, Limits::default()))
@@ -252,7 +269,7 @@ pub fn run_local(
         summaries.push(summary);
         clients.push(client);
     }
-    let mut report = Report::new("local", workers, servers as usize, &summaries);
+    let mut report = Report::new("local", job, workers, servers as usize, &summaries);
     for client in &clients {
         report.add_bytes(client);
     }

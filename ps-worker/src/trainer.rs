@@ -18,9 +18,12 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendError};
 use crate::client::PsClient;
-use crate::data::{Batch, DataError, LibsvmBatches};
+use crate::data::{Batch, Batches, DataError};
 use crate::metrics::BinaryMetrics;
 use crate::model::{Mode, Model, Pulled};
+
+/// Batches parsed ahead of the training loop.
+const PARSE_AHEAD: usize = 8;
 
 /// Why training or evaluation stopped.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +144,15 @@ fn train_on<B: Backend>(
     let started = Instant::now();
     let mut summary = TrainSummary::default();
     for epoch in 1..=train.epochs {
-        let batches = LibsvmBatches::open(&job.data.train, rank, world, train.batch_size)?;
+        let batches = Batches::open_format(
+            &job.data.train,
+            job.data.format,
+            job.data.fields,
+            rank,
+            world,
+            train.batch_size,
+        )?
+        .ahead(PARSE_AHEAD);
         let mut pulled = Prefetched::new(runtime, client, &model, batches);
         let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
         while let Some(params) = pulled.next_pulled()? {
@@ -206,7 +217,8 @@ fn evaluate_on<B: Backend>(
     source: &DataSource,
 ) -> Result<BinaryMetrics, TrainError> {
     let model = Arc::new(Model::from_job(job));
-    let batches = LibsvmBatches::open(source, 0, 1, 4096)?;
+    let batches = Batches::open_format(source, job.data.format, job.data.fields, 0, 1, 4096)?
+        .ahead(PARSE_AHEAD);
     let mut pulled = Prefetched::new(runtime, client, &model, batches);
     let (mut probs, mut labels) = (Vec::new(), Vec::new());
     while let Some(params) = pulled.next_pulled()? {

@@ -55,16 +55,19 @@ pub struct CudaPlan {
     entry_value: CudaSlice<f32>,
     entry_segment: CudaSlice<u32>,
     segment_offsets: CudaSlice<u32>,
-    row_offsets: CudaSlice<u32>,
     row_entries: CudaSlice<u32>,
+    chunks: usize,
+    chunk_offsets: CudaSlice<u32>,
+    row_chunks: CudaSlice<u32>,
 }
 
 struct Kernels {
     gather_pool: CudaFunction,
-    scatter_pool: CudaFunction,
+    scatter_chunks: CudaFunction,
+    reduce_chunks: CudaFunction,
     fm_sums: CudaFunction,
     fm_reduce: CudaFunction,
-    fm_backward: CudaFunction,
+    fm_backward_chunks: CudaFunction,
     matmul: CudaFunction,
     add: CudaFunction,
     bias_act: CudaFunction,
@@ -83,10 +86,11 @@ impl Kernels {
         let f = |name: &str| module.load_function(name);
         Ok(Kernels {
             gather_pool: f("gather_pool")?,
-            scatter_pool: f("scatter_pool")?,
+            scatter_chunks: f("scatter_chunks")?,
+            reduce_chunks: f("reduce_chunks")?,
             fm_sums: f("fm_sums")?,
             fm_reduce: f("fm_reduce")?,
-            fm_backward: f("fm_backward")?,
+            fm_backward_chunks: f("fm_backward_chunks")?,
             matmul: f("matmul")?,
             add: f("add")?,
             bias_act: f("bias_act")?,
@@ -199,6 +203,28 @@ impl CudaBackend {
         self.stream.synchronize().map_err(device_error)
     }
 
+    /// Measured device-to-device copy bandwidth in bytes per second (bytes
+    /// read plus bytes written), copying a `bytes`-sized buffer `iters` times:
+    /// the ceiling the gather and scatter kernels are compared with.
+    pub fn copy_bandwidth(&self, bytes: usize, iters: usize) -> Result<f64, BackendError> {
+        let n = (bytes / 4).max(1);
+        let src = self.stream.alloc_zeros::<f32>(n).map_err(device_error)?;
+        let mut dst = self.stream.alloc_zeros::<f32>(n).map_err(device_error)?;
+        self.stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(device_error)?;
+        self.synchronize()?;
+        let started = std::time::Instant::now();
+        for _ in 0..iters {
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(device_error)?;
+        }
+        self.synchronize()?;
+        let seconds = started.elapsed().as_secs_f64().max(1e-12);
+        Ok((2 * n * 4 * iters) as f64 / seconds)
+    }
+
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
         let buf = self
             .stream
@@ -212,6 +238,25 @@ impl CudaBackend {
             return self.stream.alloc_zeros::<u32>(1).map_err(device_error);
         }
         self.stream.clone_htod(data).map_err(device_error)
+    }
+
+    /// Sums each distinct row's chunk partials, in chunk order.
+    fn reduce_chunks(
+        &self,
+        partial: &CudaTensor,
+        plan: &CudaPlan,
+    ) -> Result<CudaTensor, BackendError> {
+        let mut out = self.zeros(plan.unique, partial.cols)?;
+        let (unique, dim) = (int(plan.unique, "scatter")?, int(partial.cols, "scatter")?);
+        let mut b = self.stream.launch_builder(&self.k.reduce_chunks);
+        b.arg(&mut out.buf)
+            .arg(&partial.buf)
+            .arg(&plan.row_chunks)
+            .arg(&unique)
+            .arg(&dim);
+        // SAFETY: row_chunks has unique + 1 entries indexing partial's rows.
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
     }
 
     fn check_plan_rows(
@@ -317,8 +362,10 @@ impl Backend for CudaBackend {
             entry_value,
             entry_segment: self.upload_u32(&plan.entry_segment)?,
             segment_offsets: self.upload_u32(&plan.segment_offsets)?,
-            row_offsets: self.upload_u32(&plan.row_offsets)?,
             row_entries: self.upload_u32(&plan.row_entries)?,
+            chunks: plan.chunks(),
+            chunk_offsets: self.upload_u32(&plan.chunk_offsets)?,
+            row_chunks: self.upload_u32(&plan.row_chunks)?,
         })
     }
 
@@ -364,29 +411,29 @@ impl Backend for CudaBackend {
                 format!("{} gradient rows, expected {out_rows}", grad.rows),
             ));
         }
-        let mut out = self.zeros(plan.unique, grad.cols)?;
-        if out.len() == 0 {
-            return Ok(out);
+        if plan.unique * grad.cols == 0 || plan.chunks == 0 {
+            return self.zeros(plan.unique, grad.cols);
         }
-        let (u, dim, stride) = (
-            int(plan.unique, "scatter_pool")?,
+        let mut partial = self.zeros(plan.chunks, grad.cols)?;
+        let (chunks, dim, stride) = (
+            int(plan.chunks, "scatter_pool")?,
             int(grad.cols, "scatter_pool")?,
             int(stride, "scatter_pool")?,
         );
-        let mut b = self.stream.launch_builder(&self.k.scatter_pool);
-        b.arg(&mut out.buf)
+        let mut b = self.stream.launch_builder(&self.k.scatter_chunks);
+        b.arg(&mut partial.buf)
             .arg(&grad.buf)
-            .arg(&plan.row_offsets)
+            .arg(&plan.chunk_offsets)
             .arg(&plan.row_entries);
         b.arg(&plan.entry_segment)
             .arg(&plan.entry_value)
-            .arg(&u)
+            .arg(&chunks)
             .arg(&dim)
             .arg(&stride);
         // SAFETY: reads the plan's index arrays and `grad[0..out_rows*dim]`,
-        // writes `out[0..unique*dim]`.
-        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
-        Ok(out)
+        // writes `partial[0..chunks*dim]`.
+        unsafe { b.launch(linear(partial.rows * partial.cols)) }.map_err(device_error)?;
+        self.reduce_chunks(&partial, plan)
     }
 
     fn fm_forward(
@@ -444,29 +491,32 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut out = self.zeros(plan.unique, rows.cols)?;
-        if out.len() == 0 {
-            return Ok(out);
+        if plan.unique * rows.cols == 0 || plan.chunks == 0 {
+            return self.zeros(plan.unique, rows.cols);
         }
-        let (u, dim, fields) = (
-            int(plan.unique, "fm")?,
+        let mut partial = self.zeros(plan.chunks, rows.cols)?;
+        let (chunks, dim, fields) = (
+            int(plan.chunks, "fm")?,
             int(rows.cols, "fm")?,
             int(plan.fields, "fm")?,
         );
-        let mut b = self.stream.launch_builder(&self.k.fm_backward);
-        b.arg(&mut out.buf)
+        let mut b = self.stream.launch_builder(&self.k.fm_backward_chunks);
+        b.arg(&mut partial.buf)
             .arg(&grad.buf)
             .arg(&sums.buf)
             .arg(&rows.buf);
-        b.arg(&plan.row_offsets)
+        b.arg(&plan.chunk_offsets)
             .arg(&plan.row_entries)
-            .arg(&plan.entry_segment)
-            .arg(&plan.entry_value);
-        b.arg(&u).arg(&dim).arg(&fields);
-        // SAFETY: reads the plan and [examples, dim] / [unique, dim] operands
-        // checked above, writes out[0..unique*dim].
-        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
-        Ok(out)
+            .arg(&plan.entry_row);
+        b.arg(&plan.entry_segment)
+            .arg(&plan.entry_value)
+            .arg(&chunks)
+            .arg(&dim)
+            .arg(&fields);
+        // SAFETY: reads the plan and the [examples, dim] / [unique, dim]
+        // operands checked above, writes partial[0..chunks*dim].
+        unsafe { b.launch(linear(partial.rows * partial.cols)) }.map_err(device_error)?;
+        self.reduce_chunks(&partial, plan)
     }
 
     fn matmul(

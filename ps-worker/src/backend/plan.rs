@@ -28,6 +28,14 @@ pub struct SparsePlan {
     pub row_offsets: Vec<u32>,
     /// Occurrence ids grouped by distinct row.
     pub row_entries: Vec<u32>,
+    /// Each distinct row's occurrences split into chunks of at most
+    /// [`SparsePlan::CHUNK`], so a parallel scatter can sum a hot row's
+    /// thousands of occurrences in pieces (in a fixed order):
+    /// chunk `c` covers `row_entries[chunk_offsets[c]..chunk_offsets[c + 1]]`.
+    pub chunk_offsets: Vec<u32>,
+    /// `unique + 1` offsets into the chunks: row `u` has chunks
+    /// `row_chunks[u]..row_chunks[u + 1]`.
+    pub row_chunks: Vec<u32>,
 }
 
 impl SparsePlan {
@@ -91,6 +99,17 @@ impl SparsePlan {
             row_entries[fill[r as usize] as usize] = e as u32;
             fill[r as usize] += 1;
         }
+        let mut chunk_offsets = vec![0u32];
+        let mut row_chunks = vec![0u32];
+        for u in 0..unique {
+            let (begin, end) = (row_offsets[u], row_offsets[u + 1]);
+            let mut at = begin;
+            while at < end {
+                at = (at + Self::CHUNK).min(end);
+                chunk_offsets.push(at);
+            }
+            row_chunks.push((chunk_offsets.len() - 1) as u32);
+        }
         SparsePlan {
             examples,
             fields: num_fields,
@@ -101,7 +120,17 @@ impl SparsePlan {
             segment_offsets,
             row_offsets,
             row_entries,
+            chunk_offsets,
+            row_chunks,
         }
+    }
+
+    /// Most occurrences one scatter chunk sums.
+    pub const CHUNK: u32 = 32;
+
+    /// Number of scatter chunks.
+    pub fn chunks(&self) -> usize {
+        self.chunk_offsets.len() - 1
     }
 
     /// Number of occurrences.
@@ -147,6 +176,17 @@ mod tests {
         assert_eq!(plan.segment_offsets, [0, 1, 2, 3, 3]);
         assert_eq!(plan.row_offsets, [0, 1, 1, 3]);
         assert_eq!(plan.row_entries, [0, 1, 2]);
+        assert_eq!(plan.chunk_offsets, [0, 1, 3]);
+        assert_eq!(plan.row_chunks, [0, 1, 1, 2]);
+    }
+
+    #[test]
+    fn a_hot_row_is_split_into_chunks() {
+        let n = SparsePlan::CHUNK as usize * 2 + 5;
+        let offsets: Vec<usize> = (0..=n).collect();
+        let plan = SparsePlan::new(&offsets, &vec![0; n], &vec![1.0; n], None, 1, 1);
+        assert_eq!(plan.row_chunks, [0, 3]);
+        assert_eq!(plan.chunk_offsets, [0, 32, 64, n as u32]);
     }
 
     #[test]
@@ -155,5 +195,6 @@ mod tests {
         assert_eq!(plan.examples, 0);
         assert_eq!(plan.segment_offsets, [0]);
         assert_eq!(plan.row_offsets, [0]);
+        assert_eq!(plan.chunks(), 0);
     }
 }

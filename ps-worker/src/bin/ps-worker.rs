@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ps_common::config::JobConfig;
+use ps_common::config::{Device, JobConfig};
 use ps_worker::job::{self, Report};
 
 /// Train sparse models whose weights live on parameter servers.
@@ -42,6 +42,9 @@ enum Command {
         /// Seconds to keep retrying servers that do not accept connections yet.
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,
+        /// Compute device, overriding the job's `train.device`: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<Device>,
     },
     /// Run servers and workers inside this process over loopback gRPC.
     Local {
@@ -58,6 +61,9 @@ enum Command {
         /// Write the job's report (metrics, throughput, bytes) as JSON to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Compute device, overriding the job's `train.device`: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<Device>,
     },
     /// Ask every shard of a running job to write checkpoint NAME under its
     /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
@@ -84,11 +90,15 @@ fn main() -> anyhow::Result<()> {
             world,
             report,
             connect_timeout_secs,
+            device,
         } => {
             if world == 0 || rank >= world {
                 bail!("--rank must be in [0, --world), got rank {rank} of world {world}");
             }
-            let job = load_job(&config)?;
+            let mut job = load_job(&config)?;
+            if let Some(device) = device {
+                job.train.device = device;
+            }
             let client = job::client_config(&job, Duration::from_secs(connect_timeout_secs));
             let result = job::run_train(&job, &servers, rank, world, &client)
                 .with_context(|| format!("worker {rank} of {world} failed"))?;
@@ -99,15 +109,19 @@ fn main() -> anyhow::Result<()> {
             servers,
             workers,
             report,
+            device,
         } => {
             if servers == 0 || workers == 0 {
                 bail!("--servers and --workers must be >= 1");
             }
-            let job = match &config {
+            let mut job = match &config {
                 Some(path) => load_job(path)?,
                 None => JobConfig::from_toml(job::DEFAULT_JOB, Path::new("."))
                     .context("the embedded default job is invalid")?,
             };
+            if let Some(device) = device {
+                job.train.device = device;
+            }
             let client = job::client_config(&job, Duration::from_secs(10));
             let result =
                 job::run_local(&job, servers, workers, &client).context("local job failed")?;

@@ -62,6 +62,10 @@ struct Mlp {
 pub struct Model {
     sparse: Vec<TableUse>,
     dense: Vec<TableUse>,
+    /// Index of the linear `weights` table among the sparse tables.
+    linear: Option<usize>,
+    /// Index of the `embeddings` table among the sparse tables.
+    embeddings: Option<usize>,
     fm: bool,
     fields: usize,
     mlp: Option<Mlp>,
@@ -121,14 +125,17 @@ pub struct Output {
 impl Model {
     /// The model a job configures.
     pub fn from_job(job: &JobConfig) -> Model {
-        let (weights, bias) = job.model.linear_tables();
-        let mut sparse = vec![TableUse {
-            name: weights.into(),
-            rows: None,
-            dim: 1,
-        }];
+        let mut sparse = Vec::new();
+        let linear = job.model.weights_table().map(|weights| {
+            sparse.push(TableUse {
+                name: weights.into(),
+                rows: None,
+                dim: 1,
+            });
+            sparse.len() - 1
+        });
         let mut dense = vec![TableUse {
-            name: bias.into(),
+            name: job.model.bias_table().into(),
             rows: Some(1),
             dim: 1,
         }];
@@ -136,13 +143,14 @@ impl Model {
             .model
             .embeddings_table()
             .and_then(|e| job.tables.get(e).map(|t| (e, t.dim as usize)));
-        if let Some((name, dim)) = k {
+        let embeddings = k.map(|(name, dim)| {
             sparse.push(TableUse {
                 name: name.into(),
                 rows: None,
                 dim,
             });
-        }
+            sparse.len() - 1
+        });
         let fields = job.data.fields as usize;
         let mlp = job.model.mlp().map(|config| {
             let specs =
@@ -181,6 +189,8 @@ impl Model {
         Model {
             sparse,
             dense,
+            linear,
+            embeddings,
             fm: matches!(
                 job.model,
                 ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }
@@ -219,6 +229,33 @@ impl Model {
             unique.keys.len(),
         );
         (unique.keys, Arc::new(plan))
+    }
+
+    /// A batch's [`Pulled`] with each table's values from
+    /// `values(table, len)` instead of the servers (benchmarks and tests).
+    pub fn pulled_from(
+        &self,
+        batch: &Batch,
+        mut values: impl FnMut(&TableUse, usize) -> Vec<f32>,
+    ) -> Pulled {
+        let (keys, plan) = self.plan(batch);
+        let sparse = self
+            .sparse
+            .iter()
+            .map(|t| values(t, keys.len() * t.dim))
+            .collect();
+        let dense = self
+            .dense
+            .iter()
+            .map(|t| values(t, t.rows.unwrap_or(1) * t.dim))
+            .collect();
+        Pulled {
+            keys,
+            plan,
+            labels: batch.labels.clone(),
+            sparse,
+            dense,
+        }
     }
 
     /// Pulls every row the batch needs, all tables in parallel.
@@ -292,11 +329,17 @@ impl Model {
             let t = &self.dense[i];
             backend.upload(&pulled.dense[i], t.rows.unwrap_or(1), t.dim)
         };
-        let w = backend.upload(&pulled.sparse[0], unique, 1)?;
-        let mut z = backend.gather_pool(&w, &plan, Pooling::Example)?;
-        let v = match self.sparse.get(1) {
-            Some(t) => Some(backend.upload(&pulled.sparse[1], unique, t.dim)?),
+        let w = match self.linear {
+            Some(i) => Some(backend.upload(&pulled.sparse[i], unique, 1)?),
             None => None,
+        };
+        let v = match self.embeddings {
+            Some(i) => Some(backend.upload(&pulled.sparse[i], unique, self.sparse[i].dim)?),
+            None => None,
+        };
+        let mut z = match &w {
+            Some(w) => backend.gather_pool(w, &plan, Pooling::Example)?,
+            None => backend.upload(&vec![0.0; n], n, 1)?,
         };
         let mut fm_sums = None;
         if let (true, Some(v)) = (self.fm, &v) {
@@ -327,8 +370,11 @@ impl Model {
         let (dz, dbias) =
             backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
         dense_grads[0] = backend.download(&dbias)?;
-        let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
-        let mut sparse_grads = vec![backend.download(&dw)?];
+        let mut sparse_grads: Vec<Vec<f32>> = self.sparse.iter().map(|_| Vec::new()).collect();
+        if let Some(i) = self.linear {
+            let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
+            sparse_grads[i] = backend.download(&dw)?;
+        }
         if let Some(v) = &v {
             let mut dv: Option<B::Tensor> = None;
             if let Some(sums) = &fm_sums {
@@ -336,15 +382,15 @@ impl Model {
             }
             if let (Some(mlp), Some(tape)) = (&self.mlp, deep) {
                 let de = self.mlp_backward(backend, mlp, tape, &dz, pulled, &mut dense_grads)?;
-                let de = backend.reshape(de, n * self.fields, self.sparse[1].dim)?;
+                let de = backend.reshape(de, n * self.fields, self.embedding_dim())?;
                 let from_deep = backend.scatter_pool(&de, &plan, Pooling::Field)?;
                 dv = Some(match dv {
                     Some(fm) => backend.add(&fm, &from_deep)?,
                     None => from_deep,
                 });
             }
-            if let Some(dv) = dv {
-                sparse_grads.push(backend.download(&dv)?);
+            if let (Some(dv), Some(i)) = (dv, self.embeddings) {
+                sparse_grads[i] = backend.download(&dv)?;
             }
         }
         Ok(Output {
@@ -368,7 +414,7 @@ impl Model {
     ) -> Result<(B::Tensor, Tape<B::Tensor>), BackendError> {
         let n = pulled.plan.examples;
         let pooled = backend.gather_pool(v, plan, Pooling::Field)?;
-        let mut h = backend.reshape(pooled, n, self.fields * self.sparse[1].dim)?;
+        let mut h = backend.reshape(pooled, n, self.fields * self.embedding_dim())?;
         let mut steps = Vec::with_capacity(mlp.layers.len());
         for (i, layer) in mlp.layers.iter().enumerate() {
             let weight = self.upload_dense(backend, pulled, layer.dense)?;
@@ -460,6 +506,10 @@ impl Model {
             output = step.input;
         }
         Ok(dh)
+    }
+
+    fn embedding_dim(&self) -> usize {
+        self.embeddings.map_or(0, |i| self.sparse[i].dim)
     }
 
     fn upload_dense<B: Backend>(

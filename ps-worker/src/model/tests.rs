@@ -52,6 +52,14 @@ pub(crate) const MODELS: &[(&str, &str)] = &[
         "wide_deep",
         "kind = \"wide_deep\"\nmlp = { hidden = [4], residual = false, optimizer = { kind = \"sgd\", lr = 0.1 } }",
     ),
+    (
+        "dnn_linear",
+        "kind = \"dnn\"\nmlp = { hidden = [], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+    (
+        "dnn",
+        "kind = \"dnn\"\nmlp = { hidden = [7, 7], batch_norm = true, optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
 ];
 
 /// A batch of 6 examples over 5 distinct ids (with repeats) in 3 fields.
@@ -70,29 +78,10 @@ pub(crate) fn batch() -> Batch {
 /// Random values for every pulled table.
 pub(crate) fn pulled(model: &Model, batch: &Batch, seed: u64) -> Pulled {
     let mut rng = Rng::new(seed);
-    let (keys, plan) = model.plan(batch);
-    let sparse = model
-        .sparse_tables()
-        .iter()
-        .map(|t| rng.vec(keys.len() * t.dim))
-        .collect();
-    let dense = model
-        .dense_tables()
-        .iter()
-        .map(|t| {
-            rng.vec(t.rows.unwrap_or(1) * t.dim)
-                .into_iter()
-                .map(|v| v * 0.5)
-                .collect()
-        })
-        .collect();
-    Pulled {
-        keys,
-        plan,
-        labels: batch.labels.clone(),
-        sparse,
-        dense,
-    }
+    model.pulled_from(batch, |t, n| {
+        let scale = if t.rows.is_some() { 0.5 } else { 1.0 };
+        rng.vec(n).into_iter().map(|v| v * scale).collect()
+    })
 }
 
 fn mean_loss(model: &Model, p: &Pulled, mode: Mode) -> f64 {
@@ -230,6 +219,50 @@ fn running_statistics_move_toward_the_batch_by_one_minus_momentum() {
     let push = &grads.dense[stats];
     for c in 0..5 {
         assert!((-push[c] - 0.1 * mean[c]).abs() < 1e-5, "mean[{c}]");
-        assert!((-push[5 + c] - 0.1 * (var[c] - 1.0)).abs() < 1e-5, "var[{c}]");
+        assert!(
+            (-push[5 + c] - 0.1 * (var[c] - 1.0)).abs() < 1e-5,
+            "var[{c}]"
+        );
     }
+}
+
+#[test]
+fn every_model_on_cuda_agrees_with_the_cpu() {
+    let cuda = match crate::backend::cuda::CudaBackend::new(0) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIPPED (no CUDA device): {e}");
+            return;
+        }
+    };
+    let b = batch();
+    for &(name, body) in MODELS {
+        let model = Model::from_job(&job(body));
+        let p = pulled(&model, &b, 5);
+        for mode in [Mode::Train { seed: 9 }, Mode::Eval] {
+            let want = model.compute(&CpuBackend, &p, mode).unwrap();
+            let got = model.compute(&cuda, &p, mode).unwrap();
+            let close = |what: &str, a: &[f32], b: &[f32]| {
+                assert_eq!(a.len(), b.len(), "{name} {mode:?} {what}");
+                let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() / scale <= 1e-4,
+                        "{name} {mode:?} {what}: {x} vs {y}"
+                    );
+                }
+            };
+            close("loss", &[got.loss_sum as f32], &[want.loss_sum as f32]);
+            close("probs", &got.probs, &want.probs);
+            if let (Some(g), Some(w)) = (&got.grads, &want.grads) {
+                for (t, (a, b)) in g.sparse.iter().zip(&w.sparse).enumerate() {
+                    close(&format!("sparse grad {t}"), a, b);
+                }
+                for (t, (a, b)) in g.dense.iter().zip(&w.dense).enumerate() {
+                    close(&model.dense_tables()[t].name, a, b);
+                }
+            }
+        }
+    }
+    println!("{} models agree on {}", MODELS.len(), cuda.name());
 }

@@ -1,0 +1,54 @@
+//! The CUDA backend against the CPU backend, op by op, on random inputs with
+//! the edge cases (empty batch, single row, duplicate keys, sizes that are
+//! not a multiple of the block size). Without a CUDA device the tests print
+//! `SKIPPED (no CUDA device)` and check the error a user would see instead.
+#![allow(clippy::unwrap_used)]
+
+use ps_worker::backend::conformance;
+use ps_worker::backend::cpu::CpuBackend;
+use ps_worker::backend::cuda::{CudaBackend, device_count};
+use ps_worker::backend::{Backend, BackendError};
+
+#[test]
+fn every_kernel_agrees_with_the_cpu_backend() {
+    if device_count() == 0 {
+        println!("SKIPPED (no CUDA device)");
+        return;
+    }
+    let cuda = CudaBackend::new(0).unwrap();
+    let results = conformance::compare(&cuda, &CpuBackend, 2026).unwrap();
+    let worst = results.iter().fold(0f32, |m, a| m.max(a.relative_error));
+    for a in &results {
+        assert!(
+            a.relative_error <= 1e-4,
+            "{} on {}: relative error {}",
+            a.name,
+            cuda.name(),
+            a.relative_error
+        );
+    }
+    println!(
+        "{} op/case pairs agree on {} (worst relative error {worst:.2e})",
+        results.len(),
+        cuda.name()
+    );
+}
+
+#[test]
+fn a_missing_device_is_one_clear_error() {
+    let err = if device_count() == 0 {
+        println!("SKIPPED (no CUDA device): checking the error instead");
+        CudaBackend::new(0).unwrap_err()
+    } else {
+        CudaBackend::new(1000).unwrap_err()
+    };
+    let BackendError::Unavailable(message) = &err else {
+        panic!("expected Unavailable, got {err:?}");
+    };
+    assert!(
+        message.contains("no CUDA driver found")
+            || message.contains("no such CUDA device")
+            || message.contains("libnvrtc"),
+        "{message}"
+    );
+}
