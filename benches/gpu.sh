@@ -65,9 +65,9 @@ echo "== end to end: ps-worker local, 2 servers x 2 workers"
 "$BIN/ps-bench" gen-ctr26 --rows 400000 --out target/ctr26/train.libffm
 for dev in cpu cuda:0; do
   RUST_LOG=warn "$BIN/ps-worker" local --config examples/ctr26.toml --device "$dev" \
-    --servers 2 --workers 2 --report "$RESULTS/ctr26-$dev.json"
+    --servers 2 --workers 2 --report "$RESULTS/ctr26-${dev/:/}.json"
   RUST_LOG=warn "$BIN/ps-worker" local --config examples/a9a-deepfm.toml --device "$dev" \
-    --servers 2 --workers 2 --report "$RESULTS/deepfm-$dev.json"
+    --servers 2 --workers 2 --report "$RESULTS/deepfm-${dev/:/}.json"
 done
 for f in "$RESULTS"/ctr26-*.json "$RESULTS"/deepfm-*.json; do
   tr -d '\n ' < "$f" >> "$JSON"

@@ -3,57 +3,114 @@
 // factorization-machine interaction. One thread per (output row, column):
 // adjacent threads read adjacent floats of the same table row.
 
-// out[o, d] = sum over occurrences e of segments [o*stride, (o+1)*stride) of
-// value[e] * rows[row[e], d].
-extern "C" __global__ void gather_pool(
-    float* out, const float* rows, const unsigned int* entry_row,
-    const float* entry_value, const unsigned int* segment_offsets,
-    int out_rows, int dim, int stride) {
+// Columns are processed V at a time (V = 4 with float4 loads when the
+// dimension is a multiple of 4, else 1): "lane" l of a row covers columns
+// [l*V, l*V + V).
+
+__device__ __forceinline__ void ps_axpy(float& acc, float x, float r) { acc += x * r; }
+__device__ __forceinline__ void ps_axpy(float4& acc, float x, float4 r) {
+    acc.x += x * r.x; acc.y += x * r.y; acc.z += x * r.z; acc.w += x * r.w;
+}
+__device__ __forceinline__ void ps_add(float& acc, float r) { acc += r; }
+__device__ __forceinline__ void ps_add(float4& acc, float4 r) {
+    acc.x += r.x; acc.y += r.y; acc.z += r.z; acc.w += r.w;
+}
+template <typename T> __device__ __forceinline__ T ps_zero();
+template <> __device__ __forceinline__ float ps_zero<float>() { return 0.0f; }
+template <> __device__ __forceinline__ float4 ps_zero<float4>() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+
+// out[o, :] = sum over occurrences e of segments [o*stride, (o+1)*stride) of
+// value[e] * rows[row[e], :].
+template <typename T>
+__device__ void gather_pool_impl(
+    float* __restrict__ out, const float* __restrict__ rows,
+    const unsigned int* __restrict__ entry_row, const float* __restrict__ entry_value,
+    const unsigned int* __restrict__ segment_offsets, int out_rows, int dim, int stride) {
+    const int lanes = dim / (int)(sizeof(T) / sizeof(float));
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (long long)out_rows * dim) return;
-    int o = (int)(t / dim), d = (int)(t % dim);
+    if (t >= (long long)out_rows * lanes) return;
+    int o = (int)(t / lanes), l = (int)(t % lanes);
     unsigned int begin = segment_offsets[(long long)o * stride];
     unsigned int end = segment_offsets[(long long)(o + 1) * stride];
-    float acc = 0.0f;
+    T acc = ps_zero<T>();
     for (unsigned int e = begin; e < end; ++e) {
-        acc += entry_value[e] * rows[(long long)entry_row[e] * dim + d];
+        const T* row = reinterpret_cast<const T*>(rows + (long long)entry_row[e] * dim);
+        ps_axpy(acc, entry_value[e], row[l]);
     }
-    out[t] = acc;
+    reinterpret_cast<T*>(out + (long long)o * dim)[l] = acc;
+}
+
+extern "C" __global__ void gather_pool(
+    float* out, const float* rows, const unsigned int* entry_row, const float* entry_value,
+    const unsigned int* segment_offsets, int out_rows, int dim, int stride) {
+    gather_pool_impl<float>(out, rows, entry_row, entry_value, segment_offsets, out_rows, dim, stride);
+}
+
+extern "C" __global__ void gather_pool4(
+    float* out, const float* rows, const unsigned int* entry_row, const float* entry_value,
+    const unsigned int* segment_offsets, int out_rows, int dim, int stride) {
+    gather_pool_impl<float4>(out, rows, entry_row, entry_value, segment_offsets, out_rows, dim, stride);
 }
 
 // The gradient scatter runs in two deterministic phases so that a hot row
 // with thousands of occurrences does not serialize on one thread: each
-// chunk of at most 32 occurrences of a row is summed into partial[c, d],
-// then each row sums its chunks in order.
+// chunk of at most 32 occurrences of a row is summed (in order); a row with
+// one chunk writes its result directly, the chunks of the other rows go to
+// partial[c, :] and a second kernel sums them in chunk order.
 
-// partial[c, d] = sum over occurrences e of chunk c of
-// value[e] * grad[segment[e] / stride, d].
-extern "C" __global__ void scatter_chunks(
-    float* partial, const float* grad, const unsigned int* chunk_offsets,
-    const unsigned int* row_entries, const unsigned int* entry_segment,
-    const float* entry_value, int chunks, int dim, int stride) {
+// Chunk c's sum of value[e] * grad[segment[e] / stride, :].
+template <typename T>
+__device__ void scatter_chunks_impl(
+    float* __restrict__ out, float* __restrict__ partial, const float* __restrict__ grad,
+    const unsigned int* __restrict__ chunk_offsets, const unsigned int* __restrict__ chunk_row,
+    const unsigned int* __restrict__ row_chunks, const unsigned int* __restrict__ row_entries,
+    const unsigned int* __restrict__ entry_segment, const float* __restrict__ entry_value,
+    int chunks, int dim, int stride) {
+    const int lanes = dim / (int)(sizeof(T) / sizeof(float));
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (long long)chunks * dim) return;
-    int c = (int)(t / dim), d = (int)(t % dim);
-    float acc = 0.0f;
+    if (t >= (long long)chunks * lanes) return;
+    int c = (int)(t / lanes), l = (int)(t % lanes);
+    T acc = ps_zero<T>();
     for (unsigned int i = chunk_offsets[c]; i < chunk_offsets[c + 1]; ++i) {
         unsigned int e = row_entries[i];
-        acc += entry_value[e] * grad[(long long)(entry_segment[e] / stride) * dim + d];
+        const T* g = reinterpret_cast<const T*>(grad + (long long)(entry_segment[e] / stride) * dim);
+        ps_axpy(acc, entry_value[e], g[l]);
     }
-    partial[t] = acc;
+    unsigned int u = chunk_row[c];
+    bool alone = row_chunks[u + 1] - row_chunks[u] == 1;
+    float* dst = alone ? out + (long long)u * dim : partial + (long long)c * dim;
+    reinterpret_cast<T*>(dst)[l] = acc;
 }
 
-// out[u, d] = sum of partial[c, d] over row u's chunks, in order.
+extern "C" __global__ void scatter_chunks(
+    float* out, float* partial, const float* grad, const unsigned int* chunk_offsets,
+    const unsigned int* chunk_row, const unsigned int* row_chunks, const unsigned int* row_entries,
+    const unsigned int* entry_segment, const float* entry_value, int chunks, int dim, int stride) {
+    scatter_chunks_impl<float>(out, partial, grad, chunk_offsets, chunk_row, row_chunks,
+        row_entries, entry_segment, entry_value, chunks, dim, stride);
+}
+
+extern "C" __global__ void scatter_chunks4(
+    float* out, float* partial, const float* grad, const unsigned int* chunk_offsets,
+    const unsigned int* chunk_row, const unsigned int* row_chunks, const unsigned int* row_entries,
+    const unsigned int* entry_segment, const float* entry_value, int chunks, int dim, int stride) {
+    scatter_chunks_impl<float4>(out, partial, grad, chunk_offsets, chunk_row, row_chunks,
+        row_entries, entry_segment, entry_value, chunks, dim, stride);
+}
+
+// For each multi-chunk row u: out[u, d] = sum of partial[c, d] over its chunks, in order.
 extern "C" __global__ void reduce_chunks(
-    float* out, const float* partial, const unsigned int* row_chunks, int unique, int dim) {
+    float* out, const float* partial, const unsigned int* row_chunks,
+    const unsigned int* multi_rows, int count, int dim) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (long long)unique * dim) return;
-    int u = (int)(t / dim), d = (int)(t % dim);
+    if (t >= (long long)count * dim) return;
+    unsigned int u = multi_rows[t / dim];
+    int d = (int)(t % dim);
     float acc = 0.0f;
     for (unsigned int c = row_chunks[u]; c < row_chunks[u + 1]; ++c) {
         acc += partial[(long long)c * dim + d];
     }
-    out[t] = acc;
+    out[(long long)u * dim + d] = acc;
 }
 
 // Per (example, column): sums[b, d] = sum_e x v, and
@@ -86,25 +143,26 @@ extern "C" __global__ void fm_reduce(float* out, const float* terms, int example
     out[b] = 0.5f * acc;
 }
 
-// FM gradient, phase one of the chunked scatter: partial[c, d] = sum over
-// occurrences e of chunk c (all of row u) of g[b] * (x sums[b, d] - x^2 rows[u, d]).
+// FM gradient, phase one of the chunked scatter: chunk c (of row u) sums
+// g[b] * (x sums[b, d] - x^2 rows[u, d]) over its occurrences; single-chunk
+// rows write out[u, d] directly, the others partial[c, d].
 extern "C" __global__ void fm_backward_chunks(
-    float* partial, const float* grad, const float* sums, const float* rows,
-    const unsigned int* chunk_offsets, const unsigned int* row_entries,
-    const unsigned int* entry_row, const unsigned int* entry_segment,
-    const float* entry_value, int chunks, int dim, int fields) {
+    float* out, float* partial, const float* grad, const float* sums, const float* rows,
+    const unsigned int* chunk_offsets, const unsigned int* chunk_row,
+    const unsigned int* row_chunks, const unsigned int* row_entries,
+    const unsigned int* entry_segment, const float* entry_value, int chunks, int dim, int fields) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)chunks * dim) return;
     int c = (int)(t / dim), d = (int)(t % dim);
-    unsigned int begin = chunk_offsets[c], end = chunk_offsets[c + 1];
-    if (begin == end) { partial[t] = 0.0f; return; }
-    float v = rows[(long long)entry_row[row_entries[begin]] * dim + d];
+    unsigned int u = chunk_row[c];
+    float v = rows[(long long)u * dim + d];
     float acc = 0.0f;
-    for (unsigned int i = begin; i < end; ++i) {
+    for (unsigned int i = chunk_offsets[c]; i < chunk_offsets[c + 1]; ++i) {
         unsigned int e = row_entries[i];
         unsigned int b = entry_segment[e] / fields;
         float x = entry_value[e];
         acc += grad[b] * (x * sums[(long long)b * dim + d] - x * x * v);
     }
-    partial[t] = acc;
+    bool alone = row_chunks[u + 1] - row_chunks[u] == 1;
+    if (alone) out[(long long)u * dim + d] = acc; else partial[t] = acc;
 }

@@ -157,8 +157,10 @@ impl Backend for CpuBackend {
                 let x = plan.entry_value[e];
                 let v = rows.row(plan.entry_row[e] as usize);
                 for d in 0..dim {
-                    sum[d] += x * v[d];
-                    squares[d] += x * x * v[d] * v[d];
+                    // Same operations in the same order as the CUDA kernel.
+                    let xv = x * v[d];
+                    sum[d] += xv;
+                    squares[d] += xv * xv;
                 }
             }
             out[[b, 0]] = 0.5 * (0..dim).map(|d| sum[d] * sum[d] - squares[d]).sum::<f32>();

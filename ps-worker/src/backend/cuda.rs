@@ -59,11 +59,16 @@ pub struct CudaPlan {
     chunks: usize,
     chunk_offsets: CudaSlice<u32>,
     row_chunks: CudaSlice<u32>,
+    chunk_row: CudaSlice<u32>,
+    multi_chunk_rows: usize,
+    multi_rows: CudaSlice<u32>,
 }
 
 struct Kernels {
     gather_pool: CudaFunction,
+    gather_pool4: CudaFunction,
     scatter_chunks: CudaFunction,
+    scatter_chunks4: CudaFunction,
     reduce_chunks: CudaFunction,
     fm_sums: CudaFunction,
     fm_reduce: CudaFunction,
@@ -86,7 +91,9 @@ impl Kernels {
         let f = |name: &str| module.load_function(name);
         Ok(Kernels {
             gather_pool: f("gather_pool")?,
+            gather_pool4: f("gather_pool4")?,
             scatter_chunks: f("scatter_chunks")?,
+            scatter_chunks4: f("scatter_chunks4")?,
             reduce_chunks: f("reduce_chunks")?,
             fm_sums: f("fm_sums")?,
             fm_reduce: f("fm_reduce")?,
@@ -182,7 +189,13 @@ impl CudaBackend {
         }
         let ctx = CudaContext::new(ordinal).map_err(device_error)?;
         let name = format!("cuda:{ordinal} ({})", ctx.name().map_err(device_error)?);
-        let ptx = cudarc::nvrtc::compile_ptx(KERNELS.concat())
+        // No FMA contraction: the kernels then round exactly as the CPU
+        // backend does wherever they sum in the same order.
+        let options = cudarc::nvrtc::CompileOptions {
+            fmad: Some(false),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS.concat(), options)
             .map_err(|e| BackendError::Device(format!("kernel compilation failed: {e:?}")))?;
         let module = ctx.load_module(ptx).map_err(device_error)?;
         let k = Kernels::load(&module).map_err(device_error)?;
@@ -240,23 +253,31 @@ impl CudaBackend {
         self.stream.clone_htod(data).map_err(device_error)
     }
 
-    /// Sums each distinct row's chunk partials, in chunk order.
+    /// Writes the rows with several chunks: the sum of their partials, in
+    /// chunk order.
     fn reduce_chunks(
         &self,
+        out: &mut CudaTensor,
         partial: &CudaTensor,
         plan: &CudaPlan,
-    ) -> Result<CudaTensor, BackendError> {
-        let mut out = self.zeros(plan.unique, partial.cols)?;
-        let (unique, dim) = (int(plan.unique, "scatter")?, int(partial.cols, "scatter")?);
+    ) -> Result<(), BackendError> {
+        if plan.multi_chunk_rows == 0 {
+            return Ok(());
+        }
+        let (count, dim) = (
+            int(plan.multi_chunk_rows, "scatter")?,
+            int(partial.cols, "scatter")?,
+        );
         let mut b = self.stream.launch_builder(&self.k.reduce_chunks);
         b.arg(&mut out.buf)
             .arg(&partial.buf)
             .arg(&plan.row_chunks)
-            .arg(&unique)
-            .arg(&dim);
-        // SAFETY: row_chunks has unique + 1 entries indexing partial's rows.
-        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
-        Ok(out)
+            .arg(&plan.multi_rows);
+        b.arg(&count).arg(&dim);
+        // SAFETY: multi_rows holds `count` row ids < unique; row_chunks indexes
+        // partial's rows.
+        unsafe { b.launch(linear(plan.multi_chunk_rows * partial.cols)) }.map_err(device_error)?;
+        Ok(())
     }
 
     fn check_plan_rows(
@@ -366,6 +387,9 @@ impl Backend for CudaBackend {
             chunks: plan.chunks(),
             chunk_offsets: self.upload_u32(&plan.chunk_offsets)?,
             row_chunks: self.upload_u32(&plan.row_chunks)?,
+            chunk_row: self.upload_u32(&plan.chunk_row)?,
+            multi_chunk_rows: plan.multi_chunk_rows.len(),
+            multi_rows: self.upload_u32(&plan.multi_chunk_rows)?,
         })
     }
 
@@ -386,15 +410,22 @@ impl Backend for CudaBackend {
             int(rows.cols, "gather_pool")?,
             int(stride, "gather_pool")?,
         );
-        let mut b = self.stream.launch_builder(&self.k.gather_pool);
+        // float4 loads when rows are whole multiples of 16 bytes.
+        let (kernel, lanes) = if rows.cols % 4 == 0 {
+            (&self.k.gather_pool4, rows.cols / 4)
+        } else {
+            (&self.k.gather_pool, rows.cols)
+        };
+        let mut b = self.stream.launch_builder(kernel);
         b.arg(&mut out.buf)
             .arg(&rows.buf)
             .arg(&plan.entry_row)
             .arg(&plan.entry_value);
         b.arg(&plan.segment_offsets).arg(&n).arg(&dim).arg(&stride);
         // SAFETY: the kernel reads `segment_offsets[0..=n*stride]` and the rows
-        // they index, all sized by the plan, and writes `out[0..n*dim]`.
-        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        // they index, all sized by the plan, and writes `out[0..n*dim]`;
+        // device allocations are 256-byte aligned, so float4 rows are aligned.
+        unsafe { b.launch(linear(out_rows * lanes)) }.map_err(device_error)?;
         Ok(out)
     }
 
@@ -411,8 +442,9 @@ impl Backend for CudaBackend {
                 format!("{} gradient rows, expected {out_rows}", grad.rows),
             ));
         }
+        let mut out = self.zeros(plan.unique, grad.cols)?;
         if plan.unique * grad.cols == 0 || plan.chunks == 0 {
-            return self.zeros(plan.unique, grad.cols);
+            return Ok(out);
         }
         let mut partial = self.zeros(plan.chunks, grad.cols)?;
         let (chunks, dim, stride) = (
@@ -420,10 +452,18 @@ impl Backend for CudaBackend {
             int(grad.cols, "scatter_pool")?,
             int(stride, "scatter_pool")?,
         );
-        let mut b = self.stream.launch_builder(&self.k.scatter_chunks);
-        b.arg(&mut partial.buf)
+        let (kernel, lanes) = if grad.cols % 4 == 0 {
+            (&self.k.scatter_chunks4, grad.cols / 4)
+        } else {
+            (&self.k.scatter_chunks, grad.cols)
+        };
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(&mut out.buf)
+            .arg(&mut partial.buf)
             .arg(&grad.buf)
-            .arg(&plan.chunk_offsets)
+            .arg(&plan.chunk_offsets);
+        b.arg(&plan.chunk_row)
+            .arg(&plan.row_chunks)
             .arg(&plan.row_entries);
         b.arg(&plan.entry_segment)
             .arg(&plan.entry_value)
@@ -431,9 +471,10 @@ impl Backend for CudaBackend {
             .arg(&dim)
             .arg(&stride);
         // SAFETY: reads the plan's index arrays and `grad[0..out_rows*dim]`,
-        // writes `partial[0..chunks*dim]`.
-        unsafe { b.launch(linear(partial.rows * partial.cols)) }.map_err(device_error)?;
-        self.reduce_chunks(&partial, plan)
+        // writes rows of `out` ([unique, dim]) and `partial` ([chunks, dim]).
+        unsafe { b.launch(linear(plan.chunks * lanes)) }.map_err(device_error)?;
+        self.reduce_chunks(&mut out, &partial, plan)?;
+        Ok(out)
     }
 
     fn fm_forward(
@@ -491,8 +532,9 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
+        let mut out = self.zeros(plan.unique, rows.cols)?;
         if plan.unique * rows.cols == 0 || plan.chunks == 0 {
-            return self.zeros(plan.unique, rows.cols);
+            return Ok(out);
         }
         let mut partial = self.zeros(plan.chunks, rows.cols)?;
         let (chunks, dim, fields) = (
@@ -501,22 +543,23 @@ impl Backend for CudaBackend {
             int(plan.fields, "fm")?,
         );
         let mut b = self.stream.launch_builder(&self.k.fm_backward_chunks);
-        b.arg(&mut partial.buf)
+        b.arg(&mut out.buf)
+            .arg(&mut partial.buf)
             .arg(&grad.buf)
             .arg(&sums.buf)
             .arg(&rows.buf);
         b.arg(&plan.chunk_offsets)
-            .arg(&plan.row_entries)
-            .arg(&plan.entry_row);
-        b.arg(&plan.entry_segment)
-            .arg(&plan.entry_value)
-            .arg(&chunks)
-            .arg(&dim)
-            .arg(&fields);
+            .arg(&plan.chunk_row)
+            .arg(&plan.row_chunks);
+        b.arg(&plan.row_entries)
+            .arg(&plan.entry_segment)
+            .arg(&plan.entry_value);
+        b.arg(&chunks).arg(&dim).arg(&fields);
         // SAFETY: reads the plan and the [examples, dim] / [unique, dim]
-        // operands checked above, writes partial[0..chunks*dim].
-        unsafe { b.launch(linear(partial.rows * partial.cols)) }.map_err(device_error)?;
-        self.reduce_chunks(&partial, plan)
+        // operands checked above, writes rows of out and partial.
+        unsafe { b.launch(linear(plan.chunks * rows.cols)) }.map_err(device_error)?;
+        self.reduce_chunks(&mut out, &partial, plan)?;
+        Ok(out)
     }
 
     fn matmul(

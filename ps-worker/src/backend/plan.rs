@@ -36,6 +36,11 @@ pub struct SparsePlan {
     /// `unique + 1` offsets into the chunks: row `u` has chunks
     /// `row_chunks[u]..row_chunks[u + 1]`.
     pub row_chunks: Vec<u32>,
+    /// The distinct row of each chunk.
+    pub chunk_row: Vec<u32>,
+    /// Rows with more than one chunk: only these need a second pass that
+    /// sums their chunks (a row with one chunk is written directly).
+    pub multi_chunk_rows: Vec<u32>,
 }
 
 impl SparsePlan {
@@ -101,14 +106,20 @@ impl SparsePlan {
         }
         let mut chunk_offsets = vec![0u32];
         let mut row_chunks = vec![0u32];
+        let mut chunk_row = Vec::new();
+        let mut multi_chunk_rows = Vec::new();
         for u in 0..unique {
             let (begin, end) = (row_offsets[u], row_offsets[u + 1]);
             let mut at = begin;
             while at < end {
                 at = (at + Self::CHUNK).min(end);
                 chunk_offsets.push(at);
+                chunk_row.push(u as u32);
             }
             row_chunks.push((chunk_offsets.len() - 1) as u32);
+            if row_chunks[u + 1] - row_chunks[u] > 1 {
+                multi_chunk_rows.push(u as u32);
+            }
         }
         SparsePlan {
             examples,
@@ -122,6 +133,8 @@ impl SparsePlan {
             row_entries,
             chunk_offsets,
             row_chunks,
+            chunk_row,
+            multi_chunk_rows,
         }
     }
 
@@ -178,6 +191,8 @@ mod tests {
         assert_eq!(plan.row_entries, [0, 1, 2]);
         assert_eq!(plan.chunk_offsets, [0, 1, 3]);
         assert_eq!(plan.row_chunks, [0, 1, 1, 2]);
+        assert_eq!(plan.chunk_row, [0, 2]);
+        assert!(plan.multi_chunk_rows.is_empty());
     }
 
     #[test]
@@ -187,6 +202,8 @@ mod tests {
         let plan = SparsePlan::new(&offsets, &vec![0; n], &vec![1.0; n], None, 1, 1);
         assert_eq!(plan.row_chunks, [0, 3]);
         assert_eq!(plan.chunk_offsets, [0, 32, 64, n as u32]);
+        assert_eq!(plan.chunk_row, [0, 0, 0]);
+        assert_eq!(plan.multi_chunk_rows, [0]);
     }
 
     #[test]
