@@ -63,18 +63,16 @@ template <typename T>
 __device__ void scatter_chunks_impl(
     float* __restrict__ out, float* __restrict__ partial, const float* __restrict__ grad,
     const unsigned int* __restrict__ chunk_offsets, const unsigned int* __restrict__ chunk_row,
-    const unsigned int* __restrict__ row_chunks, const unsigned int* __restrict__ row_entries,
-    const unsigned int* __restrict__ entry_segment, const float* __restrict__ entry_value,
-    int chunks, int dim, int stride) {
+    const unsigned int* __restrict__ row_chunks, const unsigned int* __restrict__ row_entry_segment,
+    const float* __restrict__ row_entry_value, int chunks, int dim, int stride) {
     const int lanes = dim / (int)(sizeof(T) / sizeof(float));
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)chunks * lanes) return;
     int c = (int)(t / lanes), l = (int)(t % lanes);
     T acc = ps_zero<T>();
     for (unsigned int i = chunk_offsets[c]; i < chunk_offsets[c + 1]; ++i) {
-        unsigned int e = row_entries[i];
-        const T* g = reinterpret_cast<const T*>(grad + (long long)(entry_segment[e] / stride) * dim);
-        ps_axpy(acc, entry_value[e], g[l]);
+        const T* g = reinterpret_cast<const T*>(grad + (long long)(row_entry_segment[i] / stride) * dim);
+        ps_axpy(acc, row_entry_value[i], g[l]);
     }
     unsigned int u = chunk_row[c];
     bool alone = row_chunks[u + 1] - row_chunks[u] == 1;
@@ -84,21 +82,22 @@ __device__ void scatter_chunks_impl(
 
 extern "C" __global__ void scatter_chunks(
     float* out, float* partial, const float* grad, const unsigned int* chunk_offsets,
-    const unsigned int* chunk_row, const unsigned int* row_chunks, const unsigned int* row_entries,
-    const unsigned int* entry_segment, const float* entry_value, int chunks, int dim, int stride) {
+    const unsigned int* chunk_row, const unsigned int* row_chunks,
+    const unsigned int* row_entry_segment, const float* row_entry_value, int chunks, int dim, int stride) {
     scatter_chunks_impl<float>(out, partial, grad, chunk_offsets, chunk_row, row_chunks,
-        row_entries, entry_segment, entry_value, chunks, dim, stride);
+        row_entry_segment, row_entry_value, chunks, dim, stride);
 }
 
 extern "C" __global__ void scatter_chunks4(
     float* out, float* partial, const float* grad, const unsigned int* chunk_offsets,
-    const unsigned int* chunk_row, const unsigned int* row_chunks, const unsigned int* row_entries,
-    const unsigned int* entry_segment, const float* entry_value, int chunks, int dim, int stride) {
+    const unsigned int* chunk_row, const unsigned int* row_chunks,
+    const unsigned int* row_entry_segment, const float* row_entry_value, int chunks, int dim, int stride) {
     scatter_chunks_impl<float4>(out, partial, grad, chunk_offsets, chunk_row, row_chunks,
-        row_entries, entry_segment, entry_value, chunks, dim, stride);
+        row_entry_segment, row_entry_value, chunks, dim, stride);
 }
 
-// For each multi-chunk row u: out[u, d] = sum of partial[c, d] over its chunks, in order.
+// For each row u without exactly one chunk: out[u, d] = sum of partial[c, d]
+// over its chunks, in order (0 for a row with none).
 extern "C" __global__ void reduce_chunks(
     float* out, const float* partial, const unsigned int* row_chunks,
     const unsigned int* multi_rows, int count, int dim) {
@@ -149,8 +148,8 @@ extern "C" __global__ void fm_reduce(float* out, const float* terms, int example
 extern "C" __global__ void fm_backward_chunks(
     float* out, float* partial, const float* grad, const float* sums, const float* rows,
     const unsigned int* chunk_offsets, const unsigned int* chunk_row,
-    const unsigned int* row_chunks, const unsigned int* row_entries,
-    const unsigned int* entry_segment, const float* entry_value, int chunks, int dim, int fields) {
+    const unsigned int* row_chunks, const unsigned int* row_entry_segment,
+    const float* row_entry_value, int chunks, int dim, int fields) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)chunks * dim) return;
     int c = (int)(t / dim), d = (int)(t % dim);
@@ -158,9 +157,8 @@ extern "C" __global__ void fm_backward_chunks(
     float v = rows[(long long)u * dim + d];
     float acc = 0.0f;
     for (unsigned int i = chunk_offsets[c]; i < chunk_offsets[c + 1]; ++i) {
-        unsigned int e = row_entries[i];
-        unsigned int b = entry_segment[e] / fields;
-        float x = entry_value[e];
+        unsigned int b = row_entry_segment[i] / fields;
+        float x = row_entry_value[i];
         acc += grad[b] * (x * sums[(long long)b * dim + d] - x * x * v);
     }
     bool alone = row_chunks[u + 1] - row_chunks[u] == 1;

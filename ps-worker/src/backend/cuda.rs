@@ -53,9 +53,9 @@ pub struct CudaPlan {
     unique: usize,
     entry_row: CudaSlice<u32>,
     entry_value: CudaSlice<f32>,
-    entry_segment: CudaSlice<u32>,
     segment_offsets: CudaSlice<u32>,
-    row_entries: CudaSlice<u32>,
+    row_entry_segment: CudaSlice<u32>,
+    row_entry_value: CudaSlice<f32>,
     chunks: usize,
     chunk_offsets: CudaSlice<u32>,
     row_chunks: CudaSlice<u32>,
@@ -246,6 +246,22 @@ impl CudaBackend {
         Ok(CudaTensor { buf, rows, cols })
     }
 
+    fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>, BackendError> {
+        if data.is_empty() {
+            return self.stream.alloc_zeros::<f32>(1).map_err(device_error);
+        }
+        self.stream.clone_htod(data).map_err(device_error)
+    }
+
+    /// A tensor whose every element the caller's kernel writes.
+    fn uninit(&self, rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        // SAFETY: callers launch a kernel that writes all rows * cols
+        // elements before anything reads them.
+        let buf =
+            unsafe { self.stream.alloc::<f32>((rows * cols).max(1)) }.map_err(device_error)?;
+        Ok(CudaTensor { buf, rows, cols })
+    }
+
     fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
         if data.is_empty() {
             return self.stream.alloc_zeros::<u32>(1).map_err(device_error);
@@ -368,22 +384,16 @@ impl Backend for CudaBackend {
     }
 
     fn upload_plan(&self, plan: &Arc<SparsePlan>) -> Result<CudaPlan, BackendError> {
-        let entry_value = if plan.entry_value.is_empty() {
-            self.stream.alloc_zeros::<f32>(1).map_err(device_error)?
-        } else {
-            self.stream
-                .clone_htod(&plan.entry_value)
-                .map_err(device_error)?
-        };
+        let entry_value = self.upload_f32(&plan.entry_value)?;
         Ok(CudaPlan {
             examples: plan.examples,
             fields: plan.fields,
             unique: plan.unique,
             entry_row: self.upload_u32(&plan.entry_row)?,
             entry_value,
-            entry_segment: self.upload_u32(&plan.entry_segment)?,
             segment_offsets: self.upload_u32(&plan.segment_offsets)?,
-            row_entries: self.upload_u32(&plan.row_entries)?,
+            row_entry_segment: self.upload_u32(&plan.row_entry_segment)?,
+            row_entry_value: self.upload_f32(&plan.row_entry_value)?,
             chunks: plan.chunks(),
             chunk_offsets: self.upload_u32(&plan.chunk_offsets)?,
             row_chunks: self.upload_u32(&plan.row_chunks)?,
@@ -401,10 +411,10 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor, BackendError> {
         self.check_plan_rows("gather_pool", rows, plan)?;
         let (out_rows, stride) = pooled_rows(plan, pooling);
-        let mut out = self.zeros(out_rows, rows.cols)?;
-        if out.len() == 0 {
-            return Ok(out);
+        if out_rows * rows.cols == 0 {
+            return self.zeros(out_rows, rows.cols);
         }
+        let mut out = self.uninit(out_rows, rows.cols)?;
         let (n, dim, stride) = (
             int(out_rows, "gather_pool")?,
             int(rows.cols, "gather_pool")?,
@@ -442,11 +452,12 @@ impl Backend for CudaBackend {
                 format!("{} gradient rows, expected {out_rows}", grad.rows),
             ));
         }
-        let mut out = self.zeros(plan.unique, grad.cols)?;
         if plan.unique * grad.cols == 0 || plan.chunks == 0 {
-            return Ok(out);
+            return self.zeros(plan.unique, grad.cols);
         }
-        let mut partial = self.zeros(plan.chunks, grad.cols)?;
+        // Every row is written: by its one chunk, or by the reduction.
+        let mut out = self.uninit(plan.unique, grad.cols)?;
+        let mut partial = self.uninit(plan.chunks, grad.cols)?;
         let (chunks, dim, stride) = (
             int(plan.chunks, "scatter_pool")?,
             int(grad.cols, "scatter_pool")?,
@@ -464,9 +475,8 @@ impl Backend for CudaBackend {
             .arg(&plan.chunk_offsets);
         b.arg(&plan.chunk_row)
             .arg(&plan.row_chunks)
-            .arg(&plan.row_entries);
-        b.arg(&plan.entry_segment)
-            .arg(&plan.entry_value)
+            .arg(&plan.row_entry_segment);
+        b.arg(&plan.row_entry_value)
             .arg(&chunks)
             .arg(&dim)
             .arg(&stride);
@@ -532,11 +542,11 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut out = self.zeros(plan.unique, rows.cols)?;
         if plan.unique * rows.cols == 0 || plan.chunks == 0 {
-            return Ok(out);
+            return self.zeros(plan.unique, rows.cols);
         }
-        let mut partial = self.zeros(plan.chunks, rows.cols)?;
+        let mut out = self.uninit(plan.unique, rows.cols)?;
+        let mut partial = self.uninit(plan.chunks, rows.cols)?;
         let (chunks, dim, fields) = (
             int(plan.chunks, "fm")?,
             int(rows.cols, "fm")?,
@@ -551,9 +561,7 @@ impl Backend for CudaBackend {
         b.arg(&plan.chunk_offsets)
             .arg(&plan.chunk_row)
             .arg(&plan.row_chunks);
-        b.arg(&plan.row_entries)
-            .arg(&plan.entry_segment)
-            .arg(&plan.entry_value);
+        b.arg(&plan.row_entry_segment).arg(&plan.row_entry_value);
         b.arg(&chunks).arg(&dim).arg(&fields);
         // SAFETY: reads the plan and the [examples, dim] / [unique, dim]
         // operands checked above, writes rows of out and partial.
@@ -611,10 +619,10 @@ impl Backend for CudaBackend {
 
     fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor, BackendError> {
         Self::same_shape("add", a, b)?;
-        let mut out = self.zeros(a.rows, a.cols)?;
-        if out.len() == 0 {
-            return Ok(out);
+        if a.rows * a.cols == 0 {
+            return self.zeros(a.rows, a.cols);
         }
+        let mut out = self.uninit(a.rows, a.cols)?;
         let n = out.len() as i64;
         let mut builder = self.stream.launch_builder(&self.k.add);
         builder.arg(&mut out.buf).arg(&a.buf).arg(&b.buf).arg(&n);
@@ -639,10 +647,10 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut y = self.zeros(x.rows, x.cols)?;
-        if y.len() == 0 {
-            return Ok(y);
+        if x.rows * x.cols == 0 {
+            return self.zeros(x.rows, x.cols);
         }
+        let mut y = self.uninit(x.rows, x.cols)?;
         let (rows, cols) = (int(x.rows, "bias_act")?, int(x.cols, "bias_act")?);
         let act = i32::from(act == Activation::Relu);
         let (use_dropout, rate, seed) = dropout.map_or((0i32, 0f32, 0u64), |d| (1, d.rate, d.seed));
@@ -819,10 +827,10 @@ impl Backend for CudaBackend {
     }
 
     fn sigmoid(&self, x: &CudaTensor) -> Result<CudaTensor, BackendError> {
-        let mut out = self.zeros(x.rows, x.cols)?;
-        if out.len() == 0 {
-            return Ok(out);
+        if x.rows * x.cols == 0 {
+            return self.zeros(x.rows, x.cols);
         }
+        let mut out = self.uninit(x.rows, x.cols)?;
         let n = out.len() as i64;
         let mut b = self.stream.launch_builder(&self.k.sigmoid);
         b.arg(&mut out.buf).arg(&x.buf).arg(&n);

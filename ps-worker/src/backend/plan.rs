@@ -38,9 +38,15 @@ pub struct SparsePlan {
     pub row_chunks: Vec<u32>,
     /// The distinct row of each chunk.
     pub chunk_row: Vec<u32>,
-    /// Rows with more than one chunk: only these need a second pass that
-    /// sums their chunks (a row with one chunk is written directly).
+    /// Rows without exactly one chunk: only these need the second pass
+    /// that sums their chunks (a row with one chunk is written directly, a
+    /// row with none gets zeros).
     pub multi_chunk_rows: Vec<u32>,
+    /// `entry_segment` in the order of `row_entries` (saves the GPU scatter
+    /// one dependent load per occurrence).
+    pub row_entry_segment: Vec<u32>,
+    /// `entry_value` in the order of `row_entries`.
+    pub row_entry_value: Vec<f32>,
 }
 
 impl SparsePlan {
@@ -117,10 +123,18 @@ impl SparsePlan {
                 chunk_row.push(u as u32);
             }
             row_chunks.push((chunk_offsets.len() - 1) as u32);
-            if row_chunks[u + 1] - row_chunks[u] > 1 {
+            if row_chunks[u + 1] - row_chunks[u] != 1 {
                 multi_chunk_rows.push(u as u32);
             }
         }
+        let row_entry_segment = row_entries
+            .iter()
+            .map(|&e| entry_segment[e as usize])
+            .collect();
+        let row_entry_value = row_entries
+            .iter()
+            .map(|&e| entry_value[e as usize])
+            .collect();
         SparsePlan {
             examples,
             fields: num_fields,
@@ -130,11 +144,13 @@ impl SparsePlan {
             entry_segment,
             segment_offsets,
             row_offsets,
-            row_entries,
             chunk_offsets,
             row_chunks,
             chunk_row,
             multi_chunk_rows,
+            row_entry_segment,
+            row_entry_value,
+            row_entries,
         }
     }
 
@@ -192,7 +208,9 @@ mod tests {
         assert_eq!(plan.chunk_offsets, [0, 1, 3]);
         assert_eq!(plan.row_chunks, [0, 1, 1, 2]);
         assert_eq!(plan.chunk_row, [0, 2]);
-        assert!(plan.multi_chunk_rows.is_empty());
+        assert_eq!(plan.multi_chunk_rows, [1], "row 1 has no occurrence");
+        assert_eq!(plan.row_entry_segment, [0, 1, 2]);
+        assert_eq!(plan.row_entry_value, [2.0, 1.0, 3.0]);
     }
 
     #[test]
