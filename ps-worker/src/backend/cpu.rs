@@ -312,7 +312,7 @@ impl Backend for CpuBackend {
         };
         let inv_std = var.mapv(|v| 1.0 / (v + eps).sqrt());
         let normalized = (x - &mean) * &inv_std;
-        let y = &normalized * &params.row(0) + &params.row(1);
+        let y = &normalized * &params.row(0) + params.row(1);
         let mut stats = Array2::<f32>::zeros((2, x.ncols()));
         stats.row_mut(0).assign(&mean);
         stats.row_mut(1).assign(&var);

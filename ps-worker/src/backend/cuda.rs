@@ -421,7 +421,7 @@ impl Backend for CudaBackend {
             int(stride, "gather_pool")?,
         );
         // float4 loads when rows are whole multiples of 16 bytes.
-        let (kernel, lanes) = if rows.cols % 4 == 0 {
+        let (kernel, lanes) = if rows.cols.is_multiple_of(4) {
             (&self.k.gather_pool4, rows.cols / 4)
         } else {
             (&self.k.gather_pool, rows.cols)
@@ -463,7 +463,7 @@ impl Backend for CudaBackend {
             int(grad.cols, "scatter_pool")?,
             int(stride, "scatter_pool")?,
         );
-        let (kernel, lanes) = if grad.cols % 4 == 0 {
+        let (kernel, lanes) = if grad.cols.is_multiple_of(4) {
             (&self.k.scatter_chunks4, grad.cols / 4)
         } else {
             (&self.k.scatter_chunks, grad.cols)
