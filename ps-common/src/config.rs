@@ -57,6 +57,21 @@ pub struct DataConfig {
     /// an example's embeddings.
     #[serde(default = "default_fields")]
     pub fields: u32,
+    /// What a malformed line does: `fail` (stop with its file and line) or
+    /// `skip` (log it with its line number, count it, go on).
+    #[serde(default)]
+    pub on_bad_line: OnBadLine,
+}
+
+/// The policy for malformed input lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadLine {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Fail,
+    /// Log and count the line, then go on.
+    Skip,
 }
 
 fn default_fields() -> u32 {
@@ -244,6 +259,18 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Where the worker computes: `cpu`, `cuda` or `cuda:N`.
     pub device: Device,
+    /// Stop when validation AUC has not improved for this many epochs
+    /// (needs `data.validation`; 0: never stop early).
+    pub early_stopping_patience: usize,
+    /// Write a checkpoint of this name whenever validation AUC improves
+    /// (needs `data.validation` and servers started with `--checkpoint-dir`).
+    pub best_checkpoint: Option<String>,
+    /// Clip the dense tables' gradients to this global L2 norm.
+    pub clip_norm: Option<f32>,
+    /// Clip each sparse row's gradient to this L2 norm.
+    pub clip_row_norm: Option<f32>,
+    /// Tables kept fixed: read, never updated (e.g. after `init_from`).
+    pub freeze: Vec<String>,
 }
 
 /// The device a worker computes on.
@@ -299,6 +326,11 @@ impl Default for TrainConfig {
             max_pushes_in_flight: 4,
             log_every: 100,
             device: Device::Cpu,
+            early_stopping_patience: 0,
+            best_checkpoint: None,
+            clip_norm: None,
+            clip_row_norm: None,
+            freeze: Vec::new(),
         }
     }
 }
@@ -436,6 +468,34 @@ impl JobConfig {
                 }
             }
         }
+        for (key, value) in [
+            ("clip_norm", t.clip_norm),
+            ("clip_row_norm", t.clip_row_norm),
+        ] {
+            if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return Err((format!("train.{key}"), "must be > 0".into()));
+            }
+        }
+        if let Some(name) = &t.best_checkpoint {
+            if self.data.validation.is_none() {
+                return Err((
+                    "train.best_checkpoint".into(),
+                    "needs data.validation to decide which epoch is best".into(),
+                ));
+            }
+            crate::table::validate_table_name(name).map_err(|_| {
+                (
+                    "train.best_checkpoint".into(),
+                    format!("{name:?} must be 1-128 characters from [A-Za-z0-9_.-]"),
+                )
+            })?;
+        }
+        if t.early_stopping_patience > 0 && self.data.validation.is_none() {
+            return Err((
+                "train.early_stopping_patience".into(),
+                "needs data.validation".into(),
+            ));
+        }
         if self.data.fields == 0 {
             return Err(("data.fields".into(), "must be >= 1".into()));
         }
@@ -449,7 +509,15 @@ impl JobConfig {
                 return Err((format!("tables.{}.{field}", spec.name), msg));
             }
         }
-        self.model.validate(&self.tables)
+        self.model.validate(&self.tables)?;
+        let names: Vec<String> = self.table_specs().into_iter().map(|s| s.name).collect();
+        if let Some(unknown) = t.freeze.iter().find(|f| !names.contains(f)) {
+            return Err((
+                "train.freeze".into(),
+                format!("no table named {unknown:?} (tables: {})", names.join(", ")),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -10,7 +10,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 
 use ps_common::config::{DataFormat, DataSource};
 
@@ -127,9 +128,19 @@ pub struct Batches {
     line: usize,
     buf: String,
     done: bool,
+    /// With `Some`, malformed lines are counted here and skipped instead of
+    /// ending the stream with an error.
+    skipped: Option<Arc<AtomicU64>>,
 }
 
 impl Batches {
+    /// Skips malformed lines (each logged with its number, the first ones
+    /// in full) and counts them in `counter`, instead of failing.
+    pub fn skip_bad_lines(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.skipped = Some(counter);
+        self
+    }
+
     /// Batches of `batch_size` examples of a libsvm source from the lines
     /// `i` with `i % world == rank`.
     pub fn open(
@@ -162,6 +173,7 @@ impl Batches {
             line: 0,
             buf: String::new(),
             done: false,
+            skipped: None,
         })
     }
 
@@ -193,11 +205,22 @@ impl Batches {
                 DataFormat::Libsvm => parse_libsvm_line(text, &mut batch),
                 DataFormat::Libffm => parse_libffm_line(text, self.fields, &mut batch),
             };
-            parsed.map_err(|message| DataError::Parse {
-                source_name: self.source_name.clone(),
-                line: self.line,
-                message,
-            })?;
+            if let Err(message) = parsed {
+                let error = DataError::Parse {
+                    source_name: self.source_name.clone(),
+                    line: self.line,
+                    message,
+                };
+                match &self.skipped {
+                    None => return Err(error),
+                    Some(counter) => {
+                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n <= 10 || n.is_power_of_two() {
+                            tracing::warn!(skipped = n, "skipping malformed line: {error}");
+                        }
+                    }
+                }
+            }
         }
         Ok((!batch.is_empty()).then_some(batch))
     }
@@ -409,6 +432,20 @@ mod tests {
             .find_map(Result::err)
             .unwrap();
         assert!(err.to_string().contains(":1: label \"yes\""), "{err}");
+    }
+
+    #[test]
+    fn with_skip_a_malformed_line_is_counted_and_the_rest_is_read() {
+        let src = write_temp("skip", "1 1:1\n1 2:x\nnope\n0 3:1\n");
+        let counter = Arc::new(AtomicU64::new(0));
+        let batches: Vec<Batch> = Batches::open(&src, 0, 1, 10)
+            .unwrap()
+            .skip_bad_lines(Arc::clone(&counter))
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(batches[0].ids, [1, 3]);
+        assert_eq!(batches[0].labels, [1.0, 0.0]);
+        assert_eq!(counter.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Whole jobs: one worker process (`ps-worker train`) or a cluster inside
 //! one process (`ps-worker local`), each ending in a [`Report`].
 
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use ps_common::config::{DataSource, Device, JobConfig};
@@ -13,7 +15,7 @@ use crate::client::{ClientConfig, PsClient};
 use crate::cluster::LocalCluster;
 use crate::data;
 use crate::metrics::BinaryMetrics;
-use crate::trainer::{self, TrainError, TrainSummary};
+use crate::trainer::{self, EpochRecord, TrainError, TrainSummary};
 
 /// The job file used by `ps-worker local` without `--config`: logistic
 /// regression on the a9a data compiled into the binary.
@@ -58,6 +60,14 @@ pub struct Report {
     pub push_bytes: u64,
     /// Seconds from start-up to the end of validation.
     pub wall_seconds: f64,
+    /// Malformed input lines skipped (`data.on_bad_line = "skip"`).
+    pub bad_lines_skipped: u64,
+    /// Worker 0's epochs, with validation metrics after each.
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch with the best validation AUC.
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended training before `train.epochs`.
+    pub stopped_early: bool,
 }
 
 impl Report {
@@ -90,6 +100,13 @@ impl Report {
             pull_bytes: 0,
             push_bytes: 0,
             wall_seconds: 0.0,
+            bad_lines_skipped: summaries.iter().map(|s| s.bad_lines).sum(),
+            epochs: summaries
+                .first()
+                .map(|s| s.epochs.clone())
+                .unwrap_or_default(),
+            best_epoch: summaries.first().and_then(|s| s.best_epoch),
+            stopped_early: summaries.iter().any(|s| s.stopped_early),
         }
     }
 
@@ -218,7 +235,8 @@ pub fn run_train(
     check_inputs(job)?;
     let runtime = runtime()?;
     let client = runtime.block_on(connect_and_create(servers, job, config))?;
-    let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world)?;
+    let stop = AtomicBool::new(false);
+    let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world, &stop)?;
     let mut report = Report::new("train", job, world, servers.len(), &[summary]);
     report.rank = Some(rank);
     report.add_bytes(&client); // training traffic only, before validation pulls
@@ -229,19 +247,32 @@ pub fn run_train(
 
 /// `ps-worker local`: `servers` shards and `workers` workers in this process,
 /// talking over loopback gRPC exactly as separate processes would.
+/// With `checkpoint_dir`, the shards write checkpoints there (needed by
+/// `train.best_checkpoint`).
 pub fn run_local(
     job: &JobConfig,
     servers: u32,
     workers: usize,
     config: &ClientConfig,
+    checkpoint_dir: Option<PathBuf>,
 ) -> Result<Report, JobError> {
     let started = Instant::now();
     check_inputs(job)?;
+    if job.train.best_checkpoint.is_some() && checkpoint_dir.is_none() {
+        return Err(JobError::Startup(
+            "train.best_checkpoint needs --checkpoint-dir so the local servers can write it".into(),
+        ));
+    }
     let runtime = runtime()?;
     let cluster = runtime
-        .block_on(LocalCluster::start(servers, Limits::default()))
+        .block_on(LocalCluster::start_with_checkpoints(
+            servers,
+            Limits::default(),
+            checkpoint_dir,
+        ))
         .map_err(|e| JobError::Startup(format!("cannot start local servers: {e}")))?;
     let addrs = cluster.addrs().to_vec();
+    let stop = &AtomicBool::new(false);
     let results: Vec<Result<(TrainSummary, PsClient), JobError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|rank| {
@@ -249,7 +280,7 @@ pub fn run_local(
                 scope.spawn(move || {
                     let client = runtime.block_on(connect_and_create(addrs, job, config))?;
                     let summary =
-                        trainer::train_worker(runtime.handle(), &client, job, rank, workers)?;
+                        trainer::train_worker(runtime.handle(), &client, job, rank, workers, stop)?;
                     Ok((summary, client))
                 })
             })

@@ -6,10 +6,11 @@
 //! asynchronously through the client's bounded window.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use ps_common::PsError;
-use ps_common::config::{DataSource, Device, JobConfig};
+use ps_common::config::{DataSource, Device, JobConfig, OnBadLine};
 use ps_common::routing::mix64;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -43,7 +44,7 @@ pub enum TrainError {
 }
 
 /// What one worker did.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrainSummary {
     /// Examples trained on (all epochs).
     pub samples: u64,
@@ -53,6 +54,29 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Mean loss over the last epoch.
     pub last_epoch_loss: f64,
+    /// Malformed lines skipped (`on_bad_line = "skip"`).
+    pub bad_lines: u64,
+    /// Per-epoch records (worker 0 validates after each epoch).
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch with the best validation AUC, if any was validated.
+    pub best_epoch: Option<usize>,
+    /// True when early stopping ended training before `train.epochs`.
+    pub stopped_early: bool,
+}
+
+/// One epoch of one worker.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EpochRecord {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss of the epoch.
+    pub train_loss: f64,
+    /// Validation AUC after the epoch (worker 0 only).
+    pub val_auc: Option<f64>,
+    /// Validation logloss after the epoch.
+    pub val_logloss: Option<f64>,
+    /// Validation accuracy after the epoch.
+    pub val_accuracy: Option<f64>,
 }
 
 /// Batches paired with their pulled parameters, one pull running ahead.
@@ -113,7 +137,10 @@ impl<I> Drop for Prefetched<I> {
 }
 
 /// Trains worker `rank` of `world` on its shard of the job's training data,
-/// computing on the job's device.
+/// computing on the job's device. Worker 0 validates after each epoch, writes
+/// the best checkpoint and decides early stopping; it raises `stop`, which
+/// the other workers of this process check before every step (workers in
+/// other processes run their configured epochs).
 /// Must be called from a thread that is not a runtime worker.
 pub fn train_worker(
     runtime: &Handle,
@@ -121,75 +148,139 @@ pub fn train_worker(
     job: &JobConfig,
     rank: usize,
     world: usize,
+    stop: &AtomicBool,
 ) -> Result<TrainSummary, TrainError> {
+    let run = Run {
+        runtime,
+        client,
+        job,
+        rank,
+        world,
+        stop,
+    };
     match job.train.device {
-        Device::Cpu => train_on(&CpuBackend, runtime, client, job, rank, world),
-        Device::Cuda(ordinal) => {
-            let backend = CudaBackend::new(ordinal)?;
-            train_on(&backend, runtime, client, job, rank, world)
-        }
+        Device::Cpu => run.train_on(&CpuBackend),
+        Device::Cuda(ordinal) => run.train_on(&CudaBackend::new(ordinal)?),
     }
 }
 
-fn train_on<B: Backend>(
-    backend: &B,
-    runtime: &Handle,
-    client: &PsClient,
-    job: &JobConfig,
+/// One worker's training run.
+struct Run<'a> {
+    runtime: &'a Handle,
+    client: &'a PsClient,
+    job: &'a JobConfig,
     rank: usize,
     world: usize,
-) -> Result<TrainSummary, TrainError> {
-    let model = Arc::new(Model::from_job(job));
-    let train = &job.train;
-    let started = Instant::now();
-    let mut summary = TrainSummary::default();
-    for epoch in 1..=train.epochs {
-        let batches = Batches::open_format(
-            &job.data.train,
-            job.data.format,
-            job.data.fields,
-            rank,
-            world,
-            train.batch_size,
-        )?
-        .ahead(PARSE_AHEAD);
-        let mut pulled = Prefetched::new(runtime, client, &model, batches);
-        let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
-        while let Some(params) = pulled.next_pulled()? {
-            let seed = mix64(train.seed ^ mix64(summary.steps ^ ((rank as u64) << 48)));
-            let output = model.compute(backend, &params, Mode::Train { seed })?;
-            if let Some(grads) = &output.grads {
-                runtime.block_on(model.push(client, &params, grads))?;
+    stop: &'a AtomicBool,
+}
+
+impl Run<'_> {
+    fn train_on<B: Backend>(&self, backend: &B) -> Result<TrainSummary, TrainError> {
+        let (job, train, client, runtime) = (self.job, &self.job.train, self.client, self.runtime);
+        let model = Arc::new(Model::from_job(job));
+        let started = Instant::now();
+        let bad_lines = Arc::new(AtomicU64::new(0));
+        let mut summary = TrainSummary::default();
+        let mut since_best = 0;
+        for epoch in 1..=train.epochs {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
             }
-            let n = params.labels.len() as u64;
-            epoch_loss += output.loss_sum;
-            epoch_samples += n;
-            summary.samples += n;
-            summary.steps += 1;
-            if train.log_every > 0 && summary.steps % train.log_every as u64 == 0 {
-                let rate = summary.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let mut batches = Batches::open_format(
+                &job.data.train,
+                job.data.format,
+                job.data.fields,
+                self.rank,
+                self.world,
+                train.batch_size,
+            )?;
+            if job.data.on_bad_line == OnBadLine::Skip {
+                batches = batches.skip_bad_lines(Arc::clone(&bad_lines));
+            }
+            let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD));
+            let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
+            while let Some(params) = pulled.next_pulled()? {
+                if self.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let seed = mix64(train.seed ^ mix64(summary.steps ^ ((self.rank as u64) << 48)));
+                let output = model.compute(backend, &params, Mode::Train { seed })?;
+                if let Some(mut grads) = output.grads {
+                    model.clip(&mut grads, train.clip_norm, train.clip_row_norm);
+                    runtime.block_on(model.push(client, &params, &grads))?;
+                }
+                let n = params.labels.len() as u64;
+                epoch_loss += output.loss_sum;
+                epoch_samples += n;
+                summary.samples += n;
+                summary.steps += 1;
+                if train.log_every > 0 && summary.steps % train.log_every as u64 == 0 {
+                    let rate = summary.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    tracing::info!(
+                        worker = self.rank,
+                        epoch,
+                        step = summary.steps,
+                        loss = format_args!("{:.4}", epoch_loss / epoch_samples.max(1) as f64),
+                        samples_per_sec = format_args!("{rate:.0}"),
+                        "training"
+                    );
+                }
+            }
+            summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
+            let mut record = EpochRecord {
+                epoch,
+                train_loss: summary.last_epoch_loss,
+                val_auc: None,
+                val_logloss: None,
+                val_accuracy: None,
+            };
+            if let (0, Some(source)) = (self.rank, &job.data.validation) {
+                runtime.block_on(client.flush())?;
+                let m = evaluate_on(backend, runtime, client, job, source)?;
+                (record.val_auc, record.val_logloss, record.val_accuracy) =
+                    (Some(m.auc), Some(m.logloss), Some(m.accuracy));
+                let best_auc = summary
+                    .best_epoch
+                    .and_then(|e| summary.epochs.get(e - 1))
+                    .and_then(|r| r.val_auc);
+                if best_auc.is_none_or(|best| m.auc > best) {
+                    summary.best_epoch = Some(epoch);
+                    since_best = 0;
+                    if let Some(name) = &train.best_checkpoint {
+                        runtime.block_on(client.checkpoint(name))?;
+                        tracing::info!(epoch, auc = format_args!("{:.4}", m.auc), checkpoint = %name, "new best");
+                    }
+                } else {
+                    since_best += 1;
+                }
+            }
+            tracing::info!(
+                worker = self.rank,
+                epoch,
+                samples = epoch_samples,
+                loss = format_args!("{:.4}", summary.last_epoch_loss),
+                val_auc = record
+                    .val_auc
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_default(),
+                "epoch done"
+            );
+            summary.epochs.push(record);
+            if train.early_stopping_patience > 0 && since_best >= train.early_stopping_patience {
                 tracing::info!(
-                    worker = rank,
                     epoch,
-                    step = summary.steps,
-                    loss = format_args!("{:.4}", epoch_loss / epoch_samples.max(1) as f64),
-                    samples_per_sec = format_args!("{rate:.0}"),
-                    "training"
+                    "early stopping: no validation improvement for {since_best} epochs"
                 );
+                summary.stopped_early = epoch < train.epochs;
+                self.stop.store(true, Ordering::Relaxed);
+                break;
             }
         }
-        summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
-        tracing::info!(
-            worker = rank,
-            epoch,
-            samples = epoch_samples,
-            loss = format_args!("{:.4}", summary.last_epoch_loss),
-            "epoch done"
-        );
+        runtime.block_on(client.flush())?;
+        summary.bad_lines = bad_lines.load(Ordering::Relaxed);
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
     }
-    runtime.block_on(client.flush())?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
 }
 
 /// Evaluates the current server-side model on every example of `source`.

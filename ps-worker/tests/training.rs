@@ -21,7 +21,7 @@ fn default_job() -> JobConfig {
 #[test]
 fn logistic_regression_on_a9a_with_one_worker_reaches_reference_quality() {
     let job = default_job();
-    let report = job::run_local(&job, 1, 1, &client_config(&job)).unwrap();
+    let report = job::run_local(&job, 1, 1, &client_config(&job), None).unwrap();
     let (auc, acc) = (report.val_auc.unwrap(), report.val_accuracy.unwrap());
     assert!(auc >= 0.895, "AUC {auc}");
     assert!(acc >= 0.845, "accuracy {acc}");
@@ -32,7 +32,7 @@ fn logistic_regression_on_a9a_with_one_worker_reaches_reference_quality() {
 #[test]
 fn logistic_regression_on_a9a_with_two_async_workers_and_two_shards_reaches_reference_quality() {
     let job = default_job();
-    let report = job::run_local(&job, 2, 2, &client_config(&job)).unwrap();
+    let report = job::run_local(&job, 2, 2, &client_config(&job), None).unwrap();
     let (auc, acc) = (report.val_auc.unwrap(), report.val_accuracy.unwrap());
     assert!(auc >= 0.895, "AUC {auc}");
     assert!(acc >= 0.845, "accuracy {acc}");
@@ -87,7 +87,7 @@ fn logistic_regression_recovers_a_planted_model() {
         .replace("builtin:a9a/train", &train.display().to_string())
         .replace("builtin:a9a/test", &test.display().to_string());
     let job = JobConfig::from_toml(&job_text, &dir).unwrap();
-    let report = job::run_local(&job, 2, 2, &client_config(&job)).unwrap();
+    let report = job::run_local(&job, 2, 2, &client_config(&job), None).unwrap();
     let learned = report.val_auc.unwrap();
     assert!(
         learned > oracle - 0.01,

@@ -64,6 +64,9 @@ enum Command {
         /// Compute device, overriding the job's `train.device`: cpu, cuda or cuda:N.
         #[arg(long)]
         device: Option<Device>,
+        /// Folder the local shards write checkpoints to (`train.best_checkpoint`).
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
     },
     /// Ask every shard of a running job to write checkpoint NAME under its
     /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             workers,
             report,
             device,
+            checkpoint_dir,
         } => {
             if servers == 0 || workers == 0 {
                 bail!("--servers and --workers must be >= 1");
@@ -123,8 +127,8 @@ fn main() -> anyhow::Result<()> {
                 job.train.device = device;
             }
             let client = job::client_config(&job, Duration::from_secs(10));
-            let result =
-                job::run_local(&job, servers, workers, &client).context("local job failed")?;
+            let result = job::run_local(&job, servers, workers, &client, checkpoint_dir)
+                .context("local job failed")?;
             finish(&result, report.as_deref())
         }
         Command::Checkpoint {

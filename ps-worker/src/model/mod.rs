@@ -34,6 +34,9 @@ pub struct TableUse {
     pub rows: Option<usize>,
     /// Floats per row.
     pub dim: usize,
+    /// What is pushed is a moving-average update (batch-norm running
+    /// statistics), not a gradient: never clipped.
+    pub statistic: bool,
 }
 
 /// One hidden layer's tables.
@@ -131,6 +134,7 @@ impl Model {
                 name: weights.into(),
                 rows: None,
                 dim: 1,
+                statistic: false,
             });
             sparse.len() - 1
         });
@@ -138,6 +142,7 @@ impl Model {
             name: job.model.bias_table().into(),
             rows: Some(1),
             dim: 1,
+            statistic: false,
         }];
         let k = job
             .model
@@ -148,6 +153,7 @@ impl Model {
                 name: name.into(),
                 rows: None,
                 dim,
+                statistic: false,
             });
             sparse.len() - 1
         });
@@ -160,6 +166,7 @@ impl Model {
                 name: s.name.clone(),
                 rows: Some(s.kind.rows().unwrap_or(1) as usize),
                 dim: s.dim as usize,
+                statistic: s.name.ends_with(".bn_stats"),
             }));
             let per_layer = if config.batch_norm { 4 } else { 2 };
             let mut input = fields * k.map_or(0, |(_, d)| d);
@@ -197,8 +204,49 @@ impl Model {
             ),
             fields,
             mlp,
-            frozen: BTreeSet::new(),
+            frozen: job.train.freeze.iter().cloned().collect(),
         }
+    }
+
+    /// Clips gradients in place: the dense tables' together to global L2
+    /// norm `dense_norm`, each sparse row to L2 norm `row_norm`. Returns the
+    /// dense gradients' norm before clipping.
+    pub fn clip(
+        &self,
+        grads: &mut Gradients,
+        dense_norm: Option<f32>,
+        row_norm: Option<f32>,
+    ) -> f32 {
+        if let Some(limit) = row_norm {
+            for (table, grad) in self.sparse.iter().zip(&mut grads.sparse) {
+                for row in grad.chunks_mut(table.dim.max(1)) {
+                    let norm = row.iter().map(|g| g * g).sum::<f32>().sqrt();
+                    if norm > limit {
+                        row.iter_mut().for_each(|g| *g *= limit / norm);
+                    }
+                }
+            }
+        }
+        let gradients = || {
+            self.dense
+                .iter()
+                .zip(grads.dense.iter())
+                .filter(|(t, _)| !t.statistic)
+        };
+        let norm = gradients()
+            .flat_map(|(_, g)| g.iter())
+            .map(|g| f64::from(*g) * f64::from(*g))
+            .sum::<f64>()
+            .sqrt() as f32;
+        if let Some(limit) = dense_norm.filter(|&l| norm > l) {
+            let scale = limit / norm;
+            for (table, grad) in self.dense.iter().zip(grads.dense.iter_mut()) {
+                if !table.statistic {
+                    grad.iter_mut().for_each(|g| *g *= scale);
+                }
+            }
+        }
+        norm
     }
 
     /// Keeps these tables fixed: their gradients are never pushed.

@@ -266,3 +266,33 @@ fn every_model_on_cuda_agrees_with_the_cpu() {
     }
     println!("{} models agree on {}", MODELS.len(), cuda.name());
 }
+
+#[test]
+fn clipping_bounds_the_dense_norm_and_each_sparse_row() {
+    let model = Model::from_job(&job(MODELS[3].1));
+    let p = pulled(&model, &batch(), 2);
+    let mut grads = model
+        .compute(&CpuBackend, &p, Mode::Train { seed: 1 })
+        .unwrap()
+        .grads
+        .unwrap();
+    grads
+        .dense
+        .iter_mut()
+        .for_each(|g| g.iter_mut().for_each(|v| *v *= 100.0));
+    let stats_before = grads.dense[4].clone(); // mlp.0.bn_stats
+    let before = model.clip(&mut grads, Some(0.5), Some(0.01));
+    assert!(before > 0.5);
+    let after = model.clip(&mut grads, None, None);
+    assert!(
+        (after - 0.5).abs() < 1e-4,
+        "dense norm after clipping: {after}"
+    );
+    assert_eq!(grads.dense[4], stats_before, "statistics are not gradients");
+    for (t, g) in model.sparse_tables().iter().zip(&grads.sparse) {
+        for row in g.chunks(t.dim) {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!(norm <= 0.01 + 1e-6, "{}: row norm {norm}", t.name);
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The training engine as a user sees it: models compared on planted data,
+//! one worker against four, per-epoch validation with the best checkpoint
+//! and early stopping, malformed lines skipped, frozen tables.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ps_common::config::JobConfig;
+use ps_common::init::RowRng;
+use ps_worker::job::{self, Report};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ps-engine-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(job: &str, dir: &Path, servers: u32, workers: usize, ckpt: Option<PathBuf>) -> Report {
+    let job = JobConfig::from_toml(job, dir).unwrap();
+    let config = job::client_config(&job, std::time::Duration::from_secs(10));
+    job::run_local(&job, servers, workers, &config, ckpt).unwrap()
+}
+
+/// Examples of 12 fields (vocabulary 8 each, libffm) whose label depends only
+/// on pairwise interactions: each id has a planted 3-vector and the logit is
+/// the sum over field pairs of their dot products. Returns the oracle AUC.
+fn write_interactions(path: &Path, rows: usize, seed: u64) -> f64 {
+    const FIELDS: u64 = 12;
+    const VOCAB: u64 = 8;
+    let factor = |id: u64| {
+        let mut rng = RowRng::new(99, id);
+        [0; 3].map(|_| rng.next_normal() as f32 * 0.45)
+    };
+    let mut rng = RowRng::new(seed, 0);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let (mut probs, mut labels) = (Vec::new(), Vec::new());
+    for _ in 0..rows {
+        let ids: Vec<u64> = (0..FIELDS)
+            .map(|f| f * VOCAB + rng.next_u64() % VOCAB)
+            .collect();
+        let vs: Vec<[f32; 3]> = ids.iter().map(|&id| factor(id)).collect();
+        let mut logit = 0f32;
+        for i in 0..vs.len() {
+            for j in i + 1..vs.len() {
+                logit += (0..3).map(|d| vs[i][d] * vs[j][d]).sum::<f32>();
+            }
+        }
+        let p = 1.0 / (1.0 + (-logit).exp());
+        let label = u8::from(rng.next_f64() < f64::from(p));
+        write!(out, "{label}").unwrap();
+        for (f, id) in ids.iter().enumerate() {
+            write!(out, " {f}:{id}:1").unwrap();
+        }
+        writeln!(out).unwrap();
+        probs.push(p);
+        labels.push(f32::from(label));
+    }
+    ps_worker::metrics::auc(&probs, &labels)
+}
+
+fn interactions_job(model: &str, train: &Path, test: &Path, epochs: usize) -> String {
+    format!(
+        r#"
+[data]
+format = "libffm"
+fields = 12
+train = "{}"
+validation = "{}"
+[model]
+{model}
+[train]
+batch_size = 64
+epochs = {epochs}
+log_every = 0
+[tables.weights]
+kind = "sparse"
+dim = 1
+initializer = {{ kind = "zeros" }}
+optimizer = {{ kind = "adagrad", lr = 0.05 }}
+[tables.bias]
+kind = "dense"
+rows = 1
+dim = 1
+initializer = {{ kind = "zeros" }}
+optimizer = {{ kind = "adagrad", lr = 0.05 }}
+[tables.embeddings]
+kind = "sparse"
+dim = 4
+initializer = {{ kind = "normal", std = 0.1 }}
+optimizer = {{ kind = "adagrad", lr = 0.05 }}
+"#,
+        train.display(),
+        test.display()
+    )
+}
+
+fn interactions_data() -> (PathBuf, PathBuf, PathBuf, f64) {
+    let dir = temp_dir("pairs");
+    let (train, test) = (dir.join("train.ffm"), dir.join("test.ffm"));
+    write_interactions(&train, 30_000, 1);
+    let oracle = write_interactions(&test, 5_000, 2);
+    (dir, train, test, oracle)
+}
+
+#[test]
+fn fm_beats_lr_when_the_signal_is_pairwise() {
+    let (dir, train, test, oracle) = interactions_data();
+    let lr = run(
+        &interactions_job("kind = \"lr\"", &train, &test, 3),
+        &dir,
+        1,
+        1,
+        None,
+    );
+    let fm = run(
+        &interactions_job("kind = \"fm\"", &train, &test, 3),
+        &dir,
+        1,
+        1,
+        None,
+    );
+    let (lr_auc, fm_auc) = (lr.val_auc.unwrap(), fm.val_auc.unwrap());
+    println!("planted pairs: LR {lr_auc:.4}, FM {fm_auc:.4}, oracle {oracle:.4}");
+    assert!(
+        fm_auc > lr_auc + 0.03,
+        "FM {fm_auc:.4} vs LR {lr_auc:.4} (oracle {oracle:.4})"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn one_worker_and_four_async_workers_reach_the_same_auc() {
+    // a9a with LR, and the planted-interactions data with DeepFM.
+    let a9a = job::DEFAULT_JOB;
+    let one = run(a9a, Path::new("."), 2, 1, None).val_auc.unwrap();
+    let four = run(a9a, Path::new("."), 2, 4, None).val_auc.unwrap();
+    println!("a9a LR: 1 worker {one:.4}, 4 workers {four:.4}");
+    assert!(
+        (one - four).abs() <= 0.005 * one,
+        "a9a: 1 worker {one:.4}, 4 workers {four:.4}"
+    );
+
+    let (dir, train, test, _) = interactions_data();
+    let deepfm =
+        "kind = \"deepfm\"\nmlp = { hidden = [16], optimizer = { kind = \"adam\", lr = 0.002 } }";
+    let text = interactions_job(deepfm, &train, &test, 3);
+    let one = run(&text, &dir, 2, 1, None).val_auc.unwrap();
+    let four = run(&text, &dir, 2, 4, None).val_auc.unwrap();
+    println!("planted DeepFM: 1 worker {one:.4}, 4 workers {four:.4}");
+    assert!(
+        (one - four).abs() <= 0.005 * one,
+        "planted: 1 worker {one:.4}, 4 workers {four:.4}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn every_epoch_is_validated_the_best_is_checkpointed_and_patience_stops_training() {
+    let dir = temp_dir("best");
+    let text = job::DEFAULT_JOB
+        .replace(
+            "epochs = 5",
+            "epochs = 8\nearly_stopping_patience = 1\nbest_checkpoint = \"best\"",
+        )
+        .replace("lr = 0.1", "lr = 0.5");
+    let report = run(&text, Path::new("."), 2, 2, Some(dir.clone()));
+    let aucs: Vec<f64> = report.epochs.iter().map(|e| e.val_auc.unwrap()).collect();
+    assert!(!aucs.is_empty());
+    let best = report.best_epoch.unwrap();
+    println!(
+        "epochs {aucs:?}, best {best:?}, stopped early {}",
+        report.stopped_early
+    );
+    let best_auc = aucs[best - 1];
+    assert!(
+        aucs.iter().all(|&a| a <= best_auc),
+        "best epoch {best} of {aucs:?}"
+    );
+    if report.stopped_early {
+        assert!(aucs.len() < 8);
+        assert!(
+            aucs.last().unwrap() <= &best_auc,
+            "stopped after an improvement: {aucs:?}"
+        );
+    } else {
+        assert_eq!(aucs.len(), 8);
+    }
+    for shard in 0..2 {
+        let file = dir.join("best").join(format!("shard-{shard}.bin"));
+        assert!(file.exists(), "{} missing", file.display());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn malformed_lines_are_skipped_and_counted_when_asked() {
+    let dir = temp_dir("skip");
+    let train = dir.join("train.libsvm");
+    std::fs::write(&train, "1 1:1 2:1\n0 3:1\nbad line\n1 1:1\n0 2:x\n").unwrap();
+    let text = job::DEFAULT_JOB
+        .replace("builtin:a9a/train", &train.display().to_string())
+        .replace(
+            "validation = \"builtin:a9a/test\"",
+            "on_bad_line = \"skip\"",
+        );
+    let report = run(&text, &dir, 1, 1, None);
+    assert_eq!(report.bad_lines_skipped, 2 * 5, "2 bad lines x 5 epochs");
+    assert_eq!(report.train_samples, 3 * 5);
+
+    let failing = text.replace("on_bad_line = \"skip\"", "on_bad_line = \"fail\"");
+    let job = JobConfig::from_toml(&failing, &dir).unwrap();
+    let config = job::client_config(&job, std::time::Duration::from_secs(10));
+    let err = job::run_local(&job, 1, 1, &config, None).unwrap_err();
+    assert!(err.to_string().contains("train.libsvm:3"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_frozen_table_keeps_its_initial_values() {
+    // Freezing the linear weights leaves only the bias to learn: validation
+    // AUC stays at chance while loss still moves.
+    let text = job::DEFAULT_JOB.replace("log_every = 500", "log_every = 0\nfreeze = [\"weights\"]");
+    let report = run(&text, Path::new("."), 1, 1, None);
+    let auc = report.val_auc.unwrap();
+    assert!((auc - 0.5).abs() < 0.01, "AUC {auc} with frozen weights");
+
+    let bad = job::DEFAULT_JOB.replace("log_every = 500", "freeze = [\"wieghts\"]");
+    let err = JobConfig::from_toml(&bad, Path::new(".")).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("train.freeze"));
+    assert!(err.message.contains("no table named \"wieghts\""), "{err}");
+}
