@@ -61,6 +61,22 @@ pub struct DataConfig {
     /// `skip` (log it with its line number, count it, go on).
     #[serde(default)]
     pub on_bad_line: OnBadLine,
+    /// Criteo only: how the 13 integer columns become features.
+    #[serde(default)]
+    pub integers: IntegerFeatures,
+}
+
+/// How Criteo's integer columns become features.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegerFeatures {
+    /// One id per (column, bucket), buckets `v` for `v <= 2` and
+    /// `floor(ln(v)^2)` above, value 1.
+    #[default]
+    Bucketize,
+    /// One id per column with value `ln(1 + v)` (negative values as 0): a
+    /// dense input scaling that column's weight and embedding.
+    Log,
 }
 
 /// The policy for malformed input lines.
@@ -87,6 +103,9 @@ pub enum DataFormat {
     Libsvm,
     /// `label field:idx:value ...`; fields must be below `data.fields`.
     Libffm,
+    /// Criteo's TSV: label, 13 integer columns, 26 categorical (hex)
+    /// columns, empty fields allowed; 39 fields.
+    Criteo,
 }
 
 /// Where a data file comes from.
@@ -271,6 +290,112 @@ pub struct TrainConfig {
     pub clip_row_norm: Option<f32>,
     /// Tables kept fixed: read, never updated (e.g. after `init_from`).
     pub freeze: Vec<String>,
+    /// Learning-rate schedule: a factor on every table optimizer's rate,
+    /// sent with each push (batch-norm statistics are never scaled).
+    pub lr_schedule: LrSchedule,
+}
+
+/// A learning-rate schedule over a worker's steps (`[train.lr_schedule]`).
+/// Every kind can start with a linear warm-up from 0 over `warmup_steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// Factor 1 (after the warm-up).
+    Constant {
+        /// Steps of linear warm-up.
+        #[serde(default)]
+        warmup_steps: u64,
+    },
+    /// Factor `gamma^(step / every)`.
+    Step {
+        /// Steps of linear warm-up.
+        #[serde(default)]
+        warmup_steps: u64,
+        /// Steps between decays.
+        every: u64,
+        /// Decay factor in (0, 1].
+        gamma: f32,
+    },
+    /// Cosine decay from 1 to `min_scale` over `decay_steps`, then flat.
+    Cosine {
+        /// Steps of linear warm-up.
+        #[serde(default)]
+        warmup_steps: u64,
+        /// Steps from 1 down to `min_scale` (after the warm-up).
+        decay_steps: u64,
+        /// Final factor in [0, 1].
+        #[serde(default)]
+        min_scale: f32,
+    },
+}
+
+impl Default for LrSchedule {
+    fn default() -> Self {
+        LrSchedule::Constant { warmup_steps: 0 }
+    }
+}
+
+impl LrSchedule {
+    /// The factor at 0-based `step`.
+    pub fn scale(&self, step: u64) -> f32 {
+        let warmup = match *self {
+            LrSchedule::Constant { warmup_steps }
+            | LrSchedule::Step { warmup_steps, .. }
+            | LrSchedule::Cosine { warmup_steps, .. } => warmup_steps,
+        };
+        if step < warmup {
+            return (step + 1) as f32 / warmup as f32;
+        }
+        let t = step - warmup;
+        match *self {
+            LrSchedule::Constant { .. } => 1.0,
+            LrSchedule::Step { every, gamma, .. } => gamma.powf((t / every.max(1)) as f32),
+            LrSchedule::Cosine {
+                decay_steps,
+                min_scale,
+                ..
+            } => {
+                let progress = (t as f64 / decay_steps.max(1) as f64).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                min_scale + (1.0 - min_scale) * cosine as f32
+            }
+        }
+    }
+
+    /// Whether the schedule is the constant 1 (nothing to send).
+    pub fn is_constant(&self) -> bool {
+        *self == LrSchedule::Constant { warmup_steps: 0 }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match *self {
+            LrSchedule::Constant { .. } => Ok(()),
+            LrSchedule::Step { every, gamma, .. } => {
+                if every == 0 {
+                    Err("step schedule needs every >= 1".into())
+                } else if !(gamma > 0.0 && gamma <= 1.0) {
+                    Err(format!("step schedule needs gamma in (0, 1], got {gamma}"))
+                } else {
+                    Ok(())
+                }
+            }
+            LrSchedule::Cosine {
+                decay_steps,
+                min_scale,
+                ..
+            } => {
+                if decay_steps == 0 {
+                    Err("cosine schedule needs decay_steps >= 1".into())
+                } else if !(0.0..=1.0).contains(&min_scale) {
+                    Err(format!(
+                        "cosine schedule needs min_scale in [0, 1], got {min_scale}"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 
 /// The device a worker computes on.
@@ -331,6 +456,7 @@ impl Default for TrainConfig {
             clip_norm: None,
             clip_row_norm: None,
             freeze: Vec::new(),
+            lr_schedule: LrSchedule::default(),
         }
     }
 }
@@ -476,6 +602,9 @@ impl JobConfig {
                 return Err((format!("train.{key}"), "must be > 0".into()));
             }
         }
+        t.lr_schedule
+            .validate()
+            .map_err(|e| ("train.lr_schedule".to_string(), e))?;
         if let Some(name) = &t.best_checkpoint {
             if self.data.validation.is_none() {
                 return Err((
@@ -494,6 +623,12 @@ impl JobConfig {
             return Err((
                 "train.early_stopping_patience".into(),
                 "needs data.validation".into(),
+            ));
+        }
+        if self.data.format == DataFormat::Criteo && self.data.fields != 39 {
+            return Err((
+                "data.fields".into(),
+                "Criteo data has 39 fields (13 integer + 26 categorical): set fields = 39".into(),
             ));
         }
         if self.data.fields == 0 {
@@ -907,6 +1042,35 @@ optimizer = { kind = "sgd", lr = 0.01 }
         ));
         assert_eq!(err.key.as_deref(), Some("tables.weights"));
         assert!(err.message.contains("sparse table with dim = 1"));
+    }
+
+    #[test]
+    fn lr_schedules_warm_up_then_decay() {
+        let constant = LrSchedule::Constant { warmup_steps: 4 };
+        assert_eq!(
+            [0, 1, 3, 4, 100].map(|s| constant.scale(s)),
+            [0.25, 0.5, 1.0, 1.0, 1.0]
+        );
+        let step = LrSchedule::Step {
+            warmup_steps: 0,
+            every: 10,
+            gamma: 0.5,
+        };
+        assert_eq!([0, 9, 10, 25].map(|s| step.scale(s)), [1.0, 1.0, 0.5, 0.25]);
+        let cosine = LrSchedule::Cosine {
+            warmup_steps: 2,
+            decay_steps: 100,
+            min_scale: 0.1,
+        };
+        assert_eq!(cosine.scale(2), 1.0);
+        assert!((cosine.scale(52) - 0.55).abs() < 1e-6);
+        assert!((cosine.scale(102) - 0.1).abs() < 1e-6);
+        assert!((cosine.scale(10_000) - 0.1).abs() < 1e-6);
+        let err = error_of(&JOB.replace(
+            "epochs = 2",
+            "epochs = 2\nlr_schedule = { kind = \"step\", every = 0, gamma = 0.5 }",
+        ));
+        assert_eq!(err.key.as_deref(), Some("train.lr_schedule"), "{err}");
     }
 
     #[test]

@@ -278,6 +278,17 @@ impl InitializerSpec {
 }
 
 impl OptimizerSpec {
+    /// The same optimizer with its learning rate (FTRL: alpha) times `scale`.
+    pub fn with_lr_scale(mut self, scale: f32) -> OptimizerSpec {
+        match &mut self {
+            OptimizerSpec::Sgd { lr }
+            | OptimizerSpec::Adagrad { lr, .. }
+            | OptimizerSpec::Adam { lr, .. } => *lr *= scale,
+            OptimizerSpec::Ftrl { alpha, .. } => *alpha *= scale,
+        }
+        self
+    }
+
     /// Checks the hyper-parameters' ranges.
     pub fn validate(&self) -> Result<(), String> {
         match *self {

@@ -155,7 +155,9 @@ impl ParameterServer for ShardService {
             .map_err(|e| self.fail(e))?;
         let grads = wire::decode_f32s(&req.gradients).map_err(|e| self.fail(e))?;
         let applied = self
-            .blocking(move |shard| shard.push(&req.table, &req.keys, &grads))
+            .blocking(move |shard| {
+                shard.push_scaled(&req.table, &req.keys, &grads, req.lr_scale.unwrap_or(1.0))
+            })
             .await?;
         RequestCounters::add(&counters.rows_pushed, applied as u64);
         RequestCounters::add(&counters.push_bytes, bytes);
@@ -257,6 +259,7 @@ mod tests {
             table: "emb".into(),
             keys,
             gradients: wire::encode_f32s(grads),
+            lr_scale: None,
         })
     }
 
@@ -281,6 +284,7 @@ mod tests {
             table: "emb".into(),
             keys: vec![1],
             gradients: vec![0u8; 7].into(),
+            lr_scale: None,
         };
         assert_eq!(
             svc.push(Request::new(ragged)).await.unwrap_err().code(),

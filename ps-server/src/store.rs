@@ -287,6 +287,23 @@ impl Shard {
     /// Applies `grads` (`keys.len() * dim` values, key after key) with the
     /// table's optimizer. Nothing is applied unless the whole request is valid.
     pub fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<usize, PsError> {
+        self.push_scaled(table, keys, grads, 1.0)
+    }
+
+    /// [`Shard::push`] with the optimizer's learning rate multiplied by
+    /// `lr_scale` (the worker's schedule).
+    pub fn push_scaled(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+        lr_scale: f32,
+    ) -> Result<usize, PsError> {
+        if !(lr_scale.is_finite() && lr_scale >= 0.0) {
+            return Err(PsError::invalid(format!(
+                "lr_scale must be finite and >= 0, got {lr_scale}"
+            )));
+        }
         let table = self.table(table)?;
         let dim = table.spec.dim as usize;
         if grads.len() != keys.len() * dim {
@@ -307,7 +324,7 @@ impl Shard {
             )));
         }
         self.check_keys(&table, keys)?;
-        let spec = table.spec.optimizer;
+        let spec = table.spec.optimizer.with_lr_scale(lr_scale);
         for (&key, grad) in keys.iter().zip(grads.chunks_exact(dim)) {
             let mut row = table
                 .rows
@@ -417,6 +434,27 @@ mod tests {
             optimizer: OptimizerSpec::Sgd { lr: 1.0 },
             seed: 9,
         }
+    }
+
+    #[test]
+    fn a_push_s_lr_scale_multiplies_the_learning_rate() {
+        let shard = Shard::new(0, 1);
+        shard.create_table(spec("w", TableKind::Sparse, 1)).unwrap();
+        let pull = || {
+            let mut out = Vec::new();
+            shard.pull("w", &[7], &mut out).unwrap();
+            out
+        };
+        let before = pull();
+        shard.push_scaled("w", &[7], &[2.0], 0.25).unwrap();
+        let after = pull();
+        // SGD with lr 1 scaled by 0.25: w -= 0.25 * 2.
+        assert!((before[0] - after[0] - 0.5).abs() < 1e-6);
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            let err = shard.push_scaled("w", &[7], &[2.0], bad).unwrap_err();
+            assert!(err.to_string().contains("lr_scale"), "{err}");
+        }
+        assert_eq!(pull(), after, "refused pushes change nothing");
     }
 
     #[test]

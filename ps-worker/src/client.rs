@@ -269,8 +269,14 @@ impl PsClient {
         let info = self.table(table)?;
         check_gradient_len(table, info.dim, keys, grads)?;
         let unique = UniqueKeys::new(keys);
-        self.push_rows(table, info, &unique.keys, &unique.sum(grads, info.dim))
-            .await
+        self.push_rows(
+            table,
+            info,
+            &unique.keys,
+            &unique.sum(grads, info.dim),
+            None,
+        )
+        .await
     }
 
     /// Pushes gradients of distinct `keys` asynchronously: returns once every
@@ -282,9 +288,21 @@ impl PsClient {
         keys: &[u64],
         grads: &[f32],
     ) -> Result<(), PsError> {
+        self.push_unique_scaled(table, keys, grads, None).await
+    }
+
+    /// [`PsClient::push_unique`] with the servers' learning rate for this
+    /// push multiplied by `lr_scale` (a learning-rate schedule); `None` is 1.
+    pub async fn push_unique_scaled(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+        lr_scale: Option<f32>,
+    ) -> Result<(), PsError> {
         let info = self.table(table)?;
         check_gradient_len(table, info.dim, keys, grads)?;
-        self.push_rows(table, info, keys, grads).await
+        self.push_rows(table, info, keys, grads, lr_scale).await
     }
 
     async fn push_rows(
@@ -293,6 +311,7 @@ impl PsClient {
         info: TableInfo,
         keys: &[u64],
         grads: &[f32],
+        lr_scale: Option<f32>,
     ) -> Result<(), PsError> {
         self.take_push_error()?;
         let dim = info.dim;
@@ -315,6 +334,7 @@ impl PsClient {
                     table: table.to_string(),
                     keys: chunk_keys.to_vec(),
                     gradients: wire::encode_f32s(&values),
+                    lr_scale,
                 };
                 let permit = Arc::clone(&self.inner.push_slots)
                     .acquire_owned()

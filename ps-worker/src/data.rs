@@ -13,7 +13,8 @@ use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
-use ps_common::config::{DataFormat, DataSource};
+use ps_common::config::{DataFormat, DataSource, IntegerFeatures, JobConfig, OnBadLine};
+use ps_common::routing::{fnv1a64, mix64};
 
 /// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
 const BUILTIN: &[(&str, &[u8])] = &[
@@ -120,6 +121,7 @@ pub struct Batches {
     reader: Box<dyn BufRead + Send>,
     format: DataFormat,
     fields: u32,
+    integers: IntegerFeatures,
     source_name: String,
     rank: usize,
     world: usize,
@@ -134,6 +136,32 @@ pub struct Batches {
 }
 
 impl Batches {
+    /// Batches of `source` read as the job's `[data]` section says (format,
+    /// fields, integer features, `on_bad_line`), skipped lines counted in
+    /// `skipped`.
+    pub fn for_job(
+        job: &JobConfig,
+        source: &DataSource,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+        skipped: &Arc<AtomicU64>,
+    ) -> Result<Self, DataError> {
+        let data = &job.data;
+        let batches = Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
+            .integers(data.integers);
+        Ok(match data.on_bad_line {
+            OnBadLine::Fail => batches,
+            OnBadLine::Skip => batches.skip_bad_lines(Arc::clone(skipped)),
+        })
+    }
+
+    /// How Criteo integer columns become features (default: bucketize).
+    pub fn integers(mut self, integers: IntegerFeatures) -> Self {
+        self.integers = integers;
+        self
+    }
+
     /// Skips malformed lines (each logged with its number, the first ones
     /// in full) and counts them in `counter`, instead of failing.
     pub fn skip_bad_lines(mut self, counter: Arc<AtomicU64>) -> Self {
@@ -166,6 +194,7 @@ impl Batches {
             reader: open(source)?,
             format,
             fields,
+            integers: IntegerFeatures::default(),
             source_name: source.to_string(),
             rank,
             world: world.max(1),
@@ -204,6 +233,7 @@ impl Batches {
             let parsed = match self.format {
                 DataFormat::Libsvm => parse_libsvm_line(text, &mut batch),
                 DataFormat::Libffm => parse_libffm_line(text, self.fields, &mut batch),
+                DataFormat::Criteo => parse_criteo_line(&self.buf, self.integers, &mut batch),
             };
             if let Err(message) = parsed {
                 let error = DataError::Parse {
@@ -375,6 +405,77 @@ fn parse_libffm_line(text: &str, fields: u32, batch: &mut Batch) -> Result<(), S
     Ok(())
 }
 
+/// Criteo's integer and categorical column counts.
+const CRITEO_INTEGERS: usize = 13;
+const CRITEO_CATEGORIES: usize = 26;
+
+/// The id of `token` in field `field`: both hashed into 64 bits.
+fn hashed_id(field: usize, token: &[u8]) -> u64 {
+    mix64(fnv1a64(token) ^ (field as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Parses a Criteo TSV line (`label`, 13 integers, 26 hex categories, tab
+/// separated, empty fields allowed) and appends it to `batch`; on error the
+/// batch is left unchanged. Fields 0-12 are the integer columns, 13-38 the
+/// categorical ones; an empty categorical value is its field's "missing" id,
+/// an empty integer is left out.
+fn parse_criteo_line(
+    line: &str,
+    integers: IntegerFeatures,
+    batch: &mut Batch,
+) -> Result<(), String> {
+    let line = line.trim_end_matches(['\n', '\r']);
+    let columns: Vec<&str> = line.split('\t').collect();
+    if columns.len() != 1 + CRITEO_INTEGERS + CRITEO_CATEGORIES {
+        return Err(format!(
+            "{} tab-separated columns, expected 40 (label, 13 integers, 26 categories)",
+            columns.len()
+        ));
+    }
+    let label = match columns[0] {
+        "0" => 0.0,
+        "1" => 1.0,
+        other => return Err(format!("label {other:?} is not 0 or 1")),
+    };
+    let mut features = Vec::with_capacity(CRITEO_INTEGERS + CRITEO_CATEGORIES);
+    for (i, text) in columns[1..=CRITEO_INTEGERS].iter().enumerate() {
+        if text.is_empty() {
+            continue;
+        }
+        let v: i64 = text
+            .parse()
+            .map_err(|_| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
+        features.push(match integers {
+            IntegerFeatures::Bucketize => {
+                let bucket = if v <= 2 {
+                    v
+                } else {
+                    ((v as f64).ln().powi(2)) as i64
+                };
+                (i, hashed_id(i, &bucket.to_le_bytes()), 1.0)
+            }
+            IntegerFeatures::Log => (i, hashed_id(i, b"log"), (v.max(0) as f32).ln_1p()),
+        });
+    }
+    for (j, text) in columns[1 + CRITEO_INTEGERS..].iter().enumerate() {
+        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "categorical column C{} = {text:?} is not hexadecimal",
+                j + 1
+            ));
+        }
+        let field = CRITEO_INTEGERS + j;
+        features.push((field, hashed_id(field, text.as_bytes()), 1.0));
+    }
+    for (field, id, value) in features {
+        batch.fields.push(field as u32);
+        batch.ids.push(id);
+        batch.values.push(value);
+    }
+    batch.push_example(label);
+    Ok(())
+}
+
 /// Fails early if a source cannot be opened.
 pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
     open(source).map(drop)
@@ -484,6 +585,82 @@ mod tests {
                 .contains(":2: feature \"3:1:1\": field 3 is not below"),
             "{err}"
         );
+    }
+
+    /// A line in Criteo's published layout.
+    fn criteo_line(label: u8, ints: &[&str], cats: &[&str]) -> String {
+        let mut cols = vec![label.to_string()];
+        cols.extend(ints.iter().map(|s| s.to_string()));
+        cols.extend(cats.iter().map(|s| s.to_string()));
+        cols.join("\t") + "\n"
+    }
+
+    #[test]
+    fn criteo_lines_hash_categories_per_field_and_bucketize_or_log_integers() {
+        let mut ints = vec![""; 13];
+        ints[0] = "1";
+        ints[1] = "100";
+        ints[2] = "-1";
+        let mut cats = vec!["68fd1e64"; 26];
+        cats[3] = "";
+        let text = criteo_line(1, &ints, &cats) + &criteo_line(0, &ints, &cats);
+        let src = write_temp("criteo", &text);
+        let b = Batches::open_format(&src, DataFormat::Criteo, 39, 0, 1, 10)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.labels, [1.0, 0.0]);
+        assert_eq!(
+            b.offsets,
+            [0, 29, 58],
+            "3 integers + 26 categories (one missing)"
+        );
+        assert_eq!(&b.fields[..4], [0, 1, 2, 13]);
+        // The same hex value in two fields is two different ids.
+        assert_ne!(b.ids[3], b.ids[4]);
+        assert_eq!(b.ids[..29], b.ids[29..]);
+        assert_eq!(
+            b.ids[1],
+            hashed_id(1, &21i64.to_le_bytes()),
+            "ln(100)^2 = 21.2"
+        );
+        let logged = Batches::open_format(&src, DataFormat::Criteo, 39, 0, 1, 10)
+            .unwrap()
+            .integers(IntegerFeatures::Log)
+            .next()
+            .unwrap()
+            .unwrap();
+        assert!((logged.values[1] - 101f32.ln()).abs() < 1e-6);
+        assert_eq!(logged.values[2], 0.0, "negative integers count as 0");
+    }
+
+    #[test]
+    fn malformed_criteo_lines_name_the_column() {
+        let cats = vec!["a"; 26];
+        for (line, expect) in [
+            (criteo_line(1, &[""; 12], &cats), "39 tab-separated columns"),
+            (
+                criteo_line(1, &["x"; 13], &cats),
+                "I1 = \"x\" is not an integer",
+            ),
+            (
+                criteo_line(1, &[""; 13], &["zz"; 26]),
+                "C1 = \"zz\" is not hexadecimal",
+            ),
+            (
+                "2".to_string() + &criteo_line(1, &[""; 13], &cats)[1..],
+                "label \"2\"",
+            ),
+        ] {
+            let src = write_temp("criteo-bad", &line);
+            let err = Batches::open_format(&src, DataFormat::Criteo, 39, 0, 1, 10)
+                .unwrap()
+                .find_map(Result::err)
+                .unwrap();
+            assert!(err.to_string().contains(expect), "{err}");
+            assert!(err.to_string().contains(":1:"), "{err}");
+        }
     }
 
     #[test]

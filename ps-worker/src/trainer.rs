@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use ps_common::PsError;
-use ps_common::config::{DataSource, Device, JobConfig, OnBadLine};
+use ps_common::config::{DataSource, Device, JobConfig};
 use ps_common::routing::mix64;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -186,17 +186,14 @@ impl Run<'_> {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
-            let mut batches = Batches::open_format(
+            let batches = Batches::for_job(
+                job,
                 &job.data.train,
-                job.data.format,
-                job.data.fields,
                 self.rank,
                 self.world,
                 train.batch_size,
+                &bad_lines,
             )?;
-            if job.data.on_bad_line == OnBadLine::Skip {
-                batches = batches.skip_bad_lines(Arc::clone(&bad_lines));
-            }
             let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD));
             let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
             while let Some(params) = pulled.next_pulled()? {
@@ -207,7 +204,9 @@ impl Run<'_> {
                 let output = model.compute(backend, &params, Mode::Train { seed })?;
                 if let Some(mut grads) = output.grads {
                     model.clip(&mut grads, train.clip_norm, train.clip_row_norm);
-                    runtime.block_on(model.push(client, &params, &grads))?;
+                    let lr_scale = (!train.lr_schedule.is_constant())
+                        .then(|| train.lr_schedule.scale(summary.steps));
+                    runtime.block_on(model.push(client, &params, &grads, lr_scale))?;
                 }
                 let n = params.labels.len() as u64;
                 epoch_loss += output.loss_sum;
@@ -308,8 +307,8 @@ fn evaluate_on<B: Backend>(
     source: &DataSource,
 ) -> Result<BinaryMetrics, TrainError> {
     let model = Arc::new(Model::from_job(job));
-    let batches = Batches::open_format(source, job.data.format, job.data.fields, 0, 1, 4096)?
-        .ahead(PARSE_AHEAD);
+    let skipped = Arc::new(AtomicU64::new(0));
+    let batches = Batches::for_job(job, source, 0, 1, 4096, &skipped)?.ahead(PARSE_AHEAD);
     let mut pulled = Prefetched::new(runtime, client, &model, batches);
     let (mut probs, mut labels) = (Vec::new(), Vec::new());
     while let Some(params) = pulled.next_pulled()? {

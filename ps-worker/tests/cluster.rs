@@ -208,6 +208,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
         table: table.into(),
         keys,
         gradients: wire::encode_f32s(grads),
+        lr_scale: None,
     };
 
     let s = raw

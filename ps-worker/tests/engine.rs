@@ -195,6 +195,18 @@ fn every_epoch_is_validated_the_best_is_checkpointed_and_patience_stops_training
 }
 
 #[test]
+fn a_cosine_schedule_with_warm_up_trains_a9a_to_reference_quality() {
+    let text = job::DEFAULT_JOB.replace(
+        "log_every = 500",
+        "log_every = 0\nlr_schedule = { kind = \"cosine\", warmup_steps = 200, decay_steps = 4000, min_scale = 0.05 }",
+    );
+    let report = run(&text, Path::new("."), 2, 2, None);
+    let auc = report.val_auc.unwrap();
+    println!("a9a LR with cosine schedule: {auc:.4}");
+    assert!(auc >= 0.895, "AUC {auc}");
+}
+
+#[test]
 fn malformed_lines_are_skipped_and_counted_when_asked() {
     let dir = temp_dir("skip");
     let train = dir.join("train.libsvm");
@@ -230,4 +242,72 @@ fn a_frozen_table_keeps_its_initial_values() {
     let err = JobConfig::from_toml(&bad, Path::new(".")).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("train.freeze"));
     assert!(err.message.contains("no table named \"wieghts\""), "{err}");
+}
+
+/// Criteo-format examples (tab-separated, some fields empty, hex categories)
+/// whose label depends on three categorical columns and one integer column.
+/// Returns the oracle AUC.
+fn write_criteo(path: &Path, rows: usize, seed: u64) -> f64 {
+    let mut rng = RowRng::new(seed, 0);
+    let weight =
+        |field: u64, value: u64| (RowRng::new(7, field * 1000 + value).next_normal() as f32) * 0.8;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let (mut probs, mut labels) = (Vec::new(), Vec::new());
+    for _ in 0..rows {
+        let ints: Vec<Option<u64>> = (0..13)
+            .map(|_| (rng.next_f64() > 0.2).then(|| rng.next_u64() % 200))
+            .collect();
+        let cats: Vec<Option<u64>> = (0..26)
+            .map(|_| (rng.next_f64() > 0.1).then(|| rng.next_u64() % 30))
+            .collect();
+        let mut logit = -0.3f32;
+        for f in [0u64, 5, 9] {
+            if let Some(v) = cats[f as usize] {
+                logit += weight(f, v);
+            }
+        }
+        if let Some(v) = ints[2] {
+            logit += if v > 100 { 0.8 } else { -0.4 };
+        }
+        let p = 1.0 / (1.0 + (-logit).exp());
+        let label = u8::from(rng.next_f64() < f64::from(p));
+        let mut cols = vec![label.to_string()];
+        cols.extend(
+            ints.iter()
+                .map(|v| v.map(|v| v.to_string()).unwrap_or_default()),
+        );
+        cols.extend(
+            cats.iter()
+                .map(|v| v.map(|v| format!("{:08x}", mix(v))).unwrap_or_default()),
+        );
+        writeln!(out, "{}", cols.join("\t")).unwrap();
+        probs.push(p);
+        labels.push(f32::from(label));
+    }
+    ps_worker::metrics::auc(&probs, &labels)
+}
+
+fn mix(v: u64) -> u32 {
+    (ps_common::routing::mix64(v) >> 32) as u32
+}
+
+#[test]
+fn deepfm_learns_from_criteo_format_files() {
+    let dir = temp_dir("criteo");
+    let (train, test) = (dir.join("train.tsv"), dir.join("test.tsv"));
+    write_criteo(&train, 20_000, 1);
+    let oracle = write_criteo(&test, 4_000, 2);
+    let text = interactions_job(
+        "kind = \"deepfm\"\nmlp = { hidden = [32, 32], optimizer = { kind = \"adam\", lr = 0.001 } }",
+        &train,
+        &test,
+        3,
+    )
+    .replace("format = \"libffm\"", "format = \"criteo\"")
+    .replace("fields = 12", "fields = 39");
+    let report = run(&text, &dir, 2, 2, None);
+    let auc = report.val_auc.unwrap();
+    println!("criteo DeepFM: {auc:.4} (oracle {oracle:.4})");
+    assert!(auc > oracle - 0.03, "AUC {auc:.4} vs oracle {oracle:.4}");
+    std::fs::remove_dir_all(&dir).ok();
 }

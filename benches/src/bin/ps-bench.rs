@@ -252,13 +252,13 @@ fn compute(
             let mut g = ctr26::Generator::new(11);
             (0..8).map(|_| g.batch(batch_size)).collect()
         }
-        "job" => ps_worker::data::Batches::open_format(
+        "job" => ps_worker::data::Batches::for_job(
+            &job,
             &job.data.train,
-            job.data.format,
-            job.data.fields,
             0,
             1,
             batch_size,
+            &Default::default(),
         )?
         .take(8)
         .collect::<Result<_, _>>()?,

@@ -342,22 +342,29 @@ impl Model {
     }
 
     /// Pushes gradients asynchronously (see [`PsClient::push_unique`]),
-    /// skipping frozen tables.
+    /// skipping frozen tables; `lr_scale` (the schedule's factor) scales
+    /// every table's learning rate except the batch-norm statistics'.
     pub async fn push(
         &self,
         client: &PsClient,
         pulled: &Pulled,
         grads: &Gradients,
+        lr_scale: Option<f32>,
     ) -> Result<(), PsError> {
         for (table, grad) in self.sparse.iter().zip(&grads.sparse) {
             if !self.frozen.contains(&table.name) {
-                client.push_unique(&table.name, &pulled.keys, grad).await?;
+                client
+                    .push_unique_scaled(&table.name, &pulled.keys, grad, lr_scale)
+                    .await?;
             }
         }
         for (table, grad) in self.dense.iter().zip(&grads.dense) {
             if !self.frozen.contains(&table.name) {
                 let rows: Vec<u64> = (0..table.rows.unwrap_or(1) as u64).collect();
-                client.push_unique(&table.name, &rows, grad).await?;
+                let scale = if table.statistic { None } else { lr_scale };
+                client
+                    .push_unique_scaled(&table.name, &rows, grad, scale)
+                    .await?;
             }
         }
         Ok(())
