@@ -6,7 +6,7 @@
 //! the shards' stores (for assertions), and shuts every shard down when
 //! dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ps_common::PsError;
@@ -39,16 +39,53 @@ impl LocalCluster {
         limits: Limits,
         checkpoint_dir: Option<PathBuf>,
     ) -> std::io::Result<LocalCluster> {
+        let shards = (0..num_shards).map(|i| Shard::new(i, num_shards)).collect();
+        Self::serve(shards, limits, checkpoint_dir).await
+    }
+
+    /// Shards restored from checkpoint directory `dir` (`DIR/NAME`, holding
+    /// `shard-I.bin` for every shard), each file verified.
+    pub async fn restore(dir: &Path, limits: Limits) -> Result<LocalCluster, PsError> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            PsError::Storage(format!("cannot read checkpoint {}: {e}", dir.display()))
+        })?;
+        let num_shards = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("shard-") && name.ends_with(".bin")
+            })
+            .count() as u32;
+        if num_shards == 0 {
+            return Err(PsError::FailedPrecondition(format!(
+                "{} holds no shard-I.bin checkpoint files",
+                dir.display()
+            )));
+        }
+        let shards = (0..num_shards)
+            .map(|i| Shard::restore(ps_server::checkpoint::load(dir, i, num_shards)?))
+            .collect::<Result<Vec<_>, PsError>>()?;
+        Self::serve(shards, limits, None)
+            .await
+            .map_err(|e| PsError::Internal(format!("cannot start local servers: {e}")))
+    }
+
+    async fn serve(
+        shards: Vec<Shard>,
+        limits: Limits,
+        checkpoint_dir: Option<PathBuf>,
+    ) -> std::io::Result<LocalCluster> {
+        let num_shards = shards.len() as u32;
         let mut cluster = LocalCluster {
             addrs: Vec::new(),
             shards: Vec::new(),
             stops: Vec::new(),
             tasks: Vec::new(),
         };
-        for shard_id in 0..num_shards {
+        for (shard_id, shard) in (0..num_shards).zip(shards) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             cluster.addrs.push(listener.local_addr()?.to_string());
-            let shard = Arc::new(Shard::new(shard_id, num_shards));
+            let shard = Arc::new(shard);
             let (stop, stopped) = oneshot::channel::<()>();
             let config = ServerConfig {
                 shard_id,

@@ -312,3 +312,124 @@ pub fn run_local(
         .map_err(|e| JobError::Startup(format!("local server failed: {e}")))?;
     Ok(report)
 }
+
+/// Metrics of one evaluated checkpoint, or of the ensemble.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalEntry {
+    /// The checkpoint directory, or `ensemble`.
+    pub checkpoint: String,
+    /// Examples evaluated.
+    pub examples: usize,
+    /// ROC AUC.
+    pub auc: f64,
+    /// Mean logloss.
+    pub logloss: f64,
+    /// Accuracy at threshold 0.5.
+    pub accuracy: f64,
+}
+
+impl EvalEntry {
+    fn new(checkpoint: String, metrics: &BinaryMetrics) -> EvalEntry {
+        EvalEntry {
+            checkpoint,
+            examples: metrics.count,
+            auc: metrics.auc,
+            logloss: metrics.logloss,
+            accuracy: metrics.accuracy,
+        }
+    }
+}
+
+/// `ps-worker eval`: the job's model from each checkpoint (`DIR/NAME`) on
+/// `data`, then the ensemble that averages their predicted probabilities.
+/// Each checkpoint is served by in-process shards restored from its files;
+/// one whose tables do not match the job's is refused with the differing
+/// field named.
+pub fn run_eval(
+    job: &JobConfig,
+    checkpoints: &[PathBuf],
+    data: &DataSource,
+) -> Result<Vec<EvalEntry>, JobError> {
+    if checkpoints.is_empty() {
+        return Err(JobError::Startup(
+            "--checkpoints names no checkpoint".into(),
+        ));
+    }
+    data::check_readable(data)?;
+    if let Device::Cuda(ordinal) = job.train.device {
+        CudaBackend::new(ordinal).map_err(TrainError::from)?;
+    }
+    let runtime = runtime()?;
+    let config = client_config(job, Duration::from_secs(10));
+    let mut entries = Vec::new();
+    let mut sum: Vec<f64> = Vec::new();
+    let mut reference_labels: Option<Vec<f32>> = None;
+    for dir in checkpoints {
+        let name = dir.display().to_string();
+        let cluster = runtime
+            .block_on(LocalCluster::restore(dir, Limits::default()))
+            .map_err(|e| JobError::Startup(format!("checkpoint {name}: {e}")))?;
+        // Tables are registered with the checkpoint's own specs (seeds and
+        // optimizers may differ between runs); their shapes must be the job's.
+        let mut specs = Vec::new();
+        for want in job.table_specs() {
+            let have = cluster
+                .shard(0)
+                .table(&want.name)
+                .map_err(|_| {
+                    JobError::Startup(format!("checkpoint {name} has no table '{}'", want.name))
+                })?
+                .spec()
+                .clone();
+            if (have.kind, have.dim) != (want.kind, want.dim) {
+                return Err(JobError::Startup(format!(
+                    "checkpoint {name}: table '{}' is {:?} x dim {}, the job's model needs {:?} x dim {}",
+                    want.name, have.kind, have.dim, want.kind, want.dim
+                )));
+            }
+            specs.push(have);
+        }
+        let client = runtime
+            .block_on(async {
+                let client = PsClient::connect(cluster.addrs(), &config).await?;
+                for spec in &specs {
+                    client.create_table(spec).await?;
+                }
+                Ok::<_, ps_common::PsError>(client)
+            })
+            .map_err(|e| JobError::Startup(format!("checkpoint {name}: {e}")))?;
+        let (probs, labels) = trainer::predict(runtime.handle(), &client, job, data)?;
+        runtime
+            .block_on(cluster.shutdown())
+            .map_err(|e| JobError::Startup(format!("local server failed: {e}")))?;
+        entries.push(EvalEntry::new(
+            name,
+            &BinaryMetrics::compute(&probs, &labels),
+        ));
+        if sum.is_empty() {
+            sum = vec![0.0; probs.len()];
+        }
+        for (s, p) in sum.iter_mut().zip(&probs) {
+            *s += f64::from(*p);
+        }
+        match &reference_labels {
+            None => reference_labels = Some(labels),
+            Some(reference) if *reference != labels => {
+                return Err(JobError::Startup(
+                    "the data read differently for two checkpoints".into(),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let mean: Vec<f32> = sum
+        .iter()
+        .map(|s| (s / checkpoints.len() as f64) as f32)
+        .collect();
+    let labels = reference_labels.unwrap_or_default();
+    entries.push(EvalEntry::new(
+        "ensemble".into(),
+        &BinaryMetrics::compute(&mean, &labels),
+    ));
+    Ok(entries)
+}

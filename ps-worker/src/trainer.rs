@@ -290,11 +290,23 @@ pub fn evaluate(
     job: &JobConfig,
     source: &DataSource,
 ) -> Result<BinaryMetrics, TrainError> {
+    let (probs, labels) = predict(runtime, client, job, source)?;
+    Ok(BinaryMetrics::compute(&probs, &labels))
+}
+
+/// Predicted probabilities and labels of every example of `source`, in
+/// file order. Must be called from a thread that is not a runtime worker.
+pub fn predict(
+    runtime: &Handle,
+    client: &PsClient,
+    job: &JobConfig,
+    source: &DataSource,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     match job.train.device {
-        Device::Cpu => evaluate_on(&CpuBackend, runtime, client, job, source),
+        Device::Cpu => predict_on(&CpuBackend, runtime, client, job, source),
         Device::Cuda(ordinal) => {
             let backend = CudaBackend::new(ordinal)?;
-            evaluate_on(&backend, runtime, client, job, source)
+            predict_on(&backend, runtime, client, job, source)
         }
     }
 }
@@ -306,6 +318,17 @@ fn evaluate_on<B: Backend>(
     job: &JobConfig,
     source: &DataSource,
 ) -> Result<BinaryMetrics, TrainError> {
+    let (probs, labels) = predict_on(backend, runtime, client, job, source)?;
+    Ok(BinaryMetrics::compute(&probs, &labels))
+}
+
+fn predict_on<B: Backend>(
+    backend: &B,
+    runtime: &Handle,
+    client: &PsClient,
+    job: &JobConfig,
+    source: &DataSource,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let model = Arc::new(Model::from_job(job));
     let skipped = Arc::new(AtomicU64::new(0));
     let batches = Batches::for_job(job, source, 0, 1, 4096, &skipped)?.ahead(PARSE_AHEAD);
@@ -315,5 +338,5 @@ fn evaluate_on<B: Backend>(
         probs.extend(model.compute(backend, &params, Mode::Eval)?.probs);
         labels.extend_from_slice(&params.labels);
     }
-    Ok(BinaryMetrics::compute(&probs, &labels))
+    Ok((probs, labels))
 }

@@ -311,3 +311,59 @@ fn deepfm_learns_from_criteo_format_files() {
     assert!(auc > oracle - 0.03, "AUC {auc:.4} vs oracle {oracle:.4}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn checkpoints_evaluate_to_their_recorded_auc_and_ensemble_by_averaging() {
+    // Two LR runs with different seeds and batch sizes, each keeping its best epoch.
+    let dir = temp_dir("ensemble");
+    let mut best = Vec::new();
+    for (i, batch) in [(0, 32), (1, 100)] {
+        let text = job::DEFAULT_JOB
+            .replace("epochs = 5", "epochs = 2\nbest_checkpoint = \"best\"")
+            .replace("batch_size = 32", &format!("batch_size = {batch}"))
+            .replace("seed = 1", &format!("seed = {}", i + 1));
+        let run_dir = dir.join(format!("run{i}"));
+        let report = run(&text, Path::new("."), 2, 1, Some(run_dir.clone()));
+        let epoch = report.best_epoch.unwrap();
+        best.push((
+            run_dir.join("best"),
+            report.epochs[epoch - 1].val_auc.unwrap(),
+        ));
+    }
+    let job = JobConfig::from_toml(job::DEFAULT_JOB, Path::new(".")).unwrap();
+    let checkpoints: Vec<PathBuf> = best.iter().map(|(p, _)| p.clone()).collect();
+    let test = job.data.validation.clone().unwrap();
+    let entries = job::run_eval(&job, &checkpoints, &test).unwrap();
+    assert_eq!(entries.len(), 3);
+    for (entry, (_, recorded)) in entries.iter().zip(&best) {
+        assert!(
+            (entry.auc - recorded).abs() < 1e-9,
+            "{}: {} vs {recorded} recorded when it was written",
+            entry.checkpoint,
+            entry.auc
+        );
+    }
+    let ensemble = &entries[2];
+    println!(
+        "ensemble: {:.4} from {:.4} and {:.4}",
+        ensemble.auc, entries[0].auc, entries[1].auc
+    );
+    assert_eq!(ensemble.checkpoint, "ensemble");
+    assert!(ensemble.auc >= entries[0].auc.min(entries[1].auc) - 1e-3);
+
+    // A checkpoint of other tables is refused, naming the difference.
+    let fm = JobConfig::from_toml(&tests_fm_job(), Path::new(".")).unwrap();
+    let err = job::run_eval(&fm, &checkpoints[..1], &test).unwrap_err();
+    assert!(err.to_string().contains("has no table 'factors'"), "{err}");
+    let err = job::run_eval(&job, &[dir.join("missing")], &test).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn tests_fm_job() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/a9a-fm.toml"
+    ))
+    .unwrap()
+}

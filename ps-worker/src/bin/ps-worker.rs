@@ -2,6 +2,7 @@
 //!
 //! - `train`: one worker of a job whose servers run elsewhere.
 //! - `local`: servers and workers inside this process (loopback gRPC).
+//! - `eval`: metrics of checkpoints and of their averaged ensemble.
 //! - `checkpoint`: ask every shard of a running job to write a checkpoint.
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ps_common::config::{Device, JobConfig};
+use ps_common::config::{DataSource, Device, JobConfig};
 use ps_worker::job::{self, Report};
 
 /// Train sparse models whose weights live on parameter servers.
@@ -67,6 +68,26 @@ enum Command {
         /// Folder the local shards write checkpoints to (`train.best_checkpoint`).
         #[arg(long)]
         checkpoint_dir: Option<PathBuf>,
+    },
+    /// Evaluate checkpoints (DIR/NAME, as written by `checkpoint` or
+    /// `train.best_checkpoint`) and their averaged ensemble on a data file.
+    Eval {
+        /// The job file whose model and tables the checkpoints hold
+        /// (default: the embedded a9a job).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Checkpoint directories, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        checkpoints: Vec<PathBuf>,
+        /// Data to evaluate on, in the job's format (default: the job's validation data).
+        #[arg(long)]
+        data: Option<String>,
+        /// Compute device, overriding the job's `train.device`.
+        #[arg(long)]
+        device: Option<Device>,
+        /// Write the metrics as a JSON array to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Ask every shard of a running job to write checkpoint NAME under its
     /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
@@ -130,6 +151,44 @@ fn main() -> anyhow::Result<()> {
             let result = job::run_local(&job, servers, workers, &client, checkpoint_dir)
                 .context("local job failed")?;
             finish(&result, report.as_deref())
+        }
+        Command::Eval {
+            config,
+            checkpoints,
+            data,
+            device,
+            report,
+        } => {
+            let mut job = match &config {
+                Some(path) => load_job(path)?,
+                None => JobConfig::from_toml(job::DEFAULT_JOB, Path::new("."))
+                    .context("the embedded default job is invalid")?,
+            };
+            if let Some(device) = device {
+                job.train.device = device;
+            }
+            let source = match data {
+                Some(text) => DataSource::from(text),
+                None => job
+                    .data
+                    .validation
+                    .clone()
+                    .context("--data is required: the job has no data.validation")?,
+            };
+            let entries =
+                job::run_eval(&job, &checkpoints, &source).context("evaluation failed")?;
+            for e in &entries {
+                println!(
+                    "{}: auc {:.4} logloss {:.4} accuracy {:.4} ({} examples)",
+                    e.checkpoint, e.auc, e.logloss, e.accuracy, e.examples
+                );
+            }
+            if let Some(path) = report {
+                let json = serde_json::to_string_pretty(&entries)?;
+                std::fs::write(&path, json + "\n")
+                    .with_context(|| format!("cannot write --report {}", path.display()))?;
+            }
+            Ok(())
         }
         Command::Checkpoint {
             servers,
