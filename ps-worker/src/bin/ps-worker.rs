@@ -119,10 +119,7 @@ fn main() -> anyhow::Result<()> {
             if world == 0 || rank >= world {
                 bail!("--rank must be in [0, --world), got rank {rank} of world {world}");
             }
-            let mut job = load_job(&config)?;
-            if let Some(device) = device {
-                job.train.device = device;
-            }
+            let job = job_or_default(Some(&config), device)?;
             let client = job::client_config(&job, Duration::from_secs(connect_timeout_secs));
             let result = job::run_train(&job, &servers, rank, world, &client)
                 .with_context(|| format!("worker {rank} of {world} failed"))?;
@@ -139,14 +136,7 @@ fn main() -> anyhow::Result<()> {
             if servers == 0 || workers == 0 {
                 bail!("--servers and --workers must be >= 1");
             }
-            let mut job = match &config {
-                Some(path) => load_job(path)?,
-                None => JobConfig::from_toml(job::DEFAULT_JOB, Path::new("."))
-                    .context("the embedded default job is invalid")?,
-            };
-            if let Some(device) = device {
-                job.train.device = device;
-            }
+            let job = job_or_default(config.as_deref(), device)?;
             let client = job::client_config(&job, Duration::from_secs(10));
             let result = job::run_local(&job, servers, workers, &client, checkpoint_dir)
                 .context("local job failed")?;
@@ -159,14 +149,7 @@ fn main() -> anyhow::Result<()> {
             device,
             report,
         } => {
-            let mut job = match &config {
-                Some(path) => load_job(path)?,
-                None => JobConfig::from_toml(job::DEFAULT_JOB, Path::new("."))
-                    .context("the embedded default job is invalid")?,
-            };
-            if let Some(device) = device {
-                job.train.device = device;
-            }
+            let job = job_or_default(config.as_deref(), device)?;
             let source = match data {
                 Some(text) => DataSource::from(text),
                 None => job
@@ -216,6 +199,20 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The job file at `path` (the embedded default job without one), with
+/// `--device` overriding `train.device`.
+fn job_or_default(path: Option<&Path>, device: Option<Device>) -> anyhow::Result<JobConfig> {
+    let mut job = match path {
+        Some(path) => load_job(path)?,
+        None => JobConfig::from_toml(job::DEFAULT_JOB, Path::new("."))
+            .context("the embedded default job is invalid")?,
+    };
+    if let Some(device) = device {
+        job.train.device = device;
+    }
+    Ok(job)
 }
 
 fn load_job(path: &Path) -> anyhow::Result<JobConfig> {
