@@ -290,6 +290,12 @@ pub struct TrainConfig {
     pub clip_row_norm: Option<f32>,
     /// Tables kept fixed: read, never updated (e.g. after `init_from`).
     pub freeze: Vec<String>,
+    /// Transfer learning: a checkpoint directory (`DIR/NAME`, relative to the
+    /// job file) whose weights initialize `init_tables` before training.
+    pub init_from: Option<PathBuf>,
+    /// Tables loaded from `init_from` (default: every table of the job the
+    /// checkpoint holds); the others start fresh.
+    pub init_tables: Vec<String>,
     /// Learning-rate schedule: a factor on every table optimizer's rate,
     /// sent with each push (batch-norm statistics are never scaled).
     pub lr_schedule: LrSchedule,
@@ -456,6 +462,8 @@ impl Default for TrainConfig {
             clip_norm: None,
             clip_row_norm: None,
             freeze: Vec::new(),
+            init_from: None,
+            init_tables: Vec::new(),
             lr_schedule: LrSchedule::default(),
         }
     }
@@ -508,6 +516,11 @@ impl JobConfig {
             key: Some(key),
             message,
         })?;
+        if let Some(dir) = job.train.init_from.as_mut()
+            && dir.is_relative()
+        {
+            *dir = base_dir.join(&*dir);
+        }
         for source in [Some(&mut job.data.train), job.data.validation.as_mut()]
             .into_iter()
             .flatten()
@@ -646,11 +659,16 @@ impl JobConfig {
         }
         self.model.validate(&self.tables)?;
         let names: Vec<String> = self.table_specs().into_iter().map(|s| s.name).collect();
-        if let Some(unknown) = t.freeze.iter().find(|f| !names.contains(f)) {
-            return Err((
-                "train.freeze".into(),
-                format!("no table named {unknown:?} (tables: {})", names.join(", ")),
-            ));
+        for (key, list) in [("freeze", &t.freeze), ("init_tables", &t.init_tables)] {
+            if let Some(unknown) = list.iter().find(|f| !names.contains(f)) {
+                return Err((
+                    format!("train.{key}"),
+                    format!("no table named {unknown:?} (tables: {})", names.join(", ")),
+                ));
+            }
+        }
+        if !t.init_tables.is_empty() && t.init_from.is_none() {
+            return Err(("train.init_tables".into(), "needs train.init_from".into()));
         }
         Ok(())
     }

@@ -166,6 +166,23 @@ impl ParameterServer for ShardService {
         }))
     }
 
+    async fn assign(
+        &self,
+        request: Request<pb::AssignRequest>,
+    ) -> Result<Response<pb::AssignResponse>, Status> {
+        RequestCounters::add(&self.shard.counters.assign, 1);
+        let req = request.into_inner();
+        self.check_keys(&req.table, req.keys.len())
+            .map_err(|e| self.fail(e))?;
+        let values = wire::decode_f32s(&req.values).map_err(|e| self.fail(e))?;
+        let assigned = self
+            .blocking(move |shard| shard.assign(&req.table, &req.keys, &values))
+            .await?;
+        Ok(Response::new(pb::AssignResponse {
+            rows_assigned: assigned as u64,
+        }))
+    }
+
     async fn checkpoint(
         &self,
         request: Request<pb::CheckpointRequest>,
@@ -224,6 +241,7 @@ impl ParameterServer for ShardService {
                 pull_bytes: c.pull_bytes.load(Relaxed),
                 push_bytes: c.push_bytes.load(Relaxed),
                 checkpoint: c.checkpoint.load(Relaxed),
+                assign: c.assign.load(Relaxed),
             }),
         }))
     }

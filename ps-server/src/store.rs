@@ -107,6 +107,8 @@ pub struct RequestCounters {
     pub stats: AtomicU64,
     /// Checkpoint calls.
     pub checkpoint: AtomicU64,
+    /// Assign requests.
+    pub assign: AtomicU64,
     /// Calls answered with an error.
     pub errors: AtomicU64,
     /// Rows returned by pulls.
@@ -290,6 +292,40 @@ impl Shard {
         self.push_scaled(table, keys, grads, 1.0)
     }
 
+    /// Sets the weights of `keys` (`values` holds `keys.len() * dim`), with
+    /// optimizer state reset as for a fresh row. Nothing changes unless the
+    /// whole request is valid.
+    pub fn assign(&self, table: &str, keys: &[u64], values: &[f32]) -> Result<usize, PsError> {
+        let table = self.table(table)?;
+        let dim = table.spec.dim as usize;
+        if values.len() != keys.len() * dim {
+            return Err(PsError::invalid(format!(
+                "table '{}' has dim {dim}: {} keys need {} values, got {}",
+                table.spec.name,
+                keys.len(),
+                keys.len() * dim,
+                values.len()
+            )));
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(PsError::invalid(format!(
+                "value for key {} of table '{}' is not finite ({}); nothing was assigned",
+                keys[i / dim],
+                table.spec.name,
+                values[i]
+            )));
+        }
+        self.check_keys(&table, keys)?;
+        for (&key, weights) in keys.iter().zip(values.chunks_exact(dim)) {
+            let mut row = vec![0f32; table.row_len].into_boxed_slice();
+            let (w, state) = row.split_at_mut(dim);
+            w.copy_from_slice(weights);
+            optimizer::init_state(&table.spec.optimizer, w, state);
+            table.rows.insert(key, row);
+        }
+        Ok(keys.len())
+    }
+
     /// [`Shard::push`] with the optimizer's learning rate multiplied by
     /// `lr_scale` (the worker's schedule).
     pub fn push_scaled(
@@ -434,6 +470,33 @@ mod tests {
             optimizer: OptimizerSpec::Sgd { lr: 1.0 },
             seed: 9,
         }
+    }
+
+    #[test]
+    fn assign_sets_weights_with_fresh_state_all_or_nothing() {
+        let shard = Shard::new(0, 1);
+        let mut adagrad = spec("w", TableKind::Sparse, 2);
+        adagrad.optimizer = OptimizerSpec::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.5,
+            eps: 1e-8,
+        };
+        shard.create_table(adagrad).unwrap();
+        shard.push("w", &[3], &[1.0, 1.0]).unwrap();
+        assert_eq!(shard.assign("w", &[3, 4], &[1.0, 2.0, 3.0, 4.0]), Ok(2));
+        let mut out = Vec::new();
+        shard.pull("w", &[3, 4], &mut out).unwrap();
+        assert_eq!(out, [1.0, 2.0, 3.0, 4.0]);
+        let row = shard.table("w").unwrap().rows.get(&3).unwrap().clone();
+        assert_eq!(&row[2..], [0.5, 0.5], "optimizer state reset");
+        let err = shard
+            .assign("w", &[3, 5], &[9.0, 9.0, f32::NAN, 0.0])
+            .unwrap_err();
+        assert!(err.to_string().contains("not finite"), "{err}");
+        out.clear();
+        shard.pull("w", &[3], &mut out).unwrap();
+        assert_eq!(out, [1.0, 2.0], "nothing assigned from a refused request");
+        assert!(shard.assign("w", &[3], &[1.0]).is_err(), "wrong dim");
     }
 
     #[test]

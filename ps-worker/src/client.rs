@@ -263,6 +263,40 @@ impl PsClient {
         Ok(out)
     }
 
+    /// Sets the weights of `keys` (`values`: `keys.len() * dim`, key order)
+    /// on their shards, optimizer state reset; waits for every shard.
+    pub async fn assign(&self, table: &str, keys: &[u64], values: &[f32]) -> Result<(), PsError> {
+        let info = self.table(table)?;
+        check_gradient_len(table, info.dim, keys, values)?;
+        let dim = info.dim;
+        let mut tasks = JoinSet::new();
+        for (shard_id, positions, shard_keys) in self.split(info, keys) {
+            let shard = self.inner.shards[shard_id].clone();
+            let chunk = shard.chunk_keys(dim);
+            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+                let mut rows = Vec::with_capacity(chunk_pos.len() * dim);
+                for &pos in chunk_pos {
+                    rows.extend_from_slice(&values[pos * dim..(pos + 1) * dim]);
+                }
+                let request = pb::AssignRequest {
+                    table: table.to_string(),
+                    keys: chunk_keys.to_vec(),
+                    values: wire::encode_f32s(&rows),
+                };
+                let mut shard = shard.clone();
+                tasks.spawn(async move {
+                    shard
+                        .client
+                        .assign(request)
+                        .await
+                        .map_err(|s| shard.error(shard_id, s))
+                        .map(drop)
+                });
+            }
+        }
+        join_all_ok(tasks).await.map(drop)
+    }
+
     /// Sums the gradients of duplicate keys and pushes them asynchronously.
     /// `grads` holds `keys.len() * dim` values in key order.
     pub async fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<(), PsError> {

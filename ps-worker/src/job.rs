@@ -193,6 +193,10 @@ fn check_inputs(job: &JobConfig) -> Result<(), JobError> {
     if let Device::Cuda(ordinal) = job.train.device {
         CudaBackend::new(ordinal).map_err(TrainError::from)?;
     }
+    if let Some(dir) = &job.train.init_from {
+        std::fs::read_dir(dir)
+            .map_err(|e| JobError::Startup(format!("init_from {}: {e}", dir.display())))?;
+    }
     Ok(())
 }
 
@@ -223,6 +227,112 @@ fn validate(
     Ok(metrics)
 }
 
+/// Name of the marker table worker 0 creates once `init_from` is loaded.
+const INIT_DONE_TABLE: &str = "_ps.init_from.done";
+
+/// Loads `train.init_from` into the servers (worker 0, or `local` before
+/// its workers start): for each chosen table, the checkpoint's weights are
+/// assigned to the rows, optimizer state fresh. Any shard count on either
+/// side. Returns the rows loaded.
+async fn load_init_from(client: &PsClient, job: &JobConfig) -> Result<u64, JobError> {
+    let Some(dir) = &job.train.init_from else {
+        return Ok(0);
+    };
+    let fail = |msg: String| JobError::Startup(format!("init_from {}: {msg}", dir.display()));
+    let count = std::fs::read_dir(dir)
+        .map_err(|e| fail(e.to_string()))?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("shard-") && name.ends_with(".bin")
+        })
+        .count() as u32;
+    if count == 0 {
+        return Err(fail("no shard-I.bin checkpoint files".into()));
+    }
+    let specs = job.table_specs();
+    let chosen: Vec<&str> = if job.train.init_tables.is_empty() {
+        specs.iter().map(|s| s.name.as_str()).collect()
+    } else {
+        job.train.init_tables.iter().map(String::as_str).collect()
+    };
+    let mut found = std::collections::BTreeSet::new();
+    let mut rows = 0u64;
+    for shard in 0..count {
+        let snapshot = ps_server::checkpoint::load(dir, shard, count)?;
+        for table in snapshot.tables {
+            let name = table.spec.name.clone();
+            if !chosen.contains(&name.as_str()) {
+                continue;
+            }
+            let Some(want) = specs.iter().find(|s| s.name == name) else {
+                continue;
+            };
+            if (table.spec.kind, table.spec.dim) != (want.kind, want.dim) {
+                return Err(fail(format!(
+                    "table '{name}' is {:?} x dim {} there, the job has {:?} x dim {}",
+                    table.spec.kind, table.spec.dim, want.kind, want.dim
+                )));
+            }
+            found.insert(name.clone());
+            let (dim, row_len) = (want.dim as usize, table.row_len as usize);
+            let weights: Vec<f32> = table
+                .values
+                .chunks_exact(row_len.max(1))
+                .flat_map(|row| row[..dim].iter().copied())
+                .collect();
+            client.assign(&name, &table.keys, &weights).await?;
+            rows += table.keys.len() as u64;
+        }
+    }
+    if let Some(missing) = job
+        .train
+        .init_tables
+        .iter()
+        .find(|t| !found.contains(t.as_str()))
+    {
+        return Err(fail(format!("holds no table '{missing}'")));
+    }
+    tracing::info!(from = %dir.display(), rows, tables = ?found, "initialized from checkpoint");
+    Ok(rows)
+}
+
+/// Workers other than 0 wait until worker 0 has loaded `init_from`.
+async fn wait_for_init_from(client: &PsClient, timeout: Duration) -> Result<(), JobError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stats = client.stats().await?;
+        if stats
+            .iter()
+            .all(|s| s.tables.iter().any(|t| t.name == INIT_DONE_TABLE))
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(JobError::Startup(format!(
+                "worker 0 did not finish loading train.init_from within {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Marks `init_from` as loaded, for the other workers.
+async fn mark_init_done(client: &PsClient) -> Result<(), JobError> {
+    let spec = ps_common::TableSpec {
+        name: INIT_DONE_TABLE.into(),
+        kind: ps_common::TableKind::Dense {
+            rows: 1,
+            block_rows: 1,
+        },
+        dim: 1,
+        initializer: ps_common::InitializerSpec::Zeros,
+        optimizer: ps_common::OptimizerSpec::Sgd { lr: 1.0 },
+        seed: 0,
+    };
+    Ok(client.create_table(&spec).await?)
+}
+
 /// `ps-worker train`: worker `rank` of `world` against running servers.
 pub fn run_train(
     job: &JobConfig,
@@ -235,6 +345,16 @@ pub fn run_train(
     check_inputs(job)?;
     let runtime = runtime()?;
     let client = runtime.block_on(connect_and_create(servers, job, config))?;
+    if job.train.init_from.is_some() {
+        runtime.block_on(async {
+            if rank == 0 {
+                load_init_from(&client, job).await?;
+                mark_init_done(&client).await
+            } else {
+                wait_for_init_from(&client, config.connect_timeout).await
+            }
+        })?;
+    }
     let stop = AtomicBool::new(false);
     let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world, &stop)?;
     let mut report = Report::new("train", job, world, servers.len(), &[summary]);
@@ -272,6 +392,12 @@ pub fn run_local(
         ))
         .map_err(|e| JobError::Startup(format!("cannot start local servers: {e}")))?;
     let addrs = cluster.addrs().to_vec();
+    if job.train.init_from.is_some() {
+        runtime.block_on(async {
+            let client = connect_and_create(&addrs, job, config).await?;
+            load_init_from(&client, job).await
+        })?;
+    }
     let stop = &AtomicBool::new(false);
     let results: Vec<Result<(TrainSummary, PsClient), JobError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)

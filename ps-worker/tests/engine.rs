@@ -367,3 +367,52 @@ fn tests_fm_job() -> String {
     ))
     .unwrap()
 }
+
+#[test]
+fn init_from_loads_a_checkpoint_s_weights_into_a_job_with_another_shard_count() {
+    let dir = temp_dir("init");
+    let text = job::DEFAULT_JOB.replace("epochs = 5", "epochs = 2\nbest_checkpoint = \"best\"");
+    let first = run(&text, Path::new("."), 2, 1, Some(dir.clone()));
+    let recorded = first.epochs[first.best_epoch.unwrap() - 1].val_auc.unwrap();
+    let ckpt = dir.join("best");
+
+    // Loaded and frozen, the model is exactly the checkpoint's, on 3 shards.
+    let text = job::DEFAULT_JOB.replace(
+        "epochs = 5",
+        &format!(
+            "epochs = 1\ninit_from = \"{}\"\nfreeze = [\"weights\", \"bias\"]",
+            ckpt.display()
+        ),
+    );
+    let second = run(&text, Path::new("."), 3, 2, None);
+    let auc = second.val_auc.unwrap();
+    println!("init_from: recorded {recorded:.6}, reloaded on 3 shards {auc:.6}");
+    assert!((auc - recorded).abs() < 1e-9, "{auc} vs {recorded}");
+
+    // Fresh weights (nothing loaded) and frozen: chance.
+    let fresh = run(
+        &job::DEFAULT_JOB.replace("epochs = 5", "epochs = 1\nfreeze = [\"weights\", \"bias\"]"),
+        Path::new("."),
+        1,
+        1,
+        None,
+    );
+    assert!((fresh.val_auc.unwrap() - 0.5).abs() < 0.01);
+
+    // A table the checkpoint does not hold is named.
+    let fm = tests_fm_job().replace(
+        "batch_size = 64",
+        &format!(
+            "batch_size = 64\ninit_from = \"{}\"\ninit_tables = [\"factors\"]",
+            ckpt.display()
+        ),
+    );
+    let job = JobConfig::from_toml(&fm, Path::new(".")).unwrap();
+    let config = job::client_config(&job, std::time::Duration::from_secs(10));
+    let err = job::run_local(&job, 1, 1, &config, None).unwrap_err();
+    assert!(
+        err.to_string().contains("holds no table 'factors'"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -405,3 +405,88 @@ async fn a_server_restored_from_a_checkpoint_serves_the_same_weights() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn separate_workers_start_from_a_checkpoint_after_worker_0_loads_it() {
+    // Job 1: two shards with a checkpoint folder; one worker; checkpoint "one".
+    let dir = temp_dir("init-from");
+    let job = a9a_job(&dir);
+    let ckpt_root = dir.join("ckpt");
+    let root = ckpt_root.to_str().unwrap();
+    let first = [
+        Server::start_with(0, 2, &["--checkpoint-dir", root]),
+        Server::start_with(1, 2, &["--checkpoint-dir", root]),
+    ];
+    let addrs = format!("{},{}", first[0].addr, first[1].addr);
+    let report = dir.join("first.json");
+    let out = worker(&[
+        "train",
+        "--config",
+        job.to_str().unwrap(),
+        "--servers",
+        &addrs,
+        "--rank",
+        "0",
+        "--world",
+        "1",
+        "--report",
+        report.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = worker(&["checkpoint", "--servers", &addrs, "--name", "one"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let recorded = recorded["val_auc"].as_f64().unwrap();
+
+    // Job 2: three fresh shards, two workers, everything loaded and frozen.
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "epochs = 5",
+        &format!(
+            "epochs = 1\ninit_from = \"{}\"\nfreeze = [\"weights\", \"bias\"]",
+            ckpt_root.join("one").display()
+        ),
+    );
+    let job2 = dir.join("job2.toml");
+    std::fs::write(&job2, text).unwrap();
+    let second: Vec<Server> = (0..3).map(|i| Server::start(i, 3)).collect();
+    let addrs: Vec<&str> = second.iter().map(|s| s.addr.as_str()).collect();
+    let addrs = addrs.join(",");
+    let workers: Vec<(Child, PathBuf)> = (0..2)
+        .map(|rank| {
+            let report = dir.join(format!("second-{rank}.json"));
+            let child = worker(&[
+                "train",
+                "--config",
+                job2.to_str().unwrap(),
+                "--servers",
+                &addrs,
+                "--rank",
+                &rank.to_string(),
+                "--world",
+                "2",
+                "--report",
+                report.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+            (child, report)
+        })
+        .collect();
+    for (mut child, report) in workers {
+        assert!(child.wait().unwrap().success(), "worker failed");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        let auc = report["val_auc"].as_f64().unwrap();
+        assert!(
+            (auc - recorded).abs() < 1e-9,
+            "{auc} vs {recorded} before the checkpoint"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
