@@ -208,6 +208,38 @@ pub enum ModelConfig {
         /// The deep part.
         mlp: MlpConfig,
     },
+    /// Multi-task: shared embeddings, an optional shared bottom MLP, one
+    /// tower per task; the loss is the weighted sum of the tasks' mean
+    /// binary cross-entropies. Data lines carry one label per task,
+    /// comma-separated (`1,0 ...`).
+    Multitask {
+        /// Sparse table of dim k shared by every task.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The tasks, in the order of the labels in the data.
+        tasks: Vec<TaskConfig>,
+        /// Shared bottom layers (`hidden` only; no output layer), optional.
+        #[serde(default)]
+        shared: Option<MlpConfig>,
+        /// Each task's tower; its tables are named `{name}.{task}.*`, plus a
+        /// `{name}.{task}.bias` output bias.
+        tower: MlpConfig,
+    },
+}
+
+/// One task of a multi-task model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Task name (used in table names and reports).
+    pub name: String,
+    /// Weight of the task's loss in the joint loss.
+    #[serde(default = "default_task_weight")]
+    pub weight: f32,
+}
+
+fn default_task_weight() -> f32 {
+    1.0
 }
 
 /// The MLP of DeepFM and Wide&Deep. Its weights are dense tables the job
@@ -538,9 +570,12 @@ impl JobConfig {
     /// `[tables]` and the model's generated MLP tables.
     pub fn table_specs(&self) -> Vec<TableSpec> {
         let mut specs = self.declared_table_specs();
-        if let (Some(mlp), Some(embeddings)) = (self.model.mlp(), self.model.embeddings_table()) {
+        if let Some(embeddings) = self.model.embeddings_table() {
             let dim = self.tables.get(embeddings).map_or(0, |t| t.dim);
-            specs.extend(mlp.table_specs(self.data.fields * dim, self.train.seed));
+            specs.extend(
+                self.model
+                    .generated_table_specs(self.data.fields * dim, self.train.seed),
+            );
         }
         specs
     }
@@ -638,6 +673,12 @@ impl JobConfig {
                 "needs data.validation".into(),
             ));
         }
+        if self.data.format == DataFormat::Criteo && self.model.tasks().len() > 1 {
+            return Err((
+                "data.format".into(),
+                "Criteo data has one label; a multitask model needs libsvm or libffm lines with comma-separated labels".into(),
+            ));
+        }
         if self.data.format == DataFormat::Criteo && self.data.fields != 39 {
             return Err((
                 "data.fields".into(),
@@ -675,9 +716,21 @@ impl JobConfig {
 }
 
 impl ModelConfig {
+    /// The tasks: one unnamed (`label`) task for single-task models.
+    pub fn tasks(&self) -> Vec<TaskConfig> {
+        match self {
+            ModelConfig::Multitask { tasks, .. } => tasks.clone(),
+            _ => vec![TaskConfig {
+                name: "label".into(),
+                weight: 1.0,
+            }],
+        }
+    }
+
     /// The model's `kind` as written in the job file.
     pub fn kind_name(&self) -> &'static str {
         match self {
+            ModelConfig::Multitask { .. } => "multitask",
             ModelConfig::Lr { .. } => "lr",
             ModelConfig::Fm { .. } => "fm",
             ModelConfig::Deepfm { .. } => "deepfm",
@@ -686,14 +739,16 @@ impl ModelConfig {
         }
     }
 
-    /// The bias table every model has.
-    pub fn bias_table(&self) -> &str {
+    /// The declared bias table of single-task models (multi-task models
+    /// generate one per task).
+    pub fn bias_table(&self) -> Option<&str> {
         match self {
             ModelConfig::Lr { bias, .. }
             | ModelConfig::Fm { bias, .. }
             | ModelConfig::Deepfm { bias, .. }
             | ModelConfig::WideDeep { bias, .. }
-            | ModelConfig::Dnn { bias, .. } => bias,
+            | ModelConfig::Dnn { bias, .. } => Some(bias),
+            ModelConfig::Multitask { .. } => None,
         }
     }
 
@@ -704,7 +759,7 @@ impl ModelConfig {
             | ModelConfig::Fm { weights, .. }
             | ModelConfig::Deepfm { weights, .. }
             | ModelConfig::WideDeep { weights, .. } => Some(weights),
-            ModelConfig::Dnn { .. } => None,
+            ModelConfig::Dnn { .. } | ModelConfig::Multitask { .. } => None,
         }
     }
 
@@ -715,11 +770,62 @@ impl ModelConfig {
             ModelConfig::Fm { embeddings, .. }
             | ModelConfig::Deepfm { embeddings, .. }
             | ModelConfig::WideDeep { embeddings, .. }
-            | ModelConfig::Dnn { embeddings, .. } => Some(embeddings),
+            | ModelConfig::Dnn { embeddings, .. }
+            | ModelConfig::Multitask { embeddings, .. } => Some(embeddings),
         }
     }
 
-    /// The MLP, for models that have one.
+    /// Every MLP of the model with its key in the job file.
+    fn mlps(&self) -> Vec<(&'static str, &MlpConfig)> {
+        match self {
+            ModelConfig::Multitask { shared, tower, .. } => shared
+                .iter()
+                .map(|m| ("shared", m))
+                .chain([("tower", tower)])
+                .collect(),
+            _ => self.mlp().map(|m| ("mlp", m)).into_iter().collect(),
+        }
+    }
+
+    /// The generated dense tables of the model's MLPs, for `fields x k`
+    /// embedding inputs, in the order the model reads them: shared bottom,
+    /// then per task its tower and its output bias.
+    pub fn generated_table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
+        match self {
+            ModelConfig::Multitask {
+                tasks,
+                shared,
+                tower,
+                ..
+            } => {
+                let mut specs = Vec::new();
+                let mut width = input;
+                if let Some(shared) = shared {
+                    specs.extend(shared.layer_specs(&shared.name, input, seed, false));
+                    width = shared.hidden.last().copied().unwrap_or(input);
+                }
+                for task in tasks {
+                    let prefix = format!("{}.{}", tower.name, task.name);
+                    specs.extend(tower.layer_specs(&prefix, width, seed, true));
+                    specs.push(dense_spec(
+                        format!("{prefix}.bias"),
+                        1,
+                        1,
+                        InitializerSpec::Zeros,
+                        tower.optimizer,
+                        seed,
+                    ));
+                }
+                specs
+            }
+            _ => self
+                .mlp()
+                .map(|m| m.table_specs(input, seed))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The single-task models' MLP, for models that have one.
     pub fn mlp(&self) -> Option<&MlpConfig> {
         match self {
             ModelConfig::Deepfm { mlp, .. }
@@ -749,13 +855,48 @@ impl ModelConfig {
                 ));
             }
         }
-        let bias = self.bias_table();
-        let b = get("bias", bias)?;
-        if b.kind != TableKindConfig::Dense || b.dim != 1 || b.rows != Some(1) {
-            return Err((
-                format!("tables.{bias}"),
-                format!("the {model} model needs a dense table with rows = 1 and dim = 1"),
-            ));
+        if let Some(bias) = self.bias_table() {
+            let b = get("bias", bias)?;
+            if b.kind != TableKindConfig::Dense || b.dim != 1 || b.rows != Some(1) {
+                return Err((
+                    format!("tables.{bias}"),
+                    format!("the {model} model needs a dense table with rows = 1 and dim = 1"),
+                ));
+            }
+        }
+        if let ModelConfig::Multitask { tasks, shared, .. } = self {
+            if tasks.is_empty() {
+                return Err(("model.tasks".into(), "needs at least one task".into()));
+            }
+            for (i, task) in tasks.iter().enumerate() {
+                crate::table::validate_table_name(&task.name).map_err(|_| {
+                    (
+                        "model.tasks".into(),
+                        format!(
+                            "task {i}: name {:?} must be 1-128 characters from [A-Za-z0-9_.-]",
+                            task.name
+                        ),
+                    )
+                })?;
+                if !(task.weight.is_finite() && task.weight >= 0.0) {
+                    return Err((
+                        "model.tasks".into(),
+                        format!("task {:?}: weight must be finite and >= 0", task.name),
+                    ));
+                }
+                if tasks[..i].iter().any(|t| t.name == task.name) {
+                    return Err((
+                        "model.tasks".into(),
+                        format!("task {:?} appears twice", task.name),
+                    ));
+                }
+            }
+            if shared.as_ref().is_some_and(|s| s.hidden.is_empty()) {
+                return Err((
+                    "model.shared.hidden".into(),
+                    "a shared bottom needs at least one layer".into(),
+                ));
+            }
         }
         if let Some(name) = self.embeddings_table() {
             let e = get("embeddings", name)?;
@@ -766,35 +907,37 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(mlp) = self.mlp() {
+        for (key, mlp) in self.mlps() {
+            let at = |field: &str| format!("model.{key}.{field}");
             if mlp.hidden.contains(&0) {
-                return Err((
-                    "model.mlp.hidden".into(),
-                    "every layer needs a width >= 1".into(),
-                ));
+                return Err((at("hidden"), "every layer needs a width >= 1".into()));
             }
-            if mlp.hidden.is_empty() && !matches!(self, ModelConfig::Dnn { .. }) {
+            if mlp.hidden.is_empty()
+                && matches!(
+                    self,
+                    ModelConfig::Deepfm { .. } | ModelConfig::WideDeep { .. }
+                )
+            {
                 return Err((
-                    "model.mlp.hidden".into(),
+                    at("hidden"),
                     format!("the {model} model needs at least one hidden layer"),
                 ));
             }
             if let Some(init) = &mlp.initializer {
-                init.validate()
-                    .map_err(|e| ("model.mlp.initializer".into(), e))?;
+                init.validate().map_err(|e| (at("initializer"), e))?;
             }
             if !(0.0..1.0).contains(&mlp.dropout) {
-                return Err(("model.mlp.dropout".into(), "must be in [0, 1)".into()));
+                return Err((at("dropout"), "must be in [0, 1)".into()));
             }
             if !(0.0..1.0).contains(&mlp.bn_momentum) {
-                return Err(("model.mlp.bn_momentum".into(), "must be in [0, 1)".into()));
+                return Err((at("bn_momentum"), "must be in [0, 1)".into()));
             }
             if mlp.name.is_empty() {
-                return Err(("model.mlp.name".into(), "must not be empty".into()));
+                return Err((at("name"), "must not be empty".into()));
             }
             mlp.optimizer
                 .validate()
-                .map_err(|e| ("model.mlp.optimizer".into(), e.to_string()))?;
+                .map_err(|e| (at("optimizer"), e.to_string()))?;
             if let Some(clash) = tables
                 .keys()
                 .find(|t| t.starts_with(&format!("{}.", mlp.name)))
@@ -812,26 +955,47 @@ impl ModelConfig {
     }
 }
 
+/// A dense table generated for a model, seeded from the job seed and its name.
+fn dense_spec(
+    name: String,
+    rows: u32,
+    dim: u32,
+    initializer: InitializerSpec,
+    optimizer: OptimizerSpec,
+    seed: u64,
+) -> TableSpec {
+    TableSpec {
+        seed: mix64(seed ^ fnv1a64(name.as_bytes())),
+        name,
+        // Blocks of 16 rows spread a layer over the shards.
+        kind: TableKind::Dense {
+            rows: u64::from(rows),
+            block_rows: rows.clamp(1, 16),
+        },
+        dim,
+        initializer,
+        optimizer,
+    }
+}
+
 impl MlpConfig {
-    /// The dense tables of an MLP over `input` features, in layer order.
+    /// The dense tables of an MLP over `input` features, in layer order,
+    /// named after `self.name`, with the output layer.
     pub fn table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
-        let dense = |name: String, rows: u32, dim: u32, initializer, optimizer| TableSpec {
-            seed: mix64(seed ^ fnv1a64(name.as_bytes())),
-            name,
-            // Blocks of 16 rows spread a layer over the shards.
-            kind: TableKind::Dense {
-                rows: u64::from(rows),
-                block_rows: rows.clamp(1, 16),
-            },
-            dim,
-            initializer,
-            optimizer,
+        self.layer_specs(&self.name, input, seed, true)
+    }
+
+    /// The dense tables of the layers named `{prefix}.{i}.*`, and with
+    /// `output` the output layer `{prefix}.out.w` (`last x 1`).
+    pub fn layer_specs(&self, prefix: &str, input: u32, seed: u64, output: bool) -> Vec<TableSpec> {
+        let dense = |name: String, rows: u32, dim: u32, initializer, optimizer| {
+            dense_spec(name, rows, dim, initializer, optimizer, seed)
         };
         let stats_optimizer = OptimizerSpec::Sgd { lr: 1.0 };
         let mut specs = Vec::new();
         let mut width = input;
         for (i, &out) in self.hidden.iter().enumerate() {
-            let name = &self.name;
+            let name = prefix;
             specs.push(dense(
                 format!("{name}.{i}.w"),
                 width,
@@ -867,13 +1031,15 @@ impl MlpConfig {
             }
             width = out;
         }
-        specs.push(dense(
-            format!("{}.out.w", self.name),
-            width,
-            1,
-            self.initializer.unwrap_or_else(|| he_normal(width)),
-            self.optimizer,
-        ));
+        if output {
+            specs.push(dense(
+                format!("{prefix}.out.w"),
+                width,
+                1,
+                self.initializer.unwrap_or_else(|| he_normal(width)),
+                self.optimizer,
+            ));
+        }
         specs
     }
 }

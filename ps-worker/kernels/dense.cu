@@ -27,6 +27,11 @@ extern "C" __global__ void matmul(
     if (row < m && col < n) c[(long long)row * n + col] = acc;
 }
 
+extern "C" __global__ void scale(float* out, const float* x, float alpha, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = alpha * x[i];
+}
+
 extern "C" __global__ void add(float* out, const float* a, const float* b, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];

@@ -51,7 +51,7 @@ pub enum DataError {
 /// A batch of examples in compressed-sparse-row form.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
-    /// One label per example, 0 or 1.
+    /// Labels, 0 or 1: `tasks` per example (example-major).
     pub labels: Vec<f32>,
     /// Example `i`'s features are `ids[offsets[i]..offsets[i + 1]]`.
     pub offsets: Vec<usize>,
@@ -74,16 +74,16 @@ impl Batch {
 
     /// Number of examples.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.offsets.len().saturating_sub(1)
     }
 
     /// True when the batch has no example.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
     }
 
-    fn push_example(&mut self, label: f32) {
-        self.labels.push(label);
+    fn push_example(&mut self, labels: &[f32]) {
+        self.labels.extend_from_slice(labels);
         self.offsets.push(self.ids.len());
     }
 }
@@ -122,6 +122,7 @@ pub struct Batches {
     format: DataFormat,
     fields: u32,
     integers: IntegerFeatures,
+    tasks: usize,
     source_name: String,
     rank: usize,
     world: usize,
@@ -149,11 +150,18 @@ impl Batches {
     ) -> Result<Self, DataError> {
         let data = &job.data;
         let batches = Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
-            .integers(data.integers);
+            .integers(data.integers)
+            .tasks(job.model.tasks().len());
         Ok(match data.on_bad_line {
             OnBadLine::Fail => batches,
             OnBadLine::Skip => batches.skip_bad_lines(Arc::clone(skipped)),
         })
+    }
+
+    /// Labels per line (multi-task data: `1,0 ...`); default 1.
+    pub fn tasks(mut self, tasks: usize) -> Self {
+        self.tasks = tasks.max(1);
+        self
     }
 
     /// How Criteo integer columns become features (default: bucketize).
@@ -195,6 +203,7 @@ impl Batches {
             format,
             fields,
             integers: IntegerFeatures::default(),
+            tasks: 1,
             source_name: source.to_string(),
             rank,
             world: world.max(1),
@@ -231,8 +240,8 @@ impl Batches {
                 continue;
             }
             let parsed = match self.format {
-                DataFormat::Libsvm => parse_libsvm_line(text, &mut batch),
-                DataFormat::Libffm => parse_libffm_line(text, self.fields, &mut batch),
+                DataFormat::Libsvm => parse_libsvm_line(text, self.tasks, &mut batch),
+                DataFormat::Libffm => parse_libffm_line(text, self.fields, self.tasks, &mut batch),
                 DataFormat::Criteo => parse_criteo_line(&self.buf, self.integers, &mut batch),
             };
             if let Err(message) = parsed {
@@ -323,15 +332,9 @@ impl Iterator for Batches {
 
 /// Parses `label idx:val idx:val ...` and appends it to `batch`; on error the
 /// batch is left unchanged.
-fn parse_libsvm_line(text: &str, batch: &mut Batch) -> Result<(), String> {
+fn parse_libsvm_line(text: &str, tasks: usize, batch: &mut Batch) -> Result<(), String> {
     let mut fields = text.split_ascii_whitespace();
-    let label_text = fields.next().unwrap_or_default();
-    let label: f32 = label_text
-        .parse()
-        .map_err(|_| format!("label {label_text:?} is not a number"))?;
-    if !label.is_finite() {
-        return Err(format!("label {label_text:?} is not finite"));
-    }
+    let labels = parse_labels(fields.next().unwrap_or_default(), tasks)?;
     let start = batch.ids.len();
     for field in fields {
         let parsed = field
@@ -351,21 +354,40 @@ fn parse_libsvm_line(text: &str, batch: &mut Batch) -> Result<(), String> {
             }
         }
     }
-    batch.push_example(if label > 0.0 { 1.0 } else { 0.0 });
+    batch.push_example(&labels);
     Ok(())
+}
+
+/// Parses a label token: `tasks` comma-separated numbers, each positive
+/// (> 0) meaning 1 and anything else 0 (libsvm's -1/+1 and 0/1 alike).
+fn parse_labels(token: &str, tasks: usize) -> Result<Vec<f32>, String> {
+    let labels = token
+        .split(',')
+        .map(|t| match t.parse::<f32>() {
+            Ok(v) if v.is_finite() => Ok(if v > 0.0 { 1.0 } else { 0.0 }),
+            Ok(_) => Err(format!("label {t:?} is not finite")),
+            Err(_) => Err(format!("label {t:?} is not a number")),
+        })
+        .collect::<Result<Vec<f32>, String>>()?;
+    if labels.len() != tasks {
+        return Err(format!(
+            "{} label(s) in {token:?}, the model has {tasks} task(s)",
+            labels.len()
+        ));
+    }
+    Ok(labels)
 }
 
 /// Parses `label field:id:value ...` and appends it to `batch`; on error the
 /// batch is left unchanged.
-fn parse_libffm_line(text: &str, fields: u32, batch: &mut Batch) -> Result<(), String> {
+fn parse_libffm_line(
+    text: &str,
+    fields: u32,
+    tasks: usize,
+    batch: &mut Batch,
+) -> Result<(), String> {
     let mut tokens = text.split_ascii_whitespace();
-    let label_text = tokens.next().unwrap_or_default();
-    let label: f32 = label_text
-        .parse()
-        .map_err(|_| format!("label {label_text:?} is not a number"))?;
-    if !label.is_finite() {
-        return Err(format!("label {label_text:?} is not finite"));
-    }
+    let labels = parse_labels(tokens.next().unwrap_or_default(), tasks)?;
     let start = batch.ids.len();
     let fail = |batch: &mut Batch, message: String| {
         batch.ids.truncate(start);
@@ -401,7 +423,7 @@ fn parse_libffm_line(text: &str, fields: u32, batch: &mut Batch) -> Result<(), S
             }
         }
     }
-    batch.push_example(if label > 0.0 { 1.0 } else { 0.0 });
+    batch.push_example(&labels);
     Ok(())
 }
 
@@ -472,7 +494,7 @@ fn parse_criteo_line(
         batch.ids.push(id);
         batch.values.push(value);
     }
-    batch.push_example(label);
+    batch.push_example(&[label]);
     Ok(())
 }
 
@@ -661,6 +683,27 @@ mod tests {
             assert!(err.to_string().contains(expect), "{err}");
             assert!(err.to_string().contains(":1:"), "{err}");
         }
+    }
+
+    #[test]
+    fn multi_task_lines_carry_one_label_per_task() {
+        let src = write_temp("tasks", "1,0 1:1\n0,1 2:1\n1 3:1\n");
+        let mut batches = Batches::open(&src, 0, 1, 10).unwrap().tasks(2);
+        let err = batches.next().unwrap().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(":3: 1 label(s) in \"1\", the model has 2 task(s)"),
+            "{err}"
+        );
+        let src = write_temp("tasks2", "1,0 1:1\n0,1 2:1 3:1\n");
+        let b = Batches::open(&src, 0, 1, 10)
+            .unwrap()
+            .tasks(2)
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.labels, [1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(b.len(), 2);
     }
 
     #[test]

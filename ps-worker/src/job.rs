@@ -14,7 +14,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::client::{ClientConfig, PsClient};
 use crate::cluster::LocalCluster;
 use crate::data;
-use crate::metrics::BinaryMetrics;
+use crate::metrics::{BinaryMetrics, TaskMetrics};
 use crate::trainer::{self, EpochRecord, TrainError, TrainSummary};
 
 /// The job file used by `ps-worker local` without `--config`: logistic
@@ -54,6 +54,9 @@ pub struct Report {
     pub val_logloss: Option<f64>,
     /// Validation accuracy at threshold 0.5.
     pub val_accuracy: Option<f64>,
+    /// Multi-task models: validation metrics of every task (the `val_*`
+    /// fields above are the first task's).
+    pub val_tasks: Vec<TaskMetrics>,
     /// Payload bytes of Pull requests and responses.
     pub pull_bytes: u64,
     /// Payload bytes of Push requests and responses.
@@ -97,6 +100,7 @@ impl Report {
             val_auc: None,
             val_logloss: None,
             val_accuracy: None,
+            val_tasks: Vec::new(),
             pull_bytes: 0,
             push_bytes: 0,
             wall_seconds: 0.0,
@@ -110,12 +114,16 @@ impl Report {
         }
     }
 
-    fn set_validation(&mut self, metrics: Option<BinaryMetrics>) {
-        if let Some(m) = metrics {
+    fn set_validation(&mut self, job: &JobConfig, metrics: Option<Vec<BinaryMetrics>>) {
+        if let Some(m) = metrics.as_ref().and_then(|m| m.first()) {
             self.val_examples = m.count;
             self.val_auc = Some(m.auc);
             self.val_logloss = Some(m.logloss);
             self.val_accuracy = Some(m.accuracy);
+        }
+        if let Some(metrics) = metrics.filter(|m| m.len() > 1) {
+            let names: Vec<String> = job.model.tasks().into_iter().map(|t| t.name).collect();
+            self.val_tasks = TaskMetrics::named(&names, &metrics);
         }
     }
 
@@ -217,7 +225,7 @@ fn validate(
     runtime: &Runtime,
     client: &PsClient,
     job: &JobConfig,
-) -> Result<Option<BinaryMetrics>, JobError> {
+) -> Result<Option<Vec<BinaryMetrics>>, JobError> {
     let metrics = job
         .data
         .validation
@@ -360,7 +368,7 @@ pub fn run_train(
     let mut report = Report::new("train", job, world, servers.len(), &[summary]);
     report.rank = Some(rank);
     report.add_bytes(&client); // training traffic only, before validation pulls
-    report.set_validation(validate(&runtime, &client, job)?);
+    report.set_validation(job, validate(&runtime, &client, job)?);
     report.wall_seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -431,7 +439,7 @@ pub fn run_local(
         report.add_bytes(client);
     }
     let evaluator = runtime.block_on(connect_and_create(&addrs, job, config))?;
-    report.set_validation(validate(&runtime, &evaluator, job)?);
+    report.set_validation(job, validate(&runtime, &evaluator, job)?);
     report.wall_seconds = started.elapsed().as_secs_f64();
     runtime
         .block_on(cluster.shutdown())
@@ -452,16 +460,31 @@ pub struct EvalEntry {
     pub logloss: f64,
     /// Accuracy at threshold 0.5.
     pub accuracy: f64,
+    /// Multi-task models: every task's metrics (the fields above are the
+    /// first task's).
+    pub tasks: Vec<TaskMetrics>,
 }
 
 impl EvalEntry {
-    fn new(checkpoint: String, metrics: &BinaryMetrics) -> EvalEntry {
+    fn new(checkpoint: String, per_task: &[BinaryMetrics], job: &JobConfig) -> EvalEntry {
+        let first = per_task.first().copied().unwrap_or(BinaryMetrics {
+            count: 0,
+            logloss: f64::NAN,
+            auc: f64::NAN,
+            accuracy: f64::NAN,
+        });
+        let names: Vec<String> = job.model.tasks().into_iter().map(|t| t.name).collect();
         EvalEntry {
             checkpoint,
-            examples: metrics.count,
-            auc: metrics.auc,
-            logloss: metrics.logloss,
-            accuracy: metrics.accuracy,
+            examples: first.count,
+            auc: first.auc,
+            logloss: first.logloss,
+            accuracy: first.accuracy,
+            tasks: if per_task.len() > 1 {
+                TaskMetrics::named(&names, per_task)
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -528,9 +551,11 @@ pub fn run_eval(
         runtime
             .block_on(cluster.shutdown())
             .map_err(|e| JobError::Startup(format!("local server failed: {e}")))?;
+        let tasks = job.model.tasks().len();
         entries.push(EvalEntry::new(
             name,
-            &BinaryMetrics::compute(&probs, &labels),
+            &BinaryMetrics::per_task(&probs, &labels, tasks),
+            job,
         ));
         if sum.is_empty() {
             sum = vec![0.0; probs.len()];
@@ -555,7 +580,8 @@ pub fn run_eval(
     let labels = reference_labels.unwrap_or_default();
     entries.push(EvalEntry::new(
         "ensemble".into(),
-        &BinaryMetrics::compute(&mean, &labels),
+        &BinaryMetrics::per_task(&mean, &labels, job.model.tasks().len()),
+        job,
     ));
     Ok(entries)
 }

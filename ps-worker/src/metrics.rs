@@ -35,6 +35,48 @@ impl BinaryMetrics {
             accuracy: correct as f64 / n.max(1) as f64,
         }
     }
+
+    /// One set of metrics per task, for example-major `probs` and `labels`
+    /// with `tasks` values per example.
+    pub fn per_task(probs: &[f32], labels: &[f32], tasks: usize) -> Vec<Self> {
+        let tasks = tasks.max(1);
+        (0..tasks)
+            .map(|t| {
+                let column =
+                    |v: &[f32]| v.iter().skip(t).step_by(tasks).copied().collect::<Vec<_>>();
+                Self::compute(&column(probs), &column(labels))
+            })
+            .collect()
+    }
+}
+
+/// One task's validation metrics in a report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskMetrics {
+    /// Task name (`label` for single-task models).
+    pub task: String,
+    /// ROC AUC.
+    pub auc: f64,
+    /// Mean logloss.
+    pub logloss: f64,
+    /// Accuracy at threshold 0.5.
+    pub accuracy: f64,
+}
+
+impl TaskMetrics {
+    /// Named metrics of each task.
+    pub fn named(names: &[String], metrics: &[BinaryMetrics]) -> Vec<TaskMetrics> {
+        names
+            .iter()
+            .zip(metrics)
+            .map(|(task, m)| TaskMetrics {
+                task: task.clone(),
+                auc: m.auc,
+                logloss: m.logloss,
+                accuracy: m.accuracy,
+            })
+            .collect()
+    }
 }
 
 /// ROC AUC by the rank-sum (Mann-Whitney) formula, averaging ranks of ties.

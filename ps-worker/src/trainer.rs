@@ -77,6 +77,9 @@ pub struct EpochRecord {
     pub val_logloss: Option<f64>,
     /// Validation accuracy after the epoch.
     pub val_accuracy: Option<f64>,
+    /// Validation AUC of every task (multi-task models; the fields above
+    /// are the first task's).
+    pub val_task_auc: Vec<f64>,
 }
 
 /// Batches paired with their pulled parameters, one pull running ahead.
@@ -208,7 +211,7 @@ impl Run<'_> {
                         .then(|| train.lr_schedule.scale(summary.steps));
                     runtime.block_on(model.push(client, &params, &grads, lr_scale))?;
                 }
-                let n = params.labels.len() as u64;
+                let n = params.plan.examples as u64;
                 epoch_loss += output.loss_sum;
                 epoch_samples += n;
                 summary.samples += n;
@@ -232,12 +235,17 @@ impl Run<'_> {
                 val_auc: None,
                 val_logloss: None,
                 val_accuracy: None,
+                val_task_auc: Vec::new(),
             };
             if let (0, Some(source)) = (self.rank, &job.data.validation) {
                 runtime.block_on(client.flush())?;
-                let m = evaluate_on(backend, runtime, client, job, source)?;
+                let per_task = evaluate_on(backend, runtime, client, job, source)?;
+                let m = per_task[0];
                 (record.val_auc, record.val_logloss, record.val_accuracy) =
                     (Some(m.auc), Some(m.logloss), Some(m.accuracy));
+                if per_task.len() > 1 {
+                    record.val_task_auc = per_task.iter().map(|m| m.auc).collect();
+                }
                 let best_auc = summary
                     .best_epoch
                     .and_then(|e| summary.epochs.get(e - 1))
@@ -282,20 +290,25 @@ impl Run<'_> {
     }
 }
 
-/// Evaluates the current server-side model on every example of `source`.
+/// Evaluates the current server-side model on every example of `source`:
+/// metrics per task (one for single-task models).
 /// Must be called from a thread that is not a runtime worker.
 pub fn evaluate(
     runtime: &Handle,
     client: &PsClient,
     job: &JobConfig,
     source: &DataSource,
-) -> Result<BinaryMetrics, TrainError> {
+) -> Result<Vec<BinaryMetrics>, TrainError> {
     let (probs, labels) = predict(runtime, client, job, source)?;
-    Ok(BinaryMetrics::compute(&probs, &labels))
+    Ok(BinaryMetrics::per_task(
+        &probs,
+        &labels,
+        job.model.tasks().len(),
+    ))
 }
 
 /// Predicted probabilities and labels of every example of `source`, in
-/// file order. Must be called from a thread that is not a runtime worker.
+/// file order (example-major, one per task). Must be called from a thread that is not a runtime worker.
 pub fn predict(
     runtime: &Handle,
     client: &PsClient,
@@ -317,9 +330,13 @@ fn evaluate_on<B: Backend>(
     client: &PsClient,
     job: &JobConfig,
     source: &DataSource,
-) -> Result<BinaryMetrics, TrainError> {
+) -> Result<Vec<BinaryMetrics>, TrainError> {
     let (probs, labels) = predict_on(backend, runtime, client, job, source)?;
-    Ok(BinaryMetrics::compute(&probs, &labels))
+    Ok(BinaryMetrics::per_task(
+        &probs,
+        &labels,
+        job.model.tasks().len(),
+    ))
 }
 
 fn predict_on<B: Backend>(

@@ -193,6 +193,16 @@ pub fn compare<T: Backend, R: Backend>(
             test.download(&test.add(&tx, &tx)?)?,
             reference.download(&reference.add(&rx, &rx)?)?,
         );
+        record(
+            "scale",
+            test.download(&test.scale(&tx, -0.7)?)?,
+            reference.download(&reference.scale(&rx, -0.7)?)?,
+        );
+        record(
+            "copy",
+            test.download(&test.copy(&tx)?)?,
+            reference.download(&reference.copy(&rx)?)?,
+        );
         let bias = rng.vec(width);
         let (tb, rb) = (
             test.upload(&bias, 1, width)?,

@@ -223,6 +223,14 @@ impl Backend for CpuBackend {
         Ok(a.dot(&b))
     }
 
+    fn copy(&self, t: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
+        Ok(t.clone())
+    }
+
+    fn scale(&self, x: &Array2<f32>, alpha: f32) -> Result<Array2<f32>, BackendError> {
+        Ok(x.mapv(|v| alpha * v))
+    }
+
     fn add(&self, a: &Array2<f32>, b: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
         same_shape("add", a, b)?;
         Ok(a + b)

@@ -75,6 +75,7 @@ struct Kernels {
     fm_backward_chunks: CudaFunction,
     matmul: CudaFunction,
     add: CudaFunction,
+    scale: CudaFunction,
     bias_act: CudaFunction,
     bias_act_backward: CudaFunction,
     col_sums: CudaFunction,
@@ -100,6 +101,7 @@ impl Kernels {
             fm_backward_chunks: f("fm_backward_chunks")?,
             matmul: f("matmul")?,
             add: f("add")?,
+            scale: f("scale")?,
             bias_act: f("bias_act")?,
             bias_act_backward: f("bias_act_backward")?,
             col_sums: f("col_sums")?,
@@ -615,6 +617,28 @@ impl Backend for CudaBackend {
         // the operands' shapes checked above.
         unsafe { builder.launch(cfg) }.map_err(device_error)?;
         Ok(c)
+    }
+
+    fn copy(&self, t: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        let buf = self.stream.clone_dtod(&t.buf).map_err(device_error)?;
+        Ok(CudaTensor {
+            buf,
+            rows: t.rows,
+            cols: t.cols,
+        })
+    }
+
+    fn scale(&self, x: &CudaTensor, alpha: f32) -> Result<CudaTensor, BackendError> {
+        if x.rows * x.cols == 0 {
+            return self.zeros(x.rows, x.cols);
+        }
+        let mut out = self.uninit(x.rows, x.cols)?;
+        let n = (x.rows * x.cols) as i64;
+        let mut b = self.stream.launch_builder(&self.k.scale);
+        b.arg(&mut out.buf).arg(&x.buf).arg(&alpha).arg(&n);
+        // SAFETY: two buffers of n elements.
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
     }
 
     fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor, BackendError> {

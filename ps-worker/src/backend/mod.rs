@@ -175,6 +175,10 @@ pub trait Backend {
         transpose_a: bool,
         transpose_b: bool,
     ) -> Result<Self::Tensor, BackendError>;
+    /// A copy of `t`.
+    fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+    /// `alpha * x` elementwise.
+    fn scale(&self, x: &Self::Tensor, alpha: f32) -> Result<Self::Tensor, BackendError>;
     /// Elementwise `a + b` (same shapes).
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
     /// Fused `dropout(act(x + bias))` with `bias` of shape `[1, cols]`.

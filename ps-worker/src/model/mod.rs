@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ps_common::PsError;
-use ps_common::config::{JobConfig, ModelConfig};
+use ps_common::config::{JobConfig, MlpConfig, ModelConfig};
 use ps_common::routing::mix64;
 
 use crate::backend::{
@@ -49,18 +49,31 @@ struct Layer {
     dense: usize,
 }
 
+/// An MLP: hidden layers and, for a tower, the output layer.
 #[derive(Debug, Clone, PartialEq)]
 struct Mlp {
     layers: Vec<Layer>,
-    /// Index of `{name}.out.w` among the dense tables.
-    out: usize,
+    /// Index of the output layer's weights (`last x 1`) among the dense tables.
+    out: Option<usize>,
     dropout: f32,
     batch_norm: bool,
     momentum: f32,
     residual: bool,
+    /// Mixed into dropout seeds so that MLPs draw different masks.
+    salt: u64,
 }
 
-/// LR, FM, DeepFM or Wide&Deep, as a job configures it.
+/// One task's output: its tower over the shared representation (if any),
+/// its bias, its weight in the joint loss.
+#[derive(Debug, Clone, PartialEq)]
+struct Head {
+    tower: Option<Mlp>,
+    /// Index of the head's 1 x 1 bias among the dense tables.
+    bias: usize,
+    weight: f32,
+}
+
+/// LR, FM, DeepFM, Wide&Deep, DNN or multi-task, as a job configures it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     sparse: Vec<TableUse>,
@@ -71,7 +84,10 @@ pub struct Model {
     embeddings: Option<usize>,
     fm: bool,
     fields: usize,
-    mlp: Option<Mlp>,
+    /// Shared bottom layers over the pooled embeddings (multi-task).
+    shared: Option<Mlp>,
+    /// One per task; the linear and FM parts add to head 0's logit.
+    heads: Vec<Head>,
     frozen: BTreeSet<String>,
 }
 
@@ -129,6 +145,7 @@ impl Model {
     /// The model a job configures.
     pub fn from_job(job: &JobConfig) -> Model {
         let mut sparse = Vec::new();
+        let mut dense = Vec::new();
         let linear = job.model.weights_table().map(|weights| {
             sparse.push(TableUse {
                 name: weights.into(),
@@ -138,12 +155,15 @@ impl Model {
             });
             sparse.len() - 1
         });
-        let mut dense = vec![TableUse {
-            name: job.model.bias_table().into(),
-            rows: Some(1),
-            dim: 1,
-            statistic: false,
-        }];
+        let declared_bias = job.model.bias_table().map(|bias| {
+            dense.push(TableUse {
+                name: bias.into(),
+                rows: Some(1),
+                dim: 1,
+                statistic: false,
+            });
+            dense.len() - 1
+        });
         let k = job
             .model
             .embeddings_table()
@@ -158,41 +178,84 @@ impl Model {
             sparse.len() - 1
         });
         let fields = job.data.fields as usize;
-        let mlp = job.model.mlp().map(|config| {
-            let specs =
-                config.table_specs((fields * k.map_or(0, |(_, d)| d)) as u32, job.train.seed);
-            let first = dense.len();
-            dense.extend(specs.iter().map(|s| TableUse {
-                name: s.name.clone(),
-                rows: Some(s.kind.rows().unwrap_or(1) as usize),
-                dim: s.dim as usize,
-                statistic: s.name.ends_with(".bn_stats"),
-            }));
-            let per_layer = if config.batch_norm { 4 } else { 2 };
-            let mut input = fields * k.map_or(0, |(_, d)| d);
+        let input = fields * k.map_or(0, |(_, d)| d);
+        // The generated tables, in the order the config lists them.
+        let first = dense.len();
+        dense.extend(
+            job.model
+                .generated_table_specs(input as u32, job.train.seed)
+                .iter()
+                .map(|s| TableUse {
+                    name: s.name.clone(),
+                    rows: Some(s.kind.rows().unwrap_or(1) as usize),
+                    dim: s.dim as usize,
+                    statistic: s.name.ends_with(".bn_stats"),
+                }),
+        );
+        let index = |name: &str| dense.iter().position(|t| t.name == name);
+        let mlp = |config: &MlpConfig, prefix: &str, input: usize, salt: u64| {
+            let mut width = input;
             let layers = config
                 .hidden
                 .iter()
                 .enumerate()
                 .map(|(i, &out)| {
                     let layer = Layer {
-                        input,
+                        input: width,
                         output: out as usize,
-                        dense: first + i * per_layer,
+                        dense: index(&format!("{prefix}.{i}.w")).unwrap_or(first),
                     };
-                    input = out as usize;
+                    width = out as usize;
                     layer
                 })
-                .collect::<Vec<_>>();
+                .collect();
             Mlp {
-                out: first + layers.len() * per_layer,
                 layers,
+                out: index(&format!("{prefix}.out.w")),
                 dropout: config.dropout,
                 batch_norm: config.batch_norm,
                 momentum: config.bn_momentum,
                 residual: config.residual,
+                salt,
             }
-        });
+        };
+        let (shared, heads) = match &job.model {
+            ModelConfig::Multitask {
+                tasks,
+                shared: shared_config,
+                tower,
+                ..
+            } => {
+                let shared = shared_config
+                    .as_ref()
+                    .map(|c| mlp(c, &c.name, input, 1 << 40));
+                let width = shared_config
+                    .as_ref()
+                    .and_then(|c| c.hidden.last())
+                    .map_or(input, |&w| w as usize);
+                let heads = tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(t, task)| {
+                        let prefix = format!("{}.{}", tower.name, task.name);
+                        Head {
+                            tower: Some(mlp(tower, &prefix, width, (t as u64 + 2) << 40)),
+                            bias: index(&format!("{prefix}.bias")).unwrap_or(first),
+                            weight: task.weight,
+                        }
+                    })
+                    .collect();
+                (shared, heads)
+            }
+            config => (
+                None,
+                vec![Head {
+                    tower: config.mlp().map(|c| mlp(c, &c.name, input, 0)),
+                    bias: declared_bias.unwrap_or(0),
+                    weight: 1.0,
+                }],
+            ),
+        };
         Model {
             sparse,
             dense,
@@ -203,9 +266,15 @@ impl Model {
                 ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }
             ),
             fields,
-            mlp,
+            shared,
+            heads,
             frozen: job.train.freeze.iter().cloned().collect(),
         }
+    }
+
+    /// Number of tasks (labels per example).
+    pub fn tasks(&self) -> usize {
+        self.heads.len()
     }
 
     /// Clips gradients in place: the dense tables' together to global L2
@@ -378,12 +447,8 @@ impl Model {
         mode: Mode,
     ) -> Result<Output, BackendError> {
         let plan_host = &pulled.plan;
-        let (n, unique) = (plan_host.examples, plan_host.unique);
+        let (n, unique, tasks) = (plan_host.examples, plan_host.unique, self.heads.len());
         let plan = backend.upload_plan(plan_host)?;
-        let dense_tensor = |i: usize| {
-            let t = &self.dense[i];
-            backend.upload(&pulled.dense[i], t.rows.unwrap_or(1), t.dim)
-        };
         let w = match self.linear {
             Some(i) => Some(backend.upload(&pulled.sparse[i], unique, 1)?),
             None => None,
@@ -392,27 +457,74 @@ impl Model {
             Some(i) => Some(backend.upload(&pulled.sparse[i], unique, self.sparse[i].dim)?),
             None => None,
         };
-        let mut z = match &w {
-            Some(w) => backend.gather_pool(w, &plan, Pooling::Example)?,
-            None => backend.upload(&vec![0.0; n], n, 1)?,
+        // Head 0's wide part: linear and FM terms.
+        let mut wide = match &w {
+            Some(w) => Some(backend.gather_pool(w, &plan, Pooling::Example)?),
+            None => None,
         };
         let mut fm_sums = None;
         if let (true, Some(v)) = (self.fm, &v) {
             let (interaction, sums) = backend.fm_forward(v, &plan)?;
-            z = backend.add(&z, &interaction)?;
+            wide = Some(match wide {
+                Some(z) => backend.add(&z, &interaction)?,
+                None => interaction,
+            });
             fm_sums = Some(sums);
         }
-        let mut deep = None;
-        if let (Some(mlp), Some(v)) = (&self.mlp, &v) {
-            let (out, tape) = self.mlp_forward(backend, mlp, v, &plan, pulled, mode)?;
-            z = backend.add(&z, &out)?;
-            deep = Some(tape);
+        // The deep input: per-field pooled embeddings, through the shared bottom.
+        let deep = self.heads.iter().any(|h| h.tower.is_some()) || self.shared.is_some();
+        let x = match (&v, deep) {
+            (Some(v), true) => {
+                let pooled = backend.gather_pool(v, &plan, Pooling::Field)?;
+                Some(backend.reshape(pooled, n, self.fields * self.embedding_dim())?)
+            }
+            _ => None,
+        };
+        let shared = match (&self.shared, &x) {
+            (Some(mlp), Some(x)) => Some(self.mlp_forward(backend, mlp, x, pulled, mode)?),
+            _ => None,
+        };
+        let h = match (&shared, &x) {
+            (Some((out, _)), _) => Some(out),
+            (None, Some(x)) => Some(x),
+            _ => None,
+        };
+        let mut loss_sum = 0f64;
+        let mut probs = vec![0f32; n * tasks];
+        let mut heads = Vec::with_capacity(tasks);
+        for (t, head) in self.heads.iter().enumerate() {
+            let (mut z, tape) = match (&head.tower, h) {
+                (Some(mlp), Some(h)) => {
+                    let (out, tape) = self.mlp_forward(backend, mlp, h, pulled, mode)?;
+                    (Some(out), Some(tape))
+                }
+                _ => (None, None),
+            };
+            if t == 0 {
+                z = match (z, wide.take()) {
+                    (Some(a), Some(b)) => Some(backend.add(&a, &b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+            let z = match z {
+                Some(z) => z,
+                None => backend.upload(&vec![0.0; n], n, 1)?,
+            };
+            let bias = self.upload_dense(backend, pulled, head.bias)?;
+            let logits = backend.bias_act(&z, &bias, Activation::Identity, None)?;
+            let labels: Vec<f32> = (0..n).map(|b| pulled.labels[b * tasks + t]).collect();
+            let labels = backend.upload(&labels, n, 1)?;
+            let (loss, dlogits) = backend.bce_with_logits(&logits, &labels)?;
+            loss_sum += f64::from(head.weight) * loss;
+            for (b, p) in backend
+                .download(&backend.sigmoid(&logits)?)?
+                .into_iter()
+                .enumerate()
+            {
+                probs[b * tasks + t] = p;
+            }
+            heads.push((logits, dlogits, tape));
         }
-        let bias = dense_tensor(0)?;
-        let logits = backend.bias_act(&z, &bias, Activation::Identity, None)?;
-        let labels = backend.upload(&pulled.labels, n, 1)?;
-        let (loss_sum, dlogits) = backend.bce_with_logits(&logits, &labels)?;
-        let probs = backend.download(&backend.sigmoid(&logits)?)?;
         let Mode::Train { .. } = mode else {
             return Ok(Output {
                 loss_sum,
@@ -422,31 +534,51 @@ impl Model {
         };
 
         let mut dense_grads: Vec<Vec<f32>> = self.dense.iter().map(|_| Vec::new()).collect();
-        let (dz, dbias) =
-            backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
-        dense_grads[0] = backend.download(&dbias)?;
         let mut sparse_grads: Vec<Vec<f32>> = self.sparse.iter().map(|_| Vec::new()).collect();
-        if let Some(i) = self.linear {
-            let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
-            sparse_grads[i] = backend.download(&dw)?;
-        }
-        if let Some(v) = &v {
-            let mut dv: Option<B::Tensor> = None;
-            if let Some(sums) = &fm_sums {
-                dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
+        let mut dh: Option<B::Tensor> = None;
+        let mut dv: Option<B::Tensor> = None;
+        for (t, (head, (logits, dlogits, tape))) in self.heads.iter().zip(heads).enumerate() {
+            let dlogits = if head.weight == 1.0 {
+                dlogits
+            } else {
+                backend.scale(&dlogits, head.weight)?
+            };
+            let (dz, dbias) =
+                backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
+            dense_grads[head.bias] = backend.download(&dbias)?;
+            if t == 0 {
+                if let Some(i) = self.linear {
+                    let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
+                    sparse_grads[i] = backend.download(&dw)?;
+                }
+                if let (Some(sums), Some(v)) = (&fm_sums, &v) {
+                    dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
+                }
             }
-            if let (Some(mlp), Some(tape)) = (&self.mlp, deep) {
-                let de = self.mlp_backward(backend, mlp, tape, &dz, pulled, &mut dense_grads)?;
-                let de = backend.reshape(de, n * self.fields, self.embedding_dim())?;
-                let from_deep = backend.scatter_pool(&de, &plan, Pooling::Field)?;
-                dv = Some(match dv {
-                    Some(fm) => backend.add(&fm, &from_deep)?,
-                    None => from_deep,
+            if let (Some(mlp), Some(tape), Some(h)) = (&head.tower, tape, h) {
+                let d = self.mlp_backward(backend, mlp, tape, dz, h, pulled, &mut dense_grads)?;
+                dh = Some(match dh {
+                    Some(acc) => backend.add(&acc, &d)?,
+                    None => d,
                 });
             }
-            if let (Some(dv), Some(i)) = (dv, self.embeddings) {
-                sparse_grads[i] = backend.download(&dv)?;
+        }
+        let dx = match (&self.shared, shared, &x, dh) {
+            (Some(mlp), Some((_, tape)), Some(x), Some(dh)) => {
+                Some(self.mlp_backward(backend, mlp, tape, dh, x, pulled, &mut dense_grads)?)
             }
+            (_, _, _, dh) => dh,
+        };
+        if let Some(dx) = dx {
+            let de = backend.reshape(dx, n * self.fields, self.embedding_dim())?;
+            let from_deep = backend.scatter_pool(&de, &plan, Pooling::Field)?;
+            dv = Some(match dv {
+                Some(fm) => backend.add(&fm, &from_deep)?,
+                None => from_deep,
+            });
+        }
+        if let (Some(dv), Some(i)) = (dv, self.embeddings) {
+            sparse_grads[i] = backend.download(&dv)?;
         }
         Ok(Output {
             loss_sum,
@@ -458,23 +590,23 @@ impl Model {
         })
     }
 
+    /// The MLP over `input`: the output layer's `[n, 1]` when it has one,
+    /// else the last hidden activation; and what its backward pass needs.
     fn mlp_forward<B: Backend>(
         &self,
         backend: &B,
         mlp: &Mlp,
-        v: &B::Tensor,
-        plan: &B::Plan,
+        input: &B::Tensor,
         pulled: &Pulled,
         mode: Mode,
     ) -> Result<(B::Tensor, Tape<B::Tensor>), BackendError> {
-        let n = pulled.plan.examples;
-        let pooled = backend.gather_pool(v, plan, Pooling::Field)?;
-        let mut h = backend.reshape(pooled, n, self.fields * self.embedding_dim())?;
+        let mut h: Option<B::Tensor> = None;
         let mut steps = Vec::with_capacity(mlp.layers.len());
         for (i, layer) in mlp.layers.iter().enumerate() {
+            let current = h.as_ref().unwrap_or(input);
             let weight = self.upload_dense(backend, pulled, layer.dense)?;
             let bias = self.upload_dense(backend, pulled, layer.dense + 1)?;
-            let pre = backend.matmul(&h, &weight, false, false)?;
+            let pre = backend.matmul(current, &weight, false, false)?;
             let (pre, norm) = if mlp.batch_norm {
                 let params = bn_params(pulled, layer);
                 let params = backend.upload(&params, 4, layer.output)?;
@@ -490,52 +622,84 @@ impl Model {
             let dropout = match mode {
                 Mode::Train { seed } if mlp.dropout > 0.0 => Some(Dropout {
                     rate: mlp.dropout,
-                    seed: mix64(seed ^ (i as u64 + 1)),
+                    seed: mix64(seed ^ mlp.salt ^ (i as u64 + 1)),
                 }),
                 _ => None,
             };
             let act = backend.bias_act(&pre, &bias, Activation::Relu, dropout)?;
             let residual = mlp.residual && layer.input == layer.output;
             let (next, act) = if residual {
-                (backend.add(&h, &act)?, Some(act))
+                (backend.add(current, &act)?, Some(act))
             } else {
                 (act, None)
             };
             steps.push(Step {
-                input: std::mem::replace(&mut h, next),
+                input: h.replace(next),
                 weight,
                 act,
                 dropout,
                 norm,
             });
         }
-        let out_w = self.upload_dense(backend, pulled, mlp.out)?;
-        let out = backend.matmul(&h, &out_w, false, false)?;
-        Ok((
-            out,
-            Tape {
-                steps,
-                last: h,
-                out_w,
-            },
-        ))
+        let (out, out_w) = match mlp.out {
+            Some(o) => {
+                let out_w = self.upload_dense(backend, pulled, o)?;
+                let out = backend.matmul(h.as_ref().unwrap_or(input), &out_w, false, false)?;
+                (Some(out), Some(out_w))
+            }
+            None => (None, None),
+        };
+        let (out, last) = match (out, h) {
+            (Some(out), last) => (out, last),
+            (None, Some(last)) => {
+                // No output layer: the last activation is the result; the
+                // backward pass keeps its own copy.
+                let copy = backend.copy(&last)?;
+                (last, Some(copy))
+            }
+            (None, None) => {
+                return Err(crate::backend::shape_error(
+                    "mlp",
+                    "an MLP with neither hidden layers nor an output layer".into(),
+                ));
+            }
+        };
+        Ok((out, Tape { steps, last, out_w }))
     }
 
+    /// Backward of [`Model::mlp_forward`] given `dout` and the same `input`:
+    /// fills the MLP's dense gradients, returns `d input`.
+    #[allow(clippy::too_many_arguments)]
     fn mlp_backward<B: Backend>(
         &self,
         backend: &B,
         mlp: &Mlp,
         tape: Tape<B::Tensor>,
-        dz: &B::Tensor,
+        dout: B::Tensor,
+        input: &B::Tensor,
         pulled: &Pulled,
         grads: &mut [Vec<f32>],
     ) -> Result<B::Tensor, BackendError> {
-        grads[mlp.out] = backend.download(&backend.matmul(&tape.last, dz, true, false)?)?;
-        let mut dh = backend.matmul(dz, &tape.out_w, false, true)?;
+        let mut dh = match (mlp.out, &tape.out_w) {
+            (Some(o), Some(out_w)) => {
+                let last = tape.last.as_ref().unwrap_or(input);
+                grads[o] = backend.download(&backend.matmul(last, &dout, true, false)?)?;
+                backend.matmul(&dout, out_w, false, true)?
+            }
+            _ => dout,
+        };
         // The output of layer i is the input of layer i + 1 (or `last`).
         let mut output = tape.last;
         for (layer, step) in mlp.layers.iter().zip(tape.steps).rev() {
-            let act = step.act.as_ref().unwrap_or(&output);
+            let act = match (&step.act, &output) {
+                (Some(act), _) | (None, Some(act)) => act,
+                (None, None) => {
+                    return Err(crate::backend::shape_error(
+                        "mlp",
+                        "missing activation".into(),
+                    ));
+                }
+            };
             let (dpre, dbias) =
                 backend.bias_act_backward(&dh, act, Activation::Relu, step.dropout)?;
             grads[layer.dense + 1] = backend.download(&dbias)?;
@@ -550,8 +714,9 @@ impl Model {
                 }
                 None => dpre,
             };
+            let layer_input = step.input.as_ref().unwrap_or(input);
             grads[layer.dense] =
-                backend.download(&backend.matmul(&step.input, &dlin, true, false)?)?;
+                backend.download(&backend.matmul(layer_input, &dlin, true, false)?)?;
             let dinput = backend.matmul(&dlin, &step.weight, false, true)?;
             dh = if step.act.is_some() {
                 backend.add(&dinput, &dh)?
@@ -581,12 +746,15 @@ impl Model {
 /// What the MLP's forward pass keeps for the backward pass.
 struct Tape<T> {
     steps: Vec<Step<T>>,
-    last: T,
-    out_w: T,
+    /// The last hidden activation (`None` without hidden layers).
+    last: Option<T>,
+    out_w: Option<T>,
 }
 
 struct Step<T> {
-    input: T,
+    /// The layer's input, except for the first layer (whose input the
+    /// caller passes to the backward pass).
+    input: Option<T>,
     weight: T,
     /// With a residual connection, the layer's own activation
     /// `dropout(relu(...))` (without, it is the next layer's input).
