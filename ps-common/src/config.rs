@@ -224,7 +224,21 @@ pub enum ModelConfig {
         /// Each task's tower; its tables are named `{name}.{task}.*`, plus a
         /// `{name}.{task}.bias` output bias.
         tower: MlpConfig,
+        /// MMoE instead of a shared bottom: expert MLPs over the embeddings,
+        /// mixed per task by a softmax gate (`{tower.name}.{task}.gate`).
+        #[serde(default)]
+        experts: Option<ExpertsConfig>,
     },
+}
+
+/// The experts of a multi-gate mixture-of-experts model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertsConfig {
+    /// Number of experts.
+    pub count: u32,
+    /// Each expert's layers (`hidden` only); tables `{name}.{e}.*`.
+    pub mlp: MlpConfig,
 }
 
 /// One task of a multi-task model.
@@ -708,6 +722,17 @@ impl JobConfig {
                 ));
             }
         }
+        let mut sorted = names.clone();
+        sorted.sort();
+        if let Some(pair) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err((
+                "model".into(),
+                format!(
+                    "two generated tables are both named '{}': give the model's MLPs distinct `name`s",
+                    pair[0]
+                ),
+            ));
+        }
         if !t.init_tables.is_empty() && t.init_from.is_none() {
             return Err(("train.init_tables".into(), "needs train.init_from".into()));
         }
@@ -778,9 +803,15 @@ impl ModelConfig {
     /// Every MLP of the model with its key in the job file.
     fn mlps(&self) -> Vec<(&'static str, &MlpConfig)> {
         match self {
-            ModelConfig::Multitask { shared, tower, .. } => shared
+            ModelConfig::Multitask {
+                shared,
+                tower,
+                experts,
+                ..
+            } => shared
                 .iter()
                 .map(|m| ("shared", m))
+                .chain(experts.iter().map(|e| ("experts.mlp", &e.mlp)))
                 .chain([("tower", tower)])
                 .collect(),
             _ => self.mlp().map(|m| ("mlp", m)).into_iter().collect(),
@@ -796,6 +827,7 @@ impl ModelConfig {
                 tasks,
                 shared,
                 tower,
+                experts,
                 ..
             } => {
                 let mut specs = Vec::new();
@@ -803,6 +835,13 @@ impl ModelConfig {
                 if let Some(shared) = shared {
                     specs.extend(shared.layer_specs(&shared.name, input, seed, false));
                     width = shared.hidden.last().copied().unwrap_or(input);
+                }
+                if let Some(experts) = experts {
+                    for e in 0..experts.count {
+                        let prefix = format!("{}.{e}", experts.mlp.name);
+                        specs.extend(experts.mlp.layer_specs(&prefix, input, seed, false));
+                    }
+                    width = experts.mlp.hidden.last().copied().unwrap_or(input);
                 }
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);
@@ -815,6 +854,17 @@ impl ModelConfig {
                         tower.optimizer,
                         seed,
                     ));
+                    if let Some(experts) = experts {
+                        // Zeros: every task starts with uniform gates.
+                        specs.push(dense_spec(
+                            format!("{prefix}.gate"),
+                            input,
+                            experts.count,
+                            InitializerSpec::Zeros,
+                            tower.optimizer,
+                            seed,
+                        ));
+                    }
                 }
                 specs
             }
@@ -864,7 +914,31 @@ impl ModelConfig {
                 ));
             }
         }
-        if let ModelConfig::Multitask { tasks, shared, .. } = self {
+        if let ModelConfig::Multitask {
+            tasks,
+            shared,
+            experts,
+            ..
+        } = self
+        {
+            if let Some(experts) = experts {
+                if shared.is_some() {
+                    return Err((
+                        "model.experts".into(),
+                        "experts (MMoE) replace the shared bottom: set one of shared and experts"
+                            .into(),
+                    ));
+                }
+                if experts.count == 0 {
+                    return Err(("model.experts.count".into(), "must be >= 1".into()));
+                }
+                if experts.mlp.hidden.is_empty() {
+                    return Err((
+                        "model.experts.mlp.hidden".into(),
+                        "an expert needs at least one layer".into(),
+                    ));
+                }
+            }
             if tasks.is_empty() {
                 return Err(("model.tasks".into(), "needs at least one task".into()));
             }

@@ -78,3 +78,68 @@ extern "C" __global__ void col_dots(float* out, const float* x, const float* y, 
     for (int r = 0; r < rows; ++r) s += x[(long long)r * cols + c] * y[(long long)r * cols + c];
     out[c] = s;
 }
+
+// Row-wise softmax, one thread per row (rows are the few gates of MMoE).
+extern "C" __global__ void softmax_rows(float* y, const float* x, int rows, int cols) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (long long)r * cols;
+    float* yr = y + (long long)r * cols;
+    float m = -INFINITY;
+    for (int c = 0; c < cols; ++c) m = fmaxf(m, xr[c]);
+    float sum = 0.0f;
+    for (int c = 0; c < cols; ++c) {
+        float e = expf(xr[c] - m);
+        yr[c] = e;
+        sum += e;
+    }
+    for (int c = 0; c < cols; ++c) yr[c] /= sum;
+}
+
+// dx = y * (dy - sum_c dy * y), one thread per row.
+extern "C" __global__ void softmax_rows_backward(
+    float* dx, const float* dy, const float* y, int rows, int cols) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    long long o = (long long)r * cols;
+    float dot = 0.0f;
+    for (int c = 0; c < cols; ++c) dot += dy[o + c] * y[o + c];
+    for (int c = 0; c < cols; ++c) dx[o + c] = y[o + c] * (dy[o + c] - dot);
+}
+
+// out[b, c] = sum_e gates[b, e] * stacked[e * rows + b, c].
+extern "C" __global__ void mix(
+    float* out, const float* stacked, const float* gates, int experts, int rows, int cols) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)rows * cols) return;
+    int b = (int)(t / cols), c = (int)(t % cols);
+    float acc = 0.0f;
+    for (int e = 0; e < experts; ++e) {
+        acc += gates[(long long)b * experts + e] * stacked[((long long)e * rows + b) * cols + c];
+    }
+    out[t] = acc;
+}
+
+// dstacked[e * rows + b, c] = gates[b, e] * grad[b, c].
+extern "C" __global__ void mix_backward_experts(
+    float* dstacked, const float* grad, const float* gates, int experts, int rows, int cols) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)experts * rows * cols) return;
+    long long er = t / cols;
+    int c = (int)(t % cols);
+    int e = (int)(er / rows), b = (int)(er % rows);
+    dstacked[t] = gates[(long long)b * experts + e] * grad[(long long)b * cols + c];
+}
+
+// dgates[b, e] = sum_c grad[b, c] * stacked[e * rows + b, c].
+extern "C" __global__ void mix_backward_gates(
+    float* dgates, const float* grad, const float* stacked, int experts, int rows, int cols) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)rows * experts) return;
+    int b = (int)(t / experts), e = (int)(t % experts);
+    float dot = 0.0f;
+    for (int c = 0; c < cols; ++c) {
+        dot += grad[(long long)b * cols + c] * stacked[((long long)e * rows + b) * cols + c];
+    }
+    dgates[t] = dot;
+}

@@ -136,9 +136,19 @@ impl Report {
     /// A human-readable summary of the metrics.
     pub fn summary(&self) -> String {
         let fmt = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
+        let tasks: String = self
+            .val_tasks
+            .iter()
+            .map(|t| {
+                format!(
+                    "; task {}: auc {:.4} logloss {:.4}",
+                    t.task, t.auc, t.logloss
+                )
+            })
+            .collect();
         format!(
             "trained {} samples in {:.2}s ({:.0} samples/s) on {} worker(s) x {} server(s); \
-             validation ({} examples): auc {} logloss {} accuracy {}",
+             validation ({} examples): auc {} logloss {} accuracy {}{tasks}",
             self.train_samples,
             self.train_seconds,
             self.samples_per_sec,

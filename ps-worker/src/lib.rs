@@ -3,14 +3,16 @@
 //! A training step reads as one straight path: [`trainer`] pulls the
 //! parameters of a batch through [`client::PsClient`] (de-duplicated by
 //! [`dedup`], routed and fanned out to every shard), computes the model in
-//! [`model`] on the CPU with ndarray, and pushes the gradients back
+//! [`model`] on a [`backend`] (CPU or CUDA), and pushes the gradients back
 //! asynchronously.
 //!
 //! # Layout
 //! - [`client`]: `PsClient`: connect, create tables, pull, push, flush, stats.
 //! - [`dedup`]: distinct keys of a batch; gather rows, sum gradients.
-//! - [`data`]: the streaming libsvm reader with per-worker sharding.
-//! - [`model`]: sparse logistic regression (forward, backward).
+//! - [`data`]: streaming libsvm/libffm/Criteo readers, sharding, parse-ahead.
+//! - [`backend`]: the compute-backend trait; CPU (ndarray) and CUDA (cudarc) implementations.
+//! - [`model`]: LR, FM, DeepFM, Wide&Deep, DNN and multi-task/MMoE over server tables.
+//! - [`synthetic`]: generated data with planted structure.
 //! - [`metrics`]: logloss, AUC, accuracy.
 //! - [`trainer`]: the training loop with pull prefetch, and evaluation.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
@@ -24,6 +26,7 @@ pub mod dedup;
 pub mod job;
 pub mod metrics;
 pub mod model;
+pub mod synthetic;
 pub mod trainer;
 
 pub use client::{ClientConfig, PsClient};

@@ -417,44 +417,12 @@ fn init_from_loads_a_checkpoint_s_weights_into_a_job_with_another_shard_count() 
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Two tasks over the same planted structure: each id has a 4-d vector,
-/// an example's representation is the sum over its 10 fields, task `a`'s
-/// logit is a strong projection of it, task `b`'s a weak (noisy) one.
-/// Writes `label_a,label_b` lines (libffm) and `label_b`-only lines.
+/// The planted two-task data (`ps_worker::synthetic`), both labels and
+/// task `b` alone.
 fn write_shared_tasks(both: &Path, b_only: &Path, rows: usize, seed: u64) {
-    const FIELDS: u64 = 10;
-    const VOCAB: u64 = 60;
-    let vector = |id: u64| {
-        let mut rng = RowRng::new(5, id);
-        [0; 4].map(|_| rng.next_normal() as f32)
-    };
-    let (pa, pb) = ([1.0f32, -0.8, 0.6, 0.4], [0.5f32, -0.4, 0.3, 0.2]);
-    let mut rng = RowRng::new(seed, 0);
     let mut out_both = std::io::BufWriter::new(std::fs::File::create(both).unwrap());
     let mut out_b = std::io::BufWriter::new(std::fs::File::create(b_only).unwrap());
-    for _ in 0..rows {
-        let ids: Vec<u64> = (0..FIELDS)
-            .map(|f| f * VOCAB + rng.next_u64() % VOCAB)
-            .collect();
-        let mut r = [0f32; 4];
-        for &id in &ids {
-            for (d, v) in vector(id).iter().enumerate() {
-                r[d] += v * 0.35;
-            }
-        }
-        let logit = |p: &[f32; 4]| (0..4).map(|d| p[d] * r[d]).sum::<f32>();
-        let draw = |z: f32, rng: &mut RowRng| {
-            u8::from(rng.next_f64() < f64::from(1.0 / (1.0 + (-z).exp())))
-        };
-        let (a, b) = (draw(logit(&pa), &mut rng), draw(logit(&pb), &mut rng));
-        let features: String = ids
-            .iter()
-            .enumerate()
-            .map(|(f, id)| format!(" {f}:{id}:1"))
-            .collect();
-        writeln!(out_both, "{a},{b}{features}").unwrap();
-        writeln!(out_b, "{b}{features}").unwrap();
-    }
+    ps_worker::synthetic::write_shared_tasks(&mut out_both, Some(&mut out_b), rows, seed).unwrap();
 }
 
 #[test]
@@ -494,19 +462,34 @@ fn a_multi_task_model_beats_a_single_task_model_on_the_weak_task() {
         1,
         None,
     );
-    let single_b = single.val_auc.unwrap();
-    let tasks: Vec<(String, f64)> = multi
-        .val_tasks
-        .iter()
-        .map(|t| (t.task.clone(), t.auc))
-        .collect();
-    println!("weak task b: single-task {single_b:.4}, multi-task {tasks:?}");
-    assert_eq!(tasks.len(), 2);
-    assert_eq!(tasks[1].0, "b");
-    assert!(
-        tasks[1].1 > single_b + 0.01,
-        "multi-task b {:.4} vs single-task {single_b:.4}",
-        tasks[1].1
+    let mmoe = run(
+        &job(
+            &format!(
+                "kind = \"multitask\"\ntasks = [{{ name = \"a\" }}, {{ name = \"b\" }}]\nexperts = {{ count = 3, mlp = {{ name = \"expert\", hidden = [16], {tower} }} }}\ntower = {{ hidden = [8], {tower} }}"
+            ),
+            &train2,
+            &test2,
+        ),
+        &dir,
+        1,
+        1,
+        None,
     );
+    let single_b = single.val_auc.unwrap();
+    for (label, report) in [("multi-task", &multi), ("MMoE", &mmoe)] {
+        let tasks: Vec<(String, f64)> = report
+            .val_tasks
+            .iter()
+            .map(|t| (t.task.clone(), t.auc))
+            .collect();
+        println!("weak task b: single-task {single_b:.4}, {label} {tasks:?}");
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(tasks[1].0, "b");
+        assert!(
+            tasks[1].1 > single_b + 0.01,
+            "{label} b {:.4} vs single-task {single_b:.4}",
+            tasks[1].1
+        );
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

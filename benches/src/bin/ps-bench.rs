@@ -6,6 +6,7 @@
 //!   device, with parameters in memory (no servers): the compute part of a
 //!   training step, CPU against GPU.
 //! - `gen-ctr26`: writes ctr26 samples as a libffm file for end-to-end runs.
+//! - `gen-tasks`: writes the planted two-task data of the multi-task example.
 //!
 //! Every subcommand prints one JSON object per line.
 
@@ -67,6 +68,19 @@ enum Command {
         #[arg(long, default_value = "ctr26")]
         data: String,
     },
+    /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
+    /// used by `examples/multitask-mmoe.toml`.
+    GenTasks {
+        /// Samples to write.
+        #[arg(long)]
+        rows: usize,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Generator seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Write ctr26 samples as libffm lines.
     GenCtr26 {
         /// Samples to write.
@@ -96,23 +110,34 @@ fn main() -> anyhow::Result<()> {
             steps,
             data,
         } => compute(&config, device, batch_size, steps, &data),
-        Command::GenCtr26 { rows, out, seed } => {
-            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            let file = std::fs::File::create(&out)
-                .with_context(|| format!("cannot create --out {}", out.display()))?;
-            let mut w = BufWriter::new(file);
-            ctr26::Generator::new(seed).write_libffm(rows, &mut w)?;
-            w.flush()?;
-            println!(
-                "{{\"wrote\":{rows},\"file\":{:?}}}",
-                out.display().to_string()
-            );
-            Ok(())
-        }
+        Command::GenCtr26 { rows, out, seed } => write_data(&out, rows, |w| {
+            ctr26::Generator::new(seed).write_libffm(rows, w)
+        }),
+        Command::GenTasks { rows, out, seed } => write_data(&out, rows, |w| {
+            ps_worker::synthetic::write_shared_tasks(w, None, rows, seed)
+        }),
     }
+}
+
+/// Creates `out` (and its folder) and fills it with `write`.
+fn write_data(
+    out: &Path,
+    rows: usize,
+    write: impl FnOnce(&mut BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let file = std::fs::File::create(out)
+        .with_context(|| format!("cannot create --out {}", out.display()))?;
+    let mut w = BufWriter::new(file);
+    write(&mut w).with_context(|| format!("cannot write {}", out.display()))?;
+    w.flush()?;
+    println!(
+        "{{\"wrote\":{rows},\"file\":{:?}}}",
+        out.display().to_string()
+    );
+    Ok(())
 }
 
 fn cuda(device: Device) -> anyhow::Result<CudaBackend> {

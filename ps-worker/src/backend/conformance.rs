@@ -198,6 +198,66 @@ pub fn compare<T: Backend, R: Backend>(
             test.download(&test.scale(&tx, -0.7)?)?,
             reference.download(&reference.scale(&rx, -0.7)?)?,
         );
+        // Mixture of experts: 3 experts of [examples, 17] outputs, gates [examples, 3].
+        let gate_logits = rng.vec(examples * 3);
+        let (tgl, rgl) = (
+            test.upload(&gate_logits, examples, 3)?,
+            reference.upload(&gate_logits, examples, 3)?,
+        );
+        let (tgs, rgs) = (test.softmax_rows(&tgl)?, reference.softmax_rows(&rgl)?);
+        record(
+            "softmax_rows",
+            test.download(&tgs)?,
+            reference.download(&rgs)?,
+        );
+        let dgate = rng.vec(examples * 3);
+        record(
+            "softmax_rows_backward",
+            test.download(&test.softmax_rows_backward(&test.upload(&dgate, examples, 3)?, &tgs)?)?,
+            reference.download(
+                &reference.softmax_rows_backward(&reference.upload(&dgate, examples, 3)?, &rgs)?,
+            )?,
+        );
+        let expert_out: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(examples * 17)).collect();
+        let texp: Vec<_> = expert_out
+            .iter()
+            .map(|e| test.upload(e, examples, 17))
+            .collect::<Result<_, _>>()?;
+        let rexp: Vec<_> = expert_out
+            .iter()
+            .map(|e| reference.upload(e, examples, 17))
+            .collect::<Result<_, _>>()?;
+        let tst = test.stack_rows(&texp.iter().collect::<Vec<_>>())?;
+        let rst = reference.stack_rows(&rexp.iter().collect::<Vec<_>>())?;
+        record(
+            "stack_rows",
+            test.download(&tst)?,
+            reference.download(&rst)?,
+        );
+        record(
+            "slice_rows",
+            test.download(&test.slice_rows(&tst, examples, examples)?)?,
+            reference.download(&reference.slice_rows(&rst, examples, examples)?)?,
+        );
+        record(
+            "mix",
+            test.download(&test.mix(&tst, &tgs)?)?,
+            reference.download(&reference.mix(&rst, &rgs)?)?,
+        );
+        let dmix = rng.vec(examples * 17);
+        let (tds, tdg) = test.mix_backward(&test.upload(&dmix, examples, 17)?, &tst, &tgs)?;
+        let (rds, rdg) =
+            reference.mix_backward(&reference.upload(&dmix, examples, 17)?, &rst, &rgs)?;
+        record(
+            "mix_backward_experts",
+            test.download(&tds)?,
+            reference.download(&rds)?,
+        );
+        record(
+            "mix_backward_gates",
+            test.download(&tdg)?,
+            reference.download(&rdg)?,
+        );
         record(
             "copy",
             test.download(&test.copy(&tx)?)?,

@@ -223,6 +223,119 @@ impl Backend for CpuBackend {
         Ok(a.dot(&b))
     }
 
+    fn softmax_rows(&self, x: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
+        let mut y = x.clone();
+        for mut row in y.outer_iter_mut() {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+        Ok(y)
+    }
+
+    fn softmax_rows_backward(
+        &self,
+        grad: &Array2<f32>,
+        y: &Array2<f32>,
+    ) -> Result<Array2<f32>, BackendError> {
+        same_shape("softmax_rows_backward", grad, y)?;
+        let mut dx = Array2::<f32>::zeros(y.dim());
+        for ((mut d, g), yr) in dx
+            .outer_iter_mut()
+            .zip(grad.outer_iter())
+            .zip(y.outer_iter())
+        {
+            let mut dot = 0f32;
+            for (a, b) in g.iter().zip(yr.iter()) {
+                dot += a * b;
+            }
+            for ((d, &g), &y) in d.iter_mut().zip(g.iter()).zip(yr.iter()) {
+                *d = y * (g - dot);
+            }
+        }
+        Ok(dx)
+    }
+
+    fn stack_rows(&self, parts: &[&Array2<f32>]) -> Result<Array2<f32>, BackendError> {
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(Axis(0), &views).map_err(|e| shape_error("stack_rows", e.to_string()))
+    }
+
+    fn slice_rows(
+        &self,
+        t: &Array2<f32>,
+        start: usize,
+        count: usize,
+    ) -> Result<Array2<f32>, BackendError> {
+        if start + count > t.nrows() {
+            return Err(shape_error(
+                "slice_rows",
+                format!("rows {start}..{} of {}", start + count, t.nrows()),
+            ));
+        }
+        Ok(t.slice(ndarray::s![start..start + count, ..]).to_owned())
+    }
+
+    fn mix(&self, stacked: &Array2<f32>, gates: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
+        let (n, experts) = gates.dim();
+        if stacked.nrows() != n * experts {
+            return Err(shape_error(
+                "mix",
+                format!("stacked {:?} for gates {:?}", stacked.dim(), gates.dim()),
+            ));
+        }
+        let cols = stacked.ncols();
+        let mut out = Array2::<f32>::zeros((n, cols));
+        for b in 0..n {
+            for c in 0..cols {
+                let mut acc = 0f32;
+                for e in 0..experts {
+                    acc += gates[[b, e]] * stacked[[e * n + b, c]];
+                }
+                out[[b, c]] = acc;
+            }
+        }
+        Ok(out)
+    }
+
+    fn mix_backward(
+        &self,
+        grad: &Array2<f32>,
+        stacked: &Array2<f32>,
+        gates: &Array2<f32>,
+    ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
+        let (n, experts) = gates.dim();
+        if stacked.nrows() != n * experts || grad.dim() != (n, stacked.ncols()) {
+            return Err(shape_error(
+                "mix_backward",
+                format!(
+                    "grad {:?}, stacked {:?}, gates {:?}",
+                    grad.dim(),
+                    stacked.dim(),
+                    gates.dim()
+                ),
+            ));
+        }
+        let cols = stacked.ncols();
+        let mut dstacked = Array2::<f32>::zeros(stacked.dim());
+        let mut dgates = Array2::<f32>::zeros(gates.dim());
+        for e in 0..experts {
+            for b in 0..n {
+                let mut dot = 0f32;
+                for c in 0..cols {
+                    dstacked[[e * n + b, c]] = gates[[b, e]] * grad[[b, c]];
+                    dot += grad[[b, c]] * stacked[[e * n + b, c]];
+                }
+                dgates[[b, e]] = dot;
+            }
+        }
+        Ok((dstacked, dgates))
+    }
+
     fn copy(&self, t: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
         Ok(t.clone())
     }

@@ -286,3 +286,54 @@ fn the_cpu_backend_agrees_with_itself() {
         assert_eq!(a.relative_error, 0.0, "{}", a.name);
     }
 }
+
+#[test]
+fn softmax_backward_matches_finite_differences() {
+    let mut rng = Rng::new(6);
+    let x = rng.vec(4 * 3);
+    let r = rng.vec(4 * 3);
+    let y = B.softmax_rows(&arr(x.clone(), 4, 3)).unwrap();
+    for row in y.outer_iter() {
+        assert!((row.sum() - 1.0).abs() < 1e-6);
+    }
+    let dx = B.softmax_rows_backward(&arr(r.clone(), 4, 3), &y).unwrap();
+    check("softmax", &x, dx.as_slice().unwrap(), |v| {
+        dot(&B.softmax_rows(&arr(v.to_vec(), 4, 3)).unwrap(), &r)
+    });
+}
+
+#[test]
+fn mix_backward_matches_finite_differences() {
+    let mut rng = Rng::new(7);
+    // 2 experts of [3, 4] outputs stacked; gates [3, 2].
+    let (stacked, gates, r) = (rng.vec(6 * 4), rng.vec(3 * 2), rng.vec(3 * 4));
+    let (ds, dg) = B
+        .mix_backward(
+            &arr(r.clone(), 3, 4),
+            &arr(stacked.clone(), 6, 4),
+            &arr(gates.clone(), 3, 2),
+        )
+        .unwrap();
+    check("mix experts", &stacked, ds.as_slice().unwrap(), |v| {
+        dot(
+            &B.mix(&arr(v.to_vec(), 6, 4), &arr(gates.clone(), 3, 2))
+                .unwrap(),
+            &r,
+        )
+    });
+    check("mix gates", &gates, dg.as_slice().unwrap(), |v| {
+        dot(
+            &B.mix(&arr(stacked.clone(), 6, 4), &arr(v.to_vec(), 3, 2))
+                .unwrap(),
+            &r,
+        )
+    });
+    let parts = [
+        arr(vec![1.0, 2.0], 1, 2),
+        arr(vec![3.0, 4.0, 5.0, 6.0], 2, 2),
+    ];
+    let stacked = B.stack_rows(&[&parts[0], &parts[1]]).unwrap();
+    assert_eq!(stacked.as_slice().unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(B.slice_rows(&stacked, 1, 2).unwrap(), parts[1]);
+    assert!(B.slice_rows(&stacked, 2, 2).is_err());
+}

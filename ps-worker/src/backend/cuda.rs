@@ -76,6 +76,11 @@ struct Kernels {
     matmul: CudaFunction,
     add: CudaFunction,
     scale: CudaFunction,
+    softmax_rows: CudaFunction,
+    softmax_rows_backward: CudaFunction,
+    mix: CudaFunction,
+    mix_backward_experts: CudaFunction,
+    mix_backward_gates: CudaFunction,
     bias_act: CudaFunction,
     bias_act_backward: CudaFunction,
     col_sums: CudaFunction,
@@ -102,6 +107,11 @@ impl Kernels {
             matmul: f("matmul")?,
             add: f("add")?,
             scale: f("scale")?,
+            softmax_rows: f("softmax_rows")?,
+            softmax_rows_backward: f("softmax_rows_backward")?,
+            mix: f("mix")?,
+            mix_backward_experts: f("mix_backward_experts")?,
+            mix_backward_gates: f("mix_backward_gates")?,
             bias_act: f("bias_act")?,
             bias_act_backward: f("bias_act_backward")?,
             col_sums: f("col_sums")?,
@@ -617,6 +627,171 @@ impl Backend for CudaBackend {
         // the operands' shapes checked above.
         unsafe { builder.launch(cfg) }.map_err(device_error)?;
         Ok(c)
+    }
+
+    fn softmax_rows(&self, x: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        if x.rows * x.cols == 0 {
+            return self.zeros(x.rows, x.cols);
+        }
+        let mut y = self.uninit(x.rows, x.cols)?;
+        let (rows, cols) = (int(x.rows, "softmax_rows")?, int(x.cols, "softmax_rows")?);
+        let mut b = self.stream.launch_builder(&self.k.softmax_rows);
+        b.arg(&mut y.buf).arg(&x.buf).arg(&rows).arg(&cols);
+        // SAFETY: one thread per row of two [rows, cols] buffers.
+        unsafe { b.launch(linear(x.rows)) }.map_err(device_error)?;
+        Ok(y)
+    }
+
+    fn softmax_rows_backward(
+        &self,
+        grad: &CudaTensor,
+        y: &CudaTensor,
+    ) -> Result<CudaTensor, BackendError> {
+        Self::same_shape("softmax_rows_backward", grad, y)?;
+        if y.rows * y.cols == 0 {
+            return self.zeros(y.rows, y.cols);
+        }
+        let mut dx = self.uninit(y.rows, y.cols)?;
+        let (rows, cols) = (int(y.rows, "softmax")?, int(y.cols, "softmax")?);
+        let mut b = self.stream.launch_builder(&self.k.softmax_rows_backward);
+        b.arg(&mut dx.buf)
+            .arg(&grad.buf)
+            .arg(&y.buf)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: one thread per row of three [rows, cols] buffers.
+        unsafe { b.launch(linear(y.rows)) }.map_err(device_error)?;
+        Ok(dx)
+    }
+
+    fn stack_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor, BackendError> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            return Err(shape_error(
+                "stack_rows",
+                format!("{} columns vs {cols}", p.cols),
+            ));
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut out = self.zeros(rows, cols)?;
+        let mut at = 0;
+        for p in parts {
+            let len = p.rows * p.cols;
+            if len > 0 {
+                let mut dst = out.buf.slice_mut(at..at + len);
+                self.stream
+                    .memcpy_dtod(&p.buf.slice(0..len), &mut dst)
+                    .map_err(device_error)?;
+            }
+            at += len;
+        }
+        Ok(out)
+    }
+
+    fn slice_rows(
+        &self,
+        t: &CudaTensor,
+        start: usize,
+        count: usize,
+    ) -> Result<CudaTensor, BackendError> {
+        if start + count > t.rows {
+            return Err(shape_error(
+                "slice_rows",
+                format!("rows {start}..{} of {}", start + count, t.rows),
+            ));
+        }
+        let mut out = self.zeros(count, t.cols)?;
+        let len = count * t.cols;
+        if len > 0 {
+            let from = start * t.cols;
+            let mut dst = out.buf.slice_mut(0..len);
+            self.stream
+                .memcpy_dtod(&t.buf.slice(from..from + len), &mut dst)
+                .map_err(device_error)?;
+        }
+        Ok(out)
+    }
+
+    fn mix(&self, stacked: &CudaTensor, gates: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        let (n, experts) = (gates.rows, gates.cols);
+        if stacked.rows != n * experts {
+            return Err(shape_error(
+                "mix",
+                format!(
+                    "stacked [{}, {}] for gates [{n}, {experts}]",
+                    stacked.rows, stacked.cols
+                ),
+            ));
+        }
+        if n * stacked.cols == 0 || experts == 0 {
+            return self.zeros(n, stacked.cols);
+        }
+        let mut out = self.uninit(n, stacked.cols)?;
+        let (e, rows, cols) = (
+            int(experts, "mix")?,
+            int(n, "mix")?,
+            int(stacked.cols, "mix")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.mix);
+        b.arg(&mut out.buf)
+            .arg(&stacked.buf)
+            .arg(&gates.buf)
+            .arg(&e)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: shapes checked above; writes [n, cols].
+        unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
+        Ok(out)
+    }
+
+    fn mix_backward(
+        &self,
+        grad: &CudaTensor,
+        stacked: &CudaTensor,
+        gates: &CudaTensor,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        let (n, experts) = (gates.rows, gates.cols);
+        if stacked.rows != n * experts || (grad.rows, grad.cols) != (n, stacked.cols) {
+            return Err(shape_error(
+                "mix_backward",
+                format!(
+                    "grad [{}, {}], stacked [{}, {}], gates [{n}, {experts}]",
+                    grad.rows, grad.cols, stacked.rows, stacked.cols
+                ),
+            ));
+        }
+        if n * experts * stacked.cols == 0 {
+            return Ok((
+                self.zeros(stacked.rows, stacked.cols)?,
+                self.zeros(n, experts)?,
+            ));
+        }
+        let mut dstacked = self.uninit(stacked.rows, stacked.cols)?;
+        let mut dgates = self.uninit(n, experts)?;
+        let (e, rows, cols) = (
+            int(experts, "mix")?,
+            int(n, "mix")?,
+            int(stacked.cols, "mix")?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.mix_backward_experts);
+        b.arg(&mut dstacked.buf)
+            .arg(&grad.buf)
+            .arg(&gates.buf)
+            .arg(&e)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: shapes checked above; writes [experts * n, cols].
+        unsafe { b.launch(linear(dstacked.rows * dstacked.cols)) }.map_err(device_error)?;
+        let mut b = self.stream.launch_builder(&self.k.mix_backward_gates);
+        b.arg(&mut dgates.buf)
+            .arg(&grad.buf)
+            .arg(&stacked.buf)
+            .arg(&e)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: shapes checked above; writes [n, experts].
+        unsafe { b.launch(linear(dgates.rows * dgates.cols)) }.map_err(device_error)?;
+        Ok((dstacked, dgates))
     }
 
     fn copy(&self, t: &CudaTensor) -> Result<CudaTensor, BackendError> {

@@ -175,6 +175,39 @@ pub trait Backend {
         transpose_a: bool,
         transpose_b: bool,
     ) -> Result<Self::Tensor, BackendError>;
+    /// Row-wise softmax of a `[rows, cols]` tensor.
+    fn softmax_rows(&self, x: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+    /// Backward of [`Backend::softmax_rows`] from its output `y`:
+    /// `dx = y * (dy - sum_c dy * y)` per row.
+    fn softmax_rows_backward(
+        &self,
+        grad: &Self::Tensor,
+        y: &Self::Tensor,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// The tensors (same column count) one below the other.
+    fn stack_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor, BackendError>;
+    /// Rows `start..start + count` as a new tensor.
+    fn slice_rows(
+        &self,
+        t: &Self::Tensor,
+        start: usize,
+        count: usize,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// Mixture of experts: `stacked` is `E` experts' `[n, cols]` outputs one
+    /// below the other, `gates` is `[n, E]`; returns
+    /// `out[b] = sum_e gates[b, e] * expert_e[b]`.
+    fn mix(
+        &self,
+        stacked: &Self::Tensor,
+        gates: &Self::Tensor,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// Backward of [`Backend::mix`]: `(d stacked, d gates)`.
+    fn mix_backward(
+        &self,
+        grad: &Self::Tensor,
+        stacked: &Self::Tensor,
+        gates: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError>;
     /// A copy of `t`.
     fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
     /// `alpha * x` elementwise.

@@ -71,6 +71,8 @@ struct Head {
     /// Index of the head's 1 x 1 bias among the dense tables.
     bias: usize,
     weight: f32,
+    /// MMoE: index of the head's gate (`input x experts`) among the dense tables.
+    gate: Option<usize>,
 }
 
 /// LR, FM, DeepFM, Wide&Deep, DNN or multi-task, as a job configures it.
@@ -86,6 +88,8 @@ pub struct Model {
     fields: usize,
     /// Shared bottom layers over the pooled embeddings (multi-task).
     shared: Option<Mlp>,
+    /// MMoE experts over the pooled embeddings (multi-task).
+    experts: Vec<Mlp>,
     /// One per task; the linear and FM parts add to head 0's logit.
     heads: Vec<Head>,
     frozen: BTreeSet<String>,
@@ -219,19 +223,34 @@ impl Model {
                 salt,
             }
         };
-        let (shared, heads) = match &job.model {
+        let (shared, experts, heads) = match &job.model {
             ModelConfig::Multitask {
                 tasks,
                 shared: shared_config,
                 tower,
+                experts: experts_config,
                 ..
             } => {
                 let shared = shared_config
                     .as_ref()
                     .map(|c| mlp(c, &c.name, input, 1 << 40));
+                let experts: Vec<Mlp> = experts_config
+                    .iter()
+                    .flat_map(|c| {
+                        (0..c.count).map(move |e| {
+                            mlp(
+                                &c.mlp,
+                                &format!("{}.{e}", c.mlp.name),
+                                input,
+                                (u64::from(e) + 1) << 48,
+                            )
+                        })
+                    })
+                    .collect();
                 let width = shared_config
                     .as_ref()
                     .and_then(|c| c.hidden.last())
+                    .or(experts_config.as_ref().and_then(|c| c.mlp.hidden.last()))
                     .map_or(input, |&w| w as usize);
                 let heads = tasks
                     .iter()
@@ -242,17 +261,20 @@ impl Model {
                             tower: Some(mlp(tower, &prefix, width, (t as u64 + 2) << 40)),
                             bias: index(&format!("{prefix}.bias")).unwrap_or(first),
                             weight: task.weight,
+                            gate: index(&format!("{prefix}.gate")),
                         }
                     })
                     .collect();
-                (shared, heads)
+                (shared, experts, heads)
             }
             config => (
                 None,
+                Vec::new(),
                 vec![Head {
                     tower: config.mlp().map(|c| mlp(c, &c.name, input, 0)),
                     bias: declared_bias.unwrap_or(0),
                     weight: 1.0,
+                    gate: None,
                 }],
             ),
         };
@@ -267,6 +289,7 @@ impl Model {
             ),
             fields,
             shared,
+            experts,
             heads,
             frozen: job.train.freeze.iter().cloned().collect(),
         }
@@ -472,7 +495,9 @@ impl Model {
             fm_sums = Some(sums);
         }
         // The deep input: per-field pooled embeddings, through the shared bottom.
-        let deep = self.heads.iter().any(|h| h.tower.is_some()) || self.shared.is_some();
+        let deep = self.heads.iter().any(|h| h.tower.is_some())
+            || self.shared.is_some()
+            || !self.experts.is_empty();
         let x = match (&v, deep) {
             (Some(v), true) => {
                 let pooled = backend.gather_pool(v, &plan, Pooling::Field)?;
@@ -489,13 +514,44 @@ impl Model {
             (None, Some(x)) => Some(x),
             _ => None,
         };
+        // MMoE: every expert over x, then per task a softmax gate mixes them.
+        let mut expert_tapes = Vec::with_capacity(self.experts.len());
+        let mut stacked = None;
+        let mut gating = Vec::with_capacity(self.heads.len());
+        if let (false, Some(x)) = (self.experts.is_empty(), &x) {
+            let mut outs = Vec::with_capacity(self.experts.len());
+            for expert in &self.experts {
+                let (out, tape) = self.mlp_forward(backend, expert, x, pulled, mode)?;
+                outs.push(out);
+                expert_tapes.push(tape);
+            }
+            let all = backend.stack_rows(&outs.iter().collect::<Vec<_>>())?;
+            for head in &self.heads {
+                gating.push(match head.gate {
+                    Some(g) => {
+                        let w_gate = self.upload_dense(backend, pulled, g)?;
+                        let gates =
+                            backend.softmax_rows(&backend.matmul(x, &w_gate, false, false)?)?;
+                        let mixed = backend.mix(&all, &gates)?;
+                        Some((w_gate, gates, mixed))
+                    }
+                    None => None,
+                });
+            }
+            stacked = Some(all);
+        }
         let mut loss_sum = 0f64;
         let mut probs = vec![0f32; n * tasks];
         let mut heads = Vec::with_capacity(tasks);
         for (t, head) in self.heads.iter().enumerate() {
-            let (mut z, tape) = match (&head.tower, h) {
-                (Some(mlp), Some(h)) => {
-                    let (out, tape) = self.mlp_forward(backend, mlp, h, pulled, mode)?;
+            let input = gating
+                .get(t)
+                .and_then(|g| g.as_ref())
+                .map(|(_, _, mixed)| mixed)
+                .or(h);
+            let (mut z, tape) = match (&head.tower, input) {
+                (Some(mlp), Some(input)) => {
+                    let (out, tape) = self.mlp_forward(backend, mlp, input, pulled, mode)?;
                     (Some(out), Some(tape))
                 }
                 _ => (None, None),
@@ -537,6 +593,15 @@ impl Model {
         let mut sparse_grads: Vec<Vec<f32>> = self.sparse.iter().map(|_| Vec::new()).collect();
         let mut dh: Option<B::Tensor> = None;
         let mut dv: Option<B::Tensor> = None;
+        // MMoE: gradients of the stacked expert outputs, and of x via the gates.
+        let mut dstacked: Option<B::Tensor> = None;
+        let mut dx_gates: Option<B::Tensor> = None;
+        let sum = |acc: Option<B::Tensor>, d: B::Tensor| -> Result<B::Tensor, BackendError> {
+            match acc {
+                Some(acc) => backend.add(&acc, &d),
+                None => Ok(d),
+            }
+        };
         for (t, (head, (logits, dlogits, tape))) in self.heads.iter().zip(heads).enumerate() {
             let dlogits = if head.weight == 1.0 {
                 dlogits
@@ -555,13 +620,35 @@ impl Model {
                     dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
                 }
             }
-            if let (Some(mlp), Some(tape), Some(h)) = (&head.tower, tape, h) {
-                let d = self.mlp_backward(backend, mlp, tape, dz, h, pulled, &mut dense_grads)?;
-                dh = Some(match dh {
-                    Some(acc) => backend.add(&acc, &d)?,
-                    None => d,
-                });
+            let gate = gating.get(t).and_then(|g| g.as_ref());
+            let input = gate.map(|(_, _, mixed)| mixed).or(h);
+            if let (Some(mlp), Some(tape), Some(input)) = (&head.tower, tape, input) {
+                let d =
+                    self.mlp_backward(backend, mlp, tape, dz, input, pulled, &mut dense_grads)?;
+                match (gate, &stacked, &x, head.gate) {
+                    (Some((w_gate, gates, _)), Some(all), Some(x), Some(g)) => {
+                        let (ds, dgates) = backend.mix_backward(&d, all, gates)?;
+                        dstacked = Some(sum(dstacked, ds)?);
+                        let dlogits = backend.softmax_rows_backward(&dgates, gates)?;
+                        dense_grads[g] =
+                            backend.download(&backend.matmul(x, &dlogits, true, false)?)?;
+                        let dx = backend.matmul(&dlogits, w_gate, false, true)?;
+                        dx_gates = Some(sum(dx_gates, dx)?);
+                    }
+                    _ => dh = Some(sum(dh, d)?),
+                }
             }
+        }
+        if let (Some(ds), Some(x)) = (dstacked, &x) {
+            for (e, (expert, tape)) in self.experts.iter().zip(expert_tapes).enumerate() {
+                let dout = backend.slice_rows(&ds, e * n, n)?;
+                let d =
+                    self.mlp_backward(backend, expert, tape, dout, x, pulled, &mut dense_grads)?;
+                dh = Some(sum(dh, d)?);
+            }
+        }
+        if let Some(d) = dx_gates {
+            dh = Some(sum(dh, d)?);
         }
         let dx = match (&self.shared, shared, &x, dh) {
             (Some(mlp), Some((_, tape)), Some(x), Some(dh)) => {

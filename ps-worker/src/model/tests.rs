@@ -65,6 +65,10 @@ pub(crate) const MODELS: &[(&str, &str)] = &[
         "kind = \"multitask\"\ntasks = [{ name = \"a\" }, { name = \"b\", weight = 2.0 }, { name = \"c\" }]\ntower = { hidden = [5, 5], batch_norm = true, dropout = 0.2, optimizer = { kind = \"sgd\", lr = 0.1 } }",
     ),
     (
+        "mmoe",
+        "kind = \"multitask\"\ntasks = [{ name = \"click\" }, { name = \"buy\", weight = 0.5 }]\nexperts = { count = 3, mlp = { name = \"expert\", hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } } }\ntower = { hidden = [4], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+    (
         "dnn",
         "kind = \"dnn\"\nmlp = { hidden = [7, 7], batch_norm = true, optimizer = { kind = \"sgd\", lr = 0.1 } }",
     ),
