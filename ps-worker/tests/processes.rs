@@ -124,6 +124,46 @@ fn worker(args: &[&str]) -> Command {
     cmd
 }
 
+/// Starts `world` `ps-worker train` processes of `job`; each writes its
+/// report to `dir/{prefix}-{rank}.json`. Waits for them; returns the reports.
+fn run_workers(
+    job: &Path,
+    addrs: &str,
+    world: usize,
+    dir: &Path,
+    prefix: &str,
+) -> Vec<serde_json::Value> {
+    let workers: Vec<(Child, PathBuf)> = (0..world)
+        .map(|rank| {
+            let report = dir.join(format!("{prefix}-{rank}.json"));
+            let child = worker(&[
+                "train",
+                "--config",
+                job.to_str().unwrap(),
+                "--servers",
+                addrs,
+                "--rank",
+                &rank.to_string(),
+                "--world",
+                &world.to_string(),
+                "--report",
+                report.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+            (child, report)
+        })
+        .collect();
+    workers
+        .into_iter()
+        .map(|(mut child, report)| {
+            assert!(child.wait().unwrap().success(), "worker failed");
+            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
+        })
+        .collect()
+}
+
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -134,33 +174,8 @@ fn two_server_and_two_worker_processes_train_a9a_and_servers_stop_on_sigterm() {
     let job = a9a_job(&dir);
     let servers = [Server::start(0, 2), Server::start(1, 2)];
     let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
-    let workers: Vec<(Child, PathBuf)> = (0..2)
-        .map(|rank| {
-            let report = dir.join(format!("report-{rank}.json"));
-            let child = worker(&[
-                "train",
-                "--config",
-                job.to_str().unwrap(),
-                "--servers",
-                &addrs,
-                "--rank",
-                &rank.to_string(),
-                "--world",
-                "2",
-                "--report",
-                report.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-            (child, report)
-        })
-        .collect();
     let mut total_samples = 0;
-    for (mut child, report) in workers {
-        assert!(child.wait().unwrap().success(), "worker failed");
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    for report in run_workers(&job, &addrs, 2, &dir, "report") {
         let auc = report["val_auc"].as_f64().unwrap();
         let acc = report["val_accuracy"].as_f64().unwrap();
         assert!(auc >= 0.895, "AUC {auc}: {report}");
@@ -456,32 +471,7 @@ fn separate_workers_start_from_a_checkpoint_after_worker_0_loads_it() {
     let second: Vec<Server> = (0..3).map(|i| Server::start(i, 3)).collect();
     let addrs: Vec<&str> = second.iter().map(|s| s.addr.as_str()).collect();
     let addrs = addrs.join(",");
-    let workers: Vec<(Child, PathBuf)> = (0..2)
-        .map(|rank| {
-            let report = dir.join(format!("second-{rank}.json"));
-            let child = worker(&[
-                "train",
-                "--config",
-                job2.to_str().unwrap(),
-                "--servers",
-                &addrs,
-                "--rank",
-                &rank.to_string(),
-                "--world",
-                "2",
-                "--report",
-                report.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-            (child, report)
-        })
-        .collect();
-    for (mut child, report) in workers {
-        assert!(child.wait().unwrap().success(), "worker failed");
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    for report in run_workers(&job2, &addrs, 2, &dir, "second") {
         let auc = report["val_auc"].as_f64().unwrap();
         assert!(
             (auc - recorded).abs() < 1e-9,
