@@ -4,7 +4,8 @@
 #   2. CUDA-vs-CPU parity tests (every kernel, every model),
 #   3. kernel micro-benchmarks: gather/scatter GB/s next to the device's
 #      copy bandwidth measured in the same run,
-#   4. worker compute samples/s, CPU vs GPU, on ctr26 and the DeepFM example,
+#   4. worker compute samples/s, CPU vs GPU, on ctr26, the DeepFM example and
+#      the multi-task MMoE example,
 #   5. end-to-end `ps-worker local` samples/s, CPU vs GPU (2 servers x 2 workers).
 #
 # Usage: benches/gpu.sh [RESULTS_DIR]        (default: target/gpu-bench)
@@ -56,7 +57,10 @@ echo "== kernels"
 "$BIN/ps-bench" kernels --device cuda:0 | tee -a "$JSON"
 
 echo "== worker compute (forward + backward, parameters in memory)"
+"$BIN/ps-bench" gen-tasks --rows 20000 --out target/tasks/train.ffm
+"$BIN/ps-bench" gen-tasks --rows 5000 --seed 2 --out target/tasks/test.ffm
 for dev in cpu cuda:0; do
+  "$BIN/ps-bench" compute --config examples/multitask-mmoe.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/ctr26.toml --data ctr26 --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/a9a-deepfm.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
 done
