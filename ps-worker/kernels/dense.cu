@@ -85,7 +85,7 @@ extern "C" __global__ void softmax_rows(float* y, const float* x, int rows, int 
     if (r >= rows) return;
     const float* xr = x + (long long)r * cols;
     float* yr = y + (long long)r * cols;
-    float m = -INFINITY;
+    float m = __int_as_float(0xff800000);  // -infinity (NVRTC has no math headers)
     for (int c = 0; c < cols; ++c) m = fmaxf(m, xr[c]);
     float sum = 0.0f;
     for (int c = 0; c < cols; ++c) {

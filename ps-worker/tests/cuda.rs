@@ -6,7 +6,9 @@
 
 use ps_worker::backend::conformance;
 use ps_worker::backend::cpu::CpuBackend;
-use ps_worker::backend::cuda::{CudaBackend, device_count};
+use ps_worker::backend::cuda::{
+    CudaBackend, KERNEL_NAMES, compile_kernels, device_count, nvrtc_present,
+};
 use ps_worker::backend::{Backend, BackendError};
 
 #[test]
@@ -57,5 +59,28 @@ fn a_missing_device_is_one_clear_error() {
             || message.contains("no such CUDA device")
             || message.contains("libnvrtc"),
         "{message}"
+    );
+}
+
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    // NVRTC needs no GPU: with libnvrtc.so.13 on the library path (e.g. the
+    // `nvidia-cuda-nvrtc` wheel's lib folder in LD_LIBRARY_PATH) this checks
+    // the kernel sources on any machine.
+    if !nvrtc_present() {
+        println!("SKIPPED (no NVRTC library)");
+        return;
+    }
+    let ptx = compile_kernels().unwrap().to_src();
+    for name in KERNEL_NAMES {
+        assert!(
+            ptx.contains(&format!(".entry {name}(")),
+            "kernel {name} missing from the PTX"
+        );
+    }
+    println!(
+        "{} kernels compile ({} bytes of PTX)",
+        KERNEL_NAMES.len(),
+        ptx.len()
     );
 }

@@ -157,6 +157,58 @@ pub fn device_count() -> usize {
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
+/// Every kernel function the backend launches.
+pub const KERNEL_NAMES: &[&str] = &[
+    "gather_pool",
+    "gather_pool4",
+    "scatter_chunks",
+    "scatter_chunks4",
+    "reduce_chunks",
+    "fm_sums",
+    "fm_reduce",
+    "fm_backward_chunks",
+    "matmul",
+    "add",
+    "scale",
+    "bias_act",
+    "bias_act_backward",
+    "col_sums",
+    "col_dots",
+    "bn_stats",
+    "bn_apply",
+    "bn_backward",
+    "bce_with_logits",
+    "sigmoid",
+    "softmax_rows",
+    "softmax_rows_backward",
+    "mix",
+    "mix_backward_experts",
+    "mix_backward_gates",
+];
+
+/// Whether the NVRTC library can be loaded (it needs no GPU). Never panics.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: the probe only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles the kernel sources to PTX with NVRTC (no GPU needed).
+pub fn compile_kernels() -> Result<cudarc::nvrtc::Ptx, BackendError> {
+    if !nvrtc_present() {
+        return Err(BackendError::Unavailable(
+            "the CUDA runtime compiler libnvrtc.so (CUDA 13) could not be loaded".into(),
+        ));
+    }
+    // No FMA contraction: the kernels then round exactly as the CPU
+    // backend does wherever they sum in the same order.
+    let options = cudarc::nvrtc::CompileOptions {
+        fmad: Some(false),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS.concat(), options)
+        .map_err(|e| BackendError::Device(format!("kernel compilation failed: {e:?}")))
+}
+
 fn blocks(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).max(1) as u32
 }
@@ -201,14 +253,7 @@ impl CudaBackend {
         }
         let ctx = CudaContext::new(ordinal).map_err(device_error)?;
         let name = format!("cuda:{ordinal} ({})", ctx.name().map_err(device_error)?);
-        // No FMA contraction: the kernels then round exactly as the CPU
-        // backend does wherever they sum in the same order.
-        let options = cudarc::nvrtc::CompileOptions {
-            fmad: Some(false),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS.concat(), options)
-            .map_err(|e| BackendError::Device(format!("kernel compilation failed: {e:?}")))?;
+        let ptx = compile_kernels()?;
         let module = ctx.load_module(ptx).map_err(device_error)?;
         let k = Kernels::load(&module).map_err(device_error)?;
         Ok(CudaBackend {
