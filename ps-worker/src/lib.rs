@@ -15,6 +15,7 @@
 //! - [`synthetic`]: generated data with planted structure.
 //! - [`metrics`]: logloss, AUC, accuracy.
 //! - [`trainer`]: the training loop with pull prefetch, and evaluation.
+//! - [`progress`]: a progress bar on terminals, periodic log lines elsewhere.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
 
@@ -26,6 +27,7 @@ pub mod dedup;
 pub mod job;
 pub mod metrics;
 pub mod model;
+pub mod progress;
 pub mod synthetic;
 pub mod trainer;
 

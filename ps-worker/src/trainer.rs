@@ -22,6 +22,7 @@ use crate::client::PsClient;
 use crate::data::{Batch, Batches, DataError};
 use crate::metrics::BinaryMetrics;
 use crate::model::{Mode, Model, Pulled};
+use crate::progress::Progress;
 
 /// Batches parsed ahead of the training loop.
 const PARSE_AHEAD: usize = 8;
@@ -185,6 +186,7 @@ impl Run<'_> {
         let bad_lines = Arc::new(AtomicU64::new(0));
         let mut summary = TrainSummary::default();
         let mut since_best = 0;
+        let progress = Progress::new(self.rank, train.log_every);
         for epoch in 1..=train.epochs {
             if self.stop.load(Ordering::Relaxed) {
                 break;
@@ -216,17 +218,12 @@ impl Run<'_> {
                 epoch_samples += n;
                 summary.samples += n;
                 summary.steps += 1;
-                if train.log_every > 0 && summary.steps % train.log_every as u64 == 0 {
-                    let rate = summary.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                    tracing::info!(
-                        worker = self.rank,
-                        epoch,
-                        step = summary.steps,
-                        loss = format_args!("{:.4}", epoch_loss / epoch_samples.max(1) as f64),
-                        samples_per_sec = format_args!("{rate:.0}"),
-                        "training"
-                    );
-                }
+                progress.step(
+                    epoch,
+                    summary.steps,
+                    summary.samples,
+                    epoch_loss / epoch_samples.max(1) as f64,
+                );
             }
             summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
             let mut record = EpochRecord {
@@ -283,6 +280,7 @@ impl Run<'_> {
                 break;
             }
         }
+        progress.finish();
         runtime.block_on(client.flush())?;
         summary.bad_lines = bad_lines.load(Ordering::Relaxed);
         summary.seconds = started.elapsed().as_secs_f64();
