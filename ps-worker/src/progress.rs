@@ -47,13 +47,13 @@ impl Progress {
 
     /// After each step: `samples` and `steps` so far, the epoch's running loss.
     pub fn step(&self, epoch: usize, steps: u64, samples: u64, loss: f64) {
-        if self.log_every == 0 || (self.bar.is_none() && steps % self.log_every != 0) {
+        if self.log_every == 0 || (self.bar.is_none() && !steps.is_multiple_of(self.log_every)) {
             return;
         }
         let rate = samples as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         match &self.bar {
             // Formatting every step would cost more than small steps do.
-            Some(_) if steps % 16 != 0 => {}
+            Some(_) if !steps.is_multiple_of(16) => {}
             Some(bar) => bar.set_message(format!(
                 "epoch {epoch} step {steps} loss {loss:.4} {rate:.0} samples/s"
             )),
