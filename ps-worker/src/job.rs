@@ -15,6 +15,7 @@ use crate::client::{ClientConfig, PsClient};
 use crate::cluster::LocalCluster;
 use crate::data;
 use crate::metrics::{BinaryMetrics, TaskMetrics};
+use crate::signal::Signal;
 use crate::trainer::{self, EpochRecord, TrainError, TrainSummary};
 
 /// The job file used by `ps-worker local` without `--config`: logistic
@@ -245,9 +246,6 @@ fn validate(
     Ok(metrics)
 }
 
-/// Name of the marker table worker 0 creates once `init_from` is loaded.
-const INIT_DONE_TABLE: &str = "_ps.init_from.done";
-
 /// Loads `train.init_from` into the servers (worker 0, or `local` before
 /// its workers start): for each chosen table, the checkpoint's weights are
 /// assigned to the rows, optimizer state fresh. Any shard count on either
@@ -316,16 +314,14 @@ async fn load_init_from(client: &PsClient, job: &JobConfig) -> Result<u64, JobEr
 }
 
 /// Workers other than 0 wait until worker 0 has loaded `init_from`.
-async fn wait_for_init_from(client: &PsClient, timeout: Duration) -> Result<(), JobError> {
+async fn wait_for_init_from(
+    client: &PsClient,
+    job: &JobConfig,
+    timeout: Duration,
+) -> Result<(), JobError> {
+    let loaded = Signal::new(job, "init_from");
     let deadline = Instant::now() + timeout;
-    loop {
-        let stats = client.stats().await?;
-        if stats
-            .iter()
-            .all(|s| s.tables.iter().any(|t| t.name == INIT_DONE_TABLE))
-        {
-            return Ok(());
-        }
+    while !loaded.is_raised(client).await? {
         if Instant::now() >= deadline {
             return Err(JobError::Startup(format!(
                 "worker 0 did not finish loading train.init_from within {timeout:?}"
@@ -333,22 +329,7 @@ async fn wait_for_init_from(client: &PsClient, timeout: Duration) -> Result<(), 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Marks `init_from` as loaded, for the other workers.
-async fn mark_init_done(client: &PsClient) -> Result<(), JobError> {
-    let spec = ps_common::TableSpec {
-        name: INIT_DONE_TABLE.into(),
-        kind: ps_common::TableKind::Dense {
-            rows: 1,
-            block_rows: 1,
-        },
-        dim: 1,
-        initializer: ps_common::InitializerSpec::Zeros,
-        optimizer: ps_common::OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    };
-    Ok(client.create_table(&spec).await?)
+    Ok(())
 }
 
 /// `ps-worker train`: worker `rank` of `world` against running servers.
@@ -367,9 +348,9 @@ pub fn run_train(
         runtime.block_on(async {
             if rank == 0 {
                 load_init_from(&client, job).await?;
-                mark_init_done(&client).await
+                Ok(Signal::new(job, "init_from").raise(&client).await?)
             } else {
-                wait_for_init_from(&client, config.connect_timeout).await
+                wait_for_init_from(&client, job, config.connect_timeout).await
             }
         })?;
     }

@@ -16,6 +16,7 @@
 //! - [`metrics`]: logloss, AUC, accuracy.
 //! - [`trainer`]: the training loop with pull prefetch, and evaluation.
 //! - [`progress`]: a progress bar on terminals, periodic log lines elsewhere.
+//! - [`signal`]: job-wide flags between worker processes, kept on the servers.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
 
@@ -28,6 +29,7 @@ pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod signal;
 pub mod synthetic;
 pub mod trainer;
 

@@ -23,6 +23,10 @@ use crate::data::{Batch, Batches, DataError};
 use crate::metrics::BinaryMetrics;
 use crate::model::{Mode, Model, Pulled};
 use crate::progress::Progress;
+use crate::signal::Signal;
+
+/// Steps between two checks of worker 0's stop signal by the others.
+const STOP_POLL_STEPS: u64 = 256;
 
 /// Batches parsed ahead of the training loop.
 const PARSE_AHEAD: usize = 8;
@@ -143,8 +147,9 @@ impl<I> Drop for Prefetched<I> {
 /// Trains worker `rank` of `world` on its shard of the job's training data,
 /// computing on the job's device. Worker 0 validates after each epoch, writes
 /// the best checkpoint and decides early stopping; it raises `stop`, which
-/// the other workers of this process check before every step (workers in
-/// other processes run their configured epochs).
+/// the other workers of this process check before every step, and a stop
+/// signal on the servers, which workers in other processes check every
+/// epoch and every 256 steps.
 /// Must be called from a thread that is not a runtime worker.
 pub fn train_worker(
     runtime: &Handle,
@@ -179,6 +184,20 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Whether training should stop: worker 0 of this process said so, or
+    /// (for the other workers) worker 0 of the job raised the stop signal.
+    fn stop_requested(&self, stopped: &Signal) -> Result<bool, TrainError> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        if self.rank != 0 && self.runtime.block_on(stopped.is_raised(self.client))? {
+            tracing::info!(worker = self.rank, "worker 0 stopped early; stopping");
+            self.stop.store(true, Ordering::Relaxed);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     fn train_on<B: Backend>(&self, backend: &B) -> Result<TrainSummary, TrainError> {
         let (job, train, client, runtime) = (self.job, &self.job.train, self.client, self.runtime);
         let model = Arc::new(Model::from_job(job));
@@ -187,8 +206,10 @@ impl Run<'_> {
         let mut summary = TrainSummary::default();
         let mut since_best = 0;
         let progress = Progress::new(self.rank, train.log_every);
+        let stopped = Signal::new(job, "stop");
         for epoch in 1..=train.epochs {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop_requested(&stopped)? {
+                summary.stopped_early |= self.rank != 0;
                 break;
             }
             let batches = Batches::for_job(
@@ -202,7 +223,11 @@ impl Run<'_> {
             let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD));
             let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
             while let Some(params) = pulled.next_pulled()? {
-                if self.stop.load(Ordering::Relaxed) {
+                if self.stop.load(Ordering::Relaxed)
+                    || (summary.steps % STOP_POLL_STEPS == STOP_POLL_STEPS - 1
+                        && self.stop_requested(&stopped)?)
+                {
+                    summary.stopped_early |= self.rank != 0;
                     break;
                 }
                 let seed = mix64(train.seed ^ mix64(summary.steps ^ ((self.rank as u64) << 48)));
@@ -277,6 +302,7 @@ impl Run<'_> {
                 );
                 summary.stopped_early = epoch < train.epochs;
                 self.stop.store(true, Ordering::Relaxed);
+                runtime.block_on(stopped.raise(client))?;
                 break;
             }
         }

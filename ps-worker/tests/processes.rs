@@ -480,3 +480,33 @@ fn separate_workers_start_from_a_checkpoint_after_worker_0_loads_it() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn worker_0_s_early_stop_reaches_workers_in_other_processes() {
+    let dir = temp_dir("early-stop");
+    let text = std::fs::read_to_string(a9a_job(&dir))
+        .unwrap()
+        .replace("epochs = 5", "epochs = 12\nearly_stopping_patience = 1")
+        .replace("lr = 0.1", "lr = 0.5");
+    let job = dir.join("job-stop.toml");
+    std::fs::write(&job, text).unwrap();
+    let servers = [Server::start(0, 2), Server::start(1, 2)];
+    let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
+    let reports = run_workers(&job, &addrs, 2, &dir, "stop");
+    let epochs = reports[0]["epochs"].as_array().unwrap().len();
+    assert!(
+        reports[0]["stopped_early"].as_bool().unwrap(),
+        "{}",
+        reports[0]
+    );
+    assert!(epochs < 12);
+    // Worker 1 stops within its next poll, not after 12 epochs.
+    assert!(
+        reports[1]["stopped_early"].as_bool().unwrap(),
+        "{}",
+        reports[1]
+    );
+    let samples = reports[1]["train_samples"].as_u64().unwrap();
+    assert!(samples < 12 * 16_280, "worker 1 trained {samples} samples");
+    std::fs::remove_dir_all(&dir).ok();
+}
