@@ -28,6 +28,9 @@ pub struct ServerConfig {
     /// and open connections to finish before stopping anyway (a client that
     /// never answers the GOAWAY must not keep the process alive).
     pub drain_timeout: Duration,
+    /// After draining on shutdown, write a checkpoint of this name under
+    /// `checkpoint_dir` (so a pod's grace period ends with its state saved).
+    pub checkpoint_on_shutdown: Option<String>,
 }
 
 /// Errors that stop a shard from serving.
@@ -39,6 +42,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("gRPC transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The shutdown checkpoint could not be written.
+    #[error("shutdown checkpoint failed: {0}")]
+    Checkpoint(ps_common::PsError),
 }
 
 impl ServerConfig {
@@ -53,12 +59,27 @@ impl ServerConfig {
         if self.limits.max_keys_per_request == 0 || self.limits.max_request_bytes == 0 {
             return Err(ServeError::Config("request limits must be >= 1".into()));
         }
+        if let Some(name) = &self.checkpoint_on_shutdown {
+            if self.checkpoint_dir.is_none() {
+                return Err(ServeError::Config(
+                    "--checkpoint-on-shutdown needs --checkpoint-dir".into(),
+                ));
+            }
+            ps_common::table::validate_table_name(name).map_err(|_| {
+                ServeError::Config(format!(
+                    "--checkpoint-on-shutdown {name:?} must be 1-128 characters from [A-Za-z0-9_.-]"
+                ))
+            })?;
+        }
         Ok(())
     }
 }
 
-/// Serves `shard` on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish (for at most `config.drain_timeout`) and returns.
+/// Serves `shard` on `listener` until `shutdown` resolves, then reports
+/// NOT_SERVING on the gRPC health service, lets in-flight requests finish
+/// (for at most `config.drain_timeout`), writes the shutdown checkpoint if
+/// configured, and returns. The standard `grpc.health.v1.Health` service
+/// answers SERVING for `""` and `ps.v1.ParameterServer` while serving.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
@@ -66,8 +87,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ParameterServerServer<ShardService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let service = ParameterServerServer::new(ShardService::new(
-        shard,
+        Arc::clone(&shard),
         config.limits,
         config.checkpoint_dir.clone(),
     ))
@@ -78,9 +106,16 @@ pub async fn run(
     let (requested, drain_started) = tokio::sync::oneshot::channel::<()>();
     let serve = tonic::transport::Server::builder()
         .layer(OversizeStatusLayer)
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
+            health
+                .set_not_serving::<ParameterServerServer<ShardService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
             let _ = requested.send(());
         });
     tokio::pin!(serve);
@@ -95,6 +130,15 @@ pub async fn run(
         } => {
             tracing::warn!(timeout = ?config.drain_timeout, "connections still open after the drain timeout; stopping anyway");
         }
+    }
+    if let (Some(name), Some(root)) = (&config.checkpoint_on_shutdown, &config.checkpoint_dir) {
+        let (shard, root, name) = (Arc::clone(&shard), root.clone(), name.clone());
+        let written =
+            tokio::task::spawn_blocking(move || crate::checkpoint::save(&shard, &root, &name))
+                .await
+                .map_err(|e| ServeError::Checkpoint(ps_common::PsError::Internal(e.to_string())))?
+                .map_err(ServeError::Checkpoint)?;
+        tracing::info!(path = %written.path.display(), rows = written.rows, "shutdown checkpoint written");
     }
     Ok(())
 }

@@ -93,6 +93,7 @@ impl LocalCluster {
                 limits,
                 checkpoint_dir: checkpoint_dir.clone(),
                 drain_timeout: std::time::Duration::from_secs(5),
+                checkpoint_on_shutdown: None,
             };
             cluster.tasks.push(tokio::spawn(ps_server::run(
                 listener,

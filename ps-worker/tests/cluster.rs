@@ -312,3 +312,37 @@ async fn a_checkpoint_captures_every_shards_rows_and_needs_a_directory() {
     assert!(err.to_string().contains("--checkpoint-dir"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn every_shard_answers_the_standard_grpc_health_check() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let cluster = LocalCluster::start(2, Limits::default()).await.unwrap();
+    for addr in cluster.addrs() {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        for service in ["", "ps.v1.ParameterServer"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{addr} {service:?}");
+        }
+        let unknown = health
+            .check(HealthCheckRequest {
+                service: "no.such.Service".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), Code::NotFound);
+    }
+    cluster.shutdown().await.unwrap();
+}

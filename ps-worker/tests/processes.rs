@@ -510,3 +510,80 @@ fn worker_0_s_early_stop_reaches_workers_in_other_processes() {
     assert!(samples < 12 * 16_280, "worker 1 trained {samples} samples");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn sigterm_drains_then_writes_the_shutdown_checkpoint_and_json_logs_parse() {
+    let dir = temp_dir("shutdown");
+    let root = dir.join("ckpt");
+    let mut child = Command::new(binary("ps-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-id",
+            "0",
+            "--num-shards",
+            "1",
+        ])
+        .args(["--checkpoint-dir", root.to_str().unwrap()])
+        .args(["--checkpoint-on-shutdown", "final", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    // Train one epoch so the shard holds rows.
+    let job = a9a_job(&dir);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("epochs = 5", "epochs = 1");
+    std::fs::write(&job, text).unwrap();
+    let out = worker(&[
+        "train",
+        "--config",
+        job.to_str().unwrap(),
+        "--servers",
+        &addr,
+        "--rank",
+        "0",
+        "--world",
+        "1",
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "server exit: {}", stderr_of(&out));
+    assert!(
+        root.join("final").join("shard-0.bin").exists(),
+        "no shutdown checkpoint"
+    );
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "shutdown checkpoint written"),
+        "{logs}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

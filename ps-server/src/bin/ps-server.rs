@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use ps_server::logging::LogFormat;
 use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
 /// Serve one shard of a parameter-server job over gRPC.
@@ -40,12 +41,19 @@ struct Args {
     /// connections finish before exiting anyway.
     #[arg(long, default_value_t = 10)]
     drain_timeout_secs: u64,
+    /// After draining on SIGINT/SIGTERM, write checkpoint NAME under
+    /// --checkpoint-dir (e.g. within a Kubernetes pod's grace period).
+    #[arg(long, value_name = "NAME")]
+    checkpoint_on_shutdown: Option<String>,
+    /// Log format on stderr: text, or json (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    ps_server::logging::init();
     let args = Args::parse();
+    ps_server::logging::init(args.log_format);
     let config = ServerConfig {
         shard_id: args.shard_id,
         num_shards: args.num_shards,
@@ -55,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         },
         checkpoint_dir: args.checkpoint_dir.clone(),
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
+        checkpoint_on_shutdown: args.checkpoint_on_shutdown.clone(),
     };
     config.validate()?;
     let shard = match &args.restore {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use ps_common::config::{DataSource, Device, JobConfig};
+use ps_server::logging::LogFormat;
 use ps_worker::job::{self, Report};
 
 /// Train sparse models whose weights live on parameter servers.
@@ -19,6 +20,9 @@ use ps_worker::job::{self, Report};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: text, or json (one object per line).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,8 +109,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    ps_server::logging::init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    ps_server::logging::init(cli.log_format);
+    match cli.command {
         Command::Train {
             config,
             servers,
