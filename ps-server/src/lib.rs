@@ -9,12 +9,14 @@
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
 //! - [`service`]: the thin tonic adapter and its request [`Limits`](service::Limits).
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
-//! - [`logging`]: stderr logging with `RUST_LOG`, shared by both binaries.
+//! - [`logging`]: stderr logging (text or JSON) with `RUST_LOG`, shared by both binaries.
+//! - [`metrics`]: per-RPC outcome counts and latency histograms; the Prometheus endpoint.
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
 pub mod checkpoint;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod optimizer;
 pub mod server;
 pub mod service;

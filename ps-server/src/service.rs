@@ -15,6 +15,7 @@ use ps_common::{PsError, TableKind, TableSpec, wire};
 use tonic::{Request, Response, Status};
 
 use crate::checkpoint;
+use crate::metrics::Rpc;
 use crate::store::{RequestCounters, Shard};
 
 /// Limits a shard enforces on every request.
@@ -78,15 +79,28 @@ impl ShardService {
         result.map_err(|e| self.fail(e))
     }
 
+    /// Runs an RPC, recording its latency and outcome.
+    async fn observed<T>(
+        &self,
+        rpc: Rpc,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.shard
+            .rpc_metrics
+            .record(rpc, started.elapsed(), result.is_ok());
+        result
+    }
+
     fn fail(&self, err: PsError) -> Status {
         RequestCounters::add(&self.shard.counters.errors, 1);
         err.into()
     }
 }
 
-#[tonic::async_trait]
-impl ParameterServer for ShardService {
-    async fn describe(
+impl ShardService {
+    async fn describe_inner(
         &self,
         _request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DescribeResponse>, Status> {
@@ -98,7 +112,7 @@ impl ParameterServer for ShardService {
         }))
     }
 
-    async fn create_table(
+    async fn create_table_inner(
         &self,
         request: Request<pb::CreateTableRequest>,
     ) -> Result<Response<pb::CreateTableResponse>, Status> {
@@ -117,7 +131,7 @@ impl ParameterServer for ShardService {
         Ok(Response::new(pb::CreateTableResponse { created }))
     }
 
-    async fn pull(
+    async fn pull_inner(
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
@@ -143,7 +157,7 @@ impl ParameterServer for ShardService {
         Ok(Response::new(response))
     }
 
-    async fn push(
+    async fn push_inner(
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
@@ -166,7 +180,7 @@ impl ParameterServer for ShardService {
         }))
     }
 
-    async fn assign(
+    async fn assign_inner(
         &self,
         request: Request<pb::AssignRequest>,
     ) -> Result<Response<pb::AssignResponse>, Status> {
@@ -183,7 +197,7 @@ impl ParameterServer for ShardService {
         }))
     }
 
-    async fn checkpoint(
+    async fn checkpoint_inner(
         &self,
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
@@ -205,7 +219,7 @@ impl ParameterServer for ShardService {
         }))
     }
 
-    async fn stats(
+    async fn stats_inner(
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
@@ -244,6 +258,62 @@ impl ParameterServer for ShardService {
                 assign: c.assign.load(Relaxed),
             }),
         }))
+    }
+}
+
+/// Every RPC is timed and its outcome counted ([`crate::metrics`]).
+#[tonic::async_trait]
+impl ParameterServer for ShardService {
+    async fn describe(
+        &self,
+        request: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::DescribeResponse>, Status> {
+        self.observed(Rpc::Describe, self.describe_inner(request))
+            .await
+    }
+
+    async fn create_table(
+        &self,
+        request: Request<pb::CreateTableRequest>,
+    ) -> Result<Response<pb::CreateTableResponse>, Status> {
+        self.observed(Rpc::CreateTable, self.create_table_inner(request))
+            .await
+    }
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        self.observed(Rpc::Pull, self.pull_inner(request)).await
+    }
+
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        self.observed(Rpc::Push, self.push_inner(request)).await
+    }
+
+    async fn assign(
+        &self,
+        request: Request<pb::AssignRequest>,
+    ) -> Result<Response<pb::AssignResponse>, Status> {
+        self.observed(Rpc::Assign, self.assign_inner(request)).await
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        self.observed(Rpc::Checkpoint, self.checkpoint_inner(request))
+            .await
+    }
+
+    async fn stats(
+        &self,
+        request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        self.observed(Rpc::Stats, self.stats_inner(request)).await
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`trainer`]: the training loop with pull prefetch, and evaluation.
 //! - [`progress`]: a progress bar on terminals, periodic log lines elsewhere.
 //! - [`signal`]: job-wide flags between worker processes, kept on the servers.
+//! - [`telemetry`]: the process's training metrics for Prometheus.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
 
@@ -31,6 +32,7 @@ pub mod model;
 pub mod progress;
 pub mod signal;
 pub mod synthetic;
+pub mod telemetry;
 pub mod trainer;
 
 pub use client::{ClientConfig, PsClient};

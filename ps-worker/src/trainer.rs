@@ -24,6 +24,7 @@ use crate::metrics::BinaryMetrics;
 use crate::model::{Mode, Model, Pulled};
 use crate::progress::Progress;
 use crate::signal::Signal;
+use crate::telemetry;
 
 /// Steps between two checks of worker 0's stop signal by the others.
 const STOP_POLL_STEPS: u64 = 256;
@@ -207,6 +208,7 @@ impl Run<'_> {
         let mut since_best = 0;
         let progress = Progress::new(self.rank, train.log_every);
         let stopped = Signal::new(job, "stop");
+        let mut reported_bytes = client.bytes();
         for epoch in 1..=train.epochs {
             if self.stop_requested(&stopped)? {
                 summary.stopped_early |= self.rank != 0;
@@ -243,12 +245,9 @@ impl Run<'_> {
                 epoch_samples += n;
                 summary.samples += n;
                 summary.steps += 1;
-                progress.step(
-                    epoch,
-                    summary.steps,
-                    summary.samples,
-                    epoch_loss / epoch_samples.max(1) as f64,
-                );
+                let running = epoch_loss / epoch_samples.max(1) as f64;
+                progress.step(epoch, summary.steps, summary.samples, running);
+                telemetry::global().step(n, running, client.bytes(), &mut reported_bytes);
             }
             summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
             let mut record = EpochRecord {

@@ -587,3 +587,94 @@ fn sigterm_drains_then_writes_the_shutdown_checkpoint_and_json_logs_parse() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `GET /metrics` from `addr`, the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of the sample line starting with `series` (name and labels).
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+}
+
+#[test]
+fn servers_and_workers_serve_prometheus_metrics_that_move() {
+    let dir = temp_dir("metrics");
+    let mut server = Command::new(binary("ps-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-id",
+            "0",
+            "--num-shards",
+            "1",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let addr = lines.next().unwrap().unwrap().replace("listening on ", "");
+    let server_metrics = lines.next().unwrap().unwrap().replace("metrics on ", "");
+    let job = a9a_job(&dir);
+    let mut child = worker(&[
+        "train",
+        "--config",
+        job.to_str().unwrap(),
+        "--servers",
+        &addr,
+        "--rank",
+        "0",
+        "--world",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let worker_metrics = out.next().unwrap().unwrap().replace("metrics on ", "");
+    // The worker's samples counter moves while it trains.
+    let mut seen = Vec::new();
+    while seen.len() < 2 || seen[seen.len() - 1] <= seen[0] {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "worker finished before its metrics moved: {seen:?}"
+        );
+        seen.push(sample(&scrape(&worker_metrics), "ps_worker_samples_total "));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let body = scrape(&worker_metrics);
+    assert!(sample(&body, "ps_worker_loss ") > 0.0, "{body}");
+    assert!(sample(&body, "ps_worker_pull_bytes_total ") > 0.0, "{body}");
+    assert!(child.wait().unwrap().success());
+
+    let body = scrape(&server_metrics);
+    assert!(
+        sample(&body, "ps_requests_total{rpc=\"pull\",status=\"ok\"} ") > 100.0,
+        "{body}"
+    );
+    assert!(sample(&body, "ps_requests_total{rpc=\"push\",status=\"ok\"} ") > 100.0);
+    assert!(sample(&body, "ps_request_duration_seconds_count{rpc=\"push\"} ") > 100.0);
+    assert!(sample(&body, "ps_table_rows{table=\"weights\"} ") > 100.0);
+    assert!(sample(&body, "ps_rows_pushed_total ") > 0.0);
+    let _ = server.kill();
+    let _ = server.wait();
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -45,6 +45,10 @@ struct Args {
     /// --checkpoint-dir (e.g. within a Kubernetes pod's grace period).
     #[arg(long, value_name = "NAME")]
     checkpoint_on_shutdown: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free
+    /// port, printed as `metrics on ADDR` after the `listening on` line).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Log format on stderr: text, or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -84,8 +88,20 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port; keep it stable.
     println!("listening on {addr}");
+    let shard = Arc::new(shard);
+    if let Some(metrics_addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
+        println!("metrics on {}", listener.local_addr()?);
+        let shard = Arc::clone(&shard);
+        tokio::spawn(ps_server::metrics::serve(
+            listener,
+            Arc::new(move || shard.render_metrics()),
+        ));
+    }
     tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, "serving");
-    ps_server::run(listener, config, Arc::new(shard), shutdown_signal()).await?;
+    ps_server::run(listener, config, shard, shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
 }

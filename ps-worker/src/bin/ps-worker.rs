@@ -23,6 +23,10 @@ struct Cli {
     /// Log format on stderr: text, or json (one object per line).
     #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve training metrics at http://ADDR/metrics (Prometheus text; port
+    /// 0 picks a free port, printed as `metrics on ADDR`).
+    #[arg(long, global = true, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +115,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     ps_server::logging::init(cli.log_format);
+    // Kept alive for the whole run: the metrics endpoint's runtime.
+    let _metrics = cli.metrics_listen.map(serve_metrics).transpose()?;
     match cli.command {
         Command::Train {
             config,
@@ -204,6 +210,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Serves the worker's metrics on `addr` from a runtime of its own.
+fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the metrics runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .with_context(|| format!("cannot listen on --metrics-listen {addr}"))?;
+    println!("metrics on {}", listener.local_addr()?);
+    runtime.spawn(ps_server::metrics::serve(
+        listener,
+        std::sync::Arc::new(|| ps_worker::telemetry::global().render()),
+    ));
+    Ok(runtime)
 }
 
 /// The job file at `path` (the embedded default job without one), with

@@ -1,0 +1,104 @@
+//! The worker process's training metrics (samples, steps, loss, bytes),
+//! updated by the trainer every step and served as Prometheus text by
+//! `--metrics-listen`.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ps_server::metrics::gauge;
+
+use crate::client::ByteCounts;
+
+/// Training counters of every worker in this process, summed.
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    started: Instant,
+    samples: AtomicU64,
+    steps: AtomicU64,
+    /// `f64` bits of the latest running epoch loss.
+    loss: AtomicU64,
+    pull_bytes: AtomicU64,
+    push_bytes: AtomicU64,
+}
+
+/// The process's metrics.
+pub fn global() -> &'static WorkerMetrics {
+    static METRICS: OnceLock<WorkerMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| WorkerMetrics {
+        started: Instant::now(),
+        samples: AtomicU64::new(0),
+        steps: AtomicU64::new(0),
+        loss: AtomicU64::new(f64::NAN.to_bits()),
+        pull_bytes: AtomicU64::new(0),
+        push_bytes: AtomicU64::new(0),
+    })
+}
+
+impl WorkerMetrics {
+    /// One trained step of `samples` examples; `loss` is the epoch's running
+    /// mean, `bytes` the step's client's totals so far, `last` what this
+    /// worker reported before (so several workers sum).
+    pub fn step(&self, samples: u64, loss: f64, bytes: ByteCounts, last: &mut ByteCounts) {
+        self.samples.fetch_add(samples, Ordering::Relaxed);
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.loss.store(loss.to_bits(), Ordering::Relaxed);
+        self.pull_bytes.fetch_add(
+            bytes.pull_bytes.saturating_sub(last.pull_bytes),
+            Ordering::Relaxed,
+        );
+        self.push_bytes.fetch_add(
+            bytes.push_bytes.saturating_sub(last.push_bytes),
+            Ordering::Relaxed,
+        );
+        *last = bytes;
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let samples = self.samples.load(Ordering::Relaxed);
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        for (name, kind, help, value) in [
+            (
+                "ps_worker_samples_total",
+                "counter",
+                "Examples trained on.",
+                samples as f64,
+            ),
+            (
+                "ps_worker_steps_total",
+                "counter",
+                "Batches trained on.",
+                self.steps.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "ps_worker_samples_per_second",
+                "gauge",
+                "Examples per second since start.",
+                samples as f64 / seconds,
+            ),
+            (
+                "ps_worker_loss",
+                "gauge",
+                "Running mean training loss of the current epoch.",
+                f64::from_bits(self.loss.load(Ordering::Relaxed)),
+            ),
+            (
+                "ps_worker_pull_bytes_total",
+                "counter",
+                "Payload bytes of pulls (sent and received).",
+                self.pull_bytes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "ps_worker_push_bytes_total",
+                "counter",
+                "Payload bytes of pushes (sent and received).",
+                self.push_bytes.load(Ordering::Relaxed) as f64,
+            ),
+        ] {
+            gauge(&mut out, name, kind, help, value);
+        }
+        out
+    }
+}
