@@ -678,3 +678,23 @@ fn servers_and_workers_serve_prometheus_metrics_that_move() {
     let _ = server.wait();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_health_command_passes_for_a_serving_shard_and_names_a_dead_one() {
+    let server = Server::start(0, 1);
+    let out = worker(&["health", "--servers", &server.addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: SERVING", server.addr)
+    );
+    let addr = server.addr.clone();
+    assert!(server.terminate().success());
+    let out = worker(&["health", "--servers", &addr, "--timeout-secs", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains(&addr), "{}", stderr_of(&out));
+}

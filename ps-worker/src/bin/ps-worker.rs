@@ -4,6 +4,7 @@
 //! - `local`: servers and workers inside this process (loopback gRPC).
 //! - `eval`: metrics of checkpoints and of their averaged ensemble.
 //! - `checkpoint`: ask every shard of a running job to write a checkpoint.
+//! - `health`: exit 0 if every server answers SERVING (container health checks).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -97,6 +98,16 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Exit 0 if every server answers SERVING on the standard gRPC health
+    /// service (for container health checks), 1 otherwise.
+    Health {
+        /// Server addresses, comma-separated (HOST:PORT,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// Seconds to wait for each answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
     /// Ask every shard of a running job to write checkpoint NAME under its
     /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
     Checkpoint {
@@ -184,6 +195,23 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Health {
+            servers,
+            timeout_secs,
+        } => {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let timeout = Duration::from_secs(timeout_secs);
+            for server in &servers {
+                runtime
+                    .block_on(async { tokio::time::timeout(timeout, check_health(server)).await })
+                    .map_err(|_| {
+                        anyhow::anyhow!("{server}: no health answer within {timeout:?}")
+                    })??;
+                println!("{server}: SERVING");
+            }
+            Ok(())
+        }
         Command::Checkpoint {
             servers,
             name,
@@ -210,6 +238,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Fails unless `server` reports SERVING for `ps.v1.ParameterServer`.
+async fn check_health(server: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Channel::from_shared(format!("http://{server}"))
+        .with_context(|| format!("invalid server address {server:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("{server}: unreachable"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "ps.v1.ParameterServer".into(),
+        })
+        .await
+        .with_context(|| format!("{server}: health check failed"))?
+        .into_inner()
+        .status;
+    if status != ServingStatus::Serving as i32 {
+        bail!("{server}: not serving (status {status})");
+    }
+    Ok(())
 }
 
 /// Serves the worker's metrics on `addr` from a runtime of its own.

