@@ -268,31 +268,21 @@ impl PsClient {
     pub async fn assign(&self, table: &str, keys: &[u64], values: &[f32]) -> Result<(), PsError> {
         let info = self.table(table)?;
         check_gradient_len(table, info.dim, keys, values)?;
-        let dim = info.dim;
         let mut tasks = JoinSet::new();
-        for (shard_id, positions, shard_keys) in self.split(info, keys) {
-            let shard = self.inner.shards[shard_id].clone();
-            let chunk = shard.chunk_keys(dim);
-            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
-                let mut rows = Vec::with_capacity(chunk_pos.len() * dim);
-                for &pos in chunk_pos {
-                    rows.extend_from_slice(&values[pos * dim..(pos + 1) * dim]);
-                }
-                let request = pb::AssignRequest {
-                    table: table.to_string(),
-                    keys: chunk_keys.to_vec(),
-                    values: wire::encode_f32s(&rows),
-                };
-                let mut shard = shard.clone();
-                tasks.spawn(async move {
-                    shard
-                        .client
-                        .assign(request)
-                        .await
-                        .map_err(|s| shard.error(shard_id, s))
-                        .map(drop)
-                });
-            }
+        for (shard_id, mut shard, keys, rows) in self.chunks_with_rows(info, keys, values) {
+            let request = pb::AssignRequest {
+                table: table.to_string(),
+                keys,
+                values: wire::encode_f32s(&rows),
+            };
+            tasks.spawn(async move {
+                shard
+                    .client
+                    .assign(request)
+                    .await
+                    .map_err(|s| shard.error(shard_id, s))
+                    .map(drop)
+            });
         }
         join_all_ok(tasks).await.map(drop)
     }
@@ -356,47 +346,39 @@ impl PsClient {
                 grads[i]
             )));
         }
-        for (shard_id, positions, shard_keys) in self.split(info, keys) {
-            let shard = self.inner.shards[shard_id].clone();
-            let chunk = shard.chunk_keys(dim);
-            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
-                let mut values = Vec::with_capacity(chunk_pos.len() * dim);
-                for &p in chunk_pos {
-                    values.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
-                }
-                let request = pb::PushRequest {
-                    table: table.to_string(),
-                    keys: chunk_keys.to_vec(),
-                    gradients: wire::encode_f32s(&values),
-                    lr_scale,
-                };
-                let permit = Arc::clone(&self.inner.push_slots)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| PsError::Internal("push window closed".into()))?;
-                let (mut shard, inner) = (shard.clone(), Arc::clone(&self.inner));
-                tokio::spawn(async move {
-                    let sent = request.encoded_len();
-                    match shard.client.push(request).await {
-                        Ok(response) => {
-                            let received = response.get_ref().encoded_len();
-                            inner
-                                .push_bytes
-                                .fetch_add((sent + received) as u64, Ordering::Relaxed);
-                        }
-                        Err(status) => {
-                            let err = shard.error(shard_id, status);
-                            tracing::warn!("push failed: {err}");
-                            let mut slot = inner
-                                .push_error
-                                .lock()
-                                .unwrap_or_else(|poisoned| poisoned.into_inner());
-                            slot.get_or_insert(err);
-                        }
+        for (shard_id, mut shard, chunk_keys, values) in self.chunks_with_rows(info, keys, grads) {
+            let request = pb::PushRequest {
+                table: table.to_string(),
+                keys: chunk_keys,
+                gradients: wire::encode_f32s(&values),
+                lr_scale,
+            };
+            let permit = Arc::clone(&self.inner.push_slots)
+                .acquire_owned()
+                .await
+                .map_err(|_| PsError::Internal("push window closed".into()))?;
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                let sent = request.encoded_len();
+                match shard.client.push(request).await {
+                    Ok(response) => {
+                        let received = response.get_ref().encoded_len();
+                        inner
+                            .push_bytes
+                            .fetch_add((sent + received) as u64, Ordering::Relaxed);
                     }
-                    drop(permit);
-                });
-            }
+                    Err(status) => {
+                        let err = shard.error(shard_id, status);
+                        tracing::warn!("push failed: {err}");
+                        let mut slot = inner
+                            .push_error
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        slot.get_or_insert(err);
+                    }
+                }
+                drop(permit);
+            });
         }
         Ok(())
     }
@@ -478,6 +460,31 @@ impl PsClient {
     }
 
     /// Groups `keys` by owning shard: (shard, positions in `keys`, keys).
+    /// `keys` with their `values` rows (`dim` each), split by owning shard and
+    /// cut into chunks under each shard's limits: (shard id, connection,
+    /// keys, rows).
+    fn chunks_with_rows(
+        &self,
+        info: TableInfo,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Vec<(usize, ShardConn, Vec<u64>, Vec<f32>)> {
+        let dim = info.dim;
+        let mut out = Vec::new();
+        for (shard_id, positions, shard_keys) in self.split(info, keys) {
+            let shard = &self.inner.shards[shard_id];
+            let chunk = shard.chunk_keys(dim);
+            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+                let mut rows = Vec::with_capacity(chunk_pos.len() * dim);
+                for &p in chunk_pos {
+                    rows.extend_from_slice(&values[p * dim..(p + 1) * dim]);
+                }
+                out.push((shard_id, shard.clone(), chunk_keys.to_vec(), rows));
+            }
+        }
+        out
+    }
+
     fn split(&self, info: TableInfo, keys: &[u64]) -> Vec<(usize, Vec<usize>, Vec<u64>)> {
         let n = self.inner.shards.len();
         let mut groups: Vec<(Vec<usize>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); n];
