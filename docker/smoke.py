@@ -53,14 +53,23 @@ def topology(kustomization):
     return literals, shards, workers
 
 
+# Pod fields the manifests read through the downward API.
+POD_FIELDS = {"metadata.labels['batch.kubernetes.io/controller-uid']": "smoke-job-uid"}
+
+
 def container_env(container, config_maps, extra):
     env = dict(os.environ)
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
-        else:
+        elif "configMapKeyRef" in item["valueFrom"]:
             ref = item["valueFrom"]["configMapKeyRef"]
             env[item["name"]] = config_maps[ref["name"]][ref["key"]]
+        else:
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            if path not in POD_FIELDS:
+                fail(f"the smoke test does not know pod field {path}")
+            env[item["name"]] = POD_FIELDS[path]
     env.update(extra)
     return env
 

@@ -342,6 +342,11 @@ pub struct TrainConfig {
     /// Tables loaded from `init_from` (default: every table of the job the
     /// checkpoint holds); the others start fresh.
     pub init_tables: Vec<String>,
+    /// Distinguishes runs of the same job on long-lived servers: the
+    /// job-wide signals between worker processes (init_from loaded, early
+    /// stop) are per run. `ps-worker train --run-id` sets it; `local` runs
+    /// use a fresh one each time.
+    pub run_id: Option<String>,
     /// Learning-rate schedule: a factor on every table optimizer's rate,
     /// sent with each push (batch-norm statistics are never scaled).
     pub lr_schedule: LrSchedule,
@@ -510,6 +515,7 @@ impl Default for TrainConfig {
             freeze: Vec::new(),
             init_from: None,
             init_tables: Vec::new(),
+            run_id: None,
             lr_schedule: LrSchedule::default(),
         }
     }

@@ -377,6 +377,15 @@ pub fn run_local(
 ) -> Result<Report, JobError> {
     let started = Instant::now();
     check_inputs(job)?;
+    // A fresh run id: signals of this run never meet another's.
+    let mut job = job.clone();
+    if job.train.run_id.is_none() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        job.train.run_id = Some(format!("local-{}-{nanos}", std::process::id()));
+    }
+    let job = &job;
     if job.train.best_checkpoint.is_some() && checkpoint_dir.is_none() {
         return Err(JobError::Startup(
             "train.best_checkpoint needs --checkpoint-dir so the local servers can write it".into(),

@@ -15,10 +15,18 @@ pub struct Signal {
 }
 
 impl Signal {
-    /// Signal `what` of `job`. Workers of the same job file derive the same
-    /// name; another job on the same servers derives another.
+    /// Signal `what` of `job`'s run. Workers of the same job and run id
+    /// derive the same name wherever their files are (the identity is the
+    /// model, the table specs and `train.run_id`, not paths); another job or
+    /// run on the same servers derives another.
     pub fn new(job: &JobConfig, what: &str) -> Signal {
-        let id = fnv1a64(format!("{job:?}").as_bytes());
+        let identity = format!(
+            "{:?}|{:?}|{:?}",
+            job.model,
+            job.table_specs(),
+            job.train.run_id
+        );
+        let id = fnv1a64(identity.as_bytes());
         Signal {
             table: format!("_ps.{what}.{id:016x}"),
         }
@@ -48,5 +56,26 @@ impl Signal {
             .await?
             .iter()
             .all(|s| s.tables.iter().any(|t| t.name == self.table)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(text: &str) -> JobConfig {
+        JobConfig::from_toml(text, std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn workers_agree_on_a_signal_wherever_their_files_are_but_runs_differ() {
+        let base = crate::job::DEFAULT_JOB;
+        let here = Signal::new(&job(base), "stop");
+        let elsewhere = JobConfig::from_toml(base, std::path::Path::new("/mnt/jobs")).unwrap();
+        assert_eq!(Signal::new(&elsewhere, "stop"), here);
+        assert_ne!(Signal::new(&job(base), "init_from"), here);
+        let mut rerun = job(base);
+        rerun.train.run_id = Some("2".into());
+        assert_ne!(Signal::new(&rerun, "stop"), here);
     }
 }

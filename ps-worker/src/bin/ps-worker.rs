@@ -55,6 +55,11 @@ enum Command {
         /// Compute device, overriding the job's `train.device`: cpu, cuda or cuda:N.
         #[arg(long)]
         device: Option<Device>,
+        /// This run's id, shared by all its workers (e.g. the Kubernetes Job's
+        /// uid): keeps a rerun on the same servers from seeing an earlier
+        /// run's signals. Overrides `train.run_id`.
+        #[arg(long)]
+        run_id: Option<String>,
     },
     /// Run servers and workers inside this process over loopback gRPC.
     Local {
@@ -137,11 +142,15 @@ fn main() -> anyhow::Result<()> {
             report,
             connect_timeout_secs,
             device,
+            run_id,
         } => {
             if world == 0 || rank >= world {
                 bail!("--rank must be in [0, --world), got rank {rank} of world {world}");
             }
-            let job = job_or_default(Some(&config), device)?;
+            let mut job = job_or_default(Some(&config), device)?;
+            if run_id.is_some() {
+                job.train.run_id = run_id;
+            }
             let client = job::client_config(&job, Duration::from_secs(connect_timeout_secs));
             let result = job::run_train(&job, &servers, rank, world, &client)
                 .with_context(|| format!("worker {rank} of {world} failed"))?;
