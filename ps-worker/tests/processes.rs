@@ -210,10 +210,10 @@ fn two_server_and_two_worker_processes_train_a9a_and_servers_stop_on_sigterm() {
 fn a_worker_exits_non_zero_naming_an_unreachable_server() {
     let dir = temp_dir("unreachable");
     let job = a9a_job(&dir);
-    let addr = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
-    };
+    // Port 1 (tcpmux) is closed on any test machine: connections are refused.
+    // (A port freed by a bound-then-dropped listener can be taken by a
+    // concurrent test's server before the worker connects.)
+    let addr = "127.0.0.1:1".to_string();
     let out = worker(&[
         "train",
         "--config",
