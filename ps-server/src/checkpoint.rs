@@ -57,6 +57,26 @@ pub fn shard_file(dir: &Path, shard_id: u32) -> PathBuf {
     dir.join(format!("shard-{shard_id}.bin"))
 }
 
+/// Number of shard files (`shard-I.bin`) in checkpoint directory `dir`
+/// (`DIR/NAME`): the shard count of the job that wrote it.
+pub fn shard_count(dir: &Path) -> Result<u32, PsError> {
+    let count = fs::read_dir(dir)
+        .map_err(|e| storage("cannot read checkpoint", dir, e))?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("shard-") && name.ends_with(".bin")
+        })
+        .count() as u32;
+    if count == 0 {
+        return Err(PsError::FailedPrecondition(format!(
+            "{} holds no shard-I.bin checkpoint files",
+            dir.display()
+        )));
+    }
+    Ok(count)
+}
+
 fn storage(what: &str, path: &Path, e: impl std::fmt::Display) -> PsError {
     PsError::Storage(format!("{what} {}: {e}", path.display()))
 }
@@ -275,5 +295,18 @@ mod tests {
     fn a_bad_checkpoint_name_is_invalid() {
         let err = save(&trained_shard(), &temp_root("name"), "../escape").unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn shard_count_counts_the_shard_files_and_refuses_a_folder_without_any() {
+        let root = temp_root("count");
+        save(&trained_shard(), &root, "c1").unwrap();
+        assert_eq!(shard_count(&root.join("c1")), Ok(1));
+        assert!(matches!(
+            shard_count(&root),
+            Err(PsError::FailedPrecondition(_))
+        ));
+        let err = shard_count(&root.join("missing")).unwrap_err();
+        assert!(err.to_string().contains("cannot read checkpoint"), "{err}");
     }
 }

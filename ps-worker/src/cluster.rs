@@ -46,22 +46,7 @@ impl LocalCluster {
     /// Shards restored from checkpoint directory `dir` (`DIR/NAME`, holding
     /// `shard-I.bin` for every shard), each file verified.
     pub async fn restore(dir: &Path, limits: Limits) -> Result<LocalCluster, PsError> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            PsError::Storage(format!("cannot read checkpoint {}: {e}", dir.display()))
-        })?;
-        let num_shards = entries
-            .filter_map(Result::ok)
-            .filter(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with("shard-") && name.ends_with(".bin")
-            })
-            .count() as u32;
-        if num_shards == 0 {
-            return Err(PsError::FailedPrecondition(format!(
-                "{} holds no shard-I.bin checkpoint files",
-                dir.display()
-            )));
-        }
+        let num_shards = ps_server::checkpoint::shard_count(dir)?;
         let shards = (0..num_shards)
             .map(|i| Shard::restore(ps_server::checkpoint::load(dir, i, num_shards)?))
             .collect::<Result<Vec<_>, PsError>>()?;

@@ -213,8 +213,8 @@ fn check_inputs(job: &JobConfig) -> Result<(), JobError> {
         CudaBackend::new(ordinal).map_err(TrainError::from)?;
     }
     if let Some(dir) = &job.train.init_from {
-        std::fs::read_dir(dir)
-            .map_err(|e| JobError::Startup(format!("init_from {}: {e}", dir.display())))?;
+        ps_server::checkpoint::shard_count(dir)
+            .map_err(|e| JobError::Startup(format!("init_from: {e}")))?;
     }
     Ok(())
 }
@@ -255,17 +255,7 @@ async fn load_init_from(client: &PsClient, job: &JobConfig) -> Result<u64, JobEr
         return Ok(0);
     };
     let fail = |msg: String| JobError::Startup(format!("init_from {}: {msg}", dir.display()));
-    let count = std::fs::read_dir(dir)
-        .map_err(|e| fail(e.to_string()))?
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with("shard-") && name.ends_with(".bin")
-        })
-        .count() as u32;
-    if count == 0 {
-        return Err(fail("no shard-I.bin checkpoint files".into()));
-    }
+    let count = ps_server::checkpoint::shard_count(dir).map_err(|e| fail(e.to_string()))?;
     let specs = job.table_specs();
     let chosen: Vec<&str> = if job.train.init_tables.is_empty() {
         specs.iter().map(|s| s.name.as_str()).collect()
