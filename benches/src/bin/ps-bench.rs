@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ps_benches::ctr26;
 use ps_common::config::{Device, JobConfig};
 use ps_worker::backend::conformance::Rng;
@@ -70,29 +70,23 @@ enum Command {
     },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
-    GenTasks {
-        /// Samples to write.
-        #[arg(long)]
-        rows: usize,
-        /// Output file.
-        #[arg(long)]
-        out: PathBuf,
-        /// Generator seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    GenTasks(GenArgs),
     /// Write ctr26 samples as libffm lines.
-    GenCtr26 {
-        /// Samples to write.
-        #[arg(long)]
-        rows: usize,
-        /// Output file.
-        #[arg(long)]
-        out: PathBuf,
-        /// Generator seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    GenCtr26(GenArgs),
+}
+
+/// What a data generator writes.
+#[derive(Debug, Args)]
+struct GenArgs {
+    /// Samples to write.
+    #[arg(long)]
+    rows: usize,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Generator seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,10 +104,10 @@ fn main() -> anyhow::Result<()> {
             steps,
             data,
         } => compute(&config, device, batch_size, steps, &data),
-        Command::GenCtr26 { rows, out, seed } => write_data(&out, rows, |w| {
+        Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
         }),
-        Command::GenTasks { rows, out, seed } => write_data(&out, rows, |w| {
+        Command::GenTasks(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ps_worker::synthetic::write_shared_tasks(w, None, rows, seed)
         }),
     }
