@@ -10,7 +10,7 @@ use ndarray::{Array2, Axis};
 
 use super::{
     Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
-    shape_error,
+    check_plan_rows, check_same_shape, shape_error,
 };
 
 /// Host compute with ndarray.
@@ -18,11 +18,7 @@ use super::{
 pub struct CpuBackend;
 
 fn same_shape(op: &'static str, a: &Array2<f32>, b: &Array2<f32>) -> Result<(), BackendError> {
-    if a.dim() == b.dim() {
-        Ok(())
-    } else {
-        Err(shape_error(op, format!("{:?} vs {:?}", a.dim(), b.dim())))
-    }
+    check_same_shape(op, [a.nrows(), a.ncols()], [b.nrows(), b.ncols()])
 }
 
 fn rows_match_plan(
@@ -30,18 +26,7 @@ fn rows_match_plan(
     rows: &Array2<f32>,
     plan: &SparsePlan,
 ) -> Result<(), BackendError> {
-    if rows.nrows() == plan.unique {
-        Ok(())
-    } else {
-        Err(shape_error(
-            op,
-            format!(
-                "{} rows for a plan over {} distinct rows",
-                rows.nrows(),
-                plan.unique
-            ),
-        ))
-    }
+    check_plan_rows(op, rows.nrows(), plan.unique)
 }
 
 impl Backend for CpuBackend {
@@ -363,7 +348,6 @@ impl Backend for CpuBackend {
             ));
         }
         let mut y = x + bias;
-        let cols = y.ncols();
         for (i, v) in y.iter_mut().enumerate() {
             if act == Activation::Relu && *v < 0.0 {
                 *v = 0.0;
@@ -376,7 +360,6 @@ impl Backend for CpuBackend {
                 };
             }
         }
-        debug_assert_eq!(cols, bias.ncols());
         Ok(y)
     }
 

@@ -12,13 +12,13 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
 use super::{
     Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
-    shape_error,
+    check_plan_rows, check_same_shape, shape_error,
 };
 
 /// All kernel sources, concatenated into one NVRTC program.
@@ -146,15 +146,16 @@ fn device_error(e: impl std::fmt::Display) -> BackendError {
 
 /// Whether a CUDA driver and at least one device are present. Never panics.
 pub fn device_count() -> usize {
-    // SAFETY: the probes only try to dlopen the libraries; they read no
-    // memory of ours.
-    let present = unsafe {
-        cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
-    };
-    if !present {
+    if !(driver_present() && nvrtc_present()) {
         return 0;
     }
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// Whether the CUDA driver library can be loaded. Never panics.
+fn driver_present() -> bool {
+    // SAFETY: the probe only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
 /// Every kernel function the backend launches.
@@ -228,13 +229,7 @@ fn int(n: usize, what: &'static str) -> Result<i32, BackendError> {
 impl CudaBackend {
     /// Opens device `ordinal` and compiles the kernels, or explains why not.
     pub fn new(ordinal: usize) -> Result<CudaBackend, BackendError> {
-        // SAFETY: see `device_count`.
-        let (driver, nvrtc) = unsafe {
-            (
-                cudarc::driver::sys::is_culib_present(),
-                cudarc::nvrtc::sys::is_culib_present(),
-            )
-        };
+        let (driver, nvrtc) = (driver_present(), nvrtc_present());
         if !driver {
             return Err(BackendError::Unavailable(format!(
                 "cuda:{ordinal}: no CUDA driver found (libcuda.so could not be loaded); use device = \"cpu\""
@@ -303,9 +298,14 @@ impl CudaBackend {
         Ok(CudaTensor { buf, rows, cols })
     }
 
-    fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>, BackendError> {
+    /// `data` on the device; an empty slice gets a one-element buffer (CUDA
+    /// allocations of zero bytes fail), never read.
+    fn upload_slice<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        data: &[T],
+    ) -> Result<CudaSlice<T>, BackendError> {
         if data.is_empty() {
-            return self.stream.alloc_zeros::<f32>(1).map_err(device_error);
+            return self.stream.alloc_zeros::<T>(1).map_err(device_error);
         }
         self.stream.clone_htod(data).map_err(device_error)
     }
@@ -317,13 +317,6 @@ impl CudaBackend {
         let buf =
             unsafe { self.stream.alloc::<f32>((rows * cols).max(1)) }.map_err(device_error)?;
         Ok(CudaTensor { buf, rows, cols })
-    }
-
-    fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
-        if data.is_empty() {
-            return self.stream.alloc_zeros::<u32>(1).map_err(device_error);
-        }
-        self.stream.clone_htod(data).map_err(device_error)
     }
 
     /// Writes the rows with several chunks: the sum of their partials, in
@@ -359,28 +352,11 @@ impl CudaBackend {
         rows: &CudaTensor,
         plan: &CudaPlan,
     ) -> Result<(), BackendError> {
-        if rows.rows == plan.unique {
-            Ok(())
-        } else {
-            Err(shape_error(
-                op,
-                format!(
-                    "{} rows for a plan over {} distinct rows",
-                    rows.rows, plan.unique
-                ),
-            ))
-        }
+        check_plan_rows(op, rows.rows, plan.unique)
     }
 
     fn same_shape(op: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<(), BackendError> {
-        if (a.rows, a.cols) == (b.rows, b.cols) {
-            Ok(())
-        } else {
-            Err(shape_error(
-                op,
-                format!("[{}, {}] vs [{}, {}]", a.rows, a.cols, b.rows, b.cols),
-            ))
-        }
+        check_same_shape(op, [a.rows, a.cols], [b.rows, b.cols])
     }
 }
 
@@ -441,22 +417,22 @@ impl Backend for CudaBackend {
     }
 
     fn upload_plan(&self, plan: &Arc<SparsePlan>) -> Result<CudaPlan, BackendError> {
-        let entry_value = self.upload_f32(&plan.entry_value)?;
+        let entry_value = self.upload_slice(&plan.entry_value)?;
         Ok(CudaPlan {
             examples: plan.examples,
             fields: plan.fields,
             unique: plan.unique,
-            entry_row: self.upload_u32(&plan.entry_row)?,
+            entry_row: self.upload_slice(&plan.entry_row)?,
             entry_value,
-            segment_offsets: self.upload_u32(&plan.segment_offsets)?,
-            row_entry_segment: self.upload_u32(&plan.row_entry_segment)?,
-            row_entry_value: self.upload_f32(&plan.row_entry_value)?,
+            segment_offsets: self.upload_slice(&plan.segment_offsets)?,
+            row_entry_segment: self.upload_slice(&plan.row_entry_segment)?,
+            row_entry_value: self.upload_slice(&plan.row_entry_value)?,
             chunks: plan.chunks(),
-            chunk_offsets: self.upload_u32(&plan.chunk_offsets)?,
-            row_chunks: self.upload_u32(&plan.row_chunks)?,
-            chunk_row: self.upload_u32(&plan.chunk_row)?,
+            chunk_offsets: self.upload_slice(&plan.chunk_offsets)?,
+            row_chunks: self.upload_slice(&plan.row_chunks)?,
+            chunk_row: self.upload_slice(&plan.chunk_row)?,
             multi_chunk_rows: plan.multi_chunk_rows.len(),
-            multi_rows: self.upload_u32(&plan.multi_chunk_rows)?,
+            multi_rows: self.upload_slice(&plan.multi_chunk_rows)?,
         })
     }
 
@@ -717,8 +693,12 @@ impl Backend for CudaBackend {
                 format!("{} columns vs {cols}", p.cols),
             ));
         }
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let mut out = self.zeros(rows, cols)?;
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        if rows * cols == 0 {
+            return self.zeros(rows, cols);
+        }
+        // Every element is copied in below.
+        let mut out = self.uninit(rows, cols)?;
         let mut at = 0;
         for p in parts {
             let len = p.rows * p.cols;
@@ -745,9 +725,12 @@ impl Backend for CudaBackend {
                 format!("rows {start}..{} of {}", start + count, t.rows),
             ));
         }
-        let mut out = self.zeros(count, t.cols)?;
         let len = count * t.cols;
-        if len > 0 {
+        if len == 0 {
+            return self.zeros(count, t.cols);
+        }
+        let mut out = self.uninit(count, t.cols)?;
+        {
             let from = start * t.cols;
             let mut dst = out.buf.slice_mut(0..len);
             self.stream

@@ -267,4 +267,34 @@ pub(crate) fn shape_error(op: &'static str, detail: String) -> BackendError {
     BackendError::Shape { op, detail }
 }
 
+/// Checks that two `[rows, cols]` shapes are equal (both backends).
+pub(crate) fn check_same_shape(
+    op: &'static str,
+    a: [usize; 2],
+    b: [usize; 2],
+) -> Result<(), BackendError> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(shape_error(op, format!("{a:?} vs {b:?}")))
+    }
+}
+
+/// Checks that a tensor of `rows` rows holds one row per distinct row of a
+/// plan over `unique` (both backends).
+pub(crate) fn check_plan_rows(
+    op: &'static str,
+    rows: usize,
+    unique: usize,
+) -> Result<(), BackendError> {
+    if rows == unique {
+        Ok(())
+    } else {
+        Err(shape_error(
+            op,
+            format!("{rows} rows for a plan over {unique} distinct rows"),
+        ))
+    }
+}
+
 pub use ps_common::config::Device;
