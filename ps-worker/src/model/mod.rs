@@ -139,7 +139,8 @@ pub enum Mode {
 pub struct Output {
     /// Summed binary cross-entropy over the batch.
     pub loss_sum: f64,
-    /// Predicted click probabilities.
+    /// Predicted probabilities, example-major, one per task (evaluation
+    /// only: empty in training).
     pub probs: Vec<f32>,
     /// Gradients of the mean loss (training only).
     pub grads: Option<Gradients>,
@@ -541,7 +542,12 @@ impl Model {
             stacked = Some(all);
         }
         let mut loss_sum = 0f64;
-        let mut probs = vec![0f32; n * tasks];
+        // Probabilities are for evaluation; training needs only the loss and
+        // its gradient (no sigmoid kernel and no copy back per step).
+        let mut probs = match mode {
+            Mode::Eval => vec![0f32; n * tasks],
+            Mode::Train { .. } => Vec::new(),
+        };
         let mut heads = Vec::with_capacity(tasks);
         for (t, head) in self.heads.iter().enumerate() {
             let input = gating
@@ -572,12 +578,14 @@ impl Model {
             let labels = backend.upload(&labels, n, 1)?;
             let (loss, dlogits) = backend.bce_with_logits(&logits, &labels)?;
             loss_sum += f64::from(head.weight) * loss;
-            for (b, p) in backend
-                .download(&backend.sigmoid(&logits)?)?
-                .into_iter()
-                .enumerate()
-            {
-                probs[b * tasks + t] = p;
+            if mode == Mode::Eval {
+                for (b, p) in backend
+                    .download(&backend.sigmoid(&logits)?)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    probs[b * tasks + t] = p;
+                }
             }
             heads.push((logits, dlogits, tape));
         }

@@ -176,6 +176,14 @@ fn lr_computes_bias_plus_weighted_features() {
     let expect = [0.25f32, -4.75].map(crate::backend::cpu::sigmoid);
     assert!((out.probs[0] - expect[0]).abs() < 1e-6 && (out.probs[1] - expect[1]).abs() < 1e-6);
     assert!(out.grads.is_none(), "evaluation computes no gradients");
+    let train = model
+        .compute(&CpuBackend, &p, Mode::Train { seed: 1 })
+        .unwrap();
+    assert!(train.probs.is_empty(), "training computes no probabilities");
+    assert!(
+        (train.loss_sum - out.loss_sum).abs() < 1e-9,
+        "same loss either way"
+    );
 }
 
 #[test]
