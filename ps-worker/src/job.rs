@@ -209,12 +209,19 @@ fn check_inputs(job: &JobConfig) -> Result<(), JobError> {
     if let Some(validation) = &job.data.validation {
         data::check_readable(validation)?;
     }
-    if let Device::Cuda(ordinal) = job.train.device {
-        CudaBackend::new(ordinal).map_err(TrainError::from)?;
-    }
+    check_device(job)?;
     if let Some(dir) = &job.train.init_from {
         ps_server::checkpoint::shard_count(dir)
             .map_err(|e| JobError::Startup(format!("init_from: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Opens the job's CUDA device (and compiles the kernels, once per process)
+/// so that a missing driver or device is reported before anything starts.
+fn check_device(job: &JobConfig) -> Result<(), JobError> {
+    if let Device::Cuda(ordinal) = job.train.device {
+        CudaBackend::new(ordinal).map_err(TrainError::from)?;
     }
     Ok(())
 }
@@ -495,9 +502,7 @@ pub fn run_eval(
         ));
     }
     data::check_readable(data)?;
-    if let Device::Cuda(ordinal) = job.train.device {
-        CudaBackend::new(ordinal).map_err(TrainError::from)?;
-    }
+    check_device(job)?;
     let runtime = runtime()?;
     let config = client_config(job, Duration::from_secs(10));
     let mut entries = Vec::new();

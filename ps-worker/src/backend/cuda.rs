@@ -193,6 +193,14 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// The kernels' PTX, compiled once per process (NVRTC takes about a second;
+/// every backend of the process, e.g. one per local worker, loads the same).
+fn kernels_ptx() -> Result<cudarc::nvrtc::Ptx, BackendError> {
+    static PTX: std::sync::OnceLock<Result<cudarc::nvrtc::Ptx, BackendError>> =
+        std::sync::OnceLock::new();
+    PTX.get_or_init(compile_kernels).clone()
+}
+
 /// Compiles the kernel sources to PTX with NVRTC (no GPU needed).
 pub fn compile_kernels() -> Result<cudarc::nvrtc::Ptx, BackendError> {
     if !nvrtc_present() {
@@ -248,7 +256,7 @@ impl CudaBackend {
         }
         let ctx = CudaContext::new(ordinal).map_err(device_error)?;
         let name = format!("cuda:{ordinal} ({})", ctx.name().map_err(device_error)?);
-        let ptx = compile_kernels()?;
+        let ptx = kernels_ptx()?;
         let module = ctx.load_module(ptx).map_err(device_error)?;
         let k = Kernels::load(&module).map_err(device_error)?;
         Ok(CudaBackend {
