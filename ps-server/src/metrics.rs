@@ -122,6 +122,18 @@ pub fn gauge(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
     );
 }
 
+/// Binds `addr` and serves `render`'s text there on the current runtime
+/// (see [`serve`]); returns the bound address (port 0 picks one).
+pub async fn listen(
+    addr: std::net::SocketAddr,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(serve(listener, render));
+    Ok(bound)
+}
+
 /// Serves `GET /metrics` on `listener` with the text `render` returns, until
 /// the task is dropped. Other paths get 404. One request per connection.
 pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {

@@ -90,15 +90,12 @@ async fn main() -> anyhow::Result<()> {
     println!("listening on {addr}");
     let shard = Arc::new(shard);
     if let Some(metrics_addr) = args.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(metrics_addr)
-            .await
-            .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
-        println!("metrics on {}", listener.local_addr()?);
         let shard = Arc::clone(&shard);
-        tokio::spawn(ps_server::metrics::serve(
-            listener,
-            Arc::new(move || shard.render_metrics()),
-        ));
+        let bound =
+            ps_server::metrics::listen(metrics_addr, Arc::new(move || shard.render_metrics()))
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
+        println!("metrics on {bound}");
     }
     tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, "serving");
     ps_server::run(listener, config, shard, shutdown_signal()).await?;

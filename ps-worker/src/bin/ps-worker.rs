@@ -279,14 +279,13 @@ fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::runtime::R
         .enable_all()
         .build()
         .context("cannot start the metrics runtime")?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(addr))
+    let bound = runtime
+        .block_on(ps_server::metrics::listen(
+            addr,
+            std::sync::Arc::new(|| ps_worker::telemetry::global().render()),
+        ))
         .with_context(|| format!("cannot listen on --metrics-listen {addr}"))?;
-    println!("metrics on {}", listener.local_addr()?);
-    runtime.spawn(ps_server::metrics::serve(
-        listener,
-        std::sync::Arc::new(|| ps_worker::telemetry::global().render()),
-    ));
+    println!("metrics on {bound}");
     Ok(runtime)
 }
 
