@@ -100,6 +100,12 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// The example job with the a9a files read from disk (not the built-in copy).
 fn a9a_job(dir: &Path) -> PathBuf {
+    a9a_job_edited(dir, "job.toml", &[])
+}
+
+/// [`a9a_job`] with each `(from, to)` text replacement applied, written to
+/// `dir/name`.
+fn a9a_job_edited(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/a9a");
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/a9a-lr.toml"),
@@ -113,7 +119,10 @@ fn a9a_job(dir: &Path) -> PathBuf {
         "builtin:a9a/test",
         &data.join("a9a.test.libsvm").display().to_string(),
     );
-    let path = dir.join("job.toml");
+    let text = edits
+        .iter()
+        .fold(text, |text, (from, to)| text.replace(from, to));
+    let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -240,11 +249,7 @@ fn a_worker_exits_non_zero_naming_an_unreachable_server() {
 #[test]
 fn a_malformed_job_file_is_reported_with_its_key_and_line() {
     let dir = temp_dir("badjob");
-    let job = a9a_job(&dir);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("batch_size = 32", "batch_size = -4");
-    std::fs::write(&job, text).unwrap();
+    let job = a9a_job_edited(&dir, "job.toml", &[("batch_size = 32", "batch_size = -4")]);
     let out = worker(&["local", "--config", job.to_str().unwrap()])
         .output()
         .unwrap();
@@ -261,11 +266,7 @@ fn a_malformed_job_file_is_reported_with_its_key_and_line() {
 #[test]
 fn a_missing_data_file_is_reported_before_anything_starts() {
     let dir = temp_dir("nodata");
-    let job = a9a_job(&dir);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("a9a.train.libsvm", "missing.libsvm");
-    std::fs::write(&job, text).unwrap();
+    let job = a9a_job_edited(&dir, "job.toml", &[("a9a.train.libsvm", "missing.libsvm")]);
     let out = worker(&["local", "--config", job.to_str().unwrap()])
         .output()
         .unwrap();
@@ -459,15 +460,11 @@ fn separate_workers_start_from_a_checkpoint_after_worker_0_loads_it() {
     let recorded = recorded["val_auc"].as_f64().unwrap();
 
     // Job 2: three fresh shards, two workers, everything loaded and frozen.
-    let text = std::fs::read_to_string(&job).unwrap().replace(
-        "epochs = 5",
-        &format!(
-            "epochs = 1\ninit_from = \"{}\"\nfreeze = [\"weights\", \"bias\"]",
-            ckpt_root.join("one").display()
-        ),
+    let edit = format!(
+        "epochs = 1\ninit_from = \"{}\"\nfreeze = [\"weights\", \"bias\"]",
+        ckpt_root.join("one").display()
     );
-    let job2 = dir.join("job2.toml");
-    std::fs::write(&job2, text).unwrap();
+    let job2 = a9a_job_edited(&dir, "job2.toml", &[("epochs = 5", &edit)]);
     let second: Vec<Server> = (0..3).map(|i| Server::start(i, 3)).collect();
     let addrs: Vec<&str> = second.iter().map(|s| s.addr.as_str()).collect();
     let addrs = addrs.join(",");
@@ -484,12 +481,14 @@ fn separate_workers_start_from_a_checkpoint_after_worker_0_loads_it() {
 #[test]
 fn worker_0_s_early_stop_reaches_workers_in_other_processes() {
     let dir = temp_dir("early-stop");
-    let text = std::fs::read_to_string(a9a_job(&dir))
-        .unwrap()
-        .replace("epochs = 5", "epochs = 12\nearly_stopping_patience = 1")
-        .replace("lr = 0.1", "lr = 0.5");
-    let job = dir.join("job-stop.toml");
-    std::fs::write(&job, text).unwrap();
+    let job = a9a_job_edited(
+        &dir,
+        "job-stop.toml",
+        &[
+            ("epochs = 5", "epochs = 12\nearly_stopping_patience = 1"),
+            ("lr = 0.1", "lr = 0.5"),
+        ],
+    );
     let servers = [Server::start(0, 2), Server::start(1, 2)];
     let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
     let reports = run_workers(&job, &addrs, 2, &dir, "stop");
@@ -541,11 +540,7 @@ fn sigterm_drains_then_writes_the_shutdown_checkpoint_and_json_logs_parse() {
         .unwrap()
         .to_string();
     // Train one epoch so the shard holds rows.
-    let job = a9a_job(&dir);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("epochs = 5", "epochs = 1");
-    std::fs::write(&job, text).unwrap();
+    let job = a9a_job_edited(&dir, "job.toml", &[("epochs = 5", "epochs = 1")]);
     let out = worker(&[
         "train",
         "--config",
