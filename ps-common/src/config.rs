@@ -350,6 +350,46 @@ pub struct TrainConfig {
     /// Learning-rate schedule: a factor on every table optimizer's rate,
     /// sent with each push (batch-norm statistics are never scaled).
     pub lr_schedule: LrSchedule,
+    /// How workers see each other's updates (see [`Consistency`]).
+    pub consistency: Consistency,
+    /// `ssp` only: steps the fastest worker may run ahead of the slowest
+    /// live one (0 is bulk-synchronous).
+    pub staleness: Option<u32>,
+    /// Under ssp, bsp and hybrid: seconds a worker may stay silent before
+    /// the others stop waiting for it (it rejoins when it reports again).
+    pub worker_lease_seconds: f64,
+}
+
+/// The consistency model of a job (`train.consistency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Every worker pulls and pushes at its own pace; the pull of step t+1
+    /// overlaps the compute of step t.
+    #[default]
+    Async,
+    /// Stale synchronous parallel: a worker's pull for step s waits until
+    /// every live worker has finished step s - staleness - 1 (its pushes
+    /// acknowledged).
+    Ssp,
+    /// Bulk synchronous: every worker's step s reads exactly the updates of
+    /// steps before s, as one worker on the union of the batches would.
+    Bsp,
+    /// Dense tables bulk-synchronous, sparse tables asynchronous (Persia's
+    /// hybrid): sparse rows are pulled ahead, dense tables in lockstep.
+    Hybrid,
+}
+
+impl Consistency {
+    /// The name used in job files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Async => "async",
+            Consistency::Ssp => "ssp",
+            Consistency::Bsp => "bsp",
+            Consistency::Hybrid => "hybrid",
+        }
+    }
 }
 
 /// A learning-rate schedule over a worker's steps (`[train.lr_schedule]`).
@@ -517,6 +557,9 @@ impl Default for TrainConfig {
             init_tables: Vec::new(),
             run_id: None,
             lr_schedule: LrSchedule::default(),
+            consistency: Consistency::Async,
+            staleness: None,
+            worker_lease_seconds: 30.0,
         }
     }
 }
@@ -673,6 +716,34 @@ impl JobConfig {
         t.lr_schedule
             .validate()
             .map_err(|e| ("train.lr_schedule".to_string(), e))?;
+        match (t.consistency, t.staleness) {
+            (Consistency::Ssp, None) => {
+                return Err((
+                    "train.staleness".into(),
+                    "consistency = \"ssp\" needs staleness = K (steps a worker may run ahead)"
+                        .into(),
+                ));
+            }
+            (Consistency::Ssp, Some(_)) | (_, None) => {}
+            (other, Some(_)) => {
+                return Err((
+                    "train.staleness".into(),
+                    format!(
+                        "only consistency = \"ssp\" takes a staleness (this job is {:?})",
+                        other.name()
+                    ),
+                ));
+            }
+        }
+        if !(t.worker_lease_seconds.is_finite()
+            && t.worker_lease_seconds >= 0.001
+            && t.worker_lease_seconds <= 86_400.0)
+        {
+            return Err((
+                "train.worker_lease_seconds".into(),
+                "must be between 0.001 and 86400".into(),
+            ));
+        }
         if let Some(name) = &t.best_checkpoint {
             if self.data.validation.is_none() {
                 return Err((

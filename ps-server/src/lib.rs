@@ -14,6 +14,7 @@
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
 pub mod checkpoint;
+pub mod clock;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

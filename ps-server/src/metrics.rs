@@ -27,9 +27,11 @@ pub enum Rpc {
     Checkpoint,
     /// `Assign`.
     Assign,
+    /// `Clock`.
+    Clock,
 }
 
-const RPCS: [(Rpc, &str); 7] = [
+const RPCS: [(Rpc, &str); 8] = [
     (Rpc::Describe, "describe"),
     (Rpc::CreateTable, "create_table"),
     (Rpc::Pull, "pull"),
@@ -37,6 +39,7 @@ const RPCS: [(Rpc, &str); 7] = [
     (Rpc::Stats, "stats"),
     (Rpc::Checkpoint, "checkpoint"),
     (Rpc::Assign, "assign"),
+    (Rpc::Clock, "clock"),
 ];
 
 /// Upper bounds (seconds) of the latency histogram buckets.

@@ -15,6 +15,7 @@ use ps_common::{PsError, TableKind, TableSpec, wire};
 use tonic::{Request, Response, Status};
 
 use crate::checkpoint;
+use crate::clock::{self, Clocks};
 use crate::metrics::Rpc;
 use crate::store::{RequestCounters, Shard};
 
@@ -43,7 +44,12 @@ pub struct ShardService {
     limits: Limits,
     /// Where Checkpoint writes; `None` refuses checkpoints.
     checkpoint_dir: Option<PathBuf>,
+    /// Workers' clocks (SSP/BSP), shared by every clone of this service.
+    clocks: Arc<Clocks>,
 }
+
+/// Longest one Clock call waits.
+const MAX_CLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ShardService {
     /// A service over `shard` enforcing `limits`, writing checkpoints under `checkpoint_dir`.
@@ -52,6 +58,7 @@ impl ShardService {
             shard,
             limits,
             checkpoint_dir,
+            clocks: Arc::new(Clocks::default()),
         }
     }
 
@@ -141,6 +148,7 @@ impl ShardService {
         self.check_keys(&req.table, req.keys.len())
             .map_err(|e| self.fail(e))?;
         let rows = req.keys.len() as u64;
+        let request_bytes = req.encoded_len() as u64;
         let (values, dim) = self
             .blocking(move |shard| {
                 let mut out = Vec::new();
@@ -153,7 +161,10 @@ impl ShardService {
             dim,
         };
         RequestCounters::add(&counters.rows_pulled, rows);
-        RequestCounters::add(&counters.pull_bytes, response.encoded_len() as u64);
+        RequestCounters::add(
+            &counters.pull_bytes,
+            request_bytes + response.encoded_len() as u64,
+        );
         Ok(Response::new(response))
     }
 
@@ -173,11 +184,12 @@ impl ShardService {
                 shard.push_scaled(&req.table, &req.keys, &grads, req.lr_scale.unwrap_or(1.0))
             })
             .await?;
-        RequestCounters::add(&counters.rows_pushed, applied as u64);
-        RequestCounters::add(&counters.push_bytes, bytes);
-        Ok(Response::new(pb::PushResponse {
+        let response = pb::PushResponse {
             rows_applied: applied as u64,
-        }))
+        };
+        RequestCounters::add(&counters.rows_pushed, applied as u64);
+        RequestCounters::add(&counters.push_bytes, bytes + response.encoded_len() as u64);
+        Ok(Response::new(response))
     }
 
     async fn assign_inner(
@@ -194,6 +206,34 @@ impl ShardService {
             .await?;
         Ok(Response::new(pb::AssignResponse {
             rows_assigned: assigned as u64,
+        }))
+    }
+
+    async fn clock_inner(
+        &self,
+        request: Request<pb::ClockRequest>,
+    ) -> Result<Response<pb::ClockResponse>, Status> {
+        RequestCounters::add(&self.shard.counters.clock, 1);
+        let req = request.into_inner();
+        let report = clock::Report {
+            job: req.job,
+            worker: req.worker,
+            workers: req.workers,
+            clock: req.clock,
+            wait_for: req.wait_for,
+            finished: req.finished,
+            lease: std::time::Duration::from_millis(req.lease_ms.into()),
+        };
+        let max_wait = std::time::Duration::from_millis(req.max_wait_ms.into()).min(MAX_CLOCK_WAIT);
+        let answer = self
+            .clocks
+            .report(report, max_wait)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::ClockResponse {
+            min_clock: answer.min_clock,
+            reached: answer.reached,
+            expired: answer.expired,
         }))
     }
 
@@ -256,6 +296,7 @@ impl ShardService {
                 push_bytes: c.push_bytes.load(Relaxed),
                 checkpoint: c.checkpoint.load(Relaxed),
                 assign: c.assign.load(Relaxed),
+                clock: c.clock.load(Relaxed),
             }),
         }))
     }
@@ -299,6 +340,13 @@ impl ParameterServer for ShardService {
         request: Request<pb::AssignRequest>,
     ) -> Result<Response<pb::AssignResponse>, Status> {
         self.observed(Rpc::Assign, self.assign_inner(request)).await
+    }
+
+    async fn clock(
+        &self,
+        request: Request<pb::ClockRequest>,
+    ) -> Result<Response<pb::ClockResponse>, Status> {
+        self.observed(Rpc::Clock, self.clock_inner(request)).await
     }
 
     async fn checkpoint(

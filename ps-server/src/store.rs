@@ -109,15 +109,17 @@ pub struct RequestCounters {
     pub checkpoint: AtomicU64,
     /// Assign requests.
     pub assign: AtomicU64,
+    /// Clock calls.
+    pub clock: AtomicU64,
     /// Calls answered with an error.
     pub errors: AtomicU64,
     /// Rows returned by pulls.
     pub rows_pulled: AtomicU64,
     /// Rows updated by pushes.
     pub rows_pushed: AtomicU64,
-    /// Encoded bytes of pull responses.
+    /// Encoded bytes of pull requests and their responses.
     pub pull_bytes: AtomicU64,
-    /// Encoded bytes of push requests.
+    /// Encoded bytes of push requests and their responses.
     pub push_bytes: AtomicU64,
 }
 

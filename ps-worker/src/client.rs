@@ -7,6 +7,11 @@
 //! the requests are handed to background tasks, with at most
 //! `max_pushes_in_flight` requests outstanding. The first push error is kept
 //! and returned by the next `push` or by [`PsClient::flush`]; none is dropped.
+//!
+//! A shard is reached over gRPC ([`PsClient::connect`]) or, for benchmarks
+//! and tests that want no network, by calling its service in this process
+//! ([`PsClient::in_process`]); everything above the link is the same code.
+//! The client counts payload bytes and times every pull and push request.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,14 +21,18 @@ use std::time::Duration;
 
 use prost::Message;
 use ps_common::pb::parameter_server_client::ParameterServerClient;
+use ps_common::pb::parameter_server_server::ParameterServer;
 use ps_common::pb::{self};
 use ps_common::routing::Placement;
 use ps_common::{PsError, ShardRouter, TableSpec, wire};
+use ps_server::service::ShardService;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
 
 use crate::dedup::UniqueKeys;
+use crate::latency::Latencies;
 
 /// How a client connects and how many pushes it keeps in flight.
 #[derive(Debug, Clone)]
@@ -55,10 +64,30 @@ pub struct ByteCounts {
     pub push_bytes: u64,
 }
 
+/// How requests reach a shard.
+#[derive(Debug, Clone)]
+enum Link {
+    /// Over the network.
+    Grpc(ParameterServerClient<Channel>),
+    /// By calling the shard's service in this process: no encoding, no socket.
+    InProcess(ShardService),
+}
+
+/// Calls RPC `$rpc` with `$request` over `$link`; the answer's message or status.
+macro_rules! call {
+    ($link:expr, $rpc:ident, $request:expr) => {
+        match $link {
+            Link::Grpc(client) => client.clone().$rpc($request).await,
+            Link::InProcess(service) => service.$rpc(Request::new($request)).await,
+        }
+        .map(tonic::Response::into_inner)
+    };
+}
+
 #[derive(Debug, Clone)]
 struct ShardConn {
     addr: String,
-    client: ParameterServerClient<Channel>,
+    link: Link,
     /// Most keys one request to this shard may carry.
     max_keys: usize,
     /// Largest request this shard accepts, in bytes.
@@ -66,6 +95,17 @@ struct ShardConn {
 }
 
 impl ShardConn {
+    fn new(addr: String, link: Link, described: &pb::DescribeResponse) -> ShardConn {
+        ShardConn {
+            addr,
+            link,
+            max_keys: usize::try_from(described.max_keys_per_request)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            max_bytes: usize::try_from(described.max_request_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
     fn error(&self, shard: usize, status: tonic::Status) -> PsError {
         PsError::Shard {
             shard,
@@ -100,6 +140,8 @@ struct Inner {
     push_error: Mutex<Option<PsError>>,
     pull_bytes: AtomicU64,
     push_bytes: AtomicU64,
+    pull_latency: Latencies,
+    push_latency: Latencies,
 }
 
 /// A connection to all shards of a job. Cheap to clone; clones share state.
@@ -138,19 +180,50 @@ impl PsClient {
             }
             shards[i] = Some(conn);
         }
+        Ok(Self::over(shards.into_iter().flatten().collect(), config))
+    }
+
+    /// A client calling the services of `shards` (in shard order) directly,
+    /// in this process. Limits are taken from each service, as over gRPC.
+    pub async fn in_process(
+        shards: Vec<ShardService>,
+        config: &ClientConfig,
+    ) -> Result<PsClient, PsError> {
+        let mut conns = Vec::with_capacity(shards.len());
+        for (i, service) in shards.into_iter().enumerate() {
+            let described = service
+                .describe(Request::new(pb::DescribeRequest {}))
+                .await
+                .map_err(|s| PsError::Internal(format!("in-process shard {i}: {s}")))?
+                .into_inner();
+            conns.push(ShardConn::new(
+                format!("in-process:{i}"),
+                Link::InProcess(service),
+                &described,
+            ));
+        }
+        if conns.is_empty() {
+            return Err(PsError::invalid("at least one shard is required"));
+        }
+        Ok(Self::over(conns, config))
+    }
+
+    fn over(shards: Vec<ShardConn>, config: &ClientConfig) -> PsClient {
         let in_flight = config.max_pushes_in_flight.clamp(1, Semaphore::MAX_PERMITS) as u32;
-        Ok(PsClient {
+        PsClient {
             inner: Arc::new(Inner {
-                shards: shards.into_iter().flatten().collect(),
-                router: ShardRouter::new(addrs.len() as u32),
+                router: ShardRouter::new(shards.len() as u32),
+                shards,
                 tables: RwLock::new(HashMap::new()),
                 push_slots: Arc::new(Semaphore::new(in_flight as usize)),
                 max_pushes_in_flight: in_flight,
                 push_error: Mutex::new(None),
                 pull_bytes: AtomicU64::new(0),
                 push_bytes: AtomicU64::new(0),
+                pull_latency: Latencies::default(),
+                push_latency: Latencies::default(),
             }),
-        })
+        }
     }
 
     /// Number of shards.
@@ -164,9 +237,9 @@ impl PsClient {
         let request = pb::CreateTableRequest {
             spec: Some(spec.into()),
         };
-        self.on_every_shard(move |mut client| {
+        self.on_every_shard(move |shard| {
             let request = request.clone();
-            async move { client.create_table(request).await }
+            async move { call!(&shard.link, create_table, request) }
         })
         .await?;
         self.inner
@@ -228,16 +301,14 @@ impl PsClient {
                     table: table.to_string(),
                     keys: chunk_keys.to_vec(),
                 };
-                let (mut shard, positions, inner) =
+                let (shard, positions, inner) =
                     (shard.clone(), chunk_pos.to_vec(), Arc::clone(&self.inner));
                 tasks.spawn(async move {
                     let sent = request.encoded_len();
-                    let response = shard
-                        .client
-                        .pull(request)
-                        .await
-                        .map_err(|s| shard.error(shard_id, s))?
-                        .into_inner();
+                    let started = std::time::Instant::now();
+                    let response =
+                        call!(&shard.link, pull, request).map_err(|s| shard.error(shard_id, s))?;
+                    inner.pull_latency.record(started.elapsed());
                     inner
                         .pull_bytes
                         .fetch_add((sent + response.encoded_len()) as u64, Ordering::Relaxed);
@@ -269,17 +340,14 @@ impl PsClient {
         let info = self.table(table)?;
         check_gradient_len(table, info.dim, keys, values)?;
         let mut tasks = JoinSet::new();
-        for (shard_id, mut shard, keys, rows) in self.chunks_with_rows(info, keys, values) {
+        for (shard_id, shard, keys, rows) in self.chunks_with_rows(info, keys, values) {
             let request = pb::AssignRequest {
                 table: table.to_string(),
                 keys,
                 values: wire::encode_f32s(&rows),
             };
             tasks.spawn(async move {
-                shard
-                    .client
-                    .assign(request)
-                    .await
+                call!(&shard.link, assign, request)
                     .map_err(|s| shard.error(shard_id, s))
                     .map(drop)
             });
@@ -346,7 +414,7 @@ impl PsClient {
                 grads[i]
             )));
         }
-        for (shard_id, mut shard, chunk_keys, values) in self.chunks_with_rows(info, keys, grads) {
+        for (shard_id, shard, chunk_keys, values) in self.chunks_with_rows(info, keys, grads) {
             let request = pb::PushRequest {
                 table: table.to_string(),
                 keys: chunk_keys,
@@ -360,9 +428,11 @@ impl PsClient {
             let inner = Arc::clone(&self.inner);
             tokio::spawn(async move {
                 let sent = request.encoded_len();
-                match shard.client.push(request).await {
+                let started = std::time::Instant::now();
+                match call!(&shard.link, push, request) {
                     Ok(response) => {
-                        let received = response.get_ref().encoded_len();
+                        inner.push_latency.record(started.elapsed());
+                        let received = response.encoded_len();
                         inner
                             .push_bytes
                             .fetch_add((sent + received) as u64, Ordering::Relaxed);
@@ -409,6 +479,21 @@ impl PsClient {
         }
     }
 
+    /// Reports this worker's clock to shard 0, which keeps the job's
+    /// clocks, and waits until every live worker's clock is at least
+    /// `request.wait_for`; a server-side wait that times out is renewed
+    /// (which also renews this worker's lease) until the bound is reached.
+    pub async fn clock(&self, request: pb::ClockRequest) -> Result<pb::ClockResponse, PsError> {
+        let shard = &self.inner.shards[0];
+        loop {
+            let answer =
+                call!(&shard.link, clock, request.clone()).map_err(|s| shard.error(0, s))?;
+            if answer.reached {
+                return Ok(answer);
+            }
+        }
+    }
+
     /// Asks every shard to write checkpoint `name` (each under its own
     /// `--checkpoint-dir`); returns each shard's answer, in shard order.
     /// Call [`PsClient::flush`] first so this worker's pushes are included.
@@ -416,16 +501,16 @@ impl PsClient {
         let request = pb::CheckpointRequest {
             name: name.to_string(),
         };
-        self.on_every_shard(move |mut client| {
+        self.on_every_shard(move |shard| {
             let request = request.clone();
-            async move { client.checkpoint(request).await }
+            async move { call!(&shard.link, checkpoint, request) }
         })
         .await
     }
 
     /// Stats of every shard, in shard order.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, PsError> {
-        self.on_every_shard(|mut client| async move { client.stats(pb::StatsRequest {}).await })
+        self.on_every_shard(|shard| async move { call!(&shard.link, stats, pb::StatsRequest {}) })
             .await
     }
 
@@ -433,22 +518,28 @@ impl PsClient {
     async fn on_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<T>, PsError>
     where
         T: Send + 'static,
-        F: Fn(ParameterServerClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
+        F: Fn(ShardConn) -> Fut,
+        Fut: Future<Output = Result<T, Status>> + Send + 'static,
     {
         let mut tasks = JoinSet::new();
         for (i, shard) in self.inner.shards.iter().enumerate() {
-            let (answer, shard) = (call(shard.client.clone()), shard.clone());
-            tasks.spawn(async move {
-                answer
-                    .await
-                    .map(|r| (i, r.into_inner()))
-                    .map_err(|s| shard.error(i, s))
-            });
+            let (answer, shard) = (call(shard.clone()), shard.clone());
+            tasks.spawn(async move { answer.await.map(|r| (i, r)).map_err(|s| shard.error(i, s)) });
         }
         let mut all = join_all_ok(tasks).await?;
         all.sort_by_key(|(i, _)| *i);
         Ok(all.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Latency of this client's pull requests (one per shard and chunk),
+    /// from sending to the decoded answer.
+    pub fn pull_latency(&self) -> &Latencies {
+        &self.inner.pull_latency
+    }
+
+    /// Latency of this client's push requests, from sending to the ack.
+    pub fn push_latency(&self) -> &Latencies {
+        &self.inner.push_latency
     }
 
     /// Payload bytes sent and received so far.
@@ -561,14 +652,7 @@ async fn connect_one(
         .await
         .map_err(|s| fail(s.code(), s.message().to_string()))?
         .into_inner();
-    let conn = ShardConn {
-        addr: addr.clone(),
-        client,
-        max_keys: usize::try_from(described.max_keys_per_request)
-            .unwrap_or(usize::MAX)
-            .max(1),
-        max_bytes: usize::try_from(described.max_request_bytes).unwrap_or(usize::MAX),
-    };
+    let conn = ShardConn::new(addr.clone(), Link::Grpc(client), &described);
     Ok((conn, described))
 }
 

@@ -72,6 +72,11 @@ pub struct Report {
     pub best_epoch: Option<usize>,
     /// Whether early stopping ended training before `train.epochs`.
     pub stopped_early: bool,
+    /// `train.consistency`: async, ssp, bsp or hybrid.
+    pub consistency: &'static str,
+    /// Under ssp/bsp/hybrid: the largest staleness any worker's pull was
+    /// released with (at most `train.staleness` under ssp, 0 under bsp).
+    pub max_staleness: Option<u64>,
 }
 
 impl Report {
@@ -112,6 +117,8 @@ impl Report {
                 .unwrap_or_default(),
             best_epoch: summaries.first().and_then(|s| s.best_epoch),
             stopped_early: summaries.iter().any(|s| s.stopped_early),
+            consistency: job.train.consistency.name(),
+            max_staleness: summaries.iter().filter_map(|s| s.max_staleness).max(),
         }
     }
 

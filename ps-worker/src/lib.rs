@@ -24,9 +24,11 @@
 pub mod backend;
 pub mod client;
 pub mod cluster;
+pub mod consistency;
 pub mod data;
 pub mod dedup;
 pub mod job;
+pub mod latency;
 pub mod metrics;
 pub mod model;
 pub mod progress;

@@ -8,6 +8,18 @@ use ps_common::{InitializerSpec, OptimizerSpec, PsError, TableKind, TableSpec};
 
 use crate::client::PsClient;
 
+/// The identity of `job`'s run that every worker derives alike, wherever
+/// its files are: a hash of the model, the table specs and `train.run_id`.
+pub fn run_identity(job: &JobConfig) -> u64 {
+    let identity = format!(
+        "{:?}|{:?}|{:?}",
+        job.model,
+        job.table_specs(),
+        job.train.run_id
+    );
+    fnv1a64(identity.as_bytes())
+}
+
 /// A flag every worker of one job can raise and read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signal {
@@ -20,15 +32,8 @@ impl Signal {
     /// model, the table specs and `train.run_id`, not paths); another job or
     /// run on the same servers derives another.
     pub fn new(job: &JobConfig, what: &str) -> Signal {
-        let identity = format!(
-            "{:?}|{:?}|{:?}",
-            job.model,
-            job.table_specs(),
-            job.train.run_id
-        );
-        let id = fnv1a64(identity.as_bytes());
         Signal {
-            table: format!("_ps.{what}.{id:016x}"),
+            table: format!("_ps.{what}.{:016x}", run_identity(job)),
         }
     }
 

@@ -19,6 +19,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendError};
 use crate::client::PsClient;
+use crate::consistency::{Gate, Schedule};
 use crate::data::{Batch, Batches, DataError};
 use crate::metrics::BinaryMetrics;
 use crate::model::{Mode, Model, Pulled};
@@ -68,6 +69,9 @@ pub struct TrainSummary {
     pub best_epoch: Option<usize>,
     /// True when early stopping ended training before `train.epochs`.
     pub stopped_early: bool,
+    /// Under ssp/bsp/hybrid: the largest staleness any pull of this worker
+    /// was released with (steps the slowest live worker had not finished).
+    pub max_staleness: Option<u64>,
 }
 
 /// One epoch of one worker.
@@ -88,51 +92,109 @@ pub struct EpochRecord {
     pub val_task_auc: Vec<f64>,
 }
 
-/// Batches paired with their pulled parameters, one pull running ahead.
-struct Prefetched<I> {
+/// Batches paired with their pulled parameters, one pull running ahead
+/// (as far as the job's consistency model allows: see [`Gate`]).
+pub struct Prefetched<I> {
     runtime: Handle,
     client: PsClient,
     model: Arc<Model>,
     batches: I,
+    gate: Option<Arc<Gate>>,
+    /// The step of the next batch handed out.
+    step: u64,
     pending: Option<JoinHandle<Result<Pulled, PsError>>>,
 }
 
 impl<I: Iterator<Item = Result<Batch, DataError>>> Prefetched<I> {
-    fn new(runtime: &Handle, client: &PsClient, model: &Arc<Model>, batches: I) -> Self {
+    /// Pulls for `model`'s tables through `client` on `runtime`, with no
+    /// consistency gate (async training, evaluation).
+    pub fn new(runtime: &Handle, client: &PsClient, model: &Arc<Model>, batches: I) -> Self {
         Prefetched {
             runtime: runtime.clone(),
             client: client.clone(),
             model: Arc::clone(model),
             batches,
+            gate: None,
+            step: 0,
             pending: None,
         }
     }
 
-    /// Starts the pull of the next batch, if there is one.
-    fn start_next(&mut self) -> Result<(), TrainError> {
+    /// Orders pulls through `gate`; the first batch is step `first_step`
+    /// of this worker.
+    pub fn with_gate(mut self, gate: Option<Arc<Gate>>, first_step: u64) -> Self {
+        self.gate = gate;
+        self.step = first_step;
+        self
+    }
+
+    fn schedule(&self) -> Option<Schedule> {
+        self.gate.as_ref().map(|g| g.schedule())
+    }
+
+    /// Starts the pull of the next batch (step `step`), if there is one.
+    fn start_next(&mut self, step: u64) -> Result<(), TrainError> {
         if let Some(batch) = self.batches.next().transpose()? {
-            let (client, model) = (self.client.clone(), Arc::clone(&self.model));
-            self.pending = Some(
-                self.runtime
-                    .spawn(async move { model.pull(&client, &batch).await }),
+            let (client, model, gate) = (
+                self.client.clone(),
+                Arc::clone(&self.model),
+                self.gate.clone(),
             );
+            self.pending = Some(self.runtime.spawn(async move {
+                match gate {
+                    Some(gate) if gate.schedule() == Schedule::Hybrid => {
+                        model.pull_sparse(&client, &batch).await
+                    }
+                    Some(gate) => {
+                        gate.ahead(step).await?;
+                        model.pull(&client, &batch).await
+                    }
+                    None => model.pull(&client, &batch).await,
+                }
+            }));
         }
         Ok(())
     }
 
-    /// The next batch with its parameters; the pull after it is started first.
-    fn next_pulled(&mut self) -> Result<Option<Pulled>, TrainError> {
+    /// The next batch with its parameters; the pull after it is started
+    /// first, except in lockstep, where it must wait for this step's pushes.
+    /// Must be called from a thread that is not a runtime worker.
+    pub fn next_pulled(&mut self) -> Result<Option<Pulled>, TrainError> {
+        let step = self.step;
+        if let (Some(Schedule::Lockstep), Some(gate)) = (self.schedule(), self.gate.clone()) {
+            let Some(batch) = self.batches.next().transpose()? else {
+                return Ok(None);
+            };
+            let model = Arc::clone(&self.model);
+            let pulled = self.runtime.block_on(async {
+                gate.before_pull(step).await?;
+                let pulled = model.pull(&self.client, &batch).await?;
+                gate.after_pull(step).await?;
+                Ok::<_, PsError>(pulled)
+            })?;
+            self.step += 1;
+            return Ok(Some(pulled));
+        }
         if self.pending.is_none() {
-            self.start_next()?;
+            self.start_next(step)?;
         }
         let Some(current) = self.pending.take() else {
             return Ok(None);
         };
-        self.start_next()?;
-        let pulled = self
+        self.start_next(step + 1)?;
+        let mut pulled = self
             .runtime
             .block_on(current)
             .map_err(|e| TrainError::Task(e.to_string()))??;
+        if let (Some(Schedule::Hybrid), Some(gate)) = (self.schedule(), self.gate.clone()) {
+            let model = Arc::clone(&self.model);
+            self.runtime.block_on(async {
+                gate.before_pull(step).await?;
+                model.pull_dense(&self.client, &mut pulled).await?;
+                gate.after_pull(step).await
+            })?;
+        }
+        self.step += 1;
         Ok(Some(pulled))
     }
 }
@@ -209,6 +271,7 @@ impl Run<'_> {
         let progress = Progress::new(self.rank, train.log_every);
         let stopped = Signal::new(job, "stop");
         let mut reported_bytes = client.bytes();
+        let gate = Gate::for_job(client, job, self.rank, self.world).map(Arc::new);
         for epoch in 1..=train.epochs {
             if self.stop_requested(&stopped)? {
                 summary.stopped_early |= self.rank != 0;
@@ -222,7 +285,8 @@ impl Run<'_> {
                 train.batch_size,
                 &bad_lines,
             )?;
-            let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD));
+            let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD))
+                .with_gate(gate.clone(), summary.steps);
             let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
             while let Some(params) = pulled.next_pulled()? {
                 if self.stop.load(Ordering::Relaxed)
@@ -307,6 +371,10 @@ impl Run<'_> {
         }
         progress.finish();
         runtime.block_on(client.flush())?;
+        if let Some(gate) = &gate {
+            runtime.block_on(gate.finish())?;
+            summary.max_staleness = Some(gate.max_staleness());
+        }
         summary.bad_lines = bad_lines.load(Ordering::Relaxed);
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)

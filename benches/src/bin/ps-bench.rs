@@ -5,6 +5,8 @@
 //! - `compute`: a worker's forward+backward samples/s for a job's model on a
 //!   device, with parameters in memory (no servers): the compute part of a
 //!   training step, CPU against GPU.
+//! - `ctr26`: the benchmark workload of `shared/bench/ctr26.md`, end to end
+//!   through real shards (loopback gRPC, or `--in-memory`).
 //! - `gen-ctr26`: writes ctr26 samples as a libffm file for end-to-end runs.
 //! - `gen-tasks`: writes the planted two-task data of the multi-task example.
 //!
@@ -17,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use ps_benches::ctr26;
+use ps_benches::{ctr26, throughput};
 use ps_common::config::{Device, JobConfig};
 use ps_worker::backend::conformance::Rng;
 use ps_worker::backend::cpu::CpuBackend;
@@ -68,6 +70,28 @@ enum Command {
         #[arg(long, default_value = "ctr26")]
         data: String,
     },
+    /// The ctr26 workload end to end: M shards, N workers, batch 4096,
+    /// warm-up then three timed windows; one JSON line.
+    Ctr26 {
+        /// Shards.
+        #[arg(long, default_value_t = 2)]
+        servers: u32,
+        /// Workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Steps per worker in each of the three timed windows.
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+        /// Warm-up steps per worker.
+        #[arg(long, default_value_t = 20)]
+        warmup: usize,
+        /// Call the shards' services in this process (no network, no encoding).
+        #[arg(long)]
+        in_memory: bool,
+        /// Pre-generated batches per worker, reused in a cycle.
+        #[arg(long, default_value_t = 32)]
+        pool: usize,
+    },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
@@ -104,6 +128,23 @@ fn main() -> anyhow::Result<()> {
             steps,
             data,
         } => compute(&config, device, batch_size, steps, &data),
+        Command::Ctr26 {
+            servers,
+            workers,
+            steps,
+            warmup,
+            in_memory,
+            pool,
+        } => ctr26_bench(
+            &throughput::Setup {
+                servers,
+                workers,
+                warmup,
+                steps,
+                in_memory,
+            },
+            pool,
+        ),
         Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
         }),
@@ -332,5 +373,40 @@ fn compute(
         (samples * steps) as f64 / seconds,
         seconds * 1e3 / steps as f64
     );
+    Ok(())
+}
+
+/// The ctr26 job: `examples/ctr26.toml` (its data path is not read).
+fn ctr26_job() -> anyhow::Result<JobConfig> {
+    JobConfig::from_toml(include_str!("../../../examples/ctr26.toml"), Path::new("."))
+        .context("examples/ctr26.toml no longer parses")
+}
+
+fn ctr26_bench(setup: &throughput::Setup, pool: usize) -> anyhow::Result<()> {
+    if setup.servers == 0 || setup.workers == 0 || setup.steps == 0 || pool == 0 {
+        bail!("--servers, --workers, --steps and --pool must be at least 1");
+    }
+    let job = ctr26_job()?;
+    let pools = (0..setup.workers)
+        .map(|w| {
+            let mut g = ctr26::Generator::new(1000 + w as u64);
+            (0..pool).map(|_| g.batch(job.train.batch_size)).collect()
+        })
+        .collect();
+    let m = throughput::run(&job, setup, pools)?;
+    let mut line = serde_json::json!({
+        "bench": "ctr26",
+        "transport": if setup.in_memory { "in_memory" } else { "grpc" },
+        "servers": setup.servers,
+        "workers": setup.workers,
+        "batch_size": job.train.batch_size,
+        "warmup_steps": setup.warmup,
+    });
+    if let (Some(obj), serde_json::Value::Object(measured)) =
+        (line.as_object_mut(), serde_json::to_value(&m)?)
+    {
+        obj.extend(measured);
+    }
+    println!("{line}");
     Ok(())
 }

@@ -402,9 +402,50 @@ impl Model {
     /// Pulls every row the batch needs, all tables in parallel.
     pub async fn pull(&self, client: &PsClient, batch: &Batch) -> Result<Pulled, PsError> {
         let (keys, plan) = self.plan(batch);
-        let keys = Arc::new(keys);
+        let (sparse, dense) = tokio::try_join!(
+            self.pull_tables(client, &self.sparse, &keys),
+            self.pull_tables(client, &self.dense, &[])
+        )?;
+        Ok(Pulled {
+            keys,
+            plan,
+            labels: batch.labels.clone(),
+            sparse,
+            dense,
+        })
+    }
+
+    /// The batch's plan and its sparse tables' rows; `dense` is left empty
+    /// for [`Model::pull_dense`] (hybrid consistency pulls them apart).
+    pub async fn pull_sparse(&self, client: &PsClient, batch: &Batch) -> Result<Pulled, PsError> {
+        let (keys, plan) = self.plan(batch);
+        let sparse = self.pull_tables(client, &self.sparse, &keys).await?;
+        Ok(Pulled {
+            keys,
+            plan,
+            labels: batch.labels.clone(),
+            sparse,
+            dense: Vec::new(),
+        })
+    }
+
+    /// Pulls every dense table into `pulled.dense`.
+    pub async fn pull_dense(&self, client: &PsClient, pulled: &mut Pulled) -> Result<(), PsError> {
+        pulled.dense = self.pull_tables(client, &self.dense, &[]).await?;
+        Ok(())
+    }
+
+    /// Rows of `tables`, all pulled in parallel: the rows of `keys` for a
+    /// sparse table, every row for a dense one.
+    async fn pull_tables(
+        &self,
+        client: &PsClient,
+        tables: &[TableUse],
+        keys: &[u64],
+    ) -> Result<Vec<Vec<f32>>, PsError> {
+        let keys: Arc<[u64]> = keys.into();
         let mut tasks = tokio::task::JoinSet::new();
-        for (slot, table) in self.sparse.iter().chain(&self.dense).enumerate() {
+        for (slot, table) in tables.iter().enumerate() {
             let (client, name, keys) = (client.clone(), table.name.clone(), Arc::clone(&keys));
             let rows = table.rows;
             tasks.spawn(async move {
@@ -418,20 +459,13 @@ impl Model {
                 Ok::<_, PsError>((slot, rows))
             });
         }
-        let mut slots = vec![Vec::new(); self.sparse.len() + self.dense.len()];
+        let mut slots = vec![Vec::new(); tables.len()];
         while let Some(joined) = tasks.join_next().await {
             let (slot, rows) =
                 joined.map_err(|e| PsError::Internal(format!("pull task failed: {e}")))??;
             slots[slot] = rows;
         }
-        let dense = slots.split_off(self.sparse.len());
-        Ok(Pulled {
-            keys: Arc::try_unwrap(keys).unwrap_or_else(|k| (*k).clone()),
-            plan,
-            labels: batch.labels.clone(),
-            sparse: slots,
-            dense,
-        })
+        Ok(slots)
     }
 
     /// Pushes gradients asynchronously (see [`PsClient::push_unique`]),
