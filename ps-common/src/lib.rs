@@ -16,6 +16,7 @@
 pub mod config;
 pub mod error;
 pub mod init;
+pub mod memory;
 pub mod routing;
 pub mod table;
 pub mod wire;

@@ -114,6 +114,7 @@ struct GenArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    ps_common::memory::keep_freed_memory();
     match Cli::parse().command {
         Command::Kernels {
             device,

@@ -54,9 +54,14 @@ struct Args {
     log_format: LogFormat,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> anyhow::Result<()> {
+    ps_common::memory::keep_freed_memory();
+    tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")?
+        .block_on(serve(Args::parse()))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     ps_server::logging::init(args.log_format);
     let config = ServerConfig {
         shard_id: args.shard_id,

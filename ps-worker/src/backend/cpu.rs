@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use super::{
     Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
@@ -27,6 +27,58 @@ fn rows_match_plan(
     plan: &SparsePlan,
 ) -> Result<(), BackendError> {
     check_plan_rows(op, rows.nrows(), plan.unique)
+}
+
+/// `a @ v` as a column, for the output layers (one column), which the
+/// packing of a general matrix product makes slow: row dot products when
+/// `a` is row-major, row-scaled sums when it is a transposed row-major one.
+fn matvec(a: &ArrayView2<f32>, v: &ArrayView1<f32>) -> Array2<f32> {
+    let mut out = vec![0f32; a.nrows()];
+    if let (Some(rows), Some(v)) = (a.as_slice(), v.as_slice()) {
+        let k = a.ncols();
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(k.max(1))) {
+            *o = dot(row, v);
+        }
+    } else if let (Some(cols), Some(v)) = (a.t().as_slice(), v.as_slice()) {
+        // a = xᵀ with x row-major: out = Σ_k v[k] · x[k, :].
+        let n = a.nrows();
+        for (x_row, &vk) in cols.chunks_exact(n.max(1)).zip(v) {
+            for (o, x) in out.iter_mut().zip(x_row) {
+                *o += vk * x;
+            }
+        }
+    } else {
+        for (o, row) in out.iter_mut().zip(a.outer_iter()) {
+            *o = row.dot(v);
+        }
+    }
+    Array1::from(out).insert_axis(Axis(1))
+}
+
+/// A dot product in 8 independent lanes (so it vectorizes), lanes summed
+/// in order at the end.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `values` (row-major, `dim` per row) as a matrix.
+fn from_rows(op: &'static str, values: Vec<f32>, dim: usize) -> Result<Array2<f32>, BackendError> {
+    let rows = values.len().checked_div(dim).unwrap_or(0);
+    Array2::from_shape_vec((rows, dim), values)
+        .map_err(|e| shape_error(op, format!("{rows} x {dim}: {e}")))
 }
 
 impl Backend for CpuBackend {
@@ -82,16 +134,22 @@ impl Backend for CpuBackend {
     ) -> Result<Array2<f32>, BackendError> {
         rows_match_plan("gather_pool", rows, plan)?;
         let stride = plan.stride(pooling);
-        let mut out = Array2::<f32>::zeros((plan.pooled_rows(pooling), rows.ncols()));
-        for (o, mut target) in out.outer_iter_mut().enumerate() {
+        let dim = rows.ncols();
+        let rows = rows.as_standard_layout();
+        let table = rows.as_slice().unwrap_or_default();
+        let mut out = vec![0f32; plan.pooled_rows(pooling) * dim];
+        // Plain slices: ndarray row views cost more than the 16 adds they hold.
+        for (o, target) in out.chunks_exact_mut(dim.max(1)).enumerate() {
             let range = plan.segment_offsets[o * stride] as usize
                 ..plan.segment_offsets[(o + 1) * stride] as usize;
             for e in range {
-                let x = plan.entry_value[e];
-                target.scaled_add(x, &rows.row(plan.entry_row[e] as usize));
+                let (x, r) = (plan.entry_value[e], plan.entry_row[e] as usize);
+                for (t, v) in target.iter_mut().zip(&table[r * dim..(r + 1) * dim]) {
+                    *t += x * v;
+                }
             }
         }
-        Ok(out)
+        from_rows("gather_pool", out, dim)
     }
 
     fn scatter_pool(
@@ -111,16 +169,24 @@ impl Backend for CpuBackend {
             ));
         }
         let stride = plan.stride(pooling) as u32;
-        let mut out = Array2::<f32>::zeros((plan.unique, grad.ncols()));
-        for (u, mut target) in out.outer_iter_mut().enumerate() {
+        let dim = grad.ncols();
+        let grad = grad.as_standard_layout();
+        let pooled = grad.as_slice().unwrap_or_default();
+        let mut out = vec![0f32; plan.unique * dim];
+        for (u, target) in out.chunks_exact_mut(dim.max(1)).enumerate() {
             let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
             for &e in &plan.row_entries[range] {
                 let e = e as usize;
-                let o = (plan.entry_segment[e] / stride) as usize;
-                target.scaled_add(plan.entry_value[e], &grad.row(o));
+                let (x, o) = (
+                    plan.entry_value[e],
+                    (plan.entry_segment[e] / stride) as usize,
+                );
+                for (t, g) in target.iter_mut().zip(&pooled[o * dim..(o + 1) * dim]) {
+                    *t += x * g;
+                }
             }
         }
-        Ok(out)
+        from_rows("scatter_pool", out, dim)
     }
 
     fn fm_forward(
@@ -205,7 +271,24 @@ impl Backend for CpuBackend {
                 format!("{:?} @ {:?}", a.dim(), b.dim()),
             ));
         }
-        Ok(a.dot(&b))
+        if b.ncols() == 1 {
+            return Ok(matvec(&a, &b.column(0)));
+        }
+        if a.ncols() == 1 {
+            // An outer product (the gradient into an output layer's input).
+            let (col, row) = (a.column(0), b.row(0));
+            let mut c = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+            for (mut out, &x) in c.outer_iter_mut().zip(col) {
+                out.zip_mut_with(&row, |o, &w| *o = x * w);
+            }
+            return Ok(c);
+        }
+        // Written into a row-major output: `dot` picks a column-major one
+        // when both operands are (a column vector is), and every consumer
+        // (reshape, row iteration, download) wants row-major.
+        let mut c = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+        ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+        Ok(c)
     }
 
     fn softmax_rows(&self, x: &Array2<f32>) -> Result<Array2<f32>, BackendError> {

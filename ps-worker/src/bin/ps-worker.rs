@@ -129,6 +129,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    ps_common::memory::keep_freed_memory();
     let cli = Cli::parse();
     ps_server::logging::init(cli.log_format);
     // Kept alive for the whole run: the metrics endpoint's runtime.
