@@ -21,7 +21,8 @@ use ps_worker::client::{ByteCounts, PsClient};
 use ps_worker::cluster::LocalCluster;
 use ps_worker::data::Batch;
 use ps_worker::job::client_config;
-use ps_worker::model::{Mode, Model};
+use ps_worker::model::{Mode, Model, push_updates};
+use ps_worker::traffic::Holdback;
 use ps_worker::trainer::Prefetched;
 use tokio::runtime::Runtime;
 
@@ -70,6 +71,15 @@ pub struct Measured {
     pub loss_end: f64,
 }
 
+/// What every worker thread shares.
+struct Shared {
+    job: JobConfig,
+    model: Arc<Model>,
+    setup: Setup,
+    barrier: Barrier,
+    runtime: tokio::runtime::Handle,
+}
+
 /// Runs `job`'s model on `setup`, worker `w` cycling through `pools[w]`.
 pub fn run(job: &JobConfig, setup: &Setup, pools: Vec<Vec<Batch>>) -> anyhow::Result<Measured> {
     anyhow::ensure!(
@@ -112,20 +122,21 @@ pub fn run(job: &JobConfig, setup: &Setup, pools: Vec<Vec<Batch>>) -> anyhow::Re
         anyhow::Ok((clients, cluster))
     })?;
 
-    let model = Arc::new(Model::from_job(job));
     // The main thread plus every worker meet before warm-up, after warm-up
     // and after each window.
-    let barrier = Arc::new(Barrier::new(setup.workers + 1));
+    let shared = Arc::new(Shared {
+        job: job.clone(),
+        model: Arc::new(Model::from_job(job)),
+        setup: setup.clone(),
+        barrier: Barrier::new(setup.workers + 1),
+        runtime: runtime.handle().clone(),
+    });
+    let barrier = &shared.barrier;
     let mut handles = Vec::new();
     for (rank, (client, pool)) in clients.iter().cloned().zip(pools).enumerate() {
-        let (handle, model, barrier, setup) = (
-            runtime.handle().clone(),
-            Arc::clone(&model),
-            Arc::clone(&barrier),
-            setup.clone(),
-        );
+        let shared = Arc::clone(&shared);
         handles.push(std::thread::spawn(move || {
-            worker(rank, &handle, &client, &model, pool, &setup, &barrier)
+            worker(&shared, rank, &client, pool)
         }));
     }
     let mut marks = Vec::new();
@@ -202,19 +213,24 @@ pub fn run(job: &JobConfig, setup: &Setup, pools: Vec<Vec<Batch>>) -> anyhow::Re
 /// timed step. A failed worker still meets the others at every barrier, so
 /// the run ends and reports its error.
 fn worker(
+    shared: &Shared,
     rank: usize,
-    runtime: &tokio::runtime::Handle,
     client: &PsClient,
-    model: &Arc<Model>,
     pool: Vec<Batch>,
-    setup: &Setup,
-    barrier: &Barrier,
 ) -> anyhow::Result<Vec<f64>> {
+    let Shared {
+        job,
+        model,
+        setup,
+        barrier,
+        runtime,
+    } = shared;
     let mut pulled = Prefetched::new(runtime, client, model, pool.into_iter().cycle().map(Ok));
     let backend = CpuBackend;
     let mut losses = Vec::new();
     let mut step = 0u64;
     let mut failure = None;
+    let mut holdback = Holdback::for_job(job);
     barrier.wait();
     for phase in 0..WINDOWS + 1 {
         let n = if phase == 0 {
@@ -228,7 +244,11 @@ fn worker(
                 let seed = mix64(step ^ ((rank as u64) << 48));
                 let output = model.compute(&backend, &params, Mode::Train { seed })?;
                 let grads = output.grads.context("training produced no gradients")?;
-                runtime.block_on(model.push(client, &params, &grads, None))?;
+                let mut updates = model.updates(&params, grads, None);
+                if let Some(h) = &mut holdback {
+                    h.apply(&mut updates);
+                }
+                runtime.block_on(push_updates(client, &updates))?;
                 if phase > 0 {
                     losses.push(output.loss_sum / params.plan.examples.max(1) as f64);
                 }

@@ -36,8 +36,74 @@ pub struct JobConfig {
     /// Batch size, epochs, seed and client settings.
     #[serde(default)]
     pub train: TrainConfig,
+    /// How much travels between workers and servers.
+    #[serde(default)]
+    pub communication: CommunicationConfig,
     /// Tables by name.
     pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// How values travel on the wire (`pull_values`, `push_values`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireValues {
+    /// 4 bytes per value, exact.
+    #[default]
+    F32,
+    /// IEEE half: 2 bytes, 11-bit mantissa, saturates at +-65504.
+    F16,
+    /// bfloat16: 2 bytes, 8-bit mantissa, the f32 range.
+    Bf16,
+}
+
+impl CommunicationConfig {
+    /// Checks the ranges; errors are (key, message).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self
+            .significance_threshold
+            .is_some_and(|v| !(v.is_finite() && v > 0.0))
+        {
+            return Err(("significance_threshold".into(), "must be > 0".into()));
+        }
+        if self
+            .dense_top_k
+            .is_some_and(|v| !(v.is_finite() && v > 0.0 && v <= 1.0))
+        {
+            return Err(("dense_top_k".into(), "must be a fraction in (0, 1]".into()));
+        }
+        Ok(())
+    }
+}
+
+impl From<WireValues> for crate::pb::ValueEncoding {
+    fn from(v: WireValues) -> Self {
+        match v {
+            WireValues::F32 => crate::pb::ValueEncoding::F32,
+            WireValues::F16 => crate::pb::ValueEncoding::F16,
+            WireValues::Bf16 => crate::pb::ValueEncoding::Bf16,
+        }
+    }
+}
+
+/// Traffic reduction between a worker and the servers (`[communication]`);
+/// every option is off by default. Keys are always de-duplicated per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommunicationConfig {
+    /// Encoding of pulled weights (servers keep f32).
+    pub pull_values: WireValues,
+    /// Encoding of pushed gradients.
+    pub push_values: WireValues,
+    /// Send keys sorted, delta + varint encoded.
+    pub delta_keys: bool,
+    /// Sparse tables: push a row only once its accumulated gradient has a
+    /// component of magnitude >= this; the rest stays on the worker and is
+    /// added to the row's next gradient.
+    pub significance_threshold: Option<f32>,
+    /// Dense tables: push only this fraction (0, 1] of each table's rows,
+    /// those whose accumulated gradient has the largest L2 norm; the rest
+    /// is kept and added to the next step's (error feedback).
+    pub dense_top_k: Option<f32>,
 }
 
 /// Input files.
@@ -716,6 +782,9 @@ impl JobConfig {
         t.lr_schedule
             .validate()
             .map_err(|e| ("train.lr_schedule".to_string(), e))?;
+        self.communication
+            .validate()
+            .map_err(|(key, msg)| (format!("communication.{key}"), msg))?;
         match (t.consistency, t.staleness) {
             (Consistency::Ssp, None) => {
                 return Err((

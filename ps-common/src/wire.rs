@@ -1,8 +1,150 @@
-//! The wire codec for row values: little-endian `f32`, row after row.
+//! The wire codecs: row values as little-endian `f32`, `f16` or `bf16`, row
+//! after row; key lists as plain varints (protobuf's packed `uint64`) or
+//! sorted with delta + varint encoding.
 
 use bytes::{Bytes, BytesMut};
+use half::{bf16, f16};
 
 use crate::error::PsError;
+use crate::pb::ValueEncoding;
+
+/// Bytes per value in `encoding`.
+pub fn value_bytes(encoding: ValueEncoding) -> usize {
+    match encoding {
+        ValueEncoding::F32 => 4,
+        ValueEncoding::F16 | ValueEncoding::Bf16 => 2,
+    }
+}
+
+/// Encodes floats in `encoding`. `f16` saturates at +-65504 (the largest
+/// finite half), so a finite value never becomes infinite on the wire.
+pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
+    match encoding {
+        ValueEncoding::F32 => encode_f32s(values),
+        ValueEncoding::F16 => {
+            let mut out = BytesMut::with_capacity(values.len() * 2);
+            for &v in values {
+                let v = if v.is_nan() {
+                    v
+                } else {
+                    v.clamp(-65504.0, 65504.0)
+                };
+                out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+            out.freeze()
+        }
+        ValueEncoding::Bf16 => {
+            let mut out = BytesMut::with_capacity(values.len() * 2);
+            for &v in values {
+                out.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+            out.freeze()
+        }
+    }
+}
+
+/// Decodes `bytes` of `encoding` into `out`, which must hold exactly the
+/// number of values the bytes carry.
+pub fn decode_values_into(
+    bytes: &[u8],
+    encoding: ValueEncoding,
+    out: &mut [f32],
+) -> Result<(), PsError> {
+    let width = value_bytes(encoding);
+    if bytes.len() != out.len() * width {
+        return Err(PsError::invalid(format!(
+            "expected {} bytes of {} ({} values), got {} bytes",
+            out.len() * width,
+            encoding.as_str_name(),
+            out.len(),
+            bytes.len()
+        )));
+    }
+    match encoding {
+        ValueEncoding::F32 => decode_f32s_into(bytes, out)?,
+        ValueEncoding::F16 => {
+            for (chunk, v) in bytes.chunks_exact(2).zip(out.iter_mut()) {
+                *v = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+            }
+        }
+        ValueEncoding::Bf16 => {
+            for (chunk, v) in bytes.chunks_exact(2).zip(out.iter_mut()) {
+                *v = bf16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes `bytes` of `encoding` into a new vector.
+pub fn decode_values(bytes: &[u8], encoding: ValueEncoding) -> Result<Vec<f32>, PsError> {
+    let width = value_bytes(encoding);
+    if !bytes.len().is_multiple_of(width) {
+        return Err(PsError::invalid(format!(
+            "value bytes must be a multiple of {width} ({}), got {}",
+            encoding.as_str_name(),
+            bytes.len()
+        )));
+    }
+    let mut out = vec![0f32; bytes.len() / width];
+    decode_values_into(bytes, encoding, &mut out)?;
+    Ok(out)
+}
+
+/// Delta + varint encoding of non-decreasing `keys`: the first key, then
+/// each gap to the previous key, as unsigned LEB128 varints.
+pub fn encode_delta_keys(keys: &[u64]) -> Result<Bytes, PsError> {
+    let mut out = BytesMut::with_capacity(keys.len() * 3);
+    let mut previous = 0u64;
+    for &key in keys {
+        let gap = key.checked_sub(previous).ok_or_else(|| {
+            PsError::invalid(format!(
+                "delta-encoded keys must not decrease ({key} after {previous})"
+            ))
+        })?;
+        let mut v = gap;
+        while v >= 0x80 {
+            out.extend_from_slice(&[(v as u8) | 0x80]);
+            v >>= 7;
+        }
+        out.extend_from_slice(&[v as u8]);
+        previous = key;
+    }
+    Ok(out.freeze())
+}
+
+/// Decodes [`encode_delta_keys`] output, refusing more than `max_keys`
+/// keys before materializing them (a request's key limit).
+pub fn decode_delta_keys(bytes: &[u8], max_keys: usize) -> Result<Vec<u64>, PsError> {
+    let mut keys = Vec::new();
+    let (mut previous, mut value, mut shift) = (0u64, 0u64, 0u32);
+    for (i, &b) in bytes.iter().enumerate() {
+        if shift >= 64 || (shift == 63 && b > 1) {
+            return Err(PsError::invalid(format!(
+                "delta_keys: varint longer than 64 bits at byte {i}"
+            )));
+        }
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 != 0 {
+            shift += 7;
+            continue;
+        }
+        if keys.len() == max_keys {
+            return Err(PsError::ResourceExhausted(format!(
+                "delta_keys holds more than this shard's limit of {max_keys} keys per request"
+            )));
+        }
+        previous = previous.checked_add(value).ok_or_else(|| {
+            PsError::invalid(format!("delta_keys: key overflows 64 bits at byte {i}"))
+        })?;
+        keys.push(previous);
+        (value, shift) = (0, 0);
+    }
+    if shift != 0 {
+        return Err(PsError::invalid("delta_keys ends inside a varint"));
+    }
+    Ok(keys)
+}
 
 /// Encodes floats as little-endian bytes.
 pub fn encode_f32s(values: &[f32]) -> Bytes {
@@ -66,6 +208,63 @@ mod tests {
             &[0x00, 0x00, 0x80, 0x3f],
             "little-endian"
         );
+    }
+
+    #[test]
+    fn half_encodings_round_within_their_precision_and_f16_saturates() {
+        let values = [0.0f32, 1.0, -2.5, 1e-3, 2.71, 70000.0, -1e9];
+        let f16 = decode_values(
+            &encode_values(&values, ValueEncoding::F16),
+            ValueEncoding::F16,
+        )
+        .unwrap();
+        let bf16 = decode_values(
+            &encode_values(&values, ValueEncoding::Bf16),
+            ValueEncoding::Bf16,
+        )
+        .unwrap();
+        assert_eq!(encode_values(&values, ValueEncoding::F16).len(), 14);
+        for i in 0..5 {
+            let (v, h, b) = (values[i], f16[i], bf16[i]);
+            assert!((h - v).abs() <= v.abs() * 1e-3 + 1e-7, "f16 {v} -> {h}");
+            assert!((b - v).abs() <= v.abs() * 4e-3 + 1e-7, "bf16 {v} -> {b}");
+        }
+        assert_eq!(&f16[5..], &[65504.0, -65504.0], "saturated, not infinite");
+        assert!(
+            (bf16[6] / -1e9 - 1.0).abs() < 4e-3,
+            "bf16 keeps the f32 range"
+        );
+        assert!(decode_values(&[0u8; 3], ValueEncoding::F16).is_err());
+    }
+
+    #[test]
+    fn delta_keys_round_trip_and_are_smaller_than_the_keys() {
+        let keys = [3u64, 3, 10, 1000, 1_000_000, u64::MAX];
+        let bytes = encode_delta_keys(&keys).unwrap();
+        assert_eq!(decode_delta_keys(&bytes, 100).unwrap(), keys);
+        let dense: Vec<u64> = (1_000_000..1_001_000).collect();
+        assert_eq!(encode_delta_keys(&dense).unwrap().len(), 3 + 999);
+        assert!(encode_delta_keys(&[5, 4]).is_err(), "decreasing");
+    }
+
+    #[test]
+    fn malformed_delta_keys_are_refused() {
+        assert!(
+            decode_delta_keys(&[0x80], 10).is_err(),
+            "ends inside a varint"
+        );
+        assert!(
+            decode_delta_keys(&[0xff; 11], 10).is_err(),
+            "longer than 64 bits"
+        );
+        let max = encode_delta_keys(&[u64::MAX]).unwrap();
+        let overflow = [max.to_vec(), vec![1]].concat();
+        assert!(decode_delta_keys(&overflow, 10).is_err(), "overflows");
+        let many = encode_delta_keys(&[1, 2, 3]).unwrap();
+        assert!(matches!(
+            decode_delta_keys(&many, 2),
+            Err(PsError::ResourceExhausted(_))
+        ));
     }
 
     #[test]

@@ -73,6 +73,20 @@ impl ShardService {
         Ok(())
     }
 
+    /// The request's keys: `keys`, or `delta_keys` decoded (under the key
+    /// limit); setting both is an error.
+    fn request_keys(&self, keys: Vec<u64>, delta_keys: &[u8]) -> Result<Vec<u64>, PsError> {
+        if delta_keys.is_empty() {
+            return Ok(keys);
+        }
+        if !keys.is_empty() {
+            return Err(PsError::invalid(
+                "a request sets keys or delta_keys, not both",
+            ));
+        }
+        wire::decode_delta_keys(delta_keys, self.limits.max_keys_per_request)
+    }
+
     /// Runs `f` (store work) on a blocking thread and counts errors.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
@@ -144,22 +158,26 @@ impl ShardService {
     ) -> Result<Response<pb::PullResponse>, Status> {
         let counters = &self.shard.counters;
         RequestCounters::add(&counters.pull, 1);
-        let req = request.into_inner();
-        self.check_keys(&req.table, req.keys.len())
-            .map_err(|e| self.fail(e))?;
-        let rows = req.keys.len() as u64;
+        let mut req = request.into_inner();
         let request_bytes = req.encoded_len() as u64;
-        let (values, dim) = self
+        let encoding = value_encoding(req.encoding).map_err(|e| self.fail(e))?;
+        let keys = self
+            .request_keys(std::mem::take(&mut req.keys), &req.delta_keys)
+            .map_err(|e| self.fail(e))?;
+        self.check_keys(&req.table, keys.len())
+            .map_err(|e| self.fail(e))?;
+        let rows = keys.len() as u64;
+        let response = self
             .blocking(move |shard| {
                 let mut out = Vec::new();
-                let dim = shard.pull(&req.table, &req.keys, &mut out)?;
-                Ok((out, dim))
+                let dim = shard.pull(&req.table, &keys, &mut out)?;
+                Ok(pb::PullResponse {
+                    values: wire::encode_values(&out, encoding),
+                    dim,
+                    encoding: encoding as i32,
+                })
             })
             .await?;
-        let response = pb::PullResponse {
-            values: wire::encode_f32s(&values),
-            dim,
-        };
         RequestCounters::add(&counters.rows_pulled, rows);
         RequestCounters::add(
             &counters.pull_bytes,
@@ -174,14 +192,18 @@ impl ShardService {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let counters = &self.shard.counters;
         RequestCounters::add(&counters.push, 1);
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let bytes = req.encoded_len() as u64;
-        self.check_keys(&req.table, req.keys.len())
+        let encoding = value_encoding(req.encoding).map_err(|e| self.fail(e))?;
+        let keys = self
+            .request_keys(std::mem::take(&mut req.keys), &req.delta_keys)
             .map_err(|e| self.fail(e))?;
-        let grads = wire::decode_f32s(&req.gradients).map_err(|e| self.fail(e))?;
+        self.check_keys(&req.table, keys.len())
+            .map_err(|e| self.fail(e))?;
         let applied = self
             .blocking(move |shard| {
-                shard.push_scaled(&req.table, &req.keys, &grads, req.lr_scale.unwrap_or(1.0))
+                let grads = wire::decode_values(&req.gradients, encoding)?;
+                shard.push_scaled(&req.table, &keys, &grads, req.lr_scale.unwrap_or(1.0))
             })
             .await?;
         let response = pb::PushResponse {
@@ -302,6 +324,12 @@ impl ShardService {
     }
 }
 
+/// A request's `ValueEncoding`; an unknown number is an error.
+fn value_encoding(value: i32) -> Result<pb::ValueEncoding, PsError> {
+    pb::ValueEncoding::try_from(value)
+        .map_err(|_| PsError::invalid(format!("unknown value encoding {value}")))
+}
+
 /// Every RPC is timed and its outcome counted ([`crate::metrics`]).
 #[tonic::async_trait]
 impl ParameterServer for ShardService {
@@ -395,7 +423,7 @@ mod tests {
             table: "emb".into(),
             keys,
             gradients: wire::encode_f32s(grads),
-            lr_scale: None,
+            ..Default::default()
         })
     }
 
@@ -409,6 +437,7 @@ mod tests {
         let missing = pb::PullRequest {
             table: "nope".into(),
             keys: vec![1],
+            ..Default::default()
         };
         assert_eq!(
             svc.pull(Request::new(missing)).await.unwrap_err().code(),
@@ -420,7 +449,7 @@ mod tests {
             table: "emb".into(),
             keys: vec![1],
             gradients: vec![0u8; 7].into(),
-            lr_scale: None,
+            ..Default::default()
         };
         assert_eq!(
             svc.push(Request::new(ragged)).await.unwrap_err().code(),
@@ -461,6 +490,7 @@ mod tests {
             .pull(Request::new(pb::PullRequest {
                 table: "emb".into(),
                 keys: vec![4, 3, 3],
+                ..Default::default()
             }))
             .await
             .unwrap()
@@ -470,5 +500,108 @@ mod tests {
             wire::decode_f32s(&resp.values).unwrap(),
             [0.0, 0.0, 1.0, 2.0, 1.0, 2.0]
         );
+    }
+
+    #[tokio::test]
+    async fn values_and_keys_travel_in_the_requested_encodings() {
+        let svc = service(Limits::default());
+        create(&svc, 2).await;
+        let push = pb::PushRequest {
+            table: "emb".into(),
+            gradients: wire::encode_values(&[-1.0, -2.0, -0.5, 4.0], pb::ValueEncoding::Bf16),
+            encoding: pb::ValueEncoding::Bf16 as i32,
+            delta_keys: wire::encode_delta_keys(&[3, 9]).unwrap(),
+            ..Default::default()
+        };
+        svc.push(Request::new(push)).await.unwrap();
+        let resp = svc
+            .pull(Request::new(pb::PullRequest {
+                table: "emb".into(),
+                encoding: pb::ValueEncoding::F16 as i32,
+                delta_keys: wire::encode_delta_keys(&[3, 9, 9]).unwrap(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.encoding, pb::ValueEncoding::F16 as i32);
+        assert_eq!(resp.values.len(), 3 * 2 * 2, "2 bytes per value");
+        assert_eq!(
+            wire::decode_values(&resp.values, pb::ValueEncoding::F16).unwrap(),
+            [1.0, 2.0, 0.5, -4.0, 0.5, -4.0]
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_encodings_are_refused_and_apply_nothing() {
+        let svc = service(Limits {
+            max_request_bytes: 1 << 20,
+            max_keys_per_request: 2,
+        });
+        create(&svc, 1).await;
+        let cases = [
+            (
+                "unknown encoding",
+                pb::PushRequest {
+                    table: "emb".into(),
+                    keys: vec![1],
+                    gradients: wire::encode_f32s(&[1.0]),
+                    encoding: 7,
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "keys and delta_keys",
+                pb::PushRequest {
+                    table: "emb".into(),
+                    keys: vec![1],
+                    gradients: wire::encode_f32s(&[1.0]),
+                    delta_keys: wire::encode_delta_keys(&[1]).unwrap(),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "truncated varint",
+                pb::PushRequest {
+                    table: "emb".into(),
+                    gradients: wire::encode_f32s(&[1.0]),
+                    delta_keys: vec![0x81].into(),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "over the key limit",
+                pb::PushRequest {
+                    table: "emb".into(),
+                    gradients: wire::encode_f32s(&[1.0; 3]),
+                    delta_keys: wire::encode_delta_keys(&[1, 2, 3]).unwrap(),
+                    ..Default::default()
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                "f16 bytes for an f32 push",
+                pb::PushRequest {
+                    table: "emb".into(),
+                    keys: vec![1, 2],
+                    gradients: wire::encode_values(&[1.0, 1.0], pb::ValueEncoding::F16),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+        ];
+        for (what, request, code) in cases {
+            let err = svc.push(Request::new(request)).await.unwrap_err();
+            assert_eq!(err.code(), code, "{what}: {}", err.message());
+        }
+        let stats = svc
+            .stats(Request::new(pb::StatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.tables[0].rows, 0, "no refused push created a row");
     }
 }

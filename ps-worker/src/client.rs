@@ -22,7 +22,7 @@ use std::time::Duration;
 use prost::Message;
 use ps_common::pb::parameter_server_client::ParameterServerClient;
 use ps_common::pb::parameter_server_server::ParameterServer;
-use ps_common::pb::{self};
+use ps_common::pb::{self, ValueEncoding};
 use ps_common::routing::Placement;
 use ps_common::{PsError, ShardRouter, TableSpec, wire};
 use ps_server::service::ShardService;
@@ -34,11 +34,24 @@ use tonic::{Request, Status};
 use crate::dedup::UniqueKeys;
 use crate::latency::Latencies;
 
+/// How keys and values travel (`[communication]` in the job file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WireFormat {
+    /// Encoding of pulled values (servers keep `f32`).
+    pub pull_values: ValueEncoding,
+    /// Encoding of pushed gradients.
+    pub push_values: ValueEncoding,
+    /// Send each request's keys sorted, delta + varint encoded.
+    pub delta_keys: bool,
+}
+
 /// How a client connects and how many pushes it keeps in flight.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Push requests outstanding before the next push waits.
     pub max_pushes_in_flight: usize,
+    /// How keys and values are encoded on the wire.
+    pub wire: WireFormat,
     /// How long to keep retrying a shard that does not accept connections.
     pub connect_timeout: Duration,
     /// Deadline of every RPC.
@@ -49,6 +62,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             max_pushes_in_flight: 4,
+            wire: WireFormat::default(),
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
         }
@@ -137,6 +151,7 @@ struct Inner {
     tables: RwLock<HashMap<String, TableInfo>>,
     push_slots: Arc<Semaphore>,
     max_pushes_in_flight: u32,
+    wire: WireFormat,
     push_error: Mutex<Option<PsError>>,
     pull_bytes: AtomicU64,
     push_bytes: AtomicU64,
@@ -217,6 +232,7 @@ impl PsClient {
                 tables: RwLock::new(HashMap::new()),
                 push_slots: Arc::new(Semaphore::new(in_flight as usize)),
                 max_pushes_in_flight: in_flight,
+                wire: config.wire,
                 push_error: Mutex::new(None),
                 pull_bytes: AtomicU64::new(0),
                 push_bytes: AtomicU64::new(0),
@@ -292,14 +308,18 @@ impl PsClient {
         keys: &[u64],
     ) -> Result<Vec<f32>, PsError> {
         let dim = info.dim;
+        let wire = self.inner.wire;
         let mut tasks = JoinSet::new();
-        for (shard_id, positions, shard_keys) in self.split(info, keys) {
+        for (shard_id, positions, shard_keys) in self.split(info, keys, wire.delta_keys) {
             let shard = self.inner.shards[shard_id].clone();
             let chunk = shard.chunk_keys(dim);
             for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+                let (keys, delta_keys) = encode_keys(chunk_keys, wire.delta_keys)?;
                 let request = pb::PullRequest {
                     table: table.to_string(),
-                    keys: chunk_keys.to_vec(),
+                    keys,
+                    encoding: wire.pull_values as i32,
+                    delta_keys,
                 };
                 let (shard, positions, inner) =
                     (shard.clone(), chunk_pos.to_vec(), Arc::clone(&self.inner));
@@ -312,16 +332,22 @@ impl PsClient {
                     inner
                         .pull_bytes
                         .fetch_add((sent + response.encoded_len()) as u64, Ordering::Relaxed);
-                    if response.dim as usize != dim || response.values.len() != positions.len() * dim * 4 {
+                    let width = wire::value_bytes(wire.pull_values);
+                    if response.dim as usize != dim
+                        || response.encoding != wire.pull_values as i32
+                        || response.values.len() != positions.len() * dim * width
+                    {
                         return Err(PsError::invalid(format!(
-                            "shard {shard_id} ({}) answered {} bytes of dim {} for {} keys of dim {dim}",
+                            "shard {shard_id} ({}) answered {} bytes of dim {} (encoding {}) for {} keys of dim {dim} in {}",
                             shard.addr,
                             response.values.len(),
                             response.dim,
-                            positions.len()
+                            response.encoding,
+                            positions.len(),
+                            wire.pull_values.as_str_name()
                         )));
                     }
-                    Ok((positions, wire::decode_f32s(&response.values)?))
+                    Ok((positions, wire::decode_values(&response.values, wire.pull_values)?))
                 });
             }
         }
@@ -340,7 +366,7 @@ impl PsClient {
         let info = self.table(table)?;
         check_gradient_len(table, info.dim, keys, values)?;
         let mut tasks = JoinSet::new();
-        for (shard_id, shard, keys, rows) in self.chunks_with_rows(info, keys, values) {
+        for (shard_id, shard, keys, rows) in self.chunks_with_rows(info, keys, values, false) {
             let request = pb::AssignRequest {
                 table: table.to_string(),
                 keys,
@@ -414,12 +440,18 @@ impl PsClient {
                 grads[i]
             )));
         }
-        for (shard_id, shard, chunk_keys, values) in self.chunks_with_rows(info, keys, grads) {
+        let wire = self.inner.wire;
+        for (shard_id, shard, chunk_keys, values) in
+            self.chunks_with_rows(info, keys, grads, wire.delta_keys)
+        {
+            let (keys, delta_keys) = encode_keys(&chunk_keys, wire.delta_keys)?;
             let request = pb::PushRequest {
                 table: table.to_string(),
-                keys: chunk_keys,
-                gradients: wire::encode_f32s(&values),
+                keys,
+                gradients: wire::encode_values(&values, wire.push_values),
                 lr_scale,
+                encoding: wire.push_values as i32,
+                delta_keys,
             };
             let permit = Arc::clone(&self.inner.push_slots)
                 .acquire_owned()
@@ -550,19 +582,19 @@ impl PsClient {
         }
     }
 
-    /// Groups `keys` by owning shard: (shard, positions in `keys`, keys).
-    /// `keys` with their `values` rows (`dim` each), split by owning shard and
-    /// cut into chunks under each shard's limits: (shard id, connection,
-    /// keys, rows).
+    /// `keys` with their `values` rows (`dim` each), split by owning shard
+    /// (sorted by key if `sorted`) and cut into chunks under each shard's
+    /// limits: (shard id, connection, keys, rows).
     fn chunks_with_rows(
         &self,
         info: TableInfo,
         keys: &[u64],
         values: &[f32],
+        sorted: bool,
     ) -> Vec<(usize, ShardConn, Vec<u64>, Vec<f32>)> {
         let dim = info.dim;
         let mut out = Vec::new();
-        for (shard_id, positions, shard_keys) in self.split(info, keys) {
+        for (shard_id, positions, shard_keys) in self.split(info, keys, sorted) {
             let shard = &self.inner.shards[shard_id];
             let chunk = shard.chunk_keys(dim);
             for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
@@ -576,7 +608,14 @@ impl PsClient {
         out
     }
 
-    fn split(&self, info: TableInfo, keys: &[u64]) -> Vec<(usize, Vec<usize>, Vec<u64>)> {
+    /// Groups `keys` by owning shard: (shard, positions in `keys`, keys),
+    /// each group in ascending key order if `sorted`.
+    fn split(
+        &self,
+        info: TableInfo,
+        keys: &[u64],
+        sorted: bool,
+    ) -> Vec<(usize, Vec<usize>, Vec<u64>)> {
         let n = self.inner.shards.len();
         let mut groups: Vec<(Vec<usize>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); n];
         for (pos, &key) in keys.iter().enumerate() {
@@ -588,7 +627,14 @@ impl PsClient {
             .into_iter()
             .enumerate()
             .filter(|(_, (p, _))| !p.is_empty())
-            .map(|(i, (p, k))| (i, p, k))
+            .map(|(i, (mut p, mut k))| {
+                if sorted && !k.is_sorted() {
+                    let mut pairs: Vec<(u64, usize)> = k.iter().copied().zip(p).collect();
+                    pairs.sort_unstable();
+                    (k, p) = pairs.into_iter().unzip();
+                }
+                (i, p, k)
+            })
             .collect()
     }
 }
@@ -654,6 +700,15 @@ async fn connect_one(
         .into_inner();
     let conn = ShardConn::new(addr.clone(), Link::Grpc(client), &described);
     Ok((conn, described))
+}
+
+/// A request's key fields: plain `keys`, or sorted keys as `delta_keys`.
+fn encode_keys(keys: &[u64], delta: bool) -> Result<(Vec<u64>, bytes::Bytes), PsError> {
+    if delta {
+        Ok((Vec::new(), wire::encode_delta_keys(keys)?))
+    } else {
+        Ok((keys.to_vec(), bytes::Bytes::new()))
+    }
 }
 
 fn check_gradient_len(table: &str, dim: usize, keys: &[u64], grads: &[f32]) -> Result<(), PsError> {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::runtime::Runtime;
 
 use crate::backend::cuda::CudaBackend;
-use crate::client::{ClientConfig, PsClient};
+use crate::client::{ClientConfig, PsClient, WireFormat};
 use crate::cluster::LocalCluster;
 use crate::data;
 use crate::metrics::{BinaryMetrics, TaskMetrics};
@@ -77,6 +77,10 @@ pub struct Report {
     /// Under ssp/bsp/hybrid: the largest staleness any worker's pull was
     /// released with (at most `train.staleness` under ssp, 0 under bsp).
     pub max_staleness: Option<u64>,
+    /// With `communication.significance_threshold` or `dense_top_k`: rows
+    /// pushed over rows the model offered to push (the rest was held back
+    /// and pushed later, at the latest when the worker finished).
+    pub pushed_row_fraction: Option<f64>,
 }
 
 impl Report {
@@ -119,6 +123,11 @@ impl Report {
             stopped_early: summaries.iter().any(|s| s.stopped_early),
             consistency: job.train.consistency.name(),
             max_staleness: summaries.iter().filter_map(|s| s.max_staleness).max(),
+            pushed_row_fraction: summaries
+                .iter()
+                .filter_map(|s| s.rows_offered_pushed)
+                .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
+                .map(|(offered, pushed)| pushed as f64 / offered.max(1) as f64),
         }
     }
 
@@ -195,8 +204,14 @@ impl From<data::DataError> for JobError {
 
 /// Client settings a job file implies.
 pub fn client_config(job: &JobConfig, connect_timeout: Duration) -> ClientConfig {
+    let c = &job.communication;
     ClientConfig {
         max_pushes_in_flight: job.train.max_pushes_in_flight,
+        wire: WireFormat {
+            pull_values: c.pull_values.into(),
+            push_values: c.push_values.into(),
+            delta_keys: c.delta_keys,
+        },
         connect_timeout,
         ..ClientConfig::default()
     }

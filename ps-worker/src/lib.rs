@@ -35,6 +35,7 @@ pub mod progress;
 pub mod signal;
 pub mod synthetic;
 pub mod telemetry;
+pub mod traffic;
 pub mod trainer;
 
 pub use client::{ClientConfig, PsClient};

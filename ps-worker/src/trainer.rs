@@ -22,10 +22,11 @@ use crate::client::PsClient;
 use crate::consistency::{Gate, Schedule};
 use crate::data::{Batch, Batches, DataError};
 use crate::metrics::BinaryMetrics;
-use crate::model::{Mode, Model, Pulled};
+use crate::model::{Mode, Model, Pulled, push_updates};
 use crate::progress::Progress;
 use crate::signal::Signal;
 use crate::telemetry;
+use crate::traffic::Holdback;
 
 /// Steps between two checks of worker 0's stop signal by the others.
 const STOP_POLL_STEPS: u64 = 256;
@@ -72,6 +73,9 @@ pub struct TrainSummary {
     /// Under ssp/bsp/hybrid: the largest staleness any pull of this worker
     /// was released with (steps the slowest live worker had not finished).
     pub max_staleness: Option<u64>,
+    /// With `[communication]` filters: rows the model offered to push and
+    /// rows pushed (the rest was held back, then pushed at the end).
+    pub rows_offered_pushed: Option<(u64, u64)>,
 }
 
 /// One epoch of one worker.
@@ -272,6 +276,7 @@ impl Run<'_> {
         let stopped = Signal::new(job, "stop");
         let mut reported_bytes = client.bytes();
         let gate = Gate::for_job(client, job, self.rank, self.world).map(Arc::new);
+        let mut holdback = Holdback::for_job(job);
         for epoch in 1..=train.epochs {
             if self.stop_requested(&stopped)? {
                 summary.stopped_early |= self.rank != 0;
@@ -302,7 +307,11 @@ impl Run<'_> {
                     model.clip(&mut grads, train.clip_norm, train.clip_row_norm);
                     let lr_scale = (!train.lr_schedule.is_constant())
                         .then(|| train.lr_schedule.scale(summary.steps));
-                    runtime.block_on(model.push(client, &params, &grads, lr_scale))?;
+                    let mut updates = model.updates(&params, grads, lr_scale);
+                    if let Some(h) = &mut holdback {
+                        h.apply(&mut updates);
+                    }
+                    runtime.block_on(push_updates(client, &updates))?;
                 }
                 let n = params.plan.examples as u64;
                 epoch_loss += output.loss_sum;
@@ -370,6 +379,12 @@ impl Run<'_> {
             }
         }
         progress.finish();
+        if let Some(h) = &mut holdback {
+            let lr_scale =
+                (!train.lr_schedule.is_constant()).then(|| train.lr_schedule.scale(summary.steps));
+            runtime.block_on(push_updates(client, &h.drain(lr_scale)))?;
+            summary.rows_offered_pushed = Some(h.rows());
+        }
         runtime.block_on(client.flush())?;
         if let Some(gate) = &gate {
             runtime.block_on(gate.finish())?;

@@ -207,7 +207,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
         table: table.into(),
         keys,
         gradients: wire::encode_f32s(grads),
-        lr_scale: None,
+        ..Default::default()
     };
 
     let s = raw
@@ -245,6 +245,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
         .pull(pb::PullRequest {
             table: "emb".into(),
             keys: (0..2000).map(|k| k << 40).collect(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use ps_benches::{ctr26, throughput};
-use ps_common::config::{Device, JobConfig};
+use ps_common::config::{CommunicationConfig, Device, JobConfig, WireValues};
 use ps_worker::backend::conformance::Rng;
 use ps_worker::backend::cpu::CpuBackend;
 use ps_worker::backend::cuda::CudaBackend;
@@ -91,12 +91,55 @@ enum Command {
         /// Pre-generated batches per worker, reused in a cycle.
         #[arg(long, default_value_t = 32)]
         pool: usize,
+        #[command(flatten)]
+        traffic: TrafficArgs,
     },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
     /// Write ctr26 samples as libffm lines.
     GenCtr26(GenArgs),
+}
+
+/// `[communication]` options of the measured job.
+#[derive(Debug, Clone, Args)]
+struct TrafficArgs {
+    /// Encoding of pulled values: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = wire_values)]
+    pull_values: WireValues,
+    /// Encoding of pushed gradients: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = wire_values)]
+    push_values: WireValues,
+    /// Send keys sorted, delta + varint encoded.
+    #[arg(long)]
+    delta_keys: bool,
+    /// Push a sparse row only once a component of its accumulated gradient reaches this.
+    #[arg(long)]
+    significance_threshold: Option<f32>,
+    /// Push this fraction of each dense table's rows (largest first), keep the rest.
+    #[arg(long)]
+    dense_top_k: Option<f32>,
+}
+
+impl TrafficArgs {
+    fn config(&self) -> CommunicationConfig {
+        CommunicationConfig {
+            pull_values: self.pull_values,
+            push_values: self.push_values,
+            delta_keys: self.delta_keys,
+            significance_threshold: self.significance_threshold,
+            dense_top_k: self.dense_top_k,
+        }
+    }
+}
+
+fn wire_values(s: &str) -> Result<WireValues, String> {
+    match s {
+        "f32" => Ok(WireValues::F32),
+        "f16" => Ok(WireValues::F16),
+        "bf16" => Ok(WireValues::Bf16),
+        other => Err(format!("expected f32, f16 or bf16, got {other:?}")),
+    }
 }
 
 /// What a data generator writes.
@@ -136,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             warmup,
             in_memory,
             pool,
+            traffic,
         } => ctr26_bench(
             &throughput::Setup {
                 servers,
@@ -145,6 +189,7 @@ fn main() -> anyhow::Result<()> {
                 in_memory,
             },
             pool,
+            &traffic,
         ),
         Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
@@ -383,11 +428,19 @@ fn ctr26_job() -> anyhow::Result<JobConfig> {
         .context("examples/ctr26.toml no longer parses")
 }
 
-fn ctr26_bench(setup: &throughput::Setup, pool: usize) -> anyhow::Result<()> {
+fn ctr26_bench(
+    setup: &throughput::Setup,
+    pool: usize,
+    traffic: &TrafficArgs,
+) -> anyhow::Result<()> {
     if setup.servers == 0 || setup.workers == 0 || setup.steps == 0 || pool == 0 {
         bail!("--servers, --workers, --steps and --pool must be at least 1");
     }
-    let job = ctr26_job()?;
+    let mut job = ctr26_job()?;
+    job.communication = traffic.config();
+    if let Err((flag, message)) = job.communication.validate() {
+        bail!("--{}: {message}", flag.replace('_', "-"));
+    }
     let pools = (0..setup.workers)
         .map(|w| {
             let mut g = ctr26::Generator::new(1000 + w as u64);
@@ -402,6 +455,7 @@ fn ctr26_bench(setup: &throughput::Setup, pool: usize) -> anyhow::Result<()> {
         "workers": setup.workers,
         "batch_size": job.train.batch_size,
         "warmup_steps": setup.warmup,
+        "communication": format!("{:?}", job.communication),
     });
     if let (Some(obj), serde_json::Value::Object(measured)) =
         (line.as_object_mut(), serde_json::to_value(&m)?)

@@ -122,6 +122,45 @@ pub struct Gradients {
     pub dense: Vec<Vec<f32>>,
 }
 
+/// What an [`Update`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateKind {
+    /// Gradients of a sparse table's rows.
+    Sparse,
+    /// Gradients of a dense table (every row).
+    Dense,
+    /// Batch-norm running-statistics moves: never filtered or scaled.
+    Statistic,
+}
+
+/// One table's push of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The table.
+    pub table: String,
+    /// What the values are.
+    pub kind: UpdateKind,
+    /// Floats per row.
+    pub dim: usize,
+    /// Distinct rows.
+    pub keys: Vec<u64>,
+    /// `keys.len() * dim` values, key order.
+    pub values: Vec<f32>,
+    /// The schedule's learning-rate factor.
+    pub lr_scale: Option<f32>,
+}
+
+/// Pushes `updates` asynchronously (see [`PsClient::push_unique_scaled`]);
+/// an update with no rows sends nothing.
+pub async fn push_updates(client: &PsClient, updates: &[Update]) -> Result<(), PsError> {
+    for u in updates.iter().filter(|u| !u.keys.is_empty()) {
+        client
+            .push_unique_scaled(&u.table, &u.keys, &u.values, u.lr_scale)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Training (backward, dropout, batch statistics) or evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -475,26 +514,45 @@ impl Model {
         &self,
         client: &PsClient,
         pulled: &Pulled,
-        grads: &Gradients,
+        grads: Gradients,
         lr_scale: Option<f32>,
     ) -> Result<(), PsError> {
-        for (table, grad) in self.sparse.iter().zip(&grads.sparse) {
+        push_updates(client, &self.updates(pulled, grads, lr_scale)).await
+    }
+
+    /// What a step pushes, table by table (frozen tables left out): the
+    /// batch's keys for sparse tables, every row for dense ones.
+    pub fn updates(&self, pulled: &Pulled, grads: Gradients, lr_scale: Option<f32>) -> Vec<Update> {
+        let mut out = Vec::new();
+        for (table, grad) in self.sparse.iter().zip(grads.sparse) {
             if !self.frozen.contains(&table.name) {
-                client
-                    .push_unique_scaled(&table.name, &pulled.keys, grad, lr_scale)
-                    .await?;
+                out.push(Update {
+                    table: table.name.clone(),
+                    kind: UpdateKind::Sparse,
+                    dim: table.dim,
+                    keys: pulled.keys.clone(),
+                    values: grad,
+                    lr_scale,
+                });
             }
         }
-        for (table, grad) in self.dense.iter().zip(&grads.dense) {
+        for (table, grad) in self.dense.iter().zip(grads.dense) {
             if !self.frozen.contains(&table.name) {
-                let rows: Vec<u64> = (0..table.rows.unwrap_or(1) as u64).collect();
-                let scale = if table.statistic { None } else { lr_scale };
-                client
-                    .push_unique_scaled(&table.name, &rows, grad, scale)
-                    .await?;
+                out.push(Update {
+                    table: table.name.clone(),
+                    kind: if table.statistic {
+                        UpdateKind::Statistic
+                    } else {
+                        UpdateKind::Dense
+                    },
+                    dim: table.dim,
+                    keys: (0..table.rows.unwrap_or(1) as u64).collect(),
+                    values: grad,
+                    lr_scale: if table.statistic { None } else { lr_scale },
+                });
             }
         }
-        Ok(())
+        out
     }
 
     /// Forward pass, and in training the backward pass, on `backend`.
