@@ -1,8 +1,10 @@
-//! Shard store throughput: optimizer apply (rows/s), pull (rows/s) and the
-//! value codec (MB/s). Run: `cargo bench -p ps-benches --bench store`.
+//! Shard store throughput: optimizer apply (rows/s), pull (rows/s), the
+//! value codecs (MB/s) and delta key encoding (keys/s).
+//! Run: `cargo bench -p ps-benches --bench store`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ps_benches::zipf_keys;
+use ps_common::pb::ValueEncoding;
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec, wire};
 use ps_server::Shard;
 
@@ -88,12 +90,35 @@ fn codec(c: &mut Criterion) {
     let values: Vec<f32> = (0..ROWS_PER_REQUEST * 16)
         .map(|i| i as f32 * 0.001)
         .collect();
-    let encoded = wire::encode_f32s(&values);
-    let mut group = c.benchmark_group("wire_f32");
-    group.throughput(Throughput::Bytes(encoded.len() as u64));
-    group.bench_function("encode", |b| b.iter(|| wire::encode_f32s(&values)));
+    // Throughput is counted in f32 bytes for every encoding, so the MB/s
+    // compare what each codec turns over.
+    let mut group = c.benchmark_group("wire_values");
+    group.throughput(Throughput::Bytes(values.len() as u64 * 4));
+    for (name, encoding) in [
+        ("f32", ValueEncoding::F32),
+        ("f16", ValueEncoding::F16),
+        ("bf16", ValueEncoding::Bf16),
+    ] {
+        let encoded = wire::encode_values(&values, encoding);
+        group.bench_function(BenchmarkId::new("encode", name), |b| {
+            b.iter(|| wire::encode_values(&values, encoding))
+        });
+        group.bench_function(BenchmarkId::new("decode", name), |b| {
+            b.iter(|| wire::decode_values(&encoded, encoding).expect("decode"))
+        });
+    }
+    group.finish();
+
+    let mut keys = zipf_keys(ROWS_PER_REQUEST, 1_000_000, 3);
+    keys.sort_unstable();
+    let encoded = wire::encode_delta_keys(&keys).expect("sorted");
+    let mut group = c.benchmark_group("wire_delta_keys");
+    group.throughput(Throughput::Elements(keys.len() as u64));
+    group.bench_function("encode", |b| {
+        b.iter(|| wire::encode_delta_keys(&keys).expect("sorted"))
+    });
     group.bench_function("decode", |b| {
-        b.iter(|| wire::decode_f32s(&encoded).expect("decode"))
+        b.iter(|| wire::decode_delta_keys(&encoded, usize::MAX).expect("decode"))
     });
     group.finish();
 }

@@ -44,7 +44,7 @@ pub struct JobConfig {
 }
 
 /// How values travel on the wire (`pull_values`, `push_values`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WireValues {
     /// 4 bytes per value, exact.
@@ -87,7 +87,7 @@ impl From<WireValues> for crate::pb::ValueEncoding {
 
 /// Traffic reduction between a worker and the servers (`[communication]`);
 /// every option is off by default. Keys are always de-duplicated per batch.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CommunicationConfig {
     /// Encoding of pulled weights (servers keep f32).

@@ -29,9 +29,13 @@ pub enum Rpc {
     Assign,
     /// `Clock`.
     Clock,
+    /// `PullMany`.
+    PullMany,
+    /// `PushMany`.
+    PushMany,
 }
 
-const RPCS: [(Rpc, &str); 8] = [
+const RPCS: [(Rpc, &str); 10] = [
     (Rpc::Describe, "describe"),
     (Rpc::CreateTable, "create_table"),
     (Rpc::Pull, "pull"),
@@ -40,6 +44,8 @@ const RPCS: [(Rpc, &str); 8] = [
     (Rpc::Checkpoint, "checkpoint"),
     (Rpc::Assign, "assign"),
     (Rpc::Clock, "clock"),
+    (Rpc::PullMany, "pull_many"),
+    (Rpc::PushMany, "push_many"),
 ];
 
 /// Upper bounds (seconds) of the latency histogram buckets.

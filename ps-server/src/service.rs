@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::checkpoint;
 use crate::clock::{self, Clocks};
 use crate::metrics::Rpc;
-use crate::store::{RequestCounters, Shard};
+use crate::store::{Push, RequestCounters, Shard};
 
 /// Limits a shard enforces on every request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,33 +152,90 @@ impl ShardService {
         Ok(Response::new(pb::CreateTableResponse { created }))
     }
 
+    /// A pull's table, keys and answer encoding, checked.
+    fn pull_part(&self, mut req: pb::PullRequest) -> Result<PullPart, PsError> {
+        let encoding = value_encoding(req.encoding)?;
+        let keys = self.request_keys(std::mem::take(&mut req.keys), &req.delta_keys)?;
+        self.check_keys(&req.table, keys.len())?;
+        Ok(PullPart {
+            table: req.table,
+            keys,
+            encoding,
+        })
+    }
+
+    /// A push's parts, checked as far as the service can (the store checks
+    /// the rest: table, dims, values, ownership).
+    fn push_part(&self, mut req: pb::PushRequest) -> Result<PushPart, PsError> {
+        let encoding = value_encoding(req.encoding)?;
+        let keys = self.request_keys(std::mem::take(&mut req.keys), &req.delta_keys)?;
+        self.check_keys(&req.table, keys.len())?;
+        Ok(PushPart {
+            table: req.table,
+            keys,
+            gradients: req.gradients,
+            encoding,
+            lr_scale: req.lr_scale.unwrap_or(1.0),
+        })
+    }
+
+    /// Calls that bundle parts must stay under the key limit as a whole.
+    fn check_total_keys(&self, total: usize) -> Result<(), PsError> {
+        if total > self.limits.max_keys_per_request {
+            return Err(PsError::ResourceExhausted(format!(
+                "{total} keys in one call is over this shard's limit of {}",
+                self.limits.max_keys_per_request
+            )));
+        }
+        Ok(())
+    }
+
     async fn pull_inner(
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
         let counters = &self.shard.counters;
         RequestCounters::add(&counters.pull, 1);
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         let request_bytes = req.encoded_len() as u64;
-        let encoding = value_encoding(req.encoding).map_err(|e| self.fail(e))?;
-        let keys = self
-            .request_keys(std::mem::take(&mut req.keys), &req.delta_keys)
+        let part = self.pull_part(req).map_err(|e| self.fail(e))?;
+        let rows = part.keys.len() as u64;
+        let response = self.blocking(move |shard| part.serve(shard)).await?;
+        RequestCounters::add(&counters.rows_pulled, rows);
+        RequestCounters::add(
+            &counters.pull_bytes,
+            request_bytes + response.encoded_len() as u64,
+        );
+        Ok(Response::new(response))
+    }
+
+    async fn pull_many_inner(
+        &self,
+        request: Request<pb::PullManyRequest>,
+    ) -> Result<Response<pb::PullManyResponse>, Status> {
+        let counters = &self.shard.counters;
+        RequestCounters::add(&counters.pull_many, 1);
+        let req = request.into_inner();
+        let request_bytes = req.encoded_len() as u64;
+        RequestCounters::add(&counters.pull, req.pulls.len() as u64);
+        let parts = req
+            .pulls
+            .into_iter()
+            .map(|p| self.pull_part(p))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.fail(e))?;
-        self.check_keys(&req.table, keys.len())
-            .map_err(|e| self.fail(e))?;
-        let rows = keys.len() as u64;
+        let rows: usize = parts.iter().map(|p| p.keys.len()).sum();
+        self.check_total_keys(rows).map_err(|e| self.fail(e))?;
         let response = self
             .blocking(move |shard| {
-                let mut out = Vec::new();
-                let dim = shard.pull(&req.table, &keys, &mut out)?;
-                Ok(pb::PullResponse {
-                    values: wire::encode_values(&out, encoding),
-                    dim,
-                    encoding: encoding as i32,
-                })
+                let pulls = parts
+                    .iter()
+                    .map(|p| p.serve(shard))
+                    .collect::<Result<_, _>>()?;
+                Ok(pb::PullManyResponse { pulls })
             })
             .await?;
-        RequestCounters::add(&counters.rows_pulled, rows);
+        RequestCounters::add(&counters.rows_pulled, rows as u64);
         RequestCounters::add(
             &counters.pull_bytes,
             request_bytes + response.encoded_len() as u64,
@@ -192,24 +249,68 @@ impl ShardService {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let counters = &self.shard.counters;
         RequestCounters::add(&counters.push, 1);
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         let bytes = req.encoded_len() as u64;
-        let encoding = value_encoding(req.encoding).map_err(|e| self.fail(e))?;
-        let keys = self
-            .request_keys(std::mem::take(&mut req.keys), &req.delta_keys)
-            .map_err(|e| self.fail(e))?;
-        self.check_keys(&req.table, keys.len())
-            .map_err(|e| self.fail(e))?;
+        let part = self.push_part(req).map_err(|e| self.fail(e))?;
         let applied = self
             .blocking(move |shard| {
-                let grads = wire::decode_values(&req.gradients, encoding)?;
-                shard.push_scaled(&req.table, &keys, &grads, req.lr_scale.unwrap_or(1.0))
+                let grads = wire::decode_values(&part.gradients, part.encoding)?;
+                shard.push_scaled(&part.table, &part.keys, &grads, part.lr_scale)
             })
             .await?;
         let response = pb::PushResponse {
             rows_applied: applied as u64,
         };
         RequestCounters::add(&counters.rows_pushed, applied as u64);
+        RequestCounters::add(&counters.push_bytes, bytes + response.encoded_len() as u64);
+        Ok(Response::new(response))
+    }
+
+    async fn push_many_inner(
+        &self,
+        request: Request<pb::PushManyRequest>,
+    ) -> Result<Response<pb::PushManyResponse>, Status> {
+        let counters = &self.shard.counters;
+        RequestCounters::add(&counters.push_many, 1);
+        let req = request.into_inner();
+        let bytes = req.encoded_len() as u64;
+        RequestCounters::add(&counters.push, req.pushes.len() as u64);
+        let parts = req
+            .pushes
+            .into_iter()
+            .map(|p| self.push_part(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.fail(e))?;
+        self.check_total_keys(parts.iter().map(|p| p.keys.len()).sum())
+            .map_err(|e| self.fail(e))?;
+        let applied = self
+            .blocking(move |shard| {
+                let grads = parts
+                    .iter()
+                    .map(|p| wire::decode_values(&p.gradients, p.encoding))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let pushes: Vec<Push<'_>> = parts
+                    .iter()
+                    .zip(&grads)
+                    .map(|(p, g)| Push {
+                        table: &p.table,
+                        keys: &p.keys,
+                        grads: g,
+                        lr_scale: p.lr_scale,
+                    })
+                    .collect();
+                shard.push_many(&pushes)
+            })
+            .await?;
+        let response = pb::PushManyResponse {
+            pushes: applied
+                .iter()
+                .map(|&n| pb::PushResponse {
+                    rows_applied: n as u64,
+                })
+                .collect(),
+        };
+        RequestCounters::add(&counters.rows_pushed, applied.iter().sum::<usize>() as u64);
         RequestCounters::add(&counters.push_bytes, bytes + response.encoded_len() as u64);
         Ok(Response::new(response))
     }
@@ -319,9 +420,39 @@ impl ShardService {
                 checkpoint: c.checkpoint.load(Relaxed),
                 assign: c.assign.load(Relaxed),
                 clock: c.clock.load(Relaxed),
+                pull_many: c.pull_many.load(Relaxed),
+                push_many: c.push_many.load(Relaxed),
             }),
         }))
     }
+}
+
+/// A checked pull, ready for the store.
+struct PullPart {
+    table: String,
+    keys: Vec<u64>,
+    encoding: pb::ValueEncoding,
+}
+
+impl PullPart {
+    fn serve(&self, shard: &Shard) -> Result<pb::PullResponse, PsError> {
+        let mut out = Vec::new();
+        let dim = shard.pull(&self.table, &self.keys, &mut out)?;
+        Ok(pb::PullResponse {
+            values: wire::encode_values(&out, self.encoding),
+            dim,
+            encoding: self.encoding as i32,
+        })
+    }
+}
+
+/// A push checked by the service; gradients still encoded.
+struct PushPart {
+    table: String,
+    keys: Vec<u64>,
+    gradients: bytes::Bytes,
+    encoding: pb::ValueEncoding,
+    lr_scale: f32,
 }
 
 /// A request's `ValueEncoding`; an unknown number is an error.
@@ -368,6 +499,22 @@ impl ParameterServer for ShardService {
         request: Request<pb::AssignRequest>,
     ) -> Result<Response<pb::AssignResponse>, Status> {
         self.observed(Rpc::Assign, self.assign_inner(request)).await
+    }
+
+    async fn pull_many(
+        &self,
+        request: Request<pb::PullManyRequest>,
+    ) -> Result<Response<pb::PullManyResponse>, Status> {
+        self.observed(Rpc::PullMany, self.pull_many_inner(request))
+            .await
+    }
+
+    async fn push_many(
+        &self,
+        request: Request<pb::PushManyRequest>,
+    ) -> Result<Response<pb::PushManyResponse>, Status> {
+        self.observed(Rpc::PushMany, self.push_many_inner(request))
+            .await
     }
 
     async fn clock(
@@ -603,5 +750,59 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(stats.tables[0].rows, 0, "no refused push created a row");
+    }
+
+    #[tokio::test]
+    async fn push_many_applies_every_part_or_none() {
+        let svc = service(Limits::default());
+        create(&svc, 1).await;
+        let part = |table: &str, key: u64| pb::PushRequest {
+            table: table.into(),
+            keys: vec![key],
+            gradients: wire::encode_f32s(&[1.0]),
+            ..Default::default()
+        };
+        let bad = pb::PushManyRequest {
+            pushes: vec![part("emb", 1), part("nope", 2)],
+        };
+        let err = svc.push_many(Request::new(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let good = pb::PushManyRequest {
+            pushes: vec![part("emb", 1), part("emb", 2)],
+        };
+        let answer = svc
+            .push_many(Request::new(good))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.pushes.len(), 2);
+        let pulled = svc
+            .pull_many(Request::new(pb::PullManyRequest {
+                pulls: vec![
+                    pb::PullRequest {
+                        table: "emb".into(),
+                        keys: vec![1],
+                        ..Default::default()
+                    },
+                    pb::PullRequest {
+                        table: "emb".into(),
+                        keys: vec![2, 3],
+                        ..Default::default()
+                    },
+                ],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let values: Vec<Vec<f32>> = pulled
+            .pulls
+            .iter()
+            .map(|p| wire::decode_f32s(&p.values).unwrap())
+            .collect();
+        assert_eq!(
+            values,
+            [vec![-1.0], vec![-1.0, 0.0]],
+            "key 1 pushed once, not twice"
+        );
     }
 }

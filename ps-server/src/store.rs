@@ -111,6 +111,10 @@ pub struct RequestCounters {
     pub assign: AtomicU64,
     /// Clock calls.
     pub clock: AtomicU64,
+    /// PullMany calls.
+    pub pull_many: AtomicU64,
+    /// PushMany calls.
+    pub push_many: AtomicU64,
     /// Calls answered with an error.
     pub errors: AtomicU64,
     /// Rows returned by pulls.
@@ -235,6 +239,19 @@ mod spec_as_protobuf {
         let wire = pb::TableSpec::decode(bytes.as_slice()).map_err(D::Error::custom)?;
         TableSpec::try_from(wire).map_err(D::Error::custom)
     }
+}
+
+/// One push of [`Shard::push_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Push<'a> {
+    /// The table.
+    pub table: &'a str,
+    /// Rows, in order.
+    pub keys: &'a [u64],
+    /// `keys.len() * dim` gradients.
+    pub grads: &'a [f32],
+    /// Learning-rate factor.
+    pub lr_scale: f32,
 }
 
 /// All tables of one shard. Cheap to share: wrap it in an `Arc`.
@@ -394,6 +411,33 @@ impl Shard {
         grads: &[f32],
         lr_scale: f32,
     ) -> Result<usize, PsError> {
+        let table = self.check_push(table, keys, grads, lr_scale)?;
+        Ok(Self::apply_push(&table, keys, grads, lr_scale))
+    }
+
+    /// Several pushes (to any tables) applied as one: every push is
+    /// validated before any is applied, so a refused one applies nothing.
+    /// Returns the rows applied per push.
+    pub fn push_many(&self, pushes: &[Push<'_>]) -> Result<Vec<usize>, PsError> {
+        let tables = pushes
+            .iter()
+            .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(tables
+            .iter()
+            .zip(pushes)
+            .map(|(table, p)| Self::apply_push(table, p.keys, p.grads, p.lr_scale))
+            .collect())
+    }
+
+    /// The table a push goes to, if the push is valid in every respect.
+    fn check_push(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+        lr_scale: f32,
+    ) -> Result<Arc<Table>, PsError> {
         if !(lr_scale.is_finite() && lr_scale >= 0.0) {
             return Err(PsError::invalid(format!(
                 "lr_scale must be finite and >= 0, got {lr_scale}"
@@ -419,6 +463,12 @@ impl Shard {
             )));
         }
         self.check_keys(&table, keys)?;
+        Ok(table)
+    }
+
+    /// Applies a checked push.
+    fn apply_push(table: &Table, keys: &[u64], grads: &[f32], lr_scale: f32) -> usize {
+        let dim = table.spec.dim as usize;
         let spec = table.spec.optimizer.with_lr_scale(lr_scale);
         for (&key, grad) in keys.iter().zip(grads.chunks_exact(dim)) {
             let mut row = table
@@ -427,7 +477,7 @@ impl Shard {
                 .or_insert_with(|| table.fresh_row(key));
             optimizer::apply(&spec, &mut row, grad);
         }
-        Ok(keys.len())
+        keys.len()
     }
 
     /// A copy of every table (rows sorted by key), for checkpoints.

@@ -52,6 +52,9 @@ pub struct ClientConfig {
     pub max_pushes_in_flight: usize,
     /// How keys and values are encoded on the wire.
     pub wire: WireFormat,
+    /// Requests to one shard smaller than this travel together in one
+    /// `PullMany` / `PushMany` call of at most this size.
+    pub coalesce_bytes: usize,
     /// How long to keep retrying a shard that does not accept connections.
     pub connect_timeout: Duration,
     /// Deadline of every RPC.
@@ -63,6 +66,7 @@ impl Default for ClientConfig {
         ClientConfig {
             max_pushes_in_flight: 4,
             wire: WireFormat::default(),
+            coalesce_bytes: 256 << 10,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
         }
@@ -138,6 +142,35 @@ impl ShardConn {
     }
 }
 
+/// One table's part of [`PsClient::push_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct PushTable<'a> {
+    /// The table.
+    pub table: &'a str,
+    /// Distinct keys.
+    pub keys: &'a [u64],
+    /// `keys.len() * dim` gradients, key order.
+    pub grads: &'a [f32],
+    /// Learning-rate factor for this push (`None`: 1).
+    pub lr_scale: Option<f32>,
+}
+
+/// Requests to one shard waiting to be sent together.
+struct Group<R, P> {
+    parts: Vec<(R, P)>,
+    bytes: usize,
+    keys: usize,
+}
+
+/// Where a pulled part's rows go: table index among the call's tables,
+/// its dim, and positions in that table's key list.
+#[derive(Debug)]
+struct Placed {
+    table: usize,
+    dim: usize,
+    positions: Vec<usize>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct TableInfo {
     dim: usize,
@@ -152,6 +185,7 @@ struct Inner {
     push_slots: Arc<Semaphore>,
     max_pushes_in_flight: u32,
     wire: WireFormat,
+    coalesce_bytes: usize,
     push_error: Mutex<Option<PsError>>,
     pull_bytes: AtomicU64,
     push_bytes: AtomicU64,
@@ -233,6 +267,7 @@ impl PsClient {
                 push_slots: Arc::new(Semaphore::new(in_flight as usize)),
                 max_pushes_in_flight: in_flight,
                 wire: config.wire,
+                coalesce_bytes: config.coalesce_bytes,
                 push_error: Mutex::new(None),
                 pull_bytes: AtomicU64::new(0),
                 push_bytes: AtomicU64::new(0),
@@ -307,35 +342,86 @@ impl PsClient {
         info: TableInfo,
         keys: &[u64],
     ) -> Result<Vec<f32>, PsError> {
-        let dim = info.dim;
+        let mut rows = self.pull_tables(&[(table, info, keys)]).await?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// Rows of several tables at once (`(table, distinct keys)` each), in
+    /// each table's key order. The small requests of all tables to one
+    /// shard travel together in `PullMany` calls of at most
+    /// `coalesce_bytes`; larger ones go alone.
+    pub async fn pull_many(&self, tables: &[(&str, &[u64])]) -> Result<Vec<Vec<f32>>, PsError> {
+        let tables = tables
+            .iter()
+            .map(|&(name, keys)| Ok((name, self.table(name)?, keys)))
+            .collect::<Result<Vec<_>, PsError>>()?;
+        self.pull_tables(&tables).await
+    }
+
+    async fn pull_tables(
+        &self,
+        tables: &[(&str, TableInfo, &[u64])],
+    ) -> Result<Vec<Vec<f32>>, PsError> {
         let wire = self.inner.wire;
+        let mut parts = Vec::new();
+        for (t, &(name, info, keys)) in tables.iter().enumerate() {
+            for (shard_id, positions, shard_keys) in self.split(info, keys, wire.delta_keys) {
+                let chunk = self.inner.shards[shard_id].chunk_keys(info.dim);
+                for (pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+                    let (keys, delta_keys) = encode_keys(chunk_keys, wire.delta_keys)?;
+                    let request = pb::PullRequest {
+                        table: name.to_string(),
+                        keys,
+                        encoding: wire.pull_values as i32,
+                        delta_keys,
+                    };
+                    let placed = Placed {
+                        table: t,
+                        dim: info.dim,
+                        positions: pos.to_vec(),
+                    };
+                    parts.push((shard_id, request, placed, pos.len()));
+                }
+            }
+        }
         let mut tasks = JoinSet::new();
-        for (shard_id, positions, shard_keys) in self.split(info, keys, wire.delta_keys) {
-            let shard = self.inner.shards[shard_id].clone();
-            let chunk = shard.chunk_keys(dim);
-            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
-                let (keys, delta_keys) = encode_keys(chunk_keys, wire.delta_keys)?;
-                let request = pb::PullRequest {
-                    table: table.to_string(),
-                    keys,
-                    encoding: wire.pull_values as i32,
-                    delta_keys,
-                };
-                let (shard, positions, inner) =
-                    (shard.clone(), chunk_pos.to_vec(), Arc::clone(&self.inner));
-                tasks.spawn(async move {
+        for (shard_id, group) in self.coalesce(parts) {
+            let (shard, inner) = (self.inner.shards[shard_id].clone(), Arc::clone(&self.inner));
+            tasks.spawn(async move {
+                let (requests, placed): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                let started = std::time::Instant::now();
+                let (sent, received, responses) = if requests.len() == 1 {
+                    let request = requests.into_iter().next().unwrap_or_default();
                     let sent = request.encoded_len();
-                    let started = std::time::Instant::now();
                     let response =
                         call!(&shard.link, pull, request).map_err(|s| shard.error(shard_id, s))?;
-                    inner.pull_latency.record(started.elapsed());
-                    inner
-                        .pull_bytes
-                        .fetch_add((sent + response.encoded_len()) as u64, Ordering::Relaxed);
-                    let width = wire::value_bytes(wire.pull_values);
+                    (sent, response.encoded_len(), vec![response])
+                } else {
+                    let request = pb::PullManyRequest { pulls: requests };
+                    let sent = request.encoded_len();
+                    let response = call!(&shard.link, pull_many, request)
+                        .map_err(|s| shard.error(shard_id, s))?;
+                    (sent, response.encoded_len(), response.pulls)
+                };
+                inner.pull_latency.record(started.elapsed());
+                inner
+                    .pull_bytes
+                    .fetch_add((sent + received) as u64, Ordering::Relaxed);
+                if responses.len() != placed.len() {
+                    return Err(PsError::invalid(format!(
+                        "shard {shard_id} ({}) answered {} of {} pulls",
+                        shard.addr,
+                        responses.len(),
+                        placed.len()
+                    )));
+                }
+                let width = wire::value_bytes(wire.pull_values);
+                let mut out = Vec::with_capacity(placed.len());
+                for (response, placed) in responses.into_iter().zip(placed) {
+                    let dim = placed.dim;
                     if response.dim as usize != dim
                         || response.encoding != wire.pull_values as i32
-                        || response.values.len() != positions.len() * dim * width
+                        || response.values.len() != placed.positions.len() * dim * width
                     {
                         return Err(PsError::invalid(format!(
                             "shard {shard_id} ({}) answered {} bytes of dim {} (encoding {}) for {} keys of dim {dim} in {}",
@@ -343,21 +429,66 @@ impl PsClient {
                             response.values.len(),
                             response.dim,
                             response.encoding,
-                            positions.len(),
+                            placed.positions.len(),
                             wire.pull_values.as_str_name()
                         )));
                     }
-                    Ok((positions, wire::decode_values(&response.values, wire.pull_values)?))
-                });
-            }
+                    out.push((placed, wire::decode_values(&response.values, wire.pull_values)?));
+                }
+                Ok(out)
+            });
         }
-        let mut out = vec![0f32; keys.len() * dim];
-        for (positions, values) in join_all_ok(tasks).await? {
-            for (&pos, row) in positions.iter().zip(values.chunks_exact(dim)) {
-                out[pos * dim..(pos + 1) * dim].copy_from_slice(row);
+        let mut out: Vec<Vec<f32>> = tables
+            .iter()
+            .map(|(_, info, keys)| vec![0f32; keys.len() * info.dim])
+            .collect();
+        for (placed, values) in join_all_ok(tasks).await?.into_iter().flatten() {
+            let (dim, rows) = (placed.dim, &mut out[placed.table]);
+            for (&pos, row) in placed.positions.iter().zip(values.chunks_exact(dim)) {
+                rows[pos * dim..(pos + 1) * dim].copy_from_slice(row);
             }
         }
         Ok(out)
+    }
+
+    /// Groups per-shard parts into calls: parts of at least `coalesce_bytes`
+    /// go alone, smaller ones to the same shard together up to that size
+    /// and the shard's key limit. `(shard, parts of one call)`.
+    fn coalesce<R: Message, P>(
+        &self,
+        parts: Vec<(usize, R, P, usize)>,
+    ) -> Vec<(usize, Vec<(R, P)>)> {
+        let limit = self.inner.coalesce_bytes;
+        let mut open: HashMap<usize, Group<R, P>> = HashMap::new();
+        let mut calls = Vec::new();
+        for (shard_id, request, placed, keys) in parts {
+            let bytes = request.encoded_len();
+            if bytes >= limit {
+                calls.push((shard_id, vec![(request, placed)]));
+                continue;
+            }
+            let max_keys = self.inner.shards[shard_id].max_keys;
+            let group = open.entry(shard_id).or_insert_with(|| Group {
+                parts: Vec::new(),
+                bytes: 0,
+                keys: 0,
+            });
+            if !group.parts.is_empty()
+                && (group.bytes + bytes > limit || group.keys + keys > max_keys)
+            {
+                calls.push((shard_id, std::mem::take(&mut group.parts)));
+                (group.bytes, group.keys) = (0, 0);
+            }
+            group.parts.push((request, placed));
+            group.bytes += bytes;
+            group.keys += keys;
+        }
+        calls.extend(
+            open.into_iter()
+                .filter(|(_, g)| !g.parts.is_empty())
+                .map(|(shard, g)| (shard, g.parts)),
+        );
+        calls
     }
 
     /// Sets the weights of `keys` (`values`: `keys.len() * dim`, key order)
@@ -431,40 +562,97 @@ impl PsClient {
         grads: &[f32],
         lr_scale: Option<f32>,
     ) -> Result<(), PsError> {
+        let push = PushTable {
+            table,
+            keys,
+            grads,
+            lr_scale,
+        };
+        self.push_tables(&[(push, info)]).await
+    }
+
+    /// Pushes the gradients of several tables (`(table, distinct keys,
+    /// keys.len() * dim gradients, lr_scale)` each) asynchronously, the
+    /// small requests to one shard coalesced into `PushMany` calls (applied
+    /// all or nothing). Returns once every call has a push slot.
+    pub async fn push_many(&self, tables: &[PushTable<'_>]) -> Result<(), PsError> {
+        let tables = tables
+            .iter()
+            .map(|&t| {
+                let info = self.table(t.table)?;
+                check_gradient_len(t.table, info.dim, t.keys, t.grads)?;
+                Ok((t, info))
+            })
+            .collect::<Result<Vec<_>, PsError>>()?;
+        self.push_tables(&tables).await
+    }
+
+    async fn push_tables(&self, tables: &[(PushTable<'_>, TableInfo)]) -> Result<(), PsError> {
         self.take_push_error()?;
-        let dim = info.dim;
-        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
-            return Err(PsError::invalid(format!(
-                "gradient for key {} of '{table}' is not finite ({})",
-                keys[i / dim],
-                grads[i]
-            )));
+        for &(
+            PushTable {
+                table, keys, grads, ..
+            },
+            info,
+        ) in tables
+        {
+            if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+                return Err(PsError::invalid(format!(
+                    "gradient for key {} of '{table}' is not finite ({})",
+                    keys[i / info.dim],
+                    grads[i]
+                )));
+            }
         }
         let wire = self.inner.wire;
-        for (shard_id, shard, chunk_keys, values) in
-            self.chunks_with_rows(info, keys, grads, wire.delta_keys)
-        {
-            let (keys, delta_keys) = encode_keys(&chunk_keys, wire.delta_keys)?;
-            let request = pb::PushRequest {
-                table: table.to_string(),
+        let mut parts = Vec::new();
+        for &(
+            PushTable {
+                table,
                 keys,
-                gradients: wire::encode_values(&values, wire.push_values),
+                grads,
                 lr_scale,
-                encoding: wire.push_values as i32,
-                delta_keys,
-            };
+            },
+            info,
+        ) in tables
+        {
+            for (shard_id, _, chunk_keys, values) in
+                self.chunks_with_rows(info, keys, grads, wire.delta_keys)
+            {
+                let (keys, delta_keys) = encode_keys(&chunk_keys, wire.delta_keys)?;
+                let request = pb::PushRequest {
+                    table: table.to_string(),
+                    keys,
+                    gradients: wire::encode_values(&values, wire.push_values),
+                    lr_scale,
+                    encoding: wire.push_values as i32,
+                    delta_keys,
+                };
+                parts.push((shard_id, request, (), chunk_keys.len()));
+            }
+        }
+        for (shard_id, group) in self.coalesce(parts) {
+            let shard = self.inner.shards[shard_id].clone();
             let permit = Arc::clone(&self.inner.push_slots)
                 .acquire_owned()
                 .await
                 .map_err(|_| PsError::Internal("push window closed".into()))?;
             let inner = Arc::clone(&self.inner);
+            let mut requests: Vec<pb::PushRequest> = group.into_iter().map(|(r, ())| r).collect();
             tokio::spawn(async move {
-                let sent = request.encoded_len();
                 let started = std::time::Instant::now();
-                match call!(&shard.link, push, request) {
-                    Ok(response) => {
+                let answer = if requests.len() == 1 {
+                    let request = requests.pop().unwrap_or_default();
+                    let sent = request.encoded_len();
+                    call!(&shard.link, push, request).map(|r| (sent, r.encoded_len()))
+                } else {
+                    let request = pb::PushManyRequest { pushes: requests };
+                    let sent = request.encoded_len();
+                    call!(&shard.link, push_many, request).map(|r| (sent, r.encoded_len()))
+                };
+                match answer {
+                    Ok((sent, received)) => {
                         inner.push_latency.record(started.elapsed());
-                        let received = response.encoded_len();
                         inner
                             .push_bytes
                             .fetch_add((sent + received) as u64, Ordering::Relaxed);

@@ -609,7 +609,7 @@ fn sample(body: &str, series: &str) -> f64 {
 #[test]
 fn servers_and_workers_serve_prometheus_metrics_that_move() {
     let dir = temp_dir("metrics");
-    let mut server = Command::new(binary("ps-server"))
+    let mut child = Command::new(binary("ps-server"))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -623,9 +623,14 @@ fn servers_and_workers_serve_prometheus_metrics_that_move() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = lines.next().unwrap().unwrap().replace("listening on ", "");
     let server_metrics = lines.next().unwrap().unwrap().replace("metrics on ", "");
+    // Killed on drop, also when an assertion below fails.
+    let server = Server {
+        child,
+        addr: addr.clone(),
+    };
     let job = a9a_job(&dir);
     let mut child = worker(&[
         "train",
@@ -665,12 +670,17 @@ fn servers_and_workers_serve_prometheus_metrics_that_move() {
         sample(&body, "ps_requests_total{rpc=\"pull\",status=\"ok\"} ") > 100.0,
         "{body}"
     );
-    assert!(sample(&body, "ps_requests_total{rpc=\"push\",status=\"ok\"} ") > 100.0);
-    assert!(sample(&body, "ps_request_duration_seconds_count{rpc=\"push\"} ") > 100.0);
+    // A step's pushes of the weights and the bias travel in one PushMany.
+    assert!(sample(&body, "ps_requests_total{rpc=\"push_many\",status=\"ok\"} ") > 100.0);
+    assert!(
+        sample(
+            &body,
+            "ps_request_duration_seconds_count{rpc=\"push_many\"} "
+        ) > 100.0
+    );
     assert!(sample(&body, "ps_table_rows{table=\"weights\"} ") > 100.0);
     assert!(sample(&body, "ps_rows_pushed_total ") > 0.0);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -106,19 +106,9 @@ fn clients_and_servers_count_the_same_payload_bytes_in_every_encoding() {
             };
             let before: (u64, u64) = server_bytes(&cluster).await;
             let client = cluster.client(&config).await.unwrap();
-            client
-                .create_table(&TableSpec {
-                    name: format!("emb{}", delta_keys as u8),
-                    kind: TableKind::Sparse,
-                    dim: 8,
-                    initializer: InitializerSpec::Zeros,
-                    optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-                    seed: 0,
-                })
-                .await
-                .unwrap();
-            let keys: Vec<u64> = (0..500).map(|i| i * 7919 % 100_003).collect();
             let table = format!("emb{}", delta_keys as u8);
+            client.create_table(&sgd_table(&table, 8)).await.unwrap();
+            let keys: Vec<u64> = (0..500).map(|i| i * 7919 % 100_003).collect();
             client
                 .push(&table, &keys, &vec![0.5; keys.len() * 8])
                 .await
@@ -134,6 +124,18 @@ fn clients_and_servers_count_the_same_payload_bytes_in_every_encoding() {
     });
 }
 
+/// A sparse table of zeros updated by SGD with rate 1.
+fn sgd_table(name: &str, dim: u32) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        kind: TableKind::Sparse,
+        dim,
+        initializer: InitializerSpec::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        seed: 0,
+    }
+}
+
 async fn server_bytes(cluster: &LocalCluster) -> (u64, u64) {
     let client = cluster.client(&ClientConfig::default()).await.unwrap();
     client
@@ -145,4 +147,45 @@ async fn server_bytes(cluster: &LocalCluster) -> (u64, u64) {
             let r = s.requests.unwrap();
             (pull + r.pull_bytes, push + r.push_bytes)
         })
+}
+
+#[test]
+fn small_requests_to_one_shard_travel_together() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let cluster = LocalCluster::start(2, Limits::default()).await.unwrap();
+        let client = cluster.client(&ClientConfig::default()).await.unwrap();
+        let names = ["a", "b", "c"];
+        for name in names {
+            client.create_table(&sgd_table(name, 4)).await.unwrap();
+        }
+        let keys: Vec<u64> = (0..64).collect();
+        let grads = vec![1.0f32; 64 * 4];
+        let tables: Vec<_> = names
+            .iter()
+            .map(|&table| ps_worker::client::PushTable {
+                table,
+                keys: &keys,
+                grads: &grads,
+                lr_scale: None,
+            })
+            .collect();
+        client.push_many(&tables).await.unwrap();
+        client.flush().await.unwrap();
+        let requests: Vec<(&str, &[u64])> = names.iter().map(|&n| (n, keys.as_slice())).collect();
+        let rows = client.pull_many(&requests).await.unwrap();
+        assert!(
+            rows.iter()
+                .all(|t| t.len() == 64 * 4 && t.iter().all(|&v| v == -1.0))
+        );
+        for stats in client.stats().await.unwrap() {
+            let r = stats.requests.unwrap();
+            assert_eq!(
+                (r.push_many, r.pull_many),
+                (1, 1),
+                "one call each way per shard"
+            );
+            assert_eq!((r.push, r.pull), (3, 3), "carrying three tables");
+        }
+    });
 }

@@ -94,6 +94,22 @@ enum Command {
         #[command(flatten)]
         traffic: TrafficArgs,
     },
+    /// Bytes per worker step: a ring all-reduce of the ctr26 model's dense
+    /// gradient against the sparse pull + push measured through the real
+    /// client and services (in memory), for N = 2, 4, .., 64 workers.
+    Bytes {
+        /// Shards.
+        #[arg(long, default_value_t = 2)]
+        servers: u32,
+        /// Largest worker count (powers of two from 2).
+        #[arg(long, default_value_t = 64)]
+        max_workers: usize,
+        /// Measured steps per worker in each of the three windows.
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        #[command(flatten)]
+        traffic: TrafficArgs,
+    },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
@@ -191,6 +207,12 @@ fn main() -> anyhow::Result<()> {
             pool,
             &traffic,
         ),
+        Command::Bytes {
+            servers,
+            max_workers,
+            steps,
+            traffic,
+        } => bytes_bench(servers, max_workers, steps, &traffic),
         Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
         }),
@@ -436,18 +458,8 @@ fn ctr26_bench(
     if setup.servers == 0 || setup.workers == 0 || setup.steps == 0 || pool == 0 {
         bail!("--servers, --workers, --steps and --pool must be at least 1");
     }
-    let mut job = ctr26_job()?;
-    job.communication = traffic.config();
-    if let Err((flag, message)) = job.communication.validate() {
-        bail!("--{}: {message}", flag.replace('_', "-"));
-    }
-    let pools = (0..setup.workers)
-        .map(|w| {
-            let mut g = ctr26::Generator::new(1000 + w as u64);
-            (0..pool).map(|_| g.batch(job.train.batch_size)).collect()
-        })
-        .collect();
-    let m = throughput::run(&job, setup, pools)?;
+    let job = ctr26_job_with(traffic)?;
+    let m = throughput::run(&job, setup, ctr26_pools(&job, setup.workers, pool))?;
     let mut line = serde_json::json!({
         "bench": "ctr26",
         "transport": if setup.in_memory { "in_memory" } else { "grpc" },
@@ -455,7 +467,7 @@ fn ctr26_bench(
         "workers": setup.workers,
         "batch_size": job.train.batch_size,
         "warmup_steps": setup.warmup,
-        "communication": format!("{:?}", job.communication),
+        "communication": job.communication,
     });
     if let (Some(obj), serde_json::Value::Object(measured)) =
         (line.as_object_mut(), serde_json::to_value(&m)?)
@@ -463,5 +475,79 @@ fn ctr26_bench(
         obj.extend(measured);
     }
     println!("{line}");
+    Ok(())
+}
+
+/// The ctr26 job with `traffic`'s options, checked.
+fn ctr26_job_with(traffic: &TrafficArgs) -> anyhow::Result<JobConfig> {
+    let mut job = ctr26_job()?;
+    job.communication = traffic.config();
+    if let Err((flag, message)) = job.communication.validate() {
+        bail!("--{}: {message}", flag.replace('_', "-"));
+    }
+    Ok(job)
+}
+
+/// `pool` ctr26 batches for each of `workers` workers (distinct seeds).
+fn ctr26_pools(job: &JobConfig, workers: usize, pool: usize) -> Vec<Vec<Batch>> {
+    (0..workers)
+        .map(|w| {
+            let mut g = ctr26::Generator::new(1000 + w as u64);
+            (0..pool).map(|_| g.batch(job.train.batch_size)).collect()
+        })
+        .collect()
+}
+
+fn bytes_bench(
+    servers: u32,
+    max_workers: usize,
+    steps: usize,
+    traffic: &TrafficArgs,
+) -> anyhow::Result<()> {
+    if servers == 0 || max_workers < 2 || steps == 0 {
+        bail!("--servers >= 1, --max-workers >= 2 and --steps >= 1 are needed");
+    }
+    let job = ctr26_job_with(traffic)?;
+    // Every parameter of the model, as an all-reduce would move its gradient.
+    let model_bytes: u64 = job
+        .table_specs()
+        .iter()
+        .map(|spec| {
+            let rows = match spec.kind {
+                ps_common::TableKind::Dense { rows, .. } => rows,
+                ps_common::TableKind::Sparse => ctr26::ROWS,
+            };
+            rows * u64::from(spec.dim) * 4
+        })
+        .sum();
+    let mut workers = 2;
+    while workers <= max_workers {
+        let setup = throughput::Setup {
+            servers,
+            workers,
+            warmup: 1,
+            steps,
+            in_memory: true,
+        };
+        let m = throughput::run(&job, &setup, ctr26_pools(&job, workers, 2))?;
+        let n = workers as f64;
+        let allreduce = 2.0 * (n - 1.0) / n * model_bytes as f64;
+        let ps = m.pull_bytes_per_step + m.push_bytes_per_step;
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "bytes",
+                "workers": workers,
+                "batch_size": job.train.batch_size,
+                "model_bytes": model_bytes,
+                "allreduce_bytes_per_worker_step": allreduce.round(),
+                "ps_pull_bytes_per_step": m.pull_bytes_per_step.round(),
+                "ps_push_bytes_per_step": m.push_bytes_per_step.round(),
+                "allreduce_over_ps": allreduce / ps,
+                "communication": job.communication,
+            })
+        );
+        workers *= 2;
+    }
     Ok(())
 }

@@ -21,7 +21,7 @@ use ps_common::routing::mix64;
 use crate::backend::{
     Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
 };
-use crate::client::PsClient;
+use crate::client::{PsClient, PushTable};
 use crate::data::Batch;
 use crate::dedup::UniqueKeys;
 
@@ -150,15 +150,23 @@ pub struct Update {
     pub lr_scale: Option<f32>,
 }
 
-/// Pushes `updates` asynchronously (see [`PsClient::push_unique_scaled`]);
-/// an update with no rows sends nothing.
+/// Pushes `updates` asynchronously in one coalesced push
+/// ([`PsClient::push_many`]); an update with no rows sends nothing.
 pub async fn push_updates(client: &PsClient, updates: &[Update]) -> Result<(), PsError> {
-    for u in updates.iter().filter(|u| !u.keys.is_empty()) {
-        client
-            .push_unique_scaled(&u.table, &u.keys, &u.values, u.lr_scale)
-            .await?;
+    let tables: Vec<PushTable<'_>> = updates
+        .iter()
+        .filter(|u| !u.keys.is_empty())
+        .map(|u| PushTable {
+            table: &u.table,
+            keys: &u.keys,
+            grads: &u.values,
+            lr_scale: u.lr_scale,
+        })
+        .collect();
+    if tables.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    client.push_many(&tables).await
 }
 
 /// Training (backward, dropout, batch statistics) or evaluation.
@@ -474,37 +482,27 @@ impl Model {
         Ok(())
     }
 
-    /// Rows of `tables`, all pulled in parallel: the rows of `keys` for a
-    /// sparse table, every row for a dense one.
+    /// Rows of `tables` in one coalesced pull ([`PsClient::pull_many`]):
+    /// the rows of `keys` for a sparse table, every row for a dense one.
     async fn pull_tables(
         &self,
         client: &PsClient,
         tables: &[TableUse],
         keys: &[u64],
     ) -> Result<Vec<Vec<f32>>, PsError> {
-        let keys: Arc<[u64]> = keys.into();
-        let mut tasks = tokio::task::JoinSet::new();
-        for (slot, table) in tables.iter().enumerate() {
-            let (client, name, keys) = (client.clone(), table.name.clone(), Arc::clone(&keys));
-            let rows = table.rows;
-            tasks.spawn(async move {
-                let rows = match rows {
-                    None => client.pull_unique(&name, &keys).await?,
-                    Some(n) => {
-                        let all: Vec<u64> = (0..n as u64).collect();
-                        client.pull_unique(&name, &all).await?
-                    }
-                };
-                Ok::<_, PsError>((slot, rows))
-            });
+        let all_rows: Vec<Option<Vec<u64>>> = tables
+            .iter()
+            .map(|t| t.rows.map(|n| (0..n as u64).collect()))
+            .collect();
+        let requests: Vec<(&str, &[u64])> = tables
+            .iter()
+            .zip(&all_rows)
+            .map(|(t, rows)| (t.name.as_str(), rows.as_deref().unwrap_or(keys)))
+            .collect();
+        if requests.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut slots = vec![Vec::new(); tables.len()];
-        while let Some(joined) = tasks.join_next().await {
-            let (slot, rows) =
-                joined.map_err(|e| PsError::Internal(format!("pull task failed: {e}")))??;
-            slots[slot] = rows;
-        }
-        Ok(slots)
+        client.pull_many(&requests).await
     }
 
     /// Pushes gradients asynchronously (see [`PsClient::push_unique`]),
