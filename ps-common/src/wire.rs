@@ -2,6 +2,7 @@
 //! after row; key lists as plain varints (protobuf's packed `uint64`) or
 //! sorted with delta + varint encoding.
 
+pub use bytes::BytesMut as ValueBuffer;
 use bytes::{Bytes, BytesMut};
 use half::{bf16, f16};
 
@@ -19,10 +20,20 @@ pub fn value_bytes(encoding: ValueEncoding) -> usize {
 /// Encodes floats in `encoding`. `f16` saturates at +-65504 (the largest
 /// finite half), so a finite value never becomes infinite on the wire.
 pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
+    let mut out = BytesMut::with_capacity(values.len() * value_bytes(encoding));
+    append_values(&mut out, values, encoding);
+    out.freeze()
+}
+
+/// Appends `values` encoded in `encoding` to `out` (see [`encode_values`]).
+pub fn append_values(out: &mut BytesMut, values: &[f32], encoding: ValueEncoding) {
     match encoding {
-        ValueEncoding::F32 => encode_f32s(values),
+        ValueEncoding::F32 => {
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
         ValueEncoding::F16 => {
-            let mut out = BytesMut::with_capacity(values.len() * 2);
             for &v in values {
                 let v = if v.is_nan() {
                     v
@@ -31,14 +42,11 @@ pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
                 };
                 out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
             }
-            out.freeze()
         }
         ValueEncoding::Bf16 => {
-            let mut out = BytesMut::with_capacity(values.len() * 2);
             for &v in values {
                 out.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
             }
-            out.freeze()
         }
     }
 }

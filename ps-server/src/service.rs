@@ -435,11 +435,18 @@ struct PullPart {
 }
 
 impl PullPart {
+    /// Reads the rows and encodes them straight from the table.
     fn serve(&self, shard: &Shard) -> Result<pb::PullResponse, PsError> {
-        let mut out = Vec::new();
-        let dim = shard.pull(&self.table, &self.keys, &mut out)?;
+        let mut out = wire::ValueBuffer::new();
+        let width = wire::value_bytes(self.encoding);
+        let dim = shard.pull_each(&self.table, &self.keys, |row| {
+            if out.is_empty() {
+                out.reserve(self.keys.len() * row.len() * width);
+            }
+            wire::append_values(&mut out, row, self.encoding)
+        })?;
         Ok(pb::PullResponse {
-            values: wire::encode_values(&out, self.encoding),
+            values: out.freeze(),
             dim,
             encoding: self.encoding as i32,
         })

@@ -343,21 +343,37 @@ impl Shard {
     /// Appends the weights of `keys` (in order) to `out`; creates missing
     /// sparse rows. Returns the table's dim.
     pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<u32, PsError> {
+        self.pull_each(table, keys, |row| {
+            if out.capacity() == out.len() {
+                out.reserve(keys.len() * row.len());
+            }
+            out.extend_from_slice(row)
+        })
+    }
+
+    /// Hands the weights of `keys` (in order) to `each`; creates missing
+    /// sparse rows. Returns the table's dim. Lets a caller encode rows
+    /// straight from the table.
+    pub fn pull_each(
+        &self,
+        table: &str,
+        keys: &[u64],
+        mut each: impl FnMut(&[f32]),
+    ) -> Result<u32, PsError> {
         let table = self.table(table)?;
         self.check_keys(&table, keys)?;
         let dim = table.spec.dim as usize;
-        out.reserve(keys.len() * dim);
         for &key in keys {
             // Fast path under a read lock; create under the write lock only when missing.
             if let Some(row) = table.rows.get(&key) {
-                out.extend_from_slice(&row[..dim]);
+                each(&row[..dim]);
                 continue;
             }
             let row = table
                 .rows
                 .entry(key)
                 .or_insert_with(|| table.fresh_row(key));
-            out.extend_from_slice(&row[..dim]);
+            each(&row[..dim]);
         }
         Ok(table.spec.dim)
     }
