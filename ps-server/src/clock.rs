@@ -7,7 +7,8 @@
 //! lease runs out: it has not reported for `lease` and is not waiting here
 //! right now. Ranks that never reported count from the job's first report,
 //! so a worker that never starts delays the others by one lease, not for
-//! ever. A worker presumed dead that reports again is live again.
+//! ever. A worker presumed dead (or finished) that reports again is live
+//! again, at the clock it reports: the latest report wins.
 //!
 //! Waits are bounded by the caller's `max_wait`; the answer says whether the
 //! bound was reached, so a client can report again (which renews its lease)
@@ -225,10 +226,13 @@ impl Clocks {
             )));
         }
         job.lease = r.lease;
+        // The latest report wins: a worker reports in order, and one that
+        // restarts (or a rerun of a finished job) starts over from its
+        // report rather than from the old clock.
         let m = &mut job.members[r.worker as usize];
-        m.clock = m.clock.max(r.clock);
+        m.clock = r.clock;
         m.last_seen = now;
-        m.finished |= r.finished;
+        m.finished = r.finished;
         Ok(())
     }
 
@@ -311,6 +315,16 @@ mod tests {
             .await
             .unwrap();
         assert!(answer.reached, "the finished worker is not waited for");
+        // It reports again (a rerun under the same job name): waited for again.
+        clocks
+            .report(report(1, 0, 0), Duration::ZERO)
+            .await
+            .unwrap();
+        let answer = clocks
+            .report(report(0, 9, 9), Duration::from_millis(30))
+            .await
+            .unwrap();
+        assert!(!answer.reached, "worker 1 is back at clock 0");
 
         // Worker 1 of job k never reports: it expires one lease after the
         // job's first report.
