@@ -13,6 +13,7 @@
 //! - [`config`]: the job file (TOML) that drives every way of running a job.
 //! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod init;

@@ -13,6 +13,7 @@
 //! - [`metrics`]: per-RPC outcome counts and latency histograms; the Prometheus endpoint.
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
+pub mod auth;
 pub mod checkpoint;
 pub mod clock;
 pub mod limits;

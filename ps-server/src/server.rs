@@ -9,6 +9,9 @@ use ps_common::pb::parameter_server_server::ParameterServerServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::Auth;
 use crate::limits::OversizeStatusLayer;
 use crate::service::{Limits, ShardService};
 use crate::store::Shard;
@@ -31,6 +34,8 @@ pub struct ServerConfig {
     /// After draining on shutdown, write a checkpoint of this name under
     /// `checkpoint_dir` (so a pod's grace period ends with its state saved).
     pub checkpoint_on_shutdown: Option<String>,
+    /// The bearer token every ParameterServer call must carry.
+    pub auth: Auth,
 }
 
 /// Errors that stop a shard from serving.
@@ -101,6 +106,7 @@ pub async fn run(
     ))
     .max_decoding_message_size(config.limits.max_request_bytes)
     .max_encoding_message_size(usize::MAX);
+    let service = InterceptedService::new(service, config.auth.clone());
     // Small pulls and pushes are latency-bound: never let Nagle's algorithm hold them.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (requested, drain_started) = tokio::sync::oneshot::channel::<()>();

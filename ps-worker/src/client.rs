@@ -28,6 +28,7 @@ use ps_common::{PsError, ShardRouter, TableSpec, wire};
 use ps_server::service::ShardService;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
@@ -55,6 +56,8 @@ pub struct ClientConfig {
     /// Requests to one shard smaller than this travel together in one
     /// `PullMany` / `PushMany` call of at most this size.
     pub coalesce_bytes: usize,
+    /// Bearer token sent with every call (`--auth-token-file`).
+    pub auth_token: Option<String>,
     /// How long to keep retrying a shard that does not accept connections.
     pub connect_timeout: Duration,
     /// Deadline of every RPC.
@@ -67,6 +70,7 @@ impl Default for ClientConfig {
             max_pushes_in_flight: 4,
             wire: WireFormat::default(),
             coalesce_bytes: 256 << 10,
+            auth_token: None,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
         }
@@ -91,21 +95,31 @@ enum Link {
     InProcess(ShardService),
 }
 
-/// Calls RPC `$rpc` with `$request` over `$link`; the answer's message or status.
+/// Calls RPC `$rpc` with `$request` on shard connection `$shard` (its
+/// bearer token attached, if any); the answer's message or status.
 macro_rules! call {
-    ($link:expr, $rpc:ident, $request:expr) => {
-        match $link {
-            Link::Grpc(client) => client.clone().$rpc($request).await,
-            Link::InProcess(service) => service.$rpc(Request::new($request)).await,
+    ($shard:expr, $rpc:ident, $request:expr) => {{
+        let shard: &ShardConn = $shard;
+        let mut request = Request::new($request);
+        if let Some(token) = &shard.auth {
+            request
+                .metadata_mut()
+                .insert(ps_common::auth::HEADER, token.clone());
+        }
+        match &shard.link {
+            Link::Grpc(client) => client.clone().$rpc(request).await,
+            Link::InProcess(service) => service.$rpc(request).await,
         }
         .map(tonic::Response::into_inner)
-    };
+    }};
 }
 
 #[derive(Debug, Clone)]
 struct ShardConn {
     addr: String,
     link: Link,
+    /// `Bearer TOKEN`, sent with every call when the job has a token.
+    auth: Option<AsciiMetadataValue>,
     /// Most keys one request to this shard may carry.
     max_keys: usize,
     /// Largest request this shard accepts, in bytes.
@@ -113,10 +127,16 @@ struct ShardConn {
 }
 
 impl ShardConn {
-    fn new(addr: String, link: Link, described: &pb::DescribeResponse) -> ShardConn {
+    fn new(
+        addr: String,
+        link: Link,
+        auth: Option<AsciiMetadataValue>,
+        described: &pb::DescribeResponse,
+    ) -> ShardConn {
         ShardConn {
             addr,
             link,
+            auth,
             max_keys: usize::try_from(described.max_keys_per_request)
                 .unwrap_or(usize::MAX)
                 .max(1),
@@ -245,9 +265,11 @@ impl PsClient {
                 .await
                 .map_err(|s| PsError::Internal(format!("in-process shard {i}: {s}")))?
                 .into_inner();
+            // In process there is no interceptor: no token to send.
             conns.push(ShardConn::new(
                 format!("in-process:{i}"),
                 Link::InProcess(service),
+                None,
                 &described,
             ));
         }
@@ -290,7 +312,7 @@ impl PsClient {
         };
         self.on_every_shard(move |shard| {
             let request = request.clone();
-            async move { call!(&shard.link, create_table, request) }
+            async move { call!(&shard, create_table, request) }
         })
         .await?;
         self.inner
@@ -394,12 +416,12 @@ impl PsClient {
                     let request = requests.into_iter().next().unwrap_or_default();
                     let sent = request.encoded_len();
                     let response =
-                        call!(&shard.link, pull, request).map_err(|s| shard.error(shard_id, s))?;
+                        call!(&shard, pull, request).map_err(|s| shard.error(shard_id, s))?;
                     (sent, response.encoded_len(), vec![response])
                 } else {
                     let request = pb::PullManyRequest { pulls: requests };
                     let sent = request.encoded_len();
-                    let response = call!(&shard.link, pull_many, request)
+                    let response = call!(&shard, pull_many, request)
                         .map_err(|s| shard.error(shard_id, s))?;
                     (sent, response.encoded_len(), response.pulls)
                 };
@@ -504,7 +526,7 @@ impl PsClient {
                 values: wire::encode_f32s(&rows),
             };
             tasks.spawn(async move {
-                call!(&shard.link, assign, request)
+                call!(&shard, assign, request)
                     .map_err(|s| shard.error(shard_id, s))
                     .map(drop)
             });
@@ -644,11 +666,11 @@ impl PsClient {
                 let answer = if requests.len() == 1 {
                     let request = requests.pop().unwrap_or_default();
                     let sent = request.encoded_len();
-                    call!(&shard.link, push, request).map(|r| (sent, r.encoded_len()))
+                    call!(&shard, push, request).map(|r| (sent, r.encoded_len()))
                 } else {
                     let request = pb::PushManyRequest { pushes: requests };
                     let sent = request.encoded_len();
-                    call!(&shard.link, push_many, request).map(|r| (sent, r.encoded_len()))
+                    call!(&shard, push_many, request).map(|r| (sent, r.encoded_len()))
                 };
                 match answer {
                     Ok((sent, received)) => {
@@ -706,8 +728,7 @@ impl PsClient {
     pub async fn clock(&self, request: pb::ClockRequest) -> Result<pb::ClockResponse, PsError> {
         let shard = &self.inner.shards[0];
         loop {
-            let answer =
-                call!(&shard.link, clock, request.clone()).map_err(|s| shard.error(0, s))?;
+            let answer = call!(&shard, clock, request.clone()).map_err(|s| shard.error(0, s))?;
             if answer.reached {
                 return Ok(answer);
             }
@@ -723,14 +744,14 @@ impl PsClient {
         };
         self.on_every_shard(move |shard| {
             let request = request.clone();
-            async move { call!(&shard.link, checkpoint, request) }
+            async move { call!(&shard, checkpoint, request) }
         })
         .await
     }
 
     /// Stats of every shard, in shard order.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, PsError> {
-        self.on_every_shard(|shard| async move { call!(&shard.link, stats, pb::StatsRequest {}) })
+        self.on_every_shard(|shard| async move { call!(&shard, stats, pb::StatsRequest {}) })
             .await
     }
 
@@ -881,12 +902,29 @@ async fn connect_one(
     let mut client = ParameterServerClient::new(channel)
         .max_decoding_message_size(1 << 30)
         .max_encoding_message_size(usize::MAX);
+    let auth = config
+        .auth_token
+        .as_ref()
+        .map(|t| format!("Bearer {t}").parse::<AsciiMetadataValue>())
+        .transpose()
+        .map_err(|_| {
+            fail(
+                tonic::Code::InvalidArgument,
+                "the auth token must be visible ASCII characters".into(),
+            )
+        })?;
+    let mut request = Request::new(pb::DescribeRequest {});
+    if let Some(token) = &auth {
+        request
+            .metadata_mut()
+            .insert(ps_common::auth::HEADER, token.clone());
+    }
     let described = client
-        .describe(pb::DescribeRequest {})
+        .describe(request)
         .await
         .map_err(|s| fail(s.code(), s.message().to_string()))?
         .into_inner();
-    let conn = ShardConn::new(addr.clone(), Link::Grpc(client), &described);
+    let conn = ShardConn::new(addr.clone(), Link::Grpc(client), auth, &described);
     Ok((conn, described))
 }
 

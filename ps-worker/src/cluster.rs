@@ -79,6 +79,7 @@ impl LocalCluster {
                 checkpoint_dir: checkpoint_dir.clone(),
                 drain_timeout: std::time::Duration::from_secs(5),
                 checkpoint_on_shutdown: None,
+                auth: ps_server::auth::Auth::default(),
             };
             cluster.tasks.push(tokio::spawn(ps_server::run(
                 listener,

@@ -346,3 +346,106 @@ async fn every_shard_answers_the_standard_grpc_health_check() {
     }
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn without_the_right_bearer_token_calls_are_refused_and_nothing_is_applied() {
+    use ps_server::auth::Auth;
+    use ps_server::{ServerConfig, Shard};
+    use std::sync::Arc;
+
+    const TOKEN: &str = "0123456789abcdef-token";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shard = Arc::new(Shard::new(0, 1));
+    let config = ServerConfig {
+        shard_id: 0,
+        num_shards: 1,
+        limits: Limits::default(),
+        checkpoint_dir: None,
+        drain_timeout: Duration::from_secs(1),
+        checkpoint_on_shutdown: None,
+        auth: Auth::bearer(TOKEN),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ps_server::run(
+        listener,
+        config,
+        Arc::clone(&shard),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let with = |token: Option<&str>| ClientConfig {
+        auth_token: token.map(str::to_string),
+        connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+
+    let good = PsClient::connect(std::slice::from_ref(&addr), &with(Some(TOKEN)))
+        .await
+        .unwrap();
+    good.create_table(&sparse("emb", 2)).await.unwrap();
+    let before = good.pull("emb", &[1]).await.unwrap();
+
+    for token in [None, Some("wrong-token-0123456789")] {
+        let refused = PsClient::connect(std::slice::from_ref(&addr), &with(token))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                ps_common::PsError::Shard {
+                    code: Code::Unauthenticated,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+    }
+    // A push that reaches the server with a wrong token changes nothing.
+    let mut raw = ParameterServerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut push = tonic::Request::new(pb::PushRequest {
+        table: "emb".into(),
+        keys: vec![1],
+        gradients: wire::encode_f32s(&[5.0, 5.0]),
+        ..Default::default()
+    });
+    push.metadata_mut().insert(
+        "authorization",
+        "Bearer wrong-token-0123456789".parse().unwrap(),
+    );
+    let status = raw.push(push).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(
+        status.message(),
+        "invalid bearer token",
+        "nothing internal leaks"
+    );
+    assert_eq!(good.pull("emb", &[1]).await.unwrap(), before);
+    assert_eq!(
+        shard
+            .counters
+            .push
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // Health probes carry no token and stay open.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().status, 1, "SERVING");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

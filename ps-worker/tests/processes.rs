@@ -703,3 +703,44 @@ fn the_health_command_passes_for_a_serving_shard_and_names_a_dead_one() {
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains(&addr), "{}", stderr_of(&out));
 }
+
+#[test]
+fn a_server_with_a_token_file_serves_only_workers_with_the_same_token() {
+    let dir = temp_dir("auth");
+    let token = dir.join("token");
+    std::fs::write(&token, "a-long-enough-token-0123\n").unwrap();
+    let other = dir.join("other");
+    std::fs::write(&other, "another-token-0123456789").unwrap();
+    let server = Server::start_with(0, 1, &["--auth-token-file", token.to_str().unwrap()]);
+    let job = a9a_job_edited(&dir, "job.toml", &[("epochs = 5", "epochs = 1")]);
+    let train = |token: Option<&Path>| {
+        let mut args = vec![
+            "train",
+            "--config",
+            job.to_str().unwrap(),
+            "--servers",
+            &server.addr,
+            "--rank",
+            "0",
+            "--world",
+            "1",
+            "--connect-timeout-secs",
+            "2",
+        ];
+        if let Some(t) = token {
+            args.extend(["--auth-token-file", t.to_str().unwrap()]);
+        }
+        worker(&args).output().unwrap()
+    };
+    for (token, expected) in [
+        (None, "missing bearer token"),
+        (Some(other.as_path()), "invalid bearer token"),
+    ] {
+        let out = train(token);
+        assert!(!out.status.success());
+        assert!(stderr_of(&out).contains(expected), "{}", stderr_of(&out));
+    }
+    let out = train(Some(&token));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}

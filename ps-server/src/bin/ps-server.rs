@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use ps_common::auth::read_token_file;
+use ps_server::auth::Auth;
 use ps_server::logging::LogFormat;
 use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
@@ -52,6 +54,10 @@ struct Args {
     /// Log format on stderr: text, or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Require this bearer token (the file's text, 16-4096 visible ASCII
+    /// characters) on every ParameterServer call; others get UNAUTHENTICATED.
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +69,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     ps_server::logging::init(args.log_format);
+    let auth = match &args.auth_token_file {
+        Some(file) => Auth::bearer(&read_token_file(file).context("--auth-token-file")?),
+        None => Auth::default(),
+    };
     let config = ServerConfig {
         shard_id: args.shard_id,
         num_shards: args.num_shards,
@@ -73,6 +83,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         checkpoint_dir: args.checkpoint_dir.clone(),
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
         checkpoint_on_shutdown: args.checkpoint_on_shutdown.clone(),
+        auth,
     };
     config.validate()?;
     let shard = match &args.restore {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use ps_common::auth::read_token_file;
 use ps_common::config::{DataSource, Device, JobConfig};
 use ps_server::logging::LogFormat;
 use ps_worker::job::{self, Report};
@@ -28,6 +29,10 @@ struct Cli {
     /// 0 picks a free port, printed as `metrics on ADDR`).
     #[arg(long, global = true, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Send this bearer token (the file's text) with every call to the
+    /// servers (`train`, `checkpoint`); they must have been started with it.
+    #[arg(long, global = true, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +139,12 @@ fn main() -> anyhow::Result<()> {
     ps_server::logging::init(cli.log_format);
     // Kept alive for the whole run: the metrics endpoint's runtime.
     let _metrics = cli.metrics_listen.map(serve_metrics).transpose()?;
+    let auth_token = cli
+        .auth_token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()
+        .context("--auth-token-file")?;
     match cli.command {
         Command::Train {
             config,
@@ -152,7 +163,10 @@ fn main() -> anyhow::Result<()> {
             if run_id.is_some() {
                 job.train.run_id = run_id;
             }
-            let client = job::client_config(&job, Duration::from_secs(connect_timeout_secs));
+            let client = ps_worker::ClientConfig {
+                auth_token,
+                ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
+            };
             let result = job::run_train(&job, &servers, rank, world, &client)
                 .with_context(|| format!("worker {rank} of {world} failed"))?;
             finish(&result, report.as_deref())
@@ -229,6 +243,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let config = ps_worker::ClientConfig {
                 connect_timeout: Duration::from_secs(connect_timeout_secs),
+                auth_token,
                 ..ps_worker::ClientConfig::default()
             };
             let runtime =
