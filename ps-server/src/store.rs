@@ -263,6 +263,8 @@ pub struct Shard {
     pub counters: RequestCounters,
     /// Per-RPC outcomes and latencies, updated by the service layer.
     pub rpc_metrics: crate::metrics::RpcMetrics,
+    /// Most rows a sparse table may hold on this shard (`usize::MAX`: no cap).
+    row_cap: std::sync::atomic::AtomicUsize,
 }
 
 impl Shard {
@@ -276,7 +278,41 @@ impl Shard {
             tables: DashMap::new(),
             counters: RequestCounters::default(),
             rpc_metrics: crate::metrics::RpcMetrics::default(),
+            row_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
+    }
+
+    /// Caps the rows each sparse table may hold on this shard (`None`: no
+    /// cap). A pull, push or assign that would create rows past the cap is
+    /// refused with RESOURCE_EXHAUSTED and creates nothing, so a flood of
+    /// fresh ids cannot exhaust the server's memory. Concurrent requests
+    /// are checked independently: a table can pass the cap by at most the
+    /// new rows of requests in flight together.
+    pub fn set_row_cap(&self, cap: Option<usize>) {
+        self.row_cap
+            .store(cap.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// Refuses a request that would grow `table` past the row cap.
+    fn check_room(&self, table: &Table, keys: &[u64]) -> Result<(), PsError> {
+        let cap = self.row_cap.load(Ordering::Relaxed);
+        if cap == usize::MAX || table.spec.kind != TableKind::Sparse {
+            return Ok(());
+        }
+        let fresh: std::collections::HashSet<u64> = keys
+            .iter()
+            .copied()
+            .filter(|k| !table.rows.contains_key(k))
+            .collect();
+        let held = table.rows.len();
+        if held + fresh.len() > cap {
+            return Err(PsError::ResourceExhausted(format!(
+                "table '{}' holds {held} rows on this shard; {} new rows would pass its cap of {cap} (--max-rows-per-table)",
+                table.spec.name,
+                fresh.len()
+            )));
+        }
+        Ok(())
     }
 
     /// This shard's index.
@@ -362,6 +398,7 @@ impl Shard {
     ) -> Result<u32, PsError> {
         let table = self.table(table)?;
         self.check_keys(&table, keys)?;
+        self.check_room(&table, keys)?;
         let dim = table.spec.dim as usize;
         for &key in keys {
             // Fast path under a read lock; create under the write lock only when missing.
@@ -408,6 +445,7 @@ impl Shard {
             )));
         }
         self.check_keys(&table, keys)?;
+        self.check_room(&table, keys)?;
         for (&key, weights) in keys.iter().zip(values.chunks_exact(dim)) {
             let mut row = vec![0f32; table.row_len].into_boxed_slice();
             let (w, state) = row.split_at_mut(dim);
@@ -479,6 +517,7 @@ impl Shard {
             )));
         }
         self.check_keys(&table, keys)?;
+        self.check_room(&table, keys)?;
         Ok(table)
     }
 
@@ -581,6 +620,44 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_cap_refuses_requests_that_would_create_rows_past_it() {
+        let shard = Shard::new(0, 1);
+        shard
+            .create_table(TableSpec {
+                name: "emb".into(),
+                kind: TableKind::Sparse,
+                dim: 1,
+                initializer: InitializerSpec::Zeros,
+                optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+                seed: 0,
+            })
+            .unwrap();
+        shard.set_row_cap(Some(3));
+        let mut out = Vec::new();
+        shard.pull("emb", &[1, 2, 2], &mut out).unwrap();
+        let err = shard.pull("emb", &[3, 4], &mut out).unwrap_err();
+        assert!(matches!(err, PsError::ResourceExhausted(_)), "{err}");
+        assert!(err.to_string().contains("cap of 3"), "{err}");
+        assert_eq!(shard.table("emb").unwrap().len(), 2, "nothing created");
+        shard.pull("emb", &[1, 3], &mut out).unwrap();
+        assert!(
+            shard.push("emb", &[9], &[1.0]).is_err(),
+            "a push creates rows too"
+        );
+        assert!(
+            shard.assign("emb", &[9], &[1.0]).is_err(),
+            "and so does assign"
+        );
+        assert_eq!(
+            shard.push("emb", &[1, 2, 3], &[1.0; 3]),
+            Ok(3),
+            "existing rows"
+        );
+        shard.set_row_cap(None);
+        shard.pull("emb", &[4, 5], &mut out).unwrap();
+    }
     use ps_common::{InitializerSpec, OptimizerSpec};
 
     fn spec(name: &str, kind: TableKind, dim: u32) -> TableSpec {

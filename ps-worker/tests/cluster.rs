@@ -449,3 +449,31 @@ async fn without_the_right_bearer_token_calls_are_refused_and_nothing_is_applied
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_flood_of_fresh_ids_past_the_row_cap_is_refused_with_resource_exhausted() {
+    let (cluster, client) = cluster(1, Limits::default()).await;
+    client.create_table(&sparse("emb", 4)).await.unwrap();
+    cluster.shard(0).set_row_cap(Some(100));
+    client
+        .pull("emb", &(0..100).collect::<Vec<u64>>())
+        .await
+        .unwrap();
+    let err = client
+        .pull("emb", &(1000..1010).collect::<Vec<u64>>())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ps_common::PsError::Shard {
+                code: Code::ResourceExhausted,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(cluster.shard(0).table("emb").unwrap().len(), 100);
+    // Rows that exist are still served.
+    assert_eq!(client.pull("emb", &[5, 6]).await.unwrap().len(), 8);
+}

@@ -58,6 +58,10 @@ struct Args {
     /// characters) on every ParameterServer call; others get UNAUTHENTICATED.
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<std::path::PathBuf>,
+    /// Most rows each sparse table may hold on this shard; pulls and pushes
+    /// that would create more get RESOURCE_EXHAUSTED (default: no cap).
+    #[arg(long, value_name = "N")]
+    max_rows_per_table: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +102,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }
         None => Shard::new(args.shard_id, args.num_shards),
     };
+    shard.set_row_cap(args.max_rows_per_table);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
