@@ -111,10 +111,8 @@ pub fn run(job: &JobConfig, setup: &Setup, pools: Vec<Vec<Batch>>) -> anyhow::Re
             }
             Some(cluster)
         };
-        for spec in job.table_specs() {
-            clients[0].create_table(&spec).await?;
-        }
-        for client in &clients[1..] {
+        // Every client learns the tables' layout (creation is idempotent).
+        for client in &clients {
             for spec in job.table_specs() {
                 client.create_table(&spec).await?;
             }
