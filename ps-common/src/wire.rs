@@ -255,6 +255,28 @@ mod tests {
         assert!(encode_delta_keys(&[5, 4]).is_err(), "decreasing");
     }
 
+    /// Bounded fuzzing: random bytes into every decoder never panic, and
+    /// what decodes respects the key limit and re-encodes to the same bytes.
+    #[test]
+    fn random_bytes_never_panic_a_decoder() {
+        let mut rng = crate::init::RowRng::new(7, 0);
+        for _ in 0..20_000 {
+            let len = (rng.next_u64() % 24) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            if let Ok(keys) = decode_delta_keys(&bytes, 4) {
+                assert!(keys.len() <= 4);
+                assert!(keys.is_sorted());
+                let canonical = encode_delta_keys(&keys).unwrap();
+                assert_eq!(decode_delta_keys(&canonical, 4).unwrap(), keys);
+            }
+            for encoding in [ValueEncoding::F32, ValueEncoding::F16, ValueEncoding::Bf16] {
+                if let Ok(values) = decode_values(&bytes, encoding) {
+                    assert_eq!(values.len() * value_bytes(encoding), bytes.len());
+                }
+            }
+        }
+    }
+
     #[test]
     fn malformed_delta_keys_are_refused() {
         assert!(

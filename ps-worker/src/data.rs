@@ -508,6 +508,61 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A bounded fuzz harness (no extra tooling): random lines, some valid,
+    /// most malformed, through every parser. A parser never panics; a line
+    /// it refuses leaves the batch exactly as it was (nothing half-applied);
+    /// a line it accepts adds exactly one consistent example.
+    #[test]
+    fn fuzzed_lines_never_panic_and_refused_lines_change_nothing() {
+        const ALPHABET: &[u8] = b"0123456789012345:::   \t,.-+eEnaNiIf#\x7f";
+        let mut rng = ps_common::init::RowRng::new(99, 0);
+        let mut next = |n: u64| (rng.next_u64() % n) as usize;
+        let (mut accepted, mut refused) = (0, 0);
+        for case in 0..30_000 {
+            let len = next(40);
+            let mut line: String = (0..len)
+                .map(|_| ALPHABET[next(ALPHABET.len() as u64)] as char)
+                .collect();
+            if case % 7 == 0 {
+                // Near-valid lines, so the accepting paths are fuzzed too.
+                line = format!("{} {}:{}:{}", next(2), next(3), next(50), next(9));
+            }
+            if case % 11 == 0 {
+                line.push(char::from_u32(0x80 + next(0x700) as u32).unwrap_or('x'));
+            }
+            for format in 0..3 {
+                let mut batch = Batch::new();
+                let tasks = 1 + case % 2;
+                let before = batch.clone();
+                let result = match format {
+                    0 => parse_libsvm_line(&line, tasks, &mut batch),
+                    1 => parse_libffm_line(&line, 3, tasks, &mut batch),
+                    _ => parse_criteo_line(&line, IntegerFeatures::default(), &mut batch),
+                };
+                match result {
+                    Err(_) => {
+                        refused += 1;
+                        assert_eq!(batch, before, "{line:?} (format {format}) half-applied");
+                    }
+                    Ok(()) => {
+                        accepted += 1;
+                        let width = if format == 2 { 1 } else { tasks };
+                        assert_eq!(batch.len(), 1, "{line:?}");
+                        assert_eq!(batch.labels.len(), width, "{line:?}");
+                        assert_eq!(batch.ids.len(), batch.values.len(), "{line:?}");
+                        assert_eq!(batch.offsets[1], batch.ids.len(), "{line:?}");
+                        assert!(batch.fields.is_empty() || batch.fields.len() == batch.ids.len());
+                        assert!(batch.values.iter().all(|v| v.is_finite()), "{line:?}");
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 1_000 && refused > 10_000,
+            "{accepted} / {refused}"
+        );
+    }
+
     fn write_temp(name: &str, text: &str) -> DataSource {
         let path = std::env::temp_dir().join(format!("ps-data-{}-{name}", std::process::id()));
         File::create(&path)
