@@ -2,7 +2,6 @@
 //! after row; key lists as plain varints (protobuf's packed `uint64`) or
 //! sorted with delta + varint encoding.
 
-pub use bytes::BytesMut as ValueBuffer;
 use bytes::{Bytes, BytesMut};
 use half::{bf16, f16};
 

@@ -64,27 +64,41 @@ impl ShardService {
 
     fn check_keys(&self, table: &str, keys: usize) -> Result<(), PsError> {
         validate_table_name(table)?;
+        self.check_key_count(keys, "request")
+    }
+
+    /// `keys` in one `what` (a request, or a call bundling several) must
+    /// stay under the key limit.
+    fn check_key_count(&self, keys: usize, what: &str) -> Result<(), PsError> {
         if keys > self.limits.max_keys_per_request {
             return Err(PsError::ResourceExhausted(format!(
-                "{keys} keys in one request is over this shard's limit of {}",
+                "{keys} keys in one {what} is over this shard's limit of {}",
                 self.limits.max_keys_per_request
             )));
         }
         Ok(())
     }
 
-    /// The request's keys: `keys`, or `delta_keys` decoded (under the key
-    /// limit); setting both is an error.
-    fn request_keys(&self, keys: Vec<u64>, delta_keys: &[u8]) -> Result<Vec<u64>, PsError> {
-        if delta_keys.is_empty() {
-            return Ok(keys);
-        }
-        if !keys.is_empty() {
-            return Err(PsError::invalid(
-                "a request sets keys or delta_keys, not both",
-            ));
-        }
-        wire::decode_delta_keys(delta_keys, self.limits.max_keys_per_request)
+    /// A request's keys for `table`: `keys`, or `delta_keys` decoded (under
+    /// the key limit; setting both is an error), checked with the table name
+    /// against this shard's limits.
+    fn request_keys(
+        &self,
+        table: &str,
+        keys: Vec<u64>,
+        delta_keys: &[u8],
+    ) -> Result<Vec<u64>, PsError> {
+        let keys = match (keys.is_empty(), delta_keys.is_empty()) {
+            (_, true) => keys,
+            (true, false) => wire::decode_delta_keys(delta_keys, self.limits.max_keys_per_request)?,
+            (false, false) => {
+                return Err(PsError::invalid(
+                    "a request sets keys or delta_keys, not both",
+                ));
+            }
+        };
+        self.check_keys(table, keys.len())?;
+        Ok(keys)
     }
 
     /// Runs `f` (store work) on a blocking thread and counts errors.
@@ -155,8 +169,7 @@ impl ShardService {
     /// A pull's table, keys and answer encoding, checked.
     fn pull_part(&self, mut req: pb::PullRequest) -> Result<PullPart, PsError> {
         let encoding = value_encoding(req.encoding)?;
-        let keys = self.request_keys(std::mem::take(&mut req.keys), &req.delta_keys)?;
-        self.check_keys(&req.table, keys.len())?;
+        let keys = self.request_keys(&req.table, std::mem::take(&mut req.keys), &req.delta_keys)?;
         Ok(PullPart {
             table: req.table,
             keys,
@@ -168,8 +181,7 @@ impl ShardService {
     /// the rest: table, dims, values, ownership).
     fn push_part(&self, mut req: pb::PushRequest) -> Result<PushPart, PsError> {
         let encoding = value_encoding(req.encoding)?;
-        let keys = self.request_keys(std::mem::take(&mut req.keys), &req.delta_keys)?;
-        self.check_keys(&req.table, keys.len())?;
+        let keys = self.request_keys(&req.table, std::mem::take(&mut req.keys), &req.delta_keys)?;
         Ok(PushPart {
             table: req.table,
             keys,
@@ -177,17 +189,6 @@ impl ShardService {
             encoding,
             lr_scale: req.lr_scale.unwrap_or(1.0),
         })
-    }
-
-    /// Calls that bundle parts must stay under the key limit as a whole.
-    fn check_total_keys(&self, total: usize) -> Result<(), PsError> {
-        if total > self.limits.max_keys_per_request {
-            return Err(PsError::ResourceExhausted(format!(
-                "{total} keys in one call is over this shard's limit of {}",
-                self.limits.max_keys_per_request
-            )));
-        }
-        Ok(())
     }
 
     async fn pull_inner(
@@ -225,7 +226,8 @@ impl ShardService {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.fail(e))?;
         let rows: usize = parts.iter().map(|p| p.keys.len()).sum();
-        self.check_total_keys(rows).map_err(|e| self.fail(e))?;
+        self.check_key_count(rows, "call")
+            .map_err(|e| self.fail(e))?;
         let response = self
             .blocking(move |shard| {
                 let pulls = parts
@@ -281,7 +283,7 @@ impl ShardService {
             .map(|p| self.push_part(p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.fail(e))?;
-        self.check_total_keys(parts.iter().map(|p| p.keys.len()).sum())
+        self.check_key_count(parts.iter().map(|p| p.keys.len()).sum(), "call")
             .map_err(|e| self.fail(e))?;
         let applied = self
             .blocking(move |shard| {
@@ -437,7 +439,7 @@ struct PullPart {
 impl PullPart {
     /// Reads the rows and encodes them straight from the table.
     fn serve(&self, shard: &Shard) -> Result<pb::PullResponse, PsError> {
-        let mut out = wire::ValueBuffer::new();
+        let mut out = bytes::BytesMut::new();
         let width = wire::value_bytes(self.encoding);
         let dim = shard.pull_each(&self.table, &self.keys, |row| {
             if out.is_empty() {

@@ -379,8 +379,9 @@ impl Shard {
     /// Appends the weights of `keys` (in order) to `out`; creates missing
     /// sparse rows. Returns the table's dim.
     pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<u32, PsError> {
+        let start = out.len();
         self.pull_each(table, keys, |row| {
-            if out.capacity() == out.len() {
+            if out.len() == start {
                 out.reserve(keys.len() * row.len());
             }
             out.extend_from_slice(row)
