@@ -100,12 +100,7 @@ enum Link {
 macro_rules! call {
     ($shard:expr, $rpc:ident, $request:expr) => {{
         let shard: &ShardConn = $shard;
-        let mut request = Request::new($request);
-        if let Some(token) = &shard.auth {
-            request
-                .metadata_mut()
-                .insert(ps_common::auth::HEADER, token.clone());
-        }
+        let request = authorized(shard.auth.as_ref(), $request);
         match &shard.link {
             Link::Grpc(client) => client.clone().$rpc(request).await,
             Link::InProcess(service) => service.$rpc(request).await,
@@ -913,19 +908,24 @@ async fn connect_one(
                 "the auth token must be visible ASCII characters".into(),
             )
         })?;
-    let mut request = Request::new(pb::DescribeRequest {});
-    if let Some(token) = &auth {
-        request
-            .metadata_mut()
-            .insert(ps_common::auth::HEADER, token.clone());
-    }
     let described = client
-        .describe(request)
+        .describe(authorized(auth.as_ref(), pb::DescribeRequest {}))
         .await
         .map_err(|s| fail(s.code(), s.message().to_string()))?
         .into_inner();
     let conn = ShardConn::new(addr.clone(), Link::Grpc(client), auth, &described);
     Ok((conn, described))
+}
+
+/// `message` as a request carrying the bearer token `auth`, if any.
+fn authorized<T>(auth: Option<&AsciiMetadataValue>, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = auth {
+        request
+            .metadata_mut()
+            .insert(ps_common::auth::HEADER, token.clone());
+    }
+    request
 }
 
 /// A request's key fields: plain `keys`, or sorted keys as `delta_keys`.
