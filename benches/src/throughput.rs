@@ -21,8 +21,8 @@ use ps_worker::client::{ByteCounts, PsClient};
 use ps_worker::cluster::LocalCluster;
 use ps_worker::data::Batch;
 use ps_worker::job::client_config;
-use ps_worker::model::{Mode, Model, push_updates};
-use ps_worker::traffic::Holdback;
+use ps_worker::model::{Mode, Model};
+use ps_worker::traffic::{Holdback, push_step};
 use ps_worker::trainer::Prefetched;
 use tokio::runtime::Runtime;
 
@@ -242,11 +242,8 @@ fn worker(
                 let seed = mix64(step ^ ((rank as u64) << 48));
                 let output = model.compute(&backend, &params, Mode::Train { seed })?;
                 let grads = output.grads.context("training produced no gradients")?;
-                let mut updates = model.updates(&params, grads, None);
-                if let Some(h) = &mut holdback {
-                    h.apply(&mut updates);
-                }
-                runtime.block_on(push_updates(client, &updates))?;
+                let updates = model.updates(&params, grads, None);
+                runtime.block_on(push_step(client, updates, holdback.as_mut()))?;
                 if phase > 0 {
                     losses.push(output.loss_sum / params.plan.examples.max(1) as f64);
                 }

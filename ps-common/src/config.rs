@@ -530,6 +530,11 @@ impl LrSchedule {
         *self == LrSchedule::Constant { warmup_steps: 0 }
     }
 
+    /// The factor a push at `step` carries: `None` for the constant 1.
+    pub fn push_scale(&self, step: u64) -> Option<f32> {
+        (!self.is_constant()).then(|| self.scale(step))
+    }
+
     fn validate(&self) -> Result<(), String> {
         match *self {
             LrSchedule::Constant { .. } => Ok(()),
@@ -1470,6 +1475,9 @@ optimizer = { kind = "sgd", lr = 0.01 }
         assert!((cosine.scale(52) - 0.55).abs() < 1e-6);
         assert!((cosine.scale(102) - 0.1).abs() < 1e-6);
         assert!((cosine.scale(10_000) - 0.1).abs() < 1e-6);
+        assert_eq!(constant.push_scale(0), Some(0.25), "warm-up is sent");
+        let plain = LrSchedule::Constant { warmup_steps: 0 };
+        assert_eq!(plain.push_scale(7), None, "the constant 1 is not sent");
         let err = error_of(&JOB.replace(
             "epochs = 2",
             "epochs = 2\nlr_schedule = { kind = \"step\", every = 0, gamma = 0.5 }",

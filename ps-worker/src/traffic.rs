@@ -13,9 +13,24 @@
 
 use std::collections::HashMap;
 
+use ps_common::PsError;
 use ps_common::config::JobConfig;
 
-use crate::model::{Update, UpdateKind};
+use crate::client::PsClient;
+use crate::model::{Update, UpdateKind, push_updates};
+
+/// Pushes a step's `updates`, less what `holdback` (if the job has one)
+/// keeps, plus what it releases.
+pub async fn push_step(
+    client: &PsClient,
+    mut updates: Vec<Update>,
+    holdback: Option<&mut Holdback>,
+) -> Result<(), PsError> {
+    if let Some(h) = holdback {
+        h.apply(&mut updates);
+    }
+    push_updates(client, &updates).await
+}
 
 /// Residual gradients of one worker.
 #[derive(Debug, Default)]

@@ -26,7 +26,7 @@ use crate::model::{Mode, Model, Pulled, push_updates};
 use crate::progress::Progress;
 use crate::signal::Signal;
 use crate::telemetry;
-use crate::traffic::Holdback;
+use crate::traffic::{Holdback, push_step};
 
 /// Steps between two checks of worker 0's stop signal by the others.
 const STOP_POLL_STEPS: u64 = 256;
@@ -305,13 +305,9 @@ impl Run<'_> {
                 let output = model.compute(backend, &params, Mode::Train { seed })?;
                 if let Some(mut grads) = output.grads {
                     model.clip(&mut grads, train.clip_norm, train.clip_row_norm);
-                    let lr_scale = (!train.lr_schedule.is_constant())
-                        .then(|| train.lr_schedule.scale(summary.steps));
-                    let mut updates = model.updates(&params, grads, lr_scale);
-                    if let Some(h) = &mut holdback {
-                        h.apply(&mut updates);
-                    }
-                    runtime.block_on(push_updates(client, &updates))?;
+                    let lr_scale = train.lr_schedule.push_scale(summary.steps);
+                    let updates = model.updates(&params, grads, lr_scale);
+                    runtime.block_on(push_step(client, updates, holdback.as_mut()))?;
                 }
                 let n = params.plan.examples as u64;
                 epoch_loss += output.loss_sum;
@@ -380,8 +376,7 @@ impl Run<'_> {
         }
         progress.finish();
         if let Some(h) = &mut holdback {
-            let lr_scale =
-                (!train.lr_schedule.is_constant()).then(|| train.lr_schedule.scale(summary.steps));
+            let lr_scale = train.lr_schedule.push_scale(summary.steps);
             runtime.block_on(push_updates(client, &h.drain(lr_scale)))?;
             summary.rows_offered_pushed = Some(h.rows());
         }
