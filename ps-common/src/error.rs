@@ -35,6 +35,9 @@ pub enum PsError {
     /// The operation needs server state or configuration that is missing.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The server cannot take the request now; retrying elsewhere or later may work.
+    #[error("{0}")]
+    Unavailable(String),
     /// Reading or writing persistent state (checkpoints) failed.
     #[error("{0}")]
     Storage(String),
@@ -69,6 +72,7 @@ impl PsError {
             PsError::TableConflict { .. } => Code::AlreadyExists,
             PsError::ResourceExhausted(_) => Code::ResourceExhausted,
             PsError::FailedPrecondition(_) => Code::FailedPrecondition,
+            PsError::Unavailable(_) => Code::Unavailable,
             PsError::Storage(_) | PsError::Internal(_) => Code::Internal,
             PsError::Shard { code, .. } => *code,
         }

@@ -32,6 +32,17 @@ impl Auth {
         }
     }
 
+    /// Puts the token on `request` (a call to a peer server), if there is one.
+    pub fn attach<T>(&self, request: &mut Request<T>) {
+        if let Some(value) = self
+            .expected
+            .as_ref()
+            .and_then(|e| tonic::metadata::AsciiMetadataValue::try_from(&e[..]).ok())
+        {
+            request.metadata_mut().insert(HEADER, value);
+        }
+    }
+
     /// Whether a token is required.
     pub fn required(&self) -> bool {
         self.expected.is_some()

@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`store`]: the shard's tables over dashmap; transport-free.
 //! - [`optimizer`]: SGD, Adagrad, Adam and FTRL-proximal on one row.
+//! - [`dedup`]: the `(writer, seq)` pairs applied, so a retried push applies once.
+//! - [`replication`]: primary-backup roles, write order, the stream to the backup.
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
 //! - [`service`]: the thin tonic adapter and its request [`Limits`](service::Limits).
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
@@ -16,10 +18,12 @@
 pub mod auth;
 pub mod checkpoint;
 pub mod clock;
+pub mod dedup;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod optimizer;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod store;

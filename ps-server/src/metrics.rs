@@ -33,9 +33,15 @@ pub enum Rpc {
     PullMany,
     /// `PushMany`.
     PushMany,
+    /// `Replicate`.
+    Replicate,
+    /// `Promote`.
+    Promote,
+    /// `Join`.
+    Join,
 }
 
-const RPCS: [(Rpc, &str); 10] = [
+const RPCS: [(Rpc, &str); 13] = [
     (Rpc::Describe, "describe"),
     (Rpc::CreateTable, "create_table"),
     (Rpc::Pull, "pull"),
@@ -46,6 +52,9 @@ const RPCS: [(Rpc, &str); 10] = [
     (Rpc::Clock, "clock"),
     (Rpc::PullMany, "pull_many"),
     (Rpc::PushMany, "push_many"),
+    (Rpc::Replicate, "replicate"),
+    (Rpc::Promote, "promote"),
+    (Rpc::Join, "join"),
 ];
 
 /// Upper bounds (seconds) of the latency histogram buckets.

@@ -13,6 +13,7 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::Auth;
 use crate::limits::OversizeStatusLayer;
+use crate::replication::{Replication, Role};
 use crate::service::{Limits, ShardService};
 use crate::store::Shard;
 
@@ -36,7 +37,13 @@ pub struct ServerConfig {
     pub checkpoint_on_shutdown: Option<String>,
     /// The bearer token every ParameterServer call must carry.
     pub auth: Auth,
+    /// Write checkpoint [`PERIODIC_CHECKPOINT`] under `checkpoint_dir` this
+    /// often (a primary only; each write replaces the last, atomically).
+    pub checkpoint_every: Option<Duration>,
 }
+
+/// The name periodic checkpoints are written under.
+pub const PERIODIC_CHECKPOINT: &str = "periodic";
 
 /// Errors that stop a shard from serving.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +60,21 @@ pub enum ServeError {
 }
 
 impl ServerConfig {
+    /// Shard `shard_id` of `num_shards` with default limits, no
+    /// checkpoints, no token and a 5 s drain.
+    pub fn new(shard_id: u32, num_shards: u32) -> ServerConfig {
+        ServerConfig {
+            shard_id,
+            num_shards,
+            limits: Limits::default(),
+            checkpoint_dir: None,
+            drain_timeout: Duration::from_secs(5),
+            checkpoint_on_shutdown: None,
+            auth: Auth::default(),
+            checkpoint_every: None,
+        }
+    }
+
     /// Checks the shard id against the shard count and the limits against zero.
     pub fn validate(&self) -> Result<(), ServeError> {
         if self.num_shards == 0 || self.shard_id >= self.num_shards {
@@ -63,6 +85,16 @@ impl ServerConfig {
         }
         if self.limits.max_keys_per_request == 0 || self.limits.max_request_bytes == 0 {
             return Err(ServeError::Config("request limits must be >= 1".into()));
+        }
+        if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
+            return Err(ServeError::Config(
+                "--checkpoint-every-secs needs --checkpoint-dir".into(),
+            ));
+        }
+        if self.checkpoint_every.is_some_and(|every| every.is_zero()) {
+            return Err(ServeError::Config(
+                "--checkpoint-every-secs must be >= 1".into(),
+            ));
         }
         if let Some(name) = &self.checkpoint_on_shutdown {
             if self.checkpoint_dir.is_none() {
@@ -91,6 +123,19 @@ pub async fn run(
     shard: Arc<Shard>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let replication = Replication::new(Arc::clone(&shard), Role::Primary, config.auth.clone());
+    run_replicated(listener, config, shard, replication, shutdown).await
+}
+
+/// [`run`] for a server whose role and replication `replication` holds (a
+/// backup, or a primary that backups may join).
+pub async fn run_replicated(
+    listener: TcpListener,
+    config: ServerConfig,
+    shard: Arc<Shard>,
+    replication: Arc<Replication>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     config.validate()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -99,14 +144,26 @@ pub async fn run(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let service = ParameterServerServer::new(ShardService::new(
-        Arc::clone(&shard),
-        config.limits,
-        config.checkpoint_dir.clone(),
-    ))
+    let service = ParameterServerServer::new(
+        ShardService::new(
+            Arc::clone(&shard),
+            config.limits,
+            config.checkpoint_dir.clone(),
+        )
+        .with_replication(Arc::clone(&replication)),
+    )
     .max_decoding_message_size(config.limits.max_request_bytes)
     .max_encoding_message_size(usize::MAX);
     let service = InterceptedService::new(service, config.auth.clone());
+    let periodic = match (config.checkpoint_every, &config.checkpoint_dir) {
+        (Some(every), Some(root)) => Some(tokio::spawn(checkpoint_periodically(
+            Arc::clone(&shard),
+            Arc::clone(&replication),
+            root.clone(),
+            every,
+        ))),
+        _ => None,
+    };
     // Small pulls and pushes are latency-bound: never let Nagle's algorithm hold them.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (requested, drain_started) = tokio::sync::oneshot::channel::<()>();
@@ -137,6 +194,9 @@ pub async fn run(
             tracing::warn!(timeout = ?config.drain_timeout, "connections still open after the drain timeout; stopping anyway");
         }
     }
+    if let Some(periodic) = periodic {
+        periodic.abort();
+    }
     if let (Some(name), Some(root)) = (&config.checkpoint_on_shutdown, &config.checkpoint_dir) {
         let (shard, root, name) = (Arc::clone(&shard), root.clone(), name.clone());
         let written =
@@ -147,4 +207,40 @@ pub async fn run(
         tracing::info!(path = %written.path.display(), rows = written.rows, "shutdown checkpoint written");
     }
     Ok(())
+}
+
+/// Writes checkpoint [`PERIODIC_CHECKPOINT`] every `every` while this
+/// server is a serving primary. A failed write is logged and retried at
+/// the next tick.
+async fn checkpoint_periodically(
+    shard: Arc<Shard>,
+    replication: Arc<Replication>,
+    root: PathBuf,
+    every: Duration,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if replication.check_serving().is_err() {
+            continue;
+        }
+        let (shard, root) = (Arc::clone(&shard), root.clone());
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || {
+            crate::checkpoint::save(&shard, &root, PERIODIC_CHECKPOINT)
+        })
+        .await
+        {
+            Ok(Ok(written)) => tracing::info!(
+                path = %written.path.display(),
+                rows = written.rows,
+                bytes = written.bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "periodic checkpoint written"
+            ),
+            Ok(Err(e)) => tracing::error!("periodic checkpoint failed: {e}"),
+            Err(e) => tracing::error!("periodic checkpoint task failed: {e}"),
+        }
+    }
 }

@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::checkpoint;
 use crate::clock::{self, Clocks};
 use crate::metrics::Rpc;
-use crate::store::{Push, RequestCounters, Shard};
+use crate::replication::{Replication, Role, Write};
+use crate::store::{Push, PushOutcome, RequestCounters, Shard};
 
 /// Limits a shard enforces on every request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct ShardService {
     checkpoint_dir: Option<PathBuf>,
     /// Workers' clocks (SSP/BSP), shared by every clone of this service.
     clocks: Arc<Clocks>,
+    /// This server's role and its replication to a backup.
+    replication: Arc<Replication>,
 }
 
 /// Longest one Clock call waits.
@@ -53,13 +56,31 @@ const MAX_CLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ShardService {
     /// A service over `shard` enforcing `limits`, writing checkpoints under `checkpoint_dir`.
+    /// The service is a primary with no backup; see [`ShardService::with_replication`].
     pub fn new(shard: Arc<Shard>, limits: Limits, checkpoint_dir: Option<PathBuf>) -> Self {
+        let replication = Replication::new(
+            Arc::clone(&shard),
+            Role::Primary,
+            crate::auth::Auth::default(),
+        );
         ShardService {
             shard,
             limits,
             checkpoint_dir,
             clocks: Arc::new(Clocks::default()),
+            replication,
         }
+    }
+
+    /// The service playing the role (and replicating as) `replication` says.
+    pub fn with_replication(mut self, replication: Arc<Replication>) -> Self {
+        self.replication = replication;
+        self
+    }
+
+    /// Refuses worker calls on a backup or a deposed primary.
+    fn check_serving(&self) -> Result<(), Status> {
+        self.replication.check_serving().map_err(|e| self.fail(e))
     }
 
     fn check_keys(&self, table: &str, keys: usize) -> Result<(), PsError> {
@@ -139,11 +160,14 @@ impl ShardService {
         &self,
         _request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DescribeResponse>, Status> {
+        let (role, backup) = self.replication.describe();
         Ok(Response::new(pb::DescribeResponse {
             shard_id: self.shard.shard_id(),
             num_shards: self.shard.num_shards(),
             max_keys_per_request: self.limits.max_keys_per_request as u64,
             max_request_bytes: self.limits.max_request_bytes as u64,
+            role: role.to_string(),
+            backup: backup.unwrap_or_default(),
         }))
     }
 
@@ -159,7 +183,18 @@ impl ShardService {
             .and_then(TableSpec::try_from)
             .map_err(|e| self.fail(e))?;
         let name = spec.name.clone();
-        let created = self.blocking(move |shard| shard.create_table(spec)).await?;
+        let replication = Arc::clone(&self.replication);
+        let (created, seq) = self
+            .blocking(move |shard| {
+                replication.write(
+                    |_| shard.create_table(spec.clone()).map(Write::Fresh),
+                    || pb::ReplicaEntry {
+                        write: Some(pb::replica_entry::Write::CreateTable((&spec).into())),
+                    },
+                )
+            })
+            .await?;
+        self.acknowledged(seq).await?;
         if created {
             tracing::info!(table = %name, "created table");
         }
@@ -197,6 +232,7 @@ impl ShardService {
     ) -> Result<Response<pb::PullResponse>, Status> {
         let counters = &self.shard.counters;
         RequestCounters::add(&counters.pull, 1);
+        self.check_serving()?;
         let req = request.into_inner();
         let request_bytes = req.encoded_len() as u64;
         let part = self.pull_part(req).map_err(|e| self.fail(e))?;
@@ -216,6 +252,7 @@ impl ShardService {
     ) -> Result<Response<pb::PullManyResponse>, Status> {
         let counters = &self.shard.counters;
         RequestCounters::add(&counters.pull_many, 1);
+        self.check_serving()?;
         let req = request.into_inner();
         let request_bytes = req.encoded_len() as u64;
         RequestCounters::add(&counters.pull, req.pulls.len() as u64);
@@ -249,22 +286,17 @@ impl ShardService {
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
-        let counters = &self.shard.counters;
-        RequestCounters::add(&counters.push, 1);
+        RequestCounters::add(&self.shard.counters.push, 1);
         let req = request.into_inner();
         let bytes = req.encoded_len() as u64;
+        let (writer, seq) = (req.writer, req.seq);
         let part = self.push_part(req).map_err(|e| self.fail(e))?;
-        let applied = self
-            .blocking(move |shard| {
-                let grads = wire::decode_values(&part.gradients, part.encoding)?;
-                shard.push_scaled(&part.table, &part.keys, &grads, part.lr_scale)
-            })
-            .await?;
-        let response = pb::PushResponse {
-            rows_applied: applied as u64,
-        };
-        RequestCounters::add(&counters.rows_pushed, applied as u64);
-        RequestCounters::add(&counters.push_bytes, bytes + response.encoded_len() as u64);
+        let mut pushes = self.write_pushes(vec![part], writer, seq).await?;
+        let response = pushes.pop().unwrap_or_default();
+        RequestCounters::add(
+            &self.shard.counters.push_bytes,
+            bytes + response.encoded_len() as u64,
+        );
         Ok(Response::new(response))
     }
 
@@ -285,36 +317,72 @@ impl ShardService {
             .map_err(|e| self.fail(e))?;
         self.check_key_count(parts.iter().map(|p| p.keys.len()).sum(), "call")
             .map_err(|e| self.fail(e))?;
-        let applied = self
-            .blocking(move |shard| {
-                let grads = parts
-                    .iter()
-                    .map(|p| wire::decode_values(&p.gradients, p.encoding))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let pushes: Vec<Push<'_>> = parts
-                    .iter()
-                    .zip(&grads)
-                    .map(|(p, g)| Push {
-                        table: &p.table,
-                        keys: &p.keys,
-                        grads: g,
-                        lr_scale: p.lr_scale,
-                    })
-                    .collect();
-                shard.push_many(&pushes)
-            })
-            .await?;
         let response = pb::PushManyResponse {
-            pushes: applied
-                .iter()
-                .map(|&n| pb::PushResponse {
-                    rows_applied: n as u64,
-                })
-                .collect(),
+            pushes: self.write_pushes(parts, req.writer, req.seq).await?,
         };
-        RequestCounters::add(&counters.rows_pushed, applied.iter().sum::<usize>() as u64);
         RequestCounters::add(&counters.push_bytes, bytes + response.encoded_len() as u64);
         Ok(Response::new(response))
+    }
+
+    /// Applies checked pushes as one write, at most once per `(writer,
+    /// seq)`, and answers once the write is on the backup (if any).
+    async fn write_pushes(
+        &self,
+        parts: Vec<PushPart>,
+        writer: u64,
+        seq: u64,
+    ) -> Result<Vec<pb::PushResponse>, Status> {
+        let replication = Arc::clone(&self.replication);
+        let n = parts.len();
+        let (outcome, replica_seq) = self
+            .blocking(move |shard| {
+                replication.write(
+                    |replica_seq| match apply_pushes(shard, &parts, writer, seq, replica_seq)? {
+                        PushOutcome::Applied(rows) => Ok(Write::Fresh(Some(rows))),
+                        PushOutcome::Duplicate { replica_seq } => {
+                            Ok(Write::Repeat(None, replica_seq))
+                        }
+                    },
+                    || pb::ReplicaEntry {
+                        write: Some(pb::replica_entry::Write::Push(pb::PushManyRequest {
+                            pushes: parts.iter().map(PushPart::to_request).collect(),
+                            writer,
+                            seq,
+                        })),
+                    },
+                )
+            })
+            .await?;
+        self.acknowledged(replica_seq).await?;
+        Ok(match outcome {
+            Some(rows) => {
+                RequestCounters::add(
+                    &self.shard.counters.rows_pushed,
+                    rows.iter().sum::<usize>() as u64,
+                );
+                rows.into_iter()
+                    .map(|n| pb::PushResponse {
+                        rows_applied: n as u64,
+                        duplicate: false,
+                    })
+                    .collect()
+            }
+            None => vec![
+                pb::PushResponse {
+                    rows_applied: 0,
+                    duplicate: true,
+                };
+                n
+            ],
+        })
+    }
+
+    /// Waits until write `seq` is on the backup.
+    async fn acknowledged(&self, seq: u64) -> Result<(), Status> {
+        self.replication
+            .acknowledged(seq)
+            .await
+            .map_err(|e| self.fail(e))
     }
 
     async fn assign_inner(
@@ -325,10 +393,18 @@ impl ShardService {
         let req = request.into_inner();
         self.check_keys(&req.table, req.keys.len())
             .map_err(|e| self.fail(e))?;
-        let values = wire::decode_f32s(&req.values).map_err(|e| self.fail(e))?;
-        let assigned = self
-            .blocking(move |shard| shard.assign(&req.table, &req.keys, &values))
+        let replication = Arc::clone(&self.replication);
+        let (assigned, seq) = self
+            .blocking(move |shard| {
+                replication.write(
+                    |_| apply_assign(shard, &req).map(Write::Fresh),
+                    || pb::ReplicaEntry {
+                        write: Some(pb::replica_entry::Write::Assign(req.clone())),
+                    },
+                )
+            })
             .await?;
+        self.acknowledged(seq).await?;
         Ok(Response::new(pb::AssignResponse {
             rows_assigned: assigned as u64,
         }))
@@ -339,6 +415,7 @@ impl ShardService {
         request: Request<pb::ClockRequest>,
     ) -> Result<Response<pb::ClockResponse>, Status> {
         RequestCounters::add(&self.shard.counters.clock, 1);
+        self.check_serving()?;
         let req = request.into_inner();
         let report = clock::Report {
             job: req.job,
@@ -367,6 +444,7 @@ impl ShardService {
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         RequestCounters::add(&self.shard.counters.checkpoint, 1);
+        self.check_serving()?;
         let Some(root) = self.checkpoint_dir.clone() else {
             return Err(self.fail(PsError::FailedPrecondition(
                 "this server was started without --checkpoint-dir".into(),
@@ -424,10 +502,104 @@ impl ShardService {
                 clock: c.clock.load(Relaxed),
                 pull_many: c.pull_many.load(Relaxed),
                 push_many: c.push_many.load(Relaxed),
+                updates_applied: c.updates_applied.load(Relaxed),
+                duplicate_pushes: c.duplicate_pushes.load(Relaxed),
+                replicated_entries: c.replicated_entries.load(Relaxed),
             }),
+            role: self.replication.describe().0.to_string(),
         }))
     }
 }
+
+/// How long a Replicate call waits for this backup to load its snapshot.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ShardService {
+    async fn replicate_inner(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<pb::ReplicateResponse>, Status> {
+        self.replication
+            .wait_caught_up(CATCH_UP_WAIT)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let req = request.into_inner();
+        let (service, replication) = (self.clone(), Arc::clone(&self.replication));
+        let applied_through = self
+            .blocking(move |shard| {
+                replication.apply_replicated(req.first_seq, req.entries.len(), |i, seq| {
+                    service.apply_entry(shard, &req.entries[i], seq)
+                })
+            })
+            .await?;
+        Ok(Response::new(pb::ReplicateResponse { applied_through }))
+    }
+
+    /// Applies one of the primary's writes, numbered `seq`, exactly as the
+    /// primary did (the same checks, the same `(writer, seq)` records).
+    fn apply_entry(
+        &self,
+        shard: &Shard,
+        entry: &pb::ReplicaEntry,
+        seq: u64,
+    ) -> Result<(), PsError> {
+        use pb::replica_entry::Write as Entry;
+        match &entry.write {
+            Some(Entry::CreateTable(spec)) => {
+                shard.create_table(TableSpec::try_from(spec.clone())?)?;
+            }
+            Some(Entry::Push(call)) => {
+                let parts = call
+                    .pushes
+                    .iter()
+                    .map(|p| self.push_part(p.clone()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                apply_pushes(shard, &parts, call.writer, call.seq, seq)?;
+            }
+            Some(Entry::Assign(req)) => {
+                self.check_keys(&req.table, req.keys.len())?;
+                apply_assign(shard, req)?;
+            }
+            None => return Err(PsError::invalid(format!("replicated write {seq} is empty"))),
+        }
+        RequestCounters::add(&shard.counters.replicated_entries, 1);
+        Ok(())
+    }
+
+    async fn promote_inner(
+        &self,
+        _request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let replication = Arc::clone(&self.replication);
+        let promoted = self.blocking(move |_| replication.promote()).await?;
+        Ok(Response::new(pb::PromoteResponse { promoted }))
+    }
+
+    async fn join_inner(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<JoinStream>, Status> {
+        let addr = request.into_inner().addr;
+        if addr.is_empty() || addr.len() > 1024 {
+            return Err(self.fail(PsError::invalid(
+                "Join needs the backup's address (1-1024 bytes)",
+            )));
+        }
+        let replication = Arc::clone(&self.replication);
+        let backup = addr.clone();
+        let (bytes, seq, generation) = self.blocking(move |_| replication.attach(backup)).await?;
+        tokio::spawn(Arc::clone(&self.replication).forward(addr, generation));
+        let chunks = crate::replication::join_chunks(bytes, seq);
+        Ok(Response::new(Box::pin(tonic::codegen::tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+}
+
+/// The stream of a Join answer.
+type JoinStream = std::pin::Pin<
+    Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<pb::JoinChunk, Status>> + Send>,
+>;
 
 /// A checked pull, ready for the store.
 struct PullPart {
@@ -462,6 +634,52 @@ struct PushPart {
     gradients: bytes::Bytes,
     encoding: pb::ValueEncoding,
     lr_scale: f32,
+}
+
+impl PushPart {
+    /// The part as a plain request (keys listed), for the backup.
+    fn to_request(&self) -> pb::PushRequest {
+        pb::PushRequest {
+            table: self.table.clone(),
+            keys: self.keys.clone(),
+            gradients: self.gradients.clone(),
+            lr_scale: Some(self.lr_scale),
+            encoding: self.encoding as i32,
+            ..Default::default()
+        }
+    }
+}
+
+/// Decodes the gradients of checked pushes and applies them as one call
+/// (at most once per `(writer, seq)`), recorded as write `replica_seq`.
+fn apply_pushes(
+    shard: &Shard,
+    parts: &[PushPart],
+    writer: u64,
+    seq: u64,
+    replica_seq: u64,
+) -> Result<PushOutcome, PsError> {
+    let grads = parts
+        .iter()
+        .map(|p| wire::decode_values(&p.gradients, p.encoding))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pushes: Vec<Push<'_>> = parts
+        .iter()
+        .zip(&grads)
+        .map(|(p, g)| Push {
+            table: &p.table,
+            keys: &p.keys,
+            grads: g,
+            lr_scale: p.lr_scale,
+        })
+        .collect();
+    shard.push_many_once(writer, seq, replica_seq, &pushes)
+}
+
+/// Applies an Assign request (its keys already checked against the limits).
+fn apply_assign(shard: &Shard, req: &pb::AssignRequest) -> Result<usize, PsError> {
+    let values = wire::decode_f32s(&req.values)?;
+    shard.assign(&req.table, &req.keys, &values)
 }
 
 /// A request's `ValueEncoding`; an unknown number is an error.
@@ -546,6 +764,31 @@ impl ParameterServer for ShardService {
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         self.observed(Rpc::Stats, self.stats_inner(request)).await
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<pb::ReplicateResponse>, Status> {
+        self.observed(Rpc::Replicate, self.replicate_inner(request))
+            .await
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        self.observed(Rpc::Promote, self.promote_inner(request))
+            .await
+    }
+
+    type JoinStream = JoinStream;
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<JoinStream>, Status> {
+        self.observed(Rpc::Join, self.join_inner(request)).await
     }
 }
 
@@ -773,11 +1016,13 @@ mod tests {
         };
         let bad = pb::PushManyRequest {
             pushes: vec![part("emb", 1), part("nope", 2)],
+            ..Default::default()
         };
         let err = svc.push_many(Request::new(bad)).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
         let good = pb::PushManyRequest {
             pushes: vec![part("emb", 1), part("emb", 2)],
+            ..Default::default()
         };
         let answer = svc
             .push_many(Request::new(good))
@@ -813,5 +1058,92 @@ mod tests {
             [vec![-1.0], vec![-1.0, 0.0]],
             "key 1 pushed once, not twice"
         );
+    }
+
+    #[tokio::test]
+    async fn a_push_retried_with_the_same_writer_and_seq_is_applied_once() {
+        let svc = service(Limits::default());
+        create(&svc, 1).await;
+        let push = |seq: u64, grad: f32| pb::PushRequest {
+            table: "emb".into(),
+            keys: vec![4],
+            gradients: wire::encode_f32s(&[grad]),
+            writer: 77,
+            seq,
+            ..Default::default()
+        };
+        let first = svc
+            .push(Request::new(push(1, 1.0)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!first.duplicate);
+        assert_eq!(first.rows_applied, 1);
+        // The answer was lost; the client sends the same call again.
+        let again = svc
+            .push(Request::new(push(1, 1.0)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.duplicate, "a retry is recognized");
+        assert_eq!(again.rows_applied, 0);
+        // A refused call claims nothing: the corrected retry is applied.
+        let refused = svc.push(Request::new(push(2, f32::NAN))).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        let corrected = svc
+            .push(Request::new(push(2, 1.0)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!corrected.duplicate);
+        let mut row = Vec::new();
+        svc.shard.pull("emb", &[4], &mut row).unwrap();
+        assert_eq!(row, [-2.0], "seq 1 once and seq 2 once, with lr 1");
+        let counters = &svc.shard.counters;
+        assert_eq!(
+            counters
+                .updates_applied
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            counters
+                .duplicate_pushes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backup_refuses_workers_and_cannot_be_promoted_before_it_caught_up() {
+        let shard = Arc::new(Shard::new(0, 1));
+        let backup = Replication::new(
+            Arc::clone(&shard),
+            Role::Backup,
+            crate::auth::Auth::default(),
+        );
+        let svc = ShardService::new(shard, Limits::default(), None).with_replication(backup);
+        let pull = pb::PullRequest {
+            table: "emb".into(),
+            keys: vec![1],
+            ..Default::default()
+        };
+        let refused = svc.pull(Request::new(pull)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(
+            refused.message().contains("backup of shard 0"),
+            "{refused:?}"
+        );
+        let early = svc
+            .promote(Request::new(pb::PromoteRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(early.code(), Code::FailedPrecondition);
+        let described = svc
+            .describe(Request::new(pb::DescribeRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(described.role, "backup");
     }
 }

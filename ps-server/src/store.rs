@@ -125,6 +125,12 @@ pub struct RequestCounters {
     pub pull_bytes: AtomicU64,
     /// Encoded bytes of push requests and their responses.
     pub push_bytes: AtomicU64,
+    /// Push calls applied (a `PushMany` counts once), from workers or replicated.
+    pub updates_applied: AtomicU64,
+    /// Push calls acknowledged as duplicates of an applied `(writer, seq)`.
+    pub duplicate_pushes: AtomicU64,
+    /// Writes applied from the primary's Replicate calls (backup).
+    pub replicated_entries: AtomicU64,
 }
 
 impl RequestCounters {
@@ -254,11 +260,26 @@ pub struct Push<'a> {
     pub lr_scale: f32,
 }
 
+/// What [`Shard::push_many_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Applied: rows per push.
+    Applied(Vec<usize>),
+    /// The `(writer, seq)` was applied before, by write `replica_seq`;
+    /// nothing was applied now.
+    Duplicate {
+        /// Replication number of the write that applied it.
+        replica_seq: u64,
+    },
+}
+
 /// All tables of one shard. Cheap to share: wrap it in an `Arc`.
 #[derive(Debug)]
 pub struct Shard {
     owner: Owner,
     tables: DashMap<String, Arc<Table>>,
+    /// The `(writer, seq)` pairs of the pushes applied.
+    pub applied: crate::dedup::Applied,
     /// Request counters, updated by the service layer.
     pub counters: RequestCounters,
     /// Per-RPC outcomes and latencies, updated by the service layer.
@@ -276,6 +297,7 @@ impl Shard {
                 router: ShardRouter::new(num_shards),
             },
             tables: DashMap::new(),
+            applied: crate::dedup::Applied::default(),
             counters: RequestCounters::default(),
             rpc_metrics: crate::metrics::RpcMetrics::default(),
             row_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -474,15 +496,40 @@ impl Shard {
     /// validated before any is applied, so a refused one applies nothing.
     /// Returns the rows applied per push.
     pub fn push_many(&self, pushes: &[Push<'_>]) -> Result<Vec<usize>, PsError> {
+        match self.push_many_once(0, 0, 0, pushes)? {
+            PushOutcome::Applied(rows) => Ok(rows),
+            // Writer 0 is never deduplicated.
+            PushOutcome::Duplicate { .. } => Ok(vec![0; pushes.len()]),
+        }
+    }
+
+    /// [`Shard::push_many`] applied at most once per `(writer, seq)`
+    /// (`writer = 0`: always applied): every push is validated, then the
+    /// pair is claimed, recorded as applied by write `replica_seq`, and the
+    /// pushes are applied. A refused call claims nothing.
+    pub fn push_many_once(
+        &self,
+        writer: u64,
+        seq: u64,
+        replica_seq: u64,
+        pushes: &[Push<'_>],
+    ) -> Result<PushOutcome, PsError> {
         let tables = pushes
             .iter()
             .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(tables
-            .iter()
-            .zip(pushes)
-            .map(|(table, p)| Self::apply_push(table, p.keys, p.grads, p.lr_scale))
-            .collect())
+        if let Some(replica_seq) = self.applied.claim(writer, seq, replica_seq) {
+            RequestCounters::add(&self.counters.duplicate_pushes, 1);
+            return Ok(PushOutcome::Duplicate { replica_seq });
+        }
+        RequestCounters::add(&self.counters.updates_applied, 1);
+        Ok(PushOutcome::Applied(
+            tables
+                .iter()
+                .zip(pushes)
+                .map(|(table, p)| Self::apply_push(table, p.keys, p.grads, p.lr_scale))
+                .collect(),
+        ))
     }
 
     /// The table a push goes to, if the push is valid in every respect.
@@ -575,13 +622,31 @@ impl Shard {
     /// A shard holding exactly the snapshot's tables and rows. Refuses a
     /// snapshot whose specs, row layout or keys do not fit this shard.
     pub fn restore(snapshot: ShardSnapshot) -> Result<Shard, PsError> {
-        let shard = Shard::new(snapshot.shard_id, snapshot.num_shards);
         if snapshot.shard_id >= snapshot.num_shards.max(1) {
             return Err(PsError::invalid(format!(
                 "snapshot of shard {} of {} is inconsistent",
                 snapshot.shard_id, snapshot.num_shards
             )));
         }
+        let shard = Shard::new(snapshot.shard_id, snapshot.num_shards);
+        shard.load(snapshot)?;
+        Ok(shard)
+    }
+
+    /// Replaces every table of this shard with the snapshot's (a backup
+    /// catching up). The whole snapshot is checked first: a refused one
+    /// changes nothing.
+    pub fn load(&self, snapshot: ShardSnapshot) -> Result<(), PsError> {
+        if (snapshot.shard_id, snapshot.num_shards) != (self.shard_id(), self.num_shards()) {
+            return Err(PsError::invalid(format!(
+                "snapshot of shard {} of {} does not fit shard {} of {}",
+                snapshot.shard_id,
+                snapshot.num_shards,
+                self.shard_id(),
+                self.num_shards()
+            )));
+        }
+        let mut tables = Vec::with_capacity(snapshot.tables.len());
         for t in snapshot.tables {
             t.spec.validate()?;
             let table = Table::new_empty(t.spec);
@@ -593,13 +658,17 @@ impl Shard {
                     t.row_len, table.row_len
                 )));
             }
-            shard.check_keys(&table, &t.keys)?;
+            self.check_keys(&table, &t.keys)?;
             for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
                 table.rows.insert(key, row.into());
             }
-            shard.tables.insert(name, Arc::new(table));
+            tables.push((name, Arc::new(table)));
         }
-        Ok(shard)
+        self.tables.clear();
+        for (name, table) in tables {
+            self.tables.insert(name, table);
+        }
+        Ok(())
     }
 
     /// Rows and bytes of every table, sorted by name.

@@ -62,6 +62,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Deadline of every RPC.
     pub request_timeout: Duration,
+    /// Backup of each shard, in shard order (empty: the backups the
+    /// primaries report when the client connects, if any).
+    pub backups: Vec<String>,
 }
 
 impl Default for ClientConfig {
@@ -73,6 +76,7 @@ impl Default for ClientConfig {
             auth_token: None,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
+            backups: Vec::new(),
         }
     }
 }
@@ -84,6 +88,21 @@ pub struct ByteCounts {
     pub pull_bytes: u64,
     /// Encoded Push requests sent plus Push responses received.
     pub push_bytes: u64,
+}
+
+/// Push calls this client had acknowledged, and failovers it made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PushAcks {
+    /// Push and PushMany calls acknowledged (each once, however often retried).
+    pub acked: u64,
+    /// Of those, calls a shard acknowledged as already applied (a retry).
+    pub duplicates: u64,
+    /// Calls sent again after a failure.
+    pub retries: u64,
+    /// Shards this client moved to their backup.
+    pub failovers: u64,
+    /// Longest failover: from the failed call to the promoted backup's answer, in ms.
+    pub max_failover_ms: u64,
 }
 
 /// How requests reach a shard.
@@ -157,6 +176,182 @@ impl ShardConn {
     }
 }
 
+/// Most times one call is sent before its error is returned.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// One shard: the replica serving it now, the backup to fail over to, and
+/// the numbering of this client's push calls to it.
+#[derive(Debug)]
+struct Replicas {
+    id: usize,
+    current: RwLock<(u64, ShardConn)>,
+    /// The backup not yet promoted (this client fails over at most once per listed backup).
+    standby: Mutex<Option<String>>,
+    /// Held while failing over, so concurrent failures promote once.
+    failing_over: tokio::sync::Mutex<()>,
+    /// Sequence number of this client's next push call to the shard.
+    next_seq: AtomicU64,
+    config: ClientConfig,
+}
+
+impl Replicas {
+    fn new(id: usize, conn: ShardConn, standby: Option<String>, config: ClientConfig) -> Replicas {
+        Replicas {
+            id,
+            current: RwLock::new((0, conn)),
+            standby: Mutex::new(standby.filter(|s| !s.is_empty())),
+            failing_over: tokio::sync::Mutex::new(()),
+            next_seq: AtomicU64::new(1),
+            config,
+        }
+    }
+
+    /// The replica serving now, and its generation.
+    fn conn(&self) -> (u64, ShardConn) {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Keys per request for rows of `dim` floats, under the serving replica's limits.
+    fn chunk_keys(&self, dim: usize) -> usize {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        current.1.chunk_keys(dim)
+    }
+
+    /// Most keys in one request to the serving replica.
+    fn max_keys(&self) -> usize {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        current.1.max_keys
+    }
+
+    /// An error about this shard, naming the serving replica.
+    fn error(&self, message: String) -> PsError {
+        let addr = self.conn().1.addr;
+        PsError::Shard {
+            shard: self.id,
+            addr,
+            code: tonic::Code::Internal,
+            message,
+        }
+    }
+
+    /// Runs `call` against the serving replica. A transport failure or a
+    /// refusal (UNAVAILABLE, a lost connection, a deadline) is retried
+    /// with backoff; when the replica is dead, or alive but no longer
+    /// primary, the client fails over to the backup first. Only idempotent
+    /// calls go through here: pulls, table creation, assignments, and
+    /// pushes carrying (writer, seq).
+    async fn call<T, F, Fut>(&self, stats: &Inner, call: F) -> Result<T, PsError>
+    where
+        F: Fn(ShardConn) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut attempt = 0;
+        let mut backoff = Duration::from_millis(20);
+        let mut failed_at = None;
+        loop {
+            let (generation, conn) = self.conn();
+            let status = match call(conn.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(status) => status,
+            };
+            attempt += 1;
+            if !retryable(status.code()) || attempt >= MAX_ATTEMPTS {
+                return Err(conn.error(self.id, status));
+            }
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            let failed = *failed_at.get_or_insert_with(std::time::Instant::now);
+            tracing::debug!(shard = self.id, addr = %conn.addr, attempt, "retrying after: {status}");
+            if !self.serving(&conn).await {
+                self.fail_over(generation, stats, failed).await;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Whether `conn` answers as a serving primary within a second.
+    async fn serving(&self, conn: &ShardConn) -> bool {
+        let probe = async { call!(conn, describe, pb::DescribeRequest {}) };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), probe).await,
+            Ok(Ok(described)) if described.role.is_empty() || described.role == "primary"
+        )
+    }
+
+    /// Promotes the backup and sends later calls to it, unless another
+    /// call already moved past `generation` or there is no backup left.
+    async fn fail_over(&self, generation: u64, stats: &Inner, failed: std::time::Instant) {
+        let _one_at_a_time = self.failing_over.lock().await;
+        if self.conn().0 != generation {
+            return;
+        }
+        let Some(addr) = self
+            .standby
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let mut config = self.config.clone();
+        config.connect_timeout = config.connect_timeout.min(Duration::from_secs(5));
+        let promoted = async {
+            let (conn, _) = connect_one(self.id, addr.clone(), &config).await?;
+            call!(&conn, promote, pb::PromoteRequest {}).map_err(|s| conn.error(self.id, s))?;
+            Ok::<_, PsError>(conn)
+        };
+        match promoted.await {
+            Ok(conn) => {
+                let old = std::mem::replace(
+                    &mut *self
+                        .current
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    (generation + 1, conn),
+                );
+                *self
+                    .standby
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                let ms = failed.elapsed().as_millis() as u64;
+                stats.failovers.fetch_add(1, Ordering::Relaxed);
+                stats.max_failover_ms.fetch_max(ms, Ordering::Relaxed);
+                tracing::warn!(shard = self.id, from = %old.1.addr, to = %addr, ms, "failed over to the backup");
+            }
+            Err(e) => tracing::warn!(shard = self.id, backup = %addr, "cannot fail over yet: {e}"),
+        }
+    }
+}
+
+/// Whether a failed call may succeed when sent again (possibly elsewhere).
+fn retryable(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+/// A random nonzero id naming this client's pushes.
+fn writer_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(t.as_nanos());
+    }
+    hasher.finish().max(1)
+}
+
 /// One table's part of [`PsClient::push_many`].
 #[derive(Debug, Clone, Copy)]
 pub struct PushTable<'a> {
@@ -194,7 +389,14 @@ struct TableInfo {
 
 #[derive(Debug)]
 struct Inner {
-    shards: Vec<ShardConn>,
+    shards: Vec<Arc<Replicas>>,
+    /// This client's id on its push calls.
+    writer: u64,
+    acked: AtomicU64,
+    duplicates: AtomicU64,
+    retries: AtomicU64,
+    failovers: AtomicU64,
+    max_failover_ms: AtomicU64,
     router: ShardRouter,
     tables: RwLock<HashMap<String, TableInfo>>,
     push_slots: Arc<Semaphore>,
@@ -227,7 +429,7 @@ impl PsClient {
             let (addr, config) = (addr.clone(), config.clone());
             tasks.spawn(async move { (i, connect_one(i, addr, &config).await) });
         }
-        let mut shards: Vec<Option<ShardConn>> = vec![None; addrs.len()];
+        let mut shards: Vec<Option<Replicas>> = (0..addrs.len()).map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
             let (i, conn) =
                 joined.map_err(|e| PsError::Internal(format!("connect task failed: {e}")))?;
@@ -242,7 +444,19 @@ impl PsClient {
                     addrs.len()
                 )));
             }
-            shards[i] = Some(conn);
+            let standby = config
+                .backups
+                .get(i)
+                .cloned()
+                .or_else(|| Some(described.backup.clone()));
+            shards[i] = Some(Replicas::new(i, conn, standby, config.clone()));
+        }
+        if !config.backups.is_empty() && config.backups.len() != addrs.len() {
+            return Err(PsError::invalid(format!(
+                "{} backups were listed for {} shards: list one per shard, in shard order",
+                config.backups.len(),
+                addrs.len()
+            )));
         }
         Ok(Self::over(shards.into_iter().flatten().collect(), config))
     }
@@ -261,12 +475,13 @@ impl PsClient {
                 .map_err(|s| PsError::Internal(format!("in-process shard {i}: {s}")))?
                 .into_inner();
             // In process there is no interceptor: no token to send.
-            conns.push(ShardConn::new(
+            let conn = ShardConn::new(
                 format!("in-process:{i}"),
                 Link::InProcess(service),
                 None,
                 &described,
-            ));
+            );
+            conns.push(Replicas::new(i, conn, None, config.clone()));
         }
         if conns.is_empty() {
             return Err(PsError::invalid("at least one shard is required"));
@@ -274,12 +489,18 @@ impl PsClient {
         Ok(Self::over(conns, config))
     }
 
-    fn over(shards: Vec<ShardConn>, config: &ClientConfig) -> PsClient {
+    fn over(shards: Vec<Replicas>, config: &ClientConfig) -> PsClient {
         let in_flight = config.max_pushes_in_flight.clamp(1, Semaphore::MAX_PERMITS) as u32;
         PsClient {
             inner: Arc::new(Inner {
                 router: ShardRouter::new(shards.len() as u32),
-                shards,
+                shards: shards.into_iter().map(Arc::new).collect(),
+                writer: writer_id(),
+                acked: AtomicU64::new(0),
+                duplicates: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
+                failovers: AtomicU64::new(0),
+                max_failover_ms: AtomicU64::new(0),
                 tables: RwLock::new(HashMap::new()),
                 push_slots: Arc::new(Semaphore::new(in_flight as usize)),
                 max_pushes_in_flight: in_flight,
@@ -403,21 +624,32 @@ impl PsClient {
         }
         let mut tasks = JoinSet::new();
         for (shard_id, group) in self.coalesce(parts) {
-            let (shard, inner) = (self.inner.shards[shard_id].clone(), Arc::clone(&self.inner));
+            let (shard, inner) = (
+                Arc::clone(&self.inner.shards[shard_id]),
+                Arc::clone(&self.inner),
+            );
             tasks.spawn(async move {
                 let (requests, placed): (Vec<_>, Vec<_>) = group.into_iter().unzip();
                 let started = std::time::Instant::now();
                 let (sent, received, responses) = if requests.len() == 1 {
                     let request = requests.into_iter().next().unwrap_or_default();
                     let sent = request.encoded_len();
-                    let response =
-                        call!(&shard, pull, request).map_err(|s| shard.error(shard_id, s))?;
+                    let response = shard
+                        .call(&inner, |conn| {
+                            let request = request.clone();
+                            async move { call!(&conn, pull, request) }
+                        })
+                        .await?;
                     (sent, response.encoded_len(), vec![response])
                 } else {
                     let request = pb::PullManyRequest { pulls: requests };
                     let sent = request.encoded_len();
-                    let response = call!(&shard, pull_many, request)
-                        .map_err(|s| shard.error(shard_id, s))?;
+                    let response = shard
+                        .call(&inner, |conn| {
+                            let request = request.clone();
+                            async move { call!(&conn, pull_many, request) }
+                        })
+                        .await?;
                     (sent, response.encoded_len(), response.pulls)
                 };
                 inner.pull_latency.record(started.elapsed());
@@ -425,9 +657,8 @@ impl PsClient {
                     .pull_bytes
                     .fetch_add((sent + received) as u64, Ordering::Relaxed);
                 if responses.len() != placed.len() {
-                    return Err(PsError::invalid(format!(
-                        "shard {shard_id} ({}) answered {} of {} pulls",
-                        shard.addr,
+                    return Err(shard.error(format!(
+                        "answered {} of {} pulls",
                         responses.len(),
                         placed.len()
                     )));
@@ -440,9 +671,8 @@ impl PsClient {
                         || response.encoding != wire.pull_values as i32
                         || response.values.len() != placed.positions.len() * dim * width
                     {
-                        return Err(PsError::invalid(format!(
-                            "shard {shard_id} ({}) answered {} bytes of dim {} (encoding {}) for {} keys of dim {dim} in {}",
-                            shard.addr,
+                        return Err(shard.error(format!(
+                            "answered {} bytes of dim {} (encoding {}) for {} keys of dim {dim} in {}",
                             response.values.len(),
                             response.dim,
                             response.encoding,
@@ -484,7 +714,7 @@ impl PsClient {
                 calls.push((shard_id, vec![(request, placed)]));
                 continue;
             }
-            let max_keys = self.inner.shards[shard_id].max_keys;
+            let max_keys = self.inner.shards[shard_id].max_keys();
             let group = open.entry(shard_id).or_insert_with(|| Group {
                 parts: Vec::new(),
                 bytes: 0,
@@ -514,15 +744,23 @@ impl PsClient {
         let info = self.table(table)?;
         check_gradient_len(table, info.dim, keys, values)?;
         let mut tasks = JoinSet::new();
-        for (shard_id, shard, keys, rows) in self.chunks_with_rows(info, keys, values, false) {
+        for (shard_id, keys, rows) in self.chunks_with_rows(info, keys, values, false) {
             let request = pb::AssignRequest {
                 table: table.to_string(),
                 keys,
                 values: wire::encode_f32s(&rows),
             };
+            let (shard, inner) = (
+                Arc::clone(&self.inner.shards[shard_id]),
+                Arc::clone(&self.inner),
+            );
             tasks.spawn(async move {
-                call!(&shard, assign, request)
-                    .map_err(|s| shard.error(shard_id, s))
+                shard
+                    .call(&inner, |conn| {
+                        let request = request.clone();
+                        async move { call!(&conn, assign, request) }
+                    })
+                    .await
                     .map(drop)
             });
         }
@@ -633,7 +871,7 @@ impl PsClient {
             info,
         ) in tables
         {
-            for (shard_id, _, chunk_keys, values) in
+            for (shard_id, chunk_keys, values) in
                 self.chunks_with_rows(info, keys, grads, wire.delta_keys)
             {
                 let (keys, delta_keys) = encode_keys(&chunk_keys, wire.delta_keys)?;
@@ -644,38 +882,64 @@ impl PsClient {
                     lr_scale,
                     encoding: wire.push_values as i32,
                     delta_keys,
+                    ..Default::default()
                 };
                 parts.push((shard_id, request, (), chunk_keys.len()));
             }
         }
         for (shard_id, group) in self.coalesce(parts) {
-            let shard = self.inner.shards[shard_id].clone();
+            let shard = Arc::clone(&self.inner.shards[shard_id]);
             let permit = Arc::clone(&self.inner.push_slots)
                 .acquire_owned()
                 .await
                 .map_err(|_| PsError::Internal("push window closed".into()))?;
             let inner = Arc::clone(&self.inner);
             let mut requests: Vec<pb::PushRequest> = group.into_iter().map(|(r, ())| r).collect();
+            // One number per call: a retry of the call is recognized as one.
+            let (writer, seq) = (inner.writer, shard.next_seq.fetch_add(1, Ordering::Relaxed));
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
                 let answer = if requests.len() == 1 {
-                    let request = requests.pop().unwrap_or_default();
+                    let mut request = requests.pop().unwrap_or_default();
+                    (request.writer, request.seq) = (writer, seq);
                     let sent = request.encoded_len();
-                    call!(&shard, push, request).map(|r| (sent, r.encoded_len()))
+                    shard
+                        .call(&inner, |conn| {
+                            let request = request.clone();
+                            async move { call!(&conn, push, request) }
+                        })
+                        .await
+                        .map(|r| (sent, r.encoded_len(), r.duplicate))
                 } else {
-                    let request = pb::PushManyRequest { pushes: requests };
+                    let request = pb::PushManyRequest {
+                        pushes: requests,
+                        writer,
+                        seq,
+                    };
                     let sent = request.encoded_len();
-                    call!(&shard, push_many, request).map(|r| (sent, r.encoded_len()))
+                    shard
+                        .call(&inner, |conn| {
+                            let request = request.clone();
+                            async move { call!(&conn, push_many, request) }
+                        })
+                        .await
+                        .map(|r| {
+                            let duplicate = r.pushes.iter().any(|p| p.duplicate);
+                            (sent, r.encoded_len(), duplicate)
+                        })
                 };
                 match answer {
-                    Ok((sent, received)) => {
+                    Ok((sent, received, duplicate)) => {
                         inner.push_latency.record(started.elapsed());
                         inner
                             .push_bytes
                             .fetch_add((sent + received) as u64, Ordering::Relaxed);
+                        inner.acked.fetch_add(1, Ordering::Relaxed);
+                        if duplicate {
+                            inner.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    Err(status) => {
-                        let err = shard.error(shard_id, status);
+                    Err(err) => {
                         tracing::warn!("push failed: {err}");
                         let mut slot = inner
                             .push_error
@@ -723,7 +987,12 @@ impl PsClient {
     pub async fn clock(&self, request: pb::ClockRequest) -> Result<pb::ClockResponse, PsError> {
         let shard = &self.inner.shards[0];
         loop {
-            let answer = call!(&shard, clock, request.clone()).map_err(|s| shard.error(0, s))?;
+            let answer = shard
+                .call(&self.inner, |conn| {
+                    let request = request.clone();
+                    async move { call!(&conn, clock, request) }
+                })
+                .await?;
             if answer.reached {
                 return Ok(answer);
             }
@@ -754,13 +1023,13 @@ impl PsClient {
     async fn on_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<T>, PsError>
     where
         T: Send + 'static,
-        F: Fn(ShardConn) -> Fut,
+        F: Fn(ShardConn) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Result<T, Status>> + Send + 'static,
     {
         let mut tasks = JoinSet::new();
         for (i, shard) in self.inner.shards.iter().enumerate() {
-            let (answer, shard) = (call(shard.clone()), shard.clone());
-            tasks.spawn(async move { answer.await.map(|r| (i, r)).map_err(|s| shard.error(i, s)) });
+            let (shard, inner, call) = (Arc::clone(shard), Arc::clone(&self.inner), call.clone());
+            tasks.spawn(async move { shard.call(&inner, call).await.map(|r| (i, r)) });
         }
         let mut all = join_all_ok(tasks).await?;
         all.sort_by_key(|(i, _)| *i);
@@ -778,6 +1047,18 @@ impl PsClient {
         &self.inner.push_latency
     }
 
+    /// Push calls acknowledged, retries and failovers so far.
+    pub fn push_acks(&self) -> PushAcks {
+        let i = &self.inner;
+        PushAcks {
+            acked: i.acked.load(Ordering::Relaxed),
+            duplicates: i.duplicates.load(Ordering::Relaxed),
+            retries: i.retries.load(Ordering::Relaxed),
+            failovers: i.failovers.load(Ordering::Relaxed),
+            max_failover_ms: i.max_failover_ms.load(Ordering::Relaxed),
+        }
+    }
+
     /// Payload bytes sent and received so far.
     pub fn bytes(&self) -> ByteCounts {
         ByteCounts {
@@ -788,14 +1069,14 @@ impl PsClient {
 
     /// `keys` with their `values` rows (`dim` each), split by owning shard
     /// (sorted by key if `sorted`) and cut into chunks under each shard's
-    /// limits: (shard id, connection, keys, rows).
+    /// limits: (shard id, keys, rows).
     fn chunks_with_rows(
         &self,
         info: TableInfo,
         keys: &[u64],
         values: &[f32],
         sorted: bool,
-    ) -> Vec<(usize, ShardConn, Vec<u64>, Vec<f32>)> {
+    ) -> Vec<(usize, Vec<u64>, Vec<f32>)> {
         let dim = info.dim;
         let mut out = Vec::new();
         for (shard_id, positions, shard_keys) in self.split(info, keys, sorted) {
@@ -806,7 +1087,7 @@ impl PsClient {
                 for &p in chunk_pos {
                     rows.extend_from_slice(&values[p * dim..(p + 1) * dim]);
                 }
-                out.push((shard_id, shard.clone(), chunk_keys.to_vec(), rows));
+                out.push((shard_id, chunk_keys.to_vec(), rows));
             }
         }
         out

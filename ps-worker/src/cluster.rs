@@ -73,13 +73,9 @@ impl LocalCluster {
             let shard = Arc::new(shard);
             let (stop, stopped) = oneshot::channel::<()>();
             let config = ServerConfig {
-                shard_id,
-                num_shards,
                 limits,
                 checkpoint_dir: checkpoint_dir.clone(),
-                drain_timeout: std::time::Duration::from_secs(5),
-                checkpoint_on_shutdown: None,
-                auth: ps_server::auth::Auth::default(),
+                ..ServerConfig::new(shard_id, num_shards)
             };
             cluster.tasks.push(tokio::spawn(ps_server::run(
                 listener,

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::runtime::Runtime;
 
 use crate::backend::cuda::CudaBackend;
-use crate::client::{ClientConfig, PsClient, WireFormat};
+use crate::client::{ClientConfig, PsClient, PushAcks, WireFormat};
 use crate::cluster::LocalCluster;
 use crate::data;
 use crate::metrics::{BinaryMetrics, TaskMetrics};
@@ -62,6 +62,9 @@ pub struct Report {
     pub pull_bytes: u64,
     /// Payload bytes of Push requests and responses.
     pub push_bytes: u64,
+    /// Push calls the servers acknowledged (each once, however often it
+    /// was retried), and how retries and failovers went.
+    pub pushes: PushAcks,
     /// Seconds from start-up to the end of validation.
     pub wall_seconds: f64,
     /// Malformed input lines skipped (`data.on_bad_line = "skip"`).
@@ -113,6 +116,7 @@ impl Report {
             val_tasks: Vec::new(),
             pull_bytes: 0,
             push_bytes: 0,
+            pushes: PushAcks::default(),
             wall_seconds: 0.0,
             bad_lines_skipped: summaries.iter().map(|s| s.bad_lines).sum(),
             epochs: summaries
@@ -144,10 +148,17 @@ impl Report {
         }
     }
 
-    fn add_bytes(&mut self, client: &PsClient) {
+    /// Adds `client`'s traffic and push acknowledgements.
+    fn add_traffic(&mut self, client: &PsClient) {
         let bytes = client.bytes();
         self.pull_bytes += bytes.pull_bytes;
         self.push_bytes += bytes.push_bytes;
+        let (acks, total) = (client.push_acks(), &mut self.pushes);
+        total.acked += acks.acked;
+        total.duplicates += acks.duplicates;
+        total.retries += acks.retries;
+        total.failovers += acks.failovers;
+        total.max_failover_ms = total.max_failover_ms.max(acks.max_failover_ms);
     }
 
     /// A human-readable summary of the metrics.
@@ -377,7 +388,7 @@ pub fn run_train(
     let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world, &stop)?;
     let mut report = Report::new("train", job, world, servers.len(), &[summary]);
     report.rank = Some(rank);
-    report.add_bytes(&client); // training traffic only, before validation pulls
+    report.add_traffic(&client); // training traffic only, before validation pulls
     report.set_validation(job, validate(&runtime, &client, job)?);
     report.wall_seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -455,7 +466,7 @@ pub fn run_local(
     }
     let mut report = Report::new("local", job, workers, servers as usize, &summaries);
     for client in &clients {
-        report.add_bytes(client);
+        report.add_traffic(client);
     }
     let evaluator = runtime.block_on(connect_and_create(&addrs, job, config))?;
     report.set_validation(job, validate(&runtime, &evaluator, job)?);

@@ -358,13 +358,9 @@ async fn without_the_right_bearer_token_calls_are_refused_and_nothing_is_applied
     let addr = listener.local_addr().unwrap().to_string();
     let shard = Arc::new(Shard::new(0, 1));
     let config = ServerConfig {
-        shard_id: 0,
-        num_shards: 1,
-        limits: Limits::default(),
-        checkpoint_dir: None,
         drain_timeout: Duration::from_secs(1),
-        checkpoint_on_shutdown: None,
         auth: Auth::bearer(TOKEN),
+        ..ServerConfig::new(0, 1)
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(ps_server::run(

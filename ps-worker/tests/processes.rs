@@ -36,6 +36,10 @@ fn binary(name: &str) -> PathBuf {
 struct Server {
     child: Child,
     addr: String,
+    /// Its stdout, past the `listening on` line.
+    stdout: BufReader<std::process::ChildStdout>,
+    /// Lines printed before `listening on` (e.g. `restored ...`).
+    before: Vec<String>,
 }
 
 impl Server {
@@ -59,16 +63,39 @@ impl Server {
             .spawn()
             .unwrap();
         // Readiness: the server prints its bound address once it listens.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Server { child, addr }
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut before = Vec::new();
+        let addr = loop {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "ps-server exited before listening; it printed {before:?}"
+            );
+            match line.trim().strip_prefix("listening on ") {
+                Some(addr) => break addr.to_string(),
+                None => before.push(line.trim().to_string()),
+            }
+        };
+        Server {
+            child,
+            addr,
+            stdout,
+            before,
+        }
+    }
+
+    /// Reads stdout until a line starting with `prefix`; returns that line.
+    fn wait_for_line(&mut self, prefix: &str) -> String {
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.stdout.read_line(&mut line).unwrap() > 0,
+                "ps-server closed stdout before printing {prefix:?}"
+            );
+            if line.starts_with(prefix) {
+                return line.trim().to_string();
+            }
+        }
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -384,6 +411,11 @@ async fn a_server_restored_from_a_checkpoint_serves_the_same_weights() {
     assert!(server.terminate().success());
 
     let restored = Server::start_with(0, 1, &["--restore", ckpt_root.join("c1").to_str().unwrap()]);
+    assert!(
+        restored.before[0].starts_with("restored 500 rows in "),
+        "the recovery time is reported: {:?}",
+        restored.before
+    );
     let client = PsClient::connect(
         std::slice::from_ref(&restored.addr),
         &ClientConfig::default(),
@@ -609,28 +641,12 @@ fn sample(body: &str, series: &str) -> f64 {
 #[test]
 fn servers_and_workers_serve_prometheus_metrics_that_move() {
     let dir = temp_dir("metrics");
-    let mut child = Command::new(binary("ps-server"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shard-id",
-            "0",
-            "--num-shards",
-            "1",
-        ])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines.next().unwrap().unwrap().replace("listening on ", "");
-    let server_metrics = lines.next().unwrap().unwrap().replace("metrics on ", "");
     // Killed on drop, also when an assertion below fails.
-    let server = Server {
-        child,
-        addr: addr.clone(),
-    };
+    let mut server = Server::start_with(0, 1, &["--metrics-listen", "127.0.0.1:0"]);
+    let addr = server.addr.clone();
+    let server_metrics = server
+        .wait_for_line("metrics on ")
+        .replace("metrics on ", "");
     let job = a9a_job(&dir);
     let mut child = worker(&[
         "train",
@@ -742,5 +758,105 @@ fn a_server_with_a_token_file_serves_only_workers_with_the_same_token() {
     }
     let out = train(Some(&token));
     assert!(out.status.success(), "{}", stderr_of(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Shard `addr`'s Stats, over a fresh connection.
+fn stats_of(addr: &str) -> ps_common::pb::StatsResponse {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            ps_common::pb::parameter_server_client::ParameterServerClient::connect(format!(
+                "http://{addr}"
+            ))
+            .await
+            .unwrap()
+            .stats(ps_common::pb::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+        })
+}
+
+#[test]
+fn kill_9_of_a_primary_mid_training_loses_no_acknowledged_push() {
+    let dir = temp_dir("failover");
+    let job = a9a_job_edited(&dir, "job.toml", &[("epochs = 5", "epochs = 2")]);
+
+    // Undisturbed run, no replicas.
+    let plain = [Server::start(0, 2), Server::start(1, 2)];
+    let addrs = format!("{},{}", plain[0].addr, plain[1].addr);
+    let baseline = run_workers(&job, &addrs, 2, &dir, "plain")[0]["val_auc"]
+        .as_f64()
+        .unwrap();
+    drop(plain);
+
+    // Each shard with a backup; the workers learn the backups from the primaries.
+    let mut primaries = [Server::start(0, 2), Server::start(1, 2)];
+    let mut backups = [
+        Server::start_with(0, 2, &["--join", &primaries[0].addr]),
+        Server::start_with(1, 2, &["--join", &primaries[1].addr]),
+    ];
+    for backup in &mut backups {
+        let joined = backup.wait_for_line("joined ");
+        assert!(joined.contains("as backup through write"), "{joined}");
+    }
+    let addrs = format!("{},{}", primaries[0].addr, primaries[1].addr);
+    let workers = {
+        let (job, addrs, dir) = (job.clone(), addrs.clone(), dir.clone());
+        std::thread::spawn(move || run_workers(&job, &addrs, 2, &dir, "replicated"))
+    };
+    // Kill shard 0's primary once it has applied a few hundred pushes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while stats_of(&primaries[0].addr)
+        .requests
+        .unwrap()
+        .updates_applied
+        < 300
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never got going"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    primaries[0].child.kill().unwrap(); // SIGKILL
+    primaries[0].child.wait().unwrap();
+    let reports = workers.join().unwrap();
+
+    let acked: u64 = reports
+        .iter()
+        .map(|r| r["pushes"]["acked"].as_u64().unwrap())
+        .sum();
+    let survivor = stats_of(&backups[0].addr);
+    assert_eq!(survivor.role, "primary", "the backup was promoted");
+    let applied = survivor.requests.unwrap().updates_applied
+        + stats_of(&primaries[1].addr)
+            .requests
+            .unwrap()
+            .updates_applied;
+    assert_eq!(
+        applied, acked,
+        "every acknowledged push applied exactly once on the surviving replicas"
+    );
+    let failovers: u64 = reports
+        .iter()
+        .map(|r| r["pushes"]["failovers"].as_u64().unwrap())
+        .sum();
+    assert_eq!(failovers, 2, "each worker failed over shard 0 once");
+    let auc = reports[0]["val_auc"].as_f64().unwrap();
+    let failover_ms: Vec<u64> = reports
+        .iter()
+        .map(|r| r["pushes"]["max_failover_ms"].as_u64().unwrap())
+        .collect();
+    eprintln!(
+        "failover: AUC {auc:.5} vs undisturbed {baseline:.5}; {acked} pushes acked = applied; failover took {failover_ms:?} ms"
+    );
+    assert!(
+        (auc - baseline).abs() <= 0.005 * baseline,
+        "AUC {auc} vs undisturbed {baseline}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -9,6 +9,7 @@ use clap::Parser;
 use ps_common::auth::read_token_file;
 use ps_server::auth::Auth;
 use ps_server::logging::LogFormat;
+use ps_server::replication::{Replication, Role};
 use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
 /// Serve one shard of a parameter-server job over gRPC.
@@ -62,6 +63,22 @@ struct Args {
     /// that would create more get RESOURCE_EXHAUSTED (default: no cap).
     #[arg(long, value_name = "N")]
     max_rows_per_table: Option<usize>,
+    /// Start as the backup of the primary at ADDR (same --shard-id and
+    /// --num-shards): load its snapshot, then apply its writes; serve
+    /// workers once a worker promotes this server (failover).
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// The address the primary reaches this backup at (default: the bound
+    /// --listen address; required when listening on 0.0.0.0 or [::]).
+    #[arg(long, value_name = "ADDR", requires = "join")]
+    advertise: Option<String>,
+    /// Seconds a backup keeps trying to reach its primary at start.
+    #[arg(long, default_value_t = 60, requires = "join")]
+    join_timeout_secs: u64,
+    /// Write checkpoint `periodic` under --checkpoint-dir every N seconds
+    /// (atomically replacing the last one).
+    #[arg(long, value_name = "N")]
+    checkpoint_every_secs: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,16 +105,28 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
         checkpoint_on_shutdown: args.checkpoint_on_shutdown.clone(),
         auth,
+        checkpoint_every: args
+            .checkpoint_every_secs
+            .map(std::time::Duration::from_secs),
     };
     config.validate()?;
+    if args.join.is_some() && args.restore.is_some() {
+        anyhow::bail!(
+            "--join and --restore exclude each other: a backup starts from its primary's snapshot"
+        );
+    }
     let shard = match &args.restore {
         Some(dir) => {
+            let started = std::time::Instant::now();
             let snapshot = checkpoint::load(dir, args.shard_id, args.num_shards)
                 .with_context(|| format!("cannot --restore {}", dir.display()))?;
             let shard = Shard::restore(snapshot)
                 .with_context(|| format!("cannot --restore {}", dir.display()))?;
             let rows: usize = shard.table_stats().iter().map(|t| t.rows as usize).sum();
-            tracing::info!(from = %dir.display(), rows, "restored checkpoint");
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(from = %dir.display(), rows, ms, "restored checkpoint");
+            // Scripts read this line to measure recovery; keep it stable.
+            println!("restored {rows} rows in {ms:.1} ms");
             shard
         }
         None => Shard::new(args.shard_id, args.num_shards),
@@ -118,8 +147,45 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
         println!("metrics on {bound}");
     }
-    tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, "serving");
-    ps_server::run(listener, config, shard, shutdown_signal()).await?;
+    let role = if args.join.is_some() {
+        Role::Backup
+    } else {
+        Role::Primary
+    };
+    let replication = Replication::new(Arc::clone(&shard), role, config.auth.clone());
+    if let Some(primary) = args.join.clone() {
+        let advertised = match &args.advertise {
+            Some(advertised) => advertised.clone(),
+            None if addr.ip().is_unspecified() => {
+                anyhow::bail!(
+                    "--join with --listen {addr} needs --advertise ADDR: the address the primary reaches this server at"
+                )
+            }
+            None => addr.to_string(),
+        };
+        let replication = Arc::clone(&replication);
+        let timeout = std::time::Duration::from_secs(args.join_timeout_secs);
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match replication.join(&primary, &advertised, timeout).await {
+                Ok((seq, bytes)) => {
+                    let ms = started.elapsed().as_secs_f64() * 1e3;
+                    tracing::info!(%primary, seq, bytes, ms, "joined as backup");
+                    // Tests and scripts read this line; keep it stable.
+                    println!(
+                        "joined {primary} as backup through write {seq} ({bytes} bytes in {ms:.1} ms)"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(%primary, "cannot join the primary: {e}");
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
+    tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, role = role.as_str(), "serving");
+    ps_server::server::run_replicated(listener, config, shard, replication, shutdown_signal())
+        .await?;
     tracing::info!("shut down");
     Ok(())
 }

@@ -45,6 +45,11 @@ enum Command {
         /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
         #[arg(long, value_delimiter = ',', required = true)]
         servers: Vec<String>,
+        /// Backup server of each shard, in the same order (HOST:PORT,...):
+        /// when a primary dies, the worker promotes its backup and goes on.
+        /// Default: the backups the primaries report when the worker connects.
+        #[arg(long, value_delimiter = ',')]
+        backups: Vec<String>,
         /// This worker's rank in [0, --world); it reads lines i with i % world == rank.
         #[arg(long)]
         rank: usize,
@@ -149,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train {
             config,
             servers,
+            backups,
             rank,
             world,
             report,
@@ -163,8 +169,16 @@ fn main() -> anyhow::Result<()> {
             if run_id.is_some() {
                 job.train.run_id = run_id;
             }
+            if !backups.is_empty() && backups.len() != servers.len() {
+                bail!(
+                    "--backups lists {} servers for {} shards: give one per shard, in the order of --servers",
+                    backups.len(),
+                    servers.len()
+                );
+            }
             let client = ps_worker::ClientConfig {
                 auth_token,
+                backups,
                 ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
             };
             let result = job::run_train(&job, &servers, rank, world, &client)

@@ -1,0 +1,236 @@
+//! Replicated shards on loopback ports (in-process servers): writes reach
+//! the backup before they are acknowledged, clients fail over when the
+//! primary dies or is replaced, retries apply once, and a replacement
+//! backup catches up.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ps_common::pb::parameter_server_client::ParameterServerClient;
+use ps_common::pb::{self};
+use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+use ps_server::auth::Auth;
+use ps_server::replication::{Replication, Role};
+use ps_server::{ServerConfig, Shard};
+use ps_worker::{ClientConfig, PsClient};
+use tokio::task::JoinHandle;
+
+/// One shard server in this process. Dropping it aborts the server like a
+/// crash: connections close, nothing is drained.
+struct Node {
+    addr: String,
+    shard: Arc<Shard>,
+    replication: Arc<Replication>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn node(role: Role) -> Node {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shard = Arc::new(Shard::new(0, 1));
+    let replication = Replication::new(Arc::clone(&shard), role, Auth::default());
+    let config = ServerConfig::new(0, 1);
+    let task = tokio::spawn({
+        let (shard, replication) = (Arc::clone(&shard), Arc::clone(&replication));
+        async move {
+            ps_server::server::run_replicated(
+                listener,
+                config,
+                shard,
+                replication,
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    Node {
+        addr,
+        shard,
+        replication,
+        task,
+    }
+}
+
+/// A primary, a backup that joined it, and a client of the primary (which
+/// learns the backup from it) that created the test table.
+async fn replicated() -> (Node, Node, PsClient) {
+    let primary = node(Role::Primary).await;
+    let backup = backup_of(&primary).await;
+    let client = PsClient::connect(
+        std::slice::from_ref(&primary.addr),
+        &ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    client.create_table(&table()).await.unwrap();
+    (primary, backup, client)
+}
+
+/// A backup that has joined `primary`.
+async fn backup_of(primary: &Node) -> Node {
+    let backup = node(Role::Backup).await;
+    backup
+        .replication
+        .join(&primary.addr, &backup.addr, Duration::from_secs(10))
+        .await
+        .unwrap();
+    backup
+}
+
+fn table() -> TableSpec {
+    TableSpec {
+        name: "emb".into(),
+        kind: TableKind::Sparse,
+        dim: 2,
+        initializer: InitializerSpec::Constant { value: 0.5 },
+        optimizer: OptimizerSpec::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-8,
+        },
+        seed: 1,
+    }
+}
+
+fn rows(shard: &Shard, keys: &[u64]) -> Vec<f32> {
+    let mut out = Vec::new();
+    shard.pull("emb", keys, &mut out).unwrap();
+    out
+}
+
+fn counters(shard: &Shard) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        shard.counters.updates_applied.load(Relaxed),
+        shard.counters.duplicate_pushes.load(Relaxed),
+    )
+}
+
+/// Pushes `steps` steps of gradients for keys 0..50 and waits for the acks.
+async fn train(client: &PsClient, steps: usize) {
+    let keys: Vec<u64> = (0..50).collect();
+    for step in 0..steps {
+        let grads: Vec<f32> = (0..100).map(|i| ((i + step) % 7) as f32 - 3.0).collect();
+        client.push_unique("emb", &keys, &grads).await.unwrap();
+    }
+    client.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_acknowledged_push_is_on_the_backup_with_the_same_values() {
+    let (primary, backup, client) = replicated().await;
+    train(&client, 40).await;
+    let acked = client.push_acks().acked;
+    assert_eq!(acked, 40);
+    assert_eq!(counters(&backup.shard).0, acked, "backup applied every ack");
+    let keys: Vec<u64> = (0..50).collect();
+    assert_eq!(
+        rows(&primary.shard, &keys),
+        rows(&backup.shard, &keys),
+        "same values, optimizer applied in the same order"
+    );
+    assert_eq!(backup.replication.describe().0, "backup");
+    assert_eq!(
+        primary.replication.describe(),
+        ("primary", Some(backup.addr.clone()))
+    );
+}
+
+#[tokio::test]
+async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_push() {
+    let (primary, backup, client) = replicated().await;
+    train(&client, 20).await;
+    drop(primary); // crash: no drain, connections cut
+    train(&client, 20).await;
+    let acks = client.push_acks();
+    assert_eq!(acks.acked, 40);
+    assert_eq!(acks.failovers, 1);
+    assert_eq!(backup.replication.describe().0, "primary");
+    assert_eq!(
+        counters(&backup.shard).0,
+        acks.acked,
+        "the survivor applied each acknowledged push exactly once"
+    );
+
+    // A replacement joins the promoted server and catches up.
+    let replacement = backup_of(&backup).await;
+    train(&client, 5).await;
+    let keys: Vec<u64> = (0..50).collect();
+    assert_eq!(rows(&backup.shard, &keys), rows(&replacement.shard, &keys));
+}
+
+#[tokio::test]
+async fn a_primary_whose_backup_was_promoted_stops_serving_and_clients_follow() {
+    let (primary, backup, client) = replicated().await;
+    train(&client, 5).await;
+    // Someone else promotes the backup while the primary is alive.
+    let mut raw = ParameterServerClient::connect(format!("http://{}", backup.addr))
+        .await
+        .unwrap();
+    let promoted = raw
+        .promote(pb::PromoteRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(promoted.promoted);
+    // The primary learns it was replaced at its next write; the client
+    // then moves to the new primary and the write is applied there once.
+    train(&client, 5).await;
+    assert_eq!(primary.replication.describe().0, "deposed");
+    let acks = client.push_acks();
+    assert_eq!(acks.acked, 10);
+    assert_eq!(counters(&backup.shard).0, 10);
+    let refused = ParameterServerClient::connect(format!("http://{}", primary.addr))
+        .await
+        .unwrap()
+        .pull(pb::PullRequest {
+            table: "emb".into(),
+            keys: vec![1],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("no longer the primary"),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_push_whose_answer_is_lost_is_applied_once_when_retried() {
+    let primary = node(Role::Primary).await;
+    let backup = backup_of(&primary).await;
+    let mut raw = ParameterServerClient::connect(format!("http://{}", primary.addr))
+        .await
+        .unwrap();
+    raw.create_table(pb::CreateTableRequest {
+        spec: Some((&table()).into()),
+    })
+    .await
+    .unwrap();
+    let push = pb::PushRequest {
+        table: "emb".into(),
+        keys: vec![9],
+        gradients: ps_common::wire::encode_f32s(&[1.0, -1.0]),
+        writer: 1234,
+        seq: 1,
+        ..Default::default()
+    };
+    // The first answer "is lost": the caller does not look at it and sends again.
+    let _lost = raw.push(push.clone()).await.unwrap();
+    let retried = raw.push(push).await.unwrap().into_inner();
+    assert!(retried.duplicate);
+    assert_eq!(counters(&primary.shard), (1, 1));
+    assert_eq!(counters(&backup.shard).0, 1, "replicated once");
+    assert_eq!(rows(&primary.shard, &[9]), rows(&backup.shard, &[9]));
+}
