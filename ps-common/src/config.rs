@@ -424,6 +424,10 @@ pub struct TrainConfig {
     /// Under ssp, bsp and hybrid: seconds a worker may stay silent before
     /// the others stop waiting for it (it rejoins when it reports again).
     pub worker_lease_seconds: f64,
+    /// Every this many steps (and at each epoch's end) a worker records its
+    /// data position on the servers, once its pushes are acknowledged; a
+    /// worker restarted with the same rank resumes there. 0 turns it off.
+    pub progress_every_steps: u64,
 }
 
 /// The consistency model of a job (`train.consistency`).
@@ -631,6 +635,7 @@ impl Default for TrainConfig {
             consistency: Consistency::Async,
             staleness: None,
             worker_lease_seconds: 30.0,
+            progress_every_steps: 100,
         }
     }
 }

@@ -62,6 +62,11 @@ pub struct Report {
     pub pull_bytes: u64,
     /// Payload bytes of Push requests and responses.
     pub push_bytes: u64,
+    /// The data position an earlier, interrupted run of this rank had
+    /// recorded, where this run started (`train` only).
+    pub resumed_from: Option<crate::resume::Position>,
+    /// Examples skipped to get there (trained by the earlier run).
+    pub skipped_samples: u64,
     /// Push calls the servers acknowledged (each once, however often it
     /// was retried), and how retries and failovers went.
     pub pushes: PushAcks,
@@ -116,6 +121,8 @@ impl Report {
             val_tasks: Vec::new(),
             pull_bytes: 0,
             push_bytes: 0,
+            resumed_from: summaries.iter().find_map(|s| s.resumed_from),
+            skipped_samples: summaries.iter().map(|s| s.skipped_samples).sum(),
             pushes: PushAcks::default(),
             wall_seconds: 0.0,
             bad_lines_skipped: summaries.iter().map(|s| s.bad_lines).sum(),

@@ -16,6 +16,7 @@
 //! - [`metrics`]: logloss, AUC, accuracy.
 //! - [`trainer`]: the training loop with pull prefetch, and evaluation.
 //! - [`progress`]: a progress bar on terminals, periodic log lines elsewhere.
+//! - [`resume`]: each worker's data position, kept on the servers for restarts.
 //! - [`signal`]: job-wide flags between worker processes, kept on the servers.
 //! - [`telemetry`]: the process's training metrics for Prometheus.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
@@ -32,6 +33,7 @@ pub mod latency;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod resume;
 pub mod signal;
 pub mod synthetic;
 pub mod telemetry;

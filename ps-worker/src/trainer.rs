@@ -24,6 +24,7 @@ use crate::data::{Batch, Batches, DataError};
 use crate::metrics::BinaryMetrics;
 use crate::model::{Mode, Model, Pulled, push_updates};
 use crate::progress::Progress;
+use crate::resume::{Position, Positions};
 use crate::signal::Signal;
 use crate::telemetry;
 use crate::traffic::{Holdback, push_step};
@@ -76,6 +77,10 @@ pub struct TrainSummary {
     /// With `[communication]` filters: rows the model offered to push and
     /// rows pushed (the rest was held back, then pushed at the end).
     pub rows_offered_pushed: Option<(u64, u64)>,
+    /// The position an earlier run of this rank had recorded, resumed from.
+    pub resumed_from: Option<Position>,
+    /// Examples skipped to reach that position (trained by the earlier run).
+    pub skipped_samples: u64,
 }
 
 /// One epoch of one worker.
@@ -277,12 +282,39 @@ impl Run<'_> {
         let mut reported_bytes = client.bytes();
         let gate = Gate::for_job(client, job, self.rank, self.world).map(Arc::new);
         let mut holdback = Holdback::for_job(job);
+        let positions = match train.progress_every_steps {
+            0 => None,
+            _ => Some(runtime.block_on(Positions::open(client, job, self.rank, self.world))?),
+        };
+        if let Some(positions) = &positions {
+            summary.resumed_from = runtime.block_on(positions.load(client))?;
+        }
+        if let Some(at) = summary.resumed_from {
+            summary.steps = at.steps;
+            tracing::info!(
+                worker = self.rank,
+                epoch = at.epoch,
+                batch = at.batch,
+                steps = at.steps,
+                "resuming where an earlier run of this rank stopped"
+            );
+        }
         for epoch in 1..=train.epochs {
+            let at = summary
+                .resumed_from
+                .filter(|at| at.epoch == epoch as u64)
+                .map_or(0, |at| at.batch);
+            if summary
+                .resumed_from
+                .is_some_and(|at| (epoch as u64) < at.epoch)
+            {
+                continue;
+            }
             if self.stop_requested(&stopped)? {
                 summary.stopped_early |= self.rank != 0;
                 break;
             }
-            let batches = Batches::for_job(
+            let mut batches = Batches::for_job(
                 job,
                 &job.data.train,
                 self.rank,
@@ -290,6 +322,13 @@ impl Run<'_> {
                 train.batch_size,
                 &bad_lines,
             )?;
+            for _ in 0..at {
+                match batches.next() {
+                    Some(batch) => summary.skipped_samples += batch?.len() as u64,
+                    None => break,
+                }
+            }
+            let mut batch_in_epoch = at;
             let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD))
                 .with_gate(gate.clone(), summary.steps);
             let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
@@ -314,11 +353,32 @@ impl Run<'_> {
                 epoch_samples += n;
                 summary.samples += n;
                 summary.steps += 1;
+                batch_in_epoch += 1;
+                if let Some(positions) = &positions
+                    && summary.steps % train.progress_every_steps == 0
+                {
+                    let here = Position {
+                        epoch: epoch as u64,
+                        batch: batch_in_epoch,
+                        steps: summary.steps,
+                    };
+                    runtime.block_on(positions.record(client, here))?;
+                }
                 let running = epoch_loss / epoch_samples.max(1) as f64;
                 progress.step(epoch, summary.steps, summary.samples, running);
                 telemetry::global().step(n, running, client.bytes(), &mut reported_bytes);
             }
             summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
+            if let Some(positions) = &positions
+                && !self.stop.load(Ordering::Relaxed)
+            {
+                let next = Position {
+                    epoch: epoch as u64 + 1,
+                    batch: 0,
+                    steps: summary.steps,
+                };
+                runtime.block_on(positions.record(client, next))?;
+            }
             let mut record = EpochRecord {
                 epoch,
                 train_loss: summary.last_epoch_loss,
@@ -381,6 +441,10 @@ impl Run<'_> {
             summary.rows_offered_pushed = Some(h.rows());
         }
         runtime.block_on(client.flush())?;
+        if let Some(positions) = &positions {
+            // Done: a later run of this job starts from the beginning.
+            runtime.block_on(positions.record(client, Position::default()))?;
+        }
         if let Some(gate) = &gate {
             runtime.block_on(gate.finish())?;
             summary.max_staleness = Some(gate.max_staleness());

@@ -160,6 +160,32 @@ fn worker(args: &[&str]) -> Command {
     cmd
 }
 
+/// Starts worker `rank` of `world` of `job`, its report going to `report`.
+fn spawn_worker(job: &Path, addrs: &str, rank: usize, world: usize, report: &Path) -> Child {
+    worker(&[
+        "train",
+        "--config",
+        job.to_str().unwrap(),
+        "--servers",
+        addrs,
+        "--rank",
+        &rank.to_string(),
+        "--world",
+        &world.to_string(),
+        "--report",
+        report.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap()
+}
+
+/// Waits for a worker; returns its report.
+fn report_of(mut child: Child, report: &Path) -> serde_json::Value {
+    assert!(child.wait().unwrap().success(), "worker failed");
+    serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
+}
+
 /// Starts `world` `ps-worker train` processes of `job`; each writes its
 /// report to `dir/{prefix}-{rank}.json`. Waits for them; returns the reports.
 fn run_workers(
@@ -172,31 +198,12 @@ fn run_workers(
     let workers: Vec<(Child, PathBuf)> = (0..world)
         .map(|rank| {
             let report = dir.join(format!("{prefix}-{rank}.json"));
-            let child = worker(&[
-                "train",
-                "--config",
-                job.to_str().unwrap(),
-                "--servers",
-                addrs,
-                "--rank",
-                &rank.to_string(),
-                "--world",
-                &world.to_string(),
-                "--report",
-                report.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-            (child, report)
+            (spawn_worker(job, addrs, rank, world, &report), report)
         })
         .collect();
     workers
         .into_iter()
-        .map(|(mut child, report)| {
-            assert!(child.wait().unwrap().success(), "worker failed");
-            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
-        })
+        .map(|(child, report)| report_of(child, &report))
         .collect()
 }
 
@@ -857,6 +864,59 @@ fn kill_9_of_a_primary_mid_training_loses_no_acknowledged_push() {
     assert!(
         (auc - baseline).abs() <= 0.005 * baseline,
         "AUC {auc} vs undisturbed {baseline}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Waits until shard `addr` has applied `n` push calls.
+fn wait_for_pushes(addr: &str, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while stats_of(addr).requests.unwrap().updates_applied < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never got going"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_and_restarted_resumes_and_the_job_completes() {
+    let dir = temp_dir("resume");
+    let job = a9a_job_edited(
+        &dir,
+        "job.toml",
+        &[("epochs = 5", "epochs = 2\nprogress_every_steps = 20")],
+    );
+    let servers = [Server::start(0, 2), Server::start(1, 2)];
+    let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
+    let reports: Vec<PathBuf> = ["w0", "w1", "w1-again"]
+        .iter()
+        .map(|name| dir.join(format!("{name}.json")))
+        .collect();
+    let first = spawn_worker(&job, &addrs, 0, 2, &reports[0]);
+    let mut second = spawn_worker(&job, &addrs, 1, 2, &reports[1]);
+    wait_for_pushes(&servers[0].addr, 400);
+    second.kill().unwrap(); // SIGKILL: no chance to clean up
+    second.wait().unwrap();
+    let restarted = report_of(spawn_worker(&job, &addrs, 1, 2, &reports[2]), &reports[2]);
+    let untouched = report_of(first, &reports[0]);
+
+    let resumed_steps = restarted["resumed_from"]["steps"].as_u64().unwrap();
+    assert!(resumed_steps >= 20, "resumed at step {resumed_steps}");
+    // Rank 1 reads every other line of the 32,561: 16,280 per epoch.
+    assert_eq!(
+        restarted["skipped_samples"].as_u64().unwrap()
+            + restarted["train_samples"].as_u64().unwrap(),
+        16_280 * 2,
+        "the earlier run's recorded samples plus this run's are rank 1's data: {restarted}"
+    );
+    assert_eq!(untouched["train_samples"].as_u64().unwrap(), 16_281 * 2);
+    let auc = restarted["val_auc"].as_f64().unwrap();
+    assert!(auc >= 0.895, "AUC {auc}");
+    eprintln!(
+        "resume: rank 1 restarted at step {resumed_steps} (epoch {}), AUC {auc:.4}",
+        restarted["resumed_from"]["epoch"]
     );
     std::fs::remove_dir_all(&dir).ok();
 }
