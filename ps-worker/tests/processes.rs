@@ -920,3 +920,75 @@ fn a_worker_killed_mid_epoch_and_restarted_resumes_and_the_job_completes() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint() {
+    let dir = temp_dir("periodic");
+    let root = dir.join("ckpt");
+    let root_arg = root.to_str().unwrap().to_string();
+    // Small batches: the run must outlast a checkpoint interval.
+    let job = a9a_job_edited(
+        &dir,
+        "job.toml",
+        &[
+            ("epochs = 5", "epochs = 2\nprogress_every_steps = 20"),
+            ("batch_size = 32", "batch_size = 4"),
+        ],
+    );
+    let flags = [
+        "--checkpoint-dir",
+        &root_arg,
+        "--checkpoint-every-secs",
+        "1",
+    ];
+    let mut server = Server::start_with(0, 1, &flags);
+    let reports = [dir.join("first.json"), dir.join("again.json")];
+    let mut first = spawn_worker(&job, &server.addr, 0, 1, &reports[0]);
+    wait_for_pushes(&server.addr, 300);
+    // A checkpoint written after those pushes.
+    let file = root.join("periodic/shard-0.bin");
+    let modified = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let before = modified(&file);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while modified(&file) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no periodic checkpoint"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Lose everything but the checkpoint.
+    assert!(first.try_wait().unwrap().is_none(), "the worker finished too soon");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    let started = std::time::Instant::now();
+    let restore = root.join("periodic");
+    let restored = Server::start_with(0, 1, &["--restore", restore.to_str().unwrap()]);
+    let recovery = started.elapsed();
+    assert!(
+        restored.before[0].starts_with("restored "),
+        "{:?}",
+        restored.before
+    );
+    let again = report_of(
+        spawn_worker(&job, &restored.addr, 0, 1, &reports[1]),
+        &reports[1],
+    );
+    let resumed = again["resumed_from"]["steps"].as_u64().unwrap();
+    assert!(resumed >= 20, "resumed at step {resumed}");
+    assert_eq!(
+        again["skipped_samples"].as_u64().unwrap() + again["train_samples"].as_u64().unwrap(),
+        32_561 * 2,
+        "{again}"
+    );
+    let auc = again["val_auc"].as_f64().unwrap();
+    assert!(auc >= 0.895, "AUC {auc}");
+    eprintln!(
+        "periodic checkpoint: server back in {recovery:?} ({}), worker resumed at step {resumed}, AUC {auc:.4}",
+        restored.before[0]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
