@@ -958,7 +958,10 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // Lose everything but the checkpoint.
-    assert!(first.try_wait().unwrap().is_none(), "the worker finished too soon");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the worker finished too soon"
+    );
     first.kill().unwrap();
     first.wait().unwrap();
     server.child.kill().unwrap();
@@ -991,4 +994,133 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
         restored.before[0]
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Resident memory of process `pid`, in bytes (Linux).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Eight clients push and pull against one shard process for a bounded
+/// time (`PS_SOAK_SECS`, default 15, at most 60): no call fails, the
+/// server's memory stops growing once every row exists, and every row ends
+/// holding exactly the pushes applied to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn soak_eight_clients_against_one_shard_with_bounded_memory_and_exact_rows() {
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+    use ps_worker::{ClientConfig, PsClient};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    const CLIENTS: usize = 8;
+    const IDS: f64 = 200_000.0;
+    let secs: u64 = std::env::var("PS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15)
+        .clamp(1, 60);
+    let server = Server::start(0, 1);
+    let pid = server.child.id();
+    let spec = TableSpec {
+        name: "soak".into(),
+        kind: TableKind::Sparse,
+        dim: 4,
+        initializer: InitializerSpec::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        seed: 0,
+    };
+    let config = ClientConfig::default();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let client = PsClient::connect(std::slice::from_ref(&server.addr), &config)
+            .await
+            .unwrap();
+        client.create_table(&spec).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            // xorshift64*; ids log-uniform in [1, IDS): a few hot, many cold.
+            let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1);
+            let mut next = move || {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+            };
+            let mut pushed: HashMap<u64, u64> = HashMap::new();
+            let (mut pushes, mut pulls) = (0u64, 0u64);
+            while Instant::now() < until {
+                let keys: Vec<u64> = (0..256).map(|_| IDS.powf(next()) as u64).collect();
+                // Gradient -1 with lr 1: each occurrence adds exactly 1.
+                client
+                    .push("soak", &keys, &vec![-1.0; keys.len() * 4])
+                    .await
+                    .unwrap();
+                for &k in &keys {
+                    *pushed.entry(k).or_default() += 1;
+                }
+                pushes += 1;
+                let rows = client.pull("soak", &keys[..64]).await.unwrap();
+                assert!(rows.iter().all(|v| v.is_finite() && *v >= 0.0));
+                pulls += 1;
+            }
+            client.flush().await.unwrap();
+            (
+                pushed,
+                pushes,
+                pulls,
+                client.push_latency().quantile(0.99).unwrap_or(0.0),
+            )
+        }));
+    }
+    let mut rss = Vec::new();
+    while Instant::now() < until {
+        rss.push(rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut expected: HashMap<u64, u64> = HashMap::new();
+    let (mut pushes, mut pulls, mut p99) = (0, 0, 0f64);
+    for task in tasks {
+        let (pushed, n_push, n_pull, latency) = task.await.unwrap();
+        for (k, n) in pushed {
+            *expected.entry(k).or_default() += n;
+        }
+        (pushes, pulls, p99) = (pushes + n_push, pulls + n_pull, p99.max(latency));
+    }
+    rss.push(rss_bytes(pid));
+
+    let checker = PsClient::connect(std::slice::from_ref(&server.addr), &config)
+        .await
+        .unwrap();
+    checker.create_table(&spec).await.unwrap();
+    let keys: Vec<u64> = expected.keys().copied().collect();
+    let rows = checker.pull("soak", &keys).await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let want = expected[k] as f32;
+        assert_eq!(&rows[i * 4..i * 4 + 4], &[want; 4], "row {k}");
+    }
+    let stats = checker.stats().await.unwrap()[0].clone();
+    assert_eq!(stats.requests.unwrap().errors, 0);
+    let quarter = rss[rss.len() / 4];
+    let last = *rss.last().unwrap();
+    let peak = *rss.iter().max().unwrap();
+    eprintln!(
+        "soak: {CLIENTS} clients x {secs} s: {pushes} pushes + {pulls} pulls ({:.0} calls/s), {} rows, push p99 {:.1} ms, server RSS {} MiB at 1/4 time, {} MiB at the end, peak {} MiB",
+        (pushes + pulls) as f64 / secs as f64,
+        keys.len(),
+        p99 * 1e3,
+        quarter >> 20,
+        last >> 20,
+        peak >> 20
+    );
+    assert!(peak < 1 << 30, "server RSS peaked at {peak} bytes");
+    assert!(
+        last <= quarter + (64 << 20),
+        "server memory kept growing: {quarter} -> {last} bytes"
+    );
 }
