@@ -12,6 +12,7 @@
 //! - [`wire`]: the little-endian `f32` codec for row values on the wire.
 //! - [`config`]: the job file (TOML) that drives every way of running a job.
 //! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
+//! - [`tls`]: TLS files (`--tls-cert`, `--tls-key`, `--tls-ca`) as rustls configurations.
 
 pub mod auth;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod init;
 pub mod memory;
 pub mod routing;
 pub mod table;
+pub mod tls;
 pub mod wire;
 
 /// Generated protobuf and gRPC types of package `ps.v1`.

@@ -29,7 +29,7 @@ use ps_common::pb::parameter_server_client::ParameterServerClient;
 use ps_common::pb::{self, ReplicaEntry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::auth::Auth;
 use crate::dedup::WriterRecord;
@@ -98,6 +98,15 @@ pub enum Write<T> {
     Repeat(T, u64),
 }
 
+/// How a server reaches its peer (the primary it joins, or its backup).
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The token sent to the peer.
+    pub auth: Auth,
+    /// TLS towards the peer (`None`: plain TCP).
+    pub tls: Option<ClientTlsConfig>,
+}
+
 /// The replication state of one shard server.
 #[derive(Debug)]
 pub struct Replication {
@@ -114,8 +123,8 @@ pub struct Replication {
     queued: Notify,
     /// Backup: set once the primary's snapshot is loaded.
     caught_up: watch::Sender<bool>,
-    /// The token sent to the backup.
-    auth: Auth,
+    /// How to reach the peer.
+    peer: Peer,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -123,9 +132,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Replication {
-    /// The state of a server starting as `role` for `shard`; `auth` is the
-    /// token it sends to its peer.
-    pub fn new(shard: Arc<Shard>, role: Role, auth: Auth) -> Arc<Replication> {
+    /// The state of a server starting as `role` for `shard`, reaching its
+    /// peer as `peer` says.
+    pub fn new(shard: Arc<Shard>, role: Role, peer: Peer) -> Arc<Replication> {
         Arc::new(Replication {
             shard,
             order: RwLock::new(()),
@@ -141,7 +150,7 @@ impl Replication {
             replicated: watch::Sender::new(0),
             queued: Notify::new(),
             caught_up: watch::Sender::new(role == Role::Primary),
-            auth,
+            peer,
         })
     }
 
@@ -394,11 +403,11 @@ impl Replication {
     }
 
     async fn join_once(&self, primary: &str, advertised: &str) -> Result<(u64, usize), PsError> {
-        let mut client = peer_client(primary)?;
+        let mut client = self.peer_client(primary)?;
         let mut request = tonic::Request::new(pb::JoinRequest {
             addr: advertised.to_string(),
         });
-        self.auth.attach(&mut request);
+        self.peer.auth.attach(&mut request);
         let failed = |s: tonic::Status| PsError::Unavailable(format!("Join {primary}: {s}"));
         let mut chunks = client.join(request).await.map_err(failed)?.into_inner();
         let mut bytes = Vec::new();
@@ -418,7 +427,7 @@ impl Replication {
     /// generation ends: the backup is replaced, promoted (this primary is
     /// then deposed), or silent for [`BACKUP_TIMEOUT`] (it is dropped).
     pub async fn forward(self: Arc<Self>, addr: String, generation: u64) {
-        let client = match peer_client(&addr) {
+        let client = match self.peer_client(&addr) {
             Ok(client) => client,
             Err(e) => {
                 self.drop_backup(generation, &format!("{e}"));
@@ -494,7 +503,7 @@ impl Replication {
         let deadline = tokio::time::Instant::now() + BACKUP_TIMEOUT;
         loop {
             let mut call = tonic::Request::new(request.clone());
-            self.auth.attach(&mut call);
+            self.peer.auth.attach(&mut call);
             // A backup still loading its snapshot holds the first call.
             call.set_timeout(BACKUP_TIMEOUT * 10);
             match client.clone().replicate(call).await {
@@ -539,19 +548,22 @@ pub fn join_chunks(bytes: Vec<u8>, seq: u64) -> Vec<pb::JoinChunk> {
         .collect()
 }
 
-/// A client to a peer server (lazy: connects on first use, reconnects after failures).
-fn peer_client(addr: &str) -> Result<ParameterServerClient<Channel>, PsError> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Endpoint::from_shared(uri)
-        .map_err(|e| PsError::invalid(format!("invalid peer address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    Ok(ParameterServerClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
+impl Replication {
+    /// A client to a peer server (lazy: connects on first use, reconnects after failures).
+    fn peer_client(&self, addr: &str) -> Result<ParameterServerClient<Channel>, PsError> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            PsError::invalid(format!("invalid peer address {addr:?}: {e}"))
+        };
+        let mut endpoint =
+            Endpoint::from_shared(ps_common::tls::uri(addr, self.peer.tls.is_some()))
+                .map_err(|e| invalid(&e))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true);
+        if let Some(tls) = self.peer.tls.clone() {
+            endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?;
+        }
+        Ok(ParameterServerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
 }

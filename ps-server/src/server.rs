@@ -8,12 +8,13 @@ use std::time::Duration;
 use ps_common::pb::parameter_server_server::ParameterServerServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::Auth;
 use crate::limits::OversizeStatusLayer;
-use crate::replication::{Replication, Role};
+use crate::replication::{Peer, Replication, Role};
 use crate::service::{Limits, ShardService};
 use crate::store::Shard;
 
@@ -40,6 +41,10 @@ pub struct ServerConfig {
     /// Write checkpoint [`PERIODIC_CHECKPOINT`] under `checkpoint_dir` this
     /// often (a primary only; each write replaces the last, atomically).
     pub checkpoint_every: Option<Duration>,
+    /// Serve over TLS (`--tls-cert`, `--tls-key`; with a client CA, mutual TLS).
+    pub tls: Option<ServerTlsConfig>,
+    /// TLS towards peer servers (replication), trusting `--tls-ca`.
+    pub peer_tls: Option<ClientTlsConfig>,
 }
 
 /// The name periodic checkpoints are written under.
@@ -72,6 +77,8 @@ impl ServerConfig {
             checkpoint_on_shutdown: None,
             auth: Auth::default(),
             checkpoint_every: None,
+            tls: None,
+            peer_tls: None,
         }
     }
 
@@ -123,7 +130,14 @@ pub async fn run(
     shard: Arc<Shard>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let replication = Replication::new(Arc::clone(&shard), Role::Primary, config.auth.clone());
+    let replication = Replication::new(
+        Arc::clone(&shard),
+        Role::Primary,
+        Peer {
+            auth: config.auth.clone(),
+            tls: config.peer_tls.clone(),
+        },
+    );
     run_replicated(listener, config, shard, replication, shutdown).await
 }
 
@@ -167,7 +181,11 @@ pub async fn run_replicated(
     // Small pulls and pushes are latency-bound: never let Nagle's algorithm hold them.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (requested, drain_started) = tokio::sync::oneshot::channel::<()>();
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let serve = builder
         .layer(OversizeStatusLayer)
         .add_service(health_service)
         .add_service(service)

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::checkpoint;
 use crate::clock::{self, Clocks};
 use crate::metrics::Rpc;
-use crate::replication::{Replication, Role, Write};
+use crate::replication::{Peer, Replication, Role, Write};
 use crate::store::{Push, PushOutcome, RequestCounters, Shard};
 
 /// Limits a shard enforces on every request.
@@ -58,11 +58,7 @@ impl ShardService {
     /// A service over `shard` enforcing `limits`, writing checkpoints under `checkpoint_dir`.
     /// The service is a primary with no backup; see [`ShardService::with_replication`].
     pub fn new(shard: Arc<Shard>, limits: Limits, checkpoint_dir: Option<PathBuf>) -> Self {
-        let replication = Replication::new(
-            Arc::clone(&shard),
-            Role::Primary,
-            crate::auth::Auth::default(),
-        );
+        let replication = Replication::new(Arc::clone(&shard), Role::Primary, Peer::default());
         ShardService {
             shard,
             limits,
@@ -1117,11 +1113,7 @@ mod tests {
     #[tokio::test]
     async fn a_backup_refuses_workers_and_cannot_be_promoted_before_it_caught_up() {
         let shard = Arc::new(Shard::new(0, 1));
-        let backup = Replication::new(
-            Arc::clone(&shard),
-            Role::Backup,
-            crate::auth::Auth::default(),
-        );
+        let backup = Replication::new(Arc::clone(&shard), Role::Backup, Peer::default());
         let svc = ShardService::new(shard, Limits::default(), None).with_replication(backup);
         let pull = pb::PullRequest {
             table: "emb".into(),

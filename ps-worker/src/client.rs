@@ -65,6 +65,9 @@ pub struct ClientConfig {
     /// Backup of each shard, in shard order (empty: the backups the
     /// primaries report when the client connects, if any).
     pub backups: Vec<String>,
+    /// TLS to the servers (`--tls-ca`, and `--tls-cert`/`--tls-key` for
+    /// mutual TLS); `None` is plain TCP.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ClientConfig {
@@ -77,6 +80,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
             backups: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -1137,18 +1141,18 @@ async fn connect_one(
         code,
         message,
     };
-    let uri = if addr.contains("://") {
-        addr.clone()
-    } else {
-        format!("http://{addr}")
+    let invalid = |e: &dyn std::fmt::Display| {
+        fail(
+            tonic::Code::InvalidArgument,
+            format!("invalid server address: {e}"),
+        )
     };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| {
-            fail(
-                tonic::Code::InvalidArgument,
-                format!("invalid server address: {e}"),
-            )
-        })?
+    let mut endpoint = Endpoint::from_shared(ps_common::tls::uri(&addr, config.tls.is_some()))
+        .map_err(|e| invalid(&e))?;
+    if let Some(tls) = config.tls.clone() {
+        endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(config.connect_timeout.min(Duration::from_secs(5)))
         .timeout(config.request_timeout)
         .tcp_nodelay(true);

@@ -119,7 +119,11 @@ fn train_and_dump(job: &JobConfig, workers: usize) -> BTreeMap<(String, u64), Ve
     });
     let mut rows = BTreeMap::new();
     for i in 0..2 {
+        // The model's tables, not the job's bookkeeping (`_ps.*`).
         for table in cluster.shard(i).snapshot().tables {
+            if table.spec.name.starts_with("_ps.") {
+                continue;
+            }
             let (len, dim) = (table.row_len as usize, table.spec.dim as usize);
             for (k, key) in table.keys.iter().enumerate() {
                 let weights = table.values[k * len..k * len + dim].to_vec();

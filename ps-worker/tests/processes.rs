@@ -1124,3 +1124,163 @@ async fn soak_eight_clients_against_one_shard_with_bounded_memory_and_exact_rows
         "server memory kept growing: {quarter} -> {last} bytes"
     );
 }
+
+/// A CA and a server and a client certificate it signed, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    server: [PathBuf; 2],
+    client: [PathBuf; 2],
+}
+
+fn pki(dir: &Path, tag: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, Issuer, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let issuer: &Issuer<'_, KeyPair> = &ca;
+    let write = |name: &str, text: String| {
+        let path = dir.join(format!("{tag}-{name}.pem"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let leaf = |name: &str, names: &[&str]| {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        [
+            write(&format!("{name}-cert"), cert.pem()),
+            write(&format!("{name}-key"), key.serialize_pem()),
+        ]
+    };
+    Pki {
+        server: leaf("server", &["127.0.0.1", "localhost"]),
+        client: leaf("client", &["worker"]),
+        ca: write("ca", ca.pem()),
+    }
+}
+
+#[tokio::test]
+async fn over_mutual_tls_only_clients_with_a_certificate_of_the_job_s_ca_get_in() {
+    use ps_common::tls::TlsFiles;
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+    use ps_worker::{ClientConfig, PsClient};
+
+    let dir = temp_dir("tls");
+    let (job_ca, other_ca) = (pki(&dir, "job"), pki(&dir, "other"));
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let flags = [
+        "--tls-cert".to_string(),
+        s(&job_ca.server[0]),
+        "--tls-key".into(),
+        s(&job_ca.server[1]),
+        "--tls-ca".into(),
+        s(&job_ca.ca),
+        "--tls-require-client-cert".into(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let primary = Server::start_with(0, 1, &flags);
+    // Replication runs over TLS too.
+    let mut backup = Server::start_with(0, 1, &[&flags[..], &["--join", &primary.addr]].concat());
+    backup.wait_for_line("joined ");
+
+    let config = |files: TlsFiles| ClientConfig {
+        tls: files.client().unwrap(),
+        connect_timeout: std::time::Duration::from_secs(1),
+        ..ClientConfig::default()
+    };
+    let worker_files = TlsFiles {
+        ca: Some(job_ca.ca.clone()),
+        cert: Some(job_ca.client[0].clone()),
+        key: Some(job_ca.client[1].clone()),
+    };
+    let addrs = std::slice::from_ref(&primary.addr);
+    let client = PsClient::connect(addrs, &config(worker_files.clone()))
+        .await
+        .unwrap();
+    let spec = TableSpec {
+        name: "emb".into(),
+        kind: TableKind::Sparse,
+        dim: 1,
+        initializer: InitializerSpec::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        seed: 0,
+    };
+    client.create_table(&spec).await.unwrap();
+    client.push("emb", &[3], &[-2.0]).await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(client.pull("emb", &[3]).await.unwrap(), [2.0]);
+    assert_eq!(
+        stats_of_tls(&backup.addr, &worker_files).await,
+        1,
+        "replicated over TLS"
+    );
+
+    let refused = [
+        ("plain TCP", TlsFiles::default()),
+        (
+            "no client certificate",
+            TlsFiles {
+                ca: Some(job_ca.ca.clone()),
+                ..TlsFiles::default()
+            },
+        ),
+        (
+            "a certificate of another CA",
+            TlsFiles {
+                ca: Some(job_ca.ca.clone()),
+                cert: Some(other_ca.client[0].clone()),
+                key: Some(other_ca.client[1].clone()),
+            },
+        ),
+        (
+            "trusting another CA",
+            TlsFiles {
+                ca: Some(other_ca.ca.clone()),
+                cert: Some(job_ca.client[0].clone()),
+                key: Some(job_ca.client[1].clone()),
+            },
+        ),
+    ];
+    for (what, files) in refused {
+        let attempt = PsClient::connect(addrs, &config(files)).await;
+        assert!(attempt.is_err(), "{what}: connected");
+    }
+
+    let out = worker(&[
+        "health",
+        "--servers",
+        &primary.addr,
+        "--tls-ca",
+        &s(&job_ca.ca),
+        "--tls-cert",
+        &s(&job_ca.client[0]),
+        "--tls-key",
+        &s(&job_ca.client[1]),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Push calls applied by the shard at `addr`, asked over TLS.
+async fn stats_of_tls(addr: &str, files: &ps_common::tls::TlsFiles) -> u64 {
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(files.client().unwrap().unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ps_common::pb::parameter_server_client::ParameterServerClient::new(channel)
+        .stats(ps_common::pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .requests
+        .unwrap()
+        .updates_applied
+}

@@ -11,8 +11,7 @@ use std::time::Duration;
 use ps_common::pb::parameter_server_client::ParameterServerClient;
 use ps_common::pb::{self};
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
-use ps_server::auth::Auth;
-use ps_server::replication::{Replication, Role};
+use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{ServerConfig, Shard};
 use ps_worker::{ClientConfig, PsClient};
 use tokio::task::JoinHandle;
@@ -36,7 +35,7 @@ async fn node(role: Role) -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let shard = Arc::new(Shard::new(0, 1));
-    let replication = Replication::new(Arc::clone(&shard), role, Auth::default());
+    let replication = Replication::new(Arc::clone(&shard), role, Peer::default());
     let config = ServerConfig::new(0, 1);
     let task = tokio::spawn({
         let (shard, replication) = (Arc::clone(&shard), Arc::clone(&replication));

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ps_common::auth::read_token_file;
+use ps_common::tls::TlsFiles;
 use ps_server::auth::Auth;
 use ps_server::logging::LogFormat;
-use ps_server::replication::{Replication, Role};
+use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
 /// Serve one shard of a parameter-server job over gRPC.
@@ -79,6 +80,20 @@ struct Args {
     /// (atomically replacing the last one).
     #[arg(long, value_name = "N")]
     checkpoint_every_secs: Option<u64>,
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) trusted for peer servers (replication) and, with
+    /// --tls-require-client-cert, for workers' client certificates;
+    /// required with --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: refuse clients without a certificate signed by --tls-ca.
+    #[arg(long)]
+    tls_require_client_cert: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +109,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(file) => Auth::bearer(&read_token_file(file).context("--auth-token-file")?),
         None => Auth::default(),
     };
+    let tls = TlsFiles {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        ca: args.tls_ca.clone(),
+    };
     let config = ServerConfig {
         shard_id: args.shard_id,
         num_shards: args.num_shards,
@@ -108,6 +128,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         checkpoint_every: args
             .checkpoint_every_secs
             .map(std::time::Duration::from_secs),
+        tls: tls.server(args.tls_require_client_cert)?,
+        // A TLS server reaches its peers over TLS too, trusting --tls-ca
+        // (required: replication would otherwise fail later).
+        peer_tls: tls.client()?,
     };
     config.validate()?;
     if args.join.is_some() && args.restore.is_some() {
@@ -152,7 +176,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     } else {
         Role::Primary
     };
-    let replication = Replication::new(Arc::clone(&shard), role, config.auth.clone());
+    let peer = Peer {
+        auth: config.auth.clone(),
+        tls: config.peer_tls.clone(),
+    };
+    let replication = Replication::new(Arc::clone(&shard), role, peer);
     if let Some(primary) = args.join.clone() {
         let advertised = match &args.advertise {
             Some(advertised) => advertised.clone(),

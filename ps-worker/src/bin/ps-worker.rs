@@ -33,6 +33,17 @@ struct Cli {
     /// servers (`train`, `checkpoint`); they must have been started with it.
     #[arg(long, global = true, value_name = "FILE")]
     auth_token_file: Option<PathBuf>,
+    /// Reach the servers over TLS, trusting this CA bundle (PEM)
+    /// (`train`, `checkpoint`, `health`).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require one (mutual TLS);
+    /// needs --tls-key.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +161,12 @@ fn main() -> anyhow::Result<()> {
         .map(read_token_file)
         .transpose()
         .context("--auth-token-file")?;
+    let tls = ps_common::tls::TlsFiles {
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+        ca: cli.tls_ca,
+    }
+    .client()?;
     match cli.command {
         Command::Train {
             config,
@@ -179,6 +196,7 @@ fn main() -> anyhow::Result<()> {
             let client = ps_worker::ClientConfig {
                 auth_token,
                 backups,
+                tls,
                 ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
             };
             let result = job::run_train(&job, &servers, rank, world, &client)
@@ -242,7 +260,9 @@ fn main() -> anyhow::Result<()> {
             let timeout = Duration::from_secs(timeout_secs);
             for server in &servers {
                 runtime
-                    .block_on(async { tokio::time::timeout(timeout, check_health(server)).await })
+                    .block_on(async {
+                        tokio::time::timeout(timeout, check_health(server, tls.clone())).await
+                    })
                     .map_err(|_| {
                         anyhow::anyhow!("{server}: no health answer within {timeout:?}")
                     })??;
@@ -258,6 +278,7 @@ fn main() -> anyhow::Result<()> {
             let config = ps_worker::ClientConfig {
                 connect_timeout: Duration::from_secs(connect_timeout_secs),
                 auth_token,
+                tls,
                 ..ps_worker::ClientConfig::default()
             };
             let runtime =
@@ -280,11 +301,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Fails unless `server` reports SERVING for `ps.v1.ParameterServer`.
-async fn check_health(server: &str) -> anyhow::Result<()> {
+async fn check_health(
+    server: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = tonic::transport::Channel::from_shared(format!("http://{server}"))
-        .with_context(|| format!("invalid server address {server:?}"))?
+    let mut endpoint =
+        tonic::transport::Channel::from_shared(ps_common::tls::uri(server, tls.is_some()))
+            .with_context(|| format!("invalid server address {server:?}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("{server}: TLS settings"))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("{server}: unreachable"))?;

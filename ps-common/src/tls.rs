@@ -1,0 +1,186 @@
+//! TLS settings read from PEM files (`--tls-cert`, `--tls-key`,
+//! `--tls-ca`), turned into tonic's rustls configurations for servers,
+//! workers and the servers' connections to each other.
+//!
+//! One file set serves every role of a process: its certificate and key
+//! (a server's identity, or a client's for mutual TLS) and the CA bundle it
+//! trusts (to verify servers, and on a server requiring client
+//! certificates, to verify clients).
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// A TLS file could not be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TlsError {
+    /// A file is missing, unreadable or not PEM.
+    #[error("{flag} {path}: {message}")]
+    File {
+        /// The flag that named the file.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// The flags do not fit together.
+    #[error("{0}")]
+    Flags(String),
+}
+
+/// The TLS files of one process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// This process's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The CA bundle trusted for peers (PEM).
+    pub ca: Option<PathBuf>,
+}
+
+/// Reads a PEM file, checking that it holds at least one PEM block.
+fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let fail = |message: String| TlsError::File {
+        flag,
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(fail("is not a PEM file (no -----BEGIN line)".into()));
+    }
+    Ok(bytes)
+}
+
+impl TlsFiles {
+    /// Whether any TLS file was given.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+    }
+
+    /// The certificate and key as an identity, if both are given (one
+    /// without the other is an error).
+    fn identity(&self) -> Result<Option<Identity>, TlsError> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(
+                read_pem("--tls-cert", cert)?,
+                read_pem("--tls-key", key)?,
+            ))),
+            (None, None) => Ok(None),
+            _ => Err(TlsError::Flags(
+                "--tls-cert and --tls-key go together".into(),
+            )),
+        }
+    }
+
+    /// A server's TLS: its certificate and key (required); with
+    /// `require_client_cert`, clients must present a certificate signed by
+    /// `--tls-ca` (mutual TLS). `None` when no TLS file was given.
+    pub fn server(&self, require_client_cert: bool) -> Result<Option<ServerTlsConfig>, TlsError> {
+        if !self.enabled() {
+            if require_client_cert {
+                return Err(TlsError::Flags(
+                    "--tls-require-client-cert needs --tls-cert, --tls-key and --tls-ca".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let identity = self
+            .identity()?
+            .ok_or_else(|| TlsError::Flags("a TLS server needs --tls-cert and --tls-key".into()))?;
+        let mut config = ServerTlsConfig::new().identity(identity);
+        if require_client_cert {
+            let ca = self.ca.as_ref().ok_or_else(|| {
+                TlsError::Flags("--tls-require-client-cert needs --tls-ca".into())
+            })?;
+            config = config.client_ca_root(Certificate::from_pem(read_pem("--tls-ca", ca)?));
+        }
+        Ok(Some(config))
+    }
+
+    /// A client's TLS: trusts `--tls-ca`, presents the certificate and key
+    /// if given (for servers requiring client certificates). `None` when
+    /// no TLS file was given.
+    pub fn client(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            TlsError::Flags("a TLS client needs --tls-ca to verify the servers".into())
+        })?;
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("--tls-ca", ca)?));
+        if let Some(identity) = self.identity()? {
+            config = config.identity(identity);
+        }
+        Ok(Some(config))
+    }
+}
+
+/// The URI of `addr` (`HOST:PORT`, or a full URI kept as given) for a
+/// connection with or without TLS.
+pub fn uri(addr: &str, tls: bool) -> String {
+    match (addr.contains("://"), tls) {
+        (true, _) => addr.to_string(),
+        (false, true) => format!("https://{addr}"),
+        (false, false) => format!("http://{addr}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_that_do_not_fit_together_are_refused_with_their_names() {
+        let dir = std::env::temp_dir().join(format!("ps-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("x.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let only_cert = TlsFiles {
+            cert: Some(not_pem.clone()),
+            ..TlsFiles::default()
+        };
+        assert!(
+            only_cert
+                .server(false)
+                .unwrap_err()
+                .to_string()
+                .contains("--tls-key")
+        );
+        let no_ca = TlsFiles {
+            cert: Some(not_pem.clone()),
+            key: Some(not_pem.clone()),
+            ca: None,
+        };
+        assert!(no_ca.client().unwrap_err().to_string().contains("--tls-ca"));
+        let err = no_ca.server(false).unwrap_err().to_string();
+        assert!(
+            err.contains("--tls-cert") && err.contains("not a PEM file"),
+            "{err}"
+        );
+        let missing = TlsFiles {
+            ca: Some(dir.join("missing.pem")),
+            ..TlsFiles::default()
+        };
+        assert!(
+            missing
+                .client()
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read")
+        );
+        assert!(TlsFiles::default().client().unwrap().is_none());
+        assert!(TlsFiles::default().server(true).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn uris_get_the_scheme_of_their_transport() {
+        assert_eq!(uri("h:1", false), "http://h:1");
+        assert_eq!(uri("h:1", true), "https://h:1");
+        assert_eq!(uri("https://h:1", false), "https://h:1");
+    }
+}
