@@ -303,3 +303,54 @@ mod tests {
         assert!(decode_f32s_into(&[0u8; 4], &mut out).is_err());
     }
 }
+
+/// Properties of the codecs over generated inputs (proptest).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const ENCODINGS: [ValueEncoding; 3] =
+        [ValueEncoding::F32, ValueEncoding::F16, ValueEncoding::Bf16];
+
+    proptest! {
+        #[test]
+        fn sorted_keys_survive_delta_encoding(mut keys in vec(any::<u64>(), 0..300)) {
+            keys.sort_unstable();
+            let bytes = encode_delta_keys(&keys).unwrap();
+            prop_assert_eq!(decode_delta_keys(&bytes, keys.len()).unwrap(), keys);
+        }
+
+        #[test]
+        fn unsorted_keys_are_refused_by_the_encoder(keys in vec(any::<u64>(), 2..50)) {
+            prop_assume!(!keys.is_sorted());
+            prop_assert!(encode_delta_keys(&keys).is_err());
+        }
+
+        #[test]
+        fn any_bytes_decode_within_the_limit_or_fail(
+            bytes in vec(any::<u8>(), 0..80),
+            limit in 0usize..20,
+        ) {
+            if let Ok(keys) = decode_delta_keys(&bytes, limit) {
+                prop_assert!(keys.len() <= limit);
+                prop_assert!(keys.is_sorted());
+            }
+            for encoding in ENCODINGS {
+                if let Ok(values) = decode_values(&bytes, encoding) {
+                    prop_assert_eq!(values.len() * value_bytes(encoding), bytes.len());
+                }
+            }
+        }
+
+        #[test]
+        fn finite_values_stay_finite_in_every_encoding(values in vec(-1e30f32..1e30, 0..64)) {
+            for encoding in ENCODINGS {
+                let decoded = decode_values(&encode_values(&values, encoding), encoding).unwrap();
+                prop_assert_eq!(decoded.len(), values.len());
+                prop_assert!(decoded.iter().all(|v| v.is_finite()), "{:?}", encoding);
+            }
+        }
+    }
+}

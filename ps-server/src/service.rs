@@ -1138,4 +1138,60 @@ mod tests {
             .into_inner();
         assert_eq!(described.role, "backup");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// A push as a hostile or buggy client might send it.
+        fn any_push() -> impl Strategy<Value = pb::PushRequest> {
+            (
+                prop::sample::select(vec!["emb", "nope", "", "emb/../x"]),
+                vec(0u64..8, 0..6),
+                prop_oneof![
+                    vec(any::<f32>(), 0..10).prop_map(|g| wire::encode_f32s(&g)),
+                    vec(any::<u8>(), 0..24).prop_map(bytes::Bytes::from),
+                ],
+                prop::option::of(prop_oneof![Just(f32::NAN), Just(-1.0f32), 0.0f32..2.0]),
+                -1i32..4,
+                prop_oneof![Just(Vec::new()), vec(any::<u8>(), 0..8)],
+            )
+                .prop_map(|(table, keys, gradients, lr_scale, encoding, delta)| {
+                    pb::PushRequest {
+                        table: table.into(),
+                        keys,
+                        gradients,
+                        lr_scale,
+                        encoding,
+                        delta_keys: delta.into(),
+                        ..Default::default()
+                    }
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn a_push_is_applied_whole_or_refused_with_the_shard_unchanged(
+                push in any_push()
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let svc = service(Limits { max_request_bytes: 1 << 20, max_keys_per_request: 5 });
+                runtime.block_on(create(&svc, 2));
+                let before = svc.shard.snapshot();
+                let keys = match wire::decode_delta_keys(&push.delta_keys, usize::MAX) {
+                    Ok(delta) if push.keys.is_empty() => delta.len(),
+                    _ => push.keys.len(),
+                };
+                match runtime.block_on(svc.push(Request::new(push))) {
+                    Ok(answer) => prop_assert_eq!(answer.into_inner().rows_applied as usize, keys),
+                    Err(status) => {
+                        prop_assert!(!status.message().is_empty());
+                        prop_assert_eq!(svc.shard.snapshot(), before);
+                    }
+                }
+            }
+        }
+    }
 }

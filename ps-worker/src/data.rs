@@ -388,11 +388,12 @@ fn parse_libffm_line(
 ) -> Result<(), String> {
     let mut tokens = text.split_ascii_whitespace();
     let labels = parse_labels(tokens.next().unwrap_or_default(), tasks)?;
-    let start = batch.ids.len();
+    // `fields` may be shorter than `ids` (examples without fields).
+    let (start, fields_start) = (batch.ids.len(), batch.fields.len());
     let fail = |batch: &mut Batch, message: String| {
         batch.ids.truncate(start);
         batch.values.truncate(start);
-        batch.fields.truncate(start);
+        batch.fields.truncate(fields_start);
         Err(message)
     };
     for token in tokens {
@@ -785,5 +786,60 @@ mod tests {
         };
         assert_eq!(count("a9a/train"), 32_561);
         assert_eq!(count("a9a/test"), 16_281);
+    }
+}
+
+/// Properties of the line parsers over generated lines (proptest).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Lines near the formats' grammar, and arbitrary text.
+    fn any_line() -> impl Strategy<Value = String> {
+        let token = prop_oneof![
+            (0u32..3).prop_map(|l| l.to_string()),
+            (0u64..1000, -5.0f32..5.0).prop_map(|(i, v)| format!("{i}:{v}")),
+            (0u32..4, 0u64..1000, -5.0f32..5.0).prop_map(|(f, i, v)| format!("{f}:{i}:{v}")),
+            prop::sample::select(vec![
+                "nan", "inf", "-", ":", "::", "1e999", "\t", "é", "1,0", ""
+            ])
+            .prop_map(str::to_string),
+            "[ -~]{0,12}",
+        ];
+        prop::collection::vec(token, 0..8).prop_map(|tokens| tokens.join(" "))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        #[test]
+        fn a_line_adds_one_consistent_example_or_changes_nothing(
+            line in any_line(),
+            tasks in 1usize..3,
+            format in 0usize..3,
+        ) {
+            // A batch that already holds an example.
+            let mut batch = Batch::new();
+            let first = if tasks == 2 { "1,0 3:1" } else { "1 3:1" };
+            prop_assert!(parse_libsvm_line(first, tasks, &mut batch).is_ok());
+            let before = batch.clone();
+            let result = match format {
+                0 => parse_libsvm_line(&line, tasks, &mut batch),
+                1 => parse_libffm_line(&line, 4, tasks, &mut batch),
+                _ => parse_criteo_line(&line, IntegerFeatures::default(), &mut batch),
+            };
+            match result {
+                Err(message) => {
+                    prop_assert!(!message.is_empty());
+                    prop_assert_eq!(batch, before);
+                }
+                Ok(()) => {
+                    prop_assert_eq!(batch.len(), before.len() + 1);
+                    prop_assert_eq!(batch.ids.len(), batch.values.len());
+                    prop_assert_eq!(*batch.offsets.last().unwrap_or(&0), batch.ids.len());
+                    prop_assert!(batch.values.iter().all(|v| v.is_finite()));
+                }
+            }
+        }
     }
 }
