@@ -1284,3 +1284,140 @@ async fn stats_of_tls(addr: &str, files: &ps_common::tls::TlsFiles) -> u64 {
         .unwrap()
         .updates_applied
 }
+
+/// Unauthenticated, wrong-token, oversized, NaN-carrying and wrong-dim
+/// pushes to a real server: each gets its status, and the table is exactly
+/// as it was.
+#[tokio::test]
+async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
+    use ps_common::pb::{self, parameter_server_client::ParameterServerClient};
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec, wire};
+    use tonic::Code;
+
+    const TOKEN: &str = "hostile-test-token-0123";
+    let dir = temp_dir("hostile");
+    let token = dir.join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let server = Server::start_with(
+        0,
+        1,
+        &[
+            "--auth-token-file",
+            token.to_str().unwrap(),
+            "--max-request-bytes",
+            "4096",
+        ],
+    );
+    let mut client = ParameterServerClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let with_token = |token: Option<&str>, push: pb::PushRequest| {
+        let mut request = tonic::Request::new(push);
+        if let Some(t) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        request
+    };
+    let spec = TableSpec {
+        name: "emb".into(),
+        kind: TableKind::Sparse,
+        dim: 2,
+        initializer: InitializerSpec::Constant { value: 0.5 },
+        optimizer: OptimizerSpec::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-8,
+        },
+        seed: 0,
+    };
+    let mut create = tonic::Request::new(pb::CreateTableRequest {
+        spec: Some((&spec).into()),
+    });
+    create
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    client.create_table(create).await.unwrap();
+    let push = |keys: Vec<u64>, grads: &[f32]| pb::PushRequest {
+        table: "emb".into(),
+        keys,
+        gradients: wire::encode_f32s(grads),
+        ..Default::default()
+    };
+    let keys: Vec<u64> = (0..8).collect();
+    client
+        .push(with_token(Some(TOKEN), push(keys.clone(), &[1.0; 16])))
+        .await
+        .unwrap();
+    let read = {
+        let client = client.clone();
+        let keys = keys.clone();
+        move || {
+            let (mut client, keys) = (client.clone(), keys.clone());
+            async move {
+                let mut pull = tonic::Request::new(pb::PullRequest {
+                    table: "emb".into(),
+                    keys,
+                    ..Default::default()
+                });
+                pull.metadata_mut()
+                    .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+                let values = client.pull(pull).await.unwrap().into_inner().values;
+                let mut stats = tonic::Request::new(pb::StatsRequest {});
+                stats
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+                let stats = client.stats(stats).await.unwrap().into_inner();
+                (
+                    values,
+                    stats.tables,
+                    stats.requests.unwrap().updates_applied,
+                )
+            }
+        }
+    };
+    let before = read().await;
+    let cases = [
+        (
+            "no token",
+            None,
+            push(vec![1], &[1.0, 1.0]),
+            Code::Unauthenticated,
+        ),
+        (
+            "wrong token",
+            Some("not-the-token-0123456"),
+            push(vec![1], &[1.0, 1.0]),
+            Code::Unauthenticated,
+        ),
+        (
+            "oversized",
+            Some(TOKEN),
+            push((0..2000).collect(), &[1.0; 4000]),
+            Code::ResourceExhausted,
+        ),
+        (
+            "NaN gradient",
+            Some(TOKEN),
+            push(vec![1, 2], &[1.0, 1.0, f32::NAN, 1.0]),
+            Code::InvalidArgument,
+        ),
+        (
+            "wrong dim",
+            Some(TOKEN),
+            push(vec![1, 2], &[1.0, 1.0, 1.0]),
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, token, request, code) in cases {
+        let status = client.push(with_token(token, request)).await.unwrap_err();
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            !status.message().is_empty(),
+            "{what}: a status says what was wrong"
+        );
+        assert_eq!(read().await, before, "{what} changed the table");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
