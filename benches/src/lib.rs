@@ -8,6 +8,7 @@
 use ps_common::init::RowRng;
 
 pub mod ctr26;
+pub mod recovery;
 pub mod throughput;
 
 /// `n` ids drawn log-uniformly from `[0, range)` (close to Zipf(1): a few

@@ -42,6 +42,9 @@ pub struct Setup {
     pub steps: usize,
     /// Call the shards' services in process instead of over loopback gRPC.
     pub in_memory: bool,
+    /// Give every shard a backup (gRPC only): each push is acknowledged
+    /// once the backup has applied it.
+    pub replicated: bool,
 }
 
 /// What was measured.
@@ -105,7 +108,10 @@ pub fn run(job: &JobConfig, setup: &Setup, pools: Vec<Vec<Batch>>) -> anyhow::Re
             }
             None
         } else {
-            let cluster = LocalCluster::start(setup.servers, Limits::default()).await?;
+            let mut cluster = LocalCluster::start(setup.servers, Limits::default()).await?;
+            if setup.replicated {
+                cluster.add_backups().await?;
+            }
             for _ in 0..setup.workers {
                 clients.push(cluster.client(&config).await?);
             }

@@ -18,7 +18,9 @@
 //!
 //! If the backup stops answering for [`BACKUP_TIMEOUT`], the primary drops
 //! it and serves alone (acknowledging what it had queued); a replacement
-//! joins with `ps-server --join PRIMARY`.
+//! joins with `ps-server --join PRIMARY`. An idle primary sends an empty
+//! `Replicate` every [`HEARTBEAT`], so it notices a promoted or dead backup
+//! without waiting for a write.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,6 +40,8 @@ use crate::store::{Shard, ShardSnapshot};
 /// How long a primary keeps retrying an unresponsive backup before it
 /// drops it and serves alone.
 pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often an idle primary checks on its backup.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Most writes sent in one Replicate call.
 const MAX_BATCH: usize = 256;
 /// Bytes per Join chunk.
@@ -453,8 +457,12 @@ impl Replication {
                     )
                 };
                 if batch.1.is_empty() && !first {
-                    notified.await;
-                    continue;
+                    // Idle: wait for writes, but check on the backup every
+                    // HEARTBEAT (an empty call), so a promotion or a dead
+                    // backup is noticed without a write.
+                    if tokio::time::timeout(HEARTBEAT, notified).await.is_ok() {
+                        continue;
+                    }
                 }
                 batch
             };

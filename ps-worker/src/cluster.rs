@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ps_common::PsError;
+use ps_server::replication::{Peer, Replication, Role};
 use ps_server::server::ServeError;
 use ps_server::{Limits, ServerConfig, Shard};
 use tokio::sync::oneshot;
@@ -24,6 +25,7 @@ pub struct LocalCluster {
     shards: Vec<Arc<Shard>>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<Result<(), ServeError>>>,
+    backups: Vec<(String, Arc<Shard>)>,
 }
 
 impl LocalCluster {
@@ -66,6 +68,7 @@ impl LocalCluster {
             shards: Vec::new(),
             stops: Vec::new(),
             tasks: Vec::new(),
+            backups: Vec::new(),
         };
         for (shard_id, shard) in (0..num_shards).zip(shards) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -89,6 +92,47 @@ impl LocalCluster {
             cluster.stops.push(stop);
         }
         Ok(cluster)
+    }
+
+    /// Starts a backup for every shard and joins it to its primary (its
+    /// snapshot loaded when this returns). Clients that connect afterwards
+    /// learn the backups from the primaries and fail over to them.
+    pub async fn add_backups(&mut self) -> Result<(), PsError> {
+        let num_shards = self.shards.len() as u32;
+        for shard_id in 0..num_shards {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| PsError::Internal(format!("cannot bind a backup: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| PsError::Internal(e.to_string()))?
+                .to_string();
+            let shard = Arc::new(Shard::new(shard_id, num_shards));
+            let replication = Replication::new(Arc::clone(&shard), Role::Backup, Peer::default());
+            let (stop, stopped) = oneshot::channel::<()>();
+            self.tasks
+                .push(tokio::spawn(ps_server::server::run_replicated(
+                    listener,
+                    ServerConfig::new(shard_id, num_shards),
+                    Arc::clone(&shard),
+                    Arc::clone(&replication),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )));
+            self.stops.push(stop);
+            let primary = &self.addrs[shard_id as usize];
+            replication
+                .join(primary, &addr, std::time::Duration::from_secs(10))
+                .await?;
+            self.backups.push((addr, shard));
+        }
+        Ok(())
+    }
+
+    /// The backups' addresses and stores, in shard order (after [`LocalCluster::add_backups`]).
+    pub fn backups(&self) -> &[(String, Arc<Shard>)] {
+        &self.backups
     }
 
     /// Shard addresses in shard order, as `--servers` takes them.

@@ -1421,3 +1421,83 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A primary that hangs (SIGSTOP) rather than dies is failed over once a
+/// call's deadline passes and a probe gets no answer; when it wakes up it
+/// learns it was replaced and serves no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wakes() {
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+    use ps_worker::{ClientConfig, PsClient};
+    use std::time::{Duration, Instant};
+
+    let primary = Server::start(0, 1);
+    let mut backup = Server::start_with(0, 1, &["--join", &primary.addr]);
+    backup.wait_for_line("joined ");
+    let config = ClientConfig {
+        request_timeout: Duration::from_secs(1),
+        ..ClientConfig::default()
+    };
+    let client = PsClient::connect(std::slice::from_ref(&primary.addr), &config)
+        .await
+        .unwrap();
+    let spec = TableSpec {
+        name: "emb".into(),
+        kind: TableKind::Sparse,
+        dim: 1,
+        initializer: InitializerSpec::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        seed: 0,
+    };
+    client.create_table(&spec).await.unwrap();
+    let push_all = |n: usize| {
+        let client = client.clone();
+        async move {
+            for _ in 0..n {
+                client.push("emb", &[1, 2, 3], &[-1.0; 3]).await.unwrap();
+            }
+            client.flush().await.unwrap();
+        }
+    };
+    push_all(10).await;
+    let signal = |sig: &str| {
+        let pid = primary.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    push_all(10).await;
+    let took = started.elapsed();
+    signal("-CONT");
+    let acks = client.push_acks();
+    assert_eq!((acks.acked, acks.failovers), (20, 1));
+    assert_eq!(client.pull("emb", &[1, 2, 3]).await.unwrap(), [20.0; 3]);
+    let stats = |addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || stats_of(&addr))
+                .await
+                .unwrap()
+        }
+    };
+    let survivor = stats(&backup.addr).await;
+    assert_eq!(survivor.role, "primary");
+    assert_eq!(survivor.requests.unwrap().updates_applied, 20);
+    eprintln!(
+        "hung primary: 10 pushes took {took:?} with a 1 s deadline (failover after {} ms of the first failure)",
+        acks.max_failover_ms
+    );
+    // The woken primary is fenced at its next write (or already was, when
+    // its replication of the stalled write was refused).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats(&primary.addr).await.role != "deposed" {
+        assert!(Instant::now() < deadline, "the old primary still serves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -88,6 +88,9 @@ enum Command {
         /// Call the shards' services in this process (no network, no encoding).
         #[arg(long)]
         in_memory: bool,
+        /// Give every shard a backup: pushes are acknowledged once it applied them.
+        #[arg(long, conflicts_with = "in_memory")]
+        replicated: bool,
         /// Pre-generated batches per worker, reused in a cycle.
         #[arg(long, default_value_t = 32)]
         pool: usize,
@@ -109,6 +112,17 @@ enum Command {
         steps: usize,
         #[command(flatten)]
         traffic: TrafficArgs,
+    },
+    /// Recovery costs of one shard of `--rows` rows (Adagrad, `--dim`):
+    /// writing its checkpoint, restoring it (what `ps-server --restore`
+    /// does), and a new backup joining over loopback gRPC; one JSON line.
+    Recovery {
+        /// Rows in the shard.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Floats per row (the stored row is twice that with Adagrad).
+        #[arg(long, default_value_t = 16)]
+        dim: u32,
     },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
@@ -194,6 +208,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             warmup,
             in_memory,
+            replicated,
             pool,
             traffic,
         } => ctr26_bench(
@@ -203,6 +218,7 @@ fn main() -> anyhow::Result<()> {
                 warmup,
                 steps,
                 in_memory,
+                replicated,
             },
             pool,
             &traffic,
@@ -213,6 +229,11 @@ fn main() -> anyhow::Result<()> {
             steps,
             traffic,
         } => bytes_bench(servers, max_workers, steps, &traffic),
+        Command::Recovery { rows, dim } => {
+            let measured = ps_benches::recovery::measure(rows, dim)?;
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
+        }
         Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
         }),
@@ -528,6 +549,7 @@ fn bytes_bench(
             warmup: 1,
             steps,
             in_memory: true,
+            replicated: false,
         };
         let m = throughput::run(&job, &setup, ctr26_pools(&job, workers, 2))?;
         let n = workers as f64;

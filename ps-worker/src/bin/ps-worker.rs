@@ -73,6 +73,10 @@ enum Command {
         /// Seconds to keep retrying servers that do not accept connections yet.
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,
+        /// Deadline of each call to a server, in seconds: a primary that
+        /// hangs (rather than dies) is failed over after this.
+        #[arg(long, default_value_t = 60)]
+        request_timeout_secs: u64,
         /// Compute device, overriding the job's `train.device`: cpu, cuda or cuda:N.
         #[arg(long)]
         device: Option<Device>,
@@ -176,9 +180,13 @@ fn main() -> anyhow::Result<()> {
             world,
             report,
             connect_timeout_secs,
+            request_timeout_secs,
             device,
             run_id,
         } => {
+            if request_timeout_secs == 0 {
+                bail!("--request-timeout-secs must be >= 1");
+            }
             if world == 0 || rank >= world {
                 bail!("--rank must be in [0, --world), got rank {rank} of world {world}");
             }
@@ -197,6 +205,7 @@ fn main() -> anyhow::Result<()> {
                 auth_token,
                 backups,
                 tls,
+                request_timeout: Duration::from_secs(request_timeout_secs),
                 ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
             };
             let result = job::run_train(&job, &servers, rank, world, &client)
