@@ -996,6 +996,20 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A sparse table of zeros trained by SGD with rate 1: a gradient of -1
+/// adds exactly 1, so rows count the pushes applied to them.
+fn counting_table(name: &str, dim: u32) -> ps_common::TableSpec {
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+    TableSpec {
+        name: name.into(),
+        kind: TableKind::Sparse,
+        dim,
+        initializer: InitializerSpec::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        seed: 0,
+    }
+}
+
 /// Resident memory of process `pid`, in bytes (Linux).
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1013,7 +1027,6 @@ fn rss_bytes(pid: u32) -> u64 {
 /// holding exactly the pushes applied to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn soak_eight_clients_against_one_shard_with_bounded_memory_and_exact_rows() {
-    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
     use ps_worker::{ClientConfig, PsClient};
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
@@ -1027,14 +1040,7 @@ async fn soak_eight_clients_against_one_shard_with_bounded_memory_and_exact_rows
         .clamp(1, 60);
     let server = Server::start(0, 1);
     let pid = server.child.id();
-    let spec = TableSpec {
-        name: "soak".into(),
-        kind: TableKind::Sparse,
-        dim: 4,
-        initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    };
+    let spec = counting_table("soak", 4);
     let config = ClientConfig::default();
     let until = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
@@ -1165,7 +1171,6 @@ fn pki(dir: &Path, tag: &str) -> Pki {
 #[tokio::test]
 async fn over_mutual_tls_only_clients_with_a_certificate_of_the_job_s_ca_get_in() {
     use ps_common::tls::TlsFiles;
-    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
     use ps_worker::{ClientConfig, PsClient};
 
     let dir = temp_dir("tls");
@@ -1200,14 +1205,7 @@ async fn over_mutual_tls_only_clients_with_a_certificate_of_the_job_s_ca_get_in(
     let client = PsClient::connect(addrs, &config(worker_files.clone()))
         .await
         .unwrap();
-    let spec = TableSpec {
-        name: "emb".into(),
-        kind: TableKind::Sparse,
-        dim: 1,
-        initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    };
+    let spec = counting_table("emb", 1);
     client.create_table(&spec).await.unwrap();
     client.push("emb", &[3], &[-2.0]).await.unwrap();
     client.flush().await.unwrap();
@@ -1427,7 +1425,6 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
 /// learns it was replaced and serves no more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wakes() {
-    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
     use ps_worker::{ClientConfig, PsClient};
     use std::time::{Duration, Instant};
 
@@ -1441,14 +1438,7 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
     let client = PsClient::connect(std::slice::from_ref(&primary.addr), &config)
         .await
         .unwrap();
-    let spec = TableSpec {
-        name: "emb".into(),
-        kind: TableKind::Sparse,
-        dim: 1,
-        initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    };
+    let spec = counting_table("emb", 1);
     client.create_table(&spec).await.unwrap();
     let push_all = |n: usize| {
         let client = client.clone();
