@@ -327,6 +327,13 @@ fn every_flag_is_documented_in_help() {
                 "--checkpoint-dir",
                 "--restore",
                 "--drain-timeout-secs",
+                "--join",
+                "--advertise",
+                "--checkpoint-every-secs",
+                "--tls-cert",
+                "--tls-key",
+                "--tls-ca",
+                "--tls-require-client-cert",
             ][..],
         ),
         (
@@ -339,6 +346,9 @@ fn every_flag_is_documented_in_help() {
                 "--world",
                 "--report",
                 "--connect-timeout-secs",
+                "--backups",
+                "--request-timeout-secs",
+                "--tls-ca",
             ][..],
         ),
         (
