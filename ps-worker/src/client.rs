@@ -182,6 +182,8 @@ impl ShardConn {
 
 /// Most times one call is sent before its error is returned.
 const MAX_ATTEMPTS: u32 = 8;
+/// How often a client with no known backup for a shard asks for one.
+const BACKUP_REFRESH: Duration = Duration::from_secs(2);
 
 /// One shard: the replica serving it now, the backup to fail over to, and
 /// the numbering of this client's push calls to it.
@@ -193,6 +195,8 @@ struct Replicas {
     standby: Mutex<Option<String>>,
     /// Held while failing over, so concurrent failures promote once.
     failing_over: tokio::sync::Mutex<()>,
+    /// When the serving replica was last asked for its backup (while none is known).
+    asked_for_backup: Mutex<std::time::Instant>,
     /// Sequence number of this client's next push call to the shard.
     next_seq: AtomicU64,
     config: ClientConfig,
@@ -205,6 +209,7 @@ impl Replicas {
             current: RwLock::new((0, conn)),
             standby: Mutex::new(standby.filter(|s| !s.is_empty())),
             failing_over: tokio::sync::Mutex::new(()),
+            asked_for_backup: Mutex::new(std::time::Instant::now()),
             next_seq: AtomicU64::new(1),
             config,
         }
@@ -261,6 +266,7 @@ impl Replicas {
         let mut attempt = 0;
         let mut backoff = Duration::from_millis(20);
         let mut failed_at = None;
+        self.learn_backup().await;
         loop {
             let (generation, conn) = self.conn();
             let status = match call(conn.clone()).await {
@@ -279,6 +285,41 @@ impl Replicas {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// With no backup known, asks the serving replica for one every
+    /// [`BACKUP_REFRESH`] (a replacement that joined after a failover).
+    async fn learn_backup(&self) {
+        if self
+            .standby
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some()
+        {
+            return;
+        }
+        {
+            let mut asked = self
+                .asked_for_backup
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if asked.elapsed() < BACKUP_REFRESH {
+                return;
+            }
+            *asked = std::time::Instant::now();
+        }
+        let conn = self.conn().1;
+        let probe = async { call!(&conn, describe, pb::DescribeRequest {}) };
+        if let Ok(Ok(described)) = tokio::time::timeout(Duration::from_secs(1), probe).await
+            && !described.backup.is_empty()
+            && described.backup != conn.addr
+        {
+            tracing::info!(shard = self.id, backup = %described.backup, "learned the shard's backup");
+            *self
+                .standby
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(described.backup);
         }
     }
 
@@ -428,16 +469,24 @@ impl PsClient {
         if addrs.is_empty() {
             return Err(PsError::invalid("at least one server address is required"));
         }
+        if !config.backups.is_empty() && config.backups.len() != addrs.len() {
+            return Err(PsError::invalid(format!(
+                "{} backups were listed for {} shards: list one per shard, in shard order",
+                config.backups.len(),
+                addrs.len()
+            )));
+        }
         let mut tasks = JoinSet::new();
         for (i, addr) in addrs.iter().enumerate() {
             let (addr, config) = (addr.clone(), config.clone());
-            tasks.spawn(async move { (i, connect_one(i, addr, &config).await) });
+            let backup = config.backups.get(i).cloned().filter(|b| !b.is_empty());
+            tasks.spawn(async move { (i, connect_shard(i, addr, backup, &config).await) });
         }
         let mut shards: Vec<Option<Replicas>> = (0..addrs.len()).map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
             let (i, conn) =
                 joined.map_err(|e| PsError::Internal(format!("connect task failed: {e}")))?;
-            let (conn, described) = conn?;
+            let (conn, described, standby) = conn?;
             if described.shard_id as usize != i || described.num_shards as usize != addrs.len() {
                 return Err(PsError::invalid(format!(
                     "server {} is shard {} of {}, but was listed at position {i} of {} servers: \
@@ -448,19 +497,7 @@ impl PsClient {
                     addrs.len()
                 )));
             }
-            let standby = config
-                .backups
-                .get(i)
-                .cloned()
-                .or_else(|| Some(described.backup.clone()));
             shards[i] = Some(Replicas::new(i, conn, standby, config.clone()));
-        }
-        if !config.backups.is_empty() && config.backups.len() != addrs.len() {
-            return Err(PsError::invalid(format!(
-                "{} backups were listed for {} shards: list one per shard, in shard order",
-                config.backups.len(),
-                addrs.len()
-            )));
         }
         Ok(Self::over(shards.into_iter().flatten().collect(), config))
     }
@@ -1125,6 +1162,38 @@ impl PsClient {
                 (i, p, k)
             })
             .collect()
+    }
+}
+
+/// Connects to shard `i`: its primary at `addr`, or, if that cannot be
+/// reached, its listed `backup` when the backup already serves as primary
+/// (an earlier failover). Returns the connection, what the server said of
+/// itself, and the backup to fail over to later.
+async fn connect_shard(
+    i: usize,
+    addr: String,
+    backup: Option<String>,
+    config: &ClientConfig,
+) -> Result<(ShardConn, pb::DescribeResponse, Option<String>), PsError> {
+    let unreachable = match connect_one(i, addr, config).await {
+        Ok((conn, described)) => {
+            let standby = backup.or_else(|| Some(described.backup.clone()));
+            return Ok((conn, described, standby));
+        }
+        Err(e) => e,
+    };
+    let Some(backup) = backup else {
+        return Err(unreachable);
+    };
+    let mut quick = config.clone();
+    quick.connect_timeout = quick.connect_timeout.min(Duration::from_secs(5));
+    match connect_one(i, backup, &quick).await {
+        Ok((conn, described)) if described.role == "primary" => {
+            tracing::warn!(shard = i, primary = %conn.addr, "the listed primary is unreachable; its backup serves as primary");
+            let standby = Some(described.backup.clone());
+            Ok((conn, described, standby))
+        }
+        _ => Err(unreachable),
     }
 }
 

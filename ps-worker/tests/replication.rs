@@ -148,6 +148,7 @@ async fn every_acknowledged_push_is_on_the_backup_with_the_same_values() {
 async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_push() {
     let (primary, backup, client) = replicated().await;
     train(&client, 20).await;
+    let primary_addr = primary.addr.clone();
     drop(primary); // crash: no drain, connections cut
     train(&client, 20).await;
     let acks = client.push_acks();
@@ -162,9 +163,44 @@ async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_p
 
     // A replacement joins the promoted server and catches up.
     let replacement = backup_of(&backup).await;
+    let acked_before_it = client.push_acks().acked;
     train(&client, 5).await;
     let keys: Vec<u64> = (0..50).collect();
     assert_eq!(rows(&backup.shard, &keys), rows(&replacement.shard, &keys));
+
+    // A worker restarted with the original addresses finds the promoted
+    // backup when the listed primary is gone.
+    let dead_primary = primary_addr.clone();
+    let restarted = PsClient::connect(
+        std::slice::from_ref(&dead_primary),
+        &ClientConfig {
+            backups: vec![backup.addr.clone()],
+            connect_timeout: Duration::from_secs(1),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    restarted.create_table(&table()).await.unwrap();
+    assert_eq!(
+        restarted.pull("emb", &keys).await.unwrap(),
+        rows(&backup.shard, &keys)
+    );
+
+    // The client learns the replacement (it asks every 2 s while it knows
+    // no backup) and survives a second failure.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    train(&client, 1).await;
+    drop(backup);
+    train(&client, 5).await;
+    let acks = client.push_acks();
+    assert_eq!(acks.failovers, 2);
+    assert_eq!(replacement.replication.describe().0, "primary");
+    assert_eq!(
+        counters(&replacement.shard).0,
+        acks.acked - acked_before_it,
+        "every push acknowledged since it joined was applied on it (the rest came in its snapshot)"
+    );
 }
 
 #[tokio::test]
