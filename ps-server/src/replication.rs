@@ -276,8 +276,9 @@ impl Replication {
 
     /// Backup: applies the writes numbered `first_seq..first_seq + n` in
     /// order with `apply(index, seq)`, skipping any it has already applied
-    /// (a resent batch). Returns the last number applied. A gap, or a call
-    /// reaching a promoted server, is refused with FAILED_PRECONDITION.
+    /// (a resent batch). Returns the last number applied. A call reaching a
+    /// promoted server is refused with FAILED_PRECONDITION (the primary was
+    /// replaced), a gap with INTERNAL (the primary drops this backup).
     pub fn apply_replicated(
         &self,
         first_seq: u64,
@@ -293,7 +294,8 @@ impl Replication {
             )));
         }
         if first_seq > state.next_seq {
-            return Err(PsError::FailedPrecondition(format!(
+            // Not FAILED_PRECONDITION: that tells a primary it was replaced.
+            return Err(PsError::Internal(format!(
                 "replication gap: expected write {}, got {first_seq}",
                 state.next_seq
             )));
@@ -466,9 +468,9 @@ impl Replication {
                 }
                 batch
             };
-            first = false;
+            let catching_up = std::mem::replace(&mut first, false);
             let request = pb::ReplicateRequest { first_seq, entries };
-            match self.send(&client, request).await {
+            match self.send(&client, request, catching_up).await {
                 Ok(through) => {
                     self.replicated.send_if_modified(|r| {
                         let grew = through > *r;
@@ -502,18 +504,26 @@ impl Replication {
         }
     }
 
-    /// Sends one batch, retrying transport failures for up to [`BACKUP_TIMEOUT`].
+    /// Sends one batch, retrying transport failures for up to
+    /// [`BACKUP_TIMEOUT`]. The first call of a backup (`catching_up`) may
+    /// wait while it loads its snapshot; later ones get [`BACKUP_TIMEOUT`]
+    /// each, so a hung backup is dropped after about twice that.
     async fn send(
         &self,
         client: &ParameterServerClient<Channel>,
         request: pb::ReplicateRequest,
+        catching_up: bool,
     ) -> Result<u64, tonic::Status> {
         let deadline = tokio::time::Instant::now() + BACKUP_TIMEOUT;
         loop {
             let mut call = tonic::Request::new(request.clone());
             self.peer.auth.attach(&mut call);
             // A backup still loading its snapshot holds the first call.
-            call.set_timeout(BACKUP_TIMEOUT * 10);
+            call.set_timeout(if catching_up {
+                BACKUP_TIMEOUT * 10
+            } else {
+                BACKUP_TIMEOUT
+            });
             match client.clone().replicate(call).await {
                 Ok(answer) => return Ok(answer.into_inner().applied_through),
                 Err(status)

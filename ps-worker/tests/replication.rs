@@ -269,3 +269,21 @@ async fn a_push_whose_answer_is_lost_is_applied_once_when_retried() {
     assert_eq!(counters(&backup.shard).0, 1, "replicated once");
     assert_eq!(rows(&primary.shard, &[9]), rows(&backup.shard, &[9]));
 }
+
+#[tokio::test]
+async fn when_the_backup_dies_the_primary_drops_it_and_serves_alone() {
+    let (primary, backup, client) = replicated().await;
+    train(&client, 5).await;
+    drop(backup);
+    let started = std::time::Instant::now();
+    train(&client, 5).await;
+    let stalled = started.elapsed();
+    assert_eq!(primary.replication.describe(), ("primary", None));
+    assert_eq!(client.push_acks().acked, 10);
+    assert_eq!(counters(&primary.shard).0, 10);
+    assert!(
+        stalled < Duration::from_secs(30),
+        "writes stalled {stalled:?} before the backup was dropped"
+    );
+    eprintln!("backup lost: writes stalled {stalled:?} before the primary went on alone");
+}
