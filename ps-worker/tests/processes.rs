@@ -1501,3 +1501,53 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A push whose answer is lost, sent again with the same (writer, seq), is
+/// applied once on the primary and once on its backup (real processes).
+#[tokio::test]
+async fn a_retry_after_a_lost_ack_is_applied_once_on_both_replicas() {
+    use ps_common::pb::{self, parameter_server_client::ParameterServerClient};
+
+    let primary = Server::start(0, 1);
+    let mut backup = Server::start_with(0, 1, &["--join", &primary.addr]);
+    backup.wait_for_line("joined ");
+    let mut client = ParameterServerClient::connect(format!("http://{}", primary.addr))
+        .await
+        .unwrap();
+    client
+        .create_table(pb::CreateTableRequest {
+            spec: Some((&counting_table("emb", 1)).into()),
+        })
+        .await
+        .unwrap();
+    let push = pb::PushRequest {
+        table: "emb".into(),
+        keys: vec![5],
+        gradients: ps_common::wire::encode_f32s(&[-1.0]),
+        writer: 42,
+        seq: 7,
+        ..Default::default()
+    };
+    // The first answer never reaches the worker; it sends the call again.
+    drop(client.push(push.clone()).await.unwrap());
+    let retried = client.push(push).await.unwrap().into_inner();
+    assert!(retried.duplicate, "the retry is recognized");
+    let pulled = client
+        .pull(pb::PullRequest {
+            table: "emb".into(),
+            keys: vec![5],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ps_common::wire::decode_f32s(&pulled.values).unwrap(), [1.0]);
+    for addr in [primary.addr.clone(), backup.addr.clone()] {
+        let requests = tokio::task::spawn_blocking(move || stats_of(&addr))
+            .await
+            .unwrap()
+            .requests
+            .unwrap();
+        assert_eq!(requests.updates_applied, 1, "applied once");
+    }
+}
