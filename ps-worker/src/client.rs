@@ -191,7 +191,8 @@ const BACKUP_REFRESH: Duration = Duration::from_secs(2);
 struct Replicas {
     id: usize,
     current: RwLock<(u64, ShardConn)>,
-    /// The backup not yet promoted (this client fails over at most once per listed backup).
+    /// The backup to promote if the serving replica fails: listed, reported
+    /// at connect, or learned later ([`Replicas::learn_backup`]).
     standby: Mutex<Option<String>>,
     /// Held while failing over, so concurrent failures promote once.
     failing_over: tokio::sync::Mutex<()>,
