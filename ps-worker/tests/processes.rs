@@ -797,6 +797,20 @@ fn stats_of(addr: &str) -> ps_common::pb::StatsResponse {
         })
 }
 
+/// Two primaries, each with a backup process that has joined it.
+fn replicated_shards() -> ([Server; 2], [Server; 2]) {
+    let primaries = [Server::start(0, 2), Server::start(1, 2)];
+    let mut backups = [
+        Server::start_with(0, 2, &["--join", &primaries[0].addr]),
+        Server::start_with(1, 2, &["--join", &primaries[1].addr]),
+    ];
+    for backup in &mut backups {
+        let joined = backup.wait_for_line("joined ");
+        assert!(joined.contains("as backup through write"), "{joined}");
+    }
+    (primaries, backups)
+}
+
 #[test]
 fn kill_9_of_a_primary_mid_training_loses_no_acknowledged_push() {
     let dir = temp_dir("failover");
@@ -811,34 +825,14 @@ fn kill_9_of_a_primary_mid_training_loses_no_acknowledged_push() {
     drop(plain);
 
     // Each shard with a backup; the workers learn the backups from the primaries.
-    let mut primaries = [Server::start(0, 2), Server::start(1, 2)];
-    let mut backups = [
-        Server::start_with(0, 2, &["--join", &primaries[0].addr]),
-        Server::start_with(1, 2, &["--join", &primaries[1].addr]),
-    ];
-    for backup in &mut backups {
-        let joined = backup.wait_for_line("joined ");
-        assert!(joined.contains("as backup through write"), "{joined}");
-    }
+    let (mut primaries, backups) = replicated_shards();
     let addrs = format!("{},{}", primaries[0].addr, primaries[1].addr);
     let workers = {
         let (job, addrs, dir) = (job.clone(), addrs.clone(), dir.clone());
         std::thread::spawn(move || run_workers(&job, &addrs, 2, &dir, "replicated"))
     };
     // Kill shard 0's primary once it has applied a few hundred pushes.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while stats_of(&primaries[0].addr)
-        .requests
-        .unwrap()
-        .updates_applied
-        < 300
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training never got going"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_pushes(&primaries[0].addr, 300);
     primaries[0].child.kill().unwrap(); // SIGKILL
     primaries[0].child.wait().unwrap();
     let reports = workers.join().unwrap();
@@ -1550,4 +1544,34 @@ async fn a_retry_after_a_lost_ack_is_applied_once_on_both_replicas() {
             .unwrap();
         assert_eq!(requests.updates_applied, 1, "applied once");
     }
+}
+
+/// Under bsp the workers' clocks live on shard 0 and are not replicated:
+/// after shard 0's primary dies, the promoted backup rebuilds them from the
+/// workers' next reports and lockstep training finishes.
+#[test]
+fn a_bsp_job_finishes_after_shard_0_fails_over() {
+    let dir = temp_dir("bsp-failover");
+    let job = a9a_job_edited(
+        &dir,
+        "job.toml",
+        &[("epochs = 5", "epochs = 1\nconsistency = \"bsp\"")],
+    );
+    let (mut primaries, backups) = replicated_shards();
+    let addrs = format!("{},{}", primaries[0].addr, primaries[1].addr);
+    let workers = {
+        let (job, addrs, dir) = (job.clone(), addrs.clone(), dir.clone());
+        std::thread::spawn(move || run_workers(&job, &addrs, 2, &dir, "bsp"))
+    };
+    wait_for_pushes(&primaries[0].addr, 200);
+    primaries[0].child.kill().unwrap(); // SIGKILL
+    primaries[0].child.wait().unwrap();
+    let reports = workers.join().unwrap();
+    for report in &reports {
+        assert_eq!(report["max_staleness"].as_u64(), Some(0), "{report}");
+        assert_eq!(report["pushes"]["failovers"].as_u64(), Some(1), "{report}");
+        assert!(report["val_auc"].as_f64().unwrap() >= 0.895, "{report}");
+    }
+    assert_eq!(stats_of(&backups[0].addr).role, "primary");
+    std::fs::remove_dir_all(&dir).ok();
 }
