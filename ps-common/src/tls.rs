@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// A TLS file could not be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -119,9 +119,22 @@ impl TlsFiles {
     }
 }
 
-/// The URI of `addr` (`HOST:PORT`, or a full URI kept as given) for a
-/// connection with or without TLS.
-pub fn uri(addr: &str, tls: bool) -> String {
+/// An endpoint for `addr` (`HOST:PORT`, or a full URI kept as given):
+/// `https` with `tls`, `http` without. Every client of a server (workers,
+/// peer servers, health checks) builds its connection here.
+pub fn endpoint(
+    addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(uri(addr, tls.is_some()))?;
+    match tls {
+        Some(tls) => endpoint.tls_config(tls),
+        None => Ok(endpoint),
+    }
+}
+
+/// The URI of `addr` for a connection with or without TLS.
+fn uri(addr: &str, tls: bool) -> String {
     match (addr.contains("://"), tls) {
         (true, _) => addr.to_string(),
         (false, true) => format!("https://{addr}"),

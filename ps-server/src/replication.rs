@@ -31,7 +31,7 @@ use ps_common::pb::parameter_server_client::ParameterServerClient;
 use ps_common::pb::{self, ReplicaEntry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::auth::Auth;
 use crate::dedup::WriterRecord;
@@ -572,14 +572,10 @@ impl Replication {
         let invalid = |e: &dyn std::fmt::Display| {
             PsError::invalid(format!("invalid peer address {addr:?}: {e}"))
         };
-        let mut endpoint =
-            Endpoint::from_shared(ps_common::tls::uri(addr, self.peer.tls.is_some()))
-                .map_err(|e| invalid(&e))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true);
-        if let Some(tls) = self.peer.tls.clone() {
-            endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?;
-        }
+        let endpoint = ps_common::tls::endpoint(addr, self.peer.tls.clone())
+            .map_err(|e| invalid(&e))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
         Ok(ParameterServerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX))

@@ -29,7 +29,7 @@ use ps_server::service::ShardService;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::dedup::UniqueKeys;
@@ -1217,12 +1217,8 @@ async fn connect_one(
             format!("invalid server address: {e}"),
         )
     };
-    let mut endpoint = Endpoint::from_shared(ps_common::tls::uri(&addr, config.tls.is_some()))
-        .map_err(|e| invalid(&e))?;
-    if let Some(tls) = config.tls.clone() {
-        endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?;
-    }
-    let endpoint = endpoint
+    let endpoint = ps_common::tls::endpoint(&addr, config.tls.clone())
+        .map_err(|e| invalid(&e))?
         .connect_timeout(config.connect_timeout.min(Duration::from_secs(5)))
         .timeout(config.request_timeout)
         .tcp_nodelay(true);

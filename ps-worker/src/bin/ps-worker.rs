@@ -316,15 +316,8 @@ async fn check_health(
 ) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mut endpoint =
-        tonic::transport::Channel::from_shared(ps_common::tls::uri(server, tls.is_some()))
-            .with_context(|| format!("invalid server address {server:?}"))?;
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls)
-            .with_context(|| format!("{server}: TLS settings"))?;
-    }
-    let channel = endpoint
+    let channel = ps_common::tls::endpoint(server, tls)
+        .with_context(|| format!("invalid server address or TLS settings for {server:?}"))?
         .connect()
         .await
         .with_context(|| format!("{server}: unreachable"))?;
