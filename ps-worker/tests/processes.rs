@@ -1313,15 +1313,14 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
     let mut client = ParameterServerClient::connect(format!("http://{}", server.addr))
         .await
         .unwrap();
-    let with_token = |token: Option<&str>, push: pb::PushRequest| {
-        let mut request = tonic::Request::new(push);
+    /// `message` carrying `token`, if any, as the servers' peers send it.
+    fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
         if let Some(t) = token {
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            ps_server::auth::Auth::bearer(t).attach(&mut request);
         }
         request
-    };
+    }
     let spec = TableSpec {
         name: "emb".into(),
         kind: TableKind::Sparse,
@@ -1334,13 +1333,13 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
         },
         seed: 0,
     };
-    let mut create = tonic::Request::new(pb::CreateTableRequest {
+    let create = pb::CreateTableRequest {
         spec: Some((&spec).into()),
-    });
-    create
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    client.create_table(create).await.unwrap();
+    };
+    client
+        .create_table(with_token(Some(TOKEN), create))
+        .await
+        .unwrap();
     let push = |keys: Vec<u64>, grads: &[f32]| pb::PushRequest {
         table: "emb".into(),
         keys,
@@ -1358,19 +1357,22 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
         move || {
             let (mut client, keys) = (client.clone(), keys.clone());
             async move {
-                let mut pull = tonic::Request::new(pb::PullRequest {
+                let pull = pb::PullRequest {
                     table: "emb".into(),
                     keys,
                     ..Default::default()
-                });
-                pull.metadata_mut()
-                    .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-                let values = client.pull(pull).await.unwrap().into_inner().values;
-                let mut stats = tonic::Request::new(pb::StatsRequest {});
-                stats
-                    .metadata_mut()
-                    .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-                let stats = client.stats(stats).await.unwrap().into_inner();
+                };
+                let values = client
+                    .pull(with_token(Some(TOKEN), pull))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .values;
+                let stats = client
+                    .stats(with_token(Some(TOKEN), pb::StatsRequest {}))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 (
                     values,
                     stats.tables,
