@@ -65,7 +65,7 @@ pub fn measure(rows: u64, dim: u32) -> anyhow::Result<Recovery> {
     let shard = Arc::new(filled_shard(rows, dim)?);
     let dir = std::env::temp_dir().join(format!("ps-recovery-{}", std::process::id()));
     let started = Instant::now();
-    let written = checkpoint::save(&shard, &dir, "bench")?;
+    let written = checkpoint::Checkpoints::new(dir.clone()).save(&shard, "bench")?;
     let save_ms = ms(started.elapsed());
     let started = Instant::now();
     let restored = Shard::restore(checkpoint::load(&dir.join("bench"), 0, 1)?)?;

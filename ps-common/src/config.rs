@@ -830,10 +830,14 @@ impl JobConfig {
                     "needs data.validation to decide which epoch is best".into(),
                 ));
             }
-            crate::table::validate_table_name(name).map_err(|_| {
+            crate::names::validate_checkpoint_name(name).map_err(|_| {
                 (
                     "train.best_checkpoint".into(),
-                    format!("{name:?} must be 1-128 characters from [A-Za-z0-9_.-]"),
+                    format!(
+                        "{} {}",
+                        crate::names::quoted(name),
+                        crate::names::CHECKPOINT_NAME_RULE
+                    ),
                 )
             })?;
         }
@@ -1099,12 +1103,12 @@ impl ModelConfig {
                 return Err(("model.tasks".into(), "needs at least one task".into()));
             }
             for (i, task) in tasks.iter().enumerate() {
-                crate::table::validate_table_name(&task.name).map_err(|_| {
+                crate::names::validate_table_name(&task.name).map_err(|_| {
                     (
                         "model.tasks".into(),
                         format!(
-                            "task {i}: name {:?} must be 1-128 characters from [A-Za-z0-9_.-]",
-                            task.name
+                            "task {i}: name {} must be 1-128 characters from [A-Za-z0-9_.-]",
+                            crate::names::quoted(&task.name)
                         ),
                     )
                 })?;

@@ -8,6 +8,7 @@
 //! - [`table`]: validated table specs ([`TableSpec`]), converted from and to
 //!   the protobuf types at the boundary.
 //! - [`init`]: the deterministic row initializer, seeded by (table seed, key).
+//! - [`names`]: the rules for table and checkpoint names, and how a refused one is quoted.
 //! - [`routing`]: the one function that maps a key to its shard.
 //! - [`wire`]: the little-endian `f32` codec for row values on the wire.
 //! - [`config`]: the job file (TOML) that drives every way of running a job.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod init;
 pub mod memory;
+pub mod names;
 pub mod routing;
 pub mod table;
 pub mod tls;

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::PsError;
+use crate::names::validate_table_name;
 use crate::pb;
 use crate::routing::Placement;
 
@@ -203,22 +204,6 @@ impl TableSpec {
             .or_else(|| diff("initializer", &self.initializer, &other.initializer))
             .or_else(|| diff("optimizer", &self.optimizer, &other.optimizer))
             .or_else(|| diff("seed", &self.seed, &other.seed))
-    }
-}
-
-/// Checks a table name: 1-128 characters from `[A-Za-z0-9_.-]`.
-pub fn validate_table_name(name: &str) -> Result<(), PsError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(PsError::invalid(format!(
-            "table name {name:?} must be 1-128 characters from [A-Za-z0-9_.-]"
-        )))
     }
 }
 

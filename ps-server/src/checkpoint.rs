@@ -5,8 +5,10 @@
 //! `b"PSCKPT01"` | payload length (u64 LE) | FNV-1a-64 of the payload (u64 LE)
 //! | payload = bincode (standard config) of [`ShardSnapshot`].
 //! Beside it, `shard-I.json` is a human-readable manifest (tables, rows,
-//! checksum). The file is written to a temporary name, fsynced, then renamed,
-//! so a crash never leaves a half-written checkpoint under the final name.
+//! checksum). The file is written to a temporary name of its own, fsynced,
+//! then renamed, so a crash never leaves a half-written checkpoint under the
+//! final name; one writer per server ([`Checkpoints`]) means two requests
+//! for one name never share a temporary file.
 //!
 //! A snapshot is taken row by row while the shard keeps serving: each row is
 //! consistent, but rows are not captured at one instant (the usual guarantee
@@ -15,6 +17,8 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ps_common::PsError;
 use ps_common::routing::fnv1a64;
@@ -81,64 +85,109 @@ fn storage(what: &str, path: &Path, e: impl std::fmt::Display) -> PsError {
     PsError::Storage(format!("{what} {}: {e}", path.display()))
 }
 
-/// Writes `shard` to `root/name/shard-I.bin` (plus its manifest), atomically.
-pub fn save(shard: &Shard, root: &Path, name: &str) -> Result<Written, PsError> {
-    ps_common::table::validate_table_name(name).map_err(|_| {
-        PsError::invalid(format!(
-            "checkpoint name {name:?} must be 1-128 characters from [A-Za-z0-9_.-]"
-        ))
-    })?;
-    let dir = root.join(name);
-    fs::create_dir_all(&dir).map_err(|e| storage("cannot create", &dir, e))?;
-    let snapshot = shard.snapshot();
-    let payload = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
-        .map_err(|e| PsError::Storage(format!("cannot encode checkpoint: {e}")))?;
-    let checksum = fnv1a64(&payload);
-    let path = shard_file(&dir, shard.shard_id());
-    let mut file_bytes = Vec::with_capacity(HEADER_LEN);
-    file_bytes.extend_from_slice(MAGIC);
-    file_bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    file_bytes.extend_from_slice(&checksum.to_le_bytes());
-    write_atomically(&path, &[&file_bytes, &payload])?;
-    let manifest = Manifest {
-        format: "PSCKPT01",
-        shard_id: snapshot.shard_id,
-        num_shards: snapshot.num_shards,
-        checksum_fnv1a64: format!("{checksum:016x}"),
-        bytes: (HEADER_LEN + payload.len()) as u64,
-        tables: snapshot
-            .tables
-            .iter()
-            .map(|t| ManifestTable {
-                name: &t.spec.name,
-                rows: t.keys.len(),
-            })
-            .collect(),
-    };
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| PsError::Storage(e.to_string()))?;
-    write_atomically(
-        &dir.join(format!("shard-{}.json", shard.shard_id())),
-        &[&json],
-    )?;
-    Ok(Written {
-        path,
-        rows: snapshot.tables.iter().map(|t| t.keys.len() as u64).sum(),
-        bytes: manifest.bytes,
-    })
+/// The checkpoints of one server: where they go, and the one writer.
+///
+/// Every checkpoint of a server (the Checkpoint RPC, `--checkpoint-every-secs`,
+/// the shutdown checkpoint) is written through here, one at a time, so two
+/// requests for the same name never interleave: each call writes a whole
+/// file of its own and the last rename wins.
+#[derive(Debug)]
+pub struct Checkpoints {
+    root: PathBuf,
+    /// Held for the whole of one save.
+    writer: Mutex<()>,
+    /// Numbers this process's temporary files, so no two writes share one.
+    temp_files: AtomicU64,
 }
 
-/// Writes `parts` to `path` through a temporary file: write, fsync, rename, fsync the folder.
-fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<(), PsError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(|e| storage("cannot create", &tmp, e))?;
+impl Checkpoints {
+    /// Checkpoints under `root` (`--checkpoint-dir`).
+    pub fn new(root: PathBuf) -> Checkpoints {
+        Checkpoints {
+            root,
+            writer: Mutex::new(()),
+            temp_files: AtomicU64::new(0),
+        }
+    }
+
+    /// The checkpoint root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Writes `shard` to `ROOT/name/shard-I.bin` (plus its manifest),
+    /// atomically; waits for any other checkpoint of this server to finish
+    /// first. Runs file I/O: call it on a blocking thread.
+    pub fn save(&self, shard: &Shard, name: &str) -> Result<Written, PsError> {
+        ps_common::names::validate_checkpoint_name(name)?;
+        let _one_writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.root.join(name);
+        fs::create_dir_all(&dir).map_err(|e| storage("cannot create", &dir, e))?;
+        let snapshot = shard.snapshot();
+        let payload = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
+            .map_err(|e| PsError::Storage(format!("cannot encode checkpoint: {e}")))?;
+        let checksum = fnv1a64(&payload);
+        let path = shard_file(&dir, shard.shard_id());
+        let mut file_bytes = Vec::with_capacity(HEADER_LEN);
+        file_bytes.extend_from_slice(MAGIC);
+        file_bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        file_bytes.extend_from_slice(&checksum.to_le_bytes());
+        self.write_atomically(&path, &[&file_bytes, &payload])?;
+        let manifest = Manifest {
+            format: "PSCKPT01",
+            shard_id: snapshot.shard_id,
+            num_shards: snapshot.num_shards,
+            checksum_fnv1a64: format!("{checksum:016x}"),
+            bytes: (HEADER_LEN + payload.len()) as u64,
+            tables: snapshot
+                .tables
+                .iter()
+                .map(|t| ManifestTable {
+                    name: &t.spec.name,
+                    rows: t.keys.len(),
+                })
+                .collect(),
+        };
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| PsError::Storage(e.to_string()))?;
+        self.write_atomically(
+            &dir.join(format!("shard-{}.json", shard.shard_id())),
+            &[&json],
+        )?;
+        Ok(Written {
+            path,
+            rows: snapshot.tables.iter().map(|t| t.keys.len() as u64).sum(),
+            bytes: manifest.bytes,
+        })
+    }
+
+    /// Writes `parts` to `path` through a temporary file of its own: write,
+    /// fsync, rename, fsync the folder. A failed write removes its
+    /// temporary file and leaves `path` as it was.
+    fn write_atomically(&self, path: &Path, parts: &[&[u8]]) -> Result<(), PsError> {
+        let n = self.temp_files.fetch_add(1, Ordering::Relaxed);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let written = write_then_rename(&tmp, path, parts);
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+}
+
+/// The steps of [`Checkpoints::write_atomically`].
+fn write_then_rename(tmp: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), PsError> {
+    let mut file = File::create(tmp).map_err(|e| storage("cannot create", tmp, e))?;
     for part in parts {
         file.write_all(part)
-            .map_err(|e| storage("cannot write", &tmp, e))?;
+            .map_err(|e| storage("cannot write", tmp, e))?;
     }
     file.sync_all()
-        .map_err(|e| storage("cannot sync", &tmp, e))?;
+        .map_err(|e| storage("cannot sync", tmp, e))?;
     drop(file);
-    fs::rename(&tmp, path).map_err(|e| storage("cannot rename into", path, e))?;
+    fs::rename(tmp, path).map_err(|e| storage("cannot rename into", path, e))?;
     if let Some(parent) = path.parent() {
         File::open(parent)
             .and_then(|d| d.sync_all())
@@ -241,7 +290,7 @@ mod tests {
     fn a_checkpoint_restores_weights_and_optimizer_state_exactly() {
         let shard = trained_shard();
         let root = temp_root("roundtrip");
-        let written = save(&shard, &root, "c1").unwrap();
+        let written = Checkpoints::new(root.clone()).save(&shard, "c1").unwrap();
         assert_eq!(written.path, root.join("c1/shard-1.bin"));
         assert!(root.join("c1/shard-1.json").exists());
         let restored = Shard::restore(load(&root.join("c1"), 1, 2).unwrap()).unwrap();
@@ -263,7 +312,7 @@ mod tests {
     fn a_corrupted_or_foreign_checkpoint_is_refused() {
         let shard = trained_shard();
         let root = temp_root("corrupt");
-        let written = save(&shard, &root, "c1").unwrap();
+        let written = Checkpoints::new(root.clone()).save(&shard, "c1").unwrap();
         let err = load(&root.join("c1"), 0, 2).unwrap_err();
         assert!(err.to_string().contains("cannot read checkpoint"), "{err}");
         fs::copy(&written.path, shard_file(&root.join("c1"), 0)).unwrap();
@@ -292,15 +341,49 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_checkpoint_name_is_invalid() {
-        let err = save(&trained_shard(), &temp_root("name"), "../escape").unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    fn a_checkpoint_name_that_is_a_path_is_invalid_and_writes_nothing() {
+        let root = temp_root("name");
+        let outside = root.join("shard-1.bin");
+        let checkpoints = Checkpoints::new(root.join("inner"));
+        for name in ["../escape", "..", ".", ".hidden", "a/b"] {
+            let err = checkpoints.save(&trained_shard(), name).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err}");
+        }
+        assert!(!outside.exists(), "nothing written beside the root");
+        assert!(!root.join("inner").exists(), "nor under it");
+    }
+
+    #[test]
+    fn concurrent_checkpoints_of_one_name_all_succeed_and_leave_a_loadable_file() {
+        let shard = std::sync::Arc::new(trained_shard());
+        let root = temp_root("concurrent");
+        let checkpoints = std::sync::Arc::new(Checkpoints::new(root.clone()));
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let (shard, checkpoints) = (shard.clone(), checkpoints.clone());
+                std::thread::spawn(move || checkpoints.save(&shard, "same"))
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap().unwrap();
+        }
+        let restored = load(&root.join("same"), 1, 2).unwrap();
+        assert_eq!(restored, shard.snapshot());
+        let leftovers: Vec<_> = fs::read_dir(root.join("same"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        fs::remove_dir_all(&root).ok();
     }
 
     #[test]
     fn shard_count_counts_the_shard_files_and_refuses_a_folder_without_any() {
         let root = temp_root("count");
-        save(&trained_shard(), &root, "c1").unwrap();
+        Checkpoints::new(root.clone())
+            .save(&trained_shard(), "c1")
+            .unwrap();
         assert_eq!(shard_count(&root.join("c1")), Ok(1));
         assert!(matches!(
             shard_count(&root),

@@ -13,6 +13,7 @@ use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::Auth;
+use crate::checkpoint::Checkpoints;
 use crate::limits::OversizeStatusLayer;
 use crate::replication::{Peer, Replication, Role};
 use crate::service::{Limits, ShardService};
@@ -109,9 +110,11 @@ impl ServerConfig {
                     "--checkpoint-on-shutdown needs --checkpoint-dir".into(),
                 ));
             }
-            ps_common::table::validate_table_name(name).map_err(|_| {
+            ps_common::names::validate_checkpoint_name(name).map_err(|_| {
                 ServeError::Config(format!(
-                    "--checkpoint-on-shutdown {name:?} must be 1-128 characters from [A-Za-z0-9_.-]"
+                    "--checkpoint-on-shutdown {} {}",
+                    ps_common::names::quoted(name),
+                    ps_common::names::CHECKPOINT_NAME_RULE
                 ))
             })?;
         }
@@ -151,6 +154,10 @@ pub async fn run_replicated(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let checkpoints = config
+        .checkpoint_dir
+        .clone()
+        .map(|root| Arc::new(Checkpoints::new(root)));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ParameterServerServer<ShardService>>()
@@ -159,21 +166,17 @@ pub async fn run_replicated(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let service = ParameterServerServer::new(
-        ShardService::new(
-            Arc::clone(&shard),
-            config.limits,
-            config.checkpoint_dir.clone(),
-        )
-        .with_replication(Arc::clone(&replication)),
+        ShardService::new(Arc::clone(&shard), config.limits, checkpoints.clone())
+            .with_replication(Arc::clone(&replication)),
     )
     .max_decoding_message_size(config.limits.max_request_bytes)
     .max_encoding_message_size(usize::MAX);
     let service = InterceptedService::new(service, config.auth.clone());
-    let periodic = match (config.checkpoint_every, &config.checkpoint_dir) {
-        (Some(every), Some(root)) => Some(tokio::spawn(checkpoint_periodically(
+    let periodic = match (config.checkpoint_every, &checkpoints) {
+        (Some(every), Some(checkpoints)) => Some(tokio::spawn(checkpoint_periodically(
             Arc::clone(&shard),
             Arc::clone(&replication),
-            root.clone(),
+            Arc::clone(checkpoints),
             every,
         ))),
         _ => None,
@@ -215,13 +218,12 @@ pub async fn run_replicated(
     if let Some(periodic) = periodic {
         periodic.abort();
     }
-    if let (Some(name), Some(root)) = (&config.checkpoint_on_shutdown, &config.checkpoint_dir) {
-        let (shard, root, name) = (Arc::clone(&shard), root.clone(), name.clone());
-        let written =
-            tokio::task::spawn_blocking(move || crate::checkpoint::save(&shard, &root, &name))
-                .await
-                .map_err(|e| ServeError::Checkpoint(ps_common::PsError::Internal(e.to_string())))?
-                .map_err(ServeError::Checkpoint)?;
+    if let (Some(name), Some(checkpoints)) = (&config.checkpoint_on_shutdown, checkpoints) {
+        let (shard, name) = (Arc::clone(&shard), name.clone());
+        let written = tokio::task::spawn_blocking(move || checkpoints.save(&shard, &name))
+            .await
+            .map_err(|e| ServeError::Checkpoint(ps_common::PsError::Internal(e.to_string())))?
+            .map_err(ServeError::Checkpoint)?;
         tracing::info!(path = %written.path.display(), rows = written.rows, "shutdown checkpoint written");
     }
     Ok(())
@@ -233,7 +235,7 @@ pub async fn run_replicated(
 async fn checkpoint_periodically(
     shard: Arc<Shard>,
     replication: Arc<Replication>,
-    root: PathBuf,
+    checkpoints: Arc<Checkpoints>,
     every: Duration,
 ) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -243,12 +245,10 @@ async fn checkpoint_periodically(
         if replication.check_serving().is_err() {
             continue;
         }
-        let (shard, root) = (Arc::clone(&shard), root.clone());
+        let (shard, checkpoints) = (Arc::clone(&shard), Arc::clone(&checkpoints));
         let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || {
-            crate::checkpoint::save(&shard, &root, PERIODIC_CHECKPOINT)
-        })
-        .await
+        match tokio::task::spawn_blocking(move || checkpoints.save(&shard, PERIODIC_CHECKPOINT))
+            .await
         {
             Ok(Ok(written)) => tracing::info!(
                 path = %written.path.display(),

@@ -4,17 +4,16 @@
 //! blocking thread (pulls and pushes are CPU work) and counts requests. No
 //! table logic lives here.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use prost::Message;
+use ps_common::names::validate_table_name;
 use ps_common::pb::parameter_server_server::ParameterServer;
 use ps_common::pb::{self, TableStats as PbTableStats};
-use ps_common::table::validate_table_name;
 use ps_common::{PsError, TableKind, TableSpec, wire};
 use tonic::{Request, Response, Status};
 
-use crate::checkpoint;
+use crate::checkpoint::Checkpoints;
 use crate::clock::{self, Clocks};
 use crate::metrics::Rpc;
 use crate::replication::{Peer, Replication, Role, Write};
@@ -44,7 +43,7 @@ pub struct ShardService {
     shard: Arc<Shard>,
     limits: Limits,
     /// Where Checkpoint writes; `None` refuses checkpoints.
-    checkpoint_dir: Option<PathBuf>,
+    checkpoints: Option<Arc<Checkpoints>>,
     /// Workers' clocks (SSP/BSP), shared by every clone of this service.
     clocks: Arc<Clocks>,
     /// This server's role and its replication to a backup.
@@ -55,14 +54,14 @@ pub struct ShardService {
 const MAX_CLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ShardService {
-    /// A service over `shard` enforcing `limits`, writing checkpoints under `checkpoint_dir`.
+    /// A service over `shard` enforcing `limits`, writing checkpoints through `checkpoints`.
     /// The service is a primary with no backup; see [`ShardService::with_replication`].
-    pub fn new(shard: Arc<Shard>, limits: Limits, checkpoint_dir: Option<PathBuf>) -> Self {
+    pub fn new(shard: Arc<Shard>, limits: Limits, checkpoints: Option<Arc<Checkpoints>>) -> Self {
         let replication = Replication::new(Arc::clone(&shard), Role::Primary, Peer::default());
         ShardService {
             shard,
             limits,
-            checkpoint_dir,
+            checkpoints,
             clocks: Arc::new(Clocks::default()),
             replication,
         }
@@ -441,14 +440,14 @@ impl ShardService {
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         RequestCounters::add(&self.shard.counters.checkpoint, 1);
         self.check_serving()?;
-        let Some(root) = self.checkpoint_dir.clone() else {
+        let Some(checkpoints) = self.checkpoints.clone() else {
             return Err(self.fail(PsError::FailedPrecondition(
                 "this server was started without --checkpoint-dir".into(),
             )));
         };
         let name = request.into_inner().name;
         let written = self
-            .blocking(move |shard| checkpoint::save(shard, &root, &name))
+            .blocking(move |shard| checkpoints.save(shard, &name))
             .await?;
         tracing::info!(path = %written.path.display(), rows = written.rows, bytes = written.bytes, "checkpoint written");
         Ok(Response::new(pb::CheckpointResponse {
