@@ -2,12 +2,19 @@
 //! retried after a lost answer is applied at most once.
 //!
 //! A writer is one client process (a random 64-bit id); `seq` numbers its
-//! push calls to this shard. For each writer the shard remembers the last
-//! [`WINDOW`] sequence numbers it applied (a client retries only the few
-//! calls it has in flight) and, for each, the replication number of the
+//! push calls to this shard, from 1. For each writer the shard remembers the
+//! last [`WINDOW`] sequence numbers it applied (a client retries only the
+//! few calls it has in flight) and, for each, the replication number of the
 //! write that applied it, so that a duplicate can wait until that write is
 //! on the backup before it is acknowledged. At most [`MAX_WRITERS`] writers
 //! are remembered; past that, the one unused longest is forgotten.
+//!
+//! A seq below the window is [`Claim::Forgotten`]: the shard cannot tell
+//! whether it was applied, so the push is refused rather than acknowledged
+//! unapplied or applied twice. A writer the shard does not know (first
+//! contact, a restore from a checkpoint, or forgotten as above) starts with
+//! its window ending at the seq it sends, so older calls still in flight
+//! arrive inside it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -19,10 +26,24 @@ pub const WINDOW: usize = 1024;
 /// Writers remembered per shard.
 pub const MAX_WRITERS: usize = 4096;
 
+/// What [`Applied::claim`] found for a `(writer, seq)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not applied before: recorded now; apply it.
+    New,
+    /// Applied before, by the write with this replication number.
+    Repeat(u64),
+    /// Below the writer's window: whether it was applied is not known.
+    Forgotten {
+        /// Every seq at or below this is outside the window.
+        floor: u64,
+    },
+}
+
 /// One writer's applied sequence numbers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriterRecord {
-    /// Every seq at or below this is treated as applied (it fell out of the window).
+    /// Seqs at or below this fell out of the window: unknown whether applied.
     pub floor: u64,
     /// Applied seqs above `floor`, each with the replication number of its write.
     pub recent: BTreeMap<u64, u64>,
@@ -39,11 +60,12 @@ pub struct Applied {
 
 impl Applied {
     /// Records `(writer, seq)` as applied by write `replica_seq`, unless it
-    /// already was: then returns the replication number of the write that
-    /// applied it. `writer = 0` is never recorded (`None`: apply).
-    pub fn claim(&self, writer: u64, seq: u64, replica_seq: u64) -> Option<u64> {
+    /// already was ([`Claim::Repeat`]) or is too old to tell
+    /// ([`Claim::Forgotten`]). `writer = 0` is never recorded (always
+    /// [`Claim::New`]).
+    pub fn claim(&self, writer: u64, seq: u64, replica_seq: u64) -> Claim {
         if writer == 0 {
-            return None;
+            return Claim::New;
         }
         let mut guard = self
             .writers
@@ -60,13 +82,18 @@ impl Applied {
                 writers.remove(&oldest);
             }
         }
-        let record = writers.entry(writer).or_default();
+        let record = writers.entry(writer).or_insert_with(|| WriterRecord {
+            floor: seq.saturating_sub(WINDOW as u64),
+            ..WriterRecord::default()
+        });
         record.last_used = *clock;
         if seq <= record.floor {
-            return Some(0);
+            return Claim::Forgotten {
+                floor: record.floor,
+            };
         }
         if let Some(&earlier) = record.recent.get(&seq) {
-            return Some(earlier);
+            return Claim::Repeat(earlier);
         }
         record.recent.insert(seq, replica_seq);
         while record.recent.len() > WINDOW {
@@ -74,7 +101,7 @@ impl Applied {
                 record.floor = old;
             }
         }
-        None
+        Claim::New
     }
 
     /// A copy of every writer's record (for a joining backup).
@@ -103,36 +130,58 @@ mod tests {
     #[test]
     fn a_pair_is_claimed_once_and_a_repeat_names_the_write_that_applied_it() {
         let applied = Applied::default();
-        assert_eq!(applied.claim(7, 1, 100), None);
-        assert_eq!(applied.claim(7, 2, 101), None);
-        assert_eq!(applied.claim(7, 1, 102), Some(100));
-        assert_eq!(applied.claim(8, 1, 103), None, "writers are independent");
+        assert_eq!(applied.claim(7, 1, 100), Claim::New);
+        assert_eq!(applied.claim(7, 2, 101), Claim::New);
+        assert_eq!(applied.claim(7, 1, 102), Claim::Repeat(100));
+        assert_eq!(
+            applied.claim(8, 1, 103),
+            Claim::New,
+            "writers are independent"
+        );
         assert_eq!(
             applied.claim(0, 1, 104),
-            None,
+            Claim::New,
             "writer 0 is never deduplicated"
         );
-        assert_eq!(applied.claim(0, 1, 105), None);
+        assert_eq!(applied.claim(0, 1, 105), Claim::New);
     }
 
     #[test]
-    fn out_of_order_seqs_are_each_applied_once_and_old_ones_stay_applied() {
+    fn out_of_order_seqs_are_each_applied_once_and_old_ones_are_never_acknowledged_unapplied() {
         let applied = Applied::default();
         // Calls in flight together arrive in any order.
         let last = WINDOW as u64 + 64;
         for block in (1..=last).collect::<Vec<_>>().chunks(8) {
             for &seq in block.iter().rev() {
-                assert_eq!(applied.claim(1, seq, seq), None, "seq {seq} is new");
+                assert_eq!(applied.claim(1, seq, seq), Claim::New, "seq {seq} is new");
             }
         }
-        for seq in 1..=last {
-            assert!(
-                applied.claim(1, seq, 0).is_some(),
-                "seq {seq} applied twice"
+        for seq in 1..=64 {
+            assert_eq!(
+                applied.claim(1, seq, 0),
+                Claim::Forgotten { floor: 64 },
+                "seq {seq} fell out of the window: neither applied again nor called a repeat"
             );
+        }
+        for seq in 65..=last {
+            assert_eq!(applied.claim(1, seq, 0), Claim::Repeat(seq), "seq {seq}");
         }
         let records = applied.snapshot();
         assert_eq!(records[0].1.recent.len(), WINDOW);
+    }
+
+    #[test]
+    fn a_writer_first_seen_mid_stream_accepts_the_calls_still_in_flight_before_it() {
+        let applied = Applied::default();
+        // After a restore the shard knows no writer; a client goes on at seq 5000.
+        assert_eq!(applied.claim(9, 5000, 1), Claim::New);
+        assert_eq!(
+            applied.claim(9, 4998, 2),
+            Claim::New,
+            "in flight, arrived late"
+        );
+        let floor = 5000 - WINDOW as u64;
+        assert_eq!(applied.claim(9, floor, 3), Claim::Forgotten { floor });
     }
 
     #[test]
@@ -143,8 +192,8 @@ mod tests {
         }
         applied.claim(1, 2, 0); // writer 1 is now the most recent
         applied.claim(MAX_WRITERS as u64 + 1, 1, 0);
-        assert_eq!(applied.claim(1, 1, 0), Some(0), "writer 1 kept");
-        assert_eq!(applied.claim(2, 1, 0), None, "writer 2 forgotten");
+        assert_eq!(applied.claim(1, 1, 0), Claim::Repeat(0), "writer 1 kept");
+        assert_eq!(applied.claim(2, 1, 0), Claim::New, "writer 2 forgotten");
     }
 
     #[test]
@@ -153,6 +202,6 @@ mod tests {
         applied.claim(3, 9, 42);
         let copy = Applied::default();
         copy.restore(applied.snapshot());
-        assert_eq!(copy.claim(3, 9, 0), Some(42));
+        assert_eq!(copy.claim(3, 9, 0), Claim::Repeat(42));
     }
 }

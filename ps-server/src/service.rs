@@ -285,6 +285,7 @@ impl ShardService {
         let req = request.into_inner();
         let bytes = req.encoded_len() as u64;
         let (writer, seq) = (req.writer, req.seq);
+        check_writer(writer, seq).map_err(|e| self.fail(e))?;
         let part = self.push_part(req).map_err(|e| self.fail(e))?;
         let mut pushes = self.write_pushes(vec![part], writer, seq).await?;
         let response = pushes.pop().unwrap_or_default();
@@ -304,6 +305,7 @@ impl ShardService {
         let req = request.into_inner();
         let bytes = req.encoded_len() as u64;
         RequestCounters::add(&counters.push, req.pushes.len() as u64);
+        check_writer(req.writer, req.seq).map_err(|e| self.fail(e))?;
         let parts = req
             .pushes
             .into_iter()
@@ -675,6 +677,17 @@ fn apply_pushes(
 fn apply_assign(shard: &Shard, req: &pb::AssignRequest) -> Result<usize, PsError> {
     let values = wire::decode_f32s(&req.values)?;
     shard.assign(&req.table, &req.keys, &values)
+}
+
+/// A push's `(writer, seq)`: seqs number a writer's calls from 1, so a
+/// writer with seq 0 is a malformed call, not one to deduplicate.
+fn check_writer(writer: u64, seq: u64) -> Result<(), PsError> {
+    if writer != 0 && seq == 0 {
+        return Err(PsError::invalid(
+            "a push with a writer id needs seq >= 1 (a writer numbers its calls from 1; writer 0 turns deduplication off)",
+        ));
+    }
+    Ok(())
 }
 
 /// A request's `ValueEncoding`; an unknown number is an error.
@@ -1106,6 +1119,43 @@ mod tests {
                 .duplicate_pushes
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_s_seq_0_is_malformed_and_a_forgotten_seq_is_refused_not_acknowledged() {
+        let svc = service(Limits::default());
+        create(&svc, 1).await;
+        let push = |seq: u64| pb::PushRequest {
+            table: "emb".into(),
+            keys: vec![4],
+            gradients: wire::encode_f32s(&[1.0]),
+            writer: 5,
+            seq,
+            ..Default::default()
+        };
+        let zero = svc.push(Request::new(push(0))).await.unwrap_err();
+        assert_eq!(zero.code(), Code::InvalidArgument);
+        assert!(zero.message().contains("seq >= 1"), "{}", zero.message());
+        let many = pb::PushManyRequest {
+            pushes: vec![push(0)],
+            writer: 5,
+            seq: 0,
+        };
+        let zero = svc.push_many(Request::new(many)).await.unwrap_err();
+        assert_eq!(zero.code(), Code::InvalidArgument);
+        let last = crate::dedup::WINDOW as u64 + 10;
+        for seq in 1..=last {
+            svc.push(Request::new(push(seq))).await.unwrap();
+        }
+        let old = svc.push(Request::new(push(3))).await.unwrap_err();
+        assert_eq!(old.code(), Code::FailedPrecondition, "{}", old.message());
+        let mut row = Vec::new();
+        svc.shard.pull("emb", &[4], &mut row).unwrap();
+        assert_eq!(
+            row,
+            [-(last as f32)],
+            "each seq applied once, seq 0 and the old retry not at all"
         );
     }
 

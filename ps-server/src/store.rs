@@ -19,6 +19,7 @@ use ps_common::routing::{IdBuildHasher, Placement};
 use ps_common::{PsError, ShardRouter, TableKind, TableSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::dedup::Claim;
 use crate::optimizer;
 
 /// One table's rows on this shard.
@@ -518,9 +519,18 @@ impl Shard {
             .iter()
             .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(replica_seq) = self.applied.claim(writer, seq, replica_seq) {
-            RequestCounters::add(&self.counters.duplicate_pushes, 1);
-            return Ok(PushOutcome::Duplicate { replica_seq });
+        match self.applied.claim(writer, seq, replica_seq) {
+            Claim::New => {}
+            Claim::Repeat(replica_seq) => {
+                RequestCounters::add(&self.counters.duplicate_pushes, 1);
+                return Ok(PushOutcome::Duplicate { replica_seq });
+            }
+            Claim::Forgotten { floor } => {
+                return Err(PsError::FailedPrecondition(format!(
+                    "push (writer {writer:x}, seq {seq}) is older than the last {} calls this shard remembers of its writer (seq <= {floor}): it cannot tell whether it was applied, so it applies nothing",
+                    crate::dedup::WINDOW
+                )));
+            }
         }
         RequestCounters::add(&self.counters.updates_applied, 1);
         Ok(PushOutcome::Applied(
