@@ -13,6 +13,11 @@
 //! Waits are bounded by the caller's `max_wait`; the answer says whether the
 //! bound was reached, so a client can report again (which renews its lease)
 //! and keep waiting.
+//!
+//! Memory is bounded and returned: a job holds one entry per rank that
+//! reported (not per declared rank), at most [`MAX_JOBS`] jobs and
+//! [`MAX_MEMBERS`] reported ranks are kept, and a job's clocks are freed
+//! when its last rank finishes or when no rank is live any more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,8 +29,12 @@ use tokio::sync::Notify;
 /// Largest number of workers one job may declare.
 pub const MAX_WORKERS: u32 = 65_536;
 
-/// Largest number of jobs one shard keeps clocks for.
+/// Largest number of jobs one shard keeps clocks for at once.
 pub const MAX_JOBS: usize = 1024;
+
+/// Largest number of workers that have reported, over all jobs, that one
+/// shard keeps clocks for (about 40 bytes each).
+pub const MAX_MEMBERS: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 struct Member {
@@ -36,16 +45,25 @@ struct Member {
     waiting: u32,
 }
 
+/// One job's clocks. Only ranks that reported hold memory: a rank that
+/// never reported is at clock 0 and live for one lease from the job's
+/// first report.
 #[derive(Debug)]
 struct JobClocks {
-    members: Vec<Member>,
+    workers: u32,
+    members: HashMap<u32, Member>,
+    started: Instant,
     lease: Duration,
 }
 
 impl JobClocks {
-    fn live(&self, i: usize, now: Instant) -> bool {
-        let m = &self.members[i];
+    fn live(&self, m: &Member, now: Instant) -> bool {
         !m.finished && (m.waiting > 0 || now.duration_since(m.last_seen) < self.lease)
+    }
+
+    /// Whether the ranks that never reported still count as live.
+    fn silent_ranks_live(&self, now: Instant) -> bool {
+        (self.members.len() as u32) < self.workers && now.duration_since(self.started) < self.lease
     }
 
     /// The slowest live worker's clock (`u64::MAX` when none is live), and
@@ -53,17 +71,51 @@ impl JobClocks {
     fn slowest(&self, target: u64, now: Instant) -> (u64, Option<Instant>) {
         let mut min = u64::MAX;
         let mut next_expiry: Option<Instant> = None;
-        for (i, m) in self.members.iter().enumerate() {
-            if !self.live(i, now) {
-                continue;
+        let mut blocks = |clock: u64, expiry: Instant| {
+            if clock < target {
+                next_expiry = Some(next_expiry.map_or(expiry, |n| n.min(expiry)));
             }
+        };
+        if self.silent_ranks_live(now) {
+            min = 0;
+            blocks(0, self.started + self.lease);
+        }
+        for m in self.members.values().filter(|m| self.live(m, now)) {
             min = min.min(m.clock);
-            if m.clock < target && m.waiting == 0 {
-                let at = m.last_seen + self.lease;
-                next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
+            if m.waiting == 0 {
+                blocks(m.clock, m.last_seen + self.lease);
             }
         }
         (min, next_expiry)
+    }
+
+    /// Ranks presumed dead: reported and silent past the lease, or never
+    /// reported a lease after the job started.
+    fn expired(&self, now: Instant) -> Vec<u32> {
+        let silent_expired = !self.silent_ranks_live(now);
+        let mut expired: Vec<u32> = (0..self.workers)
+            .filter(|rank| match self.members.get(rank) {
+                Some(m) => !m.finished && !self.live(m, now),
+                None => silent_expired,
+            })
+            .collect();
+        expired.sort_unstable();
+        expired
+    }
+
+    /// Every rank reported finished: nobody will wait on this job again.
+    fn finished(&self) -> bool {
+        self.members.len() as u32 == self.workers && self.members.values().all(|m| m.finished)
+    }
+
+    /// No rank is live and none waits: the job is over (finished, or every
+    /// worker gone), so its clocks can be freed.
+    fn over(&self, now: Instant) -> bool {
+        !self.silent_ranks_live(now)
+            && self
+                .members
+                .values()
+                .all(|m| m.waiting == 0 && !self.live(m, now))
     }
 }
 
@@ -101,13 +153,18 @@ pub struct Answer {
 struct Waiting<'a> {
     clocks: &'a Clocks,
     job: &'a str,
-    worker: usize,
+    worker: u32,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(job) = self.clocks.lock().get_mut(self.job) {
-            let m = &mut job.members[self.worker];
+        if let Some(m) = self
+            .clocks
+            .lock()
+            .jobs
+            .get_mut(self.job)
+            .and_then(|job| job.members.get_mut(&self.worker))
+        {
             m.waiting = m.waiting.saturating_sub(1);
             m.last_seen = Instant::now();
         }
@@ -116,10 +173,41 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Clocks of every job that reported to this shard.
+#[derive(Debug, Default)]
+struct Jobs {
+    jobs: HashMap<String, JobClocks>,
+    /// Reported workers over all jobs.
+    members: usize,
+}
+
+impl Jobs {
+    /// Frees the clocks of every job that is over.
+    fn sweep(&mut self, now: Instant) {
+        let mut freed = 0;
+        self.jobs.retain(|_, job| {
+            let over = job.over(now);
+            if over {
+                freed += job.members.len();
+            }
+            !over
+        });
+        self.members -= freed;
+    }
+
+    fn remove(&mut self, job: &str) {
+        if let Some(job) = self.jobs.remove(job) {
+            self.members -= job.members.len();
+        }
+    }
+}
+
+/// Clocks of every job that reported to this shard. A job's clocks are
+/// freed once every rank reported finished, or once no rank is live any
+/// more (checked when a new job starts); a job reporting again afterwards
+/// starts over, as a rerun does.
 #[derive(Debug, Default)]
 pub struct Clocks {
-    jobs: Mutex<HashMap<String, JobClocks>>,
+    jobs: Mutex<Jobs>,
     changed: Notify,
 }
 
@@ -127,7 +215,10 @@ impl Clocks {
     /// Records `report` and waits (at most `max_wait`) until every live
     /// worker's clock is at least `report.wait_for`.
     pub async fn report(&self, report: Report, max_wait: Duration) -> Result<Answer, PsError> {
-        self.record(&report)?;
+        if let Some(answer) = self.record(&report)? {
+            self.changed.notify_waiters();
+            return Ok(answer);
+        }
         self.changed.notify_waiters();
         let deadline = tokio::time::Instant::now() + max_wait;
         // Marks this worker as waiting (so alive) until the call ends, even
@@ -140,28 +231,34 @@ impl Clocks {
             let now = Instant::now();
             let next_expiry = {
                 let mut jobs = self.lock();
-                let job = jobs
-                    .get_mut(&report.job)
-                    .ok_or_else(|| PsError::Internal("job clocks vanished".into()))?;
+                let Some(job) = jobs.jobs.get_mut(&report.job) else {
+                    // Every rank finished meanwhile (this one too, from a
+                    // newer report): nobody is left to wait for.
+                    return Ok(Answer {
+                        min_clock: u64::MAX,
+                        reached: true,
+                        expired: Vec::new(),
+                    });
+                };
                 let (min, next_expiry) = job.slowest(report.wait_for, now);
                 if min >= report.wait_for || tokio::time::Instant::now() >= deadline {
-                    job.members[report.worker as usize].last_seen = now;
-                    let expired = (0..job.members.len())
-                        .filter(|&i| !job.live(i, now) && !job.members[i].finished)
-                        .map(|i| i as u32)
-                        .collect();
+                    if let Some(m) = job.members.get_mut(&report.worker) {
+                        m.last_seen = now;
+                    }
                     return Ok(Answer {
                         min_clock: min,
                         reached: min >= report.wait_for,
-                        expired,
+                        expired: job.expired(now),
                     });
                 }
                 if waiting.is_none() {
-                    job.members[report.worker as usize].waiting += 1;
+                    if let Some(m) = job.members.get_mut(&report.worker) {
+                        m.waiting += 1;
+                    }
                     waiting = Some(Waiting {
                         clocks: self,
                         job: &report.job,
-                        worker: report.worker as usize,
+                        worker: report.worker,
                     });
                 }
                 next_expiry
@@ -176,7 +273,9 @@ impl Clocks {
         }
     }
 
-    fn record(&self, r: &Report) -> Result<(), PsError> {
+    /// Records a report. Answers at once (`Some`) when the report finished
+    /// the job: its clocks are freed and nobody is left to wait for.
+    fn record(&self, r: &Report) -> Result<Option<Answer>, PsError> {
         if r.job.is_empty() || r.job.len() > 256 {
             return Err(PsError::invalid(format!(
                 "job name must be 1-256 bytes, got {}",
@@ -199,44 +298,68 @@ impl Clocks {
             return Err(PsError::invalid("lease must be positive"));
         }
         let now = Instant::now();
-        let mut jobs = self.lock();
-        if !jobs.contains_key(&r.job) && jobs.len() >= MAX_JOBS {
-            return Err(PsError::ResourceExhausted(format!(
-                "this shard already keeps clocks for {MAX_JOBS} jobs"
-            )));
+        let mut guard = self.lock();
+        let jobs = &mut *guard;
+        if !jobs.jobs.contains_key(&r.job) {
+            jobs.sweep(now);
+            if jobs.jobs.len() >= MAX_JOBS {
+                return Err(PsError::ResourceExhausted(format!(
+                    "this shard already keeps clocks for {MAX_JOBS} running jobs"
+                )));
+            }
         }
-        let job = jobs.entry(r.job.clone()).or_insert_with(|| JobClocks {
-            members: vec![
-                Member {
-                    clock: 0,
-                    last_seen: now,
-                    finished: false,
-                    waiting: 0,
-                };
-                r.workers as usize
-            ],
-            lease: r.lease,
-        });
-        if job.members.len() != r.workers as usize {
+        if let Some(job) = jobs.jobs.get(&r.job)
+            && job.workers != r.workers
+        {
             return Err(PsError::invalid(format!(
                 "job '{}' has {} workers, this report says {}",
-                r.job,
-                job.members.len(),
-                r.workers
+                r.job, job.workers, r.workers
             )));
         }
+        let job = jobs.jobs.get(&r.job);
+        let new_member = job.is_none_or(|job| !job.members.contains_key(&r.worker));
+        if new_member && jobs.members >= MAX_MEMBERS {
+            jobs.sweep(now);
+            if jobs.members >= MAX_MEMBERS {
+                return Err(PsError::ResourceExhausted(format!(
+                    "this shard already keeps clocks for {MAX_MEMBERS} workers"
+                )));
+            }
+        }
+        let job = jobs.jobs.entry(r.job.clone()).or_insert_with(|| JobClocks {
+            workers: r.workers,
+            members: HashMap::new(),
+            started: now,
+            lease: r.lease,
+        });
         job.lease = r.lease;
         // The latest report wins: a worker reports in order, and one that
         // restarts (or a rerun of a finished job) starts over from its
         // report rather than from the old clock.
-        let m = &mut job.members[r.worker as usize];
+        let m = job.members.entry(r.worker).or_insert(Member {
+            clock: 0,
+            last_seen: now,
+            finished: false,
+            waiting: 0,
+        });
         m.clock = r.clock;
         m.last_seen = now;
         m.finished = r.finished;
-        Ok(())
+        if new_member {
+            jobs.members += 1;
+        }
+        if job.finished() {
+            jobs.remove(&r.job);
+            return Ok(Some(Answer {
+                min_clock: u64::MAX,
+                reached: true,
+                expired: Vec::new(),
+            }));
+        }
+        Ok(None)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, JobClocks>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Jobs> {
         self.jobs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -342,6 +465,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn finished_jobs_are_freed_so_new_jobs_never_run_out() {
+        let clocks = Clocks::default();
+        for j in 0..(3 * MAX_JOBS) {
+            for worker in 0..2 {
+                let done = Report {
+                    job: format!("run-{j}"),
+                    finished: true,
+                    ..report(worker, 10, 0)
+                };
+                clocks.report(done, Duration::ZERO).await.unwrap();
+            }
+        }
+        let jobs = clocks.lock();
+        assert!(jobs.jobs.is_empty(), "{} jobs kept", jobs.jobs.len());
+        assert_eq!(jobs.members, 0);
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_workers_all_went_silent_is_freed_when_a_new_job_starts() {
+        let clocks = Clocks::default();
+        let lease = Duration::from_millis(20);
+        for j in 0..MAX_JOBS {
+            let r = Report {
+                job: format!("gone-{j}"),
+                lease,
+                ..report(0, 1, 0)
+            };
+            clocks.report(r, Duration::ZERO).await.unwrap();
+        }
+        let full = Report {
+            job: "next".into(),
+            ..report(0, 0, 0)
+        };
+        let refused = clocks.report(full.clone(), Duration::ZERO).await;
+        assert!(
+            matches!(refused, Err(PsError::ResourceExhausted(_))),
+            "{refused:?}: {MAX_JOBS} live jobs fill the table"
+        );
+        tokio::time::sleep(lease * 2).await;
+        clocks.report(full, Duration::ZERO).await.unwrap();
+        assert_eq!(clocks.lock().jobs.len(), 1, "the expired jobs were freed");
+    }
+
+    #[tokio::test]
+    async fn a_job_declaring_many_workers_holds_memory_only_for_those_that_reported() {
+        let clocks = Clocks::default();
+        let wide = Report {
+            workers: MAX_WORKERS,
+            ..report(7, 3, 0)
+        };
+        let answer = clocks.report(wide, Duration::ZERO).await.unwrap();
+        assert_eq!(answer.min_clock, 0, "the silent ranks are at 0");
+        let jobs = clocks.lock();
+        assert_eq!(jobs.jobs["j"].members.len(), 1);
+        assert_eq!(jobs.members, 1);
+    }
+
+    #[tokio::test]
     async fn bad_reports_are_refused_and_change_nothing() {
         let clocks = Clocks::default();
         let rank = Report {
@@ -364,6 +545,6 @@ mod tests {
         };
         let err = clocks.report(other_size, Duration::ZERO).await.unwrap_err();
         assert!(err.to_string().contains("has 2 workers"), "{err}");
-        assert!(clocks.lock()["j"].members[0].clock == 1);
+        assert_eq!(clocks.lock().jobs["j"].members[&0].clock, 1);
     }
 }
