@@ -207,27 +207,36 @@ impl TableSpec {
     }
 }
 
+/// Largest magnitude of an initializer or optimizer parameter. With every
+/// parameter within it, a fresh row (weights and optimizer state) is finite
+/// by construction: a normal sample is at most about 9 std from its mean,
+/// and FTRL's starting `z` is at most `|w| (beta / alpha + l2) + l1`.
+pub const MAX_PARAM: f32 = 1e6;
+
+/// Smallest FTRL alpha (it divides beta when a row's `z` is set up).
+pub const MIN_FTRL_ALPHA: f32 = 1e-12;
+
 fn finite(name: &str, v: f32) -> Result<(), String> {
-    if v.is_finite() {
+    if v.is_finite() && v.abs() <= MAX_PARAM {
         Ok(())
     } else {
-        Err(format!("{name} must be finite, got {v}"))
+        Err(format!("{name} must be within +-{MAX_PARAM:e}, got {v}"))
     }
 }
 
 fn positive(name: &str, v: f32) -> Result<(), String> {
-    if v.is_finite() && v > 0.0 {
+    if v.is_finite() && v > 0.0 && v <= MAX_PARAM {
         Ok(())
     } else {
-        Err(format!("{name} must be > 0, got {v}"))
+        Err(format!("{name} must be > 0 and <= {MAX_PARAM:e}, got {v}"))
     }
 }
 
 fn non_negative(name: &str, v: f32) -> Result<(), String> {
-    if v.is_finite() && v >= 0.0 {
+    if v.is_finite() && (0.0..=MAX_PARAM).contains(&v) {
         Ok(())
     } else {
-        Err(format!("{name} must be >= 0, got {v}"))
+        Err(format!("{name} must be >= 0 and <= {MAX_PARAM:e}, got {v}"))
     }
 }
 
@@ -305,6 +314,11 @@ impl OptimizerSpec {
                 l2,
             } => {
                 positive("optimizer alpha", alpha)?;
+                if alpha < MIN_FTRL_ALPHA {
+                    return Err(format!(
+                        "optimizer alpha must be >= {MIN_FTRL_ALPHA:e}, got {alpha}"
+                    ));
+                }
                 non_negative("optimizer beta", beta)?;
                 non_negative("optimizer l1", l1)?;
                 non_negative("optimizer l2", l2)
@@ -537,6 +551,49 @@ mod tests {
                     }
                 }),
                 "low < high",
+            ),
+            (
+                Box::new(|s| {
+                    s.initializer = InitializerSpec::Normal {
+                        mean: 3e38,
+                        std: 1.0,
+                    }
+                }),
+                "initializer mean must be within",
+            ),
+            (
+                Box::new(|s| {
+                    s.initializer = InitializerSpec::Normal {
+                        mean: 0.0,
+                        std: 1e30,
+                    }
+                }),
+                "initializer std must be >= 0 and <=",
+            ),
+            (
+                Box::new(|s| s.initializer = InitializerSpec::Constant { value: -2e6 }),
+                "initializer value must be within",
+            ),
+            (
+                Box::new(|s| {
+                    s.optimizer = OptimizerSpec::Adagrad {
+                        lr: 0.1,
+                        initial_accumulator: 3e38,
+                        eps: 1e-8,
+                    }
+                }),
+                "initial_accumulator must be >= 0 and <=",
+            ),
+            (
+                Box::new(|s| {
+                    s.optimizer = OptimizerSpec::Ftrl {
+                        alpha: 1e-30,
+                        beta: 1.0,
+                        l1: 0.0,
+                        l2: 0.0,
+                    }
+                }),
+                "alpha must be >= 1e-12",
             ),
             (
                 Box::new(|s| {

@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use ps_common::init::init_row;
 use ps_common::routing::{IdBuildHasher, Placement};
-use ps_common::{PsError, ShardRouter, TableKind, TableSpec};
+use ps_common::{OptimizerSpec, PsError, ShardRouter, TableKind, TableSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::dedup::Claim;
@@ -75,10 +75,15 @@ impl Table {
 
     fn fresh_row(&self, key: u64) -> Box<[f32]> {
         let mut row = vec![0f32; self.row_len].into_boxed_slice();
+        self.fill_fresh_row(key, &mut row);
+        row
+    }
+
+    /// Writes row `key` as the initializer creates it (weights and state) into `row`.
+    fn fill_fresh_row(&self, key: u64, row: &mut [f32]) {
         let (w, state) = row.split_at_mut(self.spec.dim as usize);
         init_row(&self.spec.initializer, self.spec.seed, key, w);
         optimizer::init_state(&self.spec.optimizer, w, state);
-        row
     }
 }
 
@@ -132,6 +137,10 @@ pub struct RequestCounters {
     pub duplicate_pushes: AtomicU64,
     /// Writes applied from the primary's Replicate calls (backup).
     pub replicated_entries: AtomicU64,
+    /// Row updates dropped because they would have made the row
+    /// non-finite after the push was checked (a concurrent push moved the
+    /// row in between); rows themselves are never non-finite.
+    pub nonfinite_skipped: AtomicU64,
 }
 
 impl RequestCounters {
@@ -246,6 +255,62 @@ mod spec_as_protobuf {
         let wire = pb::TableSpec::decode(bytes.as_slice()).map_err(D::Error::custom)?;
         TableSpec::try_from(wire).map_err(D::Error::custom)
     }
+}
+
+/// Refuses pushes whose updates would leave a row they touch non-finite
+/// (weights or optimizer state: an overflowing gradient, a key repeated
+/// until its weight overflows, an accumulator at infinity). The updates are
+/// computed on copies, in request order (a key repeated within the pushes
+/// sees its earlier updates), so a refused call changes nothing. Needs
+/// transient memory of one row per distinct key, bounded by the request.
+fn check_stays_finite(tables: &[Arc<Table>], pushes: &[Push<'_>]) -> Result<(), PsError> {
+    use std::collections::hash_map::Entry as Slot;
+    let distinct_floats: usize = tables
+        .iter()
+        .zip(pushes)
+        .map(|(t, p)| p.keys.len() * t.row_len)
+        .sum();
+    let mut copies: Vec<f32> = Vec::with_capacity(distinct_floats);
+    let mut slots: std::collections::HashMap<(usize, u64), usize, IdBuildHasher> =
+        std::collections::HashMap::with_capacity_and_hasher(
+            pushes.iter().map(|p| p.keys.len()).sum(),
+            IdBuildHasher::default(),
+        );
+    for (table, push) in tables.iter().zip(pushes) {
+        let dim = table.spec.dim as usize;
+        let spec = table.spec.optimizer.with_lr_scale(push.lr_scale);
+        let id = Arc::as_ptr(table) as usize;
+        for (&key, grad) in push.keys.iter().zip(push.grads.chunks_exact(dim)) {
+            let at = match slots.entry((id, key)) {
+                Slot::Occupied(slot) => *slot.get(),
+                Slot::Vacant(slot) => {
+                    let at = copies.len();
+                    match table.rows.get(&key) {
+                        Some(row) => copies.extend_from_slice(&row),
+                        None => {
+                            copies.resize(at + table.row_len, 0.0);
+                            table.fill_fresh_row(key, &mut copies[at..]);
+                        }
+                    }
+                    *slot.insert(at)
+                }
+            };
+            let row = &mut copies[at..at + table.row_len];
+            optimizer::apply(&spec, row, grad);
+            if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+                let part = if i < dim {
+                    "weights"
+                } else {
+                    "optimizer state"
+                };
+                return Err(PsError::invalid(format!(
+                    "the update of key {key} of table '{}' would make its {part} non-finite ({}); nothing was applied",
+                    table.spec.name, row[i]
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One push of [`Shard::push_many`].
@@ -489,8 +554,13 @@ impl Shard {
         grads: &[f32],
         lr_scale: f32,
     ) -> Result<usize, PsError> {
-        let table = self.check_push(table, keys, grads, lr_scale)?;
-        Ok(Self::apply_push(&table, keys, grads, lr_scale))
+        let push = Push {
+            table,
+            keys,
+            grads,
+            lr_scale,
+        };
+        Ok(self.push_many(&[push])?.iter().sum())
     }
 
     /// Several pushes (to any tables) applied as one: every push is
@@ -519,6 +589,7 @@ impl Shard {
             .iter()
             .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
             .collect::<Result<Vec<_>, _>>()?;
+        check_stays_finite(&tables, pushes)?;
         match self.applied.claim(writer, seq, replica_seq) {
             Claim::New => {}
             Claim::Repeat(replica_seq) => {
@@ -537,7 +608,7 @@ impl Shard {
             tables
                 .iter()
                 .zip(pushes)
-                .map(|(table, p)| Self::apply_push(table, p.keys, p.grads, p.lr_scale))
+                .map(|(table, p)| self.apply_push(table, p.keys, p.grads, p.lr_scale))
                 .collect(),
         ))
     }
@@ -556,6 +627,12 @@ impl Shard {
             )));
         }
         let table = self.table(table)?;
+        if lr_scale == 0.0 && matches!(table.spec.optimizer, OptimizerSpec::Ftrl { .. }) {
+            return Err(PsError::invalid(format!(
+                "table '{}' uses FTRL, whose lr_scale multiplies alpha, a divisor: it must be > 0",
+                table.spec.name
+            )));
+        }
         let dim = table.spec.dim as usize;
         if grads.len() != keys.len() * dim {
             return Err(PsError::invalid(format!(
@@ -579,16 +656,25 @@ impl Shard {
         Ok(table)
     }
 
-    /// Applies a checked push.
-    fn apply_push(table: &Table, keys: &[u64], grads: &[f32], lr_scale: f32) -> usize {
+    /// Applies a checked push. Each row is updated under its lock and kept
+    /// only if it stays finite: [`check_stays_finite`] refused the pushes
+    /// that would break that, so a row is skipped (and counted in
+    /// `nonfinite_skipped`) only if a concurrent push moved it in between.
+    fn apply_push(&self, table: &Table, keys: &[u64], grads: &[f32], lr_scale: f32) -> usize {
         let dim = table.spec.dim as usize;
         let spec = table.spec.optimizer.with_lr_scale(lr_scale);
+        let mut before = vec![0f32; table.row_len];
         for (&key, grad) in keys.iter().zip(grads.chunks_exact(dim)) {
             let mut row = table
                 .rows
                 .entry(key)
                 .or_insert_with(|| table.fresh_row(key));
+            before.copy_from_slice(&row);
             optimizer::apply(&spec, &mut row, grad);
+            if !row.iter().all(|v| v.is_finite()) {
+                row.copy_from_slice(&before);
+                RequestCounters::add(&self.counters.nonfinite_skipped, 1);
+            }
         }
         keys.len()
     }
@@ -669,6 +755,13 @@ impl Shard {
                 )));
             }
             self.check_keys(&table, &t.keys)?;
+            if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': the snapshot's row of key {} holds a non-finite value ({}); rows are always finite",
+                    t.keys[i / table.row_len],
+                    t.values[i]
+                )));
+            }
             for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
                 table.rows.insert(key, row.into());
             }
@@ -885,6 +978,71 @@ mod tests {
             2,
             "no row was created either"
         );
+    }
+
+    #[test]
+    fn an_update_that_would_make_a_row_non_finite_is_refused_whole() {
+        let optimizers = [
+            OptimizerSpec::Sgd { lr: 1.0 },
+            OptimizerSpec::Adagrad {
+                lr: 0.1,
+                initial_accumulator: 0.1,
+                eps: 1e-8,
+            },
+            OptimizerSpec::Adam {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            OptimizerSpec::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 0.0,
+                l2: 0.0,
+            },
+        ];
+        // (keys, gradients, refused by [SGD, Adagrad, Adam, FTRL])
+        let hostile: [(&[u64], &[f32], [bool; 4]); 3] = [
+            // A huge gradient: g^2 overflows the accumulators; SGD's weight
+            // stays finite (|w| + 3e38 < f32::MAX).
+            (&[1, 2], &[0.5, 3e38], [false, true, true, true]),
+            // g^2 = 1e40 overflows; Adam computes (1 - beta2) * g * g = 1e37.
+            (&[3], &[1e20], [false, true, false, true]),
+            // A finite gradient repeated until even SGD's weight overflows.
+            (&[4, 4, 4], &[-3e38, -3e38, -3e38], [true, true, true, true]),
+        ];
+        for (o, optimizer) in optimizers.into_iter().enumerate() {
+            let shard = Shard::new(0, 1);
+            let mut s = spec("emb", TableKind::Sparse, 1);
+            s.optimizer = optimizer;
+            shard.create_table(s).unwrap();
+            shard.push("emb", &[1, 2], &[0.5, -0.5]).unwrap();
+            for (keys, grads, refusals) in hostile {
+                let refused = refusals[o];
+                let before = shard.snapshot();
+                match shard.push("emb", keys, grads) {
+                    Err(err) => {
+                        assert!(refused, "{optimizer:?} {grads:?}: {err}");
+                        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+                        assert!(err.to_string().contains("non-finite"), "{err}");
+                        assert_eq!(shard.snapshot(), before, "{optimizer:?}: refused whole");
+                    }
+                    Ok(_) => assert!(!refused, "{optimizer:?} accepted {grads:?}"),
+                }
+                let after = shard.snapshot();
+                assert!(
+                    after.tables[0].values.iter().all(|v| v.is_finite()),
+                    "{optimizer:?}: a row went non-finite"
+                );
+            }
+        }
+        let ftrl = Shard::new(0, 1);
+        let mut s = spec("f", TableKind::Sparse, 1);
+        s.optimizer = optimizers[3];
+        ftrl.create_table(s).unwrap();
+        let err = ftrl.push_scaled("f", &[1], &[1.0], 0.0).unwrap_err();
+        assert!(err.to_string().contains("alpha"), "{err}");
     }
 
     #[test]
