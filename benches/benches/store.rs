@@ -52,6 +52,9 @@ fn optimizers() -> [(&'static str, OptimizerSpec); 3] {
 }
 
 fn apply(c: &mut Criterion) {
+    // The allocator settings of the ps-server binary: a push's transient
+    // buffers (decoded gradients, its undo record) are reused, not mapped anew.
+    ps_common::memory::keep_freed_memory();
     let mut group = c.benchmark_group("apply");
     group.throughput(Throughput::Elements(ROWS_PER_REQUEST as u64));
     for dim in [16u32, 64] {

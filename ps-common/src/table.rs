@@ -14,6 +14,9 @@ use crate::routing::Placement;
 pub const MAX_DIM: u32 = 1 << 16;
 /// Largest accepted dense table, in floats (4 GiB of weights).
 pub const MAX_DENSE_FLOATS: u64 = 1 << 30;
+/// Most routing blocks of one dense table (`rows / block_rows`, rounded
+/// up): a shard walks them to find its own when the table is made.
+pub const MAX_DENSE_BLOCKS: u64 = 1 << 22;
 
 /// The shape and behaviour of one table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +178,11 @@ impl TableSpec {
             }
             if block_rows == 0 {
                 return Err(ctx("a dense table needs block_rows >= 1".into()));
+            }
+            if rows.div_ceil(u64::from(block_rows)) > MAX_DENSE_BLOCKS {
+                return Err(ctx(format!(
+                    "rows / block_rows = {rows} / {block_rows} is over the limit of {MAX_DENSE_BLOCKS} blocks; use larger blocks"
+                )));
             }
             if rows.saturating_mul(u64::from(self.dim)) > MAX_DENSE_FLOATS {
                 return Err(ctx(format!(

@@ -104,6 +104,20 @@ impl Applied {
         Claim::New
     }
 
+    /// Forgets `(writer, seq)` again: the call it claimed was refused.
+    pub fn cancel(&self, writer: u64, seq: u64) {
+        if writer == 0 {
+            return;
+        }
+        let mut guard = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(record) = guard.1.get_mut(&writer) {
+            record.recent.remove(&seq);
+        }
+    }
+
     /// A copy of every writer's record (for a joining backup).
     pub fn snapshot(&self) -> Vec<(u64, WriterRecord)> {
         let guard = self

@@ -16,6 +16,7 @@
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
 pub mod auth;
+pub mod budget;
 pub mod checkpoint;
 pub mod clock;
 pub mod dedup;

@@ -91,7 +91,10 @@ impl ServerConfig {
                 self.shard_id, self.num_shards
             )));
         }
-        if self.limits.max_keys_per_request == 0 || self.limits.max_request_bytes == 0 {
+        if self.limits.max_keys_per_request == 0
+            || self.limits.max_request_bytes == 0
+            || self.limits.max_response_bytes == 0
+        {
             return Err(ServeError::Config("request limits must be >= 1".into()));
         }
         if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
@@ -170,7 +173,9 @@ pub async fn run_replicated(
             .with_replication(Arc::clone(&replication)),
     )
     .max_decoding_message_size(config.limits.max_request_bytes)
-    .max_encoding_message_size(usize::MAX);
+    // Values are bounded by max_response_bytes before they are read; the
+    // rest of a message (keys, framing, a Join chunk) is small beside them.
+    .max_encoding_message_size(config.limits.max_response_bytes.saturating_add(16 << 20));
     let service = InterceptedService::new(service, config.auth.clone());
     let periodic = match (config.checkpoint_every, &checkpoints) {
         (Some(every), Some(checkpoints)) => Some(tokio::spawn(checkpoint_periodically(

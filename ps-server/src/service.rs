@@ -26,6 +26,10 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Largest number of keys in one pull or push.
     pub max_keys_per_request: usize,
+    /// Largest response values one Pull or PullMany may return, in bytes
+    /// (keys x dim x value width, summed over a PullMany's parts), checked
+    /// before anything is read or allocated.
+    pub max_response_bytes: usize,
 }
 
 impl Default for Limits {
@@ -33,6 +37,7 @@ impl Default for Limits {
         Limits {
             max_request_bytes: 64 << 20,
             max_keys_per_request: 1 << 20,
+            max_response_bytes: 64 << 20,
         }
     }
 }
@@ -161,6 +166,7 @@ impl ShardService {
             num_shards: self.shard.num_shards(),
             max_keys_per_request: self.limits.max_keys_per_request as u64,
             max_request_bytes: self.limits.max_request_bytes as u64,
+            max_response_bytes: self.limits.max_response_bytes as u64,
             role: role.to_string(),
             backup: backup.unwrap_or_default(),
         }))
@@ -232,7 +238,13 @@ impl ShardService {
         let request_bytes = req.encoded_len() as u64;
         let part = self.pull_part(req).map_err(|e| self.fail(e))?;
         let rows = part.keys.len() as u64;
-        let response = self.blocking(move |shard| part.serve(shard)).await?;
+        let limit = self.limits.max_response_bytes;
+        let response = self
+            .blocking(move |shard| {
+                check_response_bytes(shard, std::slice::from_ref(&part), limit)?;
+                part.serve(shard)
+            })
+            .await?;
         RequestCounters::add(&counters.rows_pulled, rows);
         RequestCounters::add(
             &counters.pull_bytes,
@@ -260,8 +272,10 @@ impl ShardService {
         let rows: usize = parts.iter().map(|p| p.keys.len()).sum();
         self.check_key_count(rows, "call")
             .map_err(|e| self.fail(e))?;
+        let limit = self.limits.max_response_bytes;
         let response = self
             .blocking(move |shard| {
+                check_response_bytes(shard, &parts, limit)?;
                 let pulls = parts
                     .iter()
                     .map(|p| p.serve(shard))
@@ -467,8 +481,8 @@ impl ShardService {
         let c = &self.shard.counters;
         RequestCounters::add(&c.stats, 1);
         let tables = self
-            .shard
-            .table_stats()
+            .blocking(|shard| Ok(shard.table_stats()))
+            .await?
             .into_iter()
             .map(|t| PbTableStats {
                 kind: match t.spec.kind {
@@ -479,6 +493,7 @@ impl ShardService {
                 name: t.spec.name,
                 rows: t.rows,
                 bytes: t.bytes,
+                memory_bytes: t.memory_bytes,
             })
             .collect();
         Ok(Response::new(pb::StatsResponse {
@@ -504,6 +519,8 @@ impl ShardService {
                 replicated_entries: c.replicated_entries.load(Relaxed),
             }),
             role: self.replication.describe().0.to_string(),
+            memory_budget_bytes: self.shard.budget.limit(),
+            memory_used_bytes: self.shard.budget.used(),
         }))
     }
 }
@@ -597,6 +614,23 @@ impl ShardService {
 type JoinStream = std::pin::Pin<
     Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<pb::JoinChunk, Status>> + Send>,
 >;
+
+/// Refuses pulls whose answer would pass `limit` bytes of values, before
+/// a row is read or a byte of the answer allocated.
+fn check_response_bytes(shard: &Shard, parts: &[PullPart], limit: usize) -> Result<(), PsError> {
+    let mut total: u64 = 0;
+    for part in parts {
+        let dim = u64::from(shard.table(&part.table)?.spec().dim);
+        let width = wire::value_bytes(part.encoding) as u64;
+        total = total.saturating_add((part.keys.len() as u64).saturating_mul(dim * width));
+    }
+    if total > limit as u64 {
+        return Err(PsError::ResourceExhausted(format!(
+            "the answer would hold {total} bytes of values, over this shard's limit of {limit} (--max-response-bytes): pull fewer keys per call"
+        )));
+    }
+    Ok(())
+}
 
 /// A checked pull, ready for the store.
 struct PullPart {
@@ -839,6 +873,7 @@ mod tests {
         let svc = service(Limits {
             max_request_bytes: 1 << 20,
             max_keys_per_request: 4,
+            ..Limits::default()
         });
         create(&svc, 2).await;
         let missing = pb::PullRequest {
@@ -944,6 +979,7 @@ mod tests {
         let svc = service(Limits {
             max_request_bytes: 1 << 20,
             max_keys_per_request: 2,
+            ..Limits::default()
         });
         create(&svc, 1).await;
         let cases = [
@@ -1226,7 +1262,7 @@ mod tests {
                 push in any_push()
             ) {
                 let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-                let svc = service(Limits { max_request_bytes: 1 << 20, max_keys_per_request: 5 });
+                let svc = service(Limits { max_request_bytes: 1 << 20, max_keys_per_request: 5, ..Limits::default() });
                 runtime.block_on(create(&svc, 2));
                 let before = svc.shard.snapshot();
                 let keys = match wire::decode_delta_keys(&push.delta_keys, usize::MAX) {

@@ -140,7 +140,7 @@ struct ShardConn {
     auth: Option<AsciiMetadataValue>,
     /// Most keys one request to this shard may carry.
     max_keys: usize,
-    /// Largest request this shard accepts, in bytes.
+    /// Largest request this shard accepts, and largest answer it gives, in bytes.
     max_bytes: usize,
 }
 
@@ -158,7 +158,13 @@ impl ShardConn {
             max_keys: usize::try_from(described.max_keys_per_request)
                 .unwrap_or(usize::MAX)
                 .max(1),
-            max_bytes: usize::try_from(described.max_request_bytes).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(described.max_request_bytes)
+                .unwrap_or(usize::MAX)
+                .min(match described.max_response_bytes {
+                    // A server from before the answer limit.
+                    0 => usize::MAX,
+                    n => usize::try_from(n).unwrap_or(usize::MAX),
+                }),
         }
     }
 
@@ -233,13 +239,14 @@ impl Replicas {
         current.1.chunk_keys(dim)
     }
 
-    /// Most keys in one request to the serving replica.
-    fn max_keys(&self) -> usize {
+    /// Most keys in one request to the serving replica, and most bytes in
+    /// one of its requests or answers.
+    fn limits(&self) -> (usize, usize) {
         let current = self
             .current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        current.1.max_keys
+        (current.1.max_keys, current.1.max_bytes)
     }
 
     /// An error about this shard, naming the serving replica.
@@ -416,6 +423,8 @@ struct Group<R, P> {
     parts: Vec<(R, P)>,
     bytes: usize,
     keys: usize,
+    /// Bytes of values the parts' answers carry (pulls).
+    answer: usize,
 }
 
 /// Where a pulled part's rows go: table index among the call's tables,
@@ -660,7 +669,8 @@ impl PsClient {
                         dim: info.dim,
                         positions: pos.to_vec(),
                     };
-                    parts.push((shard_id, request, placed, pos.len()));
+                    let answer = pos.len() * info.dim * wire::value_bytes(wire.pull_values);
+                    parts.push((shard_id, request, placed, pos.len(), answer));
                 }
             }
         }
@@ -741,36 +751,42 @@ impl PsClient {
     }
 
     /// Groups per-shard parts into calls: parts of at least `coalesce_bytes`
-    /// go alone, smaller ones to the same shard together up to that size
-    /// and the shard's key limit. `(shard, parts of one call)`.
+    /// go alone, smaller ones to the same shard together up to that size,
+    /// the shard's key limit and its answer limit. Each part is
+    /// `(shard, request, placement, keys, bytes of values in its answer)`;
+    /// returns `(shard, parts of one call)`.
     fn coalesce<R: Message, P>(
         &self,
-        parts: Vec<(usize, R, P, usize)>,
+        parts: Vec<(usize, R, P, usize, usize)>,
     ) -> Vec<(usize, Vec<(R, P)>)> {
         let limit = self.inner.coalesce_bytes;
         let mut open: HashMap<usize, Group<R, P>> = HashMap::new();
         let mut calls = Vec::new();
-        for (shard_id, request, placed, keys) in parts {
+        for (shard_id, request, placed, keys, answer) in parts {
             let bytes = request.encoded_len();
             if bytes >= limit {
                 calls.push((shard_id, vec![(request, placed)]));
                 continue;
             }
-            let max_keys = self.inner.shards[shard_id].max_keys();
+            let (max_keys, max_bytes) = self.inner.shards[shard_id].limits();
             let group = open.entry(shard_id).or_insert_with(|| Group {
                 parts: Vec::new(),
                 bytes: 0,
                 keys: 0,
+                answer: 0,
             });
             if !group.parts.is_empty()
-                && (group.bytes + bytes > limit || group.keys + keys > max_keys)
+                && (group.bytes + bytes > limit
+                    || group.keys + keys > max_keys
+                    || group.answer + answer > max_bytes)
             {
                 calls.push((shard_id, std::mem::take(&mut group.parts)));
-                (group.bytes, group.keys) = (0, 0);
+                (group.bytes, group.keys, group.answer) = (0, 0, 0);
             }
             group.parts.push((request, placed));
             group.bytes += bytes;
             group.keys += keys;
+            group.answer += answer;
         }
         calls.extend(
             open.into_iter()
@@ -926,7 +942,7 @@ impl PsClient {
                     delta_keys,
                     ..Default::default()
                 };
-                parts.push((shard_id, request, (), chunk_keys.len()));
+                parts.push((shard_id, request, (), chunk_keys.len(), 0));
             }
         }
         for (shard_id, group) in self.coalesce(parts) {

@@ -198,6 +198,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
     let limits = Limits {
         max_request_bytes: 4096,
         max_keys_per_request: 100,
+        ..Limits::default()
     };
     let (cluster, client) = cluster(1, limits).await;
     client.create_table(&sparse("emb", 2)).await.unwrap();

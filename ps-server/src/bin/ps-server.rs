@@ -33,6 +33,18 @@ struct Args {
     /// Largest number of keys in one pull or push; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_keys_per_request)]
     max_keys_per_request: usize,
+    /// Largest answer one pull (or PullMany) may carry, in bytes of values
+    /// (keys x dim x value width); larger ones get RESOURCE_EXHAUSTED before
+    /// anything is read.
+    #[arg(long, default_value_t = Limits::default().max_response_bytes)]
+    max_response_bytes: usize,
+    /// Bytes this shard's tables may hold (e.g. 8G, 512MiB): requests that
+    /// would create rows or tables past it get RESOURCE_EXHAUSTED and create
+    /// nothing. Default: half of the machine's (or container's) memory; the
+    /// other half is for checkpoints, a joining backup's snapshot and
+    /// requests in flight.
+    #[arg(long, value_name = "BYTES", value_parser = ps_server::budget::parse_bytes)]
+    memory_budget: Option<u64>,
     /// Folder where the Checkpoint RPC writes NAME/shard-I.bin (and its
     /// manifest); without it, checkpoints are refused.
     #[arg(long)]
@@ -120,6 +132,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         limits: Limits {
             max_request_bytes: args.max_request_bytes,
             max_keys_per_request: args.max_keys_per_request,
+            max_response_bytes: args.max_response_bytes,
         },
         checkpoint_dir: args.checkpoint_dir.clone(),
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
@@ -156,6 +169,24 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         None => Shard::new(args.shard_id, args.num_shards),
     };
     shard.set_row_cap(args.max_rows_per_table);
+    match args
+        .memory_budget
+        .or_else(ps_server::budget::default_budget)
+    {
+        Some(budget) => {
+            if shard.budget.used() > budget {
+                anyhow::bail!(
+                    "--memory-budget {budget}: the restored tables already hold {} bytes",
+                    shard.budget.used()
+                );
+            }
+            shard.budget.set_limit(budget);
+            tracing::info!(bytes = budget, "memory budget");
+        }
+        None => tracing::warn!(
+            "cannot read this machine's memory; the tables have no memory budget (set --memory-budget)"
+        ),
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;

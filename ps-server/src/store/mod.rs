@@ -1,0 +1,803 @@
+//! The tables of one shard, knowing nothing of gRPC.
+//!
+//! A [`Shard`] owns its tables ([`table`]: sparse rows in a concurrent map,
+//! dense rows in blocks), the record of applied pushes, its memory budget
+//! ([`crate::budget`]) and its request counters. Every operation validates
+//! its whole input before changing anything, so a request is either applied
+//! completely or not at all; a request that may create rows reserves their
+//! memory first. Rows are always finite: each updated row is checked as it
+//! is written, and a push that would make one non-finite is refused, the
+//! rows it had changed put back from its undo record (a concurrent pull may
+//! see them for those microseconds; a row another push changed meanwhile
+//! keeps both, as putting it back would lose that push).
+//!
+//! - [`table`]: one table's rows and what they cost.
+//! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
+
+mod snapshot;
+mod table;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use ps_common::routing::IdBuildHasher;
+use ps_common::{OptimizerSpec, PsError, ShardRouter, TableSpec};
+
+use crate::budget::{MemoryBudget, Reservation};
+use crate::dedup::Claim;
+use crate::optimizer;
+
+pub use snapshot::{ShardSnapshot, TableSnapshot};
+use table::Owner;
+pub use table::{SPARSE_ROW_OVERHEAD, Table};
+
+/// Most tables one shard holds.
+pub const MAX_TABLES: usize = 4096;
+
+/// Counters of the requests a shard has served.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    /// CreateTable calls.
+    pub create_table: AtomicU64,
+    /// Pull calls.
+    pub pull: AtomicU64,
+    /// Push calls.
+    pub push: AtomicU64,
+    /// Stats calls.
+    pub stats: AtomicU64,
+    /// Checkpoint calls.
+    pub checkpoint: AtomicU64,
+    /// Assign requests.
+    pub assign: AtomicU64,
+    /// Clock calls.
+    pub clock: AtomicU64,
+    /// PullMany calls.
+    pub pull_many: AtomicU64,
+    /// PushMany calls.
+    pub push_many: AtomicU64,
+    /// Calls answered with an error.
+    pub errors: AtomicU64,
+    /// Rows returned by pulls.
+    pub rows_pulled: AtomicU64,
+    /// Rows updated by pushes.
+    pub rows_pushed: AtomicU64,
+    /// Encoded bytes of pull requests and their responses.
+    pub pull_bytes: AtomicU64,
+    /// Encoded bytes of push requests and their responses.
+    pub push_bytes: AtomicU64,
+    /// Push calls applied (a `PushMany` counts once), from workers or replicated.
+    pub updates_applied: AtomicU64,
+    /// Push calls acknowledged as duplicates of an applied `(writer, seq)`.
+    pub duplicate_pushes: AtomicU64,
+    /// Writes applied from the primary's Replicate calls (backup).
+    pub replicated_entries: AtomicU64,
+    /// Row updates dropped because they would have made the row
+    /// non-finite after the push was checked (a concurrent push moved the
+    /// row in between); rows themselves are never non-finite.
+    pub nonfinite_skipped: AtomicU64,
+}
+
+impl RequestCounters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Rows and bytes of one table, as reported by [`Shard::table_stats`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableStats {
+    /// The table's spec.
+    pub spec: TableSpec,
+    /// Rows held on this shard.
+    pub rows: u64,
+    /// Bytes of weights and optimizer state.
+    pub bytes: u64,
+    /// Memory the rows take as the budget counts it (with the store's overhead).
+    pub memory_bytes: u64,
+}
+
+/// Whether every value of `row` is finite, and a fingerprint of its bits
+/// (one pass of two reductions, so it vectorizes: no early exit, no chain
+/// of multiplications). The fingerprint only tells whether another push
+/// changed a row since: any change of one value changes it.
+fn finite_and_fingerprint(row: &[f32]) -> (bool, u64) {
+    let (bad, sum) = row.iter().fold((0u32, 0u64), |(bad, sum), v| {
+        let bits = v.to_bits();
+        (
+            bad | u32::from(bits & 0x7f80_0000 == 0x7f80_0000),
+            sum.wrapping_add(u64::from(bits) * 0x9e37_79b9),
+        )
+    });
+    (bad == 0, sum)
+}
+
+/// The fingerprint of row `key` as the initializer creates it.
+fn fingerprint_of_fresh(table: &Table, key: u64) -> u64 {
+    let mut row = vec![0f32; table.row_len];
+    table.fill_fresh_row(key, &mut row);
+    finite_and_fingerprint(&row).1
+}
+
+/// The rows one push call changed, as they were, so that a call refused
+/// part-way can be put back.
+#[derive(Debug)]
+struct Undo {
+    /// (table index, key, whether the call created the row, fingerprint
+    /// of the row as the call left it), in order.
+    rows: Vec<(usize, u64, bool, u64)>,
+    /// The changed rows' floats before the call, row after row.
+    before: Vec<f32>,
+}
+
+impl Undo {
+    /// Room for `rows` row changes of `floats` floats in all.
+    fn with_room(rows: usize, floats: usize) -> Undo {
+        Undo {
+            rows: Vec::with_capacity(rows),
+            before: Vec::with_capacity(floats),
+        }
+    }
+
+    /// Puts back every row the call changed, newest first. A row another
+    /// push changed since (its fingerprint differs) is left as it is:
+    /// putting it back would lose that push. A row the call created is
+    /// removed.
+    fn roll_back(&self, tables: &[Arc<Table>], budget: &MemoryBudget) {
+        let mut at = self.before.len();
+        for &(t, key, created, left) in self.rows.iter().rev() {
+            let table = &tables[t];
+            at -= table.row_len;
+            let before = &self.before[at..at + table.row_len];
+            if created {
+                if table.remove_if(key, |row| finite_and_fingerprint(row).1 == left) {
+                    budget.release(table.sparse_row_bytes());
+                }
+            } else {
+                table.update(key, |row| {
+                    if finite_and_fingerprint(row).1 == left {
+                        row.copy_from_slice(before);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One push of [`Shard::push_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Push<'a> {
+    /// The table.
+    pub table: &'a str,
+    /// Rows, in order.
+    pub keys: &'a [u64],
+    /// `keys.len() * dim` gradients.
+    pub grads: &'a [f32],
+    /// Learning-rate factor.
+    pub lr_scale: f32,
+}
+
+/// What [`Shard::push_many_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Applied: rows per push.
+    Applied(Vec<usize>),
+    /// The `(writer, seq)` was applied before, by write `replica_seq`;
+    /// nothing was applied now.
+    Duplicate {
+        /// Replication number of the write that applied it.
+        replica_seq: u64,
+    },
+}
+
+/// All tables of one shard. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct Shard {
+    owner: Owner,
+    tables: DashMap<String, Arc<Table>>,
+    /// Held while a table is made, so the tables map is never locked for
+    /// the time it takes to allocate one (other requests go on).
+    creating: Mutex<()>,
+    /// The `(writer, seq)` pairs of the pushes applied.
+    pub applied: crate::dedup::Applied,
+    /// Request counters, updated by the service layer.
+    pub counters: RequestCounters,
+    /// Per-RPC outcomes and latencies, updated by the service layer.
+    pub rpc_metrics: crate::metrics::RpcMetrics,
+    /// The bytes the tables may hold (`--memory-budget`).
+    pub budget: MemoryBudget,
+    /// Most rows a sparse table may hold on this shard (`usize::MAX`: no cap).
+    row_cap: AtomicUsize,
+}
+
+impl Shard {
+    /// An empty shard `shard_id` of `num_shards`, with no memory limit
+    /// (see [`Shard::budget`]).
+    pub fn new(shard_id: u32, num_shards: u32) -> Self {
+        Shard {
+            owner: Owner {
+                shard_id,
+                router: ShardRouter::new(num_shards),
+            },
+            tables: DashMap::new(),
+            creating: Mutex::new(()),
+            applied: crate::dedup::Applied::default(),
+            counters: RequestCounters::default(),
+            rpc_metrics: crate::metrics::RpcMetrics::default(),
+            budget: MemoryBudget::default(),
+            row_cap: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Caps the rows each sparse table may hold on this shard (`None`: no
+    /// cap). A pull, push or assign that would create rows past the cap is
+    /// refused with RESOURCE_EXHAUSTED and creates nothing. Concurrent
+    /// requests are checked independently: a table can pass the cap by at
+    /// most the new rows of requests in flight together (the memory
+    /// budget, in contrast, is exact).
+    pub fn set_row_cap(&self, cap: Option<usize>) {
+        self.row_cap
+            .store(cap.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// The distinct keys of `keys` that `table` does not hold yet.
+    fn fresh_keys(table: &Table, keys: &[u64]) -> usize {
+        let mut fresh: std::collections::HashSet<u64, IdBuildHasher> =
+            std::collections::HashSet::default();
+        for &k in keys {
+            if !table.contains(k) {
+                fresh.insert(k);
+            }
+        }
+        fresh.len()
+    }
+
+    /// Checks the row cap and reserves the memory of the rows a request on
+    /// `keys` may create: at worst every key is new; counted exactly only
+    /// when that worst case does not fit. Refuses with RESOURCE_EXHAUSTED,
+    /// before anything is created, a request that cannot fit.
+    fn make_room(&self, table: &Table, keys: &[u64]) -> Result<Reservation<'_>, PsError> {
+        if !table.is_sparse() {
+            return self.budget.reserve(0, String::new);
+        }
+        let cap = self.row_cap.load(Ordering::Relaxed);
+        let mut fresh = None;
+        if cap != usize::MAX {
+            let new = Self::fresh_keys(table, keys);
+            let held = table.len();
+            if held + new > cap {
+                return Err(PsError::ResourceExhausted(format!(
+                    "table '{}' holds {held} rows on this shard; {new} new rows would pass its cap of {cap} (--max-rows-per-table)",
+                    table.spec.name
+                )));
+            }
+            fresh = Some(new);
+        }
+        let per_row = table.sparse_row_bytes();
+        let worst = keys.len() as u64 * per_row;
+        if fresh.is_none()
+            && let Ok(reservation) = self.budget.reserve(worst, String::new)
+        {
+            return Ok(reservation);
+        }
+        let new = fresh.unwrap_or_else(|| Self::fresh_keys(table, keys)) as u64;
+        self.budget.reserve(new * per_row, || {
+            format!("creating {new} rows of table '{}'", table.spec.name)
+        })
+    }
+
+    /// This shard's index.
+    pub fn shard_id(&self) -> u32 {
+        self.owner.shard_id
+    }
+
+    /// Number of shards in the job.
+    pub fn num_shards(&self) -> u32 {
+        self.owner.router.num_shards()
+    }
+
+    /// Creates a table. Returns `Ok(true)` if it was created, `Ok(false)` if an
+    /// identical table already existed, and an error naming the first differing
+    /// field if a different one did. A table whose rows would not fit in the
+    /// memory budget is refused before anything is allocated; a dense
+    /// table's rows are allocated without holding the tables map, so other
+    /// requests go on meanwhile.
+    pub fn create_table(&self, spec: TableSpec) -> Result<bool, PsError> {
+        spec.validate()?;
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = self.tables.get(&spec.name) {
+            return match existing.spec.first_difference(&spec) {
+                None => Ok(false),
+                Some((field, existing, requested)) => Err(PsError::TableConflict {
+                    table: spec.name,
+                    field,
+                    existing,
+                    requested,
+                }),
+            };
+        }
+        if self.tables.len() >= MAX_TABLES {
+            return Err(PsError::ResourceExhausted(format!(
+                "this shard already holds {MAX_TABLES} tables"
+            )));
+        }
+        let owned = Table::owned_blocks(&spec, &self.owner);
+        let bytes = Table::base_bytes(&spec, &owned);
+        let mut reservation = self
+            .budget
+            .reserve(bytes, || format!("table '{}'", spec.name))?;
+        let mut table = Table::empty(spec);
+        table.fill_dense(&owned);
+        reservation.keep(bytes);
+        self.tables.insert(table.spec.name.clone(), Arc::new(table));
+        Ok(true)
+    }
+
+    /// The named table.
+    pub fn table(&self, name: &str) -> Result<Arc<Table>, PsError> {
+        self.tables
+            .get(name)
+            .map(|t| Arc::clone(t.value()))
+            .ok_or_else(|| PsError::UnknownTable(name.to_string()))
+    }
+
+    /// Checks that every key belongs to this shard (and, for dense tables, to the tensor).
+    fn check_keys(&self, table: &Table, keys: &[u64]) -> Result<(), PsError> {
+        if let Some(rows) = table.dense_rows()
+            && let Some(&bad) = keys.iter().find(|&&k| k >= rows)
+        {
+            return Err(PsError::invalid(format!(
+                "row {bad} is out of range for dense table '{}' with {rows} rows",
+                table.spec.name
+            )));
+        }
+        if let Some(&bad) = keys.iter().find(|&&k| !self.owner.owns(table.placement, k)) {
+            return Err(PsError::invalid(format!(
+                "key {bad} of table '{}' belongs to shard {}, not shard {} (client routing mismatch: check the order and count of --servers)",
+                table.spec.name,
+                self.owner.router.shard_of(table.placement, bad),
+                self.owner.shard_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends the weights of `keys` (in order) to `out`; creates missing
+    /// sparse rows. Returns the table's dim.
+    pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<u32, PsError> {
+        let start = out.len();
+        self.pull_each(table, keys, |row| {
+            if out.len() == start {
+                out.reserve(keys.len() * row.len());
+            }
+            out.extend_from_slice(row)
+        })
+    }
+
+    /// Hands the weights of `keys` (in order) to `each`; creates missing
+    /// sparse rows. Returns the table's dim. Lets a caller encode rows
+    /// straight from the table.
+    pub fn pull_each(
+        &self,
+        table: &str,
+        keys: &[u64],
+        mut each: impl FnMut(&[f32]),
+    ) -> Result<u32, PsError> {
+        let table = self.table(table)?;
+        self.check_keys(&table, keys)?;
+        let mut room = self.make_room(&table, keys)?;
+        let dim = table.spec.dim as usize;
+        let per_row = table.sparse_row_bytes();
+        for &key in keys {
+            if let Some(((), true)) = table.read_or_create(key, |row| each(&row[..dim])) {
+                room.keep(per_row);
+            }
+        }
+        Ok(table.spec.dim)
+    }
+
+    /// Applies `grads` (`keys.len() * dim` values, key after key) with the
+    /// table's optimizer. Nothing is applied unless the whole request is valid.
+    pub fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<usize, PsError> {
+        self.push_scaled(table, keys, grads, 1.0)
+    }
+
+    /// Sets the weights of `keys` (`values` holds `keys.len() * dim`), with
+    /// optimizer state reset as for a fresh row. Nothing changes unless the
+    /// whole request is valid.
+    pub fn assign(&self, table: &str, keys: &[u64], values: &[f32]) -> Result<usize, PsError> {
+        let table = self.table(table)?;
+        let dim = table.spec.dim as usize;
+        if values.len() != keys.len() * dim {
+            return Err(PsError::invalid(format!(
+                "table '{}' has dim {dim}: {} keys need {} values, got {}",
+                table.spec.name,
+                keys.len(),
+                keys.len() * dim,
+                values.len()
+            )));
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(PsError::invalid(format!(
+                "value for key {} of table '{}' is not finite ({}); nothing was assigned",
+                keys[i / dim],
+                table.spec.name,
+                values[i]
+            )));
+        }
+        self.check_keys(&table, keys)?;
+        let mut room = self.make_room(&table, keys)?;
+        let per_row = table.sparse_row_bytes();
+        let mut row = vec![0f32; table.row_len];
+        for (&key, weights) in keys.iter().zip(values.chunks_exact(dim)) {
+            let (w, state) = row.split_at_mut(dim);
+            w.copy_from_slice(weights);
+            optimizer::init_state(&table.spec.optimizer, w, state);
+            if table.set(key, &row) == Some(true) {
+                room.keep(per_row);
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// [`Shard::push`] with the optimizer's learning rate multiplied by
+    /// `lr_scale` (the worker's schedule).
+    pub fn push_scaled(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+        lr_scale: f32,
+    ) -> Result<usize, PsError> {
+        let push = Push {
+            table,
+            keys,
+            grads,
+            lr_scale,
+        };
+        Ok(self.push_many(&[push])?.iter().sum())
+    }
+
+    /// Several pushes (to any tables) applied as one: every push is
+    /// validated before any is applied, so a refused one applies nothing.
+    /// Returns the rows applied per push.
+    pub fn push_many(&self, pushes: &[Push<'_>]) -> Result<Vec<usize>, PsError> {
+        match self.push_many_once(0, 0, 0, pushes)? {
+            PushOutcome::Applied(rows) => Ok(rows),
+            // Writer 0 is never deduplicated.
+            PushOutcome::Duplicate { .. } => Ok(vec![0; pushes.len()]),
+        }
+    }
+
+    /// [`Shard::push_many`] applied at most once per `(writer, seq)`
+    /// (`writer = 0`: always applied): every push is validated (and the
+    /// memory of the rows it may create reserved), then the pair is
+    /// claimed, recorded as applied by write `replica_seq`, and the pushes
+    /// are applied. A refused call claims nothing.
+    pub fn push_many_once(
+        &self,
+        writer: u64,
+        seq: u64,
+        replica_seq: u64,
+        pushes: &[Push<'_>],
+    ) -> Result<PushOutcome, PsError> {
+        let tables = pushes
+            .iter()
+            .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rooms = tables
+            .iter()
+            .zip(pushes)
+            .map(|(table, p)| self.make_room(table, p.keys))
+            .collect::<Result<Vec<_>, _>>()?;
+        match self.applied.claim(writer, seq, replica_seq) {
+            Claim::New => {}
+            Claim::Repeat(replica_seq) => {
+                RequestCounters::add(&self.counters.duplicate_pushes, 1);
+                return Ok(PushOutcome::Duplicate { replica_seq });
+            }
+            Claim::Forgotten { floor } => {
+                return Err(PsError::FailedPrecondition(format!(
+                    "push (writer {writer:x}, seq {seq}) is older than the last {} calls this shard remembers of its writer (seq <= {floor}): it cannot tell whether it was applied, so it applies nothing",
+                    crate::dedup::WINDOW
+                )));
+            }
+        }
+        let floats: usize = tables
+            .iter()
+            .zip(pushes)
+            .map(|(t, p)| p.keys.len() * t.row_len)
+            .sum();
+        let mut undo = Undo::with_room(pushes.iter().map(|p| p.keys.len()).sum(), floats);
+        let mut rows = Vec::with_capacity(pushes.len());
+        for (t, ((table, push), room)) in tables.iter().zip(pushes).zip(&mut rooms).enumerate() {
+            match self.apply_push(t, table, push, room, &mut undo) {
+                Ok(n) => rows.push(n),
+                Err(e) => {
+                    undo.roll_back(&tables, &self.budget);
+                    self.applied.cancel(writer, seq);
+                    return Err(e);
+                }
+            }
+        }
+        RequestCounters::add(&self.counters.updates_applied, 1);
+        Ok(PushOutcome::Applied(rows))
+    }
+
+    /// The table a push goes to, if the push is valid in every respect.
+    fn check_push(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+        lr_scale: f32,
+    ) -> Result<Arc<Table>, PsError> {
+        if !(lr_scale.is_finite() && lr_scale >= 0.0) {
+            return Err(PsError::invalid(format!(
+                "lr_scale must be finite and >= 0, got {lr_scale}"
+            )));
+        }
+        let table = self.table(table)?;
+        if lr_scale == 0.0 && matches!(table.spec.optimizer, OptimizerSpec::Ftrl { .. }) {
+            return Err(PsError::invalid(format!(
+                "table '{}' uses FTRL, whose lr_scale multiplies alpha, a divisor: it must be > 0",
+                table.spec.name
+            )));
+        }
+        let dim = table.spec.dim as usize;
+        if grads.len() != keys.len() * dim {
+            return Err(PsError::invalid(format!(
+                "table '{}' has dim {dim}: {} keys need {} gradient values, got {}",
+                table.spec.name,
+                keys.len(),
+                keys.len() * dim,
+                grads.len()
+            )));
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(PsError::invalid(format!(
+                "gradient for key {} of table '{}' is not finite ({}); nothing was applied",
+                keys[i / dim],
+                table.spec.name,
+                grads[i]
+            )));
+        }
+        self.check_keys(&table, keys)?;
+        Ok(table)
+    }
+
+    /// Applies a checked push (table `t` of the call), recording in
+    /// `undo` what it changed. Each row is updated under its lock and kept
+    /// only if every value stays finite; the first that would not is put
+    /// back and the push refused (the caller rolls back the rest).
+    fn apply_push(
+        &self,
+        t: usize,
+        table: &Table,
+        push: &Push<'_>,
+        room: &mut Reservation<'_>,
+        undo: &mut Undo,
+    ) -> Result<usize, PsError> {
+        let dim = table.spec.dim as usize;
+        let spec = table.spec.optimizer.with_lr_scale(push.lr_scale);
+        let per_row = table.sparse_row_bytes();
+        for (&key, grad) in push.keys.iter().zip(push.grads.chunks_exact(dim)) {
+            let at = undo.before.len();
+            let (mut stayed_finite, mut left) = (true, 0);
+            let created = table.update(key, |row| {
+                undo.before.extend_from_slice(row);
+                optimizer::apply(&spec, row, grad);
+                (stayed_finite, left) = finite_and_fingerprint(row);
+                if !stayed_finite {
+                    row.copy_from_slice(&undo.before[at..]);
+                }
+            });
+            let created = created == Some(true);
+            if created {
+                room.keep(per_row);
+            }
+            if !stayed_finite {
+                undo.before.truncate(at);
+                let fresh = fingerprint_of_fresh(table, key);
+                if created && table.remove_if(key, |row| finite_and_fingerprint(row).1 == fresh) {
+                    self.budget.release(per_row);
+                }
+                return Err(PsError::invalid(format!(
+                    "the update of key {key} of table '{}' would make the row non-finite (weights or optimizer state); nothing was applied",
+                    table.spec.name
+                )));
+            }
+            undo.rows.push((t, key, created, left));
+        }
+        Ok(push.keys.len())
+    }
+
+    /// A copy of every table (rows sorted by key), for checkpoints.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let mut names: Vec<String> = self.tables.iter().map(|t| t.key().clone()).collect();
+        names.sort();
+        let tables = names
+            .into_iter()
+            .filter_map(|name| self.table(&name).ok())
+            .map(|table| {
+                // One pass keeps keys and rows aligned even while pushes create rows.
+                let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
+                table.for_each_row(|key, row| {
+                    unsorted_keys.push(key);
+                    unsorted.extend_from_slice(row);
+                });
+                let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
+                order.sort_unstable_by_key(|&i| unsorted_keys[i]);
+                let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
+                let mut values = Vec::with_capacity(unsorted.len());
+                for &i in &order {
+                    values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
+                }
+                TableSnapshot {
+                    spec: table.spec.clone(),
+                    row_len: table.row_len as u32,
+                    keys,
+                    values,
+                }
+            })
+            .collect();
+        ShardSnapshot {
+            shard_id: self.shard_id(),
+            num_shards: self.num_shards(),
+            tables,
+        }
+    }
+
+    /// A shard holding exactly the snapshot's tables and rows. Refuses a
+    /// snapshot whose specs, row layout or keys do not fit this shard.
+    pub fn restore(snapshot: ShardSnapshot) -> Result<Shard, PsError> {
+        if snapshot.shard_id >= snapshot.num_shards.max(1) {
+            return Err(PsError::invalid(format!(
+                "snapshot of shard {} of {} is inconsistent",
+                snapshot.shard_id, snapshot.num_shards
+            )));
+        }
+        let shard = Shard::new(snapshot.shard_id, snapshot.num_shards);
+        shard.load(snapshot)?;
+        Ok(shard)
+    }
+
+    /// Replaces every table of this shard with the snapshot's (a restore,
+    /// or a backup catching up). The whole snapshot is checked first
+    /// (specs, row layout, keys, finiteness, the memory budget): a refused
+    /// one changes nothing.
+    pub fn load(&self, snapshot: ShardSnapshot) -> Result<(), PsError> {
+        if (snapshot.shard_id, snapshot.num_shards) != (self.shard_id(), self.num_shards()) {
+            return Err(PsError::invalid(format!(
+                "snapshot of shard {} of {} does not fit shard {} of {}",
+                snapshot.shard_id,
+                snapshot.num_shards,
+                self.shard_id(),
+                self.num_shards()
+            )));
+        }
+        if snapshot.tables.len() > MAX_TABLES {
+            return Err(PsError::invalid(format!(
+                "the snapshot holds {} tables, more than a shard's {MAX_TABLES}",
+                snapshot.tables.len()
+            )));
+        }
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tables = Vec::with_capacity(snapshot.tables.len());
+        for t in snapshot.tables {
+            t.spec.validate()?;
+            let owned = Table::owned_blocks(&t.spec, &self.owner);
+            let mut table = Table::empty(t.spec);
+            let name = table.spec.name.clone();
+            if t.row_len as usize != table.row_len || t.values.len() != t.keys.len() * table.row_len
+            {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': snapshot rows of {} floats do not match the spec's {} (or are truncated)",
+                    t.row_len, table.row_len
+                )));
+            }
+            self.check_keys(&table, &t.keys)?;
+            if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': the snapshot's row of key {} holds a non-finite value ({}); rows are always finite",
+                    t.keys[i / table.row_len],
+                    t.values[i]
+                )));
+            }
+            table.fill_dense(&owned);
+            for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
+                table.set(key, row);
+            }
+            tables.push((name, Arc::new(table)));
+        }
+        let before: u64 = self.tables.iter().map(|t| t.memory_bytes()).sum();
+        let after: u64 = tables.iter().map(|(_, t)| t.memory_bytes()).sum();
+        let growth = after.saturating_sub(before);
+        let limit = self.budget.limit();
+        if self.budget.used().saturating_add(growth) > limit {
+            return Err(PsError::ResourceExhausted(format!(
+                "the snapshot's tables need {after} bytes; with this shard's other holdings that passes its {limit} byte memory budget (--memory-budget)"
+            )));
+        }
+        self.tables.clear();
+        for (name, table) in tables {
+            self.tables.insert(name, table);
+        }
+        self.budget.release(before);
+        self.budget.charge(after);
+        Ok(())
+    }
+
+    /// Rows and bytes of every table, sorted by name. Reads counters only
+    /// (no table is walked).
+    pub fn table_stats(&self) -> Vec<TableStats> {
+        let mut stats: Vec<TableStats> = self
+            .tables
+            .iter()
+            .map(|t| TableStats {
+                spec: t.spec.clone(),
+                rows: t.len() as u64,
+                bytes: t.bytes(),
+                memory_bytes: t.memory_bytes(),
+            })
+            .collect();
+        stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        stats
+    }
+
+    /// The shard's metrics in Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        self.rpc_metrics.render(&mut out);
+        let c = &self.counters;
+        for (name, help, counter) in [
+            (
+                "ps_rows_pulled_total",
+                "Rows returned by pulls.",
+                &c.rows_pulled,
+            ),
+            (
+                "ps_rows_pushed_total",
+                "Rows updated by pushes.",
+                &c.rows_pushed,
+            ),
+            (
+                "ps_pull_bytes_total",
+                "Encoded bytes of pull responses.",
+                &c.pull_bytes,
+            ),
+            (
+                "ps_push_bytes_total",
+                "Encoded bytes of push requests.",
+                &c.push_bytes,
+            ),
+        ] {
+            crate::metrics::gauge(
+                &mut out,
+                name,
+                "counter",
+                help,
+                counter.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let tables = self.table_stats();
+        out.push_str("# HELP ps_table_rows Rows held by this shard.\n# TYPE ps_table_rows gauge\n");
+        for t in &tables {
+            let _ = writeln!(out, "ps_table_rows{{table=\"{}\"}} {}", t.spec.name, t.rows);
+        }
+        out.push_str("# HELP ps_table_bytes Bytes of rows (weights and optimizer state).\n# TYPE ps_table_bytes gauge\n");
+        for t in &tables {
+            let _ = writeln!(
+                out,
+                "ps_table_bytes{{table=\"{}\"}} {}",
+                t.spec.name, t.bytes
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
