@@ -6,7 +6,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ps_server::metrics::gauge;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use ps_server::metrics::{counter, gauge};
 
 use crate::client::ByteCounts;
 
@@ -53,52 +55,53 @@ impl WorkerMetrics {
         );
         *last = bytes;
     }
+}
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let samples = self.samples.load(Ordering::Relaxed);
-        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
-        for (name, kind, help, value) in [
-            (
-                "ps_worker_samples_total",
-                "counter",
-                "Examples trained on.",
-                samples as f64,
-            ),
-            (
-                "ps_worker_steps_total",
-                "counter",
-                "Batches trained on.",
-                self.steps.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "ps_worker_samples_per_second",
-                "gauge",
-                "Examples per second since start.",
-                samples as f64 / seconds,
-            ),
-            (
-                "ps_worker_loss",
-                "gauge",
-                "Running mean training loss of the current epoch.",
-                f64::from_bits(self.loss.load(Ordering::Relaxed)),
-            ),
-            (
-                "ps_worker_pull_bytes_total",
-                "counter",
-                "Payload bytes of pulls (sent and received).",
-                self.pull_bytes.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "ps_worker_push_bytes_total",
-                "counter",
-                "Payload bytes of pushes (sent and received).",
-                self.push_bytes.load(Ordering::Relaxed) as f64,
-            ),
-        ] {
-            gauge(&mut out, name, kind, help, value);
-        }
-        out
+/// The process's training metrics as a Prometheus collector (read at
+/// scrape time).
+#[derive(Debug, Clone, Copy)]
+pub struct Telemetry(pub &'static WorkerMetrics);
+
+impl Collector for Telemetry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let m = self.0;
+        let samples = m.samples.load(Ordering::Relaxed);
+        let seconds = m.started.elapsed().as_secs_f64().max(1e-9);
+        counter(
+            &mut encoder,
+            "ps_worker_samples",
+            "Examples trained on",
+            samples,
+        )?;
+        counter(
+            &mut encoder,
+            "ps_worker_steps",
+            "Batches trained on",
+            m.steps.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "ps_worker_samples_per_second",
+            "Examples per second since start",
+            samples as f64 / seconds,
+        )?;
+        gauge(
+            &mut encoder,
+            "ps_worker_loss",
+            "Running mean training loss of the current epoch",
+            f64::from_bits(m.loss.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "ps_worker_pull_bytes",
+            "Payload bytes of pulls (sent and received)",
+            m.pull_bytes.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "ps_worker_push_bytes",
+            "Payload bytes of pushes (sent and received)",
+            m.push_bytes.load(Ordering::Relaxed),
+        )
     }
 }

@@ -195,11 +195,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     println!("listening on {addr}");
     let shard = Arc::new(shard);
     if let Some(metrics_addr) = args.metrics_listen {
-        let shard = Arc::clone(&shard);
-        let bound =
-            ps_server::metrics::listen(metrics_addr, Arc::new(move || shard.render_metrics()))
-                .await
-                .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(ps_server::metrics::ShardMetrics(Arc::clone(
+            &shard,
+        ))));
+        let bound = ps_server::metrics::listen(metrics_addr, Arc::new(registry))
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
         println!("metrics on {bound}");
     }
     let role = if args.join.is_some() {

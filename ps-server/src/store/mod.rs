@@ -745,58 +745,6 @@ impl Shard {
         stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         stats
     }
-
-    /// The shard's metrics in Prometheus text format.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        self.rpc_metrics.render(&mut out);
-        let c = &self.counters;
-        for (name, help, counter) in [
-            (
-                "ps_rows_pulled_total",
-                "Rows returned by pulls.",
-                &c.rows_pulled,
-            ),
-            (
-                "ps_rows_pushed_total",
-                "Rows updated by pushes.",
-                &c.rows_pushed,
-            ),
-            (
-                "ps_pull_bytes_total",
-                "Encoded bytes of pull responses.",
-                &c.pull_bytes,
-            ),
-            (
-                "ps_push_bytes_total",
-                "Encoded bytes of push requests.",
-                &c.push_bytes,
-            ),
-        ] {
-            crate::metrics::gauge(
-                &mut out,
-                name,
-                "counter",
-                help,
-                counter.load(Ordering::Relaxed) as f64,
-            );
-        }
-        let tables = self.table_stats();
-        out.push_str("# HELP ps_table_rows Rows held by this shard.\n# TYPE ps_table_rows gauge\n");
-        for t in &tables {
-            let _ = writeln!(out, "ps_table_rows{{table=\"{}\"}} {}", t.spec.name, t.rows);
-        }
-        out.push_str("# HELP ps_table_bytes Bytes of rows (weights and optimizer state).\n# TYPE ps_table_bytes gauge\n");
-        for t in &tables {
-            let _ = writeln!(
-                out,
-                "ps_table_bytes{{table=\"{}\"}} {}",
-                t.spec.name, t.bytes
-            );
-        }
-        out
-    }
 }
 
 #[cfg(test)]

@@ -342,10 +342,14 @@ fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::runtime::R
         .enable_all()
         .build()
         .context("cannot start the metrics runtime")?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(ps_worker::telemetry::Telemetry(
+        ps_worker::telemetry::global(),
+    )));
     let bound = runtime
         .block_on(ps_server::metrics::listen(
             addr,
-            std::sync::Arc::new(|| ps_worker::telemetry::global().render()),
+            std::sync::Arc::new(registry),
         ))
         .with_context(|| format!("cannot listen on --metrics-listen {addr}"))?;
     println!("metrics on {bound}");
