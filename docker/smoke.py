@@ -80,6 +80,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def until_listening(proc, what):
+    """The lines a server prints before `listening on ADDR` (which it prints
+    once it serves)."""
+    printed = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            fail(f"{what} exited before listening; it printed {printed!r}")
+        if line.startswith("listening on "):
+            return printed
+        printed.append(line.strip())
+
+
 def write_wrapper(folder, name, real):
     """A `name` on PATH that rewrites flag values as PS_SMOKE_REWRITES (JSON:
     flag -> {old: new}) says, appends PS_SMOKE_APPEND (JSON list), then runs
@@ -152,9 +165,9 @@ def main():
             proc = subprocess.Popen(server["command"] + server["args"], env=env,
                                     stdout=subprocess.PIPE, text=True)
             servers.append((proc, data))
-            first = proc.stdout.readline()
-            if not first.startswith("listening on "):
-                fail(f"server {i} printed {first!r}")
+            printed = until_listening(proc, f"server {i}")
+            if not any(line.startswith("no checkpoint to restore") for line in printed):
+                fail(f"server {i} on an empty volume printed {printed!r}")
         workers_running = []
         for rank in range(workers):
             report = os.path.join(work, f"report-{rank}.json")
@@ -191,6 +204,28 @@ def main():
                 fail(f"server {i} wrote no shutdown checkpoint")
         print(f"smoke: {shards} server pods and {workers} worker pods ran from the manifests; "
               "servers drained and wrote their shutdown checkpoints on SIGTERM")
+        # A server pod restarted on its volume restores its checkpoint.
+        proc, data = servers[0]
+        rewrites = {
+            "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{ports[0]}"},
+            "--checkpoint-dir": {"/data/checkpoints": data},
+            "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
+        }
+        env = container_env(server, config_maps, {
+            "HOSTNAME": f"{statefulset['metadata']['name']}-0",
+            "PATH": path,
+            "RUST_LOG": "warn",
+            "PS_SMOKE_REWRITES": json.dumps(rewrites),
+        })
+        restarted = subprocess.Popen(server["command"] + server["args"], env=env,
+                                     stdout=subprocess.PIPE, text=True)
+        servers[0] = (restarted, data)
+        printed = until_listening(restarted, "restarted server 0")
+        rows = [line for line in printed if line.startswith("restored ") and " rows in " in line]
+        origin = [line for line in printed if line.startswith("restored from ")]
+        if not rows or int(rows[0].split()[1]) == 0 or not origin or not origin[0].endswith("shutdown"):
+            fail(f"the restarted server 0 did not restore its shutdown checkpoint: {printed!r}")
+        print(f"smoke: the restarted server pod {rows[0]} ({origin[0]})")
     finally:
         for proc, _ in servers:
             if proc.poll() is None:

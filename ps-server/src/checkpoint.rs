@@ -177,6 +177,71 @@ impl Checkpoints {
     }
 }
 
+/// What [`Checkpoints::latest`] found.
+#[derive(Debug)]
+pub struct Latest {
+    /// The checkpoint folder restored (`ROOT/NAME`) and its snapshot.
+    pub restored: Option<(PathBuf, ShardSnapshot)>,
+    /// Newer checkpoints of this shard that were refused, and why.
+    pub skipped: Vec<(PathBuf, PsError)>,
+}
+
+impl Checkpoints {
+    /// The newest complete checkpoint of shard `shard_id` of `num_shards`
+    /// under the root: every `ROOT/NAME/shard-I.bin`, newest first (by the
+    /// time its file was written), the first that loads and verifies. A
+    /// root without any is `restored: None` (a first start). Checkpoints
+    /// exist but none loads (damaged, or written by another shard layout):
+    /// an error naming each, since starting empty would silently lose them.
+    pub fn latest(&self, shard_id: u32, num_shards: u32) -> Result<Latest, PsError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Latest {
+                    restored: None,
+                    skipped: Vec::new(),
+                });
+            }
+            Err(e) => return Err(storage("cannot read checkpoint root", &self.root, e)),
+        };
+        let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| {
+                let written = fs::metadata(shard_file(&e.path(), shard_id))
+                    .and_then(|m| m.modified())
+                    .ok()?;
+                Some((written, e.path()))
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
+        let mut skipped = Vec::new();
+        for (_, dir) in candidates {
+            match load(&dir, shard_id, num_shards) {
+                Ok(snapshot) => {
+                    return Ok(Latest {
+                        restored: Some((dir, snapshot)),
+                        skipped,
+                    });
+                }
+                Err(e) => skipped.push((dir, e)),
+            }
+        }
+        if skipped.is_empty() {
+            return Ok(Latest {
+                restored: None,
+                skipped,
+            });
+        }
+        let reasons: Vec<String> = skipped.iter().map(|(_, e)| e.to_string()).collect();
+        Err(PsError::FailedPrecondition(format!(
+            "{} holds checkpoints of shard {shard_id} but none can be restored: {}",
+            self.root.display(),
+            reasons.join("; ")
+        )))
+    }
+}
+
 /// The steps of [`Checkpoints::write_atomically`].
 fn write_then_rename(tmp: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), PsError> {
     let mut file = File::create(tmp).map_err(|e| storage("cannot create", tmp, e))?;
@@ -375,6 +440,36 @@ mod tests {
             .filter(|name| name.contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
+    fn the_newest_loadable_checkpoint_is_found_and_a_damaged_newer_one_skipped() {
+        let root = temp_root("latest");
+        let checkpoints = Checkpoints::new(root.clone());
+        let empty = checkpoints.latest(1, 2).unwrap();
+        assert!(empty.restored.is_none(), "no checkpoint yet: start empty");
+        let shard = trained_shard();
+        checkpoints.save(&shard, "old").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        shard
+            .push("emb", &[shard.snapshot().tables[0].keys[0]], &[1.0; 3])
+            .unwrap();
+        checkpoints.save(&shard, "new").unwrap();
+        let latest = checkpoints.latest(1, 2).unwrap();
+        let (dir, snapshot) = latest.restored.unwrap();
+        assert_eq!(dir, root.join("new"));
+        assert_eq!(snapshot, shard.snapshot());
+        // Damage the newest: the one before it is restored, and the damage named.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(root.join("new/shard-1.bin"), b"PSCKPT01 truncated").unwrap();
+        let latest = checkpoints.latest(1, 2).unwrap();
+        assert_eq!(latest.restored.unwrap().0, root.join("old"));
+        assert_eq!(latest.skipped.len(), 1);
+        assert_eq!(latest.skipped[0].0, root.join("new"));
+        // Another shard layout: none fits, which is an error, not an empty start.
+        let err = checkpoints.latest(1, 3).unwrap_err();
+        assert!(err.to_string().contains("none can be restored"), "{err}");
         fs::remove_dir_all(&root).ok();
     }
 

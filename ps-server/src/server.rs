@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub tls: Option<ServerTlsConfig>,
     /// TLS towards peer servers (replication), trusting `--tls-ca`.
     pub peer_tls: Option<ClientTlsConfig>,
+    /// The checkpoint this server's tables were restored from, reported by
+    /// Describe (`None`: it started empty or joined a primary).
+    pub restored_from: Option<String>,
 }
 
 /// The name periodic checkpoints are written under.
@@ -80,6 +83,7 @@ impl ServerConfig {
             checkpoint_every: None,
             tls: None,
             peer_tls: None,
+            restored_from: None,
         }
     }
 

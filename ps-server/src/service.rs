@@ -53,6 +53,8 @@ pub struct ShardService {
     clocks: Arc<Clocks>,
     /// This server's role and its replication to a backup.
     replication: Arc<Replication>,
+    /// The checkpoint the shard was restored from, for Describe.
+    restored_from: Option<String>,
 }
 
 /// Longest one Clock call waits.
@@ -69,7 +71,15 @@ impl ShardService {
             checkpoints,
             clocks: Arc::new(Clocks::default()),
             replication,
+            restored_from: None,
         }
+    }
+
+    /// The service reporting in Describe that its tables were restored
+    /// from checkpoint `from`.
+    pub fn with_restored_from(mut self, from: Option<String>) -> Self {
+        self.restored_from = from;
+        self
     }
 
     /// The service playing the role (and replicating as) `replication` says.
@@ -169,6 +179,7 @@ impl ShardService {
             max_response_bytes: self.limits.max_response_bytes as u64,
             role: role.to_string(),
             backup: backup.unwrap_or_default(),
+            restored_from: self.restored_from.clone().unwrap_or_default(),
         }))
     }
 

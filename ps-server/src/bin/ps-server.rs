@@ -51,8 +51,15 @@ struct Args {
     checkpoint_dir: Option<PathBuf>,
     /// Start from a checkpoint folder (DIR/NAME) instead of empty tables;
     /// refused if its checksum, shard id or shard count do not match.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restore_latest")]
     restore: Option<PathBuf>,
+    /// Start from the newest complete checkpoint of this shard under
+    /// --checkpoint-dir (any NAME; a damaged newer one is skipped with a
+    /// warning), or empty if there is none yet. Refuses to start if
+    /// checkpoints exist but none can be restored. Meant for restarts: a
+    /// pod that comes back resumes where its last checkpoint left off.
+    #[arg(long, requires = "checkpoint_dir")]
+    restore_latest: bool,
     /// On SIGINT/SIGTERM, seconds to let in-flight requests and open
     /// connections finish before exiting anyway.
     #[arg(long, default_value_t = 10)]
@@ -145,29 +152,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         // A TLS server reaches its peers over TLS too, trusting --tls-ca
         // (required: replication would otherwise fail later).
         peer_tls: tls.client()?,
+        restored_from: None,
     };
     config.validate()?;
-    if args.join.is_some() && args.restore.is_some() {
+    if args.join.is_some() && (args.restore.is_some() || args.restore_latest) {
         anyhow::bail!(
-            "--join and --restore exclude each other: a backup starts from its primary's snapshot"
+            "--join excludes --restore and --restore-latest: a backup starts from its primary's snapshot"
         );
     }
-    let shard = match &args.restore {
-        Some(dir) => {
-            let started = std::time::Instant::now();
-            let snapshot = checkpoint::load(dir, args.shard_id, args.num_shards)
-                .with_context(|| format!("cannot --restore {}", dir.display()))?;
-            let shard = Shard::restore(snapshot)
-                .with_context(|| format!("cannot --restore {}", dir.display()))?;
-            let rows: usize = shard.table_stats().iter().map(|t| t.rows as usize).sum();
-            let ms = started.elapsed().as_secs_f64() * 1e3;
-            tracing::info!(from = %dir.display(), rows, ms, "restored checkpoint");
-            // Scripts read this line to measure recovery; keep it stable.
-            println!("restored {rows} rows in {ms:.1} ms");
-            shard
-        }
-        None => Shard::new(args.shard_id, args.num_shards),
-    };
+    let (shard, restored_from) = restore(&args)?;
+    let mut config = config;
+    config.restored_from = restored_from.as_ref().map(|dir| dir.display().to_string());
     shard.set_row_cap(args.max_rows_per_table);
     match args
         .memory_budget
@@ -249,6 +244,45 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The shard `--restore` or `--restore-latest` asks for (empty without
+/// either), and the checkpoint folder it came from.
+fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
+    let started = std::time::Instant::now();
+    let (dir, snapshot) = match (&args.restore, &args.checkpoint_dir) {
+        (Some(dir), _) => {
+            let snapshot = checkpoint::load(dir, args.shard_id, args.num_shards)
+                .with_context(|| format!("cannot --restore {}", dir.display()))?;
+            (dir.clone(), snapshot)
+        }
+        (None, Some(root)) if args.restore_latest => {
+            let latest = checkpoint::Checkpoints::new(root.clone())
+                .latest(args.shard_id, args.num_shards)
+                .with_context(|| format!("cannot --restore-latest from {}", root.display()))?;
+            for (dir, why) in &latest.skipped {
+                tracing::warn!(checkpoint = %dir.display(), "skipped a newer checkpoint: {why}");
+            }
+            match latest.restored {
+                Some(found) => found,
+                None => {
+                    tracing::info!(root = %root.display(), shard = args.shard_id, "no checkpoint of this shard yet; starting empty");
+                    println!("no checkpoint to restore; starting empty");
+                    return Ok((Shard::new(args.shard_id, args.num_shards), None));
+                }
+            }
+        }
+        _ => return Ok((Shard::new(args.shard_id, args.num_shards), None)),
+    };
+    let shard =
+        Shard::restore(snapshot).with_context(|| format!("cannot restore {}", dir.display()))?;
+    let rows: usize = shard.table_stats().iter().map(|t| t.rows as usize).sum();
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(from = %dir.display(), rows, ms, "restored checkpoint");
+    // Scripts read these lines to measure recovery; keep them stable.
+    println!("restored {rows} rows in {ms:.1} ms");
+    println!("restored from {}", dir.display());
+    Ok((shard, Some(dir)))
 }
 
 /// Resolves on SIGINT or SIGTERM.
