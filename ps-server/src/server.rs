@@ -10,9 +10,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
-use tonic::service::interceptor::InterceptedService;
-
-use crate::auth::Auth;
+use crate::auth::{Auth, AuthLayer};
 use crate::checkpoint::Checkpoints;
 use crate::limits::OversizeStatusLayer;
 use crate::replication::{Peer, Replication, Role};
@@ -133,7 +131,11 @@ impl ServerConfig {
 /// NOT_SERVING on the gRPC health service, lets in-flight requests finish
 /// (for at most `config.drain_timeout`), writes the shutdown checkpoint if
 /// configured, and returns. The standard `grpc.health.v1.Health` service
-/// answers SERVING for `""` and `ps.v1.ParameterServer` while serving.
+/// answers for `ps.v1.ParameterServer` whether this server serves workers
+/// (SERVING only as a primary that was not deposed: a backup or a deposed
+/// primary is NOT_SERVING) and for `""` whether the process is up (SERVING
+/// until shutdown: liveness, where restarting a backup or a deposed primary
+/// would not help).
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
@@ -167,11 +169,19 @@ pub async fn run_replicated(
         .map(|root| Arc::new(Checkpoints::new(root)));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<ParameterServerServer<ShardService>>()
-        .await;
-    health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let roles = replication.watch_role();
+    if *roles.borrow() == "primary" {
+        health
+            .set_serving::<ParameterServerServer<ShardService>>()
+            .await;
+    } else {
+        health
+            .set_not_serving::<ParameterServerServer<ShardService>>()
+            .await;
+    }
+    let health_follows_role = tokio::spawn(report_role(health.clone(), roles));
     let service = ParameterServerServer::new(
         ShardService::new(Arc::clone(&shard), config.limits, checkpoints.clone())
             .with_replication(Arc::clone(&replication)),
@@ -180,7 +190,6 @@ pub async fn run_replicated(
     // Values are bounded by max_response_bytes before they are read; the
     // rest of a message (keys, framing, a Join chunk) is small beside them.
     .max_encoding_message_size(config.limits.max_response_bytes.saturating_add(16 << 20));
-    let service = InterceptedService::new(service, config.auth.clone());
     let periodic = match (config.checkpoint_every, &checkpoints) {
         (Some(every), Some(checkpoints)) => Some(tokio::spawn(checkpoint_periodically(
             Arc::clone(&shard),
@@ -199,10 +208,12 @@ pub async fn run_replicated(
     }
     let serve = builder
         .layer(OversizeStatusLayer)
+        .layer(AuthLayer(config.auth.clone()))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
+            health_follows_role.abort();
             health
                 .set_not_serving::<ParameterServerServer<ShardService>>()
                 .await;
@@ -236,6 +247,30 @@ pub async fn run_replicated(
         tracing::info!(path = %written.path.display(), rows = written.rows, "shutdown checkpoint written");
     }
     Ok(())
+}
+
+/// Keeps the health status of `ps.v1.ParameterServer` on the role: SERVING
+/// only while this server is a primary that serves workers.
+async fn report_role(
+    health: tonic_health::server::HealthReporter,
+    mut roles: tokio::sync::watch::Receiver<&'static str>,
+) {
+    loop {
+        let role = *roles.borrow_and_update();
+        if role == "primary" {
+            health
+                .set_serving::<ParameterServerServer<ShardService>>()
+                .await;
+        } else {
+            tracing::info!(role, "not serving workers");
+            health
+                .set_not_serving::<ParameterServerServer<ShardService>>()
+                .await;
+        }
+        if roles.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Writes checkpoint [`PERIODIC_CHECKPOINT`] every `every` while this

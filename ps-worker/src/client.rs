@@ -202,8 +202,11 @@ struct Replicas {
     standby: Mutex<Option<String>>,
     /// Held while failing over, so concurrent failures promote once.
     failing_over: tokio::sync::Mutex<()>,
-    /// When the serving replica was last asked for its backup (while none is known).
+    /// When the serving replica was last asked for its backup.
     asked_for_backup: Mutex<std::time::Instant>,
+    /// Why the last failover did not happen (the backup's refusal), for
+    /// the error a call ends with.
+    failover_refused: Mutex<Option<String>>,
     /// Sequence number of this client's next push call to the shard.
     next_seq: AtomicU64,
     config: ClientConfig,
@@ -217,6 +220,7 @@ impl Replicas {
             standby: Mutex::new(standby.filter(|s| !s.is_empty())),
             failing_over: tokio::sync::Mutex::new(()),
             asked_for_backup: Mutex::new(std::time::Instant::now()),
+            failover_refused: Mutex::new(None),
             next_seq: AtomicU64::new(1),
             config,
         }
@@ -283,6 +287,18 @@ impl Replicas {
             };
             attempt += 1;
             if !retryable(status.code()) || attempt >= MAX_ATTEMPTS {
+                let refused = self
+                    .failover_refused
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .take();
+                let status = match refused {
+                    Some(why) if retryable(status.code()) => tonic::Status::new(
+                        status.code(),
+                        format!("{}; failing over was refused: {why}", status.message()),
+                    ),
+                    _ => status,
+                };
                 return Err(conn.error(self.id, status));
             }
             stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -296,17 +312,10 @@ impl Replicas {
         }
     }
 
-    /// With no backup known, asks the serving replica for one every
-    /// [`BACKUP_REFRESH`] (a replacement that joined after a failover).
+    /// Asks the serving replica for its backup every [`BACKUP_REFRESH`]:
+    /// a replacement that joined after a failover, or none when the primary
+    /// dropped its backup (which can no longer be promoted).
     async fn learn_backup(&self) {
-        if self
-            .standby
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_some()
-        {
-            return;
-        }
         {
             let mut asked = self
                 .asked_for_backup
@@ -320,14 +329,17 @@ impl Replicas {
         let conn = self.conn().1;
         let probe = async { call!(&conn, describe, pb::DescribeRequest {}) };
         if let Ok(Ok(described)) = tokio::time::timeout(Duration::from_secs(1), probe).await
-            && !described.backup.is_empty()
-            && described.backup != conn.addr
+            && described.role == "primary"
         {
-            tracing::info!(shard = self.id, backup = %described.backup, "learned the shard's backup");
-            *self
+            let backup = Some(described.backup).filter(|b| !b.is_empty() && *b != conn.addr);
+            let mut standby = self
                 .standby
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(described.backup);
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if *standby != backup {
+                tracing::info!(shard = self.id, backup = ?backup, "the shard's backup changed");
+                *standby = backup;
+            }
         }
     }
 
@@ -380,7 +392,13 @@ impl Replicas {
                 stats.max_failover_ms.fetch_max(ms, Ordering::Relaxed);
                 tracing::warn!(shard = self.id, from = %old.1.addr, to = %addr, ms, "failed over to the backup");
             }
-            Err(e) => tracing::warn!(shard = self.id, backup = %addr, "cannot fail over yet: {e}"),
+            Err(e) => {
+                tracing::warn!(shard = self.id, backup = %addr, "cannot fail over yet: {e}");
+                *self
+                    .failover_refused
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e.to_string());
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ps_common::PsError;
+use ps_server::auth::Auth;
 use ps_server::replication::{Peer, Replication, Role};
 use ps_server::server::ServeError;
 use ps_server::{Limits, ServerConfig, Shard};
@@ -26,6 +27,9 @@ pub struct LocalCluster {
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<Result<(), ServeError>>>,
     backups: Vec<(String, Arc<Shard>)>,
+    /// The shards' credentials: no worker token, and a random peer token
+    /// so that backups can join (see [`LocalCluster::add_backups`]).
+    auth: Auth,
 }
 
 impl LocalCluster {
@@ -69,6 +73,7 @@ impl LocalCluster {
             stops: Vec::new(),
             tasks: Vec::new(),
             backups: Vec::new(),
+            auth: Auth::default().with_peer_token(&random_token()),
         };
         for (shard_id, shard) in (0..num_shards).zip(shards) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -78,6 +83,7 @@ impl LocalCluster {
             let config = ServerConfig {
                 limits,
                 checkpoint_dir: checkpoint_dir.clone(),
+                auth: cluster.auth.clone(),
                 ..ServerConfig::new(shard_id, num_shards)
             };
             cluster.tasks.push(tokio::spawn(ps_server::run(
@@ -108,12 +114,20 @@ impl LocalCluster {
                 .map_err(|e| PsError::Internal(e.to_string()))?
                 .to_string();
             let shard = Arc::new(Shard::new(shard_id, num_shards));
-            let replication = Replication::new(Arc::clone(&shard), Role::Backup, Peer::default());
+            let peer = Peer {
+                auth: self.auth.clone(),
+                tls: None,
+            };
+            let replication = Replication::new(Arc::clone(&shard), Role::Backup, peer);
             let (stop, stopped) = oneshot::channel::<()>();
+            let config = ServerConfig {
+                auth: self.auth.clone(),
+                ..ServerConfig::new(shard_id, num_shards)
+            };
             self.tasks
                 .push(tokio::spawn(ps_server::server::run_replicated(
                     listener,
-                    ServerConfig::new(shard_id, num_shards),
+                    config,
                     Arc::clone(&shard),
                     Arc::clone(&replication),
                     async {
@@ -162,6 +176,17 @@ impl LocalCluster {
         }
         Ok(())
     }
+}
+
+/// A random token (32 hex digits) for the cluster's peer calls.
+fn random_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", random(), random())
 }
 
 impl Drop for LocalCluster {

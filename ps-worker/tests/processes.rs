@@ -2,128 +2,13 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-/// Path of a workspace binary. `ps-server` belongs to another package, so
-/// cargo does not rebuild it for these tests: build it (once per test
-/// process; a no-op when fresh) so a stale binary is never tested.
-fn binary(name: &str) -> PathBuf {
-    static BUILD_SERVER: std::sync::Once = std::sync::Once::new();
-    if name == "ps-worker" {
-        return PathBuf::from(env!("CARGO_BIN_EXE_ps-worker"));
-    }
-    // Integration tests live in target/<profile>/deps; binaries one level up.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    BUILD_SERVER.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "ps-server", "--bin", "ps-server"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(
-            build.status().unwrap().success(),
-            "building ps-server failed"
-        );
-    });
-    profile_dir.join(name)
-}
-
-/// A `ps-server` child process, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-    /// Its stdout, past the `listening on` line.
-    stdout: BufReader<std::process::ChildStdout>,
-    /// Lines printed before `listening on` (e.g. `restored ...`).
-    before: Vec<String>,
-}
-
-impl Server {
-    fn start(shard: u32, shards: u32) -> Server {
-        Self::start_with(shard, shards, &[])
-    }
-
-    fn start_with(shard: u32, shards: u32, extra: &[&str]) -> Server {
-        let mut child = Command::new(binary("ps-server"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--shard-id",
-                &shard.to_string(),
-                "--num-shards",
-                &shards.to_string(),
-            ])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Readiness: the server prints its bound address once it listens.
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut before = Vec::new();
-        let addr = loop {
-            let mut line = String::new();
-            assert!(
-                stdout.read_line(&mut line).unwrap() > 0,
-                "ps-server exited before listening; it printed {before:?}"
-            );
-            match line.trim().strip_prefix("listening on ") {
-                Some(addr) => break addr.to_string(),
-                None => before.push(line.trim().to_string()),
-            }
-        };
-        Server {
-            child,
-            addr,
-            stdout,
-            before,
-        }
-    }
-
-    /// Reads stdout until a line starting with `prefix`; returns that line.
-    fn wait_for_line(&mut self, prefix: &str) -> String {
-        loop {
-            let mut line = String::new();
-            assert!(
-                self.stdout.read_line(&mut line).unwrap() > 0,
-                "ps-server closed stdout before printing {prefix:?}"
-            );
-            if line.starts_with(prefix) {
-                return line.trim().to_string();
-            }
-        }
-    }
-
-    /// Sends SIGTERM and waits for the process to exit.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ps-proc-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{Server, binary, counting_table, peer_token_file, rss_bytes, stats_of, temp_dir};
 
 /// The example job with the a9a files read from disk (not the built-in copy).
 fn a9a_job(dir: &Path) -> PathBuf {
@@ -324,11 +209,21 @@ fn every_flag_is_documented_in_help() {
                 "--num-shards",
                 "--max-request-bytes",
                 "--max-keys-per-request",
+                "--max-response-bytes",
+                "--memory-budget",
+                "--max-rows-per-table",
                 "--checkpoint-dir",
                 "--restore",
+                "--restore-latest",
                 "--drain-timeout-secs",
+                "--checkpoint-on-shutdown",
+                "--metrics-listen",
+                "--log-format",
+                "--auth-token-file",
+                "--peer-token-file",
                 "--join",
                 "--advertise",
+                "--join-timeout-secs",
                 "--checkpoint-every-secs",
                 "--tls-cert",
                 "--tls-key",
@@ -348,13 +243,38 @@ fn every_flag_is_documented_in_help() {
                 "--connect-timeout-secs",
                 "--backups",
                 "--request-timeout-secs",
+                "--device",
+                "--run-id",
                 "--tls-ca",
             ][..],
         ),
         (
             "ps-worker",
+            Some("eval"),
+            &[
+                "--config",
+                "--checkpoints",
+                "--data",
+                "--device",
+                "--report",
+            ][..],
+        ),
+        (
+            "ps-worker",
+            Some("health"),
+            &["--servers", "--timeout-secs", "--auth-token-file"][..],
+        ),
+        (
+            "ps-worker",
             Some("local"),
-            &["--config", "--servers", "--workers", "--report"][..],
+            &[
+                "--config",
+                "--servers",
+                "--workers",
+                "--report",
+                "--device",
+                "--checkpoint-dir",
+            ][..],
         ),
         (
             "ps-worker",
@@ -778,36 +698,13 @@ fn a_server_with_a_token_file_serves_only_workers_with_the_same_token() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Shard `addr`'s Stats, over a fresh connection.
-fn stats_of(addr: &str) -> ps_common::pb::StatsResponse {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            ps_common::pb::parameter_server_client::ParameterServerClient::connect(format!(
-                "http://{addr}"
-            ))
-            .await
-            .unwrap()
-            .stats(ps_common::pb::StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-        })
-}
-
 /// Two primaries, each with a backup process that has joined it.
-fn replicated_shards() -> ([Server; 2], [Server; 2]) {
-    let primaries = [Server::start(0, 2), Server::start(1, 2)];
-    let mut backups = [
-        Server::start_with(0, 2, &["--join", &primaries[0].addr]),
-        Server::start_with(1, 2, &["--join", &primaries[1].addr]),
+fn replicated_shards(dir: &Path) -> ([Server; 2], [Server; 2]) {
+    let primaries = [Server::primary(dir, 0, 2), Server::primary(dir, 1, 2)];
+    let backups = [
+        Server::backup_of(dir, &primaries[0], 0, 2),
+        Server::backup_of(dir, &primaries[1], 1, 2),
     ];
-    for backup in &mut backups {
-        let joined = backup.wait_for_line("joined ");
-        assert!(joined.contains("as backup through write"), "{joined}");
-    }
     (primaries, backups)
 }
 
@@ -825,7 +722,7 @@ fn kill_9_of_a_primary_mid_training_loses_no_acknowledged_push() {
     drop(plain);
 
     // Each shard with a backup; the workers learn the backups from the primaries.
-    let (mut primaries, backups) = replicated_shards();
+    let (mut primaries, backups) = replicated_shards(&dir);
     let addrs = format!("{},{}", primaries[0].addr, primaries[1].addr);
     let workers = {
         let (job, addrs, dir) = (job.clone(), addrs.clone(), dir.clone());
@@ -1000,31 +897,6 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A sparse table of zeros trained by SGD with rate 1: a gradient of -1
-/// adds exactly 1, so rows count the pushes applied to them.
-fn counting_table(name: &str, dim: u32) -> ps_common::TableSpec {
-    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
-    TableSpec {
-        name: name.into(),
-        kind: TableKind::Sparse,
-        dim,
-        initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    }
-}
-
-/// Resident memory of process `pid`, in bytes (Linux).
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 /// Eight clients push and pull against one shard process for a bounded
 /// time (`PS_SOAK_SECS`, default 15, at most 60): no call fails, the
 /// server's memory stops growing once every row exists, and every row ends
@@ -1190,9 +1062,18 @@ async fn over_mutual_tls_only_clients_with_a_certificate_of_the_job_s_ca_get_in(
         "--tls-require-client-cert".into(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let primary = Server::start_with(0, 1, &flags);
+    let peer = peer_token_file(&dir);
+    let primary = Server::start_with(0, 1, &[&flags[..], &["--peer-token-file", &peer]].concat());
     // Replication runs over TLS too.
-    let mut backup = Server::start_with(0, 1, &[&flags[..], &["--join", &primary.addr]].concat());
+    let mut backup = Server::start_with(
+        0,
+        1,
+        &[
+            &flags[..],
+            &["--peer-token-file", &peer, "--join", &primary.addr],
+        ]
+        .concat(),
+    );
     backup.wait_for_line("joined ");
 
     let config = |files: TlsFiles| ClientConfig {
@@ -1434,9 +1315,9 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
     use ps_worker::{ClientConfig, PsClient};
     use std::time::{Duration, Instant};
 
-    let primary = Server::start(0, 1);
-    let mut backup = Server::start_with(0, 1, &["--join", &primary.addr]);
-    backup.wait_for_line("joined ");
+    let dir = temp_dir("hung-primary");
+    let primary = Server::primary(&dir, 0, 1);
+    let backup = Server::backup_of(&dir, &primary, 0, 1);
     let config = ClientConfig {
         request_timeout: Duration::from_secs(1),
         ..ClientConfig::default()
@@ -1456,21 +1337,11 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
         }
     };
     push_all(10).await;
-    let signal = |sig: &str| {
-        let pid = primary.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    signal("-STOP");
+    primary.signal("-STOP");
     let started = Instant::now();
     push_all(10).await;
     let took = started.elapsed();
-    signal("-CONT");
+    primary.signal("-CONT");
     let acks = client.push_acks();
     assert_eq!((acks.acked, acks.failovers), (20, 1));
     assert_eq!(client.pull("emb", &[1, 2, 3]).await.unwrap(), [20.0; 3]);
@@ -1504,9 +1375,9 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
 async fn a_retry_after_a_lost_ack_is_applied_once_on_both_replicas() {
     use ps_common::pb::{self, parameter_server_client::ParameterServerClient};
 
-    let primary = Server::start(0, 1);
-    let mut backup = Server::start_with(0, 1, &["--join", &primary.addr]);
-    backup.wait_for_line("joined ");
+    let dir = temp_dir("lost-ack");
+    let primary = Server::primary(&dir, 0, 1);
+    let backup = Server::backup_of(&dir, &primary, 0, 1);
     let mut client = ParameterServerClient::connect(format!("http://{}", primary.addr))
         .await
         .unwrap();
@@ -1559,7 +1430,7 @@ fn a_bsp_job_finishes_after_shard_0_fails_over() {
         "job.toml",
         &[("epochs = 5", "epochs = 1\nconsistency = \"bsp\"")],
     );
-    let (mut primaries, backups) = replicated_shards();
+    let (mut primaries, backups) = replicated_shards(&dir);
     let addrs = format!("{},{}", primaries[0].addr, primaries[1].addr);
     let workers = {
         let (job, addrs, dir) = (job.clone(), addrs.clone(), dir.clone());

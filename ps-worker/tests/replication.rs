@@ -11,6 +11,7 @@ use std::time::Duration;
 use ps_common::pb::parameter_server_client::ParameterServerClient;
 use ps_common::pb::{self};
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+use ps_server::auth::Auth;
 use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{ServerConfig, Shard};
 use ps_worker::{ClientConfig, PsClient};
@@ -31,12 +32,24 @@ impl Drop for Node {
     }
 }
 
+/// The servers' credentials: no worker token, a peer token for replication.
+fn auth() -> Auth {
+    Auth::default().with_peer_token("peer-token-for-these-tests")
+}
+
 async fn node(role: Role) -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let shard = Arc::new(Shard::new(0, 1));
-    let replication = Replication::new(Arc::clone(&shard), role, Peer::default());
-    let config = ServerConfig::new(0, 1);
+    let peer = Peer {
+        auth: auth(),
+        tls: None,
+    };
+    let replication = Replication::new(Arc::clone(&shard), role, peer);
+    let config = ServerConfig {
+        auth: auth(),
+        ..ServerConfig::new(0, 1)
+    };
     let task = tokio::spawn({
         let (shard, replication) = (Arc::clone(&shard), Arc::clone(&replication));
         async move {
@@ -204,41 +217,22 @@ async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_p
 }
 
 #[tokio::test]
-async fn a_primary_whose_backup_was_promoted_stops_serving_and_clients_follow() {
+async fn a_backup_refuses_promotion_while_its_primary_serves() {
     let (primary, backup, client) = replicated().await;
     train(&client, 5).await;
-    // Someone else promotes the backup while the primary is alive.
+    // Someone asks the backup to take over while the primary is alive.
     let mut raw = ParameterServerClient::connect(format!("http://{}", backup.addr))
         .await
         .unwrap();
-    let promoted = raw
-        .promote(pb::PromoteRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(promoted.promoted);
-    // The primary learns it was replaced at its next write; the client
-    // then moves to the new primary and the write is applied there once.
+    let refused = raw.promote(pb::PromoteRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("still serves"), "{refused:?}");
+    // Nothing changed: the primary serves, the backup follows.
     train(&client, 5).await;
-    assert_eq!(primary.replication.describe().0, "deposed");
-    let acks = client.push_acks();
-    assert_eq!(acks.acked, 10);
+    assert_eq!(primary.replication.describe().0, "primary");
+    assert_eq!(backup.replication.describe().0, "backup");
+    assert_eq!(client.push_acks().failovers, 0);
     assert_eq!(counters(&backup.shard).0, 10);
-    let refused = ParameterServerClient::connect(format!("http://{}", primary.addr))
-        .await
-        .unwrap()
-        .pull(pb::PullRequest {
-            table: "emb".into(),
-            keys: vec![1],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
-    assert!(
-        refused.message().contains("no longer the primary"),
-        "{refused:?}"
-    );
 }
 
 #[tokio::test]

@@ -79,6 +79,12 @@ struct Args {
     /// characters) on every ParameterServer call; others get UNAUTHENTICATED.
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<std::path::PathBuf>,
+    /// The token of server-to-server calls (Join, Replicate, Lease): a
+    /// primary takes backups, and a backup joins, only with it; workers'
+    /// tokens do not open those calls. Same file on a shard's primary and
+    /// backups; without it, a server takes no backup.
+    #[arg(long, value_name = "FILE")]
+    peer_token_file: Option<std::path::PathBuf>,
     /// Most rows each sparse table may hold on this shard; pulls and pushes
     /// that would create more get RESOURCE_EXHAUSTED (default: no cap).
     #[arg(long, value_name = "N")]
@@ -124,10 +130,29 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     ps_server::logging::init(args.log_format);
-    let auth = match &args.auth_token_file {
+    let mut auth = match &args.auth_token_file {
         Some(file) => Auth::bearer(&read_token_file(file).context("--auth-token-file")?),
         None => Auth::default(),
     };
+    if let Some(file) = &args.peer_token_file {
+        let peer = read_token_file(file).context("--peer-token-file")?;
+        if args
+            .auth_token_file
+            .as_ref()
+            .and_then(|f| read_token_file(f).ok())
+            .is_some_and(|worker| worker == peer)
+        {
+            anyhow::bail!(
+                "--peer-token-file holds the same token as --auth-token-file: give servers a token workers do not have"
+            );
+        }
+        auth = auth.with_peer_token(&peer);
+    }
+    if args.join.is_some() && !auth.takes_peers() {
+        anyhow::bail!(
+            "--join needs --peer-token-file: the primary takes backups only with the peer token"
+        );
+    }
     let tls = TlsFiles {
         cert: args.tls_cert.clone(),
         key: args.tls_key.clone(),

@@ -52,9 +52,11 @@ pub enum Rpc {
     Promote,
     /// `Join`.
     Join,
+    /// `Lease`.
+    Lease,
 }
 
-const RPCS: [(Rpc, &str); 13] = [
+const RPCS: [(Rpc, &str); 14] = [
     (Rpc::Describe, "describe"),
     (Rpc::CreateTable, "create_table"),
     (Rpc::Pull, "pull"),
@@ -68,6 +70,7 @@ const RPCS: [(Rpc, &str); 13] = [
     (Rpc::Replicate, "replicate"),
     (Rpc::Promote, "promote"),
     (Rpc::Join, "join"),
+    (Rpc::Lease, "lease"),
 ];
 
 /// Upper bounds (seconds) of the latency histogram buckets.

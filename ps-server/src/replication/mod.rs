@@ -1,0 +1,407 @@
+//! Primary-backup replication of one shard: the role a server plays, the
+//! order of its writes, and when a backup may take over.
+//!
+//! A **primary** numbers every write (table creation, push, assign) as it
+//! applies it. With a backup attached, writes are applied one at a time in
+//! that order and queued; a forwarder sends the queue to the backup in
+//! `Replicate` calls on the backup's *stream* (a random id per attachment),
+//! and a write is acknowledged to its worker only once the backup has
+//! applied it ([`Replication::acknowledged`]). With no backup attached,
+//! writes run concurrently and are acknowledged at once.
+//!
+//! A **backup** serves nothing to workers. It joins ([`backup`]): the
+//! primary checks who is asking, then streams a snapshot; the backup then
+//! applies the primary's writes of its stream strictly in order.
+//!
+//! **When a backup may be promoted.** A primary whose backup stops
+//! answering goes on alone after a while and acknowledges writes the backup
+//! never sees, so a backup may only take over while that cannot have
+//! happened. The backup renews a lease with its primary every
+//! [`LEASE_RENEW`]; a grant lets it be promoted until [`BACKUP_LEASE`]
+//! after it *sent* the renewal, and the primary promises not to go on alone
+//! until [`PRIMARY_HOLD`] (longer) after it *answered* it. Since the send
+//! comes before the answer, the backup's lease always ends before the
+//! primary may acknowledge alone. A backup the primary dropped or replaced
+//! learns so at its next renewal, is *detached* (never promotable) and joins
+//! again from a fresh snapshot. Promotion also needs the old primary to be
+//! gone: a backup refuses while its primary answers as a serving primary.
+//!
+//! A promoted backup answers its old primary's `Replicate` with
+//! `promoted`: the old primary learns it was replaced and stops serving (it
+//! is *deposed*), so no worker is acknowledged by two primaries through the
+//! same backup. An idle primary sends an empty `Replicate` every
+//! [`HEARTBEAT`], so it notices without waiting for a write.
+//!
+//! - [`primary`]: attaching a backup, the join answer, the forwarder, dropping.
+//! - [`backup`]: joining, applying the stream, the lease, promotion.
+
+mod backup;
+mod primary;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ps_common::PsError;
+use ps_common::pb::ReplicaEntry;
+use ps_common::pb::parameter_server_client::ParameterServerClient;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tonic::transport::{Channel, ClientTlsConfig};
+
+use crate::auth::Auth;
+use crate::dedup::WriterRecord;
+use crate::store::{Shard, ShardSnapshot};
+
+pub use backup::Replicated;
+pub use primary::{JoinStream, Joiner};
+
+/// How long a primary keeps retrying an unresponsive backup before it
+/// starts dropping it.
+pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often an idle primary checks on its backup.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a backup renews its lease with its primary.
+pub const LEASE_RENEW: Duration = Duration::from_millis(500);
+/// How long after sending a granted renewal a backup may be promoted.
+pub const BACKUP_LEASE: Duration = Duration::from_secs(4);
+/// How long after granting a renewal a primary keeps waiting for its
+/// backup before it acknowledges writes alone (longer than
+/// [`BACKUP_LEASE`], with a second of margin for clocks and scheduling).
+pub const PRIMARY_HOLD: Duration = Duration::from_secs(5);
+
+/// The part a server plays for its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serves workers; replicates to its backup, if any.
+    Primary,
+    /// Applies the primary's writes; serves workers once promoted.
+    Backup,
+}
+
+impl Role {
+    /// `"primary"` or `"backup"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// A primary's backup.
+#[derive(Debug)]
+struct Attached {
+    addr: String,
+    stream: u64,
+    generation: u64,
+    /// When the primary last granted the backup's lease (`None`: never;
+    /// a backup that never held a lease cannot be promoted).
+    granted: Option<Instant>,
+    /// The primary stopped granting (the backup is failing): it drops the
+    /// backup once [`PRIMARY_HOLD`] has passed since the last grant.
+    dropping: bool,
+}
+
+/// A backup's primary, once the backup has loaded its snapshot.
+#[derive(Debug)]
+struct Following {
+    primary: String,
+    stream: u64,
+    /// Until when this backup may be promoted (its lease).
+    promotable_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct State {
+    role: Role,
+    /// Why this primary stopped serving: its backup was promoted.
+    deposed: Option<String>,
+    /// Primary: the number the next write gets. Backup: the number of the
+    /// next write it expects.
+    next_seq: u64,
+    /// Primary: the backup it replicates to.
+    backup: Option<Attached>,
+    /// Bumped whenever a backup is attached or dropped; a forwarder of an
+    /// older generation stops.
+    generation: u64,
+    /// Writes applied here and not yet sent to the backup.
+    queue: VecDeque<(u64, ReplicaEntry)>,
+    /// Backup: the primary it follows (`None` while joining or detached).
+    following: Option<Following>,
+    /// Backup: why it no longer follows its primary (until it rejoins).
+    detached: Option<String>,
+    /// The stream this server was the backup of before it was promoted.
+    promoted_from: Option<u64>,
+}
+
+/// What a joining backup receives: the shard and its applied pushes.
+#[derive(Debug, Serialize, Deserialize)]
+struct JoinSnapshot {
+    shard: ShardSnapshot,
+    writers: Vec<(u64, WriterRecord)>,
+}
+
+/// One write's outcome, as [`Replication::write`] hands it back.
+#[derive(Debug)]
+pub enum Write<T> {
+    /// Applied now: it is replicated.
+    Fresh(T),
+    /// Applied before, by write number `.1`: acknowledged once that write is
+    /// on the backup, not replicated again.
+    Repeat(T, u64),
+}
+
+/// How a server reaches its peers (the primary it joins, or its backup).
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The server's tokens: the peer token for Join, Replicate and Lease,
+    /// the worker token for Describe.
+    pub auth: Auth,
+    /// TLS towards the peer (`None`: plain TCP).
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// What a server says of its replication (Describe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// `"primary"`, `"backup"` or `"deposed"`.
+    pub role: &'static str,
+    /// Primary: the backup replicated to.
+    pub backup: Option<String>,
+    /// Backup: it has loaded its primary's snapshot and follows it.
+    pub caught_up: bool,
+}
+
+/// The replication state of one shard server.
+#[derive(Debug)]
+pub struct Replication {
+    shard: Arc<Shard>,
+    /// A random id of this server (Describe.server_id).
+    server_id: u64,
+    /// Writes hold it shared while no backup is attached and exclusively
+    /// while one is (so they are applied and queued in one order); a
+    /// snapshot for a joining backup holds it exclusively.
+    order: RwLock<()>,
+    state: Mutex<State>,
+    /// Every write numbered at or below this is on the backup (or was
+    /// acknowledged while there was none).
+    replicated: watch::Sender<u64>,
+    /// Wakes the forwarder when the queue grows.
+    queued: Notify,
+    /// Backup: its snapshot is loaded and it follows its primary.
+    caught_up: watch::Sender<bool>,
+    /// The role as Describe reports it, for the health service.
+    role: watch::Sender<&'static str>,
+    /// How to reach the peer.
+    peer: Peer,
+    /// Backup: its lease task runs (started by the first join).
+    leasing: std::sync::atomic::AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A random nonzero 64-bit id (server ids, stream ids).
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(t.as_nanos());
+    }
+    hasher.finish().max(1)
+}
+
+impl Replication {
+    /// The state of a server starting as `role` for `shard`, reaching its
+    /// peers as `peer` says.
+    pub fn new(shard: Arc<Shard>, role: Role, peer: Peer) -> Arc<Replication> {
+        Arc::new(Replication {
+            shard,
+            server_id: random_id(),
+            order: RwLock::new(()),
+            state: Mutex::new(State {
+                role,
+                deposed: None,
+                next_seq: 1,
+                backup: None,
+                generation: 0,
+                queue: VecDeque::new(),
+                following: None,
+                detached: None,
+                promoted_from: None,
+            }),
+            replicated: watch::Sender::new(0),
+            queued: Notify::new(),
+            caught_up: watch::Sender::new(role == Role::Primary),
+            role: watch::Sender::new(role.as_str()),
+            peer,
+            leasing: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// This server's random id.
+    pub fn server_id(&self) -> u64 {
+        self.server_id
+    }
+
+    /// The role now and what goes with it.
+    pub fn description(&self) -> Description {
+        let state = lock(&self.state);
+        Description {
+            role: Self::role_of(&state),
+            backup: state.backup.as_ref().map(|b| b.addr.clone()),
+            caught_up: state.following.is_some(),
+        }
+    }
+
+    /// The role now (`"primary"`, `"backup"`, or `"deposed"` for a primary
+    /// that was replaced), and the backup replicated to (primary).
+    pub fn describe(&self) -> (&'static str, Option<String>) {
+        let d = self.description();
+        (d.role, d.backup)
+    }
+
+    fn role_of(state: &State) -> &'static str {
+        match (state.role, &state.deposed) {
+            (_, Some(_)) => "deposed",
+            (role, None) => role.as_str(),
+        }
+    }
+
+    /// Follows the role as Describe reports it (for the health service).
+    pub fn watch_role(&self) -> watch::Receiver<&'static str> {
+        self.role.subscribe()
+    }
+
+    /// Publishes the role after a change of `state`.
+    fn role_changed(&self, state: &State) {
+        self.role.send_replace(Self::role_of(state));
+    }
+
+    fn refusal(&self, state: &State) -> Option<PsError> {
+        if let Some(why) = &state.deposed {
+            return Some(PsError::Unavailable(why.clone()));
+        }
+        (state.role == Role::Backup).then(|| {
+            PsError::Unavailable(format!(
+                "this server is the backup of shard {}: it serves workers only after Promote",
+                self.shard.shard_id()
+            ))
+        })
+    }
+
+    /// Whether this server may serve workers: a backup and a deposed
+    /// primary refuse with UNAVAILABLE (a client then tries the other replica).
+    pub fn check_serving(&self) -> Result<(), PsError> {
+        match self.refusal(&lock(&self.state)) {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies one write on a primary. `apply` gets the write's number; a
+    /// fresh write is queued for the backup as `entry()`. Returns the
+    /// outcome and the number to pass to [`Replication::acknowledged`].
+    /// Runs store work: call it on a blocking thread.
+    pub fn write<T>(
+        &self,
+        apply: impl FnOnce(u64) -> Result<Write<T>, PsError>,
+        entry: impl FnOnce() -> ReplicaEntry,
+    ) -> Result<(T, u64), PsError> {
+        {
+            let _shared = self.order.read().unwrap_or_else(|p| p.into_inner());
+            let (replicating, seq) = {
+                let mut state = lock(&self.state);
+                if let Some(err) = self.refusal(&state) {
+                    return Err(err);
+                }
+                if state.backup.is_none() {
+                    // Numbers stay increasing so a backup joining later
+                    // compares them with its own; nothing waits on them.
+                    let seq = state.next_seq;
+                    state.next_seq += 1;
+                    (false, seq)
+                } else {
+                    (true, 0)
+                }
+            };
+            if !replicating {
+                return match apply(seq)? {
+                    Write::Fresh(value) | Write::Repeat(value, _) => Ok((value, 0)),
+                };
+            }
+        }
+        let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
+        if let Some(err) = self.refusal(&state) {
+            return Err(err);
+        }
+        let seq = state.next_seq;
+        match apply(seq)? {
+            Write::Fresh(value) => {
+                state.next_seq += 1;
+                if state.backup.is_some() {
+                    state.queue.push_back((seq, entry()));
+                    self.queued.notify_one();
+                    Ok((value, seq))
+                } else {
+                    Ok((value, 0))
+                }
+            }
+            Write::Repeat(value, earlier) => Ok((value, earlier)),
+        }
+    }
+
+    /// Waits until write `seq` is on the backup (at once for 0, or when
+    /// there is no backup). Fails if this primary is deposed meanwhile.
+    pub async fn acknowledged(&self, seq: u64) -> Result<(), PsError> {
+        let mut replicated = self.replicated.subscribe();
+        loop {
+            if let Some(why) = &lock(&self.state).deposed {
+                return Err(PsError::Unavailable(format!(
+                    "{why}; the write may not have been replicated: retry it on the new primary"
+                )));
+            }
+            if *replicated.borrow_and_update() >= seq {
+                return Ok(());
+            }
+            if replicated.changed().await.is_err() {
+                return Err(PsError::Internal("replication state dropped".into()));
+            }
+        }
+    }
+
+    /// A client to a peer server (lazy: connects on first use, reconnects after failures).
+    fn peer_client(&self, addr: &str) -> Result<ParameterServerClient<Channel>, PsError> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            PsError::invalid(format!("invalid peer address {addr:?}: {e}"))
+        };
+        let endpoint = ps_common::tls::endpoint(addr, self.peer.tls.clone())
+            .map_err(|e| invalid(&e))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        Ok(ParameterServerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+
+    /// What the server at `addr` says of itself, within `timeout` (`None`:
+    /// no answer).
+    async fn describe_peer(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Option<ps_common::pb::DescribeResponse> {
+        let mut client = self.peer_client(addr).ok()?;
+        let mut request = tonic::Request::new(ps_common::pb::DescribeRequest {});
+        self.peer.auth.attach(&mut request);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.describe(request)).await {
+            Ok(Ok(answer)) => Some(answer.into_inner()),
+            _ => None,
+        }
+    }
+}

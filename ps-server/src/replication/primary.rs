@@ -1,0 +1,365 @@
+//! The primary's side: who may join, the join answer, the forwarder that
+//! streams writes to the backup, the lease it grants, and dropping a
+//! backup that stopped answering.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ps_common::PsError;
+use ps_common::pb::{self, parameter_server_client::ParameterServerClient};
+use tonic::transport::Channel;
+
+use super::{
+    Attached, BACKUP_TIMEOUT, HEARTBEAT, JoinSnapshot, PRIMARY_HOLD, Replication, lock, random_id,
+};
+
+/// Most writes sent in one Replicate call.
+const MAX_BATCH: usize = 256;
+/// Bytes per Join chunk.
+const CHUNK_BYTES: usize = 4 << 20;
+/// How long a joining backup may leave a chunk of its snapshot unread
+/// before the primary gives the join up (and frees the snapshot).
+const JOIN_STALL: Duration = Duration::from_secs(10);
+/// How long the primary waits for the joining server to answer Describe.
+const JOIN_PROBE: Duration = Duration::from_secs(2);
+
+/// The stream of a Join answer.
+pub type JoinStream = std::pin::Pin<
+    Box<
+        dyn tonic::codegen::tokio_stream::Stream<Item = Result<pb::JoinChunk, tonic::Status>>
+            + Send,
+    >,
+>;
+
+/// A server asking to become this primary's backup, as its Join said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joiner {
+    /// Where the primary reaches it.
+    pub addr: String,
+    /// The shard it was started as.
+    pub shard_id: u32,
+    /// The shard count it was started with.
+    pub num_shards: u32,
+    /// Its Describe.server_id.
+    pub server_id: u64,
+}
+
+impl TryFrom<pb::JoinRequest> for Joiner {
+    type Error = PsError;
+
+    fn try_from(request: pb::JoinRequest) -> Result<Joiner, PsError> {
+        if request.addr.is_empty() || request.addr.len() > 1024 {
+            return Err(PsError::invalid(
+                "Join needs the backup's address (1-1024 bytes)",
+            ));
+        }
+        if request.server_id == 0 {
+            return Err(PsError::invalid("Join needs the backup's server_id"));
+        }
+        Ok(Joiner {
+            addr: request.addr,
+            shard_id: request.shard_id,
+            num_shards: request.num_shards,
+            server_id: request.server_id,
+        })
+    }
+}
+
+/// How an attached backup ended.
+enum Ending {
+    /// It stopped answering: drop it once its lease has surely run out.
+    Failed(String),
+    /// It never got far enough to hold a lease (a join given up).
+    Abandoned(String),
+}
+
+impl Replication {
+    /// Primary: answers `joiner`'s Join. Refuses a joiner of another shard,
+    /// one that arrives while a backup is attached (a live backup is never
+    /// displaced; a replacement joins once the primary has dropped it), and
+    /// one whose address does not answer as a backup of this shard with its
+    /// id (a mistyped address, this server's own). Then snapshots the shard
+    /// and streams it; writes follow as Replicate calls on a new stream.
+    pub async fn answer_join(self: &Arc<Self>, joiner: Joiner) -> Result<JoinStream, PsError> {
+        let (shard_id, num_shards) = (self.shard.shard_id(), self.shard.num_shards());
+        if (joiner.shard_id, joiner.num_shards) != (shard_id, num_shards) {
+            return Err(PsError::FailedPrecondition(format!(
+                "this is shard {shard_id} of {num_shards}; a backup started as shard {} of {} cannot join it",
+                joiner.shard_id, joiner.num_shards
+            )));
+        }
+        self.check_free_for(&joiner)?;
+        match self.describe_peer(&joiner.addr, JOIN_PROBE).await {
+            Some(d)
+                if d.role == "backup"
+                    && d.server_id == joiner.server_id
+                    && (d.shard_id, d.num_shards) == (shard_id, num_shards) => {}
+            Some(d) => {
+                return Err(PsError::FailedPrecondition(format!(
+                    "{} answers as a {} of shard {} of {} with id {:x}, not as the backup that asked to join (id {:x})",
+                    joiner.addr, d.role, d.shard_id, d.num_shards, d.server_id, joiner.server_id
+                )));
+            }
+            None => {
+                return Err(PsError::FailedPrecondition(format!(
+                    "{} does not answer: a backup must be reachable at the address it joins with (--advertise)",
+                    joiner.addr
+                )));
+            }
+        }
+        let this = Arc::clone(self);
+        let addr = joiner.addr.clone();
+        let (bytes, seq, stream, generation) =
+            tokio::task::spawn_blocking(move || this.attach(&joiner))
+                .await
+                .map_err(|e| PsError::Internal(format!("snapshot task failed: {e}")))??;
+        tokio::spawn(Arc::clone(self).forward(addr, generation));
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            for chunk in join_chunks(bytes, seq, stream) {
+                let sent = tokio::time::timeout(JOIN_STALL, sender.send(Ok(chunk))).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    this.end_backup(
+                        generation,
+                        Ending::Abandoned("the joining backup stopped reading its snapshot".into()),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver),
+        ))
+    }
+
+    /// Refuses a join on a server that is not a serving primary, or that
+    /// already has a backup.
+    fn check_free_for(&self, joiner: &Joiner) -> Result<(), PsError> {
+        let state = lock(&self.state);
+        if let Some(err) = self.refusal(&state) {
+            return Err(err);
+        }
+        if let Some(backup) = &state.backup {
+            return Err(PsError::FailedPrecondition(format!(
+                "shard {} already replicates to backup {}; {} can join once that one is dropped",
+                self.shard.shard_id(),
+                backup.addr,
+                joiner.addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// Attaches `joiner` and returns the snapshot it starts from, encoded,
+    /// with the number of the last write it holds, its stream and the
+    /// generation to forward. Runs store work: call it on a blocking thread.
+    fn attach(&self, joiner: &Joiner) -> Result<(Vec<u8>, u64, u64, u64), PsError> {
+        let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
+        self.check_free_for(joiner)?;
+        let snapshot = JoinSnapshot {
+            shard: self.shard.snapshot(),
+            writers: self.shard.applied.snapshot(),
+        };
+        let bytes = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
+            .map_err(|e| PsError::Internal(format!("cannot encode the snapshot: {e}")))?;
+        let mut state = lock(&self.state);
+        state.generation += 1;
+        let stream = random_id();
+        state.backup = Some(Attached {
+            addr: joiner.addr.clone(),
+            stream,
+            generation: state.generation,
+            granted: None,
+            dropping: false,
+        });
+        state.queue.clear();
+        tracing::info!(backup = %joiner.addr, through = state.next_seq - 1, bytes = bytes.len(), "backup attached");
+        Ok((bytes, state.next_seq - 1, stream, state.generation))
+    }
+
+    /// Primary: the backup on `stream` renews its lease. Granted while this
+    /// primary serves and replicates to that stream (and is not dropping
+    /// it); a grant holds this primary to its backup for [`PRIMARY_HOLD`].
+    pub fn grant_lease(&self, stream: u64) -> bool {
+        let mut state = lock(&self.state);
+        if self.refusal(&state).is_some() {
+            return false;
+        }
+        match &mut state.backup {
+            Some(backup) if backup.stream == stream && !backup.dropping => {
+                backup.granted = Some(Instant::now());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Primary: sends queued writes to the backup at `addr` until this
+    /// generation ends: the backup is replaced, promoted (this primary is
+    /// then deposed), or fails (it is dropped).
+    pub async fn forward(self: Arc<Self>, addr: String, generation: u64) {
+        let client = match self.peer_client(&addr) {
+            Ok(client) => client,
+            Err(e) => {
+                self.end_backup(generation, Ending::Abandoned(e.to_string()))
+                    .await;
+                return;
+            }
+        };
+        // The first call carries no write: it returns once the backup has
+        // loaded the snapshot, which acknowledges the writes it holds.
+        let mut first = true;
+        loop {
+            let (first_seq, entries, stream) = {
+                let notified = self.queued.notified();
+                let batch = {
+                    let mut state = lock(&self.state);
+                    let stream = match &state.backup {
+                        Some(b) if b.generation == generation => b.stream,
+                        _ => return,
+                    };
+                    let n = state.queue.len().min(MAX_BATCH);
+                    let first_seq = state.queue.front().map_or(state.next_seq, |(seq, _)| *seq);
+                    (
+                        first_seq,
+                        state.queue.drain(..n).map(|(_, e)| e).collect::<Vec<_>>(),
+                        stream,
+                    )
+                };
+                if batch.1.is_empty() && !first {
+                    // Idle: wait for writes, but check on the backup every
+                    // HEARTBEAT (an empty call), so a promotion or a dead
+                    // backup is noticed without a write.
+                    if tokio::time::timeout(HEARTBEAT, notified).await.is_ok() {
+                        continue;
+                    }
+                }
+                batch
+            };
+            let catching_up = std::mem::replace(&mut first, false);
+            let request = pb::ReplicateRequest {
+                first_seq,
+                entries,
+                stream,
+            };
+            match self.send(&client, request, catching_up).await {
+                Ok(answer) if answer.promoted => {
+                    self.depose(generation, &addr);
+                    return;
+                }
+                Ok(answer) => {
+                    self.replicated.send_if_modified(|r| {
+                        let grew = answer.applied_through > *r;
+                        *r = (*r).max(answer.applied_through);
+                        grew
+                    });
+                }
+                Err(status) => {
+                    self.end_backup(generation, Ending::Failed(status.message().to_string()))
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// This primary's backup (of `generation`) was promoted: stop serving.
+    fn depose(&self, generation: u64, addr: &str) {
+        let mut state = lock(&self.state);
+        if state.generation != generation {
+            return;
+        }
+        let why = format!(
+            "this server is no longer the primary of shard {}: its backup {addr} was promoted",
+            self.shard.shard_id()
+        );
+        tracing::error!("{why}");
+        state.deposed = Some(why);
+        state.backup = None;
+        state.queue.clear();
+        state.generation += 1;
+        self.role_changed(&state);
+        drop(state);
+        self.replicated.send_modify(|_| {});
+    }
+
+    /// Sends one batch, retrying failures for up to [`BACKUP_TIMEOUT`]. The
+    /// first call of a backup (`catching_up`) may wait while it loads its
+    /// snapshot; later ones get [`BACKUP_TIMEOUT`] each, so a hung backup
+    /// fails after about twice that.
+    async fn send(
+        &self,
+        client: &ParameterServerClient<Channel>,
+        request: pb::ReplicateRequest,
+        catching_up: bool,
+    ) -> Result<pb::ReplicateResponse, tonic::Status> {
+        let deadline = tokio::time::Instant::now() + BACKUP_TIMEOUT;
+        loop {
+            let mut call = tonic::Request::new(request.clone());
+            self.peer.auth.attach_peer(&mut call);
+            // A backup still loading its snapshot holds the first call.
+            call.set_timeout(if catching_up {
+                BACKUP_TIMEOUT * 10
+            } else {
+                BACKUP_TIMEOUT
+            });
+            match client.clone().replicate(call).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    /// Stops replicating to the backup of `generation`. A backup that held
+    /// a lease is first refused further grants and waited out until
+    /// [`PRIMARY_HOLD`] after the last one, so it can no longer be promoted
+    /// when this primary acknowledges its queued writes alone.
+    async fn end_backup(&self, generation: u64, ending: Ending) {
+        let (why, hold_until) = {
+            let mut state = lock(&self.state);
+            let Some(backup) = state.backup.as_mut().filter(|b| b.generation == generation) else {
+                return;
+            };
+            backup.dropping = true;
+            match ending {
+                Ending::Failed(why) => (why, backup.granted.map(|at| at + PRIMARY_HOLD)),
+                Ending::Abandoned(why) => (why, None),
+            }
+        };
+        if let Some(until) = hold_until {
+            tracing::warn!(
+                "backup failing ({why}); acknowledging writes alone once its lease has run out"
+            );
+            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+        }
+        let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
+        if state.generation != generation {
+            return;
+        }
+        tracing::error!(backup = ?state.backup.as_ref().map(|b| &b.addr), "backup dropped, serving without a replica: {why}");
+        state.backup = None;
+        state.queue.clear();
+        state.generation += 1;
+        self.replicated.send_replace(state.next_seq - 1);
+    }
+}
+
+/// A primary's answer to Join, cut into chunks.
+fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
+    let bytes = bytes::Bytes::from(bytes);
+    let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
+    (0..n)
+        .map(|i| pb::JoinChunk {
+            data: bytes.slice(i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(bytes.len())),
+            seq,
+            last: i + 1 == n,
+            stream,
+        })
+        .collect()
+}
