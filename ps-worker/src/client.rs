@@ -292,12 +292,25 @@ impl Replicas {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .take();
-                let status = match refused {
-                    Some(why) if retryable(status.code()) => tonic::Status::new(
+                let standby = self
+                    .standby
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                let status = match (refused, standby) {
+                    _ if !retryable(status.code()) => status,
+                    (Some(why), _) => tonic::Status::new(
                         status.code(),
                         format!("{}; failing over was refused: {why}", status.message()),
                     ),
-                    _ => status,
+                    (None, None) => tonic::Status::new(
+                        status.code(),
+                        format!(
+                            "{}; the shard has no backup to fail over to",
+                            status.message()
+                        ),
+                    ),
+                    (None, Some(_)) => status,
                 };
                 return Err(conn.error(self.id, status));
             }
