@@ -184,7 +184,8 @@ pub async fn run_replicated(
     let health_follows_role = tokio::spawn(report_role(health.clone(), roles));
     let service = ParameterServerServer::new(
         ShardService::new(Arc::clone(&shard), config.limits, checkpoints.clone())
-            .with_replication(Arc::clone(&replication)),
+            .with_replication(Arc::clone(&replication))
+            .with_restored_from(config.restored_from.clone()),
     )
     .max_decoding_message_size(config.limits.max_request_bytes)
     // Values are bounded by max_response_bytes before they are read; the

@@ -37,8 +37,8 @@ impl Default for EndpointLimits {
     fn default() -> Self {
         EndpointLimits {
             max_connections: 64,
-            header_timeout: Duration::from_secs(5),
-            connection_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(2),
+            connection_timeout: Duration::from_secs(10),
         }
     }
 }

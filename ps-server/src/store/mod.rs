@@ -254,9 +254,10 @@ impl Shard {
     }
 
     /// Checks the row cap and reserves the memory of the rows a request on
-    /// `keys` may create: at worst every key is new; counted exactly only
-    /// when that worst case does not fit. Refuses with RESOURCE_EXHAUSTED,
-    /// before anything is created, a request that cannot fit.
+    /// `keys` may create: at worst every key is new; when that does not fit,
+    /// the keys the table lacks are counted (with their repeats, so no
+    /// memory is needed to count). Refuses with RESOURCE_EXHAUSTED, before
+    /// anything is created, a request that cannot fit.
     fn make_room(&self, table: &Table, keys: &[u64]) -> Result<Reservation<'_>, PsError> {
         if !table.is_sparse() {
             return self.budget.reserve(0, String::new);
@@ -281,9 +282,12 @@ impl Shard {
         {
             return Ok(reservation);
         }
-        let new = fresh.unwrap_or_else(|| Self::fresh_keys(table, keys)) as u64;
+        // Keys the table lacks, counted with their repeats (an upper bound
+        // on the rows created that needs no memory to count).
+        let new =
+            fresh.unwrap_or_else(|| keys.iter().filter(|&&k| !table.contains(k)).count()) as u64;
         self.budget.reserve(new * per_row, || {
-            format!("creating {new} rows of table '{}'", table.spec.name)
+            format!("creating up to {new} rows of table '{}'", table.spec.name)
         })
     }
 
