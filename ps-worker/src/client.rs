@@ -188,8 +188,11 @@ impl ShardConn {
 
 /// Most times one call is sent before its error is returned.
 const MAX_ATTEMPTS: u32 = 8;
-/// How often a client with no known backup for a shard asks for one.
+/// How often a client asks the serving replica of a shard for its backup.
 const BACKUP_REFRESH: Duration = Duration::from_secs(2);
+/// How long a call may go unanswered before the client checks that the
+/// replica still answers at all.
+const HANG_PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// One shard: the replica serving it now, the backup to fail over to, and
 /// the numbering of this client's push calls to it.
@@ -267,9 +270,13 @@ impl Replicas {
     /// Runs `call` against the serving replica. A transport failure or a
     /// refusal (UNAVAILABLE, a lost connection, a deadline) is retried
     /// with backoff; when the replica is dead, or alive but no longer
-    /// primary, the client fails over to the backup first. Only idempotent
-    /// calls go through here: pulls, table creation, assignments, and
-    /// pushes carrying (writer, seq).
+    /// primary, the client fails over to the backup first. A call left
+    /// unanswered for [`HANG_PROBE_AFTER`] makes the client probe the
+    /// replica; one that does not answer the probe is taken for hung, so a
+    /// hung primary is failed over within seconds (well inside the backup's
+    /// lease) whatever `request_timeout` is. Only idempotent calls go
+    /// through here: pulls, table creation, assignments, and pushes
+    /// carrying (writer, seq).
     async fn call<T, F, Fut>(&self, stats: &Inner, call: F) -> Result<T, PsError>
     where
         F: Fn(ShardConn) -> Fut,
@@ -281,7 +288,22 @@ impl Replicas {
         self.learn_backup().await;
         loop {
             let (generation, conn) = self.conn();
-            let status = match call(conn.clone()).await {
+            let mut hung = false;
+            let answer = {
+                let sent = call(conn.clone());
+                tokio::pin!(sent);
+                tokio::select! {
+                    answer = &mut sent => answer,
+                    () = self.stopped_answering(&conn) => {
+                        hung = true;
+                        Err(Status::unavailable(format!(
+                            "{} stopped answering: a call went unanswered for {HANG_PROBE_AFTER:?} and so did a probe",
+                            conn.addr
+                        )))
+                    }
+                }
+            };
+            let status = match answer {
                 Ok(answer) => return Ok(answer),
                 Err(status) => status,
             };
@@ -317,7 +339,7 @@ impl Replicas {
             stats.retries.fetch_add(1, Ordering::Relaxed);
             let failed = *failed_at.get_or_insert_with(std::time::Instant::now);
             tracing::debug!(shard = self.id, addr = %conn.addr, attempt, "retrying after: {status}");
-            if !self.serving(&conn).await {
+            if hung || !self.serving(&conn).await {
                 self.fail_over(generation, stats, failed).await;
             }
             tokio::time::sleep(backoff).await;
@@ -352,6 +374,18 @@ impl Replicas {
             if *standby != backup {
                 tracing::info!(shard = self.id, backup = ?backup, "the shard's backup changed");
                 *standby = backup;
+            }
+        }
+    }
+
+    /// Resolves once `conn` stops answering: after [`HANG_PROBE_AFTER`],
+    /// and then every [`HANG_PROBE_AFTER`], it is probed; the first probe
+    /// without an answer as a serving primary ends the wait.
+    async fn stopped_answering(&self, conn: &ShardConn) {
+        loop {
+            tokio::time::sleep(HANG_PROBE_AFTER).await;
+            if !self.serving(conn).await {
+                return;
             }
         }
     }

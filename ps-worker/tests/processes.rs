@@ -1308,20 +1308,20 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
 }
 
 /// A primary that hangs (SIGSTOP) rather than dies is failed over once a
-/// call's deadline passes and a probe gets no answer; when it wakes up it
-/// learns it was replaced and serves no more.
+/// call has gone unanswered for a second and so has a probe (with the
+/// default 60 s request timeout: within the backup's 4 s lease); when it
+/// wakes up it learns it was replaced, serves no more, and its health check
+/// says NOT_SERVING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wakes() {
+async fn a_hung_primary_is_failed_over_within_the_lease_and_fenced_when_it_wakes() {
     use ps_worker::{ClientConfig, PsClient};
     use std::time::{Duration, Instant};
 
     let dir = temp_dir("hung-primary");
     let primary = Server::primary(&dir, 0, 1);
     let backup = Server::backup_of(&dir, &primary, 0, 1);
-    let config = ClientConfig {
-        request_timeout: Duration::from_secs(1),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default();
+    assert_eq!(config.request_timeout, Duration::from_secs(60));
     let client = PsClient::connect(std::slice::from_ref(&primary.addr), &config)
         .await
         .unwrap();
@@ -1357,7 +1357,7 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
     assert_eq!(survivor.role, "primary");
     assert_eq!(survivor.requests.unwrap().updates_applied, 20);
     eprintln!(
-        "hung primary: 10 pushes took {took:?} with a 1 s deadline (failover after {} ms of the first failure)",
+        "hung primary: 10 pushes took {took:?} (failover after {} ms of the first failure)",
         acks.max_failover_ms
     );
     // The woken primary is fenced at its next write (or already was, when
@@ -1367,6 +1367,19 @@ async fn a_hung_primary_is_failed_over_after_the_deadline_and_fenced_when_it_wak
         assert!(Instant::now() < deadline, "the old primary still serves");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let health = Command::new(binary("ps-worker"))
+        .args(["health", "--servers", &primary.addr])
+        .output()
+        .unwrap();
+    assert!(
+        !health.status.success(),
+        "a deposed primary reports NOT_SERVING"
+    );
+    assert!(
+        String::from_utf8_lossy(&health.stderr).contains("not serving"),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
 }
 
 /// A push whose answer is lost, sent again with the same (writer, seq), is

@@ -258,11 +258,24 @@ impl Replication {
                 "this backup's primary {primary} still serves; only a backup whose primary is gone is promoted"
             )));
         }
+        // The lease was valid when the probe started: the primary cannot
+        // acknowledge alone until PRIMARY_HOLD after its last grant, a
+        // second past the lease, and the probe takes at most PEER_ANSWER.
         let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
-        if self.promotable()?.is_none() {
+        let mut state = lock(&self.state);
+        if state.role == Role::Primary {
             return Ok(false);
         }
-        let mut state = lock(&self.state);
+        if state.deposed.is_some()
+            || state
+                .following
+                .as_ref()
+                .is_none_or(|f| f.primary != primary)
+        {
+            return Err(PsError::FailedPrecondition(
+                "this backup stopped following its primary while it was being promoted".into(),
+            ));
+        }
         let stream = state.following.take().map(|f| f.stream);
         state.role = Role::Primary;
         state.promoted_from = stream;
