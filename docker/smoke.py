@@ -149,7 +149,8 @@ def main():
     dns = {f"ps-server-{i}.{service}:{grpc_port}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
     servers = []
     try:
-        for i in range(shards):
+        def start_pod(i):
+            """Server pod i, as the StatefulSet runs it, on its own volume."""
             data = os.path.join(work, f"data-{i}")
             rewrites = {
                 "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{ports[i]}"},
@@ -164,6 +165,10 @@ def main():
             })
             proc = subprocess.Popen(server["command"] + server["args"], env=env,
                                     stdout=subprocess.PIPE, text=True)
+            return proc, data
+
+        for i in range(shards):
+            proc, data = start_pod(i)
             servers.append((proc, data))
             printed = until_listening(proc, f"server {i}")
             if not any(line.startswith("no checkpoint to restore") for line in printed):
@@ -205,20 +210,7 @@ def main():
         print(f"smoke: {shards} server pods and {workers} worker pods ran from the manifests; "
               "servers drained and wrote their shutdown checkpoints on SIGTERM")
         # A server pod restarted on its volume restores its checkpoint.
-        proc, data = servers[0]
-        rewrites = {
-            "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{ports[0]}"},
-            "--checkpoint-dir": {"/data/checkpoints": data},
-            "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
-        }
-        env = container_env(server, config_maps, {
-            "HOSTNAME": f"{statefulset['metadata']['name']}-0",
-            "PATH": path,
-            "RUST_LOG": "warn",
-            "PS_SMOKE_REWRITES": json.dumps(rewrites),
-        })
-        restarted = subprocess.Popen(server["command"] + server["args"], env=env,
-                                     stdout=subprocess.PIPE, text=True)
+        restarted, data = start_pod(0)
         servers[0] = (restarted, data)
         printed = until_listening(restarted, "restarted server 0")
         rows = [line for line in printed if line.startswith("restored ") and " rows in " in line]

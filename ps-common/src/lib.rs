@@ -7,6 +7,7 @@
 //! - [`pb`]: the generated gRPC API (`proto/ps.proto`, package `ps.v1`).
 //! - [`table`]: validated table specs ([`TableSpec`]), converted from and to
 //!   the protobuf types at the boundary.
+//! - [`ids`]: random ids for writers, servers and replication streams.
 //! - [`init`]: the deterministic row initializer, seeded by (table seed, key).
 //! - [`names`]: the rules for table and checkpoint names, and how a refused one is quoted.
 //! - [`routing`]: the one function that maps a key to its shard.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod ids;
 pub mod init;
 pub mod memory;
 pub mod names;

@@ -459,17 +459,6 @@ fn retryable(code: tonic::Code) -> bool {
     )
 }
 
-/// A random nonzero id naming this client's pushes.
-fn writer_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        hasher.write_u128(t.as_nanos());
-    }
-    hasher.finish().max(1)
-}
-
 /// One table's part of [`PsClient::push_many`].
 #[derive(Debug, Clone, Copy)]
 pub struct PushTable<'a> {
@@ -611,7 +600,7 @@ impl PsClient {
             inner: Arc::new(Inner {
                 router: ShardRouter::new(shards.len() as u32),
                 shards: shards.into_iter().map(Arc::new).collect(),
-                writer: writer_id(),
+                writer: ps_common::ids::random_id(),
                 acked: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
                 retries: AtomicU64::new(0),

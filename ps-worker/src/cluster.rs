@@ -180,13 +180,8 @@ impl LocalCluster {
 
 /// A random token (32 hex digits) for the cluster's peer calls.
 fn random_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let random = || {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
-        hasher.finish()
-    };
-    format!("{:016x}{:016x}", random(), random())
+    use ps_common::ids::random_id;
+    format!("{:016x}{:016x}", random_id(), random_id())
 }
 
 impl Drop for LocalCluster {

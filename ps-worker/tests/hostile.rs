@@ -43,17 +43,6 @@ async fn stats(client: &mut Client) -> pb::StatsResponse {
         .into_inner()
 }
 
-fn sparse(name: &str, dim: u32) -> TableSpec {
-    TableSpec {
-        name: name.into(),
-        kind: TableKind::Sparse,
-        dim,
-        initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    }
-}
-
 /// A 1 MiB pull of one key 2^20 times from a dim-65536 table asks for a
 /// 256 GiB answer: it is refused before anything is allocated, and the
 /// server goes on. A flood of new ids past the memory budget creates
@@ -62,8 +51,10 @@ fn sparse(name: &str, dim: u32) -> TableSpec {
 async fn answers_and_new_rows_past_the_server_s_bounds_are_refused_before_allocating() {
     let server = Server::start_with(0, 1, &["--memory-budget", "32MiB"]);
     let mut c = client(&server.addr).await;
-    create(&mut c, &sparse("wide", 65536)).await.unwrap();
-    create(&mut c, &sparse("narrow", 1)).await.unwrap();
+    create(&mut c, &counting_table("wide", 65536))
+        .await
+        .unwrap();
+    create(&mut c, &counting_table("narrow", 1)).await.unwrap();
     let rss_before = rss_bytes(server.child.id());
     let huge = pb::PullRequest {
         table: "wide".into(),
@@ -183,7 +174,7 @@ async fn dense_tables_are_refused_before_allocating_and_made_without_blocking_th
 async fn values_that_would_make_rows_non_finite_and_malformed_names_get_invalid_argument() {
     let server = Server::start(0, 1);
     let mut c = client(&server.addr).await;
-    let mut ftrl = sparse("ftrl", 1);
+    let mut ftrl = counting_table("ftrl", 1);
     ftrl.optimizer = OptimizerSpec::Ftrl {
         alpha: 0.1,
         beta: 1.0,
@@ -191,7 +182,7 @@ async fn values_that_would_make_rows_non_finite_and_malformed_names_get_invalid_
         l2: 0.0,
     };
     create(&mut c, &ftrl).await.unwrap();
-    create(&mut c, &sparse("sgd", 1)).await.unwrap();
+    create(&mut c, &counting_table("sgd", 1)).await.unwrap();
     let push = |table: &str, keys: Vec<u64>, grads: &[f32]| pb::PushRequest {
         table: table.into(),
         keys,
@@ -210,7 +201,7 @@ async fn values_that_would_make_rows_non_finite_and_malformed_names_get_invalid_
     let after = stats(&mut c).await;
     assert_eq!(after.requests.unwrap().updates_applied, before);
     assert!(after.tables.iter().all(|t| t.rows == 0), "no row created");
-    let mut inf = sparse("inf", 1);
+    let mut inf = counting_table("inf", 1);
     inf.initializer = InitializerSpec::Normal {
         mean: 3e38,
         std: 1.0,

@@ -4,12 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::counting_table;
 use ps_common::config::{CommunicationConfig, JobConfig, WireValues};
 use ps_common::pb::ValueEncoding;
-use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 use ps_server::Limits;
 use ps_worker::client::{ClientConfig, WireFormat};
 use ps_worker::cluster::LocalCluster;
@@ -107,7 +109,10 @@ fn clients_and_servers_count_the_same_payload_bytes_in_every_encoding() {
             let before: (u64, u64) = server_bytes(&cluster).await;
             let client = cluster.client(&config).await.unwrap();
             let table = format!("emb{}", delta_keys as u8);
-            client.create_table(&sgd_table(&table, 8)).await.unwrap();
+            client
+                .create_table(&counting_table(&table, 8))
+                .await
+                .unwrap();
             let keys: Vec<u64> = (0..500).map(|i| i * 7919 % 100_003).collect();
             client
                 .push(&table, &keys, &vec![0.5; keys.len() * 8])
@@ -122,18 +127,6 @@ fn clients_and_servers_count_the_same_payload_bytes_in_every_encoding() {
             assert_eq!(counted.push_bytes, after.1 - before.1, "{push_values:?}");
         }
     });
-}
-
-/// A sparse table of zeros updated by SGD with rate 1.
-fn sgd_table(name: &str, dim: u32) -> TableSpec {
-    TableSpec {
-        name: name.into(),
-        kind: TableKind::Sparse,
-        dim,
-        initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
-        seed: 0,
-    }
 }
 
 async fn server_bytes(cluster: &LocalCluster) -> (u64, u64) {
@@ -157,7 +150,7 @@ fn small_requests_to_one_shard_travel_together() {
         let client = cluster.client(&ClientConfig::default()).await.unwrap();
         let names = ["a", "b", "c"];
         for name in names {
-            client.create_table(&sgd_table(name, 4)).await.unwrap();
+            client.create_table(&counting_table(name, 4)).await.unwrap();
         }
         let keys: Vec<u64> = (0..64).collect();
         let grads = vec![1.0f32; 64 * 4];

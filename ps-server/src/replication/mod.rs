@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ps_common::PsError;
+use ps_common::ids::random_id;
 use ps_common::pb::ReplicaEntry;
 use ps_common::pb::parameter_server_client::ParameterServerClient;
 use serde::{Deserialize, Serialize};
@@ -201,17 +202,6 @@ pub struct Replication {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A random nonzero 64-bit id (server ids, stream ids).
-fn random_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        hasher.write_u128(t.as_nanos());
-    }
-    hasher.finish().max(1)
 }
 
 impl Replication {
