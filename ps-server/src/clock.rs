@@ -103,6 +103,19 @@ impl JobClocks {
         expired
     }
 
+    /// The slowest clock of every rank that has not finished, live or not
+    /// (a rank that never reported is at 0).
+    fn slowest_unfinished(&self) -> u64 {
+        let silent = (self.members.len() as u32) < self.workers;
+        self.members
+            .values()
+            .filter(|m| !m.finished)
+            .map(|m| m.clock)
+            .chain(silent.then_some(0))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// Every rank reported finished: nobody will wait on this job again.
     fn finished(&self) -> bool {
         self.members.len() as u32 == self.workers && self.members.values().all(|m| m.finished)
@@ -147,6 +160,10 @@ pub struct Answer {
     pub reached: bool,
     /// Ranks presumed dead when the call returned.
     pub expired: Vec<u32>,
+    /// The slowest clock of every worker that has not finished, live or
+    /// not (`u64::MAX` if all finished): the staleness a released pull
+    /// really has, measured apart from the liveness the wait is decided on.
+    pub min_clock_unfinished: u64,
 }
 
 /// Undoes a worker's `waiting` mark when its call ends (or is dropped).
@@ -238,6 +255,7 @@ impl Clocks {
                         min_clock: u64::MAX,
                         reached: true,
                         expired: Vec::new(),
+                        min_clock_unfinished: u64::MAX,
                     });
                 };
                 let (min, next_expiry) = job.slowest(report.wait_for, now);
@@ -249,6 +267,7 @@ impl Clocks {
                         min_clock: min,
                         reached: min >= report.wait_for,
                         expired: job.expired(now),
+                        min_clock_unfinished: job.slowest_unfinished(),
                     });
                 }
                 if waiting.is_none() {
@@ -354,6 +373,7 @@ impl Clocks {
                 min_clock: u64::MAX,
                 reached: true,
                 expired: Vec::new(),
+                min_clock_unfinished: u64::MAX,
             }));
         }
         Ok(None)

@@ -104,7 +104,10 @@ impl Gate {
     }
 
     /// Largest staleness a pull of this worker was released with: steps the
-    /// slowest live worker had not finished, counted back from the pulled step.
+    /// slowest unfinished worker had not finished, counted back from the
+    /// pulled step. Measured on the server's clocks of *every* unfinished
+    /// worker, not only the live ones the wait is decided on, so a worker
+    /// wrongly given up for dead (or a wait that was skipped) shows here.
     pub fn max_staleness(&self) -> u64 {
         self.max_staleness.load(Ordering::Relaxed)
     }
@@ -130,14 +133,16 @@ impl Gate {
                 "workers presumed dead (lease ran out); not waiting for them"
             );
         }
-        Ok(answer.min_clock)
+        Ok(answer.min_clock_unfinished)
     }
 
-    fn observe(&self, step: u64, min_clock: u64) {
-        let done = if min_clock == u64::MAX {
+    /// Records the staleness of the pull of `step`, released when the
+    /// slowest unfinished worker's clock was `slowest`.
+    fn observe(&self, step: u64, slowest: u64) {
+        let done = if slowest == u64::MAX {
             step
         } else {
-            min_clock / 2
+            slowest / 2
         };
         self.max_staleness
             .fetch_max(step.saturating_sub(done), Ordering::Relaxed);

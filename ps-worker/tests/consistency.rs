@@ -257,6 +257,32 @@ fn a_silent_worker_is_waited_for_one_lease_then_no_longer() {
     });
 }
 
+/// The staleness a worker reports is measured on every unfinished
+/// worker's clock, not only the live ones the wait is decided on: a worker
+/// presumed dead while it is merely slow shows in it.
+#[test]
+fn a_worker_given_up_for_dead_shows_in_the_staleness_the_others_report() {
+    let (runtime, _cluster, alive, slow) = one_shard_two_clients();
+    let ahead = Schedule::Ahead { staleness: 1 };
+    let lease = Duration::from_millis(200);
+    let (alive_gate, slow_gate) = (
+        gate(&alive, 0, lease.as_millis() as u32, ahead),
+        gate(&slow, 1, lease.as_millis() as u32, ahead),
+    );
+    runtime.block_on(async {
+        slow_gate.ahead(0).await.unwrap();
+        // The slow worker is alive but silent past its lease: the other goes on.
+        for step in 0..6 {
+            alive_gate.ahead(step).await.unwrap();
+        }
+    });
+    assert_eq!(
+        alive_gate.max_staleness(),
+        5,
+        "step 5 was pulled while the slow worker had finished nothing"
+    );
+}
+
 /// a9a's test file (16,281 lines) as training data: worker 0 reads 8,141
 /// lines, worker 1 8,140, so with batches of 4,070 worker 0 has one step
 /// more, which it must take without waiting for the finished worker 1.

@@ -458,6 +458,7 @@ impl ShardService {
             .map_err(|e| self.fail(e))?;
         Ok(Response::new(pb::ClockResponse {
             min_clock: answer.min_clock,
+            min_clock_unfinished: answer.min_clock_unfinished,
             reached: answer.reached,
             expired: answer.expired,
         }))
