@@ -144,12 +144,40 @@ fn device_error(e: impl std::fmt::Display) -> BackendError {
     BackendError::Device(e.to_string())
 }
 
-/// Whether a CUDA driver and at least one device are present. Never panics.
-pub fn device_count() -> usize {
-    if !(driver_present() && nvrtc_present()) {
-        return 0;
+/// What this machine has for the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// The driver library (`libcuda.so`) cannot be loaded: no GPU stack.
+    NoDriver,
+    /// The driver loads and reports no device.
+    NoDevice,
+    /// The driver reports this many devices.
+    Devices(usize),
+}
+
+impl Availability {
+    /// Why a test of the CUDA backend cannot run here, if it cannot: no
+    /// driver or no device. Everything else (NVRTC missing, a kernel that
+    /// does not compile or load) is a failure to report, not a skip.
+    pub fn skip_reason(self) -> Option<&'static str> {
+        match self {
+            Availability::NoDriver => Some("no CUDA driver"),
+            Availability::NoDevice => Some("no CUDA device"),
+            Availability::Devices(_) => None,
+        }
     }
-    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// Whether a CUDA driver and devices are present. Never panics; a driver
+/// that loads but cannot count its devices is an error.
+pub fn availability() -> Result<Availability, BackendError> {
+    if !driver_present() {
+        return Ok(Availability::NoDriver);
+    }
+    match CudaContext::device_count().map_err(device_error)? {
+        n if n <= 0 => Ok(Availability::NoDevice),
+        n => Ok(Availability::Devices(n as usize)),
+    }
 }
 
 /// Whether the CUDA driver library can be loaded. Never panics.
@@ -237,21 +265,23 @@ fn int(n: usize, what: &'static str) -> Result<i32, BackendError> {
 impl CudaBackend {
     /// Opens device `ordinal` and compiles the kernels, or explains why not.
     pub fn new(ordinal: usize) -> Result<CudaBackend, BackendError> {
-        let (driver, nvrtc) = (driver_present(), nvrtc_present());
-        if !driver {
-            return Err(BackendError::Unavailable(format!(
-                "cuda:{ordinal}: no CUDA driver found (libcuda.so could not be loaded); use device = \"cpu\""
-            )));
-        }
-        if !nvrtc {
-            return Err(BackendError::Unavailable(format!(
-                "cuda:{ordinal}: the CUDA runtime compiler libnvrtc.so (CUDA 13) could not be loaded; add the CUDA toolkit's lib64 to LD_LIBRARY_PATH or use device = \"cpu\""
-            )));
-        }
-        let count = CudaContext::device_count().map_err(device_error)?.max(0) as usize;
+        let count = match availability()? {
+            Availability::NoDriver => {
+                return Err(BackendError::Unavailable(format!(
+                    "cuda:{ordinal}: no CUDA driver found (libcuda.so could not be loaded); use device = \"cpu\""
+                )));
+            }
+            Availability::NoDevice => 0,
+            Availability::Devices(n) => n,
+        };
         if ordinal >= count {
             return Err(BackendError::Unavailable(format!(
                 "cuda:{ordinal}: no such CUDA device ({count} found); use device = \"cpu\""
+            )));
+        }
+        if !nvrtc_present() {
+            return Err(BackendError::Unavailable(format!(
+                "cuda:{ordinal}: the CUDA runtime compiler libnvrtc.so (CUDA 13) could not be loaded; add the CUDA toolkit's lib64 to LD_LIBRARY_PATH or use device = \"cpu\""
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(device_error)?;
