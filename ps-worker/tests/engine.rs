@@ -156,41 +156,79 @@ fn one_worker_and_four_async_workers_reach_the_same_auc() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Early stopping with patience P: training stops after exactly P epochs
+/// without a better validation AUC, the best epoch is the first with the
+/// highest AUC, and the best checkpoint holds that epoch's model. The
+/// validation file is a9a's with its labels flipped, so the better the
+/// model fits the training data, the worse it scores: the AUC peaks early
+/// and patience must end training. One worker: with more, the others keep
+/// training while worker 0 validates and checkpoints, so the checkpoint is
+/// not exactly the validated model (validation at a consistent point is
+/// another issue's work).
 #[test]
-fn every_epoch_is_validated_the_best_is_checkpointed_and_patience_stops_training() {
+fn early_stopping_stops_after_exactly_patience_epochs_and_keeps_the_best_epoch() {
+    const PATIENCE: usize = 2;
+    const EPOCHS: usize = 12;
     let dir = temp_dir("best");
+    let test = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/a9a/a9a.test.libsvm"),
+    )
+    .unwrap();
+    let flipped: String = test
+        .lines()
+        .map(|line| match line.split_once(' ') {
+            Some(("+1", rest)) => format!("-1 {rest}\n"),
+            Some((_, rest)) => format!("+1 {rest}\n"),
+            None => String::new(),
+        })
+        .collect();
+    let validation = dir.join("flipped.libsvm");
+    std::fs::write(&validation, flipped).unwrap();
     let text = job::DEFAULT_JOB
         .replace(
             "epochs = 5",
-            "epochs = 8\nearly_stopping_patience = 1\nbest_checkpoint = \"best\"",
+            &format!(
+                "epochs = {EPOCHS}\nearly_stopping_patience = {PATIENCE}\nbest_checkpoint = \"best\""
+            ),
         )
-        .replace("lr = 0.1", "lr = 0.5");
-    let report = run(&text, Path::new("."), 2, 2, Some(dir.clone()));
+        .replace("builtin:a9a/test", &validation.display().to_string());
+    let report = run(&text, Path::new("."), 2, 1, Some(dir.clone()));
     let aucs: Vec<f64> = report.epochs.iter().map(|e| e.val_auc.unwrap()).collect();
-    assert!(!aucs.is_empty());
-    let best = report.best_epoch.unwrap();
-    println!(
-        "epochs {aucs:?}, best {best:?}, stopped early {}",
-        report.stopped_early
+    println!("epochs {aucs:?}, best {:?}", report.best_epoch);
+
+    // The rule, applied to the AUCs the run recorded.
+    let (mut best, mut since_best, mut stop_after) = (0, 0, None);
+    for (i, &auc) in aucs.iter().enumerate() {
+        if i == 0 || auc > aucs[best] {
+            (best, since_best) = (i, 0);
+        } else {
+            since_best += 1;
+        }
+        if since_best == PATIENCE {
+            stop_after = Some(i + 1);
+            break;
+        }
+    }
+    assert_eq!(
+        stop_after,
+        Some(aucs.len()),
+        "with patience {PATIENCE}, training should end at {stop_after:?}: {aucs:?}"
     );
-    let best_auc = aucs[best - 1];
+    assert!(report.stopped_early, "patience ended training: {aucs:?}");
+    assert!(aucs.len() < EPOCHS);
+    assert_eq!(report.best_epoch, Some(best + 1));
+
+    // The checkpoint is the best epoch's model: it scores that epoch's AUC.
+    let job = JobConfig::from_toml(&text, Path::new(".")).unwrap();
+    let source = job.data.validation.clone().unwrap();
+    let scored = job::run_eval(&job, &[dir.join("best")], &source).unwrap();
+    let checkpoint_auc = scored[0].auc;
     assert!(
-        aucs.iter().all(|&a| a <= best_auc),
-        "best epoch {best} of {aucs:?}"
+        (checkpoint_auc - aucs[best]).abs() < 1e-9,
+        "the best checkpoint scores {checkpoint_auc}, epoch {} scored {}",
+        best + 1,
+        aucs[best]
     );
-    if report.stopped_early {
-        assert!(aucs.len() < 8);
-        assert!(
-            aucs.last().unwrap() <= &best_auc,
-            "stopped after an improvement: {aucs:?}"
-        );
-    } else {
-        assert_eq!(aucs.len(), 8);
-    }
-    for shard in 0..2 {
-        let file = dir.join("best").join(format!("shard-{shard}.bin"));
-        assert!(file.exists(), "{} missing", file.display());
-    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
