@@ -418,3 +418,81 @@ async fn idle_connections_to_the_metrics_port_starve_neither_scrapes_nor_grpc() 
     assert!(scrape.contains("ps_requests_total"), "{scrape}");
     drop(idle);
 }
+
+/// A server killed (SIGKILL) while it writes a checkpoint leaves the
+/// previous checkpoint of that name whole: it restores the rows it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_checkpoint_leaves_the_previous_one_restorable() {
+    let dir = temp_dir("kill-mid-checkpoint");
+    let root = dir.join("checkpoints");
+    let keys: Vec<u64> = (0..1_000_000).collect();
+    let push = |value: f32| pb::PushRequest {
+        table: "emb".into(),
+        keys: keys.clone(),
+        gradients: ps_common::wire::encode_f32s(&vec![-value; keys.len() * 16]),
+        ..Default::default()
+    };
+    for attempt in 1..=5 {
+        let mut server = Server::start_with(0, 1, &["--checkpoint-dir", root.to_str().unwrap()]);
+        let mut c = client(&server.addr).await;
+        create(&mut c, &counting_table("emb", 16)).await.unwrap();
+        c.push(push(1.0)).await.unwrap();
+        let checkpoint = |c: &mut Client| {
+            let mut c = c.clone();
+            async move {
+                c.checkpoint(pb::CheckpointRequest { name: "c".into() })
+                    .await
+            }
+        };
+        checkpoint(&mut c).await.unwrap();
+        c.push(push(1.0)).await.unwrap(); // every row now holds 2
+        let writing = tokio::spawn(checkpoint(&mut c));
+        // Kill the server as soon as its temporary file appears.
+        let folder = root.join("c");
+        let caught = loop {
+            let temporary = std::fs::read_dir(&folder)
+                .unwrap()
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().contains(".tmp"));
+            if temporary {
+                server.child.kill().unwrap();
+                break true;
+            }
+            if writing.is_finished() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        server.child.wait().unwrap();
+        let _ = writing.await;
+        if !caught {
+            eprintln!("attempt {attempt}: the write finished before the kill; again");
+            std::fs::remove_dir_all(&root).ok();
+            continue;
+        }
+        let restored = Server::start_with(0, 1, &["--restore", folder.to_str().unwrap()]);
+        assert!(
+            restored.before[0].starts_with("restored 1000000 rows"),
+            "{:?}",
+            restored.before
+        );
+        let pulled = client(&restored.addr)
+            .await
+            .pull(pb::PullRequest {
+                table: "emb".into(),
+                keys: vec![0, 999_999],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let values = ps_common::wire::decode_f32s(&pulled.values).unwrap();
+        assert!(
+            values.iter().all(|&v| v == 1.0),
+            "the first checkpoint's rows"
+        );
+        eprintln!("killed mid-write on attempt {attempt}; the previous checkpoint restored");
+        return;
+    }
+    panic!("five checkpoints finished before the kill: the write window was never caught");
+}
