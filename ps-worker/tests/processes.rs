@@ -781,6 +781,33 @@ fn wait_for_pushes(addr: &str, n: u64) {
     }
 }
 
+/// The data position rank `rank` of `world` of `job` has recorded on the
+/// servers `addrs`, as the report's `resumed_from` writes it.
+fn recorded_position(job: &Path, addrs: &str, rank: usize, world: usize) -> serde_json::Value {
+    let text = std::fs::read_to_string(job).unwrap();
+    let config = ps_common::config::JobConfig::from_toml(&text, job.parent().unwrap()).unwrap();
+    let servers: Vec<String> = addrs.split(',').map(String::from).collect();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client =
+                ps_worker::PsClient::connect(&servers, &ps_worker::ClientConfig::default())
+                    .await
+                    .unwrap();
+            let positions = ps_worker::resume::Positions::open(&client, &config, rank, world)
+                .await
+                .unwrap();
+            let position = positions
+                .load(&client)
+                .await
+                .unwrap()
+                .expect("a recorded position");
+            serde_json::to_value(position).unwrap()
+        })
+}
+
 #[test]
 fn a_worker_killed_mid_epoch_and_restarted_resumes_and_the_job_completes() {
     let dir = temp_dir("resume");
@@ -800,9 +827,14 @@ fn a_worker_killed_mid_epoch_and_restarted_resumes_and_the_job_completes() {
     wait_for_pushes(&servers[0].addr, 400);
     second.kill().unwrap(); // SIGKILL: no chance to clean up
     second.wait().unwrap();
+    let recorded = recorded_position(&job, &addrs, 1, 2);
     let restarted = report_of(spawn_worker(&job, &addrs, 1, 2, &reports[2]), &reports[2]);
     let untouched = report_of(first, &reports[0]);
 
+    assert_eq!(
+        restarted["resumed_from"], recorded,
+        "the restarted worker resumed where the killed one recorded"
+    );
     let resumed_steps = restarted["resumed_from"]["steps"].as_u64().unwrap();
     assert!(resumed_steps >= 20, "resumed at step {resumed_steps}");
     // Rank 1 reads every other line of the 32,561: 16,280 per epoch.
@@ -877,9 +909,14 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
         "{:?}",
         restored.before
     );
+    let recorded = recorded_position(&job, &restored.addr, 0, 1);
     let again = report_of(
         spawn_worker(&job, &restored.addr, 0, 1, &reports[1]),
         &reports[1],
+    );
+    assert_eq!(
+        again["resumed_from"], recorded,
+        "the worker resumed at the position the restored checkpoint holds"
     );
     let resumed = again["resumed_from"]["steps"].as_u64().unwrap();
     assert!(resumed >= 20, "resumed at step {resumed}");
