@@ -163,6 +163,9 @@ pub async fn run_replicated(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    // However this ends (shutdown, an error, the task dropped), the
+    // replication's background tasks end with it.
+    let _close_replication = CloseOnDrop(Arc::clone(&replication));
     let checkpoints = config
         .checkpoint_dir
         .clone()
@@ -248,6 +251,15 @@ pub async fn run_replicated(
         tracing::info!(path = %written.path.display(), rows = written.rows, "shutdown checkpoint written");
     }
     Ok(())
+}
+
+/// Closes a replication when dropped.
+struct CloseOnDrop(Arc<Replication>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Keeps the health status of `ps.v1.ParameterServer` on the role: SERVING

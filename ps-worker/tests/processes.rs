@@ -766,6 +766,12 @@ fn kill_9_of_a_primary_mid_training_loses_no_acknowledged_push() {
         (auc - baseline).abs() <= 0.005 * baseline,
         "AUC {auc} vs undisturbed {baseline}"
     );
+    // A failover later than the backup's lease would have been refused.
+    let lease_ms = ps_server::replication::BACKUP_LEASE.as_millis() as u64;
+    assert!(
+        failover_ms.iter().all(|&ms| ms < lease_ms),
+        "failovers took {failover_ms:?} ms, past the {lease_ms} ms lease"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -182,7 +182,7 @@ impl Replication {
             tokio::time::sleep(LEASE_RENEW).await;
             let stream = {
                 let state = lock(&self.state);
-                if state.role != Role::Backup || state.deposed.is_some() {
+                if state.role != Role::Backup || state.deposed.is_some() || self.is_closed() {
                     return;
                 }
                 state.following.as_ref().map(|f| f.stream)

@@ -198,6 +198,8 @@ pub struct Replication {
     peer: Peer,
     /// Backup: its lease task runs (started by the first join).
     leasing: std::sync::atomic::AtomicBool,
+    /// The server stopped: background tasks (the lease, forwarders) end.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -229,7 +231,20 @@ impl Replication {
             role: watch::Sender::new(role.as_str()),
             peer,
             leasing: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The server stopped serving: its lease renewals and forwarders end
+    /// (as they would with its process).
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.queued.notify_waiters();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This server's random id.

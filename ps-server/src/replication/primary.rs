@@ -217,7 +217,7 @@ impl Replication {
                 let batch = {
                     let mut state = lock(&self.state);
                     let stream = match &state.backup {
-                        Some(b) if b.generation == generation => b.stream,
+                        Some(b) if b.generation == generation && !self.is_closed() => b.stream,
                         _ => return,
                     };
                     let n = state.queue.len().min(MAX_BATCH);
