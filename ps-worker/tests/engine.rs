@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,52 @@ fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ps-engine-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The weights (each row's first `dim` floats) of every table of the
+/// checkpoint `dir` (`DIR/NAME`, all its shard files), by table and key.
+fn checkpoint_weights(dir: &Path) -> HashMap<String, HashMap<u64, Vec<f32>>> {
+    let shards = ps_server::checkpoint::shard_count(dir).unwrap();
+    let mut tables: HashMap<String, HashMap<u64, Vec<f32>>> = HashMap::new();
+    for shard in 0..shards {
+        for t in ps_server::checkpoint::load(dir, shard, shards)
+            .unwrap()
+            .tables
+        {
+            let dim = t.spec.dim as usize;
+            let rows = tables.entry(t.spec.name.clone()).or_default();
+            for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(t.row_len as usize)) {
+                rows.insert(key, row[..dim].to_vec());
+            }
+        }
+    }
+    tables
+}
+
+/// The a9a test set's labels and, for each example, the probability the
+/// logistic regression of the checkpoint `dir` gives it, computed here from
+/// the saved weights (not by the model code under test).
+fn lr_probabilities(dir: &Path) -> (Vec<f32>, Vec<f32>) {
+    let tables = checkpoint_weights(dir);
+    let (weights, bias) = (&tables["weights"], tables["bias"][&0][0]);
+    let test = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/a9a/a9a.test.libsvm"),
+    )
+    .unwrap();
+    let (mut probs, mut labels) = (Vec::new(), Vec::new());
+    for line in test.lines().filter(|l| !l.trim().is_empty()) {
+        let mut tokens = line.split_ascii_whitespace();
+        labels.push(f32::from(tokens.next() == Some("+1")));
+        let logit = tokens.fold(f64::from(bias), |sum, token| {
+            let (id, value) = token.split_once(':').unwrap();
+            let w = weights
+                .get(&id.parse::<u64>().unwrap())
+                .map_or(0.0, |w| w[0]);
+            sum + f64::from(w) * value.parse::<f64>().unwrap()
+        });
+        probs.push((1.0 / (1.0 + (-logit).exp())) as f32);
+    }
+    (probs, labels)
 }
 
 fn run(job: &str, dir: &Path, servers: u32, workers: usize, ckpt: Option<PathBuf>) -> Report {
@@ -271,10 +318,22 @@ fn malformed_lines_are_skipped_and_counted_when_asked() {
 fn a_frozen_table_keeps_its_initial_values() {
     // Freezing the linear weights leaves only the bias to learn: validation
     // AUC stays at chance while loss still moves.
-    let text = job::DEFAULT_JOB.replace("log_every = 500", "log_every = 0\nfreeze = [\"weights\"]");
-    let report = run(&text, Path::new("."), 1, 1, None);
+    let dir = temp_dir("frozen");
+    let text = job::DEFAULT_JOB.replace(
+        "log_every = 500",
+        "log_every = 0\nfreeze = [\"weights\"]\nbest_checkpoint = \"best\"",
+    );
+    let report = run(&text, Path::new("."), 1, 1, Some(dir.clone()));
     let auc = report.val_auc.unwrap();
     assert!((auc - 0.5).abs() < 0.01, "AUC {auc} with frozen weights");
+    // Every weight the servers hold is still its initial zero; the bias moved.
+    let tables = checkpoint_weights(&dir.join("best"));
+    assert!(!tables["weights"].is_empty(), "the weights were pulled");
+    for (key, row) in &tables["weights"] {
+        assert_eq!(row, &[0.0], "weights[{key}] changed while frozen");
+    }
+    assert_ne!(tables["bias"][&0], [0.0], "the bias learned");
+    std::fs::remove_dir_all(&dir).ok();
 
     let bad = job::DEFAULT_JOB.replace("log_every = 500", "freeze = [\"wieghts\"]");
     let err = JobConfig::from_toml(&bad, Path::new(".")).unwrap_err();
@@ -387,7 +446,37 @@ fn checkpoints_evaluate_to_their_recorded_auc_and_ensemble_by_averaging() {
         ensemble.auc, entries[0].auc, entries[1].auc
     );
     assert_eq!(ensemble.checkpoint, "ensemble");
-    assert!(ensemble.auc >= entries[0].auc.min(entries[1].auc) - 1e-3);
+    // The ensemble averages the two models' probabilities: recomputed here
+    // from the saved weights, each model and their average score the AUCs
+    // `eval` printed (an ensemble of one, or of the wrong pair, would not).
+    let scored: Vec<(Vec<f32>, Vec<f32>)> =
+        checkpoints.iter().map(|c| lr_probabilities(c)).collect();
+    for (entry, (probs, labels)) in entries.iter().zip(&scored) {
+        let auc = ps_worker::metrics::auc(probs, labels);
+        assert!(
+            (entry.auc - auc).abs() < 1e-6,
+            "{}: {} vs {auc} recomputed",
+            entry.checkpoint,
+            entry.auc
+        );
+    }
+    let averaged: Vec<f32> = scored[0]
+        .0
+        .iter()
+        .zip(&scored[1].0)
+        .map(|(a, b)| (a + b) / 2.0)
+        .collect();
+    let expected = ps_worker::metrics::auc(&averaged, &scored[0].1);
+    assert!(
+        (ensemble.auc - expected).abs() < 1e-6,
+        "ensemble {} vs {expected} from the averaged probabilities",
+        ensemble.auc
+    );
+    assert!(
+        (ensemble.auc - entries[0].auc).abs() > 1e-6
+            && (ensemble.auc - entries[1].auc).abs() > 1e-6,
+        "the ensemble scores like one of its members"
+    );
 
     // A checkpoint of other tables is refused, naming the difference.
     let fm = JobConfig::from_toml(&tests_fm_job(), Path::new(".")).unwrap();
@@ -422,10 +511,25 @@ fn init_from_loads_a_checkpoint_s_weights_into_a_job_with_another_shard_count() 
             ckpt.display()
         ),
     );
-    let second = run(&text, Path::new("."), 3, 2, None);
+    let reloaded = dir.join("reloaded");
+    let text = text.replace("epochs = 1", "epochs = 1\nbest_checkpoint = \"reloaded\"");
+    let second = run(&text, Path::new("."), 3, 2, Some(dir.clone()));
     let auc = second.val_auc.unwrap();
     println!("init_from: recorded {recorded:.6}, reloaded on 3 shards {auc:.6}");
     assert!((auc - recorded).abs() < 1e-9, "{auc} vs {recorded}");
+    // Weight by weight, bias included: a constant shift would keep the AUC.
+    let (saved, loaded) = (checkpoint_weights(&ckpt), checkpoint_weights(&reloaded));
+    for table in ["weights", "bias"] {
+        for (key, row) in &saved[table] {
+            assert_eq!(loaded[table].get(key), Some(row), "{table}[{key}]");
+        }
+        for (key, row) in &loaded[table] {
+            assert!(
+                saved[table].contains_key(key) || row.iter().all(|&w| w == 0.0),
+                "{table}[{key}] = {row:?} neither loaded nor initial"
+            );
+        }
+    }
 
     // Fresh weights (nothing loaded) and frozen: chance.
     let fresh = run(
