@@ -370,3 +370,14 @@ pub fn compare<T: Backend, R: Backend>(
     }
     Ok(out)
 }
+
+/// How far a backward pass may be from a central finite difference of a
+/// loss computed in `f32`: 1% of the larger of the two (the difference's
+/// truncation error, O(h^2)), plus the rounding noise of the two losses
+/// `lp`, `lm` divided by `2h` (a few `f32` ulps of each). A sign or scale
+/// error in a small gradient is far outside it, where an absolute floor of
+/// 0.02 let one of 0.1 or less through.
+pub fn gradient_tolerance(numeric: f64, analytic: f64, lp: f64, lm: f64, h: f32) -> f64 {
+    let noise = 16.0 * f64::from(f32::EPSILON) * (lp.abs() + lm.abs()) / (2.0 * f64::from(h));
+    1e-2 * numeric.abs().max(analytic.abs()) + noise + 1e-7
+}

@@ -15,7 +15,8 @@ fn arr(data: Vec<f32>, rows: usize, cols: usize) -> Array2<f32> {
     B.upload(&data, rows, cols).unwrap()
 }
 
-/// Asserts that `analytic` is the gradient of `loss` at `x`.
+/// Asserts that `analytic` is the gradient of `loss` at `x`, within
+/// [`crate::backend::conformance::gradient_tolerance`].
 fn check(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64) {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     let h = 1e-2f32;
@@ -23,11 +24,12 @@ fn check(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64) 
         let (mut plus, mut minus) = (x.to_vec(), x.to_vec());
         plus[i] += h;
         minus[i] -= h;
-        let numeric = ((loss(&plus) - loss(&minus)) / (2.0 * f64::from(h))) as f32;
-        let tol = 2e-2 * (1.0 + numeric.abs().max(analytic[i].abs()));
+        let (lp, lm) = (loss(&plus), loss(&minus));
+        let numeric = (lp - lm) / (2.0 * f64::from(h));
+        let tol = conformance::gradient_tolerance(numeric, f64::from(analytic[i]), lp, lm, h);
         assert!(
-            (numeric - analytic[i]).abs() <= tol,
-            "{name}[{i}]: finite difference {numeric} vs backward {}",
+            (numeric - f64::from(analytic[i])).abs() <= tol,
+            "{name}[{i}]: finite difference {numeric} vs backward {} (tolerance {tol:.1e})",
             analytic[i]
         );
     }
