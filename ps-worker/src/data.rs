@@ -810,6 +810,97 @@ mod properties {
         prop::collection::vec(token, 0..8).prop_map(|tokens| tokens.join(" "))
     }
 
+    /// Criteo TSV lines, mostly well formed: 40 columns of a 0/1 label, 13
+    /// integers and 26 hexadecimal categories (any may be empty), with now
+    /// and then a column too many or too few, a bad label or a bad field.
+    fn criteo_line() -> impl Strategy<Value = String> {
+        let label = prop_oneof![8 => Just("0"), 8 => Just("1"), 1 => Just("2"), 1 => Just("")];
+        let integer = prop_oneof![
+            30 => Just(String::new()),
+            60 => (-5i64..100_000).prop_map(|v| v.to_string()),
+            5 => any::<i64>().prop_map(|v| v.to_string()),
+            1 => prop::sample::select(vec!["1.5", "x", " 3", "999999999999999999999999999999"])
+                .prop_map(str::to_string),
+        ];
+        let category = prop_oneof![
+            30 => Just(String::new()),
+            60 => "[0-9a-f]{8}",
+            5 => "[0-9a-fA-F]{1,16}",
+            1 => prop::sample::select(vec!["zz", "é", "0x1f", "12 34"]).prop_map(str::to_string),
+        ];
+        let integers = prop_oneof![8 => Just(13usize), 1 => Just(12), 1 => Just(14)];
+        let categories = prop_oneof![8 => Just(26usize), 1 => Just(25), 1 => Just(27)];
+        (label, integers, categories)
+            .prop_flat_map(move |(label, n, m)| {
+                (
+                    Just(label),
+                    prop::collection::vec(integer.clone(), n),
+                    prop::collection::vec(category.clone(), m),
+                )
+            })
+            .prop_map(|(label, integers, categories)| {
+                std::iter::once(label.to_string())
+                    .chain(integers)
+                    .chain(categories)
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            })
+    }
+
+    /// Parses `line` as Criteo into a batch already holding one Criteo
+    /// example; checks it added one consistent example or changed nothing.
+    /// Returns whether it was accepted.
+    fn check_criteo(line: &str, integers: IntegerFeatures) -> Result<bool, TestCaseError> {
+        let mut batch = Batch::new();
+        let first = ["1"]
+            .into_iter()
+            .chain(["7"; CRITEO_INTEGERS])
+            .chain(["68fd1e64"; CRITEO_CATEGORIES])
+            .collect::<Vec<_>>()
+            .join("\t");
+        prop_assert!(parse_criteo_line(&first, integers, &mut batch).is_ok());
+        let before = batch.clone();
+        match parse_criteo_line(line, integers, &mut batch) {
+            Err(message) => {
+                prop_assert!(!message.is_empty());
+                prop_assert_eq!(batch, before);
+                Ok(false)
+            }
+            Ok(()) => {
+                prop_assert_eq!(batch.len(), 2);
+                prop_assert_eq!(batch.ids.len(), batch.values.len());
+                prop_assert_eq!(batch.fields.len(), batch.ids.len(), "a field per feature");
+                prop_assert_eq!(*batch.offsets.last().unwrap_or(&0), batch.ids.len());
+                let added = &batch.fields[before.ids.len()..];
+                prop_assert!(added.len() >= CRITEO_CATEGORIES && added.len() <= 39);
+                prop_assert!(
+                    added.windows(2).all(|w| w[0] < w[1]),
+                    "fields in column order"
+                );
+                prop_assert!(added.iter().all(|&f| (f as usize) < 39));
+                prop_assert!(batch.values.iter().all(|v| v.is_finite()));
+                Ok(true)
+            }
+        }
+    }
+
+    #[test]
+    fn the_criteo_property_reaches_its_accept_path() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = criteo_line();
+        let accepted = (0..500)
+            .filter(|_| {
+                let line = strategy.new_tree(&mut runner).unwrap().current();
+                check_criteo(&line, IntegerFeatures::Bucketize).unwrap()
+            })
+            .count();
+        assert!(
+            accepted >= 100,
+            "only {accepted} of 500 generated lines were accepted"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
         #[test]
@@ -840,6 +931,15 @@ mod properties {
                     prop_assert!(batch.values.iter().all(|v| v.is_finite()));
                 }
             }
+        }
+
+        #[test]
+        fn a_criteo_line_adds_one_consistent_example_or_changes_nothing(
+            line in criteo_line(),
+            log in any::<bool>(),
+        ) {
+            let integers = if log { IntegerFeatures::Log } else { IntegerFeatures::Bucketize };
+            check_criteo(&line, integers)?;
         }
     }
 }

@@ -392,9 +392,10 @@ mod properties {
     use super::*;
     use proptest::collection::vec;
     use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
 
     /// A push as a hostile or buggy client might send it.
-    fn any_push() -> impl Strategy<Value = pb::PushRequest> {
+    fn hostile_push() -> impl Strategy<Value = pb::PushRequest> {
         (
             prop::sample::select(vec!["emb", "nope", "", "emb/../x"]),
             vec(0u64..8, 0..6),
@@ -419,6 +420,94 @@ mod properties {
             })
     }
 
+    /// A push a correct client sends (keys listed, or sorted as delta
+    /// keys), which the shard must apply.
+    fn well_formed_push() -> impl Strategy<Value = pb::PushRequest> {
+        vec(0u64..8, 1..=5)
+            .prop_flat_map(|keys| {
+                let n = keys.len() * 2;
+                (
+                    Just(keys),
+                    vec(-4.0f32..4.0, n),
+                    prop::option::of(0.0f32..2.0),
+                    any::<bool>(),
+                )
+            })
+            .prop_map(|(mut keys, grads, lr_scale, delta)| {
+                let mut push = pb::PushRequest {
+                    table: "emb".into(),
+                    lr_scale,
+                    ..Default::default()
+                };
+                if delta {
+                    keys.sort_unstable();
+                    push.delta_keys = wire::encode_delta_keys(&keys).unwrap();
+                } else {
+                    push.keys = keys;
+                }
+                push.gradients = wire::encode_f32s(&grads);
+                push
+            })
+    }
+
+    fn any_push() -> impl Strategy<Value = pb::PushRequest> {
+        prop_oneof![well_formed_push(), hostile_push()]
+    }
+
+    /// The shard's rows after `push` by SGD with rate 1, computed here.
+    fn reference(
+        before: &crate::store::ShardSnapshot,
+        push: &pb::PushRequest,
+    ) -> Vec<(u64, Vec<f32>)> {
+        let mut rows: std::collections::BTreeMap<u64, Vec<f32>> = before.tables[0]
+            .keys
+            .iter()
+            .zip(before.tables[0].values.chunks_exact(2))
+            .map(|(&k, v)| (k, v.to_vec()))
+            .collect();
+        let keys = if push.keys.is_empty() {
+            wire::decode_delta_keys(&push.delta_keys, usize::MAX).unwrap()
+        } else {
+            push.keys.clone()
+        };
+        let encoding = pb::ValueEncoding::try_from(push.encoding).unwrap();
+        let grads = wire::decode_values(&push.gradients, encoding).unwrap();
+        let lr = 1.0f32 * push.lr_scale.unwrap_or(1.0);
+        for (key, g) in keys.iter().zip(grads.chunks_exact(2)) {
+            let row = rows.entry(*key).or_insert_with(|| vec![0.0; 2]);
+            for (w, g) in row.iter_mut().zip(g) {
+                *w -= lr * g;
+            }
+        }
+        rows.into_iter().collect()
+    }
+
+    fn rows_of(snapshot: &crate::store::ShardSnapshot) -> Vec<(u64, Vec<f32>)> {
+        snapshot.tables[0]
+            .keys
+            .iter()
+            .zip(snapshot.tables[0].values.chunks_exact(2))
+            .map(|(&k, v)| (k, v.to_vec()))
+            .collect()
+    }
+
+    /// A shard whose table `emb` (dim 2, SGD rate 1) holds rows 0..4.
+    fn shard_with_rows(runtime: &tokio::runtime::Runtime) -> ShardService {
+        let svc = service(Limits {
+            max_request_bytes: 1 << 20,
+            max_keys_per_request: 5,
+            ..Limits::default()
+        });
+        runtime.block_on(create(&svc, 2));
+        runtime
+            .block_on(svc.push(push(
+                vec![0, 1, 2, 3],
+                &[-1.0, 0.5, 2.0, -3.0, 0.25, 0.0, -0.5, 1.5],
+            )))
+            .unwrap();
+        svc
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
@@ -426,20 +515,35 @@ mod properties {
             push in any_push()
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let svc = service(Limits { max_request_bytes: 1 << 20, max_keys_per_request: 5, ..Limits::default() });
-            runtime.block_on(create(&svc, 2));
+            let svc = shard_with_rows(&runtime);
             let before = svc.shard.snapshot();
-            let keys = match wire::decode_delta_keys(&push.delta_keys, usize::MAX) {
-                Ok(delta) if push.keys.is_empty() => delta.len(),
-                _ => push.keys.len(),
-            };
-            match runtime.block_on(svc.push(Request::new(push))) {
-                Ok(answer) => prop_assert_eq!(answer.into_inner().rows_applied as usize, keys),
+            match runtime.block_on(svc.push(Request::new(push.clone()))) {
+                Ok(_) => prop_assert_eq!(rows_of(&svc.shard.snapshot()), reference(&before, &push)),
                 Err(status) => {
                     prop_assert!(!status.message().is_empty());
                     prop_assert_eq!(svc.shard.snapshot(), before);
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_push_property_reaches_its_accept_path() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = any_push();
+        let accepted = (0..400)
+            .filter(|_| {
+                let push = strategy.new_tree(&mut runner).unwrap().current();
+                let svc = shard_with_rows(&runtime);
+                runtime.block_on(svc.push(Request::new(push))).is_ok()
+            })
+            .count();
+        assert!(
+            accepted >= 150,
+            "only {accepted} of 400 generated pushes were accepted"
+        );
     }
 }
