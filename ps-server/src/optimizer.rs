@@ -55,7 +55,9 @@ pub fn init_state(spec: &OptimizerSpec, weights: &[f32], state: &mut [f32]) {
 }
 
 /// Applies one gradient to a row. `row` is `[weights | state]`; `grad` has `dim` values.
-#[inline]
+/// Always inlined: called once per row under the row's lock, where the
+/// call and its dispatch would cost as much as a small row's update.
+#[inline(always)]
 pub fn apply(spec: &OptimizerSpec, row: &mut [f32], grad: &[f32]) {
     let dim = grad.len();
     let (w, state) = row.split_at_mut(dim);

@@ -5,11 +5,15 @@
 //! ([`crate::budget`]) and its request counters. Every operation validates
 //! its whole input before changing anything, so a request is either applied
 //! completely or not at all; a request that may create rows reserves their
-//! memory first. Rows are always finite: each updated row is checked as it
-//! is written, and a push that would make one non-finite is refused, the
-//! rows it had changed put back from its undo record (a concurrent pull may
-//! see them for those microseconds; a row another push changed meanwhile
-//! keeps both, as putting it back would lose that push).
+//! memory first. Rows are always finite. A table keeps bounds on the
+//! magnitudes of its weights and optimizer state; a push whose worst case
+//! (its optimizer's update, applied once per key, from those bounds) stays
+//! far below `f32::MAX` is applied as is and raises the bounds. Any other
+//! push is checked row by row as it is written, with an undo record: if a
+//! row would leave the finite range the push is refused and the rows it had
+//! changed are put back (a concurrent pull may see them for those
+//! microseconds; a row another push changed meanwhile keeps both, as putting
+//! it back would lose that push).
 //!
 //! - [`table`]: one table's rows and what they cost.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
@@ -99,18 +103,123 @@ pub struct TableStats {
 }
 
 /// Whether every value of `row` is finite, and a fingerprint of its bits
-/// (one pass of two reductions, so it vectorizes: no early exit, no chain
-/// of multiplications). The fingerprint only tells whether another push
-/// changed a row since: any change of one value changes it.
+/// (one pass of plain reductions, so it vectorizes: no early exit, no
+/// multiplication). The fingerprint only tells whether another push changed
+/// a row since: any change of one value changes it.
 fn finite_and_fingerprint(row: &[f32]) -> (bool, u64) {
-    let (bad, sum) = row.iter().fold((0u32, 0u64), |(bad, sum), v| {
+    let (bad, sum, xor) = row.iter().fold((0u32, 0u64, 0u32), |(bad, sum, xor), v| {
         let bits = v.to_bits();
         (
             bad | u32::from(bits & 0x7f80_0000 == 0x7f80_0000),
-            sum.wrapping_add(u64::from(bits) * 0x9e37_79b9),
+            sum.wrapping_add(u64::from(bits)),
+            xor ^ bits,
         )
     });
-    (bad == 0, sum)
+    (bad == 0, sum ^ (u64::from(xor) << 32))
+}
+
+/// Lanes the magnitude scans keep apart, so the compiler can use vector
+/// instructions (a single running max or sum is a serial chain).
+const LANES: usize = 8;
+
+/// The largest magnitude of `values`, the sum of their magnitudes, and
+/// whether every one is finite (one pass, in [`LANES`] independent lanes).
+fn scan_magnitudes(values: &[f32]) -> (f32, f32, bool) {
+    let (mut max, mut sum, mut bad) = ([0f32; LANES], [0f32; LANES], [0u32; LANES]);
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for i in 0..LANES {
+            let a = chunk[i].abs();
+            max[i] = if a > max[i] { a } else { max[i] };
+            sum[i] += a;
+            bad[i] |= u32::from(chunk[i].to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        }
+    }
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        let a = v.abs();
+        max[i] = if a > max[i] { a } else { max[i] };
+        sum[i] += a;
+        bad[i] |= u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+    }
+    (
+        max.iter().fold(0f32, |m, &v| if v > m { v } else { m }),
+        sum.iter().sum(),
+        bad.iter().all(|&b| b == 0),
+    )
+}
+
+/// Magnitudes a push may reach and still take the fast path: far below
+/// `f32::MAX` (3.4e38), so the bound's own rounding cannot matter.
+const SAFE_MAGNITUDE: f64 = 1e30;
+
+/// The largest magnitude and the sum of magnitudes of a push's gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Magnitudes {
+    max: f32,
+    sum: f32,
+}
+
+/// What a push that provably keeps its rows finite may leave in them: the
+/// largest weight and the largest optimizer state, over every row it writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Proof {
+    weight: f64,
+    state: f64,
+}
+
+/// Whether `push` provably leaves every row of `table` finite, given the
+/// table's bounds on its weights and its optimizer state: the largest
+/// result of the optimizer's update, and every intermediate product,
+/// applied once per key occurrence, stays below [`SAFE_MAGNITUDE`]. FTRL
+/// (whose weight divides by its accumulators) is never proven here. The
+/// bounds hold for any stored state, not only for states a gradient
+/// history could produce.
+fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes) -> Option<Proof> {
+    let (w, s) = table.bounds();
+    let (w, s) = (f64::from(w), f64::from(s));
+    let n = push.keys.len() as f64;
+    // Summed in f32 (rounding stays far inside the margin to f32::MAX).
+    let (g_max, g_sum) = (f64::from(grads.max), f64::from(grads.sum));
+    let (proof, intermediate) = match table.spec.optimizer.with_lr_scale(push.lr_scale) {
+        // |w'| <= |w| + lr sum|g|; lr g is part of that sum.
+        OptimizerSpec::Sgd { lr } => (
+            Proof {
+                weight: w + f64::from(lr) * g_sum,
+                state: s,
+            },
+            0.0,
+        ),
+        // acc grows by g^2 per occurrence and acc >= g^2 when it divides,
+        // so each update moves w by at most lr; lr g is computed first.
+        OptimizerSpec::Adagrad { lr, .. } => (
+            Proof {
+                weight: w + f64::from(lr) * n,
+                state: s + n * g_max * g_max,
+            },
+            f64::from(lr) * g_max,
+        ),
+        // m and v stay within max(|m|, |g|) and max(v, g^2), the step
+        // powers within 1; the bias corrections divide by at least
+        // 1 - beta, and sqrt(v^) + eps >= eps.
+        OptimizerSpec::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        } => {
+            let lr = f64::from(lr);
+            let moment = s.max(g_max) / (1.0 - f64::from(beta1));
+            (
+                Proof {
+                    weight: w + n * lr * moment / f64::from(eps),
+                    state: s.max(g_max).max(g_max * g_max),
+                },
+                (lr * moment).max(s.max(g_max * g_max) / (1.0 - f64::from(beta2))),
+            )
+        }
+        OptimizerSpec::Ftrl { .. } => return None,
+    };
+    (proof.weight.max(proof.state).max(intermediate) < SAFE_MAGNITUDE).then_some(proof)
 }
 
 /// The fingerprint of row `key` as the initializer creates it.
@@ -486,10 +595,12 @@ impl Shard {
         replica_seq: u64,
         pushes: &[Push<'_>],
     ) -> Result<PushOutcome, PsError> {
-        let tables = pushes
+        let (tables, magnitudes): (Vec<_>, Vec<_>) = pushes
             .iter()
             .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let mut rooms = tables
             .iter()
             .zip(pushes)
@@ -508,20 +619,37 @@ impl Shard {
                 )));
             }
         }
-        let floats: usize = tables
+        // A call every part of which provably stays finite needs no undo
+        // record; any other keeps one, so a refusal can put its rows back.
+        let proofs: Option<Vec<Proof>> = tables
             .iter()
             .zip(pushes)
-            .map(|(t, p)| p.keys.len() * t.row_len)
-            .sum();
-        let mut undo = Undo::with_room(pushes.iter().map(|p| p.keys.len()).sum(), floats);
+            .zip(&magnitudes)
+            .map(|((t, p), g)| provably_finite(t, p, *g))
+            .collect();
         let mut rows = Vec::with_capacity(pushes.len());
-        for (t, ((table, push), room)) in tables.iter().zip(pushes).zip(&mut rooms).enumerate() {
-            match self.apply_push(t, table, push, room, &mut undo) {
-                Ok(n) => rows.push(n),
-                Err(e) => {
-                    undo.roll_back(&tables, &self.budget);
-                    self.applied.cancel(writer, seq);
-                    return Err(e);
+        if let Some(proofs) = proofs {
+            for (((table, push), room), proof) in
+                tables.iter().zip(pushes).zip(&mut rooms).zip(proofs)
+            {
+                rows.push(self.apply_proven(table, push, room, proof));
+            }
+        } else {
+            let floats: usize = tables
+                .iter()
+                .zip(pushes)
+                .map(|(t, p)| p.keys.len() * t.row_len)
+                .sum();
+            let mut undo = Undo::with_room(pushes.iter().map(|p| p.keys.len()).sum(), floats);
+            for (t, ((table, push), room)) in tables.iter().zip(pushes).zip(&mut rooms).enumerate()
+            {
+                match self.apply_push(t, table, push, room, &mut undo) {
+                    Ok(n) => rows.push(n),
+                    Err(e) => {
+                        undo.roll_back(&tables, &self.budget);
+                        self.applied.cancel(writer, seq);
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -536,7 +664,7 @@ impl Shard {
         keys: &[u64],
         grads: &[f32],
         lr_scale: f32,
-    ) -> Result<Arc<Table>, PsError> {
+    ) -> Result<(Arc<Table>, Magnitudes), PsError> {
         if !(lr_scale.is_finite() && lr_scale >= 0.0) {
             return Err(PsError::invalid(format!(
                 "lr_scale must be finite and >= 0, got {lr_scale}"
@@ -559,7 +687,8 @@ impl Shard {
                 grads.len()
             )));
         }
-        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+        let (max, sum, finite) = scan_magnitudes(grads);
+        if !finite && let Some(i) = grads.iter().position(|g| !g.is_finite()) {
             return Err(PsError::invalid(format!(
                 "gradient for key {} of table '{}' is not finite ({}); nothing was applied",
                 keys[i / dim],
@@ -568,7 +697,35 @@ impl Shard {
             )));
         }
         self.check_keys(&table, keys)?;
-        Ok(table)
+        Ok((table, Magnitudes { max, sum }))
+    }
+
+    /// Applies a push that [`provably_finite`] cleared: no undo record and
+    /// no check of its rows (the proof covers them); the table's bounds are
+    /// raised to the proof's.
+    ///
+    /// The proof reads the table's bounds before the push; a concurrent,
+    /// unproven push of extreme values may raise a row past them meanwhile.
+    /// Under a backup, writes are applied one at a time and this cannot
+    /// happen; without one it would take a hostile push racing the same row.
+    fn apply_proven(
+        &self,
+        table: &Table,
+        push: &Push<'_>,
+        room: &mut Reservation<'_>,
+        proof: Proof,
+    ) -> usize {
+        let dim = table.spec.dim as usize;
+        let spec = table.spec.optimizer.with_lr_scale(push.lr_scale);
+        let per_row = table.sparse_row_bytes();
+        for (&key, grad) in push.keys.iter().zip(push.grads.chunks_exact(dim)) {
+            let created = table.update(key, |row| optimizer::apply(&spec, row, grad));
+            if created == Some(true) {
+                room.keep(per_row);
+            }
+        }
+        table.raise_bounds(proof.weight as f32, proof.state as f32);
+        push.keys.len()
     }
 
     /// Applies a checked push (table `t` of the call), recording in
@@ -593,7 +750,9 @@ impl Shard {
                 undo.before.extend_from_slice(row);
                 optimizer::apply(&spec, row, grad);
                 (stayed_finite, left) = finite_and_fingerprint(row);
-                if !stayed_finite {
+                if stayed_finite {
+                    table.raise_bounds_to(row);
+                } else {
                     row.copy_from_slice(&undo.before[at..]);
                 }
             });

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use ps_common::init::init_row;
@@ -72,6 +72,13 @@ pub struct Table {
     /// Rows held (sparse rows are counted as they are created), so that
     /// stats never walk the map.
     len: AtomicUsize,
+    /// Upper bounds on the magnitude of every weight and of every value of
+    /// optimizer state the table holds (the bits of non-negative `f32`s,
+    /// which order as the numbers do): only ever raised, they let a push
+    /// prove it cannot overflow a row. Kept apart because an optimizer's
+    /// state bounds its steps (Adam's moments) without growing with them.
+    max_weight: AtomicU32,
+    max_state: AtomicU32,
 }
 
 impl Table {
@@ -91,6 +98,8 @@ impl Table {
             row_len: dim + optimizer::state_len(&spec.optimizer, dim),
             rows,
             len: AtomicUsize::new(0),
+            max_weight: AtomicU32::new(fresh_bounds(&spec).0.to_bits()),
+            max_state: AtomicU32::new(fresh_bounds(&spec).1.to_bits()),
             spec,
         }
     }
@@ -141,6 +150,32 @@ impl Table {
             d.blocks = filled;
         }
         self.len.store(owned as usize, Ordering::Relaxed);
+    }
+
+    /// Upper bounds on the magnitude of every weight, and of every value
+    /// of optimizer state, the table holds.
+    pub(crate) fn bounds(&self) -> (f32, f32) {
+        (
+            f32::from_bits(self.max_weight.load(Ordering::Relaxed)),
+            f32::from_bits(self.max_state.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Raises [`Table::bounds`] to cover `weight` and `state` magnitudes.
+    pub(crate) fn raise_bounds(&self, weight: f32, state: f32) {
+        for (bound, value) in [(&self.max_weight, weight), (&self.max_state, state)] {
+            let bits = value.abs().to_bits();
+            if bits > bound.load(Ordering::Relaxed) {
+                bound.fetch_max(bits, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Raises [`Table::bounds`] to cover the values of `row`.
+    pub(crate) fn raise_bounds_to(&self, row: &[f32]) {
+        let largest = |values: &[f32]| values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (w, state) = row.split_at(self.spec.dim as usize);
+        self.raise_bounds(largest(w), largest(state));
     }
 
     /// The table's spec.
@@ -293,6 +328,7 @@ impl Table {
     /// Replaces row `key` with `row` (`row_len` floats). Returns whether
     /// the row was created.
     pub(crate) fn set(&self, key: u64, row: &[f32]) -> Option<bool> {
+        self.raise_bounds_to(row);
         match &self.rows {
             Rows::Sparse(map) => {
                 let created = map.insert(key, row.into()).is_none();
@@ -346,4 +382,32 @@ impl Table {
             Rows::Sparse(_) => None,
         }
     }
+}
+
+/// The largest magnitudes a fresh row of `spec` can hold: its weights (from
+/// the initializer) and its optimizer's starting state, with margin.
+fn fresh_bounds(spec: &TableSpec) -> (f32, f32) {
+    use ps_common::{InitializerSpec, OptimizerSpec};
+    let weights = match spec.initializer {
+        InitializerSpec::Zeros => 0.0,
+        InitializerSpec::Constant { value } => value.abs(),
+        InitializerSpec::Uniform { low, high } => low.abs().max(high.abs()),
+        // A Box-Muller sample from 53 random bits is within 8.6 std.
+        InitializerSpec::Normal { mean, std } => mean.abs() + 10.0 * std,
+    };
+    let state = match spec.optimizer {
+        OptimizerSpec::Sgd { .. } => 0.0,
+        OptimizerSpec::Adagrad {
+            initial_accumulator,
+            ..
+        } => initial_accumulator,
+        OptimizerSpec::Adam { .. } => 1.0,
+        OptimizerSpec::Ftrl {
+            alpha,
+            beta,
+            l1,
+            l2,
+        } => weights * (beta / alpha + l2) + l1,
+    };
+    (weights * 1.01, state * 1.01)
 }

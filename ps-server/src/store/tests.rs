@@ -393,3 +393,77 @@ fn loading_a_snapshot_replaces_the_budget_s_holdings_and_refuses_one_that_cannot
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
     assert!(tight.table("emb").is_err(), "nothing loaded");
 }
+
+mod proofs {
+    //! The bound a push is proven within holds: from rows anywhere within
+    //! the table's bounds (any state, not only one a history could make),
+    //! a proven push leaves every value finite and within its proof.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn optimizer() -> impl Strategy<Value = OptimizerSpec> {
+        prop_oneof![
+            (1e-4f32..10.0).prop_map(|lr| OptimizerSpec::Sgd { lr }),
+            (1e-4f32..10.0, 0.0f32..10.0, 1e-10f32..1e-2).prop_map(
+                |(lr, initial_accumulator, eps)| OptimizerSpec::Adagrad {
+                    lr,
+                    initial_accumulator,
+                    eps,
+                }
+            ),
+            (1e-4f32..1.0, 0.0f32..0.999, 0.0f32..0.9999, 1e-10f32..1e-2).prop_map(
+                |(lr, beta1, beta2, eps)| OptimizerSpec::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn a_proven_push_stays_finite_and_within_its_proof(
+            optimizer in optimizer(),
+            weight in -1e12f32..1e12,
+            moment in -1e12f32..1e12,
+            second in prop_oneof![0.0f32..1e-6, 0.0f32..1e12],
+            power in 1e-6f32..1.0,
+            grads in prop::collection::vec(prop_oneof![-1e9f32..1e9, -1e-6f32..1e-6], 1..4),
+            lr_scale in 0.0f32..100.0,
+        ) {
+            let shard = Shard::new(0, 1);
+            let mut s = spec("t", TableKind::Sparse, 1);
+            s.optimizer = optimizer;
+            shard.create_table(s.clone()).unwrap();
+            // One row holding extreme but finite state, loaded as a
+            // snapshot could hold it.
+            // Adagrad: [w, acc]; Adam: [w, m, v, beta1^t, beta2^t].
+            let row = match optimizer {
+                OptimizerSpec::Sgd { .. } => vec![weight],
+                OptimizerSpec::Adagrad { .. } => vec![weight, second],
+                _ => vec![weight, moment, second, power, power],
+            };
+            let row_len = row.len();
+            shard.load(ShardSnapshot {
+                shard_id: 0,
+                num_shards: 1,
+                tables: vec![TableSnapshot { spec: s, row_len: row_len as u32, keys: vec![5], values: row }],
+            }).unwrap();
+            let keys = vec![5u64; grads.len()];
+            let push = Push { table: "t", keys: &keys, grads: &grads, lr_scale };
+            let table = shard.table("t").unwrap();
+            let (max, sum, _) = scan_magnitudes(&grads);
+            if let Some(proof) = provably_finite(&table, &push, Magnitudes { max, sum }) {
+                shard.push_scaled("t", &keys, &grads, lr_scale).unwrap();
+                let after = shard.snapshot().tables[0].values.clone();
+                prop_assert!(after.iter().all(|v| v.is_finite()), "{after:?}");
+                prop_assert!(f64::from(after[0].abs()) <= proof.weight * 1.0001, "{after:?} vs {proof:?}");
+                prop_assert!(after[1..].iter().all(|v| f64::from(v.abs()) <= proof.state * 1.0001), "{after:?} vs {proof:?}");
+            }
+        }
+    }
+}
