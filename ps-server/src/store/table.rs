@@ -240,6 +240,7 @@ impl Table {
     }
 
     /// Where dense row `key` lies: its block and the offset of its floats.
+    #[inline]
     fn locate(d: &DenseBlocks, key: u64, row_len: usize) -> Option<(&RwLock<Box<[f32]>>, usize)> {
         let block = d.blocks.get(&(key / d.block_rows))?;
         Some((block, (key % d.block_rows) as usize * row_len))
@@ -248,6 +249,7 @@ impl Table {
     /// Calls `f` with row `key` (read-only), creating a missing sparse row
     /// first. Returns `f`'s answer and whether the row was created. A dense
     /// key this shard does not hold is `None` (the caller checked ownership).
+    #[inline]
     pub(crate) fn read_or_create<R>(
         &self,
         key: u64,
@@ -302,6 +304,7 @@ impl Table {
     /// Calls `f` with row `key` for writing, creating a missing sparse row
     /// first. Returns whether the row was created (`None`: a dense key this
     /// shard does not hold).
+    #[inline]
     pub(crate) fn update(&self, key: u64, f: impl FnOnce(&mut [f32])) -> Option<bool> {
         match &self.rows {
             Rows::Sparse(map) => {
