@@ -9,11 +9,12 @@
 //! magnitudes of its weights and optimizer state; a push whose worst case
 //! (its optimizer's update, applied once per key, from those bounds) stays
 //! far below `f32::MAX` is applied as is and raises the bounds. Any other
-//! push is checked row by row as it is written, with an undo record: if a
-//! row would leave the finite range the push is refused and the rows it had
-//! changed are put back (a concurrent pull may see them for those
-//! microseconds; a row another push changed meanwhile keeps both, as putting
-//! it back would lose that push).
+//! push writes its tables alone (proven pushes share them, so no proof reads
+//! bounds an unbounded write is passing) and is checked row by row as it is
+//! written, with an undo record: if a row would leave the finite range the
+//! push is refused and the rows it had changed are put back (a concurrent
+//! pull may see them for those microseconds; a row an `Assign` changed
+//! meanwhile keeps both, as putting it back would lose that write).
 //!
 //! - [`table`]: one table's rows and what they cost.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
@@ -217,7 +218,34 @@ fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes) -> Option<
                 (lr * moment).max(s.max(g_max * g_max) / (1.0 - f64::from(beta2))),
             )
         }
-        OptimizerSpec::Ftrl { .. } => return None,
+        // sigma = (sqrt(n + g^2) - sqrt(n)) / alpha <= |g| / alpha, so z
+        // moves by at most |g| + |g| |w| / alpha; n grows by g^2; the
+        // weight is |z| (at most) over beta / alpha + sqrt(n) / alpha + l2,
+        // which needs beta / alpha + l2 > 0 to stay bounded.
+        OptimizerSpec::Ftrl {
+            alpha, beta, l2, ..
+        } => {
+            let (alpha, beta, l2) = (f64::from(alpha), f64::from(beta), f64::from(l2));
+            let floor = beta / alpha + l2;
+            if !(floor >= 1e-6 && alpha > 0.0) {
+                return None;
+            }
+            let mut z = s;
+            for _ in 0..push.keys.len().min(64) {
+                z += g_max + g_max * (z / floor).max(w) / alpha;
+            }
+            if push.keys.len() > 64 {
+                return None;
+            }
+            let state = z.max(s + n * g_max * g_max);
+            (
+                Proof {
+                    weight: w.max(z / floor),
+                    state,
+                },
+                (g_max * g_max).max((beta + state.sqrt()) / alpha),
+            )
+        }
     };
     (proof.weight.max(proof.state).max(intermediate) < SAFE_MAGNITUDE).then_some(proof)
 }
@@ -621,6 +649,13 @@ impl Shard {
         }
         // A call every part of which provably stays finite needs no undo
         // record; any other keeps one, so a refusal can put its rows back.
+        // Proven calls write their tables together (shared); an unproven
+        // call writes alone (exclusive), so no proof reads bounds that an
+        // unbounded write is about to pass. Locks are taken in one order.
+        let mut distinct: Vec<&Arc<Table>> = tables.iter().collect();
+        distinct.sort_by_key(|t| Arc::as_ptr(t));
+        distinct.dedup_by_key(|t| Arc::as_ptr(t));
+        let shared: Vec<_> = distinct.iter().map(|t| t.writers.read()).collect();
         let proofs: Option<Vec<Proof>> = tables
             .iter()
             .zip(pushes)
@@ -634,7 +669,10 @@ impl Shard {
             {
                 rows.push(self.apply_proven(table, push, room, proof));
             }
+            drop(shared);
         } else {
+            drop(shared);
+            let _alone: Vec<_> = distinct.iter().map(|t| t.writers.write()).collect();
             let floats: usize = tables
                 .iter()
                 .zip(pushes)
@@ -704,10 +742,10 @@ impl Shard {
     /// no check of its rows (the proof covers them); the table's bounds are
     /// raised to the proof's.
     ///
-    /// The proof reads the table's bounds before the push; a concurrent,
-    /// unproven push of extreme values may raise a row past them meanwhile.
-    /// Under a backup, writes are applied one at a time and this cannot
-    /// happen; without one it would take a hostile push racing the same row.
+    /// Unproven pushes, whose values are bounded only by `f32::MAX`, do not
+    /// run meanwhile (the caller holds the tables' writer locks shared);
+    /// proven pushes racing on one row each stay within `SAFE_MAGNITUDE` of
+    /// their start, 3e8 times below `f32::MAX`.
     fn apply_proven(
         &self,
         table: &Table,

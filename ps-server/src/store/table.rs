@@ -79,6 +79,23 @@ pub struct Table {
     /// state bounds its steps (Adam's moments) without growing with them.
     max_weight: AtomicU32,
     max_state: AtomicU32,
+    /// Pushes proven finite write holding it shared, others exclusively
+    /// (see `Shard::push_many_once`).
+    pub(crate) writers: Writers,
+}
+
+/// The table's writer lock (poisoning ignored: the guarded data is `()`).
+#[derive(Debug, Default)]
+pub(crate) struct Writers(RwLock<()>);
+
+impl Writers {
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Table {
@@ -100,6 +117,7 @@ impl Table {
             len: AtomicUsize::new(0),
             max_weight: AtomicU32::new(fresh_bounds(&spec).0.to_bits()),
             max_state: AtomicU32::new(fresh_bounds(&spec).1.to_bits()),
+            writers: Writers::default(),
             spec,
         }
     }

@@ -420,6 +420,14 @@ mod proofs {
                     eps,
                 }
             ),
+            (1e-3f32..10.0, 0.0f32..2.0, 0.0f32..1.0, 0.0f32..1.0).prop_map(
+                |(alpha, beta, l1, l2)| OptimizerSpec::Ftrl {
+                    alpha,
+                    beta,
+                    l1,
+                    l2,
+                }
+            ),
         ]
     }
 
@@ -433,7 +441,7 @@ mod proofs {
             second in prop_oneof![0.0f32..1e-6, 0.0f32..1e12],
             power in 1e-6f32..1.0,
             grads in prop::collection::vec(prop_oneof![-1e9f32..1e9, -1e-6f32..1e-6], 1..4),
-            lr_scale in 0.0f32..100.0,
+            lr_scale in 1e-3f32..100.0,
         ) {
             let shard = Shard::new(0, 1);
             let mut s = spec("t", TableKind::Sparse, 1);
@@ -441,10 +449,11 @@ mod proofs {
             shard.create_table(s.clone()).unwrap();
             // One row holding extreme but finite state, loaded as a
             // snapshot could hold it.
-            // Adagrad: [w, acc]; Adam: [w, m, v, beta1^t, beta2^t].
+            // Adagrad: [w, acc]; Adam: [w, m, v, beta1^t, beta2^t]; FTRL: [w, z, n].
             let row = match optimizer {
                 OptimizerSpec::Sgd { .. } => vec![weight],
                 OptimizerSpec::Adagrad { .. } => vec![weight, second],
+                OptimizerSpec::Ftrl { .. } => vec![weight, moment, second],
                 _ => vec![weight, moment, second, power, power],
             };
             let row_len = row.len();
