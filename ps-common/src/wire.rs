@@ -26,25 +26,49 @@ pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
 
 /// Appends `values` encoded in `encoding` to `out` (see [`encode_values`]).
 pub fn append_values(out: &mut BytesMut, values: &[f32], encoding: ValueEncoding) {
+    let start = out.len();
+    out.resize(start + values.len() * value_bytes(encoding), 0);
+    write_values(&mut out[start..], values, encoding);
+}
+
+/// Encodes `values` at byte `at` of `out`, which holds everything before
+/// `at` (or more, when the values fill a gap left earlier): values handed
+/// over in order are appended, late ones fill their gap.
+pub fn place_values(out: &mut BytesMut, at: usize, values: &[f32], encoding: ValueEncoding) {
+    if out.len() < at {
+        out.resize(at, 0);
+    }
+    if out.len() == at {
+        append_values(out, values, encoding);
+    } else {
+        let end = at + values.len() * value_bytes(encoding);
+        write_values(&mut out[at..end], values, encoding);
+    }
+}
+
+/// Encodes `values` in `encoding` into `out`, which holds exactly
+/// `values.len() * value_bytes(encoding)` bytes (a row's place in a
+/// response built out of order).
+pub fn write_values(out: &mut [u8], values: &[f32], encoding: ValueEncoding) {
     match encoding {
         ValueEncoding::F32 => {
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
+            for (o, v) in out.chunks_exact_mut(4).zip(values) {
+                o.copy_from_slice(&v.to_le_bytes());
             }
         }
         ValueEncoding::F16 => {
-            for &v in values {
+            for (o, &v) in out.chunks_exact_mut(2).zip(values) {
                 let v = if v.is_nan() {
                     v
                 } else {
                     v.clamp(-65504.0, 65504.0)
                 };
-                out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+                o.copy_from_slice(&f16::from_f32(v).to_le_bytes());
             }
         }
         ValueEncoding::Bf16 => {
-            for &v in values {
-                out.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
+            for (o, &v) in out.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
             }
         }
     }

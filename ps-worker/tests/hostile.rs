@@ -74,7 +74,9 @@ async fn answers_and_new_rows_past_the_server_s_bounds_are_refused_before_alloca
         c.pull_many(many).await.unwrap_err().code(),
         Code::ResourceExhausted
     );
-    // 2^20 new ids of dim 1 would take ~100 MiB with the store's overhead.
+    // 2^20 new ids of dim 1 would take 20 MiB (16 bytes per row beyond
+    // its float), more than the two tables leave of the budget (19 MiB is
+    // charged up front for the slabs they may leave unfilled).
     let flood = pb::PullRequest {
         table: "narrow".into(),
         keys: (0..1 << 20).collect(),

@@ -566,13 +566,14 @@ struct PullPart {
 impl PullPart {
     /// Reads the rows and encodes them straight from the table.
     fn serve(&self, shard: &Shard) -> Result<pb::PullResponse, PsError> {
-        let mut out = bytes::BytesMut::new();
         let width = wire::value_bytes(self.encoding);
-        let dim = shard.pull_each(&self.table, &self.keys, |row| {
-            if out.is_empty() {
-                out.reserve(self.keys.len() * row.len() * width);
+        let mut out = bytes::BytesMut::new();
+        let dim = shard.pull_each(&self.table, &self.keys, |i, row| {
+            let bytes = row.len() * width;
+            if out.capacity() == 0 {
+                out.reserve(self.keys.len() * bytes);
             }
-            wire::append_values(&mut out, row, self.encoding)
+            wire::place_values(&mut out, i * bytes, row, self.encoding)
         })?;
         Ok(pb::PullResponse {
             values: out.freeze(),

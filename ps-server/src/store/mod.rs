@@ -17,9 +17,11 @@
 //! meanwhile keeps both, as putting it back would lose that write).
 //!
 //! - [`table`]: one table's rows and what they cost.
+//! - [`sparse`]: a sparse table's rows in slabs, with a compact index.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
 
 mod snapshot;
+mod sparse;
 mod table;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -302,6 +304,21 @@ impl Undo {
     }
 }
 
+/// Puts `values` at `at` in `out`, which holds everything before `at` (or
+/// more, when `values` fills a gap left earlier): rows handed over in
+/// request order are appended, a late one fills its gap.
+#[inline]
+fn place(out: &mut Vec<f32>, at: usize, values: &[f32]) {
+    if out.len() < at {
+        out.resize(at, 0.0);
+    }
+    if out.len() == at {
+        out.extend_from_slice(values);
+    } else {
+        out[at..at + values.len()].copy_from_slice(values);
+    }
+}
+
 /// One push of [`Shard::push_many`].
 #[derive(Debug, Clone, Copy)]
 pub struct Push<'a> {
@@ -507,34 +524,46 @@ impl Shard {
     /// Appends the weights of `keys` (in order) to `out`; creates missing
     /// sparse rows. Returns the table's dim.
     pub fn pull(&self, table: &str, keys: &[u64], out: &mut Vec<f32>) -> Result<u32, PsError> {
-        let start = out.len();
-        self.pull_each(table, keys, |row| {
-            if out.len() == start {
-                out.reserve(keys.len() * row.len());
-            }
-            out.extend_from_slice(row)
-        })
+        let table = self.table(table)?;
+        let (start, dim) = (out.len(), table.spec.dim as usize);
+        self.check_keys(&table, keys)?;
+        out.reserve(keys.len() * dim);
+        let pulled = self.pull_rows(&table, keys, |i, row| {
+            place(out, start + i * dim, row);
+        });
+        if pulled.is_err() {
+            out.truncate(start);
+        }
+        pulled
     }
 
-    /// Hands the weights of `keys` (in order) to `each`; creates missing
-    /// sparse rows. Returns the table's dim. Lets a caller encode rows
-    /// straight from the table.
+    /// Hands the weights of every `keys[i]` to `each(i, weights)`, in
+    /// request order except for the rows the call creates, which come last;
+    /// creates missing sparse rows.
+    /// Returns the table's dim. Lets a caller encode rows straight from the
+    /// table.
     pub fn pull_each(
         &self,
         table: &str,
         keys: &[u64],
-        mut each: impl FnMut(&[f32]),
+        each: impl FnMut(usize, &[f32]),
     ) -> Result<u32, PsError> {
         let table = self.table(table)?;
         self.check_keys(&table, keys)?;
-        let mut room = self.make_room(&table, keys)?;
+        self.pull_rows(&table, keys, each)
+    }
+
+    /// [`Shard::pull_each`] on checked keys.
+    fn pull_rows(
+        &self,
+        table: &Table,
+        keys: &[u64],
+        mut each: impl FnMut(usize, &[f32]),
+    ) -> Result<u32, PsError> {
+        let mut room = self.make_room(table, keys)?;
         let dim = table.spec.dim as usize;
-        let per_row = table.sparse_row_bytes();
-        for &key in keys {
-            if let Some(((), true)) = table.read_or_create(key, |row| each(&row[..dim])) {
-                room.keep(per_row);
-            }
-        }
+        let created = table.read_many(keys, |i, row| each(i, &row[..dim]));
+        room.keep(created as u64 * table.sparse_row_bytes());
         Ok(table.spec.dim)
     }
 
@@ -755,13 +784,11 @@ impl Shard {
     ) -> usize {
         let dim = table.spec.dim as usize;
         let spec = table.spec.optimizer.with_lr_scale(push.lr_scale);
-        let per_row = table.sparse_row_bytes();
-        for (&key, grad) in push.keys.iter().zip(push.grads.chunks_exact(dim)) {
-            let created = table.update(key, |row| optimizer::apply(&spec, row, grad));
-            if created == Some(true) {
-                room.keep(per_row);
-            }
-        }
+        let grads = push.grads;
+        let created = table.update_many(push.keys, |i, row| {
+            optimizer::apply(&spec, row, &grads[i * dim..(i + 1) * dim])
+        });
+        room.keep(created as u64 * table.sparse_row_bytes());
         table.raise_bounds(proof.weight as f32, proof.state as f32);
         push.keys.len()
     }

@@ -1,8 +1,8 @@
 //! One table's rows on one shard, and what they cost in memory.
 //!
 //! A row is one contiguous slice `[weights (dim) | optimizer state]`.
-//! **Sparse** rows live in a concurrent map (`DashMap<u64, Box<[f32]>>`),
-//! created on first touch; an update holds that map shard's write lock, so
+//! **Sparse** rows live in slabs with a compact index ([`super::sparse`]),
+//! created on first touch; an update holds its segment's write lock, so
 //! concurrent pushes to one row serialize and a pull never observes a
 //! half-written row. **Dense** rows live in contiguous blocks of
 //! `block_rows` rows (the routing unit), one lock per block, allocated once
@@ -12,24 +12,24 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
-use dashmap::DashMap;
 use ps_common::init::init_row;
 use ps_common::routing::{IdBuildHasher, Placement};
 use ps_common::{ShardRouter, TableKind, TableSpec};
 
+use super::sparse::{self, SparseRows};
 use crate::optimizer;
 
-/// Bytes a sparse row costs beyond its floats: its map slot (key and
-/// pointer, at the map's load factor) and its heap allocation's header and
-/// rounding. Measured: 2,000,000 rows of dim 1 and dim 16 (Adagrad) grew a
-/// server by 97 and 215 bytes per row, 89 and 87 bytes over their floats.
-pub const SPARSE_ROW_OVERHEAD: u64 = 96;
+/// Bytes a sparse row costs beyond its floats, at most: its key and its
+/// share of the index ([`sparse::ROW_OVERHEAD`]).
+pub const SPARSE_ROW_OVERHEAD: u64 = sparse::ROW_OVERHEAD;
 
 /// Bytes a dense block costs beyond its floats (its map slot, lock and
 /// allocation header).
 pub const DENSE_BLOCK_OVERHEAD: u64 = 64;
 
-/// Bytes every table costs whatever its rows (spec, maps, counters).
+/// Bytes every table costs whatever its rows (spec, maps, counters); a
+/// sparse table adds its segments and their unfilled slab
+/// ([`sparse::SEGMENTS_OVERHEAD`], [`sparse::slack_bytes`]).
 pub const TABLE_OVERHEAD: u64 = 4096;
 
 /// Which keys this shard owns.
@@ -48,7 +48,7 @@ impl Owner {
 /// The rows of one table on this shard.
 #[derive(Debug)]
 enum Rows {
-    Sparse(DashMap<u64, Box<[f32]>, IdBuildHasher>),
+    Sparse(SparseRows),
     Dense(DenseBlocks),
 }
 
@@ -69,9 +69,8 @@ pub struct Table {
     /// Floats per stored row: `dim` weights plus optimizer state.
     pub(crate) row_len: usize,
     rows: Rows,
-    /// Rows held (sparse rows are counted as they are created), so that
-    /// stats never walk the map.
-    len: AtomicUsize,
+    /// Dense rows held (sparse rows count themselves).
+    dense_len: AtomicUsize,
     /// Upper bounds on the magnitude of every weight and of every value of
     /// optimizer state the table holds (the bits of non-negative `f32`s,
     /// which order as the numbers do): only ever raised, they let a push
@@ -103,7 +102,9 @@ impl Table {
     pub(crate) fn empty(spec: TableSpec) -> Table {
         let dim = spec.dim as usize;
         let rows = match spec.kind {
-            TableKind::Sparse => Rows::Sparse(DashMap::with_hasher(IdBuildHasher::default())),
+            TableKind::Sparse => Rows::Sparse(SparseRows::new(
+                dim + optimizer::state_len(&spec.optimizer, dim),
+            )),
             TableKind::Dense { rows, block_rows } => Rows::Dense(DenseBlocks {
                 rows,
                 block_rows: u64::from(block_rows),
@@ -114,7 +115,7 @@ impl Table {
             placement: spec.placement(),
             row_len: dim + optimizer::state_len(&spec.optimizer, dim),
             rows,
-            len: AtomicUsize::new(0),
+            dense_len: AtomicUsize::new(0),
             max_weight: AtomicU32::new(fresh_bounds(&spec).0.to_bits()),
             max_state: AtomicU32::new(fresh_bounds(&spec).1.to_bits()),
             writers: Writers::default(),
@@ -142,6 +143,7 @@ impl Table {
         let dim = spec.dim as usize;
         let row_len = (dim + optimizer::state_len(&spec.optimizer, dim)) as u64;
         TABLE_OVERHEAD
+            + sparse_base(spec.kind, row_len as usize)
             + owned_blocks
                 .iter()
                 .map(|&(_, rows)| rows * row_len * 4 + DENSE_BLOCK_OVERHEAD)
@@ -167,7 +169,7 @@ impl Table {
         if let Rows::Dense(d) = &mut self.rows {
             d.blocks = filled;
         }
-        self.len.store(owned as usize, Ordering::Relaxed);
+        self.dense_len.store(owned as usize, Ordering::Relaxed);
     }
 
     /// Upper bounds on the magnitude of every weight, and of every value
@@ -203,7 +205,10 @@ impl Table {
 
     /// Rows held on this shard.
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        match &self.rows {
+            Rows::Sparse(rows) => rows.len(),
+            Rows::Dense(_) => self.dense_len.load(Ordering::Relaxed),
+        }
     }
 
     /// True when this shard holds no row of the table.
@@ -229,7 +234,11 @@ impl Table {
     /// Memory the rows hold now, as the shard's budget counts it.
     pub(crate) fn memory_bytes(&self) -> u64 {
         match &self.rows {
-            Rows::Sparse(_) => TABLE_OVERHEAD + self.len() as u64 * self.sparse_row_bytes(),
+            Rows::Sparse(_) => {
+                TABLE_OVERHEAD
+                    + sparse_base(self.spec.kind, self.row_len)
+                    + self.len() as u64 * self.sparse_row_bytes()
+            }
             Rows::Dense(d) => {
                 TABLE_OVERHEAD + self.bytes() + d.blocks.len() as u64 * DENSE_BLOCK_OVERHEAD
             }
@@ -243,16 +252,10 @@ impl Table {
         optimizer::init_state(&self.spec.optimizer, w, state);
     }
 
-    fn fresh_row(&self, key: u64) -> Box<[f32]> {
-        let mut row = vec![0f32; self.row_len].into_boxed_slice();
-        self.fill_fresh_row(key, &mut row);
-        row
-    }
-
     /// Whether row `key` exists on this shard (dense rows owned here always do).
     pub(crate) fn contains(&self, key: u64) -> bool {
         match &self.rows {
-            Rows::Sparse(map) => map.contains_key(&key),
+            Rows::Sparse(rows) => rows.contains(key),
             Rows::Dense(_) => true,
         }
     }
@@ -264,35 +267,36 @@ impl Table {
         Some((block, (key % d.block_rows) as usize * row_len))
     }
 
-    /// Calls `f` with row `key` (read-only), creating a missing sparse row
-    /// first. Returns `f`'s answer and whether the row was created. A dense
-    /// key this shard does not hold is `None` (the caller checked ownership).
-    #[inline]
-    pub(crate) fn read_or_create<R>(
-        &self,
-        key: u64,
-        f: impl FnOnce(&[f32]) -> R,
-    ) -> Option<(R, bool)> {
+    /// Calls `f(i, row)` (read-only) with the row of every `keys[i]`,
+    /// creating missing sparse rows first; sparse rows are visited segment
+    /// by segment, not in request order. Returns the rows created. Dense
+    /// keys must be owned here (the caller checked).
+    pub(crate) fn read_many(&self, keys: &[u64], mut f: impl FnMut(usize, &[f32])) -> usize {
         match &self.rows {
-            Rows::Sparse(map) => {
-                // Fast path under a read lock; create under the write lock only when missing.
-                if let Some(row) = map.get(&key) {
-                    return Some((f(&row), false));
-                }
-                let mut created = false;
-                let row = map.entry(key).or_insert_with(|| {
-                    created = true;
-                    self.fresh_row(key)
-                });
-                if created {
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                }
-                Some((f(&row), created))
-            }
+            Rows::Sparse(rows) => rows.read_many(keys, |k, row| self.fill_fresh_row(k, row), f),
             Rows::Dense(d) => {
-                let (block, at) = Self::locate(d, key, self.row_len)?;
-                let values = block.read().unwrap_or_else(|p| p.into_inner());
-                Some((f(&values[at..at + self.row_len]), false))
+                for (i, &key) in keys.iter().enumerate() {
+                    if let Some((block, at)) = Self::locate(d, key, self.row_len) {
+                        let values = block.read().unwrap_or_else(|p| p.into_inner());
+                        f(i, &values[at..at + self.row_len]);
+                    }
+                }
+                0
+            }
+        }
+    }
+
+    /// Calls `f(i, row)` for writing with the row of every `keys[i]`,
+    /// creating missing sparse rows first; repeats of a key are applied in
+    /// request order. Returns the rows created.
+    pub(crate) fn update_many(&self, keys: &[u64], mut f: impl FnMut(usize, &mut [f32])) -> usize {
+        match &self.rows {
+            Rows::Sparse(rows) => rows.update_many(keys, |k, row| self.fill_fresh_row(k, row), f),
+            Rows::Dense(_) => {
+                for (i, &key) in keys.iter().enumerate() {
+                    self.update(key, |row| f(i, row));
+                }
+                0
             }
         }
     }
@@ -301,13 +305,7 @@ impl Table {
     #[cfg(test)]
     pub(crate) fn copy_row(&self, key: u64, out: &mut [f32]) -> bool {
         match &self.rows {
-            Rows::Sparse(map) => match map.get(&key) {
-                Some(row) => {
-                    out.copy_from_slice(&row);
-                    true
-                }
-                None => false,
-            },
+            Rows::Sparse(rows) => rows.read(key, |row| out.copy_from_slice(row)).is_some(),
             Rows::Dense(d) => match Self::locate(d, key, self.row_len) {
                 Some((block, at)) => {
                     let values = block.read().unwrap_or_else(|p| p.into_inner());
@@ -325,18 +323,7 @@ impl Table {
     #[inline]
     pub(crate) fn update(&self, key: u64, f: impl FnOnce(&mut [f32])) -> Option<bool> {
         match &self.rows {
-            Rows::Sparse(map) => {
-                let mut created = false;
-                let mut row = map.entry(key).or_insert_with(|| {
-                    created = true;
-                    self.fresh_row(key)
-                });
-                f(&mut row);
-                if created {
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(created)
-            }
+            Rows::Sparse(rows) => Some(rows.update(key, |row| self.fill_fresh_row(key, row), f)),
             Rows::Dense(d) => {
                 let (block, at) = Self::locate(d, key, self.row_len)?;
                 let mut values = block.write().unwrap_or_else(|p| p.into_inner());
@@ -351,13 +338,7 @@ impl Table {
     pub(crate) fn set(&self, key: u64, row: &[f32]) -> Option<bool> {
         self.raise_bounds_to(row);
         match &self.rows {
-            Rows::Sparse(map) => {
-                let created = map.insert(key, row.into()).is_none();
-                if created {
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(created)
-            }
+            Rows::Sparse(rows) => Some(rows.update(key, |_| (), |r| r.copy_from_slice(row))),
             Rows::Dense(_) => self.update(key, |r| r.copy_from_slice(row)),
         }
     }
@@ -365,25 +346,17 @@ impl Table {
     /// Removes sparse row `key` if `remove(row)` says so (a row a
     /// refused push created). Returns whether it was removed.
     pub(crate) fn remove_if(&self, key: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
-        let Rows::Sparse(map) = &self.rows else {
+        let Rows::Sparse(rows) = &self.rows else {
             return false;
         };
-        let removed = map.remove_if(&key, |_, row| remove(row)).is_some();
-        if removed {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        removed
+        rows.remove_if(key, remove)
     }
 
     /// Hands every row to `each` as `(key, row)`, each row read whole
     /// under its lock (rows are not captured at one instant).
     pub(crate) fn for_each_row(&self, mut each: impl FnMut(u64, &[f32])) {
         match &self.rows {
-            Rows::Sparse(map) => {
-                for row in map.iter() {
-                    each(*row.key(), row.value());
-                }
-            }
+            Rows::Sparse(rows) => rows.for_each(each),
             Rows::Dense(d) => {
                 for (&block, values) in &d.blocks {
                     let values = values.read().unwrap_or_else(|p| p.into_inner());
@@ -402,6 +375,15 @@ impl Table {
             Rows::Dense(d) => Some(d.rows),
             Rows::Sparse(_) => None,
         }
+    }
+}
+
+/// What a sparse table costs beyond [`TABLE_OVERHEAD`] and its rows: its
+/// segments and the slab they may hold unfilled.
+fn sparse_base(kind: TableKind, row_len: usize) -> u64 {
+    match kind {
+        TableKind::Sparse => sparse::SEGMENTS_OVERHEAD + sparse::slack_bytes(row_len),
+        TableKind::Dense { .. } => 0,
     }
 }
 

@@ -1,0 +1,726 @@
+//! A sparse table's rows on one shard: contiguous slabs and a compact index.
+//!
+//! The rows are split over [`SEGMENTS`] segments by the top bits of the
+//! key's hash ([`mix64`]), one lock each: a push holds its row's segment
+//! for writing, so it never tears a row, and a pull waits only for writes
+//! to the same segment, as with a concurrent map. Batch reads and writes
+//! take each segment they touch once per request, not once per row.
+//!
+//! Within a segment, rows are numbered `0..len` in order of creation and
+//! stored in slabs of about 64 KiB (a power of two rows, [`chunk_rows`]):
+//! each slab holds its rows' keys and, back to back, their floats. No row
+//! is a heap allocation of its own. The first slab starts at one row and
+//! doubles as it fills, so small tables stay small; a segment holds at most
+//! one partly filled slab ([`slack_bytes`], which the memory budget charges
+//! to the table up front).
+//!
+//! The index is open addressing with linear probing over `u32` entries (a
+//! 6-bit tag from the hash, which spares nearly every key comparison, and
+//! the row's number). It grows by a quarter when three quarters full, so it
+//! costs 5.3 to 6.7 bytes per row: with the key's 8 bytes a row costs at
+//! most [`ROW_OVERHEAD`] (16) bytes beyond its floats. A segment past 2^26
+//! rows switches to `u64` entries (21 bytes per row beyond its floats), so
+//! a table is bounded only by the memory budget.
+//!
+//! Removing a row moves the segment's last row into its place (rows stay
+//! dense); the index deletes by shifting the probe run back, so no
+//! tombstones accumulate.
+
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ps_common::routing::mix64;
+
+/// Segments per table (a power of two).
+pub(crate) const SEGMENTS: usize = 64;
+const SEGMENT_SHIFT: u32 = 64 - SEGMENTS.trailing_zeros();
+/// Bytes a full slab holds at most (keys and floats); its rows are the
+/// largest power of two that fits, at least [`MIN_CHUNK_ROWS`] (a row of
+/// more than 64 KiB is a slab of its own) and at most [`MAX_CHUNK_ROWS`].
+const CHUNK_BYTES: usize = 64 << 10;
+const MIN_CHUNK_ROWS: usize = 1;
+/// Rows of a slab at most: small rows waste less in partly filled slabs.
+const MAX_CHUNK_ROWS: usize = 1024;
+
+/// Rows of a full slab of rows of `row_len` floats (a power of two).
+pub(crate) fn chunk_rows(row_len: usize) -> usize {
+    let fit = (CHUNK_BYTES / (row_len * 4 + 8)).clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS);
+    1 << fit.ilog2()
+}
+
+/// Bytes of slab a table may hold beyond its rows, at most: a segment's
+/// first slab starts at one row and doubles until full (so it is less than
+/// twice its rows), later slabs are full but the last; either way, less than
+/// one full slab per segment.
+pub fn slack_bytes(row_len: usize) -> u64 {
+    (SEGMENTS * chunk_rows(row_len) * (row_len * 4 + 8)) as u64
+}
+
+/// Rows a segment numbers with narrow (`u32`) index entries.
+const NARROW_ROWS: usize = <u32 as Entry>::MAX_ROWS;
+
+/// Bytes a row costs beyond its floats, at most: its key and its share of
+/// the index at the lowest load (three fifths full, after a growth).
+pub const ROW_OVERHEAD: u64 = 16;
+
+/// Bytes a table's segments cost before any row (locks, empty vectors).
+pub const SEGMENTS_OVERHEAD: u64 = (SEGMENTS * std::mem::size_of::<RwLock<Segment>>()) as u64;
+
+/// One index entry: a tag (high bits of the hash) and a row number.
+trait Entry: Copy + Eq {
+    const EMPTY: Self;
+    /// Bits of the row number; the rest hold the tag.
+    const ROW_BITS: u32;
+    /// Rows an index of this entry can number (all-ones marks an empty entry).
+    const MAX_ROWS: usize = (1 << Self::ROW_BITS) - 1;
+    fn new(hash: u64, row: usize) -> Self;
+    fn tag_matches(self, hash: u64) -> bool;
+    fn row(self) -> usize;
+    fn with_row(self, row: usize) -> Self;
+}
+
+impl Entry for u32 {
+    const EMPTY: u32 = u32::MAX;
+    const ROW_BITS: u32 = 26;
+    #[inline]
+    fn new(hash: u64, row: usize) -> u32 {
+        (((hash >> 52) as u32 & 0x3f) << Self::ROW_BITS) | row as u32
+    }
+    #[inline]
+    fn tag_matches(self, hash: u64) -> bool {
+        self >> Self::ROW_BITS == (hash >> 52) as u32 & 0x3f
+    }
+    #[inline]
+    fn row(self) -> usize {
+        (self & ((1 << Self::ROW_BITS) - 1)) as usize
+    }
+    #[inline]
+    fn with_row(self, row: usize) -> u32 {
+        (self & !((1 << Self::ROW_BITS) - 1)) | row as u32
+    }
+}
+
+impl Entry for u64 {
+    const EMPTY: u64 = u64::MAX;
+    const ROW_BITS: u32 = 48;
+    #[inline]
+    fn new(hash: u64, row: usize) -> u64 {
+        (((hash >> 40) & 0xffff) << Self::ROW_BITS) | row as u64
+    }
+    #[inline]
+    fn tag_matches(self, hash: u64) -> bool {
+        self >> Self::ROW_BITS == (hash >> 40) & 0xffff
+    }
+    #[inline]
+    fn row(self) -> usize {
+        (self & ((1 << Self::ROW_BITS) - 1)) as usize
+    }
+    #[inline]
+    fn with_row(self, row: usize) -> u64 {
+        (self & !((1 << Self::ROW_BITS) - 1)) | row as u64
+    }
+}
+
+/// Where a key's probe starts in an index of `len` entries (a multiply
+/// maps the hash's low 32 bits onto any length, not only powers of two).
+#[inline]
+fn home(hash: u64, len: usize) -> usize {
+    (((hash & 0xffff_ffff) * len as u64) >> 32) as usize
+}
+
+/// An open-addressing index from keys to row numbers. The keys live in the
+/// rows, so lookups read them through `key_of`.
+#[derive(Debug, Default)]
+struct Index<E> {
+    entries: Vec<E>,
+}
+
+impl<E: Entry> Index<E> {
+    fn with_len(len: usize) -> Self {
+        Index {
+            entries: vec![E::EMPTY; len],
+        }
+    }
+
+    /// The position of the entry of `key`, if present.
+    #[inline]
+    fn find(&self, key: u64, hash: u64, key_of: impl Fn(usize) -> u64) -> Option<usize> {
+        let len = self.entries.len();
+        if len == 0 {
+            return None;
+        }
+        let mut at = home(hash, len);
+        loop {
+            let e = self.entries[at];
+            if e == E::EMPTY {
+                return None;
+            }
+            if e.tag_matches(hash) && key_of(e.row()) == key {
+                return Some(at);
+            }
+            at += 1;
+            if at == len {
+                at = 0;
+            }
+        }
+    }
+
+    /// Records `row` under `hash` (the caller keeps the load below one).
+    #[inline]
+    fn insert(&mut self, hash: u64, row: usize) {
+        let len = self.entries.len();
+        let mut at = home(hash, len);
+        while self.entries[at] != E::EMPTY {
+            at += 1;
+            if at == len {
+                at = 0;
+            }
+        }
+        self.entries[at] = E::new(hash, row);
+    }
+
+    /// Empties entry `at`, shifting back the entries after it in its probe
+    /// run that may take its place (no tombstones).
+    fn delete(&mut self, at: usize, key_of: impl Fn(usize) -> u64) {
+        let len = self.entries.len();
+        let mut hole = at;
+        let mut next = at;
+        loop {
+            next += 1;
+            if next == len {
+                next = 0;
+            }
+            let e = self.entries[next];
+            if e == E::EMPTY {
+                break;
+            }
+            let start = home(mix64(key_of(e.row())), len);
+            // `e` may move back to `hole` unless its probe starts after the
+            // hole (cyclically) within the run.
+            if (next + len - start) % len >= (next + len - hole) % len {
+                self.entries[hole] = e;
+                hole = next;
+            }
+        }
+        self.entries[hole] = E::EMPTY;
+    }
+
+    /// Renumbers the entry of `key` from row `from` to row `to`.
+    fn renumber(&mut self, hash: u64, from: usize, to: usize) {
+        let len = self.entries.len();
+        let mut at = home(hash, len);
+        while self.entries[at].row() != from {
+            at += 1;
+            if at == len {
+                at = 0;
+            }
+        }
+        self.entries[at] = self.entries[at].with_row(to);
+    }
+}
+
+/// A segment's index: narrow entries until it numbers more rows than they
+/// can.
+#[derive(Debug)]
+enum Entries {
+    Narrow(Index<u32>),
+    Wide(Index<u64>),
+}
+
+impl Default for Entries {
+    fn default() -> Self {
+        Entries::Narrow(Index::default())
+    }
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        match self {
+            Entries::Narrow(ix) => ix.entries.len(),
+            Entries::Wide(ix) => ix.entries.len(),
+        }
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        match self {
+            Entries::Narrow(ix) => ix.entries.len() * 4,
+            Entries::Wide(ix) => ix.entries.len() * 8,
+        }
+    }
+}
+
+/// Up to a full slab's rows of a segment: their keys, and their floats
+/// back to back.
+#[derive(Debug)]
+struct Chunk {
+    keys: Box<[u64]>,
+    rows: Box<[f32]>,
+}
+
+impl Chunk {
+    fn with_rows(rows: usize, row_len: usize) -> Chunk {
+        Chunk {
+            keys: vec![0; rows].into_boxed_slice(),
+            rows: vec![0.0; rows * row_len].into_boxed_slice(),
+        }
+    }
+}
+
+/// One segment: rows `0..len` in slabs, and their index.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    chunks: Vec<Chunk>,
+    len: usize,
+    index: Entries,
+    /// A full slab holds `1 << chunk_bits` rows.
+    chunk_bits: u32,
+}
+
+impl Segment {
+    fn new(row_len: usize) -> Segment {
+        Segment {
+            chunks: Vec::new(),
+            len: 0,
+            index: Entries::default(),
+            chunk_bits: chunk_rows(row_len).ilog2(),
+        }
+    }
+
+    /// Which slab row `row` lies in, and where in it.
+    #[inline]
+    fn locate(&self, row: usize) -> (usize, usize) {
+        (row >> self.chunk_bits, row & ((1 << self.chunk_bits) - 1))
+    }
+
+    #[inline]
+    fn key(&self, row: usize) -> u64 {
+        let (chunk, at) = self.locate(row);
+        self.chunks[chunk].keys[at]
+    }
+
+    #[inline]
+    fn row(&self, row: usize, row_len: usize) -> &[f32] {
+        let (chunk, at) = self.locate(row);
+        &self.chunks[chunk].rows[at * row_len..(at + 1) * row_len]
+    }
+
+    #[inline]
+    fn row_mut(&mut self, row: usize, row_len: usize) -> &mut [f32] {
+        let (chunk, at) = self.locate(row);
+        &mut self.chunks[chunk].rows[at * row_len..(at + 1) * row_len]
+    }
+
+    /// The number of the row of `key`, if present.
+    #[inline]
+    fn find(&self, key: u64, hash: u64) -> Option<usize> {
+        let key_of = |row| self.key(row);
+        match &self.index {
+            Entries::Narrow(ix) => ix.find(key, hash, key_of).map(|at| ix.entries[at].row()),
+            Entries::Wide(ix) => ix.find(key, hash, key_of).map(|at| ix.entries[at].row()),
+        }
+    }
+
+    /// Appends a row for `key` (its floats zero) and returns its number.
+    fn insert(&mut self, key: u64, hash: u64, shape: Shape) -> usize {
+        let (row, row_len) = (self.len, shape.row_len);
+        let narrow_full = matches!(self.index, Entries::Narrow(_)) && row >= shape.narrow_rows;
+        if (row + 1) * 4 > self.index.len() * 3 || narrow_full {
+            self.grow_index(shape);
+        }
+        let (chunk, at) = self.locate(row);
+        if chunk == self.chunks.len() {
+            // The first slab starts at one row; later ones are full size.
+            let rows = if chunk == 0 { 1 } else { 1 << self.chunk_bits };
+            self.chunks.push(Chunk::with_rows(rows, row_len));
+        } else if at == self.chunks[chunk].keys.len() {
+            // Only the first slab grows; it doubles.
+            let old = &self.chunks[chunk];
+            let mut bigger = Chunk::with_rows(at * 2, row_len);
+            bigger.keys[..at].copy_from_slice(&old.keys);
+            bigger.rows[..old.rows.len()].copy_from_slice(&old.rows);
+            self.chunks[chunk] = bigger;
+        }
+        self.chunks[chunk].keys[at] = key;
+        self.len += 1;
+        match &mut self.index {
+            Entries::Narrow(ix) => ix.insert(hash, row),
+            Entries::Wide(ix) => ix.insert(hash, row),
+        }
+        row
+    }
+
+    /// Rebuilds the index for one more row: a quarter larger (at least 16
+    /// entries) when three quarters full, with wide entries once narrow
+    /// ones cannot number the rows.
+    fn grow_index(&mut self, shape: Shape) {
+        let mut len = self.index.len().max(16);
+        while (self.len + 1) * 4 > len * 3 {
+            len += len / 4;
+        }
+        let hashes = (0..self.len).map(|row| (mix64(self.key(row)), row));
+        self.index = if self.len < shape.narrow_rows {
+            let mut ix = Index::<u32>::with_len(len);
+            hashes.for_each(|(h, row)| ix.insert(h, row));
+            Entries::Narrow(ix)
+        } else {
+            let mut ix = Index::<u64>::with_len(len);
+            hashes.for_each(|(h, row)| ix.insert(h, row));
+            Entries::Wide(ix)
+        };
+    }
+
+    /// Removes the row of `key` if `remove` says so: the last row moves into
+    /// its place, and a slab left empty is freed.
+    fn remove_if(
+        &mut self,
+        key: u64,
+        hash: u64,
+        row_len: usize,
+        remove: impl FnOnce(&[f32]) -> bool,
+    ) -> bool {
+        let (chunks, bits) = (&self.chunks, self.chunk_bits);
+        let key_of = |row: usize| chunks[row >> bits].keys[row & ((1 << bits) - 1)];
+        let found = match &self.index {
+            Entries::Narrow(ix) => ix
+                .find(key, hash, key_of)
+                .map(|at| (at, ix.entries[at].row())),
+            Entries::Wide(ix) => ix
+                .find(key, hash, key_of)
+                .map(|at| (at, ix.entries[at].row())),
+        };
+        let Some((at, row)) = found else {
+            return false;
+        };
+        if !remove(self.row(row, row_len)) {
+            return false;
+        }
+        match &mut self.index {
+            Entries::Narrow(ix) => ix.delete(at, key_of),
+            Entries::Wide(ix) => ix.delete(at, key_of),
+        }
+        let last = self.len - 1;
+        if row != last {
+            let (to_chunk, to) = self.locate(row);
+            let (from_chunk, from) = self.locate(last);
+            let moved = self.chunks[from_chunk].keys[from];
+            self.chunks[to_chunk].keys[to] = moved;
+            let (to, from) = (to * row_len, from * row_len);
+            if to_chunk == from_chunk {
+                self.chunks[to_chunk]
+                    .rows
+                    .copy_within(from..from + row_len, to);
+            } else {
+                let (head, tail) = self.chunks.split_at_mut(from_chunk);
+                head[to_chunk].rows[to..to + row_len]
+                    .copy_from_slice(&tail[0].rows[from..from + row_len]);
+            }
+            match &mut self.index {
+                Entries::Narrow(ix) => ix.renumber(mix64(moved), last, row),
+                Entries::Wide(ix) => ix.renumber(mix64(moved), last, row),
+            }
+        }
+        self.len = last;
+        let needed = match self.len {
+            0 => 0,
+            len => self.locate(len - 1).0 + 1,
+        };
+        self.chunks.truncate(needed);
+        true
+    }
+}
+
+/// How a table's segments lay out their rows.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// Floats per row.
+    row_len: usize,
+    /// Rows a segment numbers with narrow index entries ([`NARROW_ROWS`];
+    /// tests lower it to reach the switch to wide ones).
+    narrow_rows: usize,
+}
+
+/// A sparse table's rows on one shard.
+#[derive(Debug)]
+pub(crate) struct SparseRows {
+    shape: Shape,
+    row_len: usize,
+    segments: Box<[RwLock<Segment>]>,
+    /// Rows held, so that stats never walk the segments.
+    len: AtomicUsize,
+}
+
+impl SparseRows {
+    /// No rows yet, each `row_len` floats.
+    pub(crate) fn new(row_len: usize) -> SparseRows {
+        Self::with_narrow_rows(row_len, NARROW_ROWS)
+    }
+
+    fn with_narrow_rows(row_len: usize, narrow_rows: usize) -> SparseRows {
+        SparseRows {
+            shape: Shape {
+                row_len,
+                narrow_rows: narrow_rows.min(NARROW_ROWS),
+            },
+            row_len,
+            segments: (0..SEGMENTS)
+                .map(|_| RwLock::new(Segment::new(row_len)))
+                .collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Rows held.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn segment(&self, hash: u64) -> &RwLock<Segment> {
+        &self.segments[(hash >> SEGMENT_SHIFT) as usize]
+    }
+
+    /// Calls `f` with the floats of row `key`, if it exists.
+    #[inline]
+    pub(crate) fn read<R>(&self, key: u64, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        let hash = mix64(key);
+        let segment = read(self.segment(hash));
+        let row = segment.find(key, hash)?;
+        Some(f(segment.row(row, self.row_len)))
+    }
+
+    /// Calls `f` with the floats of row `key` for writing, creating the row
+    /// first with `fresh` if it is missing. Returns whether it was created.
+    #[inline]
+    pub(crate) fn update(
+        &self,
+        key: u64,
+        fresh: impl FnOnce(&mut [f32]),
+        f: impl FnOnce(&mut [f32]),
+    ) -> bool {
+        let hash = mix64(key);
+        let mut created = false;
+        self.write_locked(
+            &mut write(self.segment(hash)),
+            key,
+            hash,
+            fresh,
+            &mut created,
+            f,
+        );
+        created
+    }
+
+    #[inline]
+    fn write_locked<R>(
+        &self,
+        segment: &mut Segment,
+        key: u64,
+        hash: u64,
+        fresh: impl FnOnce(&mut [f32]),
+        created: &mut bool,
+        f: impl FnOnce(&mut [f32]) -> R,
+    ) -> R {
+        let row = match segment.find(key, hash) {
+            Some(row) => row,
+            None => {
+                let row = segment.insert(key, hash, self.shape);
+                fresh(segment.row_mut(row, self.row_len));
+                self.len.fetch_add(1, Ordering::Relaxed);
+                *created = true;
+                row
+            }
+        };
+        f(segment.row_mut(row, self.row_len))
+    }
+
+    /// Calls `f(i, floats)` with the row of every `keys[i]`, creating a
+    /// missing row first with `fresh(key, floats)`. The segments the keys
+    /// touch are read-locked together (in segment order, so two callers
+    /// cannot deadlock; a writer holds one segment at a time) and the rows
+    /// are handed over in request order; then the rows that were missing
+    /// are created and handed over, each segment under one write lock.
+    /// Returns the number of rows created.
+    pub(crate) fn read_many(
+        &self,
+        keys: &[u64],
+        fresh: impl Fn(u64, &mut [f32]),
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> usize {
+        let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
+        let touched = hashes
+            .iter()
+            .fold(0u64, |set, &h| set | 1 << (h >> SEGMENT_SHIFT));
+        let mut missing = Vec::new();
+        {
+            let guards: Vec<Option<_>> = self
+                .segments
+                .iter()
+                .enumerate()
+                .map(|(s, lock)| (touched >> s & 1 == 1).then(|| read(lock)))
+                .collect();
+            for (i, (&key, &hash)) in keys.iter().zip(&hashes).enumerate() {
+                let Some(segment) = &guards[(hash >> SEGMENT_SHIFT) as usize] else {
+                    continue;
+                };
+                match segment.find(key, hash) {
+                    Some(row) => f(i, segment.row(row, self.row_len)),
+                    None => missing.push(i),
+                }
+            }
+        }
+        let mut created = 0;
+        missing.sort_by_key(|&i| hashes[i] >> SEGMENT_SHIFT);
+        for run in
+            missing.chunk_by(|&a, &b| hashes[a] >> SEGMENT_SHIFT == hashes[b] >> SEGMENT_SHIFT)
+        {
+            let mut segment = write(self.segment(hashes[run[0]]));
+            for &i in run {
+                let (key, mut made) = (keys[i], false);
+                self.write_locked(
+                    &mut segment,
+                    key,
+                    hashes[i],
+                    |row| fresh(key, row),
+                    &mut made,
+                    |row| f(i, row),
+                );
+                created += usize::from(made);
+            }
+        }
+        created
+    }
+
+    /// Calls `f(i, floats)` with the row of every `keys[i]` for writing,
+    /// creating a missing row first with `fresh(key, floats)`: segment by
+    /// segment, each under one write lock, and within a segment in request
+    /// order (so repeats of a key apply in order). Returns the number of
+    /// rows created.
+    pub(crate) fn update_many(
+        &self,
+        keys: &[u64],
+        fresh: impl Fn(u64, &mut [f32]),
+        mut f: impl FnMut(usize, &mut [f32]),
+    ) -> usize {
+        let batch = Batch::of(keys);
+        let mut created = 0;
+        for (lock, run) in batch.runs(&self.segments) {
+            let mut segment = write(lock);
+            for &i in run {
+                let (key, mut made) = (keys[i], false);
+                self.write_locked(
+                    &mut segment,
+                    key,
+                    batch.hashes[i],
+                    |row| fresh(key, row),
+                    &mut made,
+                    |row| f(i, row),
+                );
+                created += usize::from(made);
+            }
+        }
+        created
+    }
+
+    /// Whether row `key` exists.
+    pub(crate) fn contains(&self, key: u64) -> bool {
+        self.read(key, |_| ()).is_some()
+    }
+
+    /// Removes row `key` if `remove(row)` says so. Returns whether it did.
+    pub(crate) fn remove_if(&self, key: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
+        let hash = mix64(key);
+        let removed = write(self.segment(hash)).remove_if(key, hash, self.row_len, remove);
+        if removed {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Hands every row to `each` as `(key, floats)`, one segment at a time
+    /// under its read lock (rows are not captured at one instant).
+    pub(crate) fn for_each(&self, mut each: impl FnMut(u64, &[f32])) {
+        for lock in self.segments.iter() {
+            let segment = read(lock);
+            let mut left = segment.len;
+            for chunk in &segment.chunks {
+                let rows = chunk.rows.chunks_exact(self.row_len);
+                for (&key, row) in chunk.keys.iter().zip(rows).take(left) {
+                    each(key, row);
+                }
+                left = left.saturating_sub(chunk.keys.len());
+            }
+        }
+    }
+
+    /// Bytes the slabs and indexes hold now (allocated, whether filled or not).
+    #[cfg(test)]
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|lock| {
+                let segment = read(lock);
+                let slabs: usize = (segment.chunks.iter())
+                    .map(|c| c.keys.len() * 8 + c.rows.len() * 4)
+                    .sum();
+                (slabs + segment.index.bytes()) as u64
+            })
+            .sum()
+    }
+}
+
+/// A request's keys grouped by segment: their hashes, and their positions
+/// ordered by segment (a stable counting sort).
+struct Batch {
+    hashes: Vec<u64>,
+    order: Vec<usize>,
+    starts: [usize; SEGMENTS + 1],
+}
+
+impl Batch {
+    fn of(keys: &[u64]) -> Batch {
+        let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
+        let mut starts = [0usize; SEGMENTS + 1];
+        for &h in &hashes {
+            starts[(h >> SEGMENT_SHIFT) as usize + 1] += 1;
+        }
+        for s in 1..=SEGMENTS {
+            starts[s] += starts[s - 1];
+        }
+        let mut next = starts;
+        let mut order = vec![0; keys.len()];
+        for (i, &h) in hashes.iter().enumerate() {
+            let s = (h >> SEGMENT_SHIFT) as usize;
+            order[next[s]] = i;
+            next[s] += 1;
+        }
+        Batch {
+            hashes,
+            order,
+            starts,
+        }
+    }
+
+    /// Each segment the request touches, with the positions of its keys.
+    fn runs<'a>(
+        &'a self,
+        segments: &'a [RwLock<Segment>],
+    ) -> impl Iterator<Item = (&'a RwLock<Segment>, &'a [usize])> {
+        segments
+            .iter()
+            .zip(self.starts.windows(2))
+            .filter(|(_, w)| w[0] < w[1])
+            .map(|(lock, w)| (lock, &self.order[w[0]..w[1]]))
+    }
+}
+
+fn read(lock: &RwLock<Segment>) -> std::sync::RwLockReadGuard<'_, Segment> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(lock: &RwLock<Segment>) -> std::sync::RwLockWriteGuard<'_, Segment> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

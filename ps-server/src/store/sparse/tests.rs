@@ -1,0 +1,221 @@
+//! The sparse row store against a `HashMap` model, its memory bound, and
+//! its switch to wide index entries.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// Fills a fresh row with values derived from its key, so a row read back
+/// under the wrong key is caught.
+fn fill(key: u64, row: &mut [f32]) {
+    for (i, v) in row.iter_mut().enumerate() {
+        *v = (key % 1000) as f32 + i as f32 * 0.5;
+    }
+}
+
+fn expected(key: u64, len: usize) -> Vec<f32> {
+    let mut row = vec![0.0; len];
+    fill(key, &mut row);
+    row
+}
+
+/// Every row `rows` holds, by key.
+fn contents(rows: &SparseRows) -> HashMap<u64, Vec<f32>> {
+    let mut all = HashMap::new();
+    rows.for_each(|key, row| {
+        assert!(all.insert(key, row.to_vec()).is_none(), "key {key} twice");
+    });
+    all
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// One batch read (rows created as needed).
+    Pull(Vec<u64>),
+    /// One batch update adding the delta to every float of each row, once
+    /// per occurrence of its key.
+    Push(Vec<u64>, f32),
+    /// One key, updated alone.
+    PushOne(u64, f32),
+    Remove(u64),
+}
+
+fn op(keys: u64) -> impl Strategy<Value = Op> {
+    // Few distinct keys, some at the ends of the range, so rows collide,
+    // repeat (within a batch too) and are removed and re-created.
+    let key = prop_oneof![0..keys, Just(u64::MAX), Just(u64::MAX - 1), any::<u64>()];
+    let batch = prop::collection::vec(key.clone(), 1..80);
+    prop_oneof![
+        batch.clone().prop_map(Op::Pull),
+        (batch, -4.0f32..4.0).prop_map(|(k, d)| Op::Push(k, d)),
+        (key.clone(), -4.0f32..4.0).prop_map(|(k, d)| Op::PushOne(k, d)),
+        key.prop_map(Op::Remove),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any sequence of creations, updates and removals leaves the store
+    /// holding exactly what a map would, narrow or wide index alike.
+    #[test]
+    fn the_store_holds_what_a_map_would(
+        ops in prop::collection::vec(op(3000), 1..400),
+        row_len in 1usize..5,
+        narrow_rows in prop_oneof![Just(NARROW_ROWS), 1usize..40],
+    ) {
+        let rows = SparseRows::with_narrow_rows(row_len, narrow_rows);
+        let mut model: HashMap<u64, Vec<f32>> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Pull(keys) => {
+                    let mut new: Vec<u64> = keys.iter().copied().filter(|k| !model.contains_key(k)).collect();
+                    new.sort_unstable();
+                    new.dedup();
+                    let mut seen = vec![Vec::new(); keys.len()];
+                    let created = rows.read_many(&keys, fill, |i, r| seen[i] = r.to_vec());
+                    prop_assert_eq!(created, new.len());
+                    for (key, seen) in keys.iter().zip(&seen) {
+                        let want = model.entry(*key).or_insert_with(|| expected(*key, row_len));
+                        prop_assert_eq!(seen, want);
+                    }
+                }
+                Op::Push(keys, delta) => {
+                    let mut new: Vec<u64> = keys.iter().copied().filter(|k| !model.contains_key(k)).collect();
+                    new.sort_unstable();
+                    new.dedup();
+                    let created = rows.update_many(&keys, fill, |_, r| r.iter_mut().for_each(|v| *v += delta));
+                    prop_assert_eq!(created, new.len());
+                    for key in &keys {
+                        let want = model.entry(*key).or_insert_with(|| expected(*key, row_len));
+                        want.iter_mut().for_each(|v| *v += delta);
+                    }
+                }
+                Op::PushOne(key, delta) => {
+                    let was_new = !model.contains_key(&key);
+                    let created = rows.update(key, |r| fill(key, r), |r| r.iter_mut().for_each(|v| *v += delta));
+                    prop_assert_eq!(created, was_new);
+                    let want = model.entry(key).or_insert_with(|| expected(key, row_len));
+                    want.iter_mut().for_each(|v| *v += delta);
+                }
+                Op::Remove(key) => {
+                    let removed = rows.remove_if(key, |_| true);
+                    prop_assert_eq!(removed, model.remove(&key).is_some());
+                }
+            }
+            prop_assert_eq!(rows.len(), model.len());
+        }
+        prop_assert_eq!(contents(&rows), model.clone());
+        for (key, want) in &model {
+            let held = rows.read(*key, <[f32]>::to_vec);
+            prop_assert_eq!(held.as_ref(), Some(want));
+        }
+    }
+}
+
+#[test]
+fn a_refused_removal_keeps_the_row() {
+    let rows = SparseRows::new(2);
+    rows.update(7, |r| fill(7, r), |_| ());
+    assert!(!rows.remove_if(7, |_| false));
+    assert_eq!(rows.read(7, <[f32]>::to_vec), Some(expected(7, 2)));
+    assert!(!rows.remove_if(8, |_| true), "no row 8");
+    assert!(rows.remove_if(7, |r| r == expected(7, 2).as_slice()));
+    assert_eq!(rows.len(), 0);
+    assert!(!rows.contains(7));
+}
+
+#[test]
+fn segments_past_the_narrow_limit_switch_to_wide_entries_and_keep_every_row() {
+    let rows = SparseRows::with_narrow_rows(1, 8);
+    for key in 0..5000u64 {
+        rows.update(key, |r| fill(key, r), |_| ());
+    }
+    let wide = rows
+        .segments
+        .iter()
+        .filter(|s| matches!(read(s).index, Entries::Wide(_)))
+        .count();
+    assert_eq!(wide, SEGMENTS, "every segment holds more than 8 rows");
+    for key in (0..5000u64).step_by(3) {
+        assert!(rows.remove_if(key, |_| true));
+    }
+    for key in 0..5000u64 {
+        let held = rows.read(key, <[f32]>::to_vec);
+        let want = (key % 3 != 0).then(|| expected(key, 1));
+        assert_eq!(held, want, "key {key}");
+    }
+}
+
+#[test]
+fn a_row_costs_at_most_sixteen_bytes_beyond_its_floats() {
+    // Row lengths of dim 1 and dim 16 under Adagrad; enough rows that each
+    // segment fills several full slabs.
+    for row_len in [2usize, 32] {
+        for n in [200_000u64, 300_000] {
+            let rows = SparseRows::new(row_len);
+            for i in 0..n {
+                let key = mix64(i);
+                rows.update(key, |r| fill(key, r), |_| ());
+            }
+            let floats = n * row_len as u64 * 4;
+            let overhead = rows.allocated_bytes() - floats;
+            // Per segment, at most one partly filled slab.
+            let slack = slack_bytes(row_len);
+            assert!(
+                overhead <= n * ROW_OVERHEAD + slack,
+                "{n} rows of {row_len} floats: {overhead} bytes beyond the floats"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_small_table_stays_small() {
+    for row_len in [2usize, 300] {
+        let rows = SparseRows::new(row_len);
+        let n = 1000u64;
+        for key in 0..n {
+            rows.update(key, |r| fill(key, r), |_| ());
+        }
+        // About 16 rows per segment: each first slab holds less than twice
+        // its rows; each index fewer than 64 entries.
+        let slabs = 2 * n as usize * (8 + row_len * 4);
+        let most = (slabs + SEGMENTS * 64 * 4) as u64;
+        assert!(rows.allocated_bytes() <= most, "{}", rows.allocated_bytes());
+        for key in 0..n {
+            assert_eq!(
+                rows.read(key, <[f32]>::to_vec),
+                Some(expected(key, row_len))
+            );
+        }
+    }
+}
+
+#[test]
+fn slabs_hold_about_64_kib_and_at_least_one_row() {
+    assert_eq!(chunk_rows(1), 1024);
+    assert_eq!(chunk_rows(32), 256);
+    assert_eq!(chunk_rows(100_000), 1);
+    for row_len in [1usize, 2, 7, 32, 300, 5000] {
+        let bytes = chunk_rows(row_len) * (row_len * 4 + 8);
+        let rows = chunk_rows(row_len);
+        assert!(bytes <= CHUNK_BYTES || rows == MIN_CHUNK_ROWS);
+        assert!(bytes * 2 > CHUNK_BYTES || rows == MAX_CHUNK_ROWS);
+    }
+}
+
+#[test]
+fn removing_every_row_frees_the_slabs() {
+    let rows = SparseRows::new(4);
+    for key in 0..10_000u64 {
+        rows.update(key, |r| fill(key, r), |_| ());
+    }
+    for key in 0..10_000u64 {
+        assert!(rows.remove_if(key, |_| true));
+    }
+    assert_eq!(rows.len(), 0);
+    assert!(rows.segments.iter().all(|s| read(s).chunks.is_empty()));
+}
