@@ -8,6 +8,7 @@
 use ps_common::init::RowRng;
 
 pub mod ctr26;
+pub mod memory;
 pub mod recovery;
 pub mod throughput;
 

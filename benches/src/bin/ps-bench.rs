@@ -7,6 +7,7 @@
 //!   training step, CPU against GPU.
 //! - `ctr26`: the benchmark workload of `shared/bench/ctr26.md`, end to end
 //!   through real shards (loopback gRPC, or `--in-memory`).
+//! - `memory`: resident bytes per sparse row against the row's floats.
 //! - `gen-ctr26`: writes ctr26 samples as a libffm file for end-to-end runs.
 //! - `gen-tasks`: writes the planted two-task data of the multi-task example.
 //!
@@ -124,6 +125,20 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         dim: u32,
     },
+    /// Resident memory per sparse row: RSS growth while pulls create
+    /// `--rows` rows in one in-process shard, against the rows' raw floats;
+    /// one JSON line.
+    Memory {
+        /// Rows to create.
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: u64,
+        /// Weights per row.
+        #[arg(long, default_value_t = 16)]
+        dim: u32,
+        /// sgd, adagrad, adam or ftrl (its state is part of the raw bytes).
+        #[arg(long, default_value = "adagrad")]
+        optimizer: String,
+    },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
@@ -231,6 +246,15 @@ fn main() -> anyhow::Result<()> {
         } => bytes_bench(servers, max_workers, steps, &traffic),
         Command::Recovery { rows, dim } => {
             let measured = ps_benches::recovery::measure(rows, dim)?;
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
+        }
+        Command::Memory {
+            rows,
+            dim,
+            optimizer,
+        } => {
+            let measured = ps_benches::memory::measure(rows, dim, &optimizer)?;
             println!("{}", serde_json::to_string(&measured)?);
             Ok(())
         }
