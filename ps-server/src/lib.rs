@@ -4,7 +4,8 @@
 //! rows) -> [`optimizer`] (update the row in place).
 //!
 //! # Layout
-//! - [`store`]: the shard's tables over dashmap; transport-free.
+//! - [`store`]: the shard's tables (sparse rows in slabs with a compact index,
+//!   dense rows in blocks); transport-free.
 //! - [`optimizer`]: SGD, Adagrad, Adam and FTRL-proximal on one row.
 //! - [`dedup`]: the `(writer, seq)` pairs applied, so a retried push applies once.
 //! - [`replication`]: primary-backup roles, write order, the stream to the backup.
