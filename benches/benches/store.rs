@@ -3,9 +3,9 @@
 //! Run: `cargo bench -p ps-benches --bench store`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ps_benches::zipf_keys;
+use ps_benches::{emb_table, zipf_keys};
 use ps_common::pb::ValueEncoding;
-use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec, wire};
+use ps_common::{OptimizerSpec, wire};
 use ps_server::Shard;
 
 const ROWS_PER_REQUEST: usize = 4096;
@@ -13,17 +13,7 @@ const ROWS_PER_REQUEST: usize = 4096;
 fn shard_with(optimizer: OptimizerSpec, dim: u32) -> Shard {
     let shard = Shard::new(0, 1);
     shard
-        .create_table(TableSpec {
-            name: "emb".into(),
-            kind: TableKind::Sparse,
-            dim,
-            initializer: InitializerSpec::Normal {
-                mean: 0.0,
-                std: 0.01,
-            },
-            optimizer,
-            seed: 1,
-        })
+        .create_table(emb_table(dim, optimizer))
         .expect("valid spec");
     shard
 }

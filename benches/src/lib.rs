@@ -6,11 +6,28 @@
 //! of `../shared/bench/ctr26.md`.
 
 use ps_common::init::RowRng;
+use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
 pub mod ctr26;
 pub mod memory;
 pub mod recovery;
 pub mod throughput;
+
+/// The sparse table the store benches fill: `emb`, `dim` weights drawn
+/// from N(0, 0.01), updated by `optimizer`.
+pub fn emb_table(dim: u32, optimizer: OptimizerSpec) -> TableSpec {
+    TableSpec {
+        name: "emb".into(),
+        kind: TableKind::Sparse,
+        dim,
+        initializer: InitializerSpec::Normal {
+            mean: 0.0,
+            std: 0.01,
+        },
+        optimizer,
+        seed: 1,
+    }
+}
 
 /// `n` ids drawn log-uniformly from `[0, range)` (close to Zipf(1): a few
 /// ids are very hot), as the ctr26 workload draws them.

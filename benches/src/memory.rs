@@ -9,8 +9,8 @@
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use ps_common::OptimizerSpec;
 use ps_common::routing::mix64;
-use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 use ps_server::Shard;
 use serde::Serialize;
 
@@ -68,17 +68,7 @@ pub fn optimizer(name: &str) -> anyhow::Result<OptimizerSpec> {
 pub fn measure(rows: u64, dim: u32, optimizer_name: &str) -> anyhow::Result<RowMemory> {
     let optimizer = optimizer(optimizer_name)?;
     let shard = Shard::new(0, 1);
-    shard.create_table(TableSpec {
-        name: "emb".into(),
-        kind: TableKind::Sparse,
-        dim,
-        initializer: InitializerSpec::Normal {
-            mean: 0.0,
-            std: 0.01,
-        },
-        optimizer,
-        seed: 1,
-    })?;
+    shard.create_table(crate::emb_table(dim, optimizer))?;
     let mut keys = vec![0u64; KEYS_PER_PULL];
     let mut checksum = 0f32;
     let before = resident_bytes()?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+use ps_common::OptimizerSpec;
 use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{ServerConfig, Shard, checkpoint};
 use serde::Serialize;
@@ -32,21 +32,14 @@ pub struct Recovery {
 /// A shard of `rows` rows of `dim` weights (Adagrad), every row touched.
 fn filled_shard(rows: u64, dim: u32) -> anyhow::Result<Shard> {
     let shard = Shard::new(0, 1);
-    shard.create_table(TableSpec {
-        name: "emb".into(),
-        kind: TableKind::Sparse,
+    shard.create_table(crate::emb_table(
         dim,
-        initializer: InitializerSpec::Normal {
-            mean: 0.0,
-            std: 0.01,
-        },
-        optimizer: OptimizerSpec::Adagrad {
+        OptimizerSpec::Adagrad {
             lr: 0.05,
             initial_accumulator: 0.1,
             eps: 1e-8,
         },
-        seed: 1,
-    })?;
+    ))?;
     let chunk: Vec<u64> = (0..4096).collect();
     let grads = vec![0.01f32; chunk.len() * dim as usize];
     for start in (0..rows).step_by(chunk.len()) {
