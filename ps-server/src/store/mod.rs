@@ -17,9 +17,12 @@
 //! meanwhile keeps both, as putting it back would lose that write).
 //!
 //! - [`table`]: one table's rows and what they cost.
+//! - [`finite`]: the proof that a push keeps its rows finite, the per-row
+//!   check and the undo record for pushes it cannot prove.
 //! - [`sparse`]: a sparse table's rows in slabs, with a compact index.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
 
+mod finite;
 mod snapshot;
 mod sparse;
 mod table;
@@ -35,6 +38,10 @@ use crate::budget::{MemoryBudget, Reservation};
 use crate::dedup::Claim;
 use crate::optimizer;
 
+use finite::{
+    Magnitudes, Proof, Undo, fingerprint_of_fresh, finite_and_fingerprint, provably_finite,
+    scan_magnitudes,
+};
 pub use snapshot::{ShardSnapshot, TableSnapshot};
 use table::Owner;
 pub use table::{SPARSE_ROW_OVERHEAD, Table};
@@ -103,205 +110,6 @@ pub struct TableStats {
     pub bytes: u64,
     /// Memory the rows take as the budget counts it (with the store's overhead).
     pub memory_bytes: u64,
-}
-
-/// Whether every value of `row` is finite, and a fingerprint of its bits
-/// (one pass of plain reductions, so it vectorizes: no early exit, no
-/// multiplication). The fingerprint only tells whether another push changed
-/// a row since: any change of one value changes it.
-fn finite_and_fingerprint(row: &[f32]) -> (bool, u64) {
-    let (bad, sum, xor) = row.iter().fold((0u32, 0u64, 0u32), |(bad, sum, xor), v| {
-        let bits = v.to_bits();
-        (
-            bad | u32::from(bits & 0x7f80_0000 == 0x7f80_0000),
-            sum.wrapping_add(u64::from(bits)),
-            xor ^ bits,
-        )
-    });
-    (bad == 0, sum ^ (u64::from(xor) << 32))
-}
-
-/// Lanes the magnitude scans keep apart, so the compiler can use vector
-/// instructions (a single running max or sum is a serial chain).
-const LANES: usize = 8;
-
-/// The largest magnitude of `values`, the sum of their magnitudes, and
-/// whether every one is finite (one pass, in [`LANES`] independent lanes).
-fn scan_magnitudes(values: &[f32]) -> (f32, f32, bool) {
-    let (mut max, mut sum, mut bad) = ([0f32; LANES], [0f32; LANES], [0u32; LANES]);
-    let mut chunks = values.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for i in 0..LANES {
-            let a = chunk[i].abs();
-            max[i] = if a > max[i] { a } else { max[i] };
-            sum[i] += a;
-            bad[i] |= u32::from(chunk[i].to_bits() & 0x7f80_0000 == 0x7f80_0000);
-        }
-    }
-    for (i, &v) in chunks.remainder().iter().enumerate() {
-        let a = v.abs();
-        max[i] = if a > max[i] { a } else { max[i] };
-        sum[i] += a;
-        bad[i] |= u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
-    }
-    (
-        max.iter().fold(0f32, |m, &v| if v > m { v } else { m }),
-        sum.iter().sum(),
-        bad.iter().all(|&b| b == 0),
-    )
-}
-
-/// Magnitudes a push may reach and still take the fast path: far below
-/// `f32::MAX` (3.4e38), so the bound's own rounding cannot matter.
-const SAFE_MAGNITUDE: f64 = 1e30;
-
-/// The largest magnitude and the sum of magnitudes of a push's gradients.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Magnitudes {
-    max: f32,
-    sum: f32,
-}
-
-/// What a push that provably keeps its rows finite may leave in them: the
-/// largest weight and the largest optimizer state, over every row it writes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Proof {
-    weight: f64,
-    state: f64,
-}
-
-/// Whether `push` provably leaves every row of `table` finite, given the
-/// table's bounds on its weights and its optimizer state: the largest
-/// result of the optimizer's update, and every intermediate product,
-/// applied once per key occurrence, stays below [`SAFE_MAGNITUDE`]. FTRL
-/// (whose weight divides by its accumulators) is never proven here. The
-/// bounds hold for any stored state, not only for states a gradient
-/// history could produce.
-fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes) -> Option<Proof> {
-    let (w, s) = table.bounds();
-    let (w, s) = (f64::from(w), f64::from(s));
-    let n = push.keys.len() as f64;
-    // Summed in f32 (rounding stays far inside the margin to f32::MAX).
-    let (g_max, g_sum) = (f64::from(grads.max), f64::from(grads.sum));
-    let (proof, intermediate) = match table.spec.optimizer.with_lr_scale(push.lr_scale) {
-        // |w'| <= |w| + lr sum|g|; lr g is part of that sum.
-        OptimizerSpec::Sgd { lr } => (
-            Proof {
-                weight: w + f64::from(lr) * g_sum,
-                state: s,
-            },
-            0.0,
-        ),
-        // acc grows by g^2 per occurrence and acc >= g^2 when it divides,
-        // so each update moves w by at most lr; lr g is computed first.
-        OptimizerSpec::Adagrad { lr, .. } => (
-            Proof {
-                weight: w + f64::from(lr) * n,
-                state: s + n * g_max * g_max,
-            },
-            f64::from(lr) * g_max,
-        ),
-        // m and v stay within max(|m|, |g|) and max(v, g^2), the step
-        // powers within 1; the bias corrections divide by at least
-        // 1 - beta, and sqrt(v^) + eps >= eps.
-        OptimizerSpec::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-        } => {
-            let lr = f64::from(lr);
-            let moment = s.max(g_max) / (1.0 - f64::from(beta1));
-            (
-                Proof {
-                    weight: w + n * lr * moment / f64::from(eps),
-                    state: s.max(g_max).max(g_max * g_max),
-                },
-                (lr * moment).max(s.max(g_max * g_max) / (1.0 - f64::from(beta2))),
-            )
-        }
-        // sigma = (sqrt(n + g^2) - sqrt(n)) / alpha <= |g| / alpha, so z
-        // moves by at most |g| + |g| |w| / alpha; n grows by g^2; the
-        // weight is |z| (at most) over beta / alpha + sqrt(n) / alpha + l2,
-        // which needs beta / alpha + l2 > 0 to stay bounded.
-        OptimizerSpec::Ftrl {
-            alpha, beta, l2, ..
-        } => {
-            let (alpha, beta, l2) = (f64::from(alpha), f64::from(beta), f64::from(l2));
-            let floor = beta / alpha + l2;
-            if !(floor >= 1e-6 && alpha > 0.0) {
-                return None;
-            }
-            let mut z = s;
-            for _ in 0..push.keys.len().min(64) {
-                z += g_max + g_max * (z / floor).max(w) / alpha;
-            }
-            if push.keys.len() > 64 {
-                return None;
-            }
-            let state = z.max(s + n * g_max * g_max);
-            (
-                Proof {
-                    weight: w.max(z / floor),
-                    state,
-                },
-                (g_max * g_max).max((beta + state.sqrt()) / alpha),
-            )
-        }
-    };
-    (proof.weight.max(proof.state).max(intermediate) < SAFE_MAGNITUDE).then_some(proof)
-}
-
-/// The fingerprint of row `key` as the initializer creates it.
-fn fingerprint_of_fresh(table: &Table, key: u64) -> u64 {
-    let mut row = vec![0f32; table.row_len];
-    table.fill_fresh_row(key, &mut row);
-    finite_and_fingerprint(&row).1
-}
-
-/// The rows one push call changed, as they were, so that a call refused
-/// part-way can be put back.
-#[derive(Debug)]
-struct Undo {
-    /// (table index, key, whether the call created the row, fingerprint
-    /// of the row as the call left it), in order.
-    rows: Vec<(usize, u64, bool, u64)>,
-    /// The changed rows' floats before the call, row after row.
-    before: Vec<f32>,
-}
-
-impl Undo {
-    /// Room for `rows` row changes of `floats` floats in all.
-    fn with_room(rows: usize, floats: usize) -> Undo {
-        Undo {
-            rows: Vec::with_capacity(rows),
-            before: Vec::with_capacity(floats),
-        }
-    }
-
-    /// Puts back every row the call changed, newest first. A row another
-    /// push changed since (its fingerprint differs) is left as it is:
-    /// putting it back would lose that push. A row the call created is
-    /// removed.
-    fn roll_back(&self, tables: &[Arc<Table>], budget: &MemoryBudget) {
-        let mut at = self.before.len();
-        for &(t, key, created, left) in self.rows.iter().rev() {
-            let table = &tables[t];
-            at -= table.row_len;
-            let before = &self.before[at..at + table.row_len];
-            if created {
-                if table.remove_if(key, |row| finite_and_fingerprint(row).1 == left) {
-                    budget.release(table.sparse_row_bytes());
-                }
-            } else {
-                table.update(key, |row| {
-                    if finite_and_fingerprint(row).1 == left {
-                        row.copy_from_slice(before);
-                    }
-                });
-            }
-        }
-    }
 }
 
 /// Puts `values` at `at` in `out`, which holds everything before `at` (or
@@ -839,122 +647,6 @@ impl Shard {
             undo.rows.push((t, key, created, left));
         }
         Ok(push.keys.len())
-    }
-
-    /// A copy of every table (rows sorted by key), for checkpoints.
-    pub fn snapshot(&self) -> ShardSnapshot {
-        let mut names: Vec<String> = self.tables.iter().map(|t| t.key().clone()).collect();
-        names.sort();
-        let tables = names
-            .into_iter()
-            .filter_map(|name| self.table(&name).ok())
-            .map(|table| {
-                // One pass keeps keys and rows aligned even while pushes create rows.
-                let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
-                table.for_each_row(|key, row| {
-                    unsorted_keys.push(key);
-                    unsorted.extend_from_slice(row);
-                });
-                let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
-                order.sort_unstable_by_key(|&i| unsorted_keys[i]);
-                let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
-                let mut values = Vec::with_capacity(unsorted.len());
-                for &i in &order {
-                    values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
-                }
-                TableSnapshot {
-                    spec: table.spec.clone(),
-                    row_len: table.row_len as u32,
-                    keys,
-                    values,
-                }
-            })
-            .collect();
-        ShardSnapshot {
-            shard_id: self.shard_id(),
-            num_shards: self.num_shards(),
-            tables,
-        }
-    }
-
-    /// A shard holding exactly the snapshot's tables and rows. Refuses a
-    /// snapshot whose specs, row layout or keys do not fit this shard.
-    pub fn restore(snapshot: ShardSnapshot) -> Result<Shard, PsError> {
-        if snapshot.shard_id >= snapshot.num_shards.max(1) {
-            return Err(PsError::invalid(format!(
-                "snapshot of shard {} of {} is inconsistent",
-                snapshot.shard_id, snapshot.num_shards
-            )));
-        }
-        let shard = Shard::new(snapshot.shard_id, snapshot.num_shards);
-        shard.load(snapshot)?;
-        Ok(shard)
-    }
-
-    /// Replaces every table of this shard with the snapshot's (a restore,
-    /// or a backup catching up). The whole snapshot is checked first
-    /// (specs, row layout, keys, finiteness, the memory budget): a refused
-    /// one changes nothing.
-    pub fn load(&self, snapshot: ShardSnapshot) -> Result<(), PsError> {
-        if (snapshot.shard_id, snapshot.num_shards) != (self.shard_id(), self.num_shards()) {
-            return Err(PsError::invalid(format!(
-                "snapshot of shard {} of {} does not fit shard {} of {}",
-                snapshot.shard_id,
-                snapshot.num_shards,
-                self.shard_id(),
-                self.num_shards()
-            )));
-        }
-        if snapshot.tables.len() > MAX_TABLES {
-            return Err(PsError::invalid(format!(
-                "the snapshot holds {} tables, more than a shard's {MAX_TABLES}",
-                snapshot.tables.len()
-            )));
-        }
-        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tables = Vec::with_capacity(snapshot.tables.len());
-        for t in snapshot.tables {
-            t.spec.validate()?;
-            let owned = Table::owned_blocks(&t.spec, &self.owner);
-            let mut table = Table::empty(t.spec);
-            let name = table.spec.name.clone();
-            if t.row_len as usize != table.row_len || t.values.len() != t.keys.len() * table.row_len
-            {
-                return Err(PsError::invalid(format!(
-                    "table '{name}': snapshot rows of {} floats do not match the spec's {} (or are truncated)",
-                    t.row_len, table.row_len
-                )));
-            }
-            self.check_keys(&table, &t.keys)?;
-            if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
-                return Err(PsError::invalid(format!(
-                    "table '{name}': the snapshot's row of key {} holds a non-finite value ({}); rows are always finite",
-                    t.keys[i / table.row_len],
-                    t.values[i]
-                )));
-            }
-            table.fill_dense(&owned);
-            for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
-                table.set(key, row);
-            }
-            tables.push((name, Arc::new(table)));
-        }
-        let before: u64 = self.tables.iter().map(|t| t.memory_bytes()).sum();
-        let after: u64 = tables.iter().map(|(_, t)| t.memory_bytes()).sum();
-        let growth = after.saturating_sub(before);
-        let limit = self.budget.limit();
-        if self.budget.used().saturating_add(growth) > limit {
-            return Err(PsError::ResourceExhausted(format!(
-                "the snapshot's tables need {after} bytes; with this shard's other holdings that passes its {limit} byte memory budget (--memory-budget)"
-            )));
-        }
-        self.tables.clear();
-        for (name, table) in tables {
-            self.tables.insert(name, table);
-        }
-        self.budget.release(before);
-        self.budget.charge(after);
-        Ok(())
     }
 
     /// Rows and bytes of every table, sorted by name. Reads counters only

@@ -1,8 +1,13 @@
 //! A shard's tables as plain data (bincode-serializable), for checkpoints
-//! and for a joining backup.
+//! and for a joining backup: taking one from a shard, and loading one into
+//! a shard whole or not at all.
 
-use ps_common::TableSpec;
+use std::sync::Arc;
+
+use ps_common::{PsError, TableSpec};
 use serde::{Deserialize, Serialize};
+
+use super::{MAX_TABLES, Shard, Table};
 
 /// Everything a shard holds, in a form bincode can write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +33,124 @@ pub struct TableSnapshot {
     pub keys: Vec<u64>,
     /// `keys.len() * row_len` floats, row after row.
     pub values: Vec<f32>,
+}
+
+impl Shard {
+    /// A copy of every table (rows sorted by key), for checkpoints.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let mut names: Vec<String> = self.tables.iter().map(|t| t.key().clone()).collect();
+        names.sort();
+        let tables = names
+            .into_iter()
+            .filter_map(|name| self.table(&name).ok())
+            .map(|table| {
+                // One pass keeps keys and rows aligned even while pushes create rows.
+                let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
+                table.for_each_row(|key, row| {
+                    unsorted_keys.push(key);
+                    unsorted.extend_from_slice(row);
+                });
+                let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
+                order.sort_unstable_by_key(|&i| unsorted_keys[i]);
+                let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
+                let mut values = Vec::with_capacity(unsorted.len());
+                for &i in &order {
+                    values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
+                }
+                TableSnapshot {
+                    spec: table.spec.clone(),
+                    row_len: table.row_len as u32,
+                    keys,
+                    values,
+                }
+            })
+            .collect();
+        ShardSnapshot {
+            shard_id: self.shard_id(),
+            num_shards: self.num_shards(),
+            tables,
+        }
+    }
+
+    /// A shard holding exactly the snapshot's tables and rows. Refuses a
+    /// snapshot whose specs, row layout or keys do not fit this shard.
+    pub fn restore(snapshot: ShardSnapshot) -> Result<Shard, PsError> {
+        if snapshot.shard_id >= snapshot.num_shards.max(1) {
+            return Err(PsError::invalid(format!(
+                "snapshot of shard {} of {} is inconsistent",
+                snapshot.shard_id, snapshot.num_shards
+            )));
+        }
+        let shard = Shard::new(snapshot.shard_id, snapshot.num_shards);
+        shard.load(snapshot)?;
+        Ok(shard)
+    }
+
+    /// Replaces every table of this shard with the snapshot's (a restore,
+    /// or a backup catching up). The whole snapshot is checked first
+    /// (specs, row layout, keys, finiteness, the memory budget): a refused
+    /// one changes nothing.
+    pub fn load(&self, snapshot: ShardSnapshot) -> Result<(), PsError> {
+        if (snapshot.shard_id, snapshot.num_shards) != (self.shard_id(), self.num_shards()) {
+            return Err(PsError::invalid(format!(
+                "snapshot of shard {} of {} does not fit shard {} of {}",
+                snapshot.shard_id,
+                snapshot.num_shards,
+                self.shard_id(),
+                self.num_shards()
+            )));
+        }
+        if snapshot.tables.len() > MAX_TABLES {
+            return Err(PsError::invalid(format!(
+                "the snapshot holds {} tables, more than a shard's {MAX_TABLES}",
+                snapshot.tables.len()
+            )));
+        }
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tables = Vec::with_capacity(snapshot.tables.len());
+        for t in snapshot.tables {
+            t.spec.validate()?;
+            let owned = Table::owned_blocks(&t.spec, &self.owner);
+            let mut table = Table::empty(t.spec);
+            let name = table.spec.name.clone();
+            if t.row_len as usize != table.row_len || t.values.len() != t.keys.len() * table.row_len
+            {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': snapshot rows of {} floats do not match the spec's {} (or are truncated)",
+                    t.row_len, table.row_len
+                )));
+            }
+            self.check_keys(&table, &t.keys)?;
+            if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': the snapshot's row of key {} holds a non-finite value ({}); rows are always finite",
+                    t.keys[i / table.row_len],
+                    t.values[i]
+                )));
+            }
+            table.fill_dense(&owned);
+            for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
+                table.set(key, row);
+            }
+            tables.push((name, Arc::new(table)));
+        }
+        let before: u64 = self.tables.iter().map(|t| t.memory_bytes()).sum();
+        let after: u64 = tables.iter().map(|(_, t)| t.memory_bytes()).sum();
+        let growth = after.saturating_sub(before);
+        let limit = self.budget.limit();
+        if self.budget.used().saturating_add(growth) > limit {
+            return Err(PsError::ResourceExhausted(format!(
+                "the snapshot's tables need {after} bytes; with this shard's other holdings that passes its {limit} byte memory budget (--memory-budget)"
+            )));
+        }
+        self.tables.clear();
+        for (name, table) in tables {
+            self.tables.insert(name, table);
+        }
+        self.budget.release(before);
+        self.budget.charge(after);
+        Ok(())
+    }
 }
 
 mod spec_as_protobuf {
