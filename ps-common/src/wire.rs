@@ -242,6 +242,26 @@ mod tests {
     }
 
     #[test]
+    fn rows_placed_in_any_order_encode_as_rows_appended_in_order() {
+        let rows: Vec<Vec<f32>> = (0..6)
+            .map(|r| vec![r as f32, -0.5 * r as f32, 1e-3])
+            .collect();
+        for encoding in [ValueEncoding::F32, ValueEncoding::F16, ValueEncoding::Bf16] {
+            let mut in_order = BytesMut::new();
+            for row in &rows {
+                append_values(&mut in_order, row, encoding);
+            }
+            // Rows 2 and 5 come late, as rows a pull creates do.
+            let row_bytes = 3 * value_bytes(encoding);
+            let mut placed = BytesMut::new();
+            for r in [0, 1, 3, 4, 2, 5] {
+                place_values(&mut placed, r * row_bytes, &rows[r], encoding);
+            }
+            assert_eq!(placed, in_order, "{encoding:?}");
+        }
+    }
+
+    #[test]
     fn half_encodings_round_within_their_precision_and_f16_saturates() {
         let values = [0.0f32, 1.0, -2.5, 1e-3, 2.71, 70000.0, -1e9];
         let f16 = decode_values(

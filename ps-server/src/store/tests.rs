@@ -351,6 +351,27 @@ fn a_pull_of_new_ids_past_the_memory_budget_is_refused_and_creates_nothing() {
     );
 }
 
+/// A pull mixing held rows, new rows and repeats answers in request
+/// order, whatever order the store reads them in (new rows come last).
+#[test]
+fn a_pull_answers_in_request_order_with_new_and_repeated_keys() {
+    let shard = Shard::new(0, 1);
+    shard
+        .create_table(spec("emb", TableKind::Sparse, 3))
+        .unwrap();
+    let mut out = Vec::new();
+    shard.pull("emb", &[10, 20, 30], &mut out).unwrap();
+    let keys = [40, 10, 50, 40, 30, 60, 20, 50];
+    let mut together = vec![7.0]; // a pull appends after what `out` holds
+    shard.pull("emb", &keys, &mut together).unwrap();
+    let mut one_by_one = vec![7.0];
+    for key in keys {
+        shard.pull("emb", &[key], &mut one_by_one).unwrap();
+    }
+    assert_eq!(together, one_by_one);
+    assert_eq!(shard.table("emb").unwrap().len(), 6);
+}
+
 /// Pushers and pullers on overlapping rows: with SGD at rate 1, zero
 /// weights and a gradient of -1 on every float, each push adds 1 to every
 /// weight of its row, so a row read whole holds one value repeated, and at
