@@ -1,0 +1,533 @@
+//! The job file: one TOML document that drives `ps-worker local`, separate
+//! `ps-worker train` processes and, later, Kubernetes jobs.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the
+//! offending key and its line, so a typo never silently falls back to a
+//! default. Relative data paths are resolved against the job file's folder.
+//!
+//! - this module: the document, `[data]`, `[communication]`, `[tables]`,
+//!   parsing and validation, and locating a key's line in the source;
+//! - [`model`]: `[model]` and the tables a model reads;
+//! - [`train`]: `[train]`, consistency modes, schedules, the device.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::routing::{fnv1a64, mix64};
+use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+
+mod model;
+mod train;
+
+pub use model::*;
+pub use train::*;
+
+/// A job file that could not be used, with the key and line at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default(), key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// 1-based line of the offending key, when known.
+    pub line: Option<usize>,
+    /// Dotted path of the offending key, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A complete, validated job.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Where the examples come from.
+    pub data: DataConfig,
+    /// Which model to train and which tables it uses.
+    pub model: ModelConfig,
+    /// Batch size, epochs, seed and client settings.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// How much travels between workers and servers.
+    #[serde(default)]
+    pub communication: CommunicationConfig,
+    /// Tables by name.
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// How values travel on the wire (`pull_values`, `push_values`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireValues {
+    /// 4 bytes per value, exact.
+    #[default]
+    F32,
+    /// IEEE half: 2 bytes, 11-bit mantissa, saturates at +-65504.
+    F16,
+    /// bfloat16: 2 bytes, 8-bit mantissa, the f32 range.
+    Bf16,
+}
+
+impl CommunicationConfig {
+    /// Checks the ranges; errors are (key, message).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self
+            .significance_threshold
+            .is_some_and(|v| !(v.is_finite() && v > 0.0))
+        {
+            return Err(("significance_threshold".into(), "must be > 0".into()));
+        }
+        if self
+            .dense_top_k
+            .is_some_and(|v| !(v.is_finite() && v > 0.0 && v <= 1.0))
+        {
+            return Err(("dense_top_k".into(), "must be a fraction in (0, 1]".into()));
+        }
+        Ok(())
+    }
+}
+
+impl From<WireValues> for crate::pb::ValueEncoding {
+    fn from(v: WireValues) -> Self {
+        match v {
+            WireValues::F32 => crate::pb::ValueEncoding::F32,
+            WireValues::F16 => crate::pb::ValueEncoding::F16,
+            WireValues::Bf16 => crate::pb::ValueEncoding::Bf16,
+        }
+    }
+}
+
+/// Traffic reduction between a worker and the servers (`[communication]`);
+/// every option is off by default. Keys are always de-duplicated per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommunicationConfig {
+    /// Encoding of pulled weights (servers keep f32).
+    pub pull_values: WireValues,
+    /// Encoding of pushed gradients.
+    pub push_values: WireValues,
+    /// Send keys sorted, delta + varint encoded.
+    pub delta_keys: bool,
+    /// Sparse tables: push a row only once its accumulated gradient has a
+    /// component of magnitude >= this; the rest stays on the worker and is
+    /// added to the row's next gradient.
+    pub significance_threshold: Option<f32>,
+    /// Dense tables: push only this fraction (0, 1] of each table's rows,
+    /// those whose accumulated gradient has the largest L2 norm; the rest
+    /// is kept and added to the next step's (error feedback).
+    pub dense_top_k: Option<f32>,
+}
+
+/// Input files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// File format of `train` and `validation`.
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Training examples: a path (relative to the job file) or `builtin:NAME`.
+    pub train: DataSource,
+    /// Held-out examples evaluated after training.
+    #[serde(default)]
+    pub validation: Option<DataSource>,
+    /// Fields per example for the models' per-field pooling. libsvm has no
+    /// fields: every feature is in field 0 and the deep models see the sum of
+    /// an example's embeddings.
+    #[serde(default = "default_fields")]
+    pub fields: u32,
+    /// What a malformed line does: `fail` (stop with its file and line) or
+    /// `skip` (log it with its line number, count it, go on).
+    #[serde(default)]
+    pub on_bad_line: OnBadLine,
+    /// Criteo only: how the 13 integer columns become features.
+    #[serde(default)]
+    pub integers: IntegerFeatures,
+}
+
+/// How Criteo's integer columns become features.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegerFeatures {
+    /// One id per (column, bucket), buckets `v` for `v <= 2` and
+    /// `floor(ln(v)^2)` above, value 1.
+    #[default]
+    Bucketize,
+    /// One id per column with value `ln(1 + v)` (negative values as 0): a
+    /// dense input scaling that column's weight and embedding.
+    Log,
+}
+
+/// The policy for malformed input lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadLine {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Fail,
+    /// Log and count the line, then go on.
+    Skip,
+}
+
+fn default_fields() -> u32 {
+    1
+}
+
+/// Supported input formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// `label idx:value idx:value ...` with labels in {-1, 0, 1} (+1 positive).
+    #[default]
+    Libsvm,
+    /// `label field:idx:value ...`; fields must be below `data.fields`.
+    Libffm,
+    /// Criteo's TSV: label, 13 integer columns, 26 categorical (hex)
+    /// columns, empty fields allowed; 39 fields.
+    Criteo,
+}
+
+/// Where a data file comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub enum DataSource {
+    /// A file on disk (resolved against the job file's folder on load).
+    File(PathBuf),
+    /// A data set compiled into the worker binary, e.g. `builtin:a9a/train`.
+    Builtin(String),
+}
+
+impl From<String> for DataSource {
+    fn from(s: String) -> Self {
+        match s.strip_prefix("builtin:") {
+            Some(name) => DataSource::Builtin(name.to_string()),
+            None => DataSource::File(PathBuf::from(s)),
+        }
+    }
+}
+
+impl std::fmt::Display for DataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataSource::File(p) => write!(f, "{}", p.display()),
+            DataSource::Builtin(name) => write!(f, "builtin:{name}"),
+        }
+    }
+}
+
+/// One table as written in the job file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `sparse` or `dense`.
+    pub kind: TableKindConfig,
+    /// Floats per row.
+    pub dim: u32,
+    /// Dense only: number of rows.
+    #[serde(default)]
+    pub rows: Option<u64>,
+    /// Dense only: rows per routing block (default: all rows in one block).
+    #[serde(default)]
+    pub block_rows: Option<u32>,
+    /// Row initializer.
+    pub initializer: InitializerSpec,
+    /// Server-side optimizer.
+    pub optimizer: OptimizerSpec,
+    /// Initializer seed (default: derived from `train.seed` and the table name).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// Table kind as written in the job file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableKindConfig {
+    /// Rows created on touch.
+    Sparse,
+    /// A fixed `rows x dim` tensor.
+    Dense,
+}
+
+impl JobConfig {
+    /// Parses and validates a job file's text. Relative file paths are
+    /// resolved against `base_dir`.
+    pub fn from_toml(src: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let mut job: JobConfig = toml::from_str(src).map_err(|e| ConfigError {
+            line: e.span().map(|s| line_of_offset(src, s.start)),
+            key: e.span().and_then(|s| key_at_offset(src, s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        job.validate().map_err(|(key, message)| ConfigError {
+            line: line_of_key(src, &key),
+            key: Some(key),
+            message,
+        })?;
+        if let Some(dir) = job.train.init_from.as_mut()
+            && dir.is_relative()
+        {
+            *dir = base_dir.join(&*dir);
+        }
+        for source in [Some(&mut job.data.train), job.data.validation.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let DataSource::File(path) = source
+                && path.is_relative()
+            {
+                *path = base_dir.join(&*path);
+            }
+        }
+        Ok(job)
+    }
+
+    /// The table specs the servers are asked to create: the job's
+    /// `[tables]` and the model's generated MLP tables.
+    pub fn table_specs(&self) -> Vec<TableSpec> {
+        let mut specs = self.declared_table_specs();
+        if let Some(embeddings) = self.model.embeddings_table() {
+            let dim = self.tables.get(embeddings).map_or(0, |t| t.dim);
+            specs.extend(
+                self.model
+                    .generated_table_specs(self.data.fields * dim, self.train.seed),
+            );
+        }
+        specs
+    }
+
+    fn declared_table_specs(&self) -> Vec<TableSpec> {
+        self.tables
+            .iter()
+            .map(|(name, t)| TableSpec {
+                name: name.clone(),
+                kind: match t.kind {
+                    TableKindConfig::Sparse => TableKind::Sparse,
+                    TableKindConfig::Dense => {
+                        let rows = t.rows.unwrap_or(0);
+                        TableKind::Dense {
+                            rows,
+                            block_rows: t
+                                .block_rows
+                                .unwrap_or(rows.min(u64::from(u32::MAX)) as u32),
+                        }
+                    }
+                },
+                dim: t.dim,
+                initializer: t.initializer,
+                optimizer: t.optimizer,
+                seed: t
+                    .seed
+                    .unwrap_or_else(|| mix64(self.train.seed ^ fnv1a64(name.as_bytes()))),
+            })
+            .collect()
+    }
+
+    /// Checks the rules serde cannot express; errors are (dotted key, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(("train.batch_size".into(), "must be >= 1".into()));
+        }
+        if t.epochs == 0 {
+            return Err(("train.epochs".into(), "must be >= 1".into()));
+        }
+        if t.max_pushes_in_flight == 0 {
+            return Err(("train.max_pushes_in_flight".into(), "must be >= 1".into()));
+        }
+        if self.tables.is_empty() {
+            return Err(("tables".into(), "at least one table is required".into()));
+        }
+        for (name, table) in &self.tables {
+            let key = |field: &str| format!("tables.{name}.{field}");
+            match table.kind {
+                TableKindConfig::Sparse => {
+                    for (field, set) in [
+                        ("rows", table.rows.is_some()),
+                        ("block_rows", table.block_rows.is_some()),
+                    ] {
+                        if set {
+                            return Err((key(field), "only dense tables have this key".into()));
+                        }
+                    }
+                }
+                TableKindConfig::Dense => {
+                    if table.rows.is_none() {
+                        return Err((key("kind"), "a dense table needs `rows`".into()));
+                    }
+                }
+            }
+        }
+        for (key, value) in [
+            ("clip_norm", t.clip_norm),
+            ("clip_row_norm", t.clip_row_norm),
+        ] {
+            if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return Err((format!("train.{key}"), "must be > 0".into()));
+            }
+        }
+        t.lr_schedule
+            .validate()
+            .map_err(|e| ("train.lr_schedule".to_string(), e))?;
+        self.communication
+            .validate()
+            .map_err(|(key, msg)| (format!("communication.{key}"), msg))?;
+        match (t.consistency, t.staleness) {
+            (Consistency::Ssp, None) => {
+                return Err((
+                    "train.staleness".into(),
+                    "consistency = \"ssp\" needs staleness = K (steps a worker may run ahead)"
+                        .into(),
+                ));
+            }
+            (Consistency::Ssp, Some(_)) | (_, None) => {}
+            (other, Some(_)) => {
+                return Err((
+                    "train.staleness".into(),
+                    format!(
+                        "only consistency = \"ssp\" takes a staleness (this job is {:?})",
+                        other.name()
+                    ),
+                ));
+            }
+        }
+        if !(t.worker_lease_seconds.is_finite()
+            && t.worker_lease_seconds >= 0.001
+            && t.worker_lease_seconds <= 86_400.0)
+        {
+            return Err((
+                "train.worker_lease_seconds".into(),
+                "must be between 0.001 and 86400".into(),
+            ));
+        }
+        if let Some(name) = &t.best_checkpoint {
+            if self.data.validation.is_none() {
+                return Err((
+                    "train.best_checkpoint".into(),
+                    "needs data.validation to decide which epoch is best".into(),
+                ));
+            }
+            crate::names::validate_checkpoint_name(name).map_err(|_| {
+                (
+                    "train.best_checkpoint".into(),
+                    format!(
+                        "{} {}",
+                        crate::names::quoted(name),
+                        crate::names::CHECKPOINT_NAME_RULE
+                    ),
+                )
+            })?;
+        }
+        if t.early_stopping_patience > 0 && self.data.validation.is_none() {
+            return Err((
+                "train.early_stopping_patience".into(),
+                "needs data.validation".into(),
+            ));
+        }
+        if self.data.format == DataFormat::Criteo && self.model.tasks().len() > 1 {
+            return Err((
+                "data.format".into(),
+                "Criteo data has one label; a multitask model needs libsvm or libffm lines with comma-separated labels".into(),
+            ));
+        }
+        if self.data.format == DataFormat::Criteo && self.data.fields != 39 {
+            return Err((
+                "data.fields".into(),
+                "Criteo data has 39 fields (13 integer + 26 categorical): set fields = 39".into(),
+            ));
+        }
+        if self.data.fields == 0 {
+            return Err(("data.fields".into(), "must be >= 1".into()));
+        }
+        for spec in self.declared_table_specs() {
+            if let Err(e) = spec.validate() {
+                let msg = e.to_string();
+                let field = ["dim", "rows", "block_rows", "initializer", "optimizer"]
+                    .into_iter()
+                    .find(|f| msg.contains(f))
+                    .unwrap_or("kind");
+                return Err((format!("tables.{}.{field}", spec.name), msg));
+            }
+        }
+        self.model.validate(&self.tables)?;
+        let names: Vec<String> = self.table_specs().into_iter().map(|s| s.name).collect();
+        for (key, list) in [("freeze", &t.freeze), ("init_tables", &t.init_tables)] {
+            if let Some(unknown) = list.iter().find(|f| !names.contains(f)) {
+                return Err((
+                    format!("train.{key}"),
+                    format!("no table named {unknown:?} (tables: {})", names.join(", ")),
+                ));
+            }
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        if let Some(pair) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err((
+                "model".into(),
+                format!(
+                    "two generated tables are both named '{}': give the model's MLPs distinct `name`s",
+                    pair[0]
+                ),
+            ));
+        }
+        if !t.init_tables.is_empty() && t.init_from.is_none() {
+            return Err(("train.init_tables".into(), "needs train.init_from".into()));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line number of byte `offset` in `src`.
+fn line_of_offset(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Dotted path of the deepest key whose name or value covers byte `offset`.
+fn key_at_offset(src: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    // Container spans are unreliable for `[header]` tables, so search every
+    // descendant instead of pruning by the parent's span.
+    fn in_value(value: &DeValue<'_>, offset: usize) -> Option<Vec<String>> {
+        match value {
+            DeValue::Table(inner) => in_table(inner, offset),
+            DeValue::Array(items) => items
+                .iter()
+                .find_map(|item| in_value(item.get_ref(), offset)),
+            _ => None,
+        }
+    }
+    fn in_table(table: &DeTable<'_>, offset: usize) -> Option<Vec<String>> {
+        table.iter().find_map(|(key, value)| {
+            let name = key.get_ref().to_string();
+            if let Some(mut path) = in_value(value.get_ref(), offset) {
+                path.insert(0, name);
+                Some(path)
+            } else if key.span().contains(&offset) || value.span().contains(&offset) {
+                Some(vec![name])
+            } else {
+                None
+            }
+        })
+    }
+    let doc = DeTable::parse(src).ok()?;
+    in_table(doc.get_ref(), offset).map(|path| path.join("."))
+}
+
+/// Line of the deepest key of `dotted` that exists in `src`.
+fn line_of_key(src: &str, dotted: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(src).ok()?;
+    let mut table = doc.get_ref();
+    let mut line = None;
+    for part in dotted.split('.') {
+        let (key, value) = table.get_key_value(part)?;
+        line = Some(line_of_offset(src, key.span().start));
+        match value.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests;

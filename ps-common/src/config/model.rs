@@ -1,0 +1,565 @@
+//! `[model]`: the model kinds, their MLP and multi-task settings, and the
+//! tables each model reads (generated from these settings).
+
+use super::*;
+
+/// The model and the tables it reads.
+///
+/// Every model has a sparse `weights` table (dim 1, the linear part) and a
+/// dense `bias` table (1 x 1). FM, DeepFM and Wide&Deep add a sparse
+/// `embeddings` table (dim k); DeepFM and Wide&Deep add an MLP whose weights
+/// are dense tables generated from `[model.mlp]` (see [`MlpConfig`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// Sparse logistic regression: `p = sigmoid(bias + sum_j w[j] * x_j)`.
+    Lr {
+        /// Sparse table of dim 1 holding one weight per feature id.
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense table of 1 row x dim 1 holding the bias.
+        #[serde(default = "default_bias_table")]
+        bias: String,
+    },
+    /// Factorization machine: LR plus `sum_{i<j} <v_i, v_j> x_i x_j`.
+    Fm {
+        /// Sparse table of dim 1 (linear part).
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k: one factor vector per feature id.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+    },
+    /// DeepFM: FM plus an MLP over the per-field pooled embeddings.
+    Deepfm {
+        /// Sparse table of dim 1 (linear part).
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k shared by the FM and the MLP.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The deep part.
+        mlp: MlpConfig,
+    },
+    /// Wide&Deep: the linear (wide) part plus an MLP over the per-field
+    /// pooled embeddings.
+    WideDeep {
+        /// Sparse table of dim 1 (wide part).
+        #[serde(default = "default_weights_table")]
+        weights: String,
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k feeding the MLP.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The deep part.
+        mlp: MlpConfig,
+    },
+    /// A plain deep model: the per-field pooled embeddings through the MLP
+    /// (no linear part; `hidden = []` is a single linear layer, as in the
+    /// ctr26 benchmark).
+    Dnn {
+        /// Dense 1 x 1 table (bias).
+        #[serde(default = "default_bias_table")]
+        bias: String,
+        /// Sparse table of dim k feeding the MLP.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The deep part.
+        mlp: MlpConfig,
+    },
+    /// Multi-task: shared embeddings, an optional shared bottom MLP, one
+    /// tower per task; the loss is the weighted sum of the tasks' mean
+    /// binary cross-entropies. Data lines carry one label per task,
+    /// comma-separated (`1,0 ...`).
+    Multitask {
+        /// Sparse table of dim k shared by every task.
+        #[serde(default = "default_embeddings_table")]
+        embeddings: String,
+        /// The tasks, in the order of the labels in the data.
+        tasks: Vec<TaskConfig>,
+        /// Shared bottom layers (`hidden` only; no output layer), optional.
+        #[serde(default)]
+        shared: Option<MlpConfig>,
+        /// Each task's tower; its tables are named `{name}.{task}.*`, plus a
+        /// `{name}.{task}.bias` output bias.
+        tower: MlpConfig,
+        /// MMoE instead of a shared bottom: expert MLPs over the embeddings,
+        /// mixed per task by a softmax gate (`{tower.name}.{task}.gate`).
+        #[serde(default)]
+        experts: Option<ExpertsConfig>,
+    },
+}
+
+/// The experts of a multi-gate mixture-of-experts model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertsConfig {
+    /// Number of experts.
+    pub count: u32,
+    /// Each expert's layers (`hidden` only); tables `{name}.{e}.*`.
+    pub mlp: MlpConfig,
+}
+
+/// One task of a multi-task model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Task name (used in table names and reports).
+    pub name: String,
+    /// Weight of the task's loss in the joint loss.
+    #[serde(default = "default_task_weight")]
+    pub weight: f32,
+}
+
+fn default_task_weight() -> f32 {
+    1.0
+}
+
+/// The MLP of DeepFM and Wide&Deep. Its weights are dense tables the job
+/// creates itself, named `{name}.{i}.w` (`in x out`), `{name}.{i}.b`
+/// (`1 x out`), `{name}.{i}.bn` and `{name}.{i}.bn_stats` with batch norm,
+/// and `{name}.out.w` (`last x 1`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Prefix of the generated table names.
+    #[serde(default = "default_mlp_name")]
+    pub name: String,
+    /// Widths of the hidden layers (ReLU), e.g. `[64, 32]`.
+    pub hidden: Vec<u32>,
+    /// Dropout rate after each hidden layer during training, in `[0, 1)`.
+    #[serde(default)]
+    pub dropout: f32,
+    /// Batch normalization before each hidden layer's activation; running
+    /// statistics live on the servers.
+    #[serde(default)]
+    pub batch_norm: bool,
+    /// Momentum of the running batch-norm statistics.
+    #[serde(default = "default_bn_momentum")]
+    pub bn_momentum: f32,
+    /// Add the layer's input to its output when a layer keeps the width.
+    #[serde(default = "default_true")]
+    pub residual: bool,
+    /// Server-side optimizer of every MLP table.
+    pub optimizer: OptimizerSpec,
+    /// Initializer of the weight matrices (default: He normal,
+    /// `std = sqrt(2 / fan_in)`); biases start at zero.
+    #[serde(default)]
+    pub initializer: Option<InitializerSpec>,
+}
+
+fn default_weights_table() -> String {
+    "weights".into()
+}
+fn default_bias_table() -> String {
+    "bias".into()
+}
+fn default_embeddings_table() -> String {
+    "embeddings".into()
+}
+fn default_mlp_name() -> String {
+    "mlp".into()
+}
+fn default_bn_momentum() -> f32 {
+    0.9
+}
+fn default_true() -> bool {
+    true
+}
+
+impl ModelConfig {
+    /// The tasks: one unnamed (`label`) task for single-task models.
+    pub fn tasks(&self) -> Vec<TaskConfig> {
+        match self {
+            ModelConfig::Multitask { tasks, .. } => tasks.clone(),
+            _ => vec![TaskConfig {
+                name: "label".into(),
+                weight: 1.0,
+            }],
+        }
+    }
+
+    /// The model's `kind` as written in the job file.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ModelConfig::Multitask { .. } => "multitask",
+            ModelConfig::Lr { .. } => "lr",
+            ModelConfig::Fm { .. } => "fm",
+            ModelConfig::Deepfm { .. } => "deepfm",
+            ModelConfig::WideDeep { .. } => "wide_deep",
+            ModelConfig::Dnn { .. } => "dnn",
+        }
+    }
+
+    /// The declared bias table of single-task models (multi-task models
+    /// generate one per task).
+    pub fn bias_table(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Lr { bias, .. }
+            | ModelConfig::Fm { bias, .. }
+            | ModelConfig::Deepfm { bias, .. }
+            | ModelConfig::WideDeep { bias, .. }
+            | ModelConfig::Dnn { bias, .. } => Some(bias),
+            ModelConfig::Multitask { .. } => None,
+        }
+    }
+
+    /// The linear part's sparse `weights` table, for models that have one.
+    pub fn weights_table(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Lr { weights, .. }
+            | ModelConfig::Fm { weights, .. }
+            | ModelConfig::Deepfm { weights, .. }
+            | ModelConfig::WideDeep { weights, .. } => Some(weights),
+            ModelConfig::Dnn { .. } | ModelConfig::Multitask { .. } => None,
+        }
+    }
+
+    /// The embeddings table, for models that have one.
+    pub fn embeddings_table(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Lr { .. } => None,
+            ModelConfig::Fm { embeddings, .. }
+            | ModelConfig::Deepfm { embeddings, .. }
+            | ModelConfig::WideDeep { embeddings, .. }
+            | ModelConfig::Dnn { embeddings, .. }
+            | ModelConfig::Multitask { embeddings, .. } => Some(embeddings),
+        }
+    }
+
+    /// Every MLP of the model with its key in the job file.
+    fn mlps(&self) -> Vec<(&'static str, &MlpConfig)> {
+        match self {
+            ModelConfig::Multitask {
+                shared,
+                tower,
+                experts,
+                ..
+            } => shared
+                .iter()
+                .map(|m| ("shared", m))
+                .chain(experts.iter().map(|e| ("experts.mlp", &e.mlp)))
+                .chain([("tower", tower)])
+                .collect(),
+            _ => self.mlp().map(|m| ("mlp", m)).into_iter().collect(),
+        }
+    }
+
+    /// The generated dense tables of the model's MLPs, for `fields x k`
+    /// embedding inputs, in the order the model reads them: shared bottom,
+    /// then per task its tower and its output bias.
+    pub fn generated_table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
+        match self {
+            ModelConfig::Multitask {
+                tasks,
+                shared,
+                tower,
+                experts,
+                ..
+            } => {
+                let mut specs = Vec::new();
+                let mut width = input;
+                if let Some(shared) = shared {
+                    specs.extend(shared.layer_specs(&shared.name, input, seed, false));
+                    width = shared.hidden.last().copied().unwrap_or(input);
+                }
+                if let Some(experts) = experts {
+                    for e in 0..experts.count {
+                        let prefix = format!("{}.{e}", experts.mlp.name);
+                        specs.extend(experts.mlp.layer_specs(&prefix, input, seed, false));
+                    }
+                    width = experts.mlp.hidden.last().copied().unwrap_or(input);
+                }
+                for task in tasks {
+                    let prefix = format!("{}.{}", tower.name, task.name);
+                    specs.extend(tower.layer_specs(&prefix, width, seed, true));
+                    specs.push(dense_spec(
+                        format!("{prefix}.bias"),
+                        1,
+                        1,
+                        InitializerSpec::Zeros,
+                        tower.optimizer,
+                        seed,
+                    ));
+                    if let Some(experts) = experts {
+                        // Zeros: every task starts with uniform gates.
+                        specs.push(dense_spec(
+                            format!("{prefix}.gate"),
+                            input,
+                            experts.count,
+                            InitializerSpec::Zeros,
+                            tower.optimizer,
+                            seed,
+                        ));
+                    }
+                }
+                specs
+            }
+            _ => self
+                .mlp()
+                .map(|m| m.table_specs(input, seed))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The single-task models' MLP, for models that have one.
+    pub fn mlp(&self) -> Option<&MlpConfig> {
+        match self {
+            ModelConfig::Deepfm { mlp, .. }
+            | ModelConfig::WideDeep { mlp, .. }
+            | ModelConfig::Dnn { mlp, .. } => Some(mlp),
+            _ => None,
+        }
+    }
+
+    /// Checks that the tables the model reads exist with the shape it needs.
+    pub(super) fn validate(
+        &self,
+        tables: &BTreeMap<String, TableConfig>,
+    ) -> Result<(), (String, String)> {
+        let model = self.kind_name();
+        let get = |field: &str, name: &str| {
+            tables.get(name).ok_or_else(|| {
+                (
+                    format!("model.{field}"),
+                    format!("table '{name}' is not defined under [tables]"),
+                )
+            })
+        };
+        if let Some(weights) = self.weights_table() {
+            let w = get("weights", weights)?;
+            if w.kind != TableKindConfig::Sparse || w.dim != 1 {
+                return Err((
+                    format!("tables.{weights}"),
+                    format!("the {model} model needs a sparse table with dim = 1"),
+                ));
+            }
+        }
+        if let Some(bias) = self.bias_table() {
+            let b = get("bias", bias)?;
+            if b.kind != TableKindConfig::Dense || b.dim != 1 || b.rows != Some(1) {
+                return Err((
+                    format!("tables.{bias}"),
+                    format!("the {model} model needs a dense table with rows = 1 and dim = 1"),
+                ));
+            }
+        }
+        if let ModelConfig::Multitask {
+            tasks,
+            shared,
+            experts,
+            ..
+        } = self
+        {
+            if let Some(experts) = experts {
+                if shared.is_some() {
+                    return Err((
+                        "model.experts".into(),
+                        "experts (MMoE) replace the shared bottom: set one of shared and experts"
+                            .into(),
+                    ));
+                }
+                if experts.count == 0 {
+                    return Err(("model.experts.count".into(), "must be >= 1".into()));
+                }
+                if experts.mlp.hidden.is_empty() {
+                    return Err((
+                        "model.experts.mlp.hidden".into(),
+                        "an expert needs at least one layer".into(),
+                    ));
+                }
+            }
+            if tasks.is_empty() {
+                return Err(("model.tasks".into(), "needs at least one task".into()));
+            }
+            for (i, task) in tasks.iter().enumerate() {
+                crate::names::validate_table_name(&task.name).map_err(|_| {
+                    (
+                        "model.tasks".into(),
+                        format!(
+                            "task {i}: name {} must be 1-128 characters from [A-Za-z0-9_.-]",
+                            crate::names::quoted(&task.name)
+                        ),
+                    )
+                })?;
+                if !(task.weight.is_finite() && task.weight >= 0.0) {
+                    return Err((
+                        "model.tasks".into(),
+                        format!("task {:?}: weight must be finite and >= 0", task.name),
+                    ));
+                }
+                if tasks[..i].iter().any(|t| t.name == task.name) {
+                    return Err((
+                        "model.tasks".into(),
+                        format!("task {:?} appears twice", task.name),
+                    ));
+                }
+            }
+            if shared.as_ref().is_some_and(|s| s.hidden.is_empty()) {
+                return Err((
+                    "model.shared.hidden".into(),
+                    "a shared bottom needs at least one layer".into(),
+                ));
+            }
+        }
+        if let Some(name) = self.embeddings_table() {
+            let e = get("embeddings", name)?;
+            if e.kind != TableKindConfig::Sparse {
+                return Err((
+                    format!("tables.{name}"),
+                    format!("the {model} model needs a sparse embeddings table"),
+                ));
+            }
+        }
+        for (key, mlp) in self.mlps() {
+            let at = |field: &str| format!("model.{key}.{field}");
+            if mlp.hidden.contains(&0) {
+                return Err((at("hidden"), "every layer needs a width >= 1".into()));
+            }
+            if mlp.hidden.is_empty()
+                && matches!(
+                    self,
+                    ModelConfig::Deepfm { .. } | ModelConfig::WideDeep { .. }
+                )
+            {
+                return Err((
+                    at("hidden"),
+                    format!("the {model} model needs at least one hidden layer"),
+                ));
+            }
+            if let Some(init) = &mlp.initializer {
+                init.validate().map_err(|e| (at("initializer"), e))?;
+            }
+            if !(0.0..1.0).contains(&mlp.dropout) {
+                return Err((at("dropout"), "must be in [0, 1)".into()));
+            }
+            if !(0.0..1.0).contains(&mlp.bn_momentum) {
+                return Err((at("bn_momentum"), "must be in [0, 1)".into()));
+            }
+            if mlp.name.is_empty() {
+                return Err((at("name"), "must not be empty".into()));
+            }
+            mlp.optimizer
+                .validate()
+                .map_err(|e| (at("optimizer"), e.to_string()))?;
+            if let Some(clash) = tables
+                .keys()
+                .find(|t| t.starts_with(&format!("{}.", mlp.name)))
+            {
+                return Err((
+                    format!("tables.{clash}"),
+                    format!(
+                        "names starting with '{}.' are reserved for the MLP's generated tables",
+                        mlp.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A dense table generated for a model, seeded from the job seed and its name.
+fn dense_spec(
+    name: String,
+    rows: u32,
+    dim: u32,
+    initializer: InitializerSpec,
+    optimizer: OptimizerSpec,
+    seed: u64,
+) -> TableSpec {
+    TableSpec {
+        seed: mix64(seed ^ fnv1a64(name.as_bytes())),
+        name,
+        // Blocks of 16 rows spread a layer over the shards.
+        kind: TableKind::Dense {
+            rows: u64::from(rows),
+            block_rows: rows.clamp(1, 16),
+        },
+        dim,
+        initializer,
+        optimizer,
+    }
+}
+
+impl MlpConfig {
+    /// The dense tables of an MLP over `input` features, in layer order,
+    /// named after `self.name`, with the output layer.
+    pub fn table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
+        self.layer_specs(&self.name, input, seed, true)
+    }
+
+    /// The dense tables of the layers named `{prefix}.{i}.*`, and with
+    /// `output` the output layer `{prefix}.out.w` (`last x 1`).
+    pub fn layer_specs(&self, prefix: &str, input: u32, seed: u64, output: bool) -> Vec<TableSpec> {
+        let dense = |name: String, rows: u32, dim: u32, initializer, optimizer| {
+            dense_spec(name, rows, dim, initializer, optimizer, seed)
+        };
+        let stats_optimizer = OptimizerSpec::Sgd { lr: 1.0 };
+        let mut specs = Vec::new();
+        let mut width = input;
+        for (i, &out) in self.hidden.iter().enumerate() {
+            let name = prefix;
+            specs.push(dense(
+                format!("{name}.{i}.w"),
+                width,
+                out,
+                self.initializer.unwrap_or_else(|| he_normal(width)),
+                self.optimizer,
+            ));
+            specs.push(dense(
+                format!("{name}.{i}.b"),
+                1,
+                out,
+                InitializerSpec::Zeros,
+                self.optimizer,
+            ));
+            if self.batch_norm {
+                // Row 0 holds gamma - 1, so zeros start at the identity.
+                specs.push(dense(
+                    format!("{name}.{i}.bn"),
+                    1,
+                    out,
+                    InitializerSpec::Zeros,
+                    self.optimizer,
+                ));
+                // Running mean and variance - 1, moved by pushes through SGD
+                // with lr 1: pushing (1 - m) (running - batch) is the EMA.
+                specs.push(dense(
+                    format!("{name}.{i}.bn_stats"),
+                    2,
+                    out,
+                    InitializerSpec::Zeros,
+                    stats_optimizer,
+                ));
+            }
+            width = out;
+        }
+        if output {
+            specs.push(dense(
+                format!("{prefix}.out.w"),
+                width,
+                1,
+                self.initializer.unwrap_or_else(|| he_normal(width)),
+                self.optimizer,
+            ));
+        }
+        specs
+    }
+}
+
+/// He initialization for a layer with `fan_in` inputs.
+fn he_normal(fan_in: u32) -> InitializerSpec {
+    InitializerSpec::Normal {
+        mean: 0.0,
+        std: (2.0 / fan_in.max(1) as f32).sqrt(),
+    }
+}

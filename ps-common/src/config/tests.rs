@@ -1,0 +1,155 @@
+use super::*;
+
+const JOB: &str = r#"
+[data]
+train = "train.libsvm"
+validation = "builtin:a9a/test"
+
+[model]
+kind = "lr"
+
+[train]
+batch_size = 32
+epochs = 2
+
+[tables.weights]
+kind = "sparse"
+dim = 1
+initializer = { kind = "zeros" }
+optimizer = { kind = "adagrad", lr = 0.05 }
+
+[tables.bias]
+kind = "dense"
+rows = 1
+dim = 1
+initializer = { kind = "zeros" }
+optimizer = { kind = "sgd", lr = 0.01 }
+"#;
+
+#[test]
+fn a_complete_job_parses_and_resolves_paths() {
+    let job = JobConfig::from_toml(JOB, Path::new("/jobs")).unwrap();
+    assert_eq!(
+        job.data.train,
+        DataSource::File("/jobs/train.libsvm".into())
+    );
+    assert_eq!(
+        job.data.validation,
+        Some(DataSource::Builtin("a9a/test".into()))
+    );
+    assert_eq!(job.train.batch_size, 32);
+    assert_eq!(job.train.max_pushes_in_flight, 4, "defaults fill the rest");
+    let specs = job.table_specs();
+    assert_eq!(specs.len(), 2);
+    let bias = specs.iter().find(|s| s.name == "bias").unwrap();
+    assert_eq!(
+        bias.kind,
+        TableKind::Dense {
+            rows: 1,
+            block_rows: 1
+        }
+    );
+    if let OptimizerSpec::Adagrad {
+        initial_accumulator,
+        ..
+    } = specs
+        .iter()
+        .find(|s| s.name == "weights")
+        .unwrap()
+        .optimizer
+    {
+        assert_eq!(initial_accumulator, 0.1);
+    } else {
+        panic!("weights should use adagrad");
+    }
+}
+
+fn error_of(src: &str) -> ConfigError {
+    JobConfig::from_toml(src, Path::new(".")).unwrap_err()
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let err = error_of(&JOB.replace("epochs = 2", "epochs = 2\nepocs = 3"));
+    assert_eq!(err.line, Some(12), "{err}");
+    assert_eq!(err.key.as_deref(), Some("train.epocs"), "{err}");
+    assert!(err.to_string().contains("unknown field `epocs`"), "{err}");
+}
+
+#[test]
+fn a_wrong_type_is_named_with_its_line() {
+    let err = error_of(&JOB.replace("batch_size = 32", "batch_size = \"big\""));
+    assert_eq!(err.line, Some(10), "{err}");
+    assert_eq!(err.key.as_deref(), Some("train.batch_size"), "{err}");
+    // Inside an inline `{ kind = ... }` table the error points at the table.
+    let err = error_of(&JOB.replace("lr = 0.05", "lr = \"fast\""));
+    assert_eq!(
+        err.key.as_deref(),
+        Some("tables.weights.optimizer"),
+        "{err}"
+    );
+    assert_eq!(err.line, Some(17), "{err}");
+}
+
+#[test]
+fn an_invalid_value_names_the_key_and_line() {
+    let err = error_of(&JOB.replace("lr = 0.05", "lr = -1.0"));
+    assert_eq!(err.key.as_deref(), Some("tables.weights.optimizer"));
+    assert_eq!(err.line, Some(17), "{err}");
+    assert!(err.to_string().contains("lr must be > 0"), "{err}");
+
+    let err = error_of(&JOB.replace("batch_size = 32", "batch_size = 0"));
+    assert_eq!(err.key.as_deref(), Some("train.batch_size"));
+    assert_eq!(err.line, Some(10));
+}
+
+#[test]
+fn a_model_whose_table_is_missing_or_misshapen_is_refused() {
+    let err = error_of(&JOB.replace("kind = \"lr\"", "kind = \"lr\"\nweights = \"w\""));
+    assert_eq!(err.key.as_deref(), Some("model.weights"));
+    assert_eq!(err.line, Some(8));
+    let err = error_of(&JOB.replace(
+        "dim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\"",
+        "dim = 4\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("tables.weights"));
+    assert!(err.message.contains("sparse table with dim = 1"));
+}
+
+#[test]
+fn lr_schedules_warm_up_then_decay() {
+    let constant = LrSchedule::Constant { warmup_steps: 4 };
+    assert_eq!(
+        [0, 1, 3, 4, 100].map(|s| constant.scale(s)),
+        [0.25, 0.5, 1.0, 1.0, 1.0]
+    );
+    let step = LrSchedule::Step {
+        warmup_steps: 0,
+        every: 10,
+        gamma: 0.5,
+    };
+    assert_eq!([0, 9, 10, 25].map(|s| step.scale(s)), [1.0, 1.0, 0.5, 0.25]);
+    let cosine = LrSchedule::Cosine {
+        warmup_steps: 2,
+        decay_steps: 100,
+        min_scale: 0.1,
+    };
+    assert_eq!(cosine.scale(2), 1.0);
+    assert!((cosine.scale(52) - 0.55).abs() < 1e-6);
+    assert!((cosine.scale(102) - 0.1).abs() < 1e-6);
+    assert!((cosine.scale(10_000) - 0.1).abs() < 1e-6);
+    assert_eq!(constant.push_scale(0), Some(0.25), "warm-up is sent");
+    let plain = LrSchedule::Constant { warmup_steps: 0 };
+    assert_eq!(plain.push_scale(7), None, "the constant 1 is not sent");
+    let err = error_of(&JOB.replace(
+        "epochs = 2",
+        "epochs = 2\nlr_schedule = { kind = \"step\", every = 0, gamma = 0.5 }",
+    ));
+    assert_eq!(err.key.as_deref(), Some("train.lr_schedule"), "{err}");
+}
+
+#[test]
+fn malformed_toml_reports_the_line() {
+    let err = error_of("[data]\ntrain = \n");
+    assert_eq!(err.line, Some(2), "{err}");
+}
