@@ -93,17 +93,24 @@ pub(crate) struct Segment {
     chunks: Vec<Chunk>,
     len: usize,
     index: Entries,
+    /// Floats per row.
+    row_len: usize,
     /// A full slab holds `1 << chunk_bits` rows.
     chunk_bits: u32,
+    /// Rows the segment numbers with narrow index entries ([`NARROW_ROWS`];
+    /// tests lower it to reach the switch to wide ones).
+    narrow_rows: usize,
 }
 
 impl Segment {
-    fn new(row_len: usize) -> Segment {
+    fn new(row_len: usize, narrow_rows: usize) -> Segment {
         Segment {
             chunks: Vec::new(),
             len: 0,
             index: Entries::default(),
+            row_len,
             chunk_bits: chunk_rows(row_len).ilog2(),
+            narrow_rows,
         }
     }
 
@@ -120,33 +127,43 @@ impl Segment {
     }
 
     #[inline]
-    fn row(&self, row: usize, row_len: usize) -> &[f32] {
+    fn row(&self, row: usize) -> &[f32] {
         let (chunk, at) = self.locate(row);
-        &self.chunks[chunk].rows[at * row_len..(at + 1) * row_len]
+        &self.chunks[chunk].rows[at * self.row_len..(at + 1) * self.row_len]
     }
 
     #[inline]
-    fn row_mut(&mut self, row: usize, row_len: usize) -> &mut [f32] {
+    fn row_mut(&mut self, row: usize) -> &mut [f32] {
         let (chunk, at) = self.locate(row);
-        &mut self.chunks[chunk].rows[at * row_len..(at + 1) * row_len]
+        &mut self.chunks[chunk].rows[at * self.row_len..(at + 1) * self.row_len]
     }
 
     /// The number of the row of `key`, if present.
     #[inline]
     fn find(&self, key: u64, hash: u64) -> Option<usize> {
+        self.find_entry(key, hash).map(|(_, row)| row)
+    }
+
+    /// Where the index holds `key` and the number of its row, if present.
+    #[inline]
+    fn find_entry(&self, key: u64, hash: u64) -> Option<(usize, usize)> {
         let key_of = |row| self.key(row);
         match &self.index {
-            Entries::Narrow(ix) => ix.find(key, hash, key_of).map(|at| ix.entries[at].row()),
-            Entries::Wide(ix) => ix.find(key, hash, key_of).map(|at| ix.entries[at].row()),
+            Entries::Narrow(ix) => ix
+                .find(key, hash, key_of)
+                .map(|at| (at, ix.entries[at].row())),
+            Entries::Wide(ix) => ix
+                .find(key, hash, key_of)
+                .map(|at| (at, ix.entries[at].row())),
         }
     }
 
     /// Appends a row for `key` (its floats zero) and returns its number.
-    fn insert(&mut self, key: u64, hash: u64, shape: Shape) -> usize {
-        let (row, row_len) = (self.len, shape.row_len);
-        let narrow_full = matches!(self.index, Entries::Narrow(_)) && row >= shape.narrow_rows;
+    fn insert(&mut self, key: u64, hash: u64) -> usize {
+        let (row, row_len) = (self.len, self.row_len);
+        let narrow_full = matches!(self.index, Entries::Narrow(_)) && row >= self.narrow_rows;
         if (row + 1) * 4 > self.index.len() * 3 || narrow_full {
-            self.grow_index(shape);
+            self.grow_index();
         }
         let (chunk, at) = self.locate(row);
         if chunk == self.chunks.len() {
@@ -173,13 +190,13 @@ impl Segment {
     /// Rebuilds the index for one more row: a quarter larger (at least 16
     /// entries) when three quarters full, with wide entries once narrow
     /// ones cannot number the rows.
-    fn grow_index(&mut self, shape: Shape) {
+    fn grow_index(&mut self) {
         let mut len = self.index.len().max(16);
         while (self.len + 1) * 4 > len * 3 {
             len += len / 4;
         }
         let hashes = (0..self.len).map(|row| (mix64(self.key(row)), row));
-        self.index = if self.len < shape.narrow_rows {
+        self.index = if self.len < self.narrow_rows {
             let mut ix = Index::<u32>::with_len(len);
             hashes.for_each(|(h, row)| ix.insert(h, row));
             Entries::Narrow(ix)
@@ -192,29 +209,15 @@ impl Segment {
 
     /// Removes the row of `key` if `remove` says so: the last row moves into
     /// its place, and a slab left empty is freed.
-    fn remove_if(
-        &mut self,
-        key: u64,
-        hash: u64,
-        row_len: usize,
-        remove: impl FnOnce(&[f32]) -> bool,
-    ) -> bool {
-        let (chunks, bits) = (&self.chunks, self.chunk_bits);
-        let key_of = |row: usize| chunks[row >> bits].keys[row & ((1 << bits) - 1)];
-        let found = match &self.index {
-            Entries::Narrow(ix) => ix
-                .find(key, hash, key_of)
-                .map(|at| (at, ix.entries[at].row())),
-            Entries::Wide(ix) => ix
-                .find(key, hash, key_of)
-                .map(|at| (at, ix.entries[at].row())),
-        };
-        let Some((at, row)) = found else {
+    fn remove_if(&mut self, key: u64, hash: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
+        let Some((at, row)) = self.find_entry(key, hash) else {
             return false;
         };
-        if !remove(self.row(row, row_len)) {
+        if !remove(self.row(row)) {
             return false;
         }
+        let (chunks, bits, row_len) = (&self.chunks, self.chunk_bits, self.row_len);
+        let key_of = |row: usize| chunks[row >> bits].keys[row & ((1 << bits) - 1)];
         match &mut self.index {
             Entries::Narrow(ix) => ix.delete(at, key_of),
             Entries::Wide(ix) => ix.delete(at, key_of),
@@ -250,21 +253,9 @@ impl Segment {
     }
 }
 
-/// How a table's segments lay out their rows.
-#[derive(Debug, Clone, Copy)]
-struct Shape {
-    /// Floats per row.
-    row_len: usize,
-    /// Rows a segment numbers with narrow index entries ([`NARROW_ROWS`];
-    /// tests lower it to reach the switch to wide ones).
-    narrow_rows: usize,
-}
-
 /// A sparse table's rows on one shard.
 #[derive(Debug)]
 pub(crate) struct SparseRows {
-    shape: Shape,
-    row_len: usize,
     segments: Box<[RwLock<Segment>]>,
     /// Rows held, so that stats never walk the segments.
     len: AtomicUsize,
@@ -277,14 +268,10 @@ impl SparseRows {
     }
 
     fn with_narrow_rows(row_len: usize, narrow_rows: usize) -> SparseRows {
+        let narrow_rows = narrow_rows.min(NARROW_ROWS);
         SparseRows {
-            shape: Shape {
-                row_len,
-                narrow_rows: narrow_rows.min(NARROW_ROWS),
-            },
-            row_len,
             segments: (0..SEGMENTS)
-                .map(|_| RwLock::new(Segment::new(row_len)))
+                .map(|_| RwLock::new(Segment::new(row_len, narrow_rows)))
                 .collect(),
             len: AtomicUsize::new(0),
         }
@@ -306,7 +293,7 @@ impl SparseRows {
         let hash = mix64(key);
         let segment = read(self.segment(hash));
         let row = segment.find(key, hash)?;
-        Some(f(segment.row(row, self.row_len)))
+        Some(f(segment.row(row)))
     }
 
     /// Calls `f` with the floats of row `key` for writing, creating the row
@@ -319,39 +306,57 @@ impl SparseRows {
         f: impl FnOnce(&mut [f32]),
     ) -> bool {
         let hash = mix64(key);
-        let mut created = false;
-        self.write_locked(
-            &mut write(self.segment(hash)),
-            key,
-            hash,
-            fresh,
-            &mut created,
-            f,
-        );
-        created
+        self.write_locked(&mut write(self.segment(hash)), key, hash, fresh, f)
     }
 
+    /// [`SparseRows::update`] in a segment already locked for writing.
     #[inline]
-    fn write_locked<R>(
+    fn write_locked(
         &self,
         segment: &mut Segment,
         key: u64,
         hash: u64,
         fresh: impl FnOnce(&mut [f32]),
-        created: &mut bool,
-        f: impl FnOnce(&mut [f32]) -> R,
-    ) -> R {
-        let row = match segment.find(key, hash) {
-            Some(row) => row,
+        f: impl FnOnce(&mut [f32]),
+    ) -> bool {
+        let (row, created) = match segment.find(key, hash) {
+            Some(row) => (row, false),
             None => {
-                let row = segment.insert(key, hash, self.shape);
-                fresh(segment.row_mut(row, self.row_len));
+                let row = segment.insert(key, hash);
+                fresh(segment.row_mut(row));
                 self.len.fetch_add(1, Ordering::Relaxed);
-                *created = true;
-                row
+                (row, true)
             }
         };
-        f(segment.row_mut(row, self.row_len))
+        f(segment.row_mut(row));
+        created
+    }
+
+    /// Updates the rows of `keys[i]` for every `i` of `run`, all in
+    /// `segment` (`hashes[i]` is the hash of `keys[i]`), as
+    /// [`SparseRows::update_many`] does. Returns the number of rows created.
+    fn write_run(
+        &self,
+        segment: &mut Segment,
+        run: &[usize],
+        keys: &[u64],
+        hashes: &[u64],
+        fresh: &impl Fn(u64, &mut [f32]),
+        f: &mut impl FnMut(usize, &mut [f32]),
+    ) -> usize {
+        let mut created = 0;
+        for &i in run {
+            let key = keys[i];
+            let made = self.write_locked(
+                segment,
+                key,
+                hashes[i],
+                |row| fresh(key, row),
+                |row| f(i, row),
+            );
+            created += usize::from(made);
+        }
+        created
     }
 
     /// Calls `f(i, floats)` with the row of every `keys[i]`, creating a
@@ -384,7 +389,7 @@ impl SparseRows {
                     continue;
                 };
                 match segment.find(key, hash) {
-                    Some(row) => f(i, segment.row(row, self.row_len)),
+                    Some(row) => f(i, segment.row(row)),
                     None => missing.push(i),
                 }
             }
@@ -395,18 +400,8 @@ impl SparseRows {
             missing.chunk_by(|&a, &b| hashes[a] >> SEGMENT_SHIFT == hashes[b] >> SEGMENT_SHIFT)
         {
             let mut segment = write(self.segment(hashes[run[0]]));
-            for &i in run {
-                let (key, mut made) = (keys[i], false);
-                self.write_locked(
-                    &mut segment,
-                    key,
-                    hashes[i],
-                    |row| fresh(key, row),
-                    &mut made,
-                    |row| f(i, row),
-                );
-                created += usize::from(made);
-            }
+            let mut hand_over = |i: usize, row: &mut [f32]| f(i, row);
+            created += self.write_run(&mut segment, run, keys, &hashes, &fresh, &mut hand_over);
         }
         created
     }
@@ -423,23 +418,12 @@ impl SparseRows {
         mut f: impl FnMut(usize, &mut [f32]),
     ) -> usize {
         let batch = Batch::of(keys);
-        let mut created = 0;
-        for (lock, run) in batch.runs(&self.segments) {
-            let mut segment = write(lock);
-            for &i in run {
-                let (key, mut made) = (keys[i], false);
-                self.write_locked(
-                    &mut segment,
-                    key,
-                    batch.hashes[i],
-                    |row| fresh(key, row),
-                    &mut made,
-                    |row| f(i, row),
-                );
-                created += usize::from(made);
-            }
-        }
-        created
+        batch
+            .runs(&self.segments)
+            .map(|(lock, run)| {
+                self.write_run(&mut write(lock), run, keys, &batch.hashes, &fresh, &mut f)
+            })
+            .sum()
     }
 
     /// Whether row `key` exists.
@@ -450,7 +434,7 @@ impl SparseRows {
     /// Removes row `key` if `remove(row)` says so. Returns whether it did.
     pub(crate) fn remove_if(&self, key: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
         let hash = mix64(key);
-        let removed = write(self.segment(hash)).remove_if(key, hash, self.row_len, remove);
+        let removed = write(self.segment(hash)).remove_if(key, hash, remove);
         if removed {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
@@ -464,7 +448,7 @@ impl SparseRows {
             let segment = read(lock);
             let mut left = segment.len;
             for chunk in &segment.chunks {
-                let rows = chunk.rows.chunks_exact(self.row_len);
+                let rows = chunk.rows.chunks_exact(segment.row_len);
                 for (&key, row) in chunk.keys.iter().zip(rows).take(left) {
                     each(key, row);
                 }
