@@ -135,15 +135,12 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
         } => {
             let (alpha, beta, l2) = (f64::from(alpha), f64::from(beta), f64::from(l2));
             let floor = beta / alpha + l2;
-            if !(floor >= 1e-6 && alpha > 0.0) {
+            if !(floor >= 1e-6 && alpha > 0.0) || push.keys.len() > 64 {
                 return None;
             }
             let mut z = s;
-            for _ in 0..push.keys.len().min(64) {
+            for _ in 0..push.keys.len() {
                 z += g_max + g_max * (z / floor).max(w) / alpha;
-            }
-            if push.keys.len() > 64 {
-                return None;
             }
             let state = z.max(s + n * g_max * g_max);
             (

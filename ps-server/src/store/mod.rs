@@ -335,14 +335,14 @@ impl Shard {
         let table = self.table(table)?;
         let (start, dim) = (out.len(), table.spec.dim as usize);
         self.check_keys(&table, keys)?;
-        out.reserve(keys.len() * dim);
-        let pulled = self.pull_rows(&table, keys, |i, row| {
+        // Nothing is handed over unless the pull is admitted, so `out` grows
+        // only then.
+        self.pull_rows(&table, keys, |i, row| {
+            if out.len() == start {
+                out.reserve(keys.len() * dim);
+            }
             place(out, start + i * dim, row);
-        });
-        if pulled.is_err() {
-            out.truncate(start);
-        }
-        pulled
+        })
     }
 
     /// Hands the weights of every `keys[i]` to `each(i, weights)`, in

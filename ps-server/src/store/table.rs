@@ -101,10 +101,9 @@ impl Table {
     /// An empty table: no sparse row yet, no dense block allocated.
     pub(crate) fn empty(spec: TableSpec) -> Table {
         let dim = spec.dim as usize;
+        let row_len = dim + optimizer::state_len(&spec.optimizer, dim);
         let rows = match spec.kind {
-            TableKind::Sparse => Rows::Sparse(SparseRows::new(
-                dim + optimizer::state_len(&spec.optimizer, dim),
-            )),
+            TableKind::Sparse => Rows::Sparse(SparseRows::new(row_len)),
             TableKind::Dense { rows, block_rows } => Rows::Dense(DenseBlocks {
                 rows,
                 block_rows: u64::from(block_rows),
@@ -113,7 +112,7 @@ impl Table {
         };
         Table {
             placement: spec.placement(),
-            row_len: dim + optimizer::state_len(&spec.optimizer, dim),
+            row_len,
             rows,
             dense_len: AtomicUsize::new(0),
             max_weight: AtomicU32::new(fresh_bounds(&spec).0.to_bits()),
@@ -268,8 +267,8 @@ impl Table {
     }
 
     /// Calls `f(i, row)` (read-only) with the row of every `keys[i]`,
-    /// creating missing sparse rows first; sparse rows are visited segment
-    /// by segment, not in request order. Returns the rows created. Dense
+    /// creating missing sparse rows first: in request order, except that
+    /// rows this call creates come last. Returns the rows created. Dense
     /// keys must be owned here (the caller checked).
     pub(crate) fn read_many(&self, keys: &[u64], mut f: impl FnMut(usize, &[f32])) -> usize {
         match &self.rows {
