@@ -1,19 +1,25 @@
 //! One parameter-server shard.
 //!
-//! A push travels: [`service`] (decode, limits) -> [`store`] (validate, find
-//! rows) -> [`optimizer`] (update the row in place).
+//! A push travels: [`service`] (the gRPC call) -> [`request`] (decode and
+//! check, once) -> [`writer`] (order, claim its `(writer, seq)`, queue for
+//! the backup) -> [`store`] (validate against the table, find rows) ->
+//! [`optimizer`] (update the row in place). A backup's writes take the same
+//! path from [`request`] on.
 //!
 //! # Layout
+//! - [`service`]: the thin tonic adapter.
+//! - [`request`]: requests decoded and checked into typed reads and writes,
+//!   against the request [`Limits`].
+//! - [`writer`]: the one apply of a write, on a primary and a backup alike.
 //! - [`store`]: the shard's tables (sparse rows in slabs with a compact index,
 //!   dense rows in blocks); transport-free.
 //! - [`optimizer`]: SGD, Adagrad, Adam and FTRL-proximal on one row.
 //! - [`dedup`]: the `(writer, seq)` pairs applied, so a retried push applies once.
 //! - [`replication`]: primary-backup roles, write order, the stream to the backup.
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
-//! - [`service`]: the thin tonic adapter and its request [`Limits`](service::Limits).
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
 //! - [`logging`]: stderr logging (text or JSON) with `RUST_LOG`, shared by both binaries.
-//! - [`metrics`]: per-RPC outcome counts and latency histograms; the Prometheus endpoint.
+//! - [`metrics`]: what the server counts (requests, rows, bytes, RPC latencies); the Prometheus endpoint.
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
 pub mod auth;
@@ -26,10 +32,12 @@ pub mod logging;
 pub mod metrics;
 pub mod optimizer;
 pub mod replication;
+pub mod request;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod writer;
 
+pub use request::Limits;
 pub use server::{ServerConfig, run};
-pub use service::Limits;
 pub use store::Shard;

@@ -13,8 +13,10 @@ use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 use crate::auth::{Auth, AuthLayer};
 use crate::checkpoint::Checkpoints;
 use crate::limits::OversizeStatusLayer;
+use crate::metrics::ShardCounters;
 use crate::replication::{Peer, Replication, Role};
-use crate::service::{Limits, ShardService};
+use crate::request::Limits;
+use crate::service::ShardService;
 use crate::store::Shard;
 
 /// Everything a shard process is configured with.
@@ -47,6 +49,9 @@ pub struct ServerConfig {
     /// The checkpoint this server's tables were restored from, reported by
     /// Describe (`None`: it started empty or joined a primary).
     pub restored_from: Option<String>,
+    /// Where the server counts what it serves; share it with a
+    /// [`crate::metrics::ShardMetrics`] collector to export it.
+    pub counters: Arc<ShardCounters>,
 }
 
 /// The name periodic checkpoints are written under.
@@ -82,6 +87,7 @@ impl ServerConfig {
             tls: None,
             peer_tls: None,
             restored_from: None,
+            counters: Arc::default(),
         }
     }
 
@@ -188,6 +194,7 @@ pub async fn run_replicated(
     let service = ParameterServerServer::new(
         ShardService::new(Arc::clone(&shard), config.limits, checkpoints.clone())
             .with_replication(Arc::clone(&replication))
+            .with_counters(Arc::clone(&config.counters))
             .with_restored_from(config.restored_from.clone()),
     )
     .max_decoding_message_size(config.limits.max_request_bytes)

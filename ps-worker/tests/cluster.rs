@@ -363,6 +363,7 @@ async fn without_the_right_bearer_token_calls_are_refused_and_nothing_is_applied
         auth: Auth::bearer(TOKEN),
         ..ServerConfig::new(0, 1)
     };
+    let counters = Arc::clone(&config.counters);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(ps_server::run(
         listener,
@@ -422,11 +423,12 @@ async fn without_the_right_bearer_token_calls_are_refused_and_nothing_is_applied
     );
     assert_eq!(good.pull("emb", &[1]).await.unwrap(), before);
     assert_eq!(
-        shard
-            .counters
+        counters
+            .requests
             .push
             .load(std::sync::atomic::Ordering::Relaxed),
-        0
+        0,
+        "refused before the service counted it"
     );
 
     // Health probes carry no token and stay open.

@@ -12,6 +12,7 @@ use ps_common::pb::parameter_server_client::ParameterServerClient;
 use ps_common::pb::{self};
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 use ps_server::auth::Auth;
+use ps_server::metrics::ShardCounters;
 use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{ServerConfig, Shard};
 use ps_worker::{ClientConfig, PsClient};
@@ -23,6 +24,7 @@ struct Node {
     addr: String,
     shard: Arc<Shard>,
     replication: Arc<Replication>,
+    counters: Arc<ShardCounters>,
     task: JoinHandle<()>,
 }
 
@@ -50,6 +52,7 @@ async fn node(role: Role) -> Node {
         auth: auth(),
         ..ServerConfig::new(0, 1)
     };
+    let counters = Arc::clone(&config.counters);
     let task = tokio::spawn({
         let (shard, replication) = (Arc::clone(&shard), Arc::clone(&replication));
         async move {
@@ -68,6 +71,7 @@ async fn node(role: Role) -> Node {
         addr,
         shard,
         replication,
+        counters,
         task,
     }
 }
@@ -119,11 +123,13 @@ fn rows(shard: &Shard, keys: &[u64]) -> Vec<f32> {
     out
 }
 
-fn counters(shard: &Shard) -> (u64, u64) {
+/// Push calls a node applied, and those it answered as duplicates.
+fn counters(node: &Node) -> (u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
+    let requests = &node.counters.requests;
     (
-        shard.counters.updates_applied.load(Relaxed),
-        shard.counters.duplicate_pushes.load(Relaxed),
+        requests.updates_applied.load(Relaxed),
+        requests.duplicate_pushes.load(Relaxed),
     )
 }
 
@@ -168,7 +174,7 @@ async fn every_acknowledged_push_is_on_the_backup_with_the_same_values() {
         let acked = client.push_acks().acked;
         assert_eq!(acked, step + 1);
         assert_eq!(
-            counters(&backup.shard).0,
+            counters(&backup).0,
             acked,
             "step {step}: the backup applied every ack"
         );
@@ -199,7 +205,7 @@ async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_p
     assert_eq!(acks.failovers, 1);
     assert_eq!(backup.replication.describe().0, "primary");
     assert_eq!(
-        counters(&backup.shard).0,
+        counters(&backup).0,
         acks.acked,
         "the survivor applied each acknowledged push exactly once"
     );
@@ -240,7 +246,7 @@ async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_p
     assert_eq!(acks.failovers, 2);
     assert_eq!(replacement.replication.describe().0, "primary");
     assert_eq!(
-        counters(&replacement.shard).0,
+        counters(&replacement).0,
         acks.acked - acked_before_it,
         "every push acknowledged since it joined was applied on it (the rest came in its snapshot)"
     );
@@ -262,7 +268,7 @@ async fn a_backup_refuses_promotion_while_its_primary_serves() {
     assert_eq!(primary.replication.describe().0, "primary");
     assert_eq!(backup.replication.describe().0, "backup");
     assert_eq!(client.push_acks().failovers, 0);
-    assert_eq!(counters(&backup.shard).0, 10);
+    assert_eq!(counters(&backup).0, 10);
 }
 
 #[tokio::test]
@@ -289,8 +295,8 @@ async fn a_push_whose_answer_is_lost_is_applied_once_when_retried() {
     let _lost = raw.push(push.clone()).await.unwrap();
     let retried = raw.push(push).await.unwrap().into_inner();
     assert!(retried.duplicate);
-    assert_eq!(counters(&primary.shard), (1, 1));
-    assert_eq!(counters(&backup.shard).0, 1, "replicated once");
+    assert_eq!(counters(&primary), (1, 1));
+    assert_eq!(counters(&backup).0, 1, "replicated once");
     assert_eq!(rows(&primary.shard, &[9]), rows(&backup.shard, &[9]));
 }
 
@@ -304,7 +310,7 @@ async fn when_the_backup_dies_the_primary_drops_it_and_serves_alone() {
     let stalled = started.elapsed();
     assert_eq!(primary.replication.describe(), ("primary", None));
     assert_eq!(client.push_acks().acked, 10);
-    assert_eq!(counters(&primary.shard).0, 10);
+    assert_eq!(counters(&primary).0, 10);
     // Not before the backup's lease can have run out (it could still be
     // promoted until then), and not much past the primary's hold.
     assert!(

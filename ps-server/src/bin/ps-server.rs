@@ -178,6 +178,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         // (required: replication would otherwise fail later).
         peer_tls: tls.client()?,
         restored_from: None,
+        counters: Arc::default(),
     };
     config.validate()?;
     if args.join.is_some() && (args.restore.is_some() || args.restore_latest) {
@@ -216,9 +217,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let shard = Arc::new(shard);
     if let Some(metrics_addr) = args.metrics_listen {
         let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(ps_server::metrics::ShardMetrics(Arc::clone(
-            &shard,
-        ))));
+        registry.register_collector(Box::new(ps_server::metrics::ShardMetrics {
+            shard: Arc::clone(&shard),
+            counters: Arc::clone(&config.counters),
+        }));
         let bound = ps_server::metrics::listen(metrics_addr, Arc::new(registry))
             .await
             .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;

@@ -1,12 +1,14 @@
 //! Prometheus metrics of a shard: per-RPC outcome counts and latency
 //! histograms recorded lock-free on the request path, and a collector
-//! ([`ShardMetrics`]) that reads them, the shard's counters and its tables
+//! ([`ShardMetrics`]) that reads them, the server's counters and its tables
 //! at scrape time. prometheus-client renders the text format; [`http`]
 //! serves it for servers and workers alike.
 //!
+//! - [`counters`]: what the server counts (requests, rows, bytes, RPCs).
 //! - [`http`]: the `GET /metrics` endpoint (hyper, with timeouts and a
 //!   connection cap).
 
+pub mod counters;
 pub mod http;
 
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::store::Shard;
 
+pub use counters::{RequestCounters, ShardCounters};
 pub use http::listen;
 
 /// The RPCs a shard serves.
@@ -178,13 +181,18 @@ pub fn gauge(
 /// latencies, row and byte counters, each table's rows and bytes, and the
 /// memory budget. Register it in the process's registry.
 #[derive(Debug, Clone)]
-pub struct ShardMetrics(pub Arc<Shard>);
+pub struct ShardMetrics {
+    /// The tables and their memory budget.
+    pub shard: Arc<Shard>,
+    /// What the server serving them counts.
+    pub counters: Arc<ShardCounters>,
+}
 
 impl Collector for ShardMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let shard = &self.0;
-        shard.rpc_metrics.encode(&mut encoder)?;
-        let c = &shard.counters;
+        let shard = &self.shard;
+        self.counters.rpcs.encode(&mut encoder)?;
+        let c = &self.counters.requests;
         for (name, help, value) in [
             ("ps_rows_pulled", "Rows returned by pulls", &c.rows_pulled),
             ("ps_rows_pushed", "Rows updated by pushes", &c.rows_pushed),
@@ -246,9 +254,9 @@ mod tests {
     use super::*;
     use prometheus_client::registry::Registry;
 
-    fn render(shard: Arc<Shard>) -> String {
+    fn render(shard: Arc<Shard>, counters: Arc<ShardCounters>) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(ShardMetrics(shard)));
+        registry.register_collector(Box::new(ShardMetrics { shard, counters }));
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).unwrap();
         out
@@ -256,12 +264,12 @@ mod tests {
 
     #[test]
     fn histograms_are_cumulative_and_count_outcomes() {
-        let shard = Arc::new(Shard::new(0, 1));
-        let m = &shard.rpc_metrics;
+        let counters = Arc::new(ShardCounters::default());
+        let m = &counters.rpcs;
         m.record(Rpc::Pull, Duration::from_micros(50), true);
         m.record(Rpc::Pull, Duration::from_millis(3), true);
         m.record(Rpc::Pull, Duration::from_secs(10), false);
-        let out = render(shard);
+        let out = render(Arc::new(Shard::new(0, 1)), counters);
         assert!(
             out.contains("ps_requests_total{rpc=\"pull\",status=\"ok\"} 2"),
             "{out}"
@@ -295,7 +303,7 @@ mod tests {
         shard.create_table(spec).unwrap();
         shard.budget.set_limit(1 << 30);
         shard.pull("emb", &[1, 2, 3], &mut Vec::new()).unwrap();
-        let out = render(shard);
+        let out = render(shard, Arc::default());
         assert!(out.contains("ps_table_rows{table=\"emb\"} 3"), "{out}");
         assert!(out.contains("ps_table_bytes{table=\"emb\"} 24"), "{out}");
         assert!(out.contains("ps_memory_budget_bytes 1073741824"), "{out}");

@@ -160,7 +160,7 @@ impl Replication {
             ));
         }
         self.shard.load(snapshot.shard)?;
-        self.shard.applied.restore(snapshot.writers);
+        self.applied.restore(snapshot.writers);
         state.next_seq = seq + 1;
         state.detached = None;
         state.following = Some(Following {

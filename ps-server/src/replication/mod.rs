@@ -44,14 +44,14 @@ use std::time::{Duration, Instant};
 
 use ps_common::PsError;
 use ps_common::ids::random_id;
-use ps_common::pb::ReplicaEntry;
 use ps_common::pb::parameter_server_client::ParameterServerClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::auth::Auth;
-use crate::dedup::WriterRecord;
+use crate::dedup::{Applied, WriterRecord};
+use crate::request::Write;
 use crate::store::{Shard, ShardSnapshot};
 
 pub use backup::Replicated;
@@ -126,8 +126,9 @@ struct State {
     /// Bumped whenever a backup is attached or dropped; a forwarder of an
     /// older generation stops.
     generation: u64,
-    /// Writes applied here and not yet sent to the backup.
-    queue: VecDeque<(u64, ReplicaEntry)>,
+    /// Writes applied here and not yet sent to the backup, as the typed
+    /// writes they are (encoded by the forwarder, off the write path).
+    queue: VecDeque<(u64, Arc<Write>)>,
     /// Backup: the primary it follows (`None` while joining or detached).
     following: Option<Following>,
     /// Backup: why it no longer follows its primary (until it rejoins).
@@ -145,7 +146,7 @@ struct JoinSnapshot {
 
 /// One write's outcome, as [`Replication::write`] hands it back.
 #[derive(Debug)]
-pub enum Write<T> {
+pub enum Ordered<T> {
     /// Applied now: it is replicated.
     Fresh(T),
     /// Applied before, by write number `.1`: acknowledged once that write is
@@ -194,6 +195,9 @@ pub struct Replication {
     caught_up: watch::Sender<bool>,
     /// The role as Describe reports it, for the health service.
     role: watch::Sender<&'static str>,
+    /// The `(writer, seq)` pairs of the pushes applied, in write order:
+    /// it travels with the snapshot a backup joins from.
+    applied: Applied,
     /// How to reach the peer.
     peer: Peer,
     /// Backup: its lease task runs (started by the first join).
@@ -229,6 +233,7 @@ impl Replication {
             queued: Notify::new(),
             caught_up: watch::Sender::new(role == Role::Primary),
             role: watch::Sender::new(role.as_str()),
+            applied: Applied::default(),
             peer,
             leasing: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -245,6 +250,11 @@ impl Replication {
 
     fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The record of applied pushes (claimed by the writer).
+    pub fn applied(&self) -> &Applied {
+        &self.applied
     }
 
     /// This server's random id.
@@ -308,13 +318,13 @@ impl Replication {
     }
 
     /// Applies one write on a primary. `apply` gets the write's number; a
-    /// fresh write is queued for the backup as `entry()`. Returns the
+    /// fresh write is queued for the backup as `write()`. Returns the
     /// outcome and the number to pass to [`Replication::acknowledged`].
     /// Runs store work: call it on a blocking thread.
     pub fn write<T>(
         &self,
-        apply: impl FnOnce(u64) -> Result<Write<T>, PsError>,
-        entry: impl FnOnce() -> ReplicaEntry,
+        apply: impl FnOnce(u64) -> Result<Ordered<T>, PsError>,
+        write: impl FnOnce() -> Arc<Write>,
     ) -> Result<(T, u64), PsError> {
         {
             let _shared = self.order.read().unwrap_or_else(|p| p.into_inner());
@@ -335,7 +345,7 @@ impl Replication {
             };
             if !replicating {
                 return match apply(seq)? {
-                    Write::Fresh(value) | Write::Repeat(value, _) => Ok((value, 0)),
+                    Ordered::Fresh(value) | Ordered::Repeat(value, _) => Ok((value, 0)),
                 };
             }
         }
@@ -346,17 +356,17 @@ impl Replication {
         }
         let seq = state.next_seq;
         match apply(seq)? {
-            Write::Fresh(value) => {
+            Ordered::Fresh(value) => {
                 state.next_seq += 1;
                 if state.backup.is_some() {
-                    state.queue.push_back((seq, entry()));
+                    state.queue.push_back((seq, write()));
                     self.queued.notify_one();
                     Ok((value, seq))
                 } else {
                     Ok((value, 0))
                 }
             }
-            Write::Repeat(value, earlier) => Ok((value, earlier)),
+            Ordered::Repeat(value, earlier) => Ok((value, earlier)),
         }
     }
 

@@ -160,7 +160,7 @@ impl Replication {
         self.check_free_for(joiner)?;
         let snapshot = JoinSnapshot {
             shard: self.shard.snapshot(),
-            writers: self.shard.applied.snapshot(),
+            writers: self.applied.snapshot(),
         };
         let bytes = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
             .map_err(|e| PsError::Internal(format!("cannot encode the snapshot: {e}")))?;
@@ -224,7 +224,7 @@ impl Replication {
                     let first_seq = state.queue.front().map_or(state.next_seq, |(seq, _)| *seq);
                     (
                         first_seq,
-                        state.queue.drain(..n).map(|(_, e)| e).collect::<Vec<_>>(),
+                        state.queue.drain(..n).map(|(_, w)| w).collect::<Vec<_>>(),
                         stream,
                     )
                 };
@@ -241,7 +241,7 @@ impl Replication {
             let catching_up = std::mem::replace(&mut first, false);
             let request = pb::ReplicateRequest {
                 first_seq,
-                entries,
+                entries: entries.iter().map(|w| w.to_entry()).collect(),
                 stream,
             };
             match self.send(&client, request, catching_up).await {

@@ -3,15 +3,11 @@
 //! They convert and delegate to [`crate::replication`]; who may call them
 //! is decided before they run ([`crate::auth`]).
 
-use std::sync::Arc;
-
 use ps_common::pb;
-use ps_common::{PsError, TableSpec};
 use tonic::{Request, Response, Status};
 
-use super::{ShardService, apply_assign, apply_pushes};
+use super::ShardService;
 use crate::replication::{JoinStream, Joiner, Replicated};
-use crate::store::{RequestCounters, Shard};
 
 /// How long a Replicate call waits for this backup to load its snapshot.
 const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -28,16 +24,16 @@ impl ShardService {
                 .await
                 .map_err(|e| self.fail(e))?;
         }
-        let (service, replication) = (self.clone(), Arc::clone(&self.replication));
+        let writes = req
+            .entries
+            .into_iter()
+            .zip(req.first_seq..)
+            .map(|(entry, seq)| self.decoder.replicated(entry, seq))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.fail(e))?;
+        let (writer, stream, first_seq) = (self.writer.clone(), req.stream, req.first_seq);
         let applied = self
-            .blocking(move |shard| {
-                replication.apply_replicated(
-                    req.stream,
-                    req.first_seq,
-                    req.entries.len(),
-                    |i, seq| service.apply_entry(shard, &req.entries[i], seq),
-                )
-            })
+            .blocking(move |_| writer.replicate(stream, first_seq, &writes))
             .await?;
         Ok(Response::new(match applied {
             Replicated::Through(applied_through) => pb::ReplicateResponse {
@@ -49,37 +45,6 @@ impl ShardService {
                 promoted: true,
             },
         }))
-    }
-
-    /// Applies one of the primary's writes, numbered `seq`, exactly as the
-    /// primary did (the same checks, the same `(writer, seq)` records).
-    fn apply_entry(
-        &self,
-        shard: &Shard,
-        entry: &pb::ReplicaEntry,
-        seq: u64,
-    ) -> Result<(), PsError> {
-        use pb::replica_entry::Write as Entry;
-        match &entry.write {
-            Some(Entry::CreateTable(spec)) => {
-                shard.create_table(TableSpec::try_from(spec.clone())?)?;
-            }
-            Some(Entry::Push(call)) => {
-                let parts = call
-                    .pushes
-                    .iter()
-                    .map(|p| self.push_part(p.clone()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                apply_pushes(shard, &parts, call.writer, call.seq, seq)?;
-            }
-            Some(Entry::Assign(req)) => {
-                self.check_keys(&req.table, req.keys.len())?;
-                apply_assign(shard, req)?;
-            }
-            None => return Err(PsError::invalid(format!("replicated write {seq} is empty"))),
-        }
-        RequestCounters::add(&shard.counters.replicated_entries, 1);
-        Ok(())
     }
 
     pub(super) async fn promote_inner(

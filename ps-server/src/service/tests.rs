@@ -1,7 +1,7 @@
 //! The service's specifications, called without a network.
 
 use super::*;
-use ps_common::{InitializerSpec, OptimizerSpec};
+use ps_common::{InitializerSpec, OptimizerSpec, TableSpec, wire};
 use tonic::Code;
 
 fn service(limits: Limits) -> ShardService {
@@ -307,7 +307,7 @@ async fn a_push_retried_with_the_same_writer_and_seq_is_applied_once() {
     let mut row = Vec::new();
     svc.shard.pull("emb", &[4], &mut row).unwrap();
     assert_eq!(row, [-2.0], "seq 1 once and seq 2 once, with lr 1");
-    let counters = &svc.shard.counters;
+    let counters = &svc.counters.requests;
     assert_eq!(
         counters
             .updates_applied

@@ -1,8 +1,9 @@
 //! The tables of one shard, knowing nothing of gRPC.
 //!
-//! A [`Shard`] owns its tables ([`table`]: sparse rows in a concurrent map,
-//! dense rows in blocks), the record of applied pushes, its memory budget
-//! ([`crate::budget`]) and its request counters. Every operation validates
+//! A [`Shard`] owns its tables ([`table`]: sparse rows in slabs, dense rows
+//! in blocks) and its memory budget ([`crate::budget`]). It knows nothing of
+//! requests, replication or who wrote what: the writer ([`crate::writer`])
+//! decides whether a push is applied, the store applies it. Every operation validates
 //! its whole input before changing anything, so a request is either applied
 //! completely or not at all; a request that may create rows reserves their
 //! memory first. Rows are always finite. A table keeps bounds on the
@@ -27,7 +28,7 @@ mod snapshot;
 mod sparse;
 mod table;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -35,7 +36,6 @@ use ps_common::routing::IdBuildHasher;
 use ps_common::{OptimizerSpec, PsError, ShardRouter, TableSpec};
 
 use crate::budget::{MemoryBudget, Reservation};
-use crate::dedup::Claim;
 use crate::optimizer;
 
 use finite::{
@@ -48,56 +48,6 @@ pub use table::{SPARSE_ROW_OVERHEAD, Table};
 
 /// Most tables one shard holds.
 pub const MAX_TABLES: usize = 4096;
-
-/// Counters of the requests a shard has served.
-#[derive(Debug, Default)]
-pub struct RequestCounters {
-    /// CreateTable calls.
-    pub create_table: AtomicU64,
-    /// Pull calls.
-    pub pull: AtomicU64,
-    /// Push calls.
-    pub push: AtomicU64,
-    /// Stats calls.
-    pub stats: AtomicU64,
-    /// Checkpoint calls.
-    pub checkpoint: AtomicU64,
-    /// Assign requests.
-    pub assign: AtomicU64,
-    /// Clock calls.
-    pub clock: AtomicU64,
-    /// PullMany calls.
-    pub pull_many: AtomicU64,
-    /// PushMany calls.
-    pub push_many: AtomicU64,
-    /// Calls answered with an error.
-    pub errors: AtomicU64,
-    /// Rows returned by pulls.
-    pub rows_pulled: AtomicU64,
-    /// Rows updated by pushes.
-    pub rows_pushed: AtomicU64,
-    /// Encoded bytes of pull requests and their responses.
-    pub pull_bytes: AtomicU64,
-    /// Encoded bytes of push requests and their responses.
-    pub push_bytes: AtomicU64,
-    /// Push calls applied (a `PushMany` counts once), from workers or replicated.
-    pub updates_applied: AtomicU64,
-    /// Push calls acknowledged as duplicates of an applied `(writer, seq)`.
-    pub duplicate_pushes: AtomicU64,
-    /// Writes applied from the primary's Replicate calls (backup).
-    pub replicated_entries: AtomicU64,
-    /// Row updates dropped because they would have made the row
-    /// non-finite after the push was checked (a concurrent push moved the
-    /// row in between); rows themselves are never non-finite.
-    pub nonfinite_skipped: AtomicU64,
-}
-
-impl RequestCounters {
-    /// Adds `n` to a counter.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
 
 /// Rows and bytes of one table, as reported by [`Shard::table_stats`].
 #[derive(Debug, Clone, PartialEq)]
@@ -140,17 +90,16 @@ pub struct Push<'a> {
     pub lr_scale: f32,
 }
 
-/// What [`Shard::push_many_once`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PushOutcome {
-    /// Applied: rows per push.
-    Applied(Vec<usize>),
-    /// The `(writer, seq)` was applied before, by write `replica_seq`;
-    /// nothing was applied now.
-    Duplicate {
-        /// Replication number of the write that applied it.
-        replica_seq: u64,
-    },
+/// Pushes checked in full, their rows' memory reserved: what
+/// [`Shard::prepare_pushes`] hands back, for [`PreparedPushes::apply`].
+/// Dropped unapplied, it releases its reservations and changes nothing.
+#[derive(Debug)]
+pub struct PreparedPushes<'s, 'p> {
+    shard: &'s Shard,
+    pushes: &'p [Push<'p>],
+    tables: Vec<Arc<Table>>,
+    magnitudes: Vec<Magnitudes>,
+    rooms: Vec<Reservation<'s>>,
 }
 
 /// All tables of one shard. Cheap to share: wrap it in an `Arc`.
@@ -161,12 +110,6 @@ pub struct Shard {
     /// Held while a table is made, so the tables map is never locked for
     /// the time it takes to allocate one (other requests go on).
     creating: Mutex<()>,
-    /// The `(writer, seq)` pairs of the pushes applied.
-    pub applied: crate::dedup::Applied,
-    /// Request counters, updated by the service layer.
-    pub counters: RequestCounters,
-    /// Per-RPC outcomes and latencies, updated by the service layer.
-    pub rpc_metrics: crate::metrics::RpcMetrics,
     /// The bytes the tables may hold (`--memory-budget`).
     pub budget: MemoryBudget,
     /// Most rows a sparse table may hold on this shard (`usize::MAX`: no cap).
@@ -184,9 +127,6 @@ impl Shard {
             },
             tables: DashMap::new(),
             creating: Mutex::new(()),
-            applied: crate::dedup::Applied::default(),
-            counters: RequestCounters::default(),
-            rpc_metrics: crate::metrics::RpcMetrics::default(),
             budget: MemoryBudget::default(),
             row_cap: AtomicUsize::new(usize::MAX),
         }
@@ -441,95 +381,36 @@ impl Shard {
     /// validated before any is applied, so a refused one applies nothing.
     /// Returns the rows applied per push.
     pub fn push_many(&self, pushes: &[Push<'_>]) -> Result<Vec<usize>, PsError> {
-        match self.push_many_once(0, 0, 0, pushes)? {
-            PushOutcome::Applied(rows) => Ok(rows),
-            // Writer 0 is never deduplicated.
-            PushOutcome::Duplicate { .. } => Ok(vec![0; pushes.len()]),
-        }
+        self.prepare_pushes(pushes)?.apply()
     }
 
-    /// [`Shard::push_many`] applied at most once per `(writer, seq)`
-    /// (`writer = 0`: always applied): every push is validated (and the
-    /// memory of the rows it may create reserved), then the pair is
-    /// claimed, recorded as applied by write `replica_seq`, and the pushes
-    /// are applied. A refused call claims nothing.
-    pub fn push_many_once(
-        &self,
-        writer: u64,
-        seq: u64,
-        replica_seq: u64,
-        pushes: &[Push<'_>],
-    ) -> Result<PushOutcome, PsError> {
+    /// Checks every push in full (table, dims, finite gradients, key
+    /// ownership, `lr_scale`) and reserves the memory of the rows they may
+    /// create, changing nothing: the first step of [`Shard::push_many`],
+    /// for a caller that decides between checking and applying (the writer
+    /// claims the push's `(writer, seq)` there).
+    pub fn prepare_pushes<'s, 'p>(
+        &'s self,
+        pushes: &'p [Push<'p>],
+    ) -> Result<PreparedPushes<'s, 'p>, PsError> {
         let (tables, magnitudes): (Vec<_>, Vec<_>) = pushes
             .iter()
             .map(|p| self.check_push(p.table, p.keys, p.grads, p.lr_scale))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        let mut rooms = tables
+        let rooms = tables
             .iter()
             .zip(pushes)
             .map(|(table, p)| self.make_room(table, p.keys))
             .collect::<Result<Vec<_>, _>>()?;
-        match self.applied.claim(writer, seq, replica_seq) {
-            Claim::New => {}
-            Claim::Repeat(replica_seq) => {
-                RequestCounters::add(&self.counters.duplicate_pushes, 1);
-                return Ok(PushOutcome::Duplicate { replica_seq });
-            }
-            Claim::Forgotten { floor } => {
-                return Err(PsError::FailedPrecondition(format!(
-                    "push (writer {writer:x}, seq {seq}) is older than the last {} calls this shard remembers of its writer (seq <= {floor}): it cannot tell whether it was applied, so it applies nothing",
-                    crate::dedup::WINDOW
-                )));
-            }
-        }
-        // A call every part of which provably stays finite needs no undo
-        // record; any other keeps one, so a refusal can put its rows back.
-        // Proven calls write their tables together (shared); an unproven
-        // call writes alone (exclusive), so no proof reads bounds that an
-        // unbounded write is about to pass. Locks are taken in one order.
-        let mut distinct: Vec<&Arc<Table>> = tables.iter().collect();
-        distinct.sort_by_key(|t| Arc::as_ptr(t));
-        distinct.dedup_by_key(|t| Arc::as_ptr(t));
-        let shared: Vec<_> = distinct.iter().map(|t| t.writers.read()).collect();
-        let proofs: Option<Vec<Proof>> = tables
-            .iter()
-            .zip(pushes)
-            .zip(&magnitudes)
-            .map(|((t, p), g)| provably_finite(t, p, *g))
-            .collect();
-        let mut rows = Vec::with_capacity(pushes.len());
-        if let Some(proofs) = proofs {
-            for (((table, push), room), proof) in
-                tables.iter().zip(pushes).zip(&mut rooms).zip(proofs)
-            {
-                rows.push(self.apply_proven(table, push, room, proof));
-            }
-            drop(shared);
-        } else {
-            drop(shared);
-            let _alone: Vec<_> = distinct.iter().map(|t| t.writers.write()).collect();
-            let floats: usize = tables
-                .iter()
-                .zip(pushes)
-                .map(|(t, p)| p.keys.len() * t.row_len)
-                .sum();
-            let mut undo = Undo::with_room(pushes.iter().map(|p| p.keys.len()).sum(), floats);
-            for (t, ((table, push), room)) in tables.iter().zip(pushes).zip(&mut rooms).enumerate()
-            {
-                match self.apply_push(t, table, push, room, &mut undo) {
-                    Ok(n) => rows.push(n),
-                    Err(e) => {
-                        undo.roll_back(&tables, &self.budget);
-                        self.applied.cancel(writer, seq);
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        RequestCounters::add(&self.counters.updates_applied, 1);
-        Ok(PushOutcome::Applied(rows))
+        Ok(PreparedPushes {
+            shard: self,
+            pushes,
+            tables,
+            magnitudes,
+            rooms,
+        })
     }
 
     /// The table a push goes to, if the push is valid in every respect.
@@ -664,6 +545,65 @@ impl Shard {
             .collect();
         stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         stats
+    }
+}
+
+impl PreparedPushes<'_, '_> {
+    /// Applies the prepared pushes. Returns the rows applied per push; on
+    /// an error (a row that would leave the finite range) nothing stays
+    /// applied.
+    pub fn apply(self) -> Result<Vec<usize>, PsError> {
+        let PreparedPushes {
+            shard,
+            pushes,
+            tables,
+            magnitudes,
+            mut rooms,
+        } = self;
+        // A call every part of which provably stays finite needs no undo
+        // record; any other keeps one, so a refusal can put its rows back.
+        // Proven calls write their tables together (shared); an unproven
+        // call writes alone (exclusive), so no proof reads bounds that an
+        // unbounded write is about to pass. Locks are taken in one order.
+        let mut distinct: Vec<&Arc<Table>> = tables.iter().collect();
+        distinct.sort_by_key(|t| Arc::as_ptr(t));
+        distinct.dedup_by_key(|t| Arc::as_ptr(t));
+        let shared: Vec<_> = distinct.iter().map(|t| t.writers.read()).collect();
+        let proofs: Option<Vec<Proof>> = tables
+            .iter()
+            .zip(pushes)
+            .zip(&magnitudes)
+            .map(|((t, p), g)| provably_finite(t, p, *g))
+            .collect();
+        let mut rows = Vec::with_capacity(pushes.len());
+        if let Some(proofs) = proofs {
+            for (((table, push), room), proof) in
+                tables.iter().zip(pushes).zip(&mut rooms).zip(proofs)
+            {
+                rows.push(shard.apply_proven(table, push, room, proof));
+            }
+            drop(shared);
+        } else {
+            drop(shared);
+            let _alone: Vec<_> = distinct.iter().map(|t| t.writers.write()).collect();
+            let floats: usize = tables
+                .iter()
+                .zip(pushes)
+                .map(|(t, p)| p.keys.len() * t.row_len)
+                .sum();
+            let mut undo = Undo::with_room(pushes.iter().map(|p| p.keys.len()).sum(), floats);
+            for (t, ((table, push), room)) in tables.iter().zip(pushes).zip(&mut rooms).enumerate()
+            {
+                match shard.apply_push(t, table, push, room, &mut undo) {
+                    Ok(n) => rows.push(n),
+                    Err(e) => {
+                        undo.roll_back(&tables, &shard.budget);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(rows)
     }
 }
 
