@@ -22,7 +22,7 @@ use ps_worker::cluster::LocalCluster;
 use ps_worker::data::Batch;
 use ps_worker::job::client_config;
 use ps_worker::model::{Mode, Model};
-use ps_worker::traffic::{Holdback, push_step};
+use ps_worker::traffic::{CachedStep, Holdback, push_step};
 use ps_worker::trainer::Prefetched;
 use tokio::runtime::Runtime;
 
@@ -229,7 +229,9 @@ fn worker(
         barrier,
         runtime,
     } = shared;
-    let mut pulled = Prefetched::new(runtime, client, model, pool.into_iter().cycle().map(Ok));
+    let cache = model.row_cache(job);
+    let mut pulled = Prefetched::new(runtime, client, model, pool.into_iter().cycle().map(Ok))
+        .with_cache(cache.clone());
     let backend = CpuBackend;
     let mut losses = Vec::new();
     let mut step = 0u64;
@@ -249,7 +251,12 @@ fn worker(
                 let output = model.compute(&backend, &params, Mode::Train { seed })?;
                 let grads = output.grads.context("training produced no gradients")?;
                 let updates = model.updates(&params, grads, None);
-                runtime.block_on(push_step(client, updates, holdback.as_mut()))?;
+                let cached = cache.as_deref().map(|cache| CachedStep {
+                    cache,
+                    step,
+                    hot: &params.hot,
+                });
+                runtime.block_on(push_step(client, updates, cached, holdback.as_mut()))?;
                 if phase > 0 {
                     losses.push(output.loss_sum / params.plan.examples.max(1) as f64);
                 }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::runtime::Runtime;
 
 use crate::backend::cuda::CudaBackend;
+use crate::cache::CacheStats;
 use crate::client::{ClientConfig, PsClient, PushAcks, WireFormat};
 use crate::cluster::LocalCluster;
 use crate::data;
@@ -89,6 +90,20 @@ pub struct Report {
     /// pushed over rows the model offered to push (the rest was held back
     /// and pushed later, at the latest when the worker finished).
     pub pushed_row_fraction: Option<f64>,
+    /// With `communication.row_cache_steps`: rows served from the workers'
+    /// row caches, rows pulled, the hit rate, row gradients summed there and
+    /// the value bytes that saved (all workers together).
+    pub row_cache: Option<RowCacheReport>,
+}
+
+/// What the workers' row caches did (`communication.row_cache_steps`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RowCacheReport {
+    /// Row lookups answered by a cache, and by the servers.
+    #[serde(flatten)]
+    pub stats: CacheStats,
+    /// `hits / (hits + misses)`.
+    pub hit_rate: f64,
 }
 
 impl Report {
@@ -139,6 +154,21 @@ impl Report {
                 .filter_map(|s| s.rows_offered_pushed)
                 .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
                 .map(|(offered, pushed)| pushed as f64 / offered.max(1) as f64),
+            row_cache: summaries
+                .iter()
+                .filter_map(|s| s.row_cache)
+                .reduce(|a, b| CacheStats {
+                    hits: a.hits + b.hits,
+                    misses: a.misses + b.misses,
+                    pull_bytes_saved: a.pull_bytes_saved + b.pull_bytes_saved,
+                    rows_held: a.rows_held + b.rows_held,
+                    rows_flushed: a.rows_flushed + b.rows_flushed,
+                    push_bytes_saved: a.push_bytes_saved + b.push_bytes_saved,
+                })
+                .map(|stats| RowCacheReport {
+                    stats,
+                    hit_rate: stats.hit_rate(),
+                }),
         }
     }
 

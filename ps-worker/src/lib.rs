@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`client`]: `PsClient`: connect, create tables, pull, push, flush, stats.
 //! - [`dedup`]: distinct keys of a batch; gather rows, sum gradients.
+//! - [`cache`]: hot sparse rows kept for a few steps, their gradients summed meanwhile.
 //! - [`data`]: streaming libsvm/libffm/Criteo readers, sharding, parse-ahead.
 //! - [`backend`]: the compute-backend trait; CPU (ndarray) and CUDA (cudarc) implementations.
 //! - [`model`]: LR, FM, DeepFM, Wide&Deep, DNN and multi-task/MMoE over server tables.
@@ -23,6 +24,7 @@
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
 
 pub mod backend;
+pub mod cache;
 pub mod client;
 pub mod cluster;
 pub mod consistency;

@@ -10,22 +10,43 @@
 //!
 //! Batch-norm statistics are never held back. [`Holdback::drain`] returns
 //! every residual, for the worker to push when it finishes.
+//!
+//! [`push_step`] is the one way a step's gradients leave the worker: the
+//! row cache ([`crate::cache`]) sums those of the rows it holds, then the
+//! filters here apply to the rest.
 
 use std::collections::HashMap;
 
 use ps_common::PsError;
 use ps_common::config::JobConfig;
 
+use crate::cache::RowCache;
 use crate::client::PsClient;
 use crate::model::{Update, UpdateKind, push_updates};
 
-/// Pushes a step's `updates`, less what `holdback` (if the job has one)
-/// keeps, plus what it releases.
+/// A step as the row cache sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedStep<'a> {
+    /// The worker's row cache.
+    pub cache: &'a RowCache,
+    /// The step.
+    pub step: u64,
+    /// The rows the cache covers this step ([`crate::model::Pulled::hot`]).
+    pub hot: &'a [u32],
+}
+
+/// Pushes a step's `updates`, less the gradients of rows the row cache
+/// holds (plus the sums of rows whose time there ends), less what
+/// `holdback` keeps, plus what it releases.
 pub async fn push_step(
     client: &PsClient,
     mut updates: Vec<Update>,
+    cache: Option<CachedStep<'_>>,
     holdback: Option<&mut Holdback>,
 ) -> Result<(), PsError> {
+    if let Some(c) = cache {
+        c.cache.hold(&mut updates, c.hot, c.step);
+    }
     if let Some(h) = holdback {
         h.apply(&mut updates);
     }

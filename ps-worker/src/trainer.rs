@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendError};
+use crate::cache::{CacheStats, RowCache};
 use crate::client::PsClient;
 use crate::consistency::{Gate, Schedule};
 use crate::data::{Batch, Batches, DataError};
@@ -27,7 +28,7 @@ use crate::progress::Progress;
 use crate::resume::{Position, Positions};
 use crate::signal::Signal;
 use crate::telemetry;
-use crate::traffic::{Holdback, push_step};
+use crate::traffic::{CachedStep, Holdback, push_step};
 
 /// Steps between two checks of worker 0's stop signal by the others.
 const STOP_POLL_STEPS: u64 = 256;
@@ -81,6 +82,8 @@ pub struct TrainSummary {
     pub resumed_from: Option<Position>,
     /// Examples skipped to reach that position (trained by the earlier run).
     pub skipped_samples: u64,
+    /// With `communication.row_cache_steps`: what the row cache served and held.
+    pub row_cache: Option<CacheStats>,
 }
 
 /// One epoch of one worker.
@@ -109,6 +112,8 @@ pub struct Prefetched<I> {
     model: Arc<Model>,
     batches: I,
     gate: Option<Arc<Gate>>,
+    /// Hot sparse rows served without a pull (`communication.row_cache_steps`).
+    cache: Option<Arc<RowCache>>,
     /// The step of the next batch handed out.
     step: u64,
     pending: Option<JoinHandle<Result<Pulled, PsError>>>,
@@ -124,9 +129,17 @@ impl<I: Iterator<Item = Result<Batch, DataError>>> Prefetched<I> {
             model: Arc::clone(model),
             batches,
             gate: None,
+            cache: None,
             step: 0,
             pending: None,
         }
+    }
+
+    /// Serves sparse rows through `cache` (pulls of step s read what it
+    /// holds fresh for s).
+    pub fn with_cache(mut self, cache: Option<Arc<RowCache>>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Orders pulls through `gate`; the first batch is step `first_step`
@@ -144,21 +157,23 @@ impl<I: Iterator<Item = Result<Batch, DataError>>> Prefetched<I> {
     /// Starts the pull of the next batch (step `step`), if there is one.
     fn start_next(&mut self, step: u64) -> Result<(), TrainError> {
         if let Some(batch) = self.batches.next().transpose()? {
-            let (client, model, gate) = (
+            let (client, model, gate, cache) = (
                 self.client.clone(),
                 Arc::clone(&self.model),
                 self.gate.clone(),
+                self.cache.clone(),
             );
             self.pending = Some(self.runtime.spawn(async move {
+                let cache = cache.as_deref().map(|c| (c, step));
                 match gate {
                     Some(gate) if gate.schedule() == Schedule::Hybrid => {
-                        model.pull_sparse(&client, &batch).await
+                        model.pull_sparse(&client, &batch, cache).await
                     }
                     Some(gate) => {
                         gate.ahead(step).await?;
-                        model.pull(&client, &batch).await
+                        model.pull_through(&client, &batch, cache).await
                     }
-                    None => model.pull(&client, &batch).await,
+                    None => model.pull_through(&client, &batch, cache).await,
                 }
             }));
         }
@@ -256,6 +271,16 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Pushes every gradient sum the row cache holds and empties it.
+    fn push_cached(&self, cache: Option<&RowCache>, steps: u64) -> Result<(), TrainError> {
+        if let Some(cache) = cache {
+            let lr_scale = self.job.train.lr_schedule.push_scale(steps);
+            self.runtime
+                .block_on(push_updates(self.client, &cache.drain(lr_scale)))?;
+        }
+        Ok(())
+    }
+
     /// Whether training should stop: worker 0 of this process said so, or
     /// (for the other workers) worker 0 of the job raised the stop signal.
     fn stop_requested(&self, stopped: &Signal) -> Result<bool, TrainError> {
@@ -282,6 +307,7 @@ impl Run<'_> {
         let mut reported_bytes = client.bytes();
         let gate = Gate::for_job(client, job, self.rank, self.world).map(Arc::new);
         let mut holdback = Holdback::for_job(job);
+        let cache = model.row_cache(job);
         let positions = match train.progress_every_steps {
             0 => None,
             _ => Some(runtime.block_on(Positions::open(client, job, self.rank, self.world))?),
@@ -330,7 +356,8 @@ impl Run<'_> {
             }
             let mut batch_in_epoch = at;
             let mut pulled = Prefetched::new(runtime, client, &model, batches.ahead(PARSE_AHEAD))
-                .with_gate(gate.clone(), summary.steps);
+                .with_gate(gate.clone(), summary.steps)
+                .with_cache(cache.clone());
             let (mut epoch_loss, mut epoch_samples) = (0f64, 0u64);
             while let Some(params) = pulled.next_pulled()? {
                 if self.stop.load(Ordering::Relaxed)
@@ -346,7 +373,12 @@ impl Run<'_> {
                     model.clip(&mut grads, train.clip_norm, train.clip_row_norm);
                     let lr_scale = train.lr_schedule.push_scale(summary.steps);
                     let updates = model.updates(&params, grads, lr_scale);
-                    runtime.block_on(push_step(client, updates, holdback.as_mut()))?;
+                    let cached = cache.as_deref().map(|cache| CachedStep {
+                        cache,
+                        step: summary.steps,
+                        hot: &params.hot,
+                    });
+                    runtime.block_on(push_step(client, updates, cached, holdback.as_mut()))?;
                 }
                 let n = params.plan.examples as u64;
                 epoch_loss += output.loss_sum;
@@ -357,6 +389,9 @@ impl Run<'_> {
                 if let Some(positions) = &positions
                     && summary.steps % train.progress_every_steps == 0
                 {
+                    // The position says these steps are trained: their
+                    // gradients must be on the servers, not in the cache.
+                    self.push_cached(cache.as_deref(), summary.steps)?;
                     let here = Position {
                         epoch: epoch as u64,
                         batch: batch_in_epoch,
@@ -369,6 +404,9 @@ impl Run<'_> {
                 telemetry::global().step(n, running, client.bytes(), &mut reported_bytes);
             }
             summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
+            // Validation, checkpoints and the next epoch read every update.
+            drop(pulled);
+            self.push_cached(cache.as_deref(), summary.steps)?;
             if let Some(positions) = &positions
                 && !self.stop.load(Ordering::Relaxed)
             {
@@ -435,6 +473,8 @@ impl Run<'_> {
             }
         }
         progress.finish();
+        self.push_cached(cache.as_deref(), summary.steps)?;
+        summary.row_cache = cache.as_deref().map(RowCache::stats);
         if let Some(h) = &mut holdback {
             let lr_scale = train.lr_schedule.push_scale(summary.steps);
             runtime.block_on(push_updates(client, &h.drain(lr_scale)))?;

@@ -68,6 +68,40 @@ fn the_significance_filter_pushes_fewer_rows_and_keeps_the_auc() {
 }
 
 #[test]
+fn the_row_cache_serves_hot_rows_sums_their_gradients_and_keeps_the_auc() {
+    let base = a9a(CommunicationConfig::default(), DEFAULT_JOB);
+    let cached = a9a(
+        CommunicationConfig {
+            row_cache_steps: 2,
+            ..Default::default()
+        },
+        DEFAULT_JOB,
+    );
+    assert!(base.row_cache.is_none(), "off unless the job turns it on");
+    let auc = cached.val_auc.unwrap();
+    assert!(auc >= 0.895, "AUC {auc}");
+    let cache = cached.row_cache.unwrap();
+    // A row seen in two batches in a row serves 2 steps of every 3; a9a's
+    // common features are in nearly every batch, its rare ones are not.
+    assert!(cache.hit_rate > 0.3, "{cache:?}");
+    assert!(
+        cache.stats.rows_held > cache.stats.rows_flushed,
+        "sums go out less often than gradients come in: {cache:?}"
+    );
+    let pull = cached.pull_bytes as f64 / base.pull_bytes as f64;
+    let push = cached.push_bytes as f64 / base.push_bytes as f64;
+    assert!(
+        pull < 0.75 && push < 0.75,
+        "pull x{pull:.3}, push x{push:.3}"
+    );
+    println!(
+        "row cache 2 steps: AUC {auc:.4} (off {:.4}); hit rate {:.3}; bytes pull x{pull:.3}, push x{push:.3}",
+        base.val_auc.unwrap(),
+        cache.hit_rate
+    );
+}
+
+#[test]
 fn dense_top_k_with_error_feedback_trains_deepfm() {
     let job_text = include_str!("../../examples/a9a-deepfm.toml")
         .replace(

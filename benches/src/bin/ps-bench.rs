@@ -164,6 +164,10 @@ struct TrafficArgs {
     /// Push this fraction of each dense table's rows (largest first), keep the rest.
     #[arg(long)]
     dense_top_k: Option<f32>,
+    /// Keep rows seen in two steps in a row on the worker for this many
+    /// steps, summing their gradients (0: off).
+    #[arg(long, default_value_t = 0)]
+    row_cache_steps: u64,
 }
 
 impl TrafficArgs {
@@ -174,6 +178,8 @@ impl TrafficArgs {
             delta_keys: self.delta_keys,
             significance_threshold: self.significance_threshold,
             dense_top_k: self.dense_top_k,
+            row_cache_steps: self.row_cache_steps,
+            row_cache_rows: None,
         }
     }
 }

@@ -82,6 +82,18 @@ impl CommunicationConfig {
         {
             return Err(("dense_top_k".into(), "must be a fraction in (0, 1]".into()));
         }
+        if self.row_cache_steps > MAX_ROW_CACHE_STEPS {
+            return Err((
+                "row_cache_steps".into(),
+                format!("must be at most {MAX_ROW_CACHE_STEPS}"),
+            ));
+        }
+        if self.row_cache_rows.is_some_and(|n| n == 0 || n > 1 << 26) {
+            return Err((
+                "row_cache_rows".into(),
+                "must be between 1 and 67108864".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -115,7 +127,21 @@ pub struct CommunicationConfig {
     /// those whose accumulated gradient has the largest L2 norm; the rest
     /// is kept and added to the next step's (error feedback).
     pub dense_top_k: Option<f32>,
+    /// Sparse rows seen in two steps in a row are kept on the worker and
+    /// serve this many steps after the one they were pulled for (0: off);
+    /// their gradients are summed meanwhile and pushed once, when the row
+    /// expires (`ps_worker::cache`). Under ssp at most the staleness K;
+    /// bsp refuses it (every step reads exactly the updates before it).
+    pub row_cache_steps: u64,
+    /// Most rows that cache holds per worker (default 262,144).
+    pub row_cache_rows: Option<usize>,
 }
+
+/// Rows a worker's row cache holds unless `row_cache_rows` says otherwise.
+pub const DEFAULT_ROW_CACHE_ROWS: usize = 1 << 18;
+
+/// Most steps a cached row may serve.
+pub const MAX_ROW_CACHE_STEPS: u64 = 1024;
 
 /// Input files.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -368,6 +394,22 @@ impl JobConfig {
         self.communication
             .validate()
             .map_err(|(key, msg)| (format!("communication.{key}"), msg))?;
+        let cached = self.communication.row_cache_steps;
+        match (t.consistency, t.staleness) {
+            (Consistency::Bsp, _) | (Consistency::Ssp, Some(0)) if cached > 0 => {
+                return Err((
+                    "communication.row_cache_steps".into(),
+                    "a bulk-synchronous job reads exactly the updates before each step: it cannot serve rows from a cache (set 0)".into(),
+                ));
+            }
+            (Consistency::Ssp, Some(k)) if cached > u64::from(k) => {
+                return Err((
+                    "communication.row_cache_steps".into(),
+                    format!("must be at most train.staleness ({k}) under ssp"),
+                ));
+            }
+            _ => {}
+        }
         match (t.consistency, t.staleness) {
             (Consistency::Ssp, None) => {
                 return Err((

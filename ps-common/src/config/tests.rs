@@ -153,3 +153,52 @@ fn malformed_toml_reports_the_line() {
     let err = error_of("[data]\ntrain = \n");
     assert_eq!(err.line, Some(2), "{err}");
 }
+
+#[test]
+fn the_row_cache_is_bounded_by_what_the_consistency_model_allows() {
+    let with = |train: &str, cache: &str| {
+        JOB.replace("epochs = 2", &format!("epochs = 2\n{train}"))
+            + &format!("\n[communication]\n{cache}\n")
+    };
+    let ok = JobConfig::from_toml(&with("", "row_cache_steps = 4"), Path::new(".")).unwrap();
+    assert_eq!(ok.communication.row_cache_steps, 4, "async takes any bound");
+    assert_eq!(ok.communication.row_cache_rows, None);
+    JobConfig::from_toml(
+        &with(
+            "consistency = \"ssp\"\nstaleness = 2",
+            "row_cache_steps = 2",
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    for (train, cache, says) in [
+        (
+            "consistency = \"ssp\"\nstaleness = 2",
+            "row_cache_steps = 3",
+            "at most train.staleness (2)",
+        ),
+        (
+            "consistency = \"bsp\"",
+            "row_cache_steps = 1",
+            "bulk-synchronous",
+        ),
+        (
+            "consistency = \"ssp\"\nstaleness = 0",
+            "row_cache_steps = 1",
+            "bulk-synchronous",
+        ),
+        ("", "row_cache_steps = 5000", "at most 1024"),
+        (
+            "",
+            "row_cache_steps = 1\nrow_cache_rows = 0",
+            "between 1 and",
+        ),
+    ] {
+        let err = error_of(&with(train, cache));
+        assert!(
+            err.key.as_deref().unwrap_or("").contains("row_cache"),
+            "{err}"
+        );
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}

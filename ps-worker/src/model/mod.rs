@@ -15,12 +15,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ps_common::PsError;
-use ps_common::config::{JobConfig, MlpConfig, ModelConfig};
+use ps_common::config::{DEFAULT_ROW_CACHE_ROWS, JobConfig, MlpConfig, ModelConfig};
 use ps_common::routing::mix64;
 
 use crate::backend::{
     Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
 };
+use crate::cache::{CachedTable, RowCache, hot_rows};
 use crate::client::{PsClient, PushTable};
 use crate::data::Batch;
 use crate::dedup::UniqueKeys;
@@ -111,6 +112,9 @@ pub struct Pulled {
     pub sparse: Vec<Vec<f32>>,
     /// All rows of each dense table (model order), `rows * dim`.
     pub dense: Vec<Vec<f32>>,
+    /// With a row cache: the rows it covers this step (ascending indices
+    /// into `keys`, see [`crate::cache::hot_rows`]); empty without one.
+    pub hot: Vec<u32>,
 }
 
 /// Gradients in the layout of [`Pulled`].
@@ -443,14 +447,27 @@ impl Model {
             labels: batch.labels.clone(),
             sparse,
             dense,
+            hot: Vec::new(),
         }
     }
 
     /// Pulls every row the batch needs, all tables in parallel.
     pub async fn pull(&self, client: &PsClient, batch: &Batch) -> Result<Pulled, PsError> {
+        self.pull_through(client, batch, None).await
+    }
+
+    /// [`Model::pull`] for step `cache.1`, serving sparse rows from the
+    /// row cache `cache.0` where it holds them fresh.
+    pub async fn pull_through(
+        &self,
+        client: &PsClient,
+        batch: &Batch,
+        cache: Option<(&RowCache, u64)>,
+    ) -> Result<Pulled, PsError> {
         let (keys, plan) = self.plan(batch);
+        let hot = cache.map_or_else(Vec::new, |_| hot_rows(&plan.row_offsets));
         let (sparse, dense) = tokio::try_join!(
-            self.pull_tables(client, &self.sparse, &keys),
+            self.pull_sparse_rows(client, &keys, &hot, cache),
             self.pull_tables(client, &self.dense, &[])
         )?;
         Ok(Pulled {
@@ -459,21 +476,74 @@ impl Model {
             labels: batch.labels.clone(),
             sparse,
             dense,
+            hot,
         })
     }
 
-    /// The batch's plan and its sparse tables' rows; `dense` is left empty
-    /// for [`Model::pull_dense`] (hybrid consistency pulls them apart).
-    pub async fn pull_sparse(&self, client: &PsClient, batch: &Batch) -> Result<Pulled, PsError> {
+    /// The batch's plan and its sparse tables' rows (through `cache`, as
+    /// in [`Model::pull_through`]); `dense` is left empty for
+    /// [`Model::pull_dense`] (hybrid consistency pulls them apart).
+    pub async fn pull_sparse(
+        &self,
+        client: &PsClient,
+        batch: &Batch,
+        cache: Option<(&RowCache, u64)>,
+    ) -> Result<Pulled, PsError> {
         let (keys, plan) = self.plan(batch);
-        let sparse = self.pull_tables(client, &self.sparse, &keys).await?;
+        let hot = cache.map_or_else(Vec::new, |_| hot_rows(&plan.row_offsets));
+        let sparse = self.pull_sparse_rows(client, &keys, &hot, cache).await?;
         Ok(Pulled {
             keys,
             plan,
             labels: batch.labels.clone(),
             sparse,
             dense: Vec::new(),
+            hot,
         })
+    }
+
+    /// The sparse tables' rows of `keys`, those at `hot` that `cache`
+    /// holds fresh for its step taken from it.
+    async fn pull_sparse_rows(
+        &self,
+        client: &PsClient,
+        keys: &[u64],
+        hot: &[u32],
+        cache: Option<(&RowCache, u64)>,
+    ) -> Result<Vec<Vec<f32>>, PsError> {
+        let Some((cache, step)) = cache else {
+            return self.pull_tables(client, &self.sparse, keys).await;
+        };
+        let lookup = cache.lookup(keys, hot, step);
+        let pulled = if lookup.keys.is_empty() {
+            vec![Vec::new(); self.sparse.len()]
+        } else {
+            self.pull_tables(client, &self.sparse, &lookup.keys).await?
+        };
+        Ok(cache.fill(lookup, keys, hot, pulled, step))
+    }
+
+    /// The job's row cache (`communication.row_cache_steps`), over this
+    /// model's sparse tables; `None` when it is off or there are none.
+    pub fn row_cache(&self, job: &JobConfig) -> Option<Arc<RowCache>> {
+        let c = &job.communication;
+        if c.row_cache_steps == 0 || self.sparse.is_empty() {
+            return None;
+        }
+        let tables = self
+            .sparse
+            .iter()
+            .map(|t| CachedTable {
+                name: t.name.clone(),
+                dim: t.dim,
+                pushed: !self.frozen.contains(&t.name),
+            })
+            .collect();
+        Some(Arc::new(RowCache::new(
+            tables,
+            c.row_cache_steps,
+            c.row_cache_rows.unwrap_or(DEFAULT_ROW_CACHE_ROWS),
+        )))
     }
 
     /// Pulls every dense table into `pulled.dense`.
