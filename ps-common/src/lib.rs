@@ -1,7 +1,8 @@
 //! Everything a parameter-server process and its clients must agree on.
 //!
-//! No I/O happens here: this crate is the vocabulary shared by `ps-server`
-//! and `ps-worker`.
+//! This crate is the vocabulary shared by `ps-server` and `ps-worker`, plus
+//! the process plumbing both binaries use (logging, the metrics endpoint),
+//! so that neither reaches into the other for it.
 //!
 //! # Layout
 //! - [`pb`]: the generated gRPC API (`proto/ps.proto`, package `ps.v1`).
@@ -15,14 +16,18 @@
 //! - [`config`]: the job file (TOML) that drives every way of running a job.
 //! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
 //! - [`tls`]: TLS files (`--tls-cert`, `--tls-key`, `--tls-ca`) as rustls configurations.
+//! - [`logging`]: stderr logging (text or JSON) with `RUST_LOG`, for both binaries.
+//! - [`prometheus`]: the `GET /metrics` endpoint and the collectors' helpers.
 
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod ids;
 pub mod init;
+pub mod logging;
 pub mod memory;
 pub mod names;
+pub mod prometheus;
 pub mod routing;
 pub mod table;
 pub mod tls;

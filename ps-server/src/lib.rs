@@ -18,8 +18,7 @@
 //! - [`replication`]: primary-backup roles, write order, the stream to the backup.
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
-//! - [`logging`]: stderr logging (text or JSON) with `RUST_LOG`, shared by both binaries.
-//! - [`metrics`]: what the server counts (requests, rows, bytes, RPC latencies); the Prometheus endpoint.
+//! - [`metrics`]: what the server counts (requests, rows, bytes, RPC latencies), as a Prometheus collector.
 //! - [`server`]: [`server::run`] binds the service to a listener until shutdown.
 
 pub mod auth;
@@ -28,7 +27,6 @@ pub mod checkpoint;
 pub mod clock;
 pub mod dedup;
 pub mod limits;
-pub mod logging;
 pub mod metrics;
 pub mod optimizer;
 pub mod replication;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ps_common::PsError;
 use ps_common::pb::parameter_server_server::ParameterServerServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -157,6 +158,41 @@ pub async fn run(
         },
     );
     run_replicated(listener, config, shard, replication, shutdown).await
+}
+
+/// Starts a backup of shard `config.shard_id` serving on `listener` until
+/// `shutdown`, and joins it to the primary at `primary` (which reaches it
+/// at the listener's address). Returns once the backup has loaded the
+/// primary's snapshot: its store and its serving task.
+pub async fn start_backup(
+    listener: TcpListener,
+    config: ServerConfig,
+    primary: &str,
+    join_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(Arc<Shard>, tokio::task::JoinHandle<Result<(), ServeError>>), PsError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PsError::Internal(format!("a backup's listener has no address: {e}")))?
+        .to_string();
+    let shard = Arc::new(Shard::new(config.shard_id, config.num_shards));
+    let peer = Peer {
+        auth: config.auth.clone(),
+        tls: config.peer_tls.clone(),
+    };
+    let replication = Replication::new(Arc::clone(&shard), Role::Backup, peer);
+    let task = tokio::spawn(run_replicated(
+        listener,
+        config,
+        Arc::clone(&shard),
+        Arc::clone(&replication),
+        shutdown,
+    ));
+    if let Err(e) = replication.join(primary, &addr, join_timeout).await {
+        task.abort();
+        return Err(e);
+    }
+    Ok((shard, task))
 }
 
 /// [`run`] for a server whose role and replication `replication` holds (a

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use ps_common::PsError;
 use ps_server::auth::Auth;
-use ps_server::replication::{Peer, Replication, Role};
 use ps_server::server::ServeError;
 use ps_server::{Limits, ServerConfig, Shard};
 use tokio::sync::oneshot;
@@ -113,32 +112,23 @@ impl LocalCluster {
                 .local_addr()
                 .map_err(|e| PsError::Internal(e.to_string()))?
                 .to_string();
-            let shard = Arc::new(Shard::new(shard_id, num_shards));
-            let peer = Peer {
-                auth: self.auth.clone(),
-                tls: None,
-            };
-            let replication = Replication::new(Arc::clone(&shard), Role::Backup, peer);
             let (stop, stopped) = oneshot::channel::<()>();
             let config = ServerConfig {
                 auth: self.auth.clone(),
                 ..ServerConfig::new(shard_id, num_shards)
             };
-            self.tasks
-                .push(tokio::spawn(ps_server::server::run_replicated(
-                    listener,
-                    config,
-                    Arc::clone(&shard),
-                    Arc::clone(&replication),
-                    async {
-                        let _ = stopped.await;
-                    },
-                )));
+            let (shard, task) = ps_server::server::start_backup(
+                listener,
+                config,
+                &self.addrs[shard_id as usize],
+                std::time::Duration::from_secs(10),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await?;
+            self.tasks.push(task);
             self.stops.push(stop);
-            let primary = &self.addrs[shard_id as usize];
-            replication
-                .join(primary, &addr, std::time::Duration::from_secs(10))
-                .await?;
             self.backups.push((addr, shard));
         }
         Ok(())

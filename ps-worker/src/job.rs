@@ -17,6 +17,7 @@ use crate::cluster::LocalCluster;
 use crate::data;
 use crate::metrics::{BinaryMetrics, TaskMetrics};
 use crate::signal::Signal;
+use crate::telemetry::Telemetry;
 use crate::trainer::{self, EpochRecord, TrainError, TrainSummary};
 
 /// The job file used by `ps-worker local` without `--config`: logistic
@@ -399,13 +400,15 @@ async fn wait_for_init_from(
     Ok(())
 }
 
-/// `ps-worker train`: worker `rank` of `world` against running servers.
+/// `ps-worker train`: worker `rank` of `world` against running servers,
+/// reporting its steps to `telemetry`.
 pub fn run_train(
     job: &JobConfig,
     servers: &[String],
     rank: usize,
     world: usize,
     config: &ClientConfig,
+    telemetry: &Telemetry,
 ) -> Result<Report, JobError> {
     let started = Instant::now();
     check_inputs(job)?;
@@ -422,7 +425,15 @@ pub fn run_train(
         })?;
     }
     let stop = AtomicBool::new(false);
-    let summary = trainer::train_worker(runtime.handle(), &client, job, rank, world, &stop)?;
+    let summary = trainer::train_worker(
+        runtime.handle(),
+        &client,
+        job,
+        rank,
+        world,
+        &stop,
+        telemetry,
+    )?;
     let mut report = Report::new("train", job, world, servers.len(), &[summary]);
     report.rank = Some(rank);
     report.add_traffic(&client); // training traffic only, before validation pulls
@@ -434,13 +445,28 @@ pub fn run_train(
 /// `ps-worker local`: `servers` shards and `workers` workers in this process,
 /// talking over loopback gRPC exactly as separate processes would.
 /// With `checkpoint_dir`, the shards write checkpoints there (needed by
-/// `train.best_checkpoint`).
+/// `train.best_checkpoint`). The workers report to a telemetry of their
+/// own; see [`run_local_reporting`].
 pub fn run_local(
     job: &JobConfig,
     servers: u32,
     workers: usize,
     config: &ClientConfig,
     checkpoint_dir: Option<PathBuf>,
+) -> Result<Report, JobError> {
+    let telemetry = Telemetry::default();
+    run_local_reporting(job, servers, workers, config, checkpoint_dir, &telemetry)
+}
+
+/// [`run_local`] with the workers reporting their steps to `telemetry`
+/// (the binary's `--metrics-listen` serves it).
+pub fn run_local_reporting(
+    job: &JobConfig,
+    servers: u32,
+    workers: usize,
+    config: &ClientConfig,
+    checkpoint_dir: Option<PathBuf>,
+    telemetry: &Telemetry,
 ) -> Result<Report, JobError> {
     let started = Instant::now();
     check_inputs(job)?;
@@ -480,8 +506,15 @@ pub fn run_local(
                 let (runtime, addrs) = (&runtime, &addrs);
                 scope.spawn(move || {
                     let client = runtime.block_on(connect_and_create(addrs, job, config))?;
-                    let summary =
-                        trainer::train_worker(runtime.handle(), &client, job, rank, workers, stop)?;
+                    let summary = trainer::train_worker(
+                        runtime.handle(),
+                        &client,
+                        job,
+                        rank,
+                        workers,
+                        stop,
+                        telemetry,
+                    )?;
                     Ok((summary, client))
                 })
             })

@@ -2,10 +2,9 @@
 //! plain periodic log lines otherwise (files, pipes, Kubernetes logs).
 
 use std::io::IsTerminal;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// One worker's progress reporter.
 #[derive(Debug)]
@@ -16,19 +15,13 @@ pub struct Progress {
     bar: Option<ProgressBar>,
 }
 
-/// All bars of this process (the workers of `ps-worker local` share one
-/// terminal).
-fn bars() -> &'static MultiProgress {
-    static BARS: OnceLock<MultiProgress> = OnceLock::new();
-    BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()))
-}
-
 impl Progress {
-    /// A reporter for worker `rank`; `log_every` steps between log lines
-    /// (0: no progress output at all).
-    pub fn new(rank: usize, log_every: usize) -> Progress {
+    /// A reporter for worker `rank`, drawing its bar among `bars` (the
+    /// workers of one process share a terminal); `log_every` steps between
+    /// log lines (0: no progress output at all).
+    pub fn new(rank: usize, log_every: usize, bars: &MultiProgress) -> Progress {
         let bar = (log_every > 0 && std::io::stdout().is_terminal()).then(|| {
-            let bar = bars().add(ProgressBar::new_spinner());
+            let bar = bars.add(ProgressBar::new_spinner());
             bar.set_style(
                 ProgressStyle::with_template("{spinner} worker {prefix}: {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),

@@ -1,14 +1,17 @@
-//! The worker process's training metrics (samples, steps, loss, bytes),
-//! updated by the trainer every step and served as Prometheus text by
-//! `--metrics-listen`.
+//! Where a process's workers report while they train: training metrics
+//! (samples, steps, loss, bytes) updated every step and served as
+//! Prometheus text by `--metrics-listen`, and the terminal's progress bars
+//! (the workers of `ps-worker local` share one terminal). The binary makes
+//! one [`Telemetry`] and hands it to every worker; nothing is process-wide.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use indicatif::{MultiProgress, ProgressDrawTarget};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
-use ps_server::metrics::{counter, gauge};
+use ps_common::prometheus::{counter, gauge};
 
 use crate::client::ByteCounts;
 
@@ -24,17 +27,50 @@ pub struct WorkerMetrics {
     push_bytes: AtomicU64,
 }
 
-/// The process's metrics.
-pub fn global() -> &'static WorkerMetrics {
-    static METRICS: OnceLock<WorkerMetrics> = OnceLock::new();
-    METRICS.get_or_init(|| WorkerMetrics {
-        started: Instant::now(),
-        samples: AtomicU64::new(0),
-        steps: AtomicU64::new(0),
-        loss: AtomicU64::new(f64::NAN.to_bits()),
-        pull_bytes: AtomicU64::new(0),
-        push_bytes: AtomicU64::new(0),
-    })
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            started: Instant::now(),
+            samples: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
+            loss: AtomicU64::new(f64::NAN.to_bits()),
+            pull_bytes: AtomicU64::new(0),
+            push_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What the workers of one process report to (cheap to clone: shared).
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    metrics: Arc<WorkerMetrics>,
+    bars: MultiProgress,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            metrics: Arc::default(),
+            bars: MultiProgress::with_draw_target(ProgressDrawTarget::stdout()),
+        }
+    }
+}
+
+impl Telemetry {
+    /// The training counters, summed over the workers reporting here.
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
+    /// The progress bars the workers draw on the terminal.
+    pub fn bars(&self) -> &MultiProgress {
+        &self.bars
+    }
+
+    /// The counters as a Prometheus collector (read at scrape time).
+    pub fn collector(&self) -> MetricsCollector {
+        MetricsCollector(Arc::clone(&self.metrics))
+    }
 }
 
 impl WorkerMetrics {
@@ -57,14 +93,14 @@ impl WorkerMetrics {
     }
 }
 
-/// The process's training metrics as a Prometheus collector (read at
+/// The workers' training metrics as a Prometheus collector (read at
 /// scrape time).
-#[derive(Debug, Clone, Copy)]
-pub struct Telemetry(pub &'static WorkerMetrics);
+#[derive(Debug, Clone)]
+pub struct MetricsCollector(Arc<WorkerMetrics>);
 
-impl Collector for Telemetry {
+impl Collector for MetricsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let m = self.0;
+        let m = &self.0;
         let samples = m.samples.load(Ordering::Relaxed);
         let seconds = m.started.elapsed().as_secs_f64().max(1e-9);
         counter(

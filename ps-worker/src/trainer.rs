@@ -27,7 +27,7 @@ use crate::model::{Mode, Model, Pulled, push_updates};
 use crate::progress::Progress;
 use crate::resume::{Position, Positions};
 use crate::signal::Signal;
-use crate::telemetry;
+use crate::telemetry::Telemetry;
 use crate::traffic::{CachedStep, Holdback, push_step};
 
 /// Steps between two checks of worker 0's stop signal by the others.
@@ -245,6 +245,7 @@ pub fn train_worker(
     rank: usize,
     world: usize,
     stop: &AtomicBool,
+    telemetry: &Telemetry,
 ) -> Result<TrainSummary, TrainError> {
     let run = Run {
         runtime,
@@ -253,6 +254,7 @@ pub fn train_worker(
         rank,
         world,
         stop,
+        telemetry,
     };
     match job.train.device {
         Device::Cpu => run.train_on(&CpuBackend),
@@ -268,6 +270,8 @@ struct Run<'a> {
     rank: usize,
     world: usize,
     stop: &'a AtomicBool,
+    /// Where this worker reports its steps (metrics, progress bar).
+    telemetry: &'a Telemetry,
 }
 
 impl Run<'_> {
@@ -302,7 +306,7 @@ impl Run<'_> {
         let bad_lines = Arc::new(AtomicU64::new(0));
         let mut summary = TrainSummary::default();
         let mut since_best = 0;
-        let progress = Progress::new(self.rank, train.log_every);
+        let progress = Progress::new(self.rank, train.log_every, self.telemetry.bars());
         let stopped = Signal::new(job, "stop");
         let mut reported_bytes = client.bytes();
         let gate = Gate::for_job(client, job, self.rank, self.world).map(Arc::new);
@@ -401,7 +405,9 @@ impl Run<'_> {
                 }
                 let running = epoch_loss / epoch_samples.max(1) as f64;
                 progress.step(epoch, summary.steps, summary.samples, running);
-                telemetry::global().step(n, running, client.bytes(), &mut reported_bytes);
+                self.telemetry
+                    .metrics()
+                    .step(n, running, client.bytes(), &mut reported_bytes);
             }
             summary.last_epoch_loss = epoch_loss / epoch_samples.max(1) as f64;
             // Validation, checkpoints and the next epoch read every update.

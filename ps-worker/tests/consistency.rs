@@ -108,6 +108,7 @@ fn train_and_dump(job: &JobConfig, workers: usize) -> BTreeMap<(String, u64), Ve
                         rank,
                         workers,
                         stop,
+                        &ps_worker::telemetry::Telemetry::default(),
                     )
                     .unwrap()
                 })

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ps_common::auth::read_token_file;
+use ps_common::logging::LogFormat;
 use ps_common::tls::TlsFiles;
 use ps_server::auth::Auth;
-use ps_server::logging::LogFormat;
 use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    ps_server::logging::init(args.log_format);
+    ps_common::logging::init(args.log_format);
     let mut auth = match &args.auth_token_file {
         Some(file) => Auth::bearer(&read_token_file(file).context("--auth-token-file")?),
         None => Auth::default(),
@@ -221,7 +221,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             shard: Arc::clone(&shard),
             counters: Arc::clone(&config.counters),
         }));
-        let bound = ps_server::metrics::listen(metrics_addr, Arc::new(registry))
+        let bound = ps_common::prometheus::listen(metrics_addr, Arc::new(registry))
             .await
             .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
         println!("metrics on {bound}");

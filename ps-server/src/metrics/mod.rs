@@ -1,15 +1,12 @@
 //! Prometheus metrics of a shard: per-RPC outcome counts and latency
 //! histograms recorded lock-free on the request path, and a collector
 //! ([`ShardMetrics`]) that reads them, the server's counters and its tables
-//! at scrape time. prometheus-client renders the text format; [`http`]
-//! serves it for servers and workers alike.
+//! at scrape time. prometheus-client renders the text format;
+//! [`ps_common::prometheus`] serves it for servers and workers alike.
 //!
 //! - [`counters`]: what the server counts (requests, rows, bytes, RPCs).
-//! - [`http`]: the `GET /metrics` endpoint (hyper, with timeouts and a
-//!   connection cap).
 
 pub mod counters;
-pub mod http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +18,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use ps_common::prometheus::{counter, gauge};
+
 use crate::store::Shard;
 
 pub use counters::{RequestCounters, ShardCounters};
-pub use http::listen;
 
 /// The RPCs a shard serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,31 +148,6 @@ impl RpcMetrics {
         }
         Ok(())
     }
-}
-
-/// Encodes one unlabeled counter (`name` gets its `_total` suffix).
-pub fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: u64,
-) -> std::fmt::Result {
-    ConstCounter::new(value).encode(encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        MetricType::Counter,
-    )?)
-}
-
-/// Encodes one unlabeled gauge.
-pub fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: f64,
-) -> std::fmt::Result {
-    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
 /// A shard's metrics, read at scrape time: request outcomes and

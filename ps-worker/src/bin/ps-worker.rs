@@ -13,8 +13,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use ps_common::auth::read_token_file;
 use ps_common::config::{DataSource, Device, JobConfig};
-use ps_server::logging::LogFormat;
+use ps_common::logging::LogFormat;
 use ps_worker::job::{self, Report};
+use ps_worker::telemetry::Telemetry;
 
 /// Train sparse models whose weights live on parameter servers.
 #[derive(Debug, Parser)]
@@ -156,9 +157,14 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     ps_common::memory::keep_freed_memory();
     let cli = Cli::parse();
-    ps_server::logging::init(cli.log_format);
+    ps_common::logging::init(cli.log_format);
+    // What this process's workers report to; the metrics endpoint serves it.
+    let telemetry = Telemetry::default();
     // Kept alive for the whole run: the metrics endpoint's runtime.
-    let _metrics = cli.metrics_listen.map(serve_metrics).transpose()?;
+    let _metrics = cli
+        .metrics_listen
+        .map(|addr| serve_metrics(addr, &telemetry))
+        .transpose()?;
     let auth_token = cli
         .auth_token_file
         .as_deref()
@@ -208,7 +214,7 @@ fn main() -> anyhow::Result<()> {
                 request_timeout: Duration::from_secs(request_timeout_secs),
                 ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
             };
-            let result = job::run_train(&job, &servers, rank, world, &client)
+            let result = job::run_train(&job, &servers, rank, world, &client, &telemetry)
                 .with_context(|| format!("worker {rank} of {world} failed"))?;
             finish(&result, report.as_deref())
         }
@@ -225,8 +231,15 @@ fn main() -> anyhow::Result<()> {
             }
             let job = job_or_default(config.as_deref(), device)?;
             let client = job::client_config(&job, Duration::from_secs(10));
-            let result = job::run_local(&job, servers, workers, &client, checkpoint_dir)
-                .context("local job failed")?;
+            let result = job::run_local_reporting(
+                &job,
+                servers,
+                workers,
+                &client,
+                checkpoint_dir,
+                &telemetry,
+            )
+            .context("local job failed")?;
             finish(&result, report.as_deref())
         }
         Command::Eval {
@@ -335,19 +348,20 @@ async fn check_health(
     Ok(())
 }
 
-/// Serves the worker's metrics on `addr` from a runtime of its own.
-fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::runtime::Runtime> {
+/// Serves the workers' metrics on `addr` from a runtime of its own.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    telemetry: &Telemetry,
+) -> anyhow::Result<tokio::runtime::Runtime> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the metrics runtime")?;
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(ps_worker::telemetry::Telemetry(
-        ps_worker::telemetry::global(),
-    )));
+    registry.register_collector(Box::new(telemetry.collector()));
     let bound = runtime
-        .block_on(ps_server::metrics::listen(
+        .block_on(ps_common::prometheus::listen(
             addr,
             std::sync::Arc::new(registry),
         ))

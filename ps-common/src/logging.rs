@@ -1,4 +1,5 @@
-//! Process-wide logging set-up shared by the `ps-server` and `ps-worker` binaries.
+//! Logging set-up shared by the `ps-server` and `ps-worker` binaries
+//! (called once, by `main`: it installs the process's subscriber).
 
 /// How log events are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
