@@ -6,6 +6,7 @@ use std::path::Path;
 use super::*;
 use crate::backend::conformance::Rng;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, Pooling};
 
 /// A job for `model` (a `[model]` body) with 8-dim embeddings and 3 fields.
 pub(crate) fn job(model: &str) -> JobConfig {

@@ -2,9 +2,13 @@
 //! loopback ports (started, read for readiness, killed on drop), their
 //! Stats, temporary folders, the peer token replication needs, and the
 //! counting table whose rows count the pushes applied to them.
+//!
+//! - [`workers`]: `ps-worker` processes on the a9a job, and their reports.
 
 #![allow(dead_code)] // each test crate uses a part of it
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+pub mod workers;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

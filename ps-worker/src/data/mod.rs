@@ -1,0 +1,346 @@
+//! Training data: streaming libsvm and libffm readers, per-worker sharding,
+//! batching, and parsing ahead on a thread of its own.
+//!
+//! The reader never holds the file in memory: it streams lines, keeps those
+//! of this worker's shard (line `i` goes to worker `i % world`) and emits
+//! [`Batch`]es in CSR form. A malformed line is an error naming the source and
+//! the line number. [`Batches::ahead`] moves parsing to its own thread with a
+//! bounded queue, so it overlaps the pulls and the compute.
+//!
+//! - [`parse`]: the line parsers of libsvm, libffm and Criteo TSV.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use ps_common::config::{DataFormat, DataSource, IntegerFeatures, JobConfig, OnBadLine};
+
+/// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
+const BUILTIN: &[(&str, &[u8])] = &[
+    (
+        "a9a/train",
+        include_bytes!("../../../data/a9a/a9a.train.libsvm"),
+    ),
+    (
+        "a9a/test",
+        include_bytes!("../../../data/a9a/a9a.test.libsvm"),
+    ),
+];
+
+/// Errors reading training data.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The source could not be opened or read.
+    #[error("{source_name}: {message}")]
+    Io {
+        /// The file or builtin name.
+        source_name: String,
+        /// What failed.
+        message: String,
+    },
+    /// A line does not parse.
+    #[error("{source_name}:{line}: {message}")]
+    Parse {
+        /// The file or builtin name.
+        source_name: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A batch of examples in compressed-sparse-row form.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// Labels, 0 or 1: `tasks` per example (example-major).
+    pub labels: Vec<f32>,
+    /// Example `i`'s features are `ids[offsets[i]..offsets[i + 1]]`.
+    pub offsets: Vec<usize>,
+    /// Feature ids.
+    pub ids: Vec<u64>,
+    /// Feature values, parallel to `ids`.
+    pub values: Vec<f32>,
+    /// Field of each feature, parallel to `ids`; empty when the format has
+    /// no fields (every feature is then in field 0).
+    pub fields: Vec<u32>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            offsets: vec![0],
+            ..Batch::default()
+        }
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// True when the batch has no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_example(&mut self, labels: &[f32]) {
+        self.labels.extend_from_slice(labels);
+        self.offsets.push(self.ids.len());
+    }
+}
+
+/// Opens a data source for streaming.
+pub fn open(source: &DataSource) -> Result<Box<dyn BufRead + Send>, DataError> {
+    match source {
+        DataSource::File(path) => {
+            let file = File::open(path).map_err(|e| DataError::Io {
+                source_name: path.display().to_string(),
+                message: format!("cannot open: {e}"),
+            })?;
+            Ok(Box::new(BufReader::with_capacity(1 << 16, file)))
+        }
+        DataSource::Builtin(name) => BUILTIN
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, bytes)| Box::new(*bytes) as Box<dyn BufRead + Send>)
+            .ok_or_else(|| DataError::Io {
+                source_name: format!("builtin:{name}"),
+                message: format!(
+                    "no such builtin data set (available: {})",
+                    BUILTIN
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+    }
+}
+
+/// Streams one worker's shard of a libsvm or libffm source as batches.
+pub struct Batches {
+    reader: Box<dyn BufRead + Send>,
+    format: DataFormat,
+    fields: u32,
+    integers: IntegerFeatures,
+    tasks: usize,
+    source_name: String,
+    rank: usize,
+    world: usize,
+    batch_size: usize,
+    /// Lines read so far (the next line's number minus one).
+    line: usize,
+    buf: String,
+    done: bool,
+    /// With `Some`, malformed lines are counted here and skipped instead of
+    /// ending the stream with an error.
+    skipped: Option<Arc<AtomicU64>>,
+}
+
+impl Batches {
+    /// Batches of `source` read as the job's `[data]` section says (format,
+    /// fields, integer features, `on_bad_line`), skipped lines counted in
+    /// `skipped`.
+    pub fn for_job(
+        job: &JobConfig,
+        source: &DataSource,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+        skipped: &Arc<AtomicU64>,
+    ) -> Result<Self, DataError> {
+        let data = &job.data;
+        let batches = Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
+            .integers(data.integers)
+            .tasks(job.model.tasks().len());
+        Ok(match data.on_bad_line {
+            OnBadLine::Fail => batches,
+            OnBadLine::Skip => batches.skip_bad_lines(Arc::clone(skipped)),
+        })
+    }
+
+    /// Labels per line (multi-task data: `1,0 ...`); default 1.
+    pub fn tasks(mut self, tasks: usize) -> Self {
+        self.tasks = tasks.max(1);
+        self
+    }
+
+    /// How Criteo integer columns become features (default: bucketize).
+    pub fn integers(mut self, integers: IntegerFeatures) -> Self {
+        self.integers = integers;
+        self
+    }
+
+    /// Skips malformed lines (each logged with its number, the first ones
+    /// in full) and counts them in `counter`, instead of failing.
+    pub fn skip_bad_lines(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.skipped = Some(counter);
+        self
+    }
+
+    /// Batches of `batch_size` examples of a libsvm source from the lines
+    /// `i` with `i % world == rank`.
+    pub fn open(
+        source: &DataSource,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+    ) -> Result<Self, DataError> {
+        Self::open_format(source, DataFormat::Libsvm, 1, rank, world, batch_size)
+    }
+
+    /// As [`Batches::open`] for a given format; libffm field ids must be
+    /// below `fields`.
+    pub fn open_format(
+        source: &DataSource,
+        format: DataFormat,
+        fields: u32,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+    ) -> Result<Self, DataError> {
+        Ok(Batches {
+            reader: open(source)?,
+            format,
+            fields,
+            integers: IntegerFeatures::default(),
+            tasks: 1,
+            source_name: source.to_string(),
+            rank,
+            world: world.max(1),
+            batch_size: batch_size.max(1),
+            line: 0,
+            buf: String::new(),
+            done: false,
+            skipped: None,
+        })
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Batch>, DataError> {
+        let mut batch = Batch::new();
+        while batch.len() < self.batch_size {
+            self.buf.clear();
+            let n = self
+                .reader
+                .read_line(&mut self.buf)
+                .map_err(|e| DataError::Io {
+                    source_name: self.source_name.clone(),
+                    message: format!("read error after line {}: {e}", self.line),
+                })?;
+            if n == 0 {
+                self.done = true;
+                break;
+            }
+            let index = self.line;
+            self.line += 1;
+            if index % self.world != self.rank {
+                continue;
+            }
+            let text = self.buf.trim();
+            if text.is_empty() || text.starts_with('#') {
+                continue;
+            }
+            let parsed = match self.format {
+                DataFormat::Libsvm => parse_libsvm_line(text, self.tasks, &mut batch),
+                DataFormat::Libffm => parse_libffm_line(text, self.fields, self.tasks, &mut batch),
+                DataFormat::Criteo => parse_criteo_line(&self.buf, self.integers, &mut batch),
+            };
+            if let Err(message) = parsed {
+                let error = DataError::Parse {
+                    source_name: self.source_name.clone(),
+                    line: self.line,
+                    message,
+                };
+                match &self.skipped {
+                    None => return Err(error),
+                    Some(counter) => {
+                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n <= 10 || n.is_power_of_two() {
+                            tracing::warn!(skipped = n, "skipping malformed line: {error}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok((!batch.is_empty()).then_some(batch))
+    }
+}
+
+impl Batches {
+    /// Parses on a thread of its own, up to `depth` batches ahead.
+    pub fn ahead(self, depth: usize) -> Ahead {
+        let (tx, rx) = mpsc::sync_channel(depth.max(1));
+        let thread = std::thread::Builder::new()
+            .name("ps-parse".into())
+            .spawn(move || {
+                for item in self {
+                    if tx.send(item).is_err() {
+                        break; // the consumer is gone
+                    }
+                }
+            });
+        match thread {
+            Ok(_) => Ahead {
+                rx: Some(rx),
+                error: None,
+            },
+            Err(e) => Ahead {
+                rx: None,
+                error: Some(DataError::Io {
+                    source_name: "parser thread".into(),
+                    message: format!("cannot start: {e}"),
+                }),
+            },
+        }
+    }
+}
+
+/// Batches parsed ahead on their own thread (see [`Batches::ahead`]).
+/// Dropping it stops the thread at its next batch.
+pub struct Ahead {
+    rx: Option<mpsc::Receiver<Result<Batch, DataError>>>,
+    error: Option<DataError>,
+}
+
+impl Iterator for Ahead {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.error.take() {
+            return Some(Err(e));
+        }
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.next_batch() {
+            Ok(Some(batch)) => Some(Ok(batch)),
+            Ok(None) => None,
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Fails early if a source cannot be opened.
+pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
+    open(source).map(drop)
+}
+
+mod parse;
+#[cfg(test)]
+mod tests;
+
+use parse::{parse_criteo_line, parse_libffm_line, parse_libsvm_line};

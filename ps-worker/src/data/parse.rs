@@ -1,0 +1,177 @@
+//! The line parsers of the three formats (libsvm, libffm, Criteo TSV):
+//! each appends one example to a [`Batch`] or, on a malformed line, leaves
+//! it exactly as it was and says what was wrong.
+
+use ps_common::config::IntegerFeatures;
+use ps_common::routing::{fnv1a64, mix64};
+
+use super::Batch;
+
+/// Parses `label idx:val idx:val ...` and appends it to `batch`; on error the
+/// batch is left unchanged.
+pub(super) fn parse_libsvm_line(text: &str, tasks: usize, batch: &mut Batch) -> Result<(), String> {
+    let mut fields = text.split_ascii_whitespace();
+    let labels = parse_labels(fields.next().unwrap_or_default(), tasks)?;
+    let start = batch.ids.len();
+    for field in fields {
+        let parsed = field
+            .split_once(':')
+            .and_then(|(i, v)| Some((i.parse::<u64>().ok()?, v.parse::<f32>().ok()?)));
+        match parsed {
+            Some((id, value)) if value.is_finite() => {
+                batch.ids.push(id);
+                batch.values.push(value);
+            }
+            _ => {
+                batch.ids.truncate(start);
+                batch.values.truncate(start);
+                return Err(format!(
+                    "feature {field:?} is not index:value with a finite value"
+                ));
+            }
+        }
+    }
+    batch.push_example(&labels);
+    Ok(())
+}
+
+/// Parses a label token: `tasks` comma-separated numbers, each positive
+/// (> 0) meaning 1 and anything else 0 (libsvm's -1/+1 and 0/1 alike).
+pub(super) fn parse_labels(token: &str, tasks: usize) -> Result<Vec<f32>, String> {
+    let labels = token
+        .split(',')
+        .map(|t| match t.parse::<f32>() {
+            Ok(v) if v.is_finite() => Ok(if v > 0.0 { 1.0 } else { 0.0 }),
+            Ok(_) => Err(format!("label {t:?} is not finite")),
+            Err(_) => Err(format!("label {t:?} is not a number")),
+        })
+        .collect::<Result<Vec<f32>, String>>()?;
+    if labels.len() != tasks {
+        return Err(format!(
+            "{} label(s) in {token:?}, the model has {tasks} task(s)",
+            labels.len()
+        ));
+    }
+    Ok(labels)
+}
+
+/// Parses `label field:id:value ...` and appends it to `batch`; on error the
+/// batch is left unchanged.
+pub(super) fn parse_libffm_line(
+    text: &str,
+    fields: u32,
+    tasks: usize,
+    batch: &mut Batch,
+) -> Result<(), String> {
+    let mut tokens = text.split_ascii_whitespace();
+    let labels = parse_labels(tokens.next().unwrap_or_default(), tasks)?;
+    // `fields` may be shorter than `ids` (examples without fields).
+    let (start, fields_start) = (batch.ids.len(), batch.fields.len());
+    let fail = |batch: &mut Batch, message: String| {
+        batch.ids.truncate(start);
+        batch.values.truncate(start);
+        batch.fields.truncate(fields_start);
+        Err(message)
+    };
+    for token in tokens {
+        let mut parts = token.splitn(3, ':');
+        let parsed = (|| {
+            let field = parts.next()?.parse::<u32>().ok()?;
+            let id = parts.next()?.parse::<u64>().ok()?;
+            let value = parts.next()?.parse::<f32>().ok()?;
+            Some((field, id, value))
+        })();
+        match parsed {
+            Some((field, _, _)) if field >= fields => {
+                return fail(
+                    batch,
+                    format!("feature {token:?}: field {field} is not below data.fields = {fields}"),
+                );
+            }
+            Some((field, id, value)) if value.is_finite() => {
+                batch.fields.push(field);
+                batch.ids.push(id);
+                batch.values.push(value);
+            }
+            _ => {
+                return fail(
+                    batch,
+                    format!("feature {token:?} is not field:index:value with a finite value"),
+                );
+            }
+        }
+    }
+    batch.push_example(&labels);
+    Ok(())
+}
+
+/// Criteo's integer and categorical column counts.
+pub(super) const CRITEO_INTEGERS: usize = 13;
+pub(super) const CRITEO_CATEGORIES: usize = 26;
+
+/// The id of `token` in field `field`: both hashed into 64 bits.
+pub(super) fn hashed_id(field: usize, token: &[u8]) -> u64 {
+    mix64(fnv1a64(token) ^ (field as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Parses a Criteo TSV line (`label`, 13 integers, 26 hex categories, tab
+/// separated, empty fields allowed) and appends it to `batch`; on error the
+/// batch is left unchanged. Fields 0-12 are the integer columns, 13-38 the
+/// categorical ones; an empty categorical value is its field's "missing" id,
+/// an empty integer is left out.
+pub(super) fn parse_criteo_line(
+    line: &str,
+    integers: IntegerFeatures,
+    batch: &mut Batch,
+) -> Result<(), String> {
+    let line = line.trim_end_matches(['\n', '\r']);
+    let columns: Vec<&str> = line.split('\t').collect();
+    if columns.len() != 1 + CRITEO_INTEGERS + CRITEO_CATEGORIES {
+        return Err(format!(
+            "{} tab-separated columns, expected 40 (label, 13 integers, 26 categories)",
+            columns.len()
+        ));
+    }
+    let label = match columns[0] {
+        "0" => 0.0,
+        "1" => 1.0,
+        other => return Err(format!("label {other:?} is not 0 or 1")),
+    };
+    let mut features = Vec::with_capacity(CRITEO_INTEGERS + CRITEO_CATEGORIES);
+    for (i, text) in columns[1..=CRITEO_INTEGERS].iter().enumerate() {
+        if text.is_empty() {
+            continue;
+        }
+        let v: i64 = text
+            .parse()
+            .map_err(|_| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
+        features.push(match integers {
+            IntegerFeatures::Bucketize => {
+                let bucket = if v <= 2 {
+                    v
+                } else {
+                    ((v as f64).ln().powi(2)) as i64
+                };
+                (i, hashed_id(i, &bucket.to_le_bytes()), 1.0)
+            }
+            IntegerFeatures::Log => (i, hashed_id(i, b"log"), (v.max(0) as f32).ln_1p()),
+        });
+    }
+    for (j, text) in columns[1 + CRITEO_INTEGERS..].iter().enumerate() {
+        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "categorical column C{} = {text:?} is not hexadecimal",
+                j + 1
+            ));
+        }
+        let field = CRITEO_INTEGERS + j;
+        features.push((field, hashed_id(field, text.as_bytes()), 1.0));
+    }
+    for (field, id, value) in features {
+        batch.fields.push(field as u32);
+        batch.ids.push(id);
+        batch.values.push(value);
+    }
+    batch.push_example(&[label]);
+    Ok(())
+}

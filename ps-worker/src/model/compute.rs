@@ -1,0 +1,435 @@
+//! A model's forward and backward passes on a compute [`Backend`]: the
+//! linear part, FM, the MLP tower (with batch norm, dropout, residuals)
+//! and the task heads.
+
+use ps_common::routing::mix64;
+
+use super::{BN_EPS, Gradients, Layer, Mlp, Mode, Model, Output, Pulled};
+use crate::backend::{
+    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling,
+};
+
+impl Model {
+    /// Forward pass, and in training the backward pass, on `backend`.
+    pub fn compute<B: Backend>(
+        &self,
+        backend: &B,
+        pulled: &Pulled,
+        mode: Mode,
+    ) -> Result<Output, BackendError> {
+        let plan_host = &pulled.plan;
+        let (n, unique, tasks) = (plan_host.examples, plan_host.unique, self.heads.len());
+        let plan = backend.upload_plan(plan_host)?;
+        let w = match self.linear {
+            Some(i) => Some(backend.upload(&pulled.sparse[i], unique, 1)?),
+            None => None,
+        };
+        let v = match self.embeddings {
+            Some(i) => Some(backend.upload(&pulled.sparse[i], unique, self.sparse[i].dim)?),
+            None => None,
+        };
+        // Head 0's wide part: linear and FM terms.
+        let mut wide = match &w {
+            Some(w) => Some(backend.gather_pool(w, &plan, Pooling::Example)?),
+            None => None,
+        };
+        let mut fm_sums = None;
+        if let (true, Some(v)) = (self.fm, &v) {
+            let (interaction, sums) = backend.fm_forward(v, &plan)?;
+            wide = Some(match wide {
+                Some(z) => backend.add(&z, &interaction)?,
+                None => interaction,
+            });
+            fm_sums = Some(sums);
+        }
+        // The deep input: per-field pooled embeddings, through the shared bottom.
+        let deep = self.heads.iter().any(|h| h.tower.is_some())
+            || self.shared.is_some()
+            || !self.experts.is_empty();
+        let x = match (&v, deep) {
+            (Some(v), true) => {
+                let pooled = backend.gather_pool(v, &plan, Pooling::Field)?;
+                Some(backend.reshape(pooled, n, self.fields * self.embedding_dim())?)
+            }
+            _ => None,
+        };
+        let shared = match (&self.shared, &x) {
+            (Some(mlp), Some(x)) => Some(self.mlp_forward(backend, mlp, x, pulled, mode)?),
+            _ => None,
+        };
+        let h = match (&shared, &x) {
+            (Some((out, _)), _) => Some(out),
+            (None, Some(x)) => Some(x),
+            _ => None,
+        };
+        // MMoE: every expert over x, then per task a softmax gate mixes them.
+        let mut expert_tapes = Vec::with_capacity(self.experts.len());
+        let mut stacked = None;
+        let mut gating = Vec::with_capacity(self.heads.len());
+        if let (false, Some(x)) = (self.experts.is_empty(), &x) {
+            let mut outs = Vec::with_capacity(self.experts.len());
+            for expert in &self.experts {
+                let (out, tape) = self.mlp_forward(backend, expert, x, pulled, mode)?;
+                outs.push(out);
+                expert_tapes.push(tape);
+            }
+            let all = backend.stack_rows(&outs.iter().collect::<Vec<_>>())?;
+            for head in &self.heads {
+                gating.push(match head.gate {
+                    Some(g) => {
+                        let w_gate = self.upload_dense(backend, pulled, g)?;
+                        let gates =
+                            backend.softmax_rows(&backend.matmul(x, &w_gate, false, false)?)?;
+                        let mixed = backend.mix(&all, &gates)?;
+                        Some((w_gate, gates, mixed))
+                    }
+                    None => None,
+                });
+            }
+            stacked = Some(all);
+        }
+        let mut loss_sum = 0f64;
+        // Probabilities are for evaluation; training needs only the loss and
+        // its gradient (no sigmoid kernel and no copy back per step).
+        let mut probs = match mode {
+            Mode::Eval => vec![0f32; n * tasks],
+            Mode::Train { .. } => Vec::new(),
+        };
+        let mut heads = Vec::with_capacity(tasks);
+        for (t, head) in self.heads.iter().enumerate() {
+            let input = gating
+                .get(t)
+                .and_then(|g| g.as_ref())
+                .map(|(_, _, mixed)| mixed)
+                .or(h);
+            let (mut z, tape) = match (&head.tower, input) {
+                (Some(mlp), Some(input)) => {
+                    let (out, tape) = self.mlp_forward(backend, mlp, input, pulled, mode)?;
+                    (Some(out), Some(tape))
+                }
+                _ => (None, None),
+            };
+            if t == 0 {
+                z = match (z, wide.take()) {
+                    (Some(a), Some(b)) => Some(backend.add(&a, &b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+            let z = match z {
+                Some(z) => z,
+                None => backend.upload(&vec![0.0; n], n, 1)?,
+            };
+            let bias = self.upload_dense(backend, pulled, head.bias)?;
+            let logits = backend.bias_act(&z, &bias, Activation::Identity, None)?;
+            let labels: Vec<f32> = (0..n).map(|b| pulled.labels[b * tasks + t]).collect();
+            let labels = backend.upload(&labels, n, 1)?;
+            let (loss, dlogits) = backend.bce_with_logits(&logits, &labels)?;
+            loss_sum += f64::from(head.weight) * loss;
+            if mode == Mode::Eval {
+                for (b, p) in backend
+                    .download(&backend.sigmoid(&logits)?)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    probs[b * tasks + t] = p;
+                }
+            }
+            heads.push((logits, dlogits, tape));
+        }
+        let Mode::Train { .. } = mode else {
+            return Ok(Output {
+                loss_sum,
+                probs,
+                grads: None,
+            });
+        };
+
+        let mut dense_grads: Vec<Vec<f32>> = self.dense.iter().map(|_| Vec::new()).collect();
+        let mut sparse_grads: Vec<Vec<f32>> = self.sparse.iter().map(|_| Vec::new()).collect();
+        let mut dh: Option<B::Tensor> = None;
+        let mut dv: Option<B::Tensor> = None;
+        // MMoE: gradients of the stacked expert outputs, and of x via the gates.
+        let mut dstacked: Option<B::Tensor> = None;
+        let mut dx_gates: Option<B::Tensor> = None;
+        let sum = |acc: Option<B::Tensor>, d: B::Tensor| -> Result<B::Tensor, BackendError> {
+            match acc {
+                Some(acc) => backend.add(&acc, &d),
+                None => Ok(d),
+            }
+        };
+        for (t, (head, (logits, dlogits, tape))) in self.heads.iter().zip(heads).enumerate() {
+            let dlogits = if head.weight == 1.0 {
+                dlogits
+            } else {
+                backend.scale(&dlogits, head.weight)?
+            };
+            let (dz, dbias) =
+                backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
+            dense_grads[head.bias] = backend.download(&dbias)?;
+            if t == 0 {
+                if let Some(i) = self.linear {
+                    let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
+                    sparse_grads[i] = backend.download(&dw)?;
+                }
+                if let (Some(sums), Some(v)) = (&fm_sums, &v) {
+                    dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
+                }
+            }
+            let gate = gating.get(t).and_then(|g| g.as_ref());
+            let input = gate.map(|(_, _, mixed)| mixed).or(h);
+            if let (Some(mlp), Some(tape), Some(input)) = (&head.tower, tape, input) {
+                let d =
+                    self.mlp_backward(backend, mlp, tape, dz, input, pulled, &mut dense_grads)?;
+                match (gate, &stacked, &x, head.gate) {
+                    (Some((w_gate, gates, _)), Some(all), Some(x), Some(g)) => {
+                        let (ds, dgates) = backend.mix_backward(&d, all, gates)?;
+                        dstacked = Some(sum(dstacked, ds)?);
+                        let dlogits = backend.softmax_rows_backward(&dgates, gates)?;
+                        dense_grads[g] =
+                            backend.download(&backend.matmul(x, &dlogits, true, false)?)?;
+                        let dx = backend.matmul(&dlogits, w_gate, false, true)?;
+                        dx_gates = Some(sum(dx_gates, dx)?);
+                    }
+                    _ => dh = Some(sum(dh, d)?),
+                }
+            }
+        }
+        if let (Some(ds), Some(x)) = (dstacked, &x) {
+            for (e, (expert, tape)) in self.experts.iter().zip(expert_tapes).enumerate() {
+                let dout = backend.slice_rows(&ds, e * n, n)?;
+                let d =
+                    self.mlp_backward(backend, expert, tape, dout, x, pulled, &mut dense_grads)?;
+                dh = Some(sum(dh, d)?);
+            }
+        }
+        if let Some(d) = dx_gates {
+            dh = Some(sum(dh, d)?);
+        }
+        let dx = match (&self.shared, shared, &x, dh) {
+            (Some(mlp), Some((_, tape)), Some(x), Some(dh)) => {
+                Some(self.mlp_backward(backend, mlp, tape, dh, x, pulled, &mut dense_grads)?)
+            }
+            (_, _, _, dh) => dh,
+        };
+        if let Some(dx) = dx {
+            let de = backend.reshape(dx, n * self.fields, self.embedding_dim())?;
+            let from_deep = backend.scatter_pool(&de, &plan, Pooling::Field)?;
+            dv = Some(match dv {
+                Some(fm) => backend.add(&fm, &from_deep)?,
+                None => from_deep,
+            });
+        }
+        if let (Some(dv), Some(i)) = (dv, self.embeddings) {
+            sparse_grads[i] = backend.download(&dv)?;
+        }
+        Ok(Output {
+            loss_sum,
+            probs,
+            grads: Some(Gradients {
+                sparse: sparse_grads,
+                dense: dense_grads,
+            }),
+        })
+    }
+
+    /// The MLP over `input`: the output layer's `[n, 1]` when it has one,
+    /// else the last hidden activation; and what its backward pass needs.
+    fn mlp_forward<B: Backend>(
+        &self,
+        backend: &B,
+        mlp: &Mlp,
+        input: &B::Tensor,
+        pulled: &Pulled,
+        mode: Mode,
+    ) -> Result<(B::Tensor, Tape<B::Tensor>), BackendError> {
+        let mut h: Option<B::Tensor> = None;
+        let mut steps = Vec::with_capacity(mlp.layers.len());
+        for (i, layer) in mlp.layers.iter().enumerate() {
+            let current = h.as_ref().unwrap_or(input);
+            let weight = self.upload_dense(backend, pulled, layer.dense)?;
+            let bias = self.upload_dense(backend, pulled, layer.dense + 1)?;
+            let pre = backend.matmul(current, &weight, false, false)?;
+            let (pre, norm) = if mlp.batch_norm {
+                let params = bn_params(pulled, layer);
+                let params = backend.upload(&params, 4, layer.output)?;
+                let bn_mode = match mode {
+                    Mode::Train { .. } => BatchNormMode::Batch,
+                    Mode::Eval => BatchNormMode::Running,
+                };
+                let (y, stats, saved) = backend.batch_norm(&pre, &params, bn_mode, BN_EPS)?;
+                (y, Some((params, stats, saved)))
+            } else {
+                (pre, None)
+            };
+            let dropout = match mode {
+                Mode::Train { seed } if mlp.dropout > 0.0 => Some(Dropout {
+                    rate: mlp.dropout,
+                    seed: mix64(seed ^ mlp.salt ^ (i as u64 + 1)),
+                }),
+                _ => None,
+            };
+            let act = backend.bias_act(&pre, &bias, Activation::Relu, dropout)?;
+            let residual = mlp.residual && layer.input == layer.output;
+            let (next, act) = if residual {
+                (backend.add(current, &act)?, Some(act))
+            } else {
+                (act, None)
+            };
+            steps.push(Step {
+                input: h.replace(next),
+                weight,
+                act,
+                dropout,
+                norm,
+            });
+        }
+        let (out, out_w) = match mlp.out {
+            Some(o) => {
+                let out_w = self.upload_dense(backend, pulled, o)?;
+                let out = backend.matmul(h.as_ref().unwrap_or(input), &out_w, false, false)?;
+                (Some(out), Some(out_w))
+            }
+            None => (None, None),
+        };
+        let (out, last) = match (out, h) {
+            (Some(out), last) => (out, last),
+            (None, Some(last)) => {
+                // No output layer: the last activation is the result; the
+                // backward pass keeps its own copy.
+                let copy = backend.copy(&last)?;
+                (last, Some(copy))
+            }
+            (None, None) => {
+                return Err(crate::backend::shape_error(
+                    "mlp",
+                    "an MLP with neither hidden layers nor an output layer".into(),
+                ));
+            }
+        };
+        Ok((out, Tape { steps, last, out_w }))
+    }
+
+    /// Backward of [`Model::mlp_forward`] given `dout` and the same `input`:
+    /// fills the MLP's dense gradients, returns `d input`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward<B: Backend>(
+        &self,
+        backend: &B,
+        mlp: &Mlp,
+        tape: Tape<B::Tensor>,
+        dout: B::Tensor,
+        input: &B::Tensor,
+        pulled: &Pulled,
+        grads: &mut [Vec<f32>],
+    ) -> Result<B::Tensor, BackendError> {
+        let mut dh = match (mlp.out, &tape.out_w) {
+            (Some(o), Some(out_w)) => {
+                let last = tape.last.as_ref().unwrap_or(input);
+                grads[o] = backend.download(&backend.matmul(last, &dout, true, false)?)?;
+                backend.matmul(&dout, out_w, false, true)?
+            }
+            _ => dout,
+        };
+        // The output of layer i is the input of layer i + 1 (or `last`).
+        let mut output = tape.last;
+        for (layer, step) in mlp.layers.iter().zip(tape.steps).rev() {
+            let act = match (&step.act, &output) {
+                (Some(act), _) | (None, Some(act)) => act,
+                (None, None) => {
+                    return Err(crate::backend::shape_error(
+                        "mlp",
+                        "missing activation".into(),
+                    ));
+                }
+            };
+            let (dpre, dbias) =
+                backend.bias_act_backward(&dh, act, Activation::Relu, step.dropout)?;
+            grads[layer.dense + 1] = backend.download(&dbias)?;
+            let dlin = match &step.norm {
+                Some((params, stats, saved)) => {
+                    let (dx, dparams) = backend.batch_norm_backward(&dpre, params, saved)?;
+                    let dparams = backend.download(&dparams)?;
+                    grads[layer.dense + 2] = dparams[..layer.output].to_vec();
+                    grads[layer.dense + 3] =
+                        running_stats_push(pulled, layer, &backend.download(stats)?, mlp.momentum);
+                    dx
+                }
+                None => dpre,
+            };
+            let layer_input = step.input.as_ref().unwrap_or(input);
+            grads[layer.dense] =
+                backend.download(&backend.matmul(layer_input, &dlin, true, false)?)?;
+            let dinput = backend.matmul(&dlin, &step.weight, false, true)?;
+            dh = if step.act.is_some() {
+                backend.add(&dinput, &dh)?
+            } else {
+                dinput
+            };
+            output = step.input;
+        }
+        Ok(dh)
+    }
+
+    fn embedding_dim(&self) -> usize {
+        self.embeddings.map_or(0, |i| self.sparse[i].dim)
+    }
+
+    fn upload_dense<B: Backend>(
+        &self,
+        backend: &B,
+        pulled: &Pulled,
+        i: usize,
+    ) -> Result<B::Tensor, BackendError> {
+        let t = &self.dense[i];
+        backend.upload(&pulled.dense[i], t.rows.unwrap_or(1), t.dim)
+    }
+}
+
+/// What the MLP's forward pass keeps for the backward pass.
+struct Tape<T> {
+    steps: Vec<Step<T>>,
+    /// The last hidden activation (`None` without hidden layers).
+    last: Option<T>,
+    out_w: Option<T>,
+}
+
+struct Step<T> {
+    /// The layer's input, except for the first layer (whose input the
+    /// caller passes to the backward pass).
+    input: Option<T>,
+    weight: T,
+    /// With a residual connection, the layer's own activation
+    /// `dropout(relu(...))` (without, it is the next layer's input).
+    act: Option<T>,
+    dropout: Option<Dropout>,
+    norm: Option<(T, T, BatchNormSaved<T>)>,
+}
+
+/// `[gamma, beta = 0, running mean, running var]` of a layer from its tables
+/// (which store gamma - 1 and var - 1 so that zeros are the identity).
+fn bn_params(pulled: &Pulled, layer: &Layer) -> Vec<f32> {
+    let (bn, stats) = (
+        &pulled.dense[layer.dense + 2],
+        &pulled.dense[layer.dense + 3],
+    );
+    let w = layer.output;
+    let mut params = Vec::with_capacity(4 * w);
+    params.extend(bn[..w].iter().map(|g| 1.0 + g));
+    params.extend(std::iter::repeat_n(0.0, w));
+    params.extend_from_slice(&stats[..w]);
+    params.extend(stats[w..2 * w].iter().map(|v| 1.0 + v));
+    params
+}
+
+/// The push that moves the running statistics toward the batch's: through
+/// SGD with lr 1, `stored - (1 - m) (stored - batch)` is the moving average.
+fn running_stats_push(pulled: &Pulled, layer: &Layer, batch: &[f32], momentum: f32) -> Vec<f32> {
+    let stored = &pulled.dense[layer.dense + 3];
+    let w = layer.output;
+    (0..2 * w)
+        .map(|i| {
+            let target = if i < w { batch[i] } else { batch[i] - 1.0 };
+            (1.0 - momentum) * (stored[i] - target)
+        })
+        .collect()
+}
