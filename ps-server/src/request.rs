@@ -281,15 +281,6 @@ impl Write {
         };
         pb::ReplicaEntry { write: Some(write) }
     }
-
-    /// Rows the write names (for counters).
-    pub fn rows(&self) -> usize {
-        match self {
-            Write::CreateTable(_) => 0,
-            Write::Push(call) => call.parts.iter().map(|p| p.keys.len()).sum(),
-            Write::Assign(a) => a.keys.len(),
-        }
-    }
 }
 
 /// A push's `(writer, seq)`: seqs number a writer's calls from 1, so a

@@ -19,7 +19,7 @@
 //! - [`progress`]: a progress bar on terminals, periodic log lines elsewhere.
 //! - [`resume`]: each worker's data position, kept on the servers for restarts.
 //! - [`signal`]: job-wide flags between worker processes, kept on the servers.
-//! - [`telemetry`]: the process's training metrics for Prometheus.
+//! - [`telemetry`]: where the workers of a process report (Prometheus metrics, progress bars); made by the binary, not global.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
 
