@@ -87,6 +87,7 @@ struct Inner {
     /// push (the pull of step s + 1 runs while step s computes): pushed
     /// with the next step's gradients, not carried into the new entry.
     due: Sums,
+    /// Counts only: the byte fields are derived in [`RowCache::stats`].
     stats: CacheStats,
 }
 
@@ -137,9 +138,17 @@ impl RowCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What the cache holds so far.
+    /// What the cache did so far. The saved bytes follow from the counts:
+    /// each hit and each row gradient summed (less the sums pushed) is a
+    /// row of f32s that did not travel.
     pub fn stats(&self) -> CacheStats {
-        self.lock().stats
+        let counts = self.lock().stats;
+        let row_bytes = self.width as u64 * 4;
+        CacheStats {
+            pull_bytes_saved: counts.hits * row_bytes,
+            push_bytes_saved: counts.rows_held.saturating_sub(counts.rows_flushed) * row_bytes,
+            ..counts
+        }
     }
 
     /// Rows held now.
@@ -188,7 +197,6 @@ impl RowCache {
         let n = found.len() as u64;
         inner.stats.hits += n;
         inner.stats.misses += missing.len() as u64;
-        inner.stats.pull_bytes_saved += n * self.width as u64 * 4;
         Lookup {
             rows,
             missing,
@@ -315,12 +323,6 @@ impl RowCache {
         inner.stats.rows_held += held;
         let flushed = self.append_sums(updates, expired);
         inner.stats.rows_flushed += flushed;
-        inner.stats.push_bytes_saved = (inner
-            .stats
-            .rows_held
-            .saturating_sub(inner.stats.rows_flushed))
-            * self.width as u64
-            * 4;
     }
 
     /// Every gradient sum held, as sparse updates (at `lr_scale`); the
@@ -352,12 +354,6 @@ impl RowCache {
             .collect();
         let flushed = self.append_sums(&mut updates, sums);
         inner.stats.rows_flushed += flushed;
-        inner.stats.push_bytes_saved = (inner
-            .stats
-            .rows_held
-            .saturating_sub(inner.stats.rows_flushed))
-            * self.width as u64
-            * 4;
         updates.retain(|u| !u.keys.is_empty());
         updates
     }
