@@ -45,20 +45,7 @@ impl Model {
         batch: &Batch,
         cache: Option<(&RowCache, u64)>,
     ) -> Result<Pulled, PsError> {
-        let (keys, plan) = self.plan(batch);
-        let hot = cache.map_or_else(Vec::new, |_| hot_rows(&plan.row_offsets));
-        let (sparse, dense) = tokio::try_join!(
-            self.pull_sparse_rows(client, &keys, &hot, cache),
-            self.pull_tables(client, &self.dense, &[])
-        )?;
-        Ok(Pulled {
-            keys,
-            plan,
-            labels: batch.labels.clone(),
-            sparse,
-            dense,
-            hot,
-        })
+        self.pull_batch(client, batch, cache, true).await
     }
 
     /// The batch's plan and its sparse tables' rows (through `cache`, as
@@ -70,15 +57,31 @@ impl Model {
         batch: &Batch,
         cache: Option<(&RowCache, u64)>,
     ) -> Result<Pulled, PsError> {
+        self.pull_batch(client, batch, cache, false).await
+    }
+
+    /// The batch's plan, its sparse rows (through `cache`) and, with
+    /// `dense`, every dense table, pulled in parallel.
+    async fn pull_batch(
+        &self,
+        client: &PsClient,
+        batch: &Batch,
+        cache: Option<(&RowCache, u64)>,
+        dense: bool,
+    ) -> Result<Pulled, PsError> {
         let (keys, plan) = self.plan(batch);
         let hot = cache.map_or_else(Vec::new, |_| hot_rows(&plan.row_offsets));
-        let sparse = self.pull_sparse_rows(client, &keys, &hot, cache).await?;
+        let dense_tables: &[TableUse] = if dense { &self.dense } else { &[] };
+        let (sparse, dense) = tokio::try_join!(
+            self.pull_sparse_rows(client, &keys, &hot, cache),
+            self.pull_tables(client, dense_tables, &[])
+        )?;
         Ok(Pulled {
             keys,
             plan,
             labels: batch.labels.clone(),
             sparse,
-            dense: Vec::new(),
+            dense,
             hot,
         })
     }
