@@ -26,6 +26,7 @@ pub fn emb_table(dim: u32, optimizer: OptimizerSpec) -> TableSpec {
         },
         optimizer,
         seed: 1,
+        lifecycle: Default::default(),
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`table`]: validated table specs ([`TableSpec`]), converted from and to
 //!   the protobuf types at the boundary.
 //! - [`ids`]: random ids for writers, servers and replication streams.
+//! - [`lifecycle`]: a sparse table's admission and eviction policies.
 //! - [`init`]: the deterministic row initializer, seeded by (table seed, key).
 //! - [`names`]: the rules for table and checkpoint names, and how a refused one is quoted.
 //! - [`routing`]: the one function that maps a key to its shard.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod init;
+pub mod lifecycle;
 pub mod logging;
 pub mod memory;
 pub mod names;
@@ -40,5 +42,6 @@ pub mod pb {
 }
 
 pub use error::PsError;
+pub use lifecycle::Lifecycle;
 pub use routing::ShardRouter;
 pub use table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};

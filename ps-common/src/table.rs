@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::PsError;
+use crate::lifecycle::Lifecycle;
 use crate::names::validate_table_name;
 use crate::pb;
 use crate::routing::Placement;
@@ -33,6 +34,9 @@ pub struct TableSpec {
     pub optimizer: OptimizerSpec,
     /// Seed of the initializer; rows depend on (seed, key) only.
     pub seed: u64,
+    /// Sparse only: admission and eviction (default: neither).
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
 }
 
 /// Sparse or dense, with the dense shape.
@@ -193,6 +197,13 @@ impl TableSpec {
         }
         self.initializer.validate().map_err(ctx)?;
         self.optimizer.validate().map_err(ctx)?;
+        if !self.lifecycle.is_default() && self.kind != TableKind::Sparse {
+            return Err(ctx(
+                "admission and eviction are for sparse tables only (a dense table's rows are fixed)"
+                    .into(),
+            ));
+        }
+        self.lifecycle.validate().map_err(ctx)?;
         Ok(())
     }
 
@@ -212,6 +223,7 @@ impl TableSpec {
             .or_else(|| diff("initializer", &self.initializer, &other.initializer))
             .or_else(|| diff("optimizer", &self.optimizer, &other.optimizer))
             .or_else(|| diff("seed", &self.seed, &other.seed))
+            .or_else(|| diff("lifecycle", &self.lifecycle, &other.lifecycle))
     }
 }
 
@@ -406,6 +418,8 @@ impl TryFrom<pb::TableSpec> for TableSpec {
                 )));
             }
         };
+        let lifecycle = Lifecycle::try_from(p.lifecycle)
+            .map_err(|e| PsError::invalid(format!("table '{}': {e}", p.name)))?;
         let spec = TableSpec {
             name: p.name,
             kind,
@@ -413,6 +427,7 @@ impl TryFrom<pb::TableSpec> for TableSpec {
             initializer,
             optimizer,
             seed: p.seed,
+            lifecycle,
         };
         spec.validate()?;
         Ok(spec)
@@ -484,6 +499,7 @@ impl From<&TableSpec> for pb::TableSpec {
                 kind: Some(optimizer),
             }),
             seed: s.seed,
+            lifecycle: (&s.lifecycle).into(),
         }
     }
 }
@@ -507,6 +523,7 @@ mod tests {
                 eps: 1e-8,
             },
             seed: 1,
+            lifecycle: Default::default(),
         }
     }
 

@@ -2,8 +2,9 @@
 //! file per shard, written atomically and checked on load.
 //!
 //! Layout of `DIR/NAME/shard-I.bin`:
-//! `b"PSCKPT01"` | payload length (u64 LE) | FNV-1a-64 of the payload (u64 LE)
-//! | payload = bincode (standard config) of [`ShardSnapshot`].
+//! `b"PSCKPT02"` | payload length (u64 LE) | FNV-1a-64 of the payload (u64 LE)
+//! | payload = bincode (standard config) of [`ShardSnapshot`]. Format 1
+//! (`PSCKPT01`, before admission sketches were kept) is still read.
 //! Beside it, `shard-I.json` is a human-readable manifest (tables, rows,
 //! checksum). The file is written to a temporary name of its own, fsynced,
 //! then renamed, so a crash never leaves a half-written checkpoint under the
@@ -24,9 +25,11 @@ use ps_common::PsError;
 use ps_common::routing::fnv1a64;
 use serde::Serialize;
 
-use crate::store::{Shard, ShardSnapshot};
+use crate::store::{Shard, ShardSnapshot, ShardSnapshotV1};
 
-const MAGIC: &[u8; 8] = b"PSCKPT01";
+const MAGIC: &[u8; 8] = b"PSCKPT02";
+/// Format 1: the same, without the tables' admission counters.
+const MAGIC_V1: &[u8; 8] = b"PSCKPT01";
 const HEADER_LEN: usize = 8 + 8 + 8;
 
 #[derive(Debug, Serialize)]
@@ -134,7 +137,7 @@ impl Checkpoints {
         file_bytes.extend_from_slice(&checksum.to_le_bytes());
         self.write_atomically(&path, &[&file_bytes, &payload])?;
         let manifest = Manifest {
-            format: "PSCKPT01",
+            format: "PSCKPT02",
             shard_id: snapshot.shard_id,
             num_shards: snapshot.num_shards,
             checksum_fnv1a64: format!("{checksum:016x}"),
@@ -268,8 +271,10 @@ pub fn load(dir: &Path, shard_id: u32, num_shards: u32) -> Result<ShardSnapshot,
     let refuse = |why: String| {
         PsError::FailedPrecondition(format!("checkpoint {} refused: {why}", path.display()))
     };
-    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-        return Err(refuse("not a PSCKPT01 checkpoint file".into()));
+    if bytes.len() < HEADER_LEN || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
+        return Err(refuse(
+            "not a PSCKPT02 (or PSCKPT01) checkpoint file".into(),
+        ));
     }
     let word = |at: usize| {
         let mut w = [0u8; 8];
@@ -287,9 +292,14 @@ pub fn load(dir: &Path, shard_id: u32, num_shards: u32) -> Result<ShardSnapshot,
     if fnv1a64(payload) != checksum {
         return Err(refuse("checksum mismatch (the file is corrupted)".into()));
     }
-    let (snapshot, _): (ShardSnapshot, usize) =
+    let decoded = if &bytes[..8] == MAGIC_V1 {
         bincode::serde::decode_from_slice(payload, bincode::config::standard())
-            .map_err(|e| refuse(format!("cannot decode: {e}")))?;
+            .map(|(v1, _): (ShardSnapshotV1, usize)| ShardSnapshot::from(v1))
+    } else {
+        bincode::serde::decode_from_slice(payload, bincode::config::standard())
+            .map(|(snapshot, _)| snapshot)
+    };
+    let snapshot = decoded.map_err(|e| refuse(format!("cannot decode: {e}")))?;
     if snapshot.shard_id != shard_id || snapshot.num_shards != num_shards {
         return Err(refuse(format!(
             "it was written by shard {} of {}, this is shard {shard_id} of {num_shards}",
@@ -332,6 +342,7 @@ mod tests {
                         eps: 1e-8,
                     },
                     seed: 3,
+                    lifecycle: Default::default(),
                 })
                 .unwrap();
         }

@@ -14,6 +14,8 @@
 //! - [`store`]: the shard's tables (sparse rows in slabs with a compact index,
 //!   dense rows in blocks); transport-free.
 //! - [`optimizer`]: SGD, Adagrad, Adam and FTRL-proximal on one row.
+//! - [`evictor`]: the background passes that keep tables with eviction
+//!   within their TTL, row cap and the memory budget, as replicated writes.
 //! - [`dedup`]: the `(writer, seq)` pairs applied, so a retried push applies once.
 //! - [`replication`]: primary-backup roles, write order, the stream to the backup.
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
@@ -26,6 +28,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod clock;
 pub mod dedup;
+pub mod evictor;
 pub mod limits;
 pub mod metrics;
 pub mod optimizer;

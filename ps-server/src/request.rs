@@ -59,6 +59,17 @@ pub enum Write {
     Push(PushCall),
     /// Set rows' weights, resetting their optimizer state.
     Assign(Assign),
+    /// Remove rows the primary's evictor chose (never from a client).
+    Evict(Evict),
+}
+
+/// Rows to evict from a sparse table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evict {
+    /// The table.
+    pub table: String,
+    /// The rows.
+    pub keys: Vec<u64>,
 }
 
 /// The pushes of one Push or PushMany call.
@@ -192,6 +203,13 @@ impl Decoder {
             Some(Entry::CreateTable(spec)) => Ok(Write::CreateTable(TableSpec::try_from(spec)?)),
             Some(Entry::Push(call)) => self.push_many(call),
             Some(Entry::Assign(req)) => self.assign(req),
+            Some(Entry::Evict(req)) => {
+                self.table_and_count(&req.table, req.keys.len())?;
+                Ok(Write::Evict(Evict {
+                    table: req.table,
+                    keys: req.keys,
+                }))
+            }
             None => Err(PsError::invalid(format!("replicated write {seq} is empty"))),
         }
     }
@@ -277,6 +295,10 @@ impl Write {
                 table: a.table.clone(),
                 keys: a.keys.clone(),
                 values: a.values.clone(),
+            }),
+            Write::Evict(e) => Entry::Evict(pb::EvictRequest {
+                table: e.table.clone(),
+                keys: e.keys.clone(),
             }),
         };
         pb::ReplicaEntry { write: Some(write) }
@@ -408,6 +430,10 @@ mod tests {
                 values: wire::encode_f32s(&[1.0, 2.0]),
             })
             .unwrap(),
+            Write::Evict(Evict {
+                table: "emb".into(),
+                keys: vec![4, 5, 6],
+            }),
         ];
         for write in writes {
             assert_eq!(d.replicated(write.to_entry(), 1).unwrap(), write);

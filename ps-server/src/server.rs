@@ -13,6 +13,7 @@ use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
 use crate::auth::{Auth, AuthLayer};
 use crate::checkpoint::Checkpoints;
+use crate::evictor::Evictor;
 use crate::limits::OversizeStatusLayer;
 use crate::metrics::ShardCounters;
 use crate::replication::{Peer, Replication, Role};
@@ -53,6 +54,9 @@ pub struct ServerConfig {
     /// Where the server counts what it serves; share it with a
     /// [`crate::metrics::ShardMetrics`] collector to export it.
     pub counters: Arc<ShardCounters>,
+    /// How often the evictor checks tables with eviction against their
+    /// TTL, row cap and the memory budget ([`crate::evictor`]).
+    pub evict_every: Duration,
 }
 
 /// The name periodic checkpoints are written under.
@@ -89,6 +93,7 @@ impl ServerConfig {
             peer_tls: None,
             restored_from: None,
             counters: Arc::default(),
+            evict_every: Duration::from_millis(100),
         }
     }
 
@@ -109,6 +114,11 @@ impl ServerConfig {
         if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
             return Err(ServeError::Config(
                 "--checkpoint-every-secs needs --checkpoint-dir".into(),
+            ));
+        }
+        if self.evict_every.is_zero() {
+            return Err(ServeError::Config(
+                "--evict-interval-ms must be >= 1".into(),
             ));
         }
         if self.checkpoint_every.is_some_and(|every| every.is_zero()) {
@@ -227,11 +237,18 @@ pub async fn run_replicated(
             .await;
     }
     let health_follows_role = tokio::spawn(report_role(health.clone(), roles));
+    let evictor = Evictor::new(
+        Arc::clone(&shard),
+        Arc::clone(&replication),
+        Arc::clone(&config.counters),
+    );
+    let evicting = AbortOnDrop(tokio::spawn(Arc::clone(&evictor).run(config.evict_every)));
     let service = ParameterServerServer::new(
         ShardService::new(Arc::clone(&shard), config.limits, checkpoints.clone())
             .with_replication(Arc::clone(&replication))
             .with_counters(Arc::clone(&config.counters))
-            .with_restored_from(config.restored_from.clone()),
+            .with_restored_from(config.restored_from.clone())
+            .with_evictor(evictor),
     )
     .max_decoding_message_size(config.limits.max_request_bytes)
     // Values are bounded by max_response_bytes before they are read; the
@@ -285,6 +302,7 @@ pub async fn run_replicated(
     if let Some(periodic) = periodic {
         periodic.abort();
     }
+    drop(evicting);
     if let (Some(name), Some(checkpoints)) = (&config.checkpoint_on_shutdown, checkpoints) {
         let (shard, name) = (Arc::clone(&shard), name.clone());
         let written = tokio::task::spawn_blocking(move || checkpoints.save(&shard, &name))
@@ -294,6 +312,15 @@ pub async fn run_replicated(
         tracing::info!(path = %written.path.display(), rows = written.rows, "shutdown checkpoint written");
     }
     Ok(())
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Closes a replication when dropped.

@@ -33,6 +33,8 @@ pub enum Outcome {
     Duplicate,
     /// Rows assigned.
     Assigned(usize),
+    /// Rows evicted.
+    Evicted(usize),
 }
 
 /// Applies writes to one shard (cheap to clone: it shares its parts).
@@ -62,8 +64,7 @@ impl Writer {
     /// the backup. Returns its outcome and the number to pass to
     /// [`Replication::acknowledged`] before answering. Runs store work:
     /// call it on a blocking thread.
-    pub fn write(&self, write: Write) -> Result<(Outcome, u64), PsError> {
-        let write = Arc::new(write);
+    pub fn write(&self, write: Arc<Write>) -> Result<(Outcome, u64), PsError> {
         self.replication
             .write(|seq| self.apply(seq, &write), || Arc::clone(&write))
     }
@@ -94,6 +95,9 @@ impl Writer {
             ))),
             Write::Push(call) => self.push(seq, call),
             Write::Assign(a) => Ok(Ordered::Fresh(Outcome::Assigned(self.assign(a)?))),
+            Write::Evict(e) => Ok(Ordered::Fresh(Outcome::Evicted(
+                self.shard.evict(&e.table, &e.keys)?,
+            ))),
         }
     }
 

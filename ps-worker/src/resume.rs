@@ -84,6 +84,7 @@ impl Positions {
             // Nobody pushes to it; positions are assigned.
             optimizer: OptimizerSpec::Sgd { lr: 1.0 },
             seed: 0,
+            lifecycle: Default::default(),
         };
         client.create_table(&spec).await?;
         Ok(Positions {

@@ -50,6 +50,7 @@ impl Signal {
                 initializer: InitializerSpec::Zeros,
                 optimizer: OptimizerSpec::Sgd { lr: 1.0 },
                 seed: 0,
+                lifecycle: Default::default(),
             })
             .await
     }

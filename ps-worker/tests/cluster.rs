@@ -23,6 +23,7 @@ fn sparse(name: &str, dim: u32) -> TableSpec {
         },
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         seed: 5,
+        lifecycle: Default::default(),
     }
 }
 

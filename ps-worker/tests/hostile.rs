@@ -126,6 +126,7 @@ async fn dense_tables_are_refused_before_allocating_and_made_without_blocking_th
             eps: 1e-8,
         },
         seed: 1,
+        lifecycle: Default::default(),
     };
     // 2^30 floats of weights plus as many of Adagrad state: 8 GiB.
     let started = std::time::Instant::now();

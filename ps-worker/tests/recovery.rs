@@ -31,6 +31,7 @@ async fn a_server_restored_from_a_checkpoint_serves_the_same_weights() {
             eps: 1e-8,
         },
         seed: 4,
+        lifecycle: Default::default(),
     };
     let keys: Vec<u64> = (0..500).collect();
     let ckpt_root = dir.join("ckpt");

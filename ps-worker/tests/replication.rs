@@ -114,6 +114,7 @@ fn table() -> TableSpec {
             eps: 1e-8,
         },
         seed: 1,
+        lifecycle: Default::default(),
     }
 }
 

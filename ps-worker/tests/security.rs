@@ -257,6 +257,7 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
             eps: 1e-8,
         },
         seed: 0,
+        lifecycle: Default::default(),
     };
     let create = pb::CreateTableRequest {
         spec: Some((&spec).into()),

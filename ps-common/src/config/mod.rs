@@ -260,6 +260,9 @@ pub struct TableConfig {
     /// Initializer seed (default: derived from `train.seed` and the table name).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Sparse only: admission and eviction (see [`crate::lifecycle`]).
+    #[serde(default)]
+    pub lifecycle: crate::Lifecycle,
 }
 
 /// Table kind as written in the job file.
@@ -341,6 +344,7 @@ impl JobConfig {
                 seed: t
                     .seed
                     .unwrap_or_else(|| mix64(self.train.seed ^ fnv1a64(name.as_bytes()))),
+                lifecycle: t.lifecycle,
             })
             .collect()
     }

@@ -487,6 +487,7 @@ fn dense_spec(
         dim,
         initializer,
         optimizer,
+        lifecycle: Default::default(),
     }
 }
 

@@ -119,6 +119,10 @@ struct Args {
     /// Mutual TLS: refuse clients without a certificate signed by --tls-ca.
     #[arg(long)]
     tls_require_client_cert: bool,
+    /// How often tables with eviction are checked against their TTL, row
+    /// cap and the memory budget (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    evict_interval_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -179,6 +183,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         peer_tls: tls.client()?,
         restored_from: None,
         counters: Arc::default(),
+        evict_every: std::time::Duration::from_millis(args.evict_interval_ms),
     };
     config.validate()?;
     if args.join.is_some() && (args.restore.is_some() || args.restore_latest) {

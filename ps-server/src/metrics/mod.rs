@@ -272,6 +272,7 @@ mod tests {
             initializer: ps_common::InitializerSpec::Zeros,
             optimizer: ps_common::OptimizerSpec::Sgd { lr: 1.0 },
             seed: 0,
+            lifecycle: Default::default(),
         };
         shard.create_table(spec).unwrap();
         shard.budget.set_limit(1 << 30);

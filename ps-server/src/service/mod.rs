@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::checkpoint::Checkpoints;
 use crate::clock::{self, Clocks};
+use crate::evictor::Evictor;
 use crate::metrics::{RequestCounters, Rpc, ShardCounters};
 use crate::replication::{Peer, Replication, Role};
 use crate::request::Decoder;
@@ -49,7 +50,13 @@ pub struct ShardService {
     counters: Arc<ShardCounters>,
     /// The checkpoint the shard was restored from, for Describe.
     restored_from: Option<String>,
+    /// Frees memory for tables with eviction when a request finds the
+    /// budget full (`None`: such requests are refused at once).
+    evictor: Option<Arc<Evictor>>,
 }
+
+/// Passes of the evictor a request refused for memory waits for at most.
+const RELIEF_TRIES: u32 = 3;
 
 /// Longest one Clock call waits.
 const MAX_CLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -73,7 +80,15 @@ impl ShardService {
             replication,
             counters,
             restored_from: None,
+            evictor: None,
         }
+    }
+
+    /// The service asking `evictor` to free memory when a request finds
+    /// the budget full.
+    pub fn with_evictor(mut self, evictor: Arc<Evictor>) -> Self {
+        self.evictor = Some(evictor);
+        self
     }
 
     /// The service reporting in Describe that its tables were restored
@@ -125,6 +140,43 @@ impl ShardService {
             .await
             .map_err(|e| Status::internal(format!("shard task failed: {e}")))?;
         result.map_err(|e| self.fail(e))
+    }
+
+    /// Runs the store work `make()` returns on a blocking thread, as
+    /// [`ShardService::blocking`] does; when it is refused for memory while
+    /// the shard is near its budget and has tables with eviction, asks the
+    /// evictor for a pass and runs it again (at most [`RELIEF_TRIES`]
+    /// times). Only the refused request waits; a refused write claimed and
+    /// changed nothing, so running it again is safe.
+    async fn relieving<T, F>(&self, make: impl Fn() -> F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shard) -> Result<T, PsError> + Send + 'static,
+    {
+        let mut tries = 0;
+        loop {
+            let (shard, f) = (Arc::clone(&self.shard), make());
+            let result = tokio::task::spawn_blocking(move || f(&shard))
+                .await
+                .map_err(|e| Status::internal(format!("shard task failed: {e}")))?;
+            match (result, &self.evictor) {
+                (Err(PsError::ResourceExhausted(_)), Some(evictor))
+                    if tries < RELIEF_TRIES && self.near_budget() && evictor.can_relieve() =>
+                {
+                    tries += 1;
+                    evictor.relieve().await;
+                }
+                (result, _) => return result.map_err(|e| self.fail(e)),
+            }
+        }
+    }
+
+    /// Whether the shard holds more than the evictor's low-water share of
+    /// its memory budget.
+    fn near_budget(&self) -> bool {
+        let budget = &self.shard.budget;
+        budget.limit() != u64::MAX
+            && budget.used() as f64 >= crate::evictor::LOW_WATER * budget.limit() as f64
     }
 
     /// Runs an RPC, recording its latency and outcome.
@@ -241,6 +293,10 @@ impl ShardService {
                 rows: t.rows,
                 bytes: t.bytes,
                 memory_bytes: t.memory_bytes,
+                rows_in_memory: t.rows,
+                admitted_rows: t.admitted_rows,
+                filtered_pushes: t.filtered_pushes,
+                evicted_rows: t.evicted_rows,
             })
             .collect();
         Ok(Response::new(pb::StatsResponse {

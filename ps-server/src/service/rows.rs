@@ -3,6 +3,8 @@
 //! and CreateTable (decoded into a [`Write`] and handed to the
 //! [`crate::writer::Writer`], answered once the write is on the backup).
 
+use std::sync::Arc;
+
 use prost::Message;
 use ps_common::pb;
 use ps_common::{PsError, wire};
@@ -75,10 +77,14 @@ impl ShardService {
     ) -> Result<Vec<pb::PullResponse>, Status> {
         let rows: usize = reads.iter().map(|r| r.keys.len()).sum();
         let limit = self.decoder.limits().max_response_bytes;
+        let reads = Arc::new(reads);
         let pulls: Vec<pb::PullResponse> = self
-            .blocking(move |shard| {
-                check_response_bytes(shard, &reads, limit)?;
-                reads.iter().map(|r| serve(shard, r)).collect()
+            .relieving(|| {
+                let reads = Arc::clone(&reads);
+                move |shard: &Shard| {
+                    check_response_bytes(shard, &reads, limit)?;
+                    reads.iter().map(|r| serve(shard, r)).collect()
+                }
             })
             .await?;
         let counters = &self.counters.requests;
@@ -142,8 +148,13 @@ impl ShardService {
     /// Applies `write` through the writer on a blocking thread and waits
     /// until it is on the backup (if any).
     async fn write(&self, write: Write) -> Result<Outcome, Status> {
-        let writer = self.writer.clone();
-        let (outcome, seq) = self.blocking(move |_| writer.write(write)).await?;
+        let write = Arc::new(write);
+        let (outcome, seq) = self
+            .relieving(|| {
+                let (writer, write) = (self.writer.clone(), Arc::clone(&write));
+                move |_: &Shard| writer.write(write)
+            })
+            .await?;
         self.replication
             .acknowledged(seq)
             .await

@@ -16,6 +16,7 @@ async fn create(svc: &ShardService, dim: u32) {
         initializer: InitializerSpec::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         seed: 0,
+        lifecycle: Default::default(),
     };
     let req = pb::CreateTableRequest {
         spec: Some((&spec).into()),

@@ -21,9 +21,13 @@
 //! - [`finite`]: the proof that a push keeps its rows finite, the per-row
 //!   check and the undo record for pushes it cannot prove.
 //! - [`sparse`]: a sparse table's rows in slabs, with a compact index.
+//! - [`admission`]: which pushed ids get a row (count-min sketch or chance).
+//! - [`lifecycle`]: a sparse table's clock, and which rows are cold or expired.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
 
+mod admission;
 mod finite;
+mod lifecycle;
 mod snapshot;
 mod sparse;
 mod table;
@@ -42,7 +46,7 @@ use finite::{
     Magnitudes, Proof, Undo, fingerprint_of_fresh, finite_and_fingerprint, provably_finite,
     scan_magnitudes,
 };
-pub use snapshot::{ShardSnapshot, TableSnapshot};
+pub use snapshot::{ShardSnapshot, ShardSnapshotV1, TableSnapshot};
 use table::Owner;
 pub use table::{SPARSE_ROW_OVERHEAD, Table};
 
@@ -60,6 +64,12 @@ pub struct TableStats {
     pub bytes: u64,
     /// Memory the rows take as the budget counts it (with the store's overhead).
     pub memory_bytes: u64,
+    /// Ids given a row by the table's admission policy.
+    pub admitted_rows: u64,
+    /// Pushed rows dropped because their id was not admitted.
+    pub filtered_pushes: u64,
+    /// Rows evicted.
+    pub evicted_rows: u64,
 }
 
 /// Puts `values` at `at` in `out`, which holds everything before `at` (or
@@ -530,6 +540,37 @@ impl Shard {
         Ok(push.keys.len())
     }
 
+    /// Removes the rows of `keys` that sparse table `table` holds (an
+    /// eviction: the primary's evictor chose them, a backup repeats it) and
+    /// releases their memory. Returns the rows removed.
+    pub fn evict(&self, table: &str, keys: &[u64]) -> Result<usize, PsError> {
+        let table = self.table(table)?;
+        if !table.is_sparse() {
+            return Err(PsError::invalid(format!(
+                "table '{}' is dense: its rows cannot be evicted",
+                table.spec.name
+            )));
+        }
+        let removed = keys
+            .iter()
+            .filter(|&&k| table.remove_if(k, |_| true))
+            .count();
+        table.evicted.fetch_add(removed as u64, Ordering::Relaxed);
+        self.budget
+            .release(removed as u64 * table.sparse_row_bytes());
+        Ok(removed)
+    }
+
+    /// The tables that evict, by name order.
+    pub fn evicting_tables(&self) -> Vec<Arc<Table>> {
+        let mut tables: Vec<Arc<Table>> = (self.tables.iter())
+            .filter(|t| t.eviction().is_some())
+            .map(|t| Arc::clone(t.value()))
+            .collect();
+        tables.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        tables
+    }
+
     /// Rows and bytes of every table, sorted by name. Reads counters only
     /// (no table is walked).
     pub fn table_stats(&self) -> Vec<TableStats> {
@@ -541,6 +582,11 @@ impl Shard {
                 rows: t.len() as u64,
                 bytes: t.bytes(),
                 memory_bytes: t.memory_bytes(),
+                admitted_rows: (t.admitter.as_ref())
+                    .map_or(0, |a| a.admitted.load(Ordering::Relaxed)),
+                filtered_pushes: (t.admitter.as_ref())
+                    .map_or(0, |a| a.filtered.load(Ordering::Relaxed)),
+                evicted_rows: t.evicted_rows(),
             })
             .collect();
         stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
@@ -565,6 +611,24 @@ impl PreparedPushes<'_, '_> {
         // Proven calls write their tables together (shared); an unproven
         // call writes alone (exclusive), so no proof reads bounds that an
         // unbounded write is about to pass. Locks are taken in one order.
+        // Admission decides first which rows of each push may be applied.
+        let admitted: Vec<Option<(Vec<u64>, Vec<f32>)>> = tables
+            .iter()
+            .zip(pushes)
+            .map(|(t, p)| {
+                let step = t.begin_push();
+                t.admit(p.keys, p.grads, t.spec.dim as usize, step)
+            })
+            .collect();
+        let admitted: Vec<Push<'_>> = pushes
+            .iter()
+            .zip(&admitted)
+            .map(|(p, kept)| match kept {
+                Some((keys, grads)) => Push { keys, grads, ..*p },
+                None => *p,
+            })
+            .collect();
+        let pushes = &admitted[..];
         let mut distinct: Vec<&Arc<Table>> = tables.iter().collect();
         distinct.sort_by_key(|t| Arc::as_ptr(t));
         distinct.dedup_by_key(|t| Arc::as_ptr(t));

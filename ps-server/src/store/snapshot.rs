@@ -33,6 +33,45 @@ pub struct TableSnapshot {
     pub keys: Vec<u64>,
     /// `keys.len() * row_len` floats, row after row.
     pub values: Vec<f32>,
+    /// The admission sketch's counters (empty when the table has none), so
+    /// that a restored shard or a joining backup admits what the shard it
+    /// copies would have.
+    pub admission: Vec<u8>,
+}
+
+/// [`ShardSnapshot`] as checkpoint format 1 wrote it (before admission).
+#[derive(Debug, Deserialize)]
+pub struct ShardSnapshotV1 {
+    shard_id: u32,
+    num_shards: u32,
+    tables: Vec<TableSnapshotV1>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TableSnapshotV1 {
+    #[serde(with = "spec_as_protobuf")]
+    spec: TableSpec,
+    row_len: u32,
+    keys: Vec<u64>,
+    values: Vec<f32>,
+}
+
+impl From<ShardSnapshotV1> for ShardSnapshot {
+    fn from(v1: ShardSnapshotV1) -> Self {
+        ShardSnapshot {
+            shard_id: v1.shard_id,
+            num_shards: v1.num_shards,
+            tables: (v1.tables.into_iter())
+                .map(|t| TableSnapshot {
+                    spec: t.spec,
+                    row_len: t.row_len,
+                    keys: t.keys,
+                    values: t.values,
+                    admission: Vec::new(),
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Shard {
@@ -62,6 +101,7 @@ impl Shard {
                     row_len: table.row_len as u32,
                     keys,
                     values,
+                    admission: (table.admitter.as_ref()).map_or_else(Vec::new, |a| a.counters()),
                 }
             })
             .collect();
@@ -126,6 +166,14 @@ impl Shard {
                     "table '{name}': the snapshot's row of key {} holds a non-finite value ({}); rows are always finite",
                     t.keys[i / table.row_len],
                     t.values[i]
+                )));
+            }
+            if !(table.admitter.as_ref())
+                .map_or(t.admission.is_empty(), |a| a.load_counters(&t.admission))
+            {
+                return Err(PsError::invalid(format!(
+                    "table '{name}': the snapshot's {} admission counters do not fit the spec's sketch",
+                    t.admission.len()
                 )));
             }
             table.fill_dense(&owned);

@@ -35,7 +35,7 @@
 //! tables stay cached and skip it.
 
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use ps_common::routing::mix64;
 
@@ -81,22 +81,34 @@ const NARROW_ROWS: usize = <u32 as Entry>::MAX_ROWS;
 /// the index at the lowest load (three fifths full, after a growth).
 pub const ROW_OVERHEAD: u64 = 16;
 
+/// Bytes a row of a table that tracks touches (for eviction) costs beyond
+/// [`ROW_OVERHEAD`]: its last touch and its touch count.
+pub const TRACKING_OVERHEAD: u64 = 8;
+
+/// Per-row touch record of a tracking table: `[last touch, touches]`.
+const META: usize = 2;
+
 /// Bytes a table's segments cost before any row (locks, empty vectors).
 pub const SEGMENTS_OVERHEAD: u64 = (SEGMENTS * std::mem::size_of::<RwLock<Segment>>()) as u64;
 
-/// Up to a full slab's rows of a segment: their keys, and their floats
-/// back to back.
+/// Up to a full slab's rows of a segment: their keys, their floats back to
+/// back and, in a table that tracks touches, each row's last touch and
+/// touch count (atomics, so a pull records its touch under a read lock).
 #[derive(Debug)]
 struct Chunk {
     keys: Box<[u64]>,
     rows: Box<[f32]>,
+    meta: Box<[AtomicU32]>,
 }
 
 impl Chunk {
-    fn with_rows(rows: usize, row_len: usize) -> Chunk {
+    fn with_rows(rows: usize, row_len: usize, tracks: bool) -> Chunk {
         Chunk {
             keys: vec![0; rows].into_boxed_slice(),
             rows: vec![0.0; rows * row_len].into_boxed_slice(),
+            meta: (0..if tracks { rows * META } else { 0 })
+                .map(|_| AtomicU32::new(0))
+                .collect(),
         }
     }
 }
@@ -114,10 +126,12 @@ pub(crate) struct Segment {
     /// Rows the segment numbers with narrow index entries ([`NARROW_ROWS`];
     /// tests lower it to reach the switch to wide ones).
     narrow_rows: usize,
+    /// Whether rows record their touches (tables with eviction).
+    tracks: bool,
 }
 
 impl Segment {
-    fn new(row_len: usize, narrow_rows: usize) -> Segment {
+    fn new(row_len: usize, narrow_rows: usize, tracks: bool) -> Segment {
         Segment {
             chunks: Vec::new(),
             len: 0,
@@ -125,7 +139,34 @@ impl Segment {
             row_len,
             chunk_bits: chunk_rows(row_len).ilog2(),
             narrow_rows,
+            tracks,
         }
+    }
+
+    /// Records a touch of row `row` at clock `now`.
+    #[inline]
+    fn touch(&self, row: usize, now: u32) {
+        if self.tracks {
+            let (chunk, at) = self.locate(row);
+            let meta = &self.chunks[chunk].meta[at * META..(at + 1) * META];
+            meta[0].store(now, Ordering::Relaxed);
+            let hits = meta[1].load(Ordering::Relaxed);
+            meta[1].store(hits.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Row `row`'s last touch and touch count (zeros when not tracking).
+    #[inline]
+    fn meta(&self, row: usize) -> (u32, u32) {
+        if !self.tracks {
+            return (0, 0);
+        }
+        let (chunk, at) = self.locate(row);
+        let meta = &self.chunks[chunk].meta[at * META..(at + 1) * META];
+        (
+            meta[0].load(Ordering::Relaxed),
+            meta[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Which slab row `row` lies in, and where in it.
@@ -219,16 +260,25 @@ impl Segment {
         if chunk == self.chunks.len() {
             // The first slab starts at one row; later ones are full size.
             let rows = if chunk == 0 { 1 } else { 1 << self.chunk_bits };
-            self.chunks.push(Chunk::with_rows(rows, row_len));
+            self.chunks
+                .push(Chunk::with_rows(rows, row_len, self.tracks));
         } else if at == self.chunks[chunk].keys.len() {
             // Only the first slab grows; it doubles.
             let old = &self.chunks[chunk];
-            let mut bigger = Chunk::with_rows(at * 2, row_len);
+            let mut bigger = Chunk::with_rows(at * 2, row_len, self.tracks);
             bigger.keys[..at].copy_from_slice(&old.keys);
             bigger.rows[..old.rows.len()].copy_from_slice(&old.rows);
+            for (to, from) in bigger.meta.iter().zip(old.meta.iter()) {
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
             self.chunks[chunk] = bigger;
         }
         self.chunks[chunk].keys[at] = key;
+        if self.tracks {
+            for m in &self.chunks[chunk].meta[at * META..(at + 1) * META] {
+                m.store(0, Ordering::Relaxed);
+            }
+        }
         self.len += 1;
         match &mut self.index {
             Entries::Narrow(ix) => ix.insert(hash, row),
@@ -278,6 +328,13 @@ impl Segment {
             let (from_chunk, from) = self.locate(last);
             let moved = self.chunks[from_chunk].keys[from];
             self.chunks[to_chunk].keys[to] = moved;
+            if self.tracks {
+                for m in 0..META {
+                    let value =
+                        self.chunks[from_chunk].meta[from * META + m].load(Ordering::Relaxed);
+                    self.chunks[to_chunk].meta[to * META + m].store(value, Ordering::Relaxed);
+                }
+            }
             let (to, from) = (to * row_len, from * row_len);
             if to_chunk == from_chunk {
                 self.chunks[to_chunk]
@@ -309,22 +366,46 @@ pub(crate) struct SparseRows {
     segments: Box<[RwLock<Segment>]>,
     /// Rows held, so that stats never walk the segments.
     len: AtomicUsize,
+    /// Floats per row.
+    row_len: usize,
+    /// The clock touches are recorded at (a tracking table's; its owner
+    /// advances it).
+    now: AtomicU32,
 }
 
 impl SparseRows {
-    /// No rows yet, each `row_len` floats.
-    pub(crate) fn new(row_len: usize) -> SparseRows {
-        Self::with_narrow_rows(row_len, NARROW_ROWS)
+    /// No rows yet, each `row_len` floats; `tracks`: rows record their
+    /// touches (for eviction).
+    pub(crate) fn new(row_len: usize, tracks: bool) -> SparseRows {
+        Self::with_narrow_rows(row_len, NARROW_ROWS, tracks)
     }
 
-    fn with_narrow_rows(row_len: usize, narrow_rows: usize) -> SparseRows {
+    fn with_narrow_rows(row_len: usize, narrow_rows: usize, tracks: bool) -> SparseRows {
         let narrow_rows = narrow_rows.min(NARROW_ROWS);
         SparseRows {
             segments: (0..SEGMENTS)
-                .map(|_| RwLock::new(Segment::new(row_len, narrow_rows)))
+                .map(|_| RwLock::new(Segment::new(row_len, narrow_rows, tracks)))
                 .collect(),
             len: AtomicUsize::new(0),
+            row_len,
+            now: AtomicU32::new(0),
         }
+    }
+
+    /// The clock touches are recorded at.
+    pub(crate) fn now(&self) -> u32 {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// Sets the clock (it only moves forward).
+    pub(crate) fn set_now(&self, now: u32) {
+        self.now.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Advances the clock by one tick and returns the tick it left.
+    #[cfg(test)]
+    pub(crate) fn tick(&self) -> u32 {
+        self.now.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Rows held.
@@ -379,6 +460,7 @@ impl SparseRows {
             }
         };
         f(segment.row_mut(row));
+        segment.touch(row, self.now());
         created
     }
 
@@ -420,18 +502,21 @@ impl SparseRows {
     }
 
     /// Calls `f(i, floats)` with the row of every `keys[i]`, creating a
-    /// missing row first with `fresh(key, floats)`. The segments the keys
-    /// touch are read-locked together (in segment order, so two callers
-    /// cannot deadlock; a writer holds one segment at a time) and the rows
-    /// are handed over in request order; then the rows that were missing
-    /// are created and handed over, each segment under one write lock.
-    /// Returns the number of rows created.
+    /// missing row first with `fresh(key, floats)` (with `create` false, a
+    /// missing row is filled by `fresh` and handed over, not stored). The
+    /// segments the keys touch are read-locked together (in segment order,
+    /// so two callers cannot deadlock; a writer holds one segment at a
+    /// time) and the rows are handed over in request order; then the rows
+    /// that were missing are created and handed over, each segment under
+    /// one write lock. Returns the number of rows created.
     pub(crate) fn read_many(
         &self,
         keys: &[u64],
+        create: bool,
         fresh: impl Fn(u64, &mut [f32]),
         mut f: impl FnMut(usize, &[f32]),
     ) -> usize {
+        let now = self.now();
         let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
         let touched = hashes
             .iter()
@@ -463,10 +548,23 @@ impl SparseRows {
                     continue;
                 };
                 match segment.find(key, hash) {
-                    Some(row) => f(i, segment.row(row)),
+                    Some(row) => {
+                        f(i, segment.row(row));
+                        segment.touch(row, now);
+                    }
                     None => missing.push(i),
                 }
             }
+        }
+        if !create {
+            let mut row = Vec::new();
+            for i in missing {
+                row.clear();
+                row.resize(self.row_len, 0.0);
+                fresh(keys[i], &mut row);
+                f(i, &row);
+            }
+            return 0;
         }
         let mut created = 0;
         missing.sort_by_key(|&i| hashes[i] >> SEGMENT_SHIFT);
@@ -503,6 +601,63 @@ impl SparseRows {
     /// Whether row `key` exists.
     pub(crate) fn contains(&self, key: u64) -> bool {
         self.read(key, |_| ()).is_some()
+    }
+
+    /// Up to about `most` rows' `(last touch, touches)`, spread evenly over
+    /// the segments (every row when the table holds no more than `most`).
+    pub(crate) fn sample_meta(&self, most: usize) -> Vec<(u32, u32)> {
+        let stride = self.len().div_ceil(most.max(1)).max(1);
+        let mut sample = Vec::with_capacity(most.min(self.len()));
+        for lock in self.segments.iter() {
+            let segment = read(lock);
+            sample.extend(
+                (0..segment.len)
+                    .step_by(stride)
+                    .map(|row| segment.meta(row)),
+            );
+        }
+        sample
+    }
+
+    /// Up to `most` keys whose `(last touch, touches)` `pick` accepts, one
+    /// segment at a time under its read lock.
+    pub(crate) fn keys_where(&self, most: usize, pick: impl Fn(u32, u32) -> bool) -> Vec<u64> {
+        let mut keys = Vec::new();
+        for lock in self.segments.iter() {
+            let segment = read(lock);
+            for row in 0..segment.len {
+                if keys.len() >= most {
+                    return keys;
+                }
+                let (touch, hits) = segment.meta(row);
+                if pick(touch, hits) {
+                    keys.push(segment.key(row));
+                }
+            }
+        }
+        keys
+    }
+
+    /// Halves every row's touch count (LFU's fading), one segment at a time.
+    pub(crate) fn halve_touches(&self) {
+        for lock in self.segments.iter() {
+            let segment = read(lock);
+            if segment.tracks {
+                for chunk in &segment.chunks {
+                    for hits in chunk.meta.iter().skip(1).step_by(META) {
+                        hits.store(hits.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `key`'s last touch and touch count, if it exists.
+    #[cfg(test)]
+    pub(crate) fn meta_of(&self, key: u64) -> Option<(u32, u32)> {
+        let hash = mix64(key);
+        let segment = read(self.segment(hash));
+        segment.find(key, hash).map(|row| segment.meta(row))
     }
 
     /// Removes row `key` if `remove(row)` says so. Returns whether it did.

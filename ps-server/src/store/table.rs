@@ -10,12 +10,14 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use ps_common::init::init_row;
 use ps_common::routing::{IdBuildHasher, Placement};
 use ps_common::{ShardRouter, TableKind, TableSpec};
 
+use super::admission::Admitter;
 use super::sparse::{self, SparseRows};
 use crate::optimizer;
 
@@ -81,6 +83,14 @@ pub struct Table {
     /// Pushes proven finite write holding it shared, others exclusively
     /// (see `Shard::push_many_once`).
     pub(crate) writers: Writers,
+    /// The admission policy's state (sparse tables with admission).
+    pub(crate) admitter: Option<Admitter>,
+    /// Rows evicted since the table was made here.
+    pub(crate) evicted: AtomicU64,
+    /// Push calls applied to the table here (the push clock).
+    pub(crate) pushes: AtomicU32,
+    /// When the table was made here: the origin of a seconds clock.
+    born: Instant,
 }
 
 /// The table's writer lock (poisoning ignored: the guarded data is `()`).
@@ -103,7 +113,9 @@ impl Table {
         let dim = spec.dim as usize;
         let row_len = dim + optimizer::state_len(&spec.optimizer, dim);
         let rows = match spec.kind {
-            TableKind::Sparse => Rows::Sparse(SparseRows::new(row_len)),
+            TableKind::Sparse => {
+                Rows::Sparse(SparseRows::new(row_len, spec.lifecycle.eviction.is_some()))
+            }
             TableKind::Dense { rows, block_rows } => Rows::Dense(DenseBlocks {
                 rows,
                 block_rows: u64::from(block_rows),
@@ -118,6 +130,10 @@ impl Table {
             max_weight: AtomicU32::new(fresh_bounds(&spec).0.to_bits()),
             max_state: AtomicU32::new(fresh_bounds(&spec).1.to_bits()),
             writers: Writers::default(),
+            admitter: (spec.lifecycle.admission).map(|a| Admitter::new(a, spec.seed)),
+            evicted: AtomicU64::new(0),
+            pushes: AtomicU32::new(0),
+            born: Instant::now(),
             spec,
         }
     }
@@ -142,6 +158,7 @@ impl Table {
         let dim = spec.dim as usize;
         let row_len = (dim + optimizer::state_len(&spec.optimizer, dim)) as u64;
         TABLE_OVERHEAD
+            + (spec.lifecycle.admission.as_ref()).map_or(0, Admitter::bytes)
             + sparse_base(spec.kind, row_len as usize)
             + owned_blocks
                 .iter()
@@ -227,7 +244,11 @@ impl Table {
 
     /// What one more sparse row costs in memory.
     pub(crate) fn sparse_row_bytes(&self) -> u64 {
-        self.row_len as u64 * 4 + SPARSE_ROW_OVERHEAD
+        let tracking = match self.spec.lifecycle.eviction {
+            Some(_) => sparse::TRACKING_OVERHEAD,
+            None => 0,
+        };
+        self.row_len as u64 * 4 + SPARSE_ROW_OVERHEAD + tracking
     }
 
     /// Memory the rows hold now, as the shard's budget counts it.
@@ -235,6 +256,7 @@ impl Table {
         match &self.rows {
             Rows::Sparse(_) => {
                 TABLE_OVERHEAD
+                    + (self.spec.lifecycle.admission.as_ref()).map_or(0, Admitter::bytes)
                     + sparse_base(self.spec.kind, self.row_len)
                     + self.len() as u64 * self.sparse_row_bytes()
             }
@@ -268,11 +290,17 @@ impl Table {
 
     /// Calls `f(i, row)` (read-only) with the row of every `keys[i]`,
     /// creating missing sparse rows first: in request order, except that
-    /// rows this call creates come last. Returns the rows created. Dense
-    /// keys must be owned here (the caller checked).
+    /// rows this call creates come last. A table with admission creates
+    /// none: a missing row is answered as the initializer makes it. Returns
+    /// the rows created. Dense keys must be owned here (the caller checked).
     pub(crate) fn read_many(&self, keys: &[u64], mut f: impl FnMut(usize, &[f32])) -> usize {
         match &self.rows {
-            Rows::Sparse(rows) => rows.read_many(keys, |k, row| self.fill_fresh_row(k, row), f),
+            Rows::Sparse(rows) => rows.read_many(
+                keys,
+                self.admitter.is_none(),
+                |k, row| self.fill_fresh_row(k, row),
+                f,
+            ),
             Rows::Dense(d) => {
                 for (i, &key) in keys.iter().enumerate() {
                     if let Some((block, at)) = Self::locate(d, key, self.row_len) {
@@ -366,6 +394,19 @@ impl Table {
                 }
             }
         }
+    }
+
+    /// A sparse table's rows (`None` for a dense table).
+    pub(super) fn sparse(&self) -> Option<&SparseRows> {
+        match &self.rows {
+            Rows::Sparse(rows) => Some(rows),
+            Rows::Dense(_) => None,
+        }
+    }
+
+    /// Seconds since the table was made on this shard (saturating).
+    pub(super) fn age_seconds(&self) -> u32 {
+        u32::try_from(self.born.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
     /// Dense: the number of rows of the whole tensor (all shards).

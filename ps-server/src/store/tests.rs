@@ -16,6 +16,7 @@ fn a_row_cap_refuses_requests_that_would_create_rows_past_it() {
             initializer: InitializerSpec::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 1.0 },
             seed: 0,
+            lifecycle: Default::default(),
         })
         .unwrap();
     shard.set_row_cap(Some(3));
@@ -54,6 +55,7 @@ fn spec(name: &str, kind: TableKind, dim: u32) -> TableSpec {
         },
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         seed: 9,
+        lifecycle: Default::default(),
     }
 }
 
@@ -544,7 +546,7 @@ mod proofs {
             shard.load(ShardSnapshot {
                 shard_id: 0,
                 num_shards: 1,
-                tables: vec![TableSnapshot { spec: s, row_len: row_len as u32, keys: vec![5], values: row }],
+                tables: vec![TableSnapshot { spec: s, row_len: row_len as u32, keys: vec![5], values: row, admission: Vec::new() }],
             }).unwrap();
             let keys = vec![5u64; grads.len()];
             let push = Push { table: "t", keys: &keys, grads: &grads, lr_scale };

@@ -164,6 +164,7 @@ pub fn counting_table(name: &str, dim: u32) -> ps_common::TableSpec {
         initializer: InitializerSpec::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         seed: 0,
+        lifecycle: Default::default(),
     }
 }
 

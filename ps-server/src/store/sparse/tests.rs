@@ -59,27 +59,36 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Any sequence of creations, updates and removals leaves the store
-    /// holding exactly what a map would, narrow or wide index alike.
+    /// holding exactly what a map would, narrow or wide index alike, and
+    /// every row's touch record (last touch, touches) follows its row
+    /// through slab growth and removals.
     #[test]
     fn the_store_holds_what_a_map_would(
         ops in prop::collection::vec(op(3000), 1..400),
         row_len in 1usize..5,
         narrow_rows in prop_oneof![Just(NARROW_ROWS), 1usize..40],
     ) {
-        let rows = SparseRows::with_narrow_rows(row_len, narrow_rows);
+        let rows = SparseRows::with_narrow_rows(row_len, narrow_rows, true);
         let mut model: HashMap<u64, Vec<f32>> = HashMap::new();
+        let mut touches: HashMap<u64, (u32, u32)> = HashMap::new();
         for op in ops {
+            let now = rows.tick() + 1;
+            let touch = |touches: &mut HashMap<u64, (u32, u32)>, key: u64| {
+                let t = touches.entry(key).or_insert((0, 0));
+                *t = (now, t.1 + 1);
+            };
             match op {
                 Op::Pull(keys) => {
                     let mut new: Vec<u64> = keys.iter().copied().filter(|k| !model.contains_key(k)).collect();
                     new.sort_unstable();
                     new.dedup();
                     let mut seen = vec![Vec::new(); keys.len()];
-                    let created = rows.read_many(&keys, fill, |i, r| seen[i] = r.to_vec());
+                    let created = rows.read_many(&keys, true, fill, |i, r| seen[i] = r.to_vec());
                     prop_assert_eq!(created, new.len());
                     for (key, seen) in keys.iter().zip(&seen) {
                         let want = model.entry(*key).or_insert_with(|| expected(*key, row_len));
                         prop_assert_eq!(seen, want);
+                        touch(&mut touches, *key);
                     }
                 }
                 Op::Push(keys, delta) => {
@@ -91,6 +100,7 @@ proptest! {
                     for key in &keys {
                         let want = model.entry(*key).or_insert_with(|| expected(*key, row_len));
                         want.iter_mut().for_each(|v| *v += delta);
+                        touch(&mut touches, *key);
                     }
                 }
                 Op::PushOne(key, delta) => {
@@ -99,10 +109,12 @@ proptest! {
                     prop_assert_eq!(created, was_new);
                     let want = model.entry(key).or_insert_with(|| expected(key, row_len));
                     want.iter_mut().for_each(|v| *v += delta);
+                    touch(&mut touches, key);
                 }
                 Op::Remove(key) => {
                     let removed = rows.remove_if(key, |_| true);
                     prop_assert_eq!(removed, model.remove(&key).is_some());
+                    touches.remove(&key);
                 }
             }
             prop_assert_eq!(rows.len(), model.len());
@@ -111,13 +123,14 @@ proptest! {
         for (key, want) in &model {
             let held = rows.read(*key, <[f32]>::to_vec);
             prop_assert_eq!(held.as_ref(), Some(want));
+            prop_assert_eq!(rows.meta_of(*key), touches.get(key).copied());
         }
     }
 }
 
 #[test]
 fn a_refused_removal_keeps_the_row() {
-    let rows = SparseRows::new(2);
+    let rows = SparseRows::new(2, false);
     rows.update(7, |r| fill(7, r), |_| ());
     assert!(!rows.remove_if(7, |_| false));
     assert_eq!(rows.read(7, <[f32]>::to_vec), Some(expected(7, 2)));
@@ -129,7 +142,7 @@ fn a_refused_removal_keeps_the_row() {
 
 #[test]
 fn segments_past_the_narrow_limit_switch_to_wide_entries_and_keep_every_row() {
-    let rows = SparseRows::with_narrow_rows(1, 8);
+    let rows = SparseRows::with_narrow_rows(1, 8, false);
     for key in 0..5000u64 {
         rows.update(key, |r| fill(key, r), |_| ());
     }
@@ -155,7 +168,7 @@ fn a_row_costs_at_most_sixteen_bytes_beyond_its_floats() {
     // segment fills several full slabs.
     for row_len in [2usize, 32] {
         for n in [200_000u64, 300_000] {
-            let rows = SparseRows::new(row_len);
+            let rows = SparseRows::new(row_len, false);
             for i in 0..n {
                 let key = mix64(i);
                 rows.update(key, |r| fill(key, r), |_| ());
@@ -175,7 +188,7 @@ fn a_row_costs_at_most_sixteen_bytes_beyond_its_floats() {
 #[test]
 fn a_small_table_stays_small() {
     for row_len in [2usize, 300] {
-        let rows = SparseRows::new(row_len);
+        let rows = SparseRows::new(row_len, false);
         let n = 1000u64;
         for key in 0..n {
             rows.update(key, |r| fill(key, r), |_| ());
@@ -209,7 +222,7 @@ fn slabs_hold_about_64_kib_and_at_least_one_row() {
 
 #[test]
 fn removing_every_row_frees_the_slabs() {
-    let rows = SparseRows::new(4);
+    let rows = SparseRows::new(4, false);
     for key in 0..10_000u64 {
         rows.update(key, |r| fill(key, r), |_| ());
     }
@@ -233,7 +246,7 @@ fn a_table_large_enough_to_prefetch_reads_and_writes_every_row_under_its_key() {
 
 fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
     let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
-    let rows = SparseRows::with_narrow_rows(2, narrow_rows);
+    let rows = SparseRows::with_narrow_rows(2, narrow_rows, false);
     let keys: Vec<u64> = (0..n).collect();
     rows.update_many(&keys, fill, |_, _| {});
     assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
@@ -242,7 +255,7 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
         .map(|i| mix64(i ^ 0xabc) % (n + n / 4))
         .collect();
     let mut seen = vec![None; probe.len()];
-    rows.read_many(&probe, fill, |i, row| seen[i] = Some(row.to_vec()));
+    rows.read_many(&probe, true, fill, |i, row| seen[i] = Some(row.to_vec()));
     for (key, row) in probe.iter().zip(&seen) {
         assert_eq!(
             row.as_deref(),

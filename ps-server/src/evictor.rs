@@ -1,0 +1,216 @@
+//! Keeping tables with eviction within their limits: the shard's evictor.
+//!
+//! A background task runs a pass every `--evict-interval-ms` (and at once
+//! when a request finds the memory budget full). On a serving primary a
+//! pass, for each table with eviction:
+//! 1. brings a seconds clock up to date;
+//! 2. evicts the rows whose last touch is at least the TTL old;
+//! 3. evicts the coldest rows past `max_rows`;
+//! 4. halves an LFU table's touch counts once a minute, so old popularity
+//!    fades.
+//!
+//! Then, when the shard holds more than [`HIGH_WATER`] of its memory
+//! budget, it evicts the coldest rows of the tables with eviction, each in
+//! proportion to the memory it holds, until the shard is down to
+//! [`LOW_WATER`].
+//!
+//! Every eviction is a write ([`crate::request::Evict`]) of at most
+//! [`BATCH`] rows through the shard's [`Writer`]: ordered with the pushes
+//! and forwarded to the backup, so a backup equals its primary row for row.
+//! Requests go on between batches: eviction never holds a table. A backup
+//! evicts only what its primary sends it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ps_common::lifecycle::EvictionPolicy;
+use tokio::sync::{Notify, watch};
+
+use crate::metrics::ShardCounters;
+use crate::replication::Replication;
+use crate::request::{Evict, Write};
+use crate::store::{Shard, Table};
+use crate::writer::{Outcome, Writer};
+
+/// Above this share of the memory budget, a pass evicts.
+pub const HIGH_WATER: f64 = 0.95;
+/// A pass that evicts for the budget stops at this share.
+pub const LOW_WATER: f64 = 0.85;
+/// Rows evicted by one write at most.
+pub const BATCH: usize = 4096;
+/// How often an LFU table's touch counts halve.
+pub const LFU_HALF_LIFE: Duration = Duration::from_secs(60);
+/// Longest a request waits for a pass to free memory before it is refused.
+pub const RELIEF_WAIT: Duration = Duration::from_secs(5);
+
+/// What one pass evicted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows past their TTL.
+    pub expired: u64,
+    /// Rows past a table's `max_rows`.
+    pub over_cap: u64,
+    /// Rows given up for the memory budget.
+    pub for_budget: u64,
+}
+
+/// The shard's evictor (share it: `Arc`).
+#[derive(Debug)]
+pub struct Evictor {
+    shard: Arc<Shard>,
+    replication: Arc<Replication>,
+    writer: Writer,
+    wake: Notify,
+    passes: watch::Sender<u64>,
+    last_halving: Mutex<Instant>,
+}
+
+impl Evictor {
+    /// The evictor of `shard`, writing through a writer of `replication`
+    /// that counts into `counters` (the service's own).
+    pub fn new(
+        shard: Arc<Shard>,
+        replication: Arc<Replication>,
+        counters: Arc<ShardCounters>,
+    ) -> Arc<Evictor> {
+        Arc::new(Evictor {
+            writer: Writer::new(Arc::clone(&shard), Arc::clone(&replication), counters),
+            shard,
+            replication,
+            wake: Notify::new(),
+            passes: watch::channel(0).0,
+            last_halving: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Runs a pass every `every`, or sooner when [`Evictor::relieve`]
+    /// asks, until the task is dropped.
+    pub async fn run(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.wake.notified() => {}
+            }
+            let me = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || me.pass()).await {
+                Ok(pass) if pass != Pass::default() => tracing::debug!(?pass, "evicted"),
+                Ok(_) => {}
+                Err(e) => tracing::error!("eviction pass failed: {e}"),
+            }
+            self.passes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether a pass could free memory: the shard has a budget and a table
+    /// with eviction.
+    pub fn can_relieve(&self) -> bool {
+        self.shard.budget.limit() != u64::MAX && !self.shard.evicting_tables().is_empty()
+    }
+
+    /// Asks for a pass now and waits (at most [`RELIEF_WAIT`]) until one
+    /// has finished. Returns whether one did.
+    pub async fn relieve(&self) -> bool {
+        let mut passes = self.passes.subscribe();
+        passes.mark_unchanged();
+        self.wake.notify_one();
+        matches!(
+            tokio::time::timeout(RELIEF_WAIT, passes.changed()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// One pass (store work: run it on a blocking thread). Evicts only on
+    /// a serving primary.
+    pub fn pass(&self) -> Pass {
+        let tables = self.shard.evicting_tables();
+        for table in &tables {
+            table.advance_clock();
+        }
+        let mut pass = Pass::default();
+        if self.replication.check_serving().is_err() {
+            return pass;
+        }
+        let halve = {
+            let mut last = self.last_halving.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.elapsed() >= LFU_HALF_LIFE;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        for table in &tables {
+            let Some(policy) = table.eviction() else {
+                continue;
+            };
+            pass.expired += self.evict_while(table, |t| t.expired_keys(BATCH));
+            if let Some(cap) = policy.max_rows {
+                let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+                pass.over_cap += self.evict_while(table, |t| {
+                    t.coldest_keys(t.len().saturating_sub(cap).min(BATCH))
+                });
+            }
+            if halve && policy.policy == EvictionPolicy::Lfu {
+                table.halve_touches();
+            }
+        }
+        pass.for_budget = self.evict_for_budget(&tables);
+        pass
+    }
+
+    /// Evicts the coldest rows of `tables`, each in proportion to its
+    /// memory, while the shard holds more than [`HIGH_WATER`] of its budget.
+    fn evict_for_budget(&self, tables: &[Arc<Table>]) -> u64 {
+        let budget = &self.shard.budget;
+        let limit = budget.limit();
+        if limit == u64::MAX || (budget.used() as f64) <= HIGH_WATER * limit as f64 {
+            return 0;
+        }
+        let need = budget.used() as f64 - LOW_WATER * limit as f64;
+        let held: u64 = tables
+            .iter()
+            .map(|t| t.len() as u64 * t.sparse_row_bytes())
+            .sum();
+        if held == 0 {
+            return 0;
+        }
+        let mut evicted = 0;
+        for table in tables {
+            let share = need * (table.len() as u64 * table.sparse_row_bytes()) as f64 / held as f64;
+            let mut left = (share / table.sparse_row_bytes() as f64).ceil() as usize;
+            evicted += self.evict_while(table, |t| {
+                let keys = t.coldest_keys(left.min(BATCH));
+                left -= keys.len().min(left);
+                keys
+            });
+        }
+        evicted
+    }
+
+    /// Evicts the rows `choose` names, batch after batch, until it names
+    /// none (or an eviction fails: logged, the pass goes on elsewhere).
+    fn evict_while(&self, table: &Table, mut choose: impl FnMut(&Table) -> Vec<u64>) -> u64 {
+        let mut evicted = 0;
+        loop {
+            let keys = choose(table);
+            if keys.is_empty() {
+                return evicted;
+            }
+            let write = Arc::new(Write::Evict(Evict {
+                table: table.spec().name.clone(),
+                keys,
+            }));
+            match self.writer.write(write) {
+                Ok((Outcome::Evicted(0), _)) => return evicted,
+                Ok((Outcome::Evicted(n), _)) => evicted += n as u64,
+                Ok((other, _)) => {
+                    tracing::error!(?other, "an eviction was answered as another write");
+                    return evicted;
+                }
+                Err(e) => {
+                    tracing::warn!(table = %table.spec().name, "eviction refused: {e}");
+                    return evicted;
+                }
+            }
+        }
+    }
+}
