@@ -114,11 +114,10 @@ impl Lifecycle {
                     ));
                 }
             }
-            Some(Admission::Probability { p }) => {
-                if !(p > 0.0 && p <= 1.0) {
-                    return Err(format!("admission p must be in (0, 1], got {p}"));
-                }
+            Some(Admission::Probability { p }) if !(p > 0.0 && p <= 1.0) => {
+                return Err(format!("admission p must be in (0, 1], got {p}"));
             }
+            Some(Admission::Probability { .. }) => {}
         }
         if let Some(e) = self.eviction {
             for (name, value) in [

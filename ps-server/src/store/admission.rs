@@ -73,7 +73,7 @@ impl Sketch {
             // Conservative update: raise only the counters below the new estimate.
             self.counters[s].fetch_max(next, Ordering::Relaxed);
         }
-        if self.since_halving.fetch_add(1, Ordering::Relaxed) + 1 >= self.mask + 1 {
+        if self.since_halving.fetch_add(1, Ordering::Relaxed) >= self.mask {
             self.since_halving.store(0, Ordering::Relaxed);
             for c in self.counters.iter() {
                 c.store(c.load(Ordering::Relaxed) / 2, Ordering::Relaxed);

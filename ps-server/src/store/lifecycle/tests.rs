@@ -56,14 +56,34 @@ fn stats(shard: &Shard) -> crate::store::TableStats {
 #[test]
 fn an_id_gets_a_row_at_its_min_count_th_push_and_pulls_before_store_nothing() {
     let shard = table(admit_at(3), 1);
-    assert_eq!(shard.push("emb", &[7], &[1.0]), Ok(0), "1st: counted, dropped");
-    assert_eq!(weights(&shard, &[7]), [0.5], "a pull answers the initializer");
+    assert_eq!(
+        shard.push("emb", &[7], &[1.0]),
+        Ok(0),
+        "1st: counted, dropped"
+    );
+    assert_eq!(
+        weights(&shard, &[7]),
+        [0.5],
+        "a pull answers the initializer"
+    );
     assert_eq!(shard.push("emb", &[7], &[1.0]), Ok(0), "2nd: dropped");
     let s = stats(&shard);
     assert_eq!((s.rows, s.admitted_rows, s.filtered_pushes), (0, 0, 2));
-    assert_eq!(shard.push("emb", &[7, 8], &[2.0, 1.0]), Ok(1), "3rd admits 7");
-    assert_eq!(weights(&shard, &[7]), [0.5 - 2.0], "the admitting push applies");
-    assert_eq!(shard.push("emb", &[7], &[1.0]), Ok(1), "a held id always may");
+    assert_eq!(
+        shard.push("emb", &[7, 8], &[2.0, 1.0]),
+        Ok(1),
+        "3rd admits 7"
+    );
+    assert_eq!(
+        weights(&shard, &[7]),
+        [0.5 - 2.0],
+        "the admitting push applies"
+    );
+    assert_eq!(
+        shard.push("emb", &[7], &[1.0]),
+        Ok(1),
+        "a held id always may"
+    );
     let s = stats(&shard);
     assert_eq!((s.rows, s.admitted_rows, s.filtered_pushes), (1, 1, 3));
 }
@@ -174,7 +194,11 @@ fn eviction_is_charged_and_released_in_the_memory_budget() {
     let keys: Vec<u64> = (0..100).collect();
     weights(&shard, &keys);
     let per_row = t.sparse_row_bytes();
-    assert_eq!(per_row, 4 * 4 + 16 + 8, "floats, key and index, touch record");
+    assert_eq!(
+        per_row,
+        4 * 4 + 16 + 8,
+        "floats, key and index, touch record"
+    );
     assert_eq!(shard.budget.used() - before, 100 * per_row);
     shard.evict("emb", &keys[..40]).unwrap();
     assert_eq!(shard.budget.used() - before, 60 * per_row);
@@ -263,7 +287,11 @@ fn eviction_during_concurrent_pushes_never_tears_a_row_or_loses_an_update_to_a_k
     for (k, row) in rows {
         assert!(row.iter().all(|&v| v == row[0]), "torn row {k}: {row:?}");
         if k % 2 == 0 {
-            assert_eq!(row[0], 0.5 + (3 * ROUNDS) as f32, "kept row {k} lost updates");
+            assert_eq!(
+                row[0],
+                0.5 + (3 * ROUNDS) as f32,
+                "kept row {k} lost updates"
+            );
         } else {
             assert!(row[0] <= 0.5 + (3 * ROUNDS) as f32);
         }
