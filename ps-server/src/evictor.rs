@@ -214,3 +214,120 @@ impl Evictor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ps_common::lifecycle::{Eviction, Lifecycle};
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+
+    use super::*;
+    use crate::replication::{Peer, Role};
+
+    fn spec(name: &str, eviction: Option<Eviction>) -> TableSpec {
+        TableSpec {
+            name: name.into(),
+            kind: TableKind::Sparse,
+            dim: 4,
+            initializer: InitializerSpec::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            seed: 0,
+            lifecycle: Lifecycle {
+                admission: None,
+                eviction,
+            },
+        }
+    }
+
+    fn evictor(role: Role, tables: &[TableSpec]) -> (Arc<Shard>, Arc<Evictor>) {
+        let shard = Arc::new(Shard::new(0, 1));
+        for t in tables {
+            shard.create_table(t.clone()).unwrap();
+        }
+        let replication = Replication::new(Arc::clone(&shard), role, Peer::default());
+        let evictor = Evictor::new(Arc::clone(&shard), replication, Arc::default());
+        (shard, evictor)
+    }
+
+    fn touch(shard: &Shard, table: &str, keys: std::ops::Range<u64>) {
+        let keys: Vec<u64> = keys.collect();
+        shard.pull(table, &keys, &mut Vec::new()).unwrap();
+    }
+
+    #[test]
+    fn a_pass_brings_a_full_budget_down_to_low_water_from_the_evicting_tables_only() {
+        let (shard, evictor) = evictor(
+            Role::Primary,
+            &[
+                spec("stream", Some(Eviction::default())),
+                spec("fixed", None),
+            ],
+        );
+        touch(&shard, "fixed", 0..1_000);
+        touch(&shard, "stream", 0..20_000);
+        shard.budget.set_limit(shard.budget.used() + 100);
+        let pass = evictor.pass();
+        assert!(pass.for_budget > 0, "{pass:?}");
+        let (used, limit) = (shard.budget.used() as f64, shard.budget.limit() as f64);
+        assert!(used <= LOW_WATER * limit, "{used} of {limit}");
+        assert!(
+            used >= (LOW_WATER - 0.02) * limit,
+            "evicted far too much: {used}"
+        );
+        assert_eq!(shard.table("fixed").unwrap().len(), 1_000);
+        assert_eq!(
+            shard.table("stream").unwrap().evicted_rows(),
+            pass.for_budget
+        );
+        assert_eq!(evictor.pass(), Pass::default(), "below high water: nothing");
+    }
+
+    #[test]
+    fn a_pass_evicts_down_to_max_rows_in_batches() {
+        let cap = Eviction {
+            max_rows: Some(1_000),
+            ..Eviction::default()
+        };
+        let (shard, evictor) = evictor(Role::Primary, &[spec("t", Some(cap))]);
+        touch(&shard, "t", 0..10_000);
+        // The hottest: pushed (a push advances the table's clock).
+        let hot: Vec<u64> = (0..500).collect();
+        shard.push("t", &hot, &vec![1.0; 500 * 4]).unwrap();
+        let pass = evictor.pass();
+        assert_eq!(pass.over_cap, 9_000);
+        let t = shard.table("t").unwrap();
+        assert_eq!(t.len(), 1_000);
+        let mut held = Vec::new();
+        t.for_each_row(|k, _| held.push(k));
+        assert!(
+            (0..500).all(|k| held.contains(&k)),
+            "the rows touched last stay"
+        );
+    }
+
+    #[test]
+    fn a_pass_evicts_rows_past_their_ttl() {
+        let ttl = Eviction {
+            ttl_pushes: Some(2),
+            ..Eviction::default()
+        };
+        let (shard, evictor) = evictor(Role::Primary, &[spec("t", Some(ttl))]);
+        shard.push("t", &[1], &[1.0; 4]).unwrap();
+        for _ in 0..2 {
+            shard.push("t", &[2], &[1.0; 4]).unwrap();
+        }
+        assert_eq!(evictor.pass().expired, 1);
+        assert_eq!(shard.table("t").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_backup_evicts_only_what_its_primary_sends() {
+        let cap = Eviction {
+            max_rows: Some(10),
+            ..Eviction::default()
+        };
+        let (shard, evictor) = evictor(Role::Backup, &[spec("t", Some(cap))]);
+        touch(&shard, "t", 0..100);
+        assert_eq!(evictor.pass(), Pass::default());
+        assert_eq!(shard.table("t").unwrap().len(), 100);
+    }
+}

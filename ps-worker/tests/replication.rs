@@ -50,6 +50,7 @@ async fn node(role: Role) -> Node {
     let replication = Replication::new(Arc::clone(&shard), role, peer);
     let config = ServerConfig {
         auth: auth(),
+        evict_every: Duration::from_millis(10),
         ..ServerConfig::new(0, 1)
     };
     let counters = Arc::clone(&config.counters);
@@ -192,6 +193,57 @@ async fn every_acknowledged_push_is_on_the_backup_with_the_same_values() {
         primary.replication.describe(),
         ("primary", Some(backup.addr.clone()))
     );
+}
+
+/// Admissions and evictions replicate: after a stream of new ids through
+/// a table that admits at the second push and keeps at most 30 rows, the
+/// backup holds the primary's rows (and admission counts) exactly.
+#[tokio::test]
+async fn a_backup_equals_its_primary_row_for_row_after_admissions_and_evictions() {
+    use ps_common::lifecycle::{Admission, Eviction, Lifecycle};
+    let (primary, backup, client) = replicated().await;
+    let stream = TableSpec {
+        name: "stream".into(),
+        lifecycle: Lifecycle {
+            admission: Some(Admission::Count {
+                min_count: 2,
+                sketch_width: 1 << 10,
+            }),
+            eviction: Some(Eviction {
+                max_rows: Some(30),
+                ..Eviction::default()
+            }),
+        },
+        ..table()
+    };
+    client.create_table(&stream).await.unwrap();
+    for step in 0..60u64 {
+        // Ids drift: each step sees 20 ids, 4 of them new.
+        let keys: Vec<u64> = (step * 4..step * 4 + 20).collect();
+        client
+            .push_unique("stream", &keys, &vec![0.5; keys.len() * 2])
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        if step % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    // Let the evictor catch up, then push once more: its acknowledgement
+    // means the backup applied every write before it, evictions included.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.push_unique("emb", &[1], &[0.0, 0.0]).await.unwrap();
+    client.flush().await.unwrap();
+    let stats = |node: &Node| {
+        let t = node.shard.table_stats();
+        let s = t.iter().find(|t| t.spec.name == "stream").unwrap().clone();
+        (s.rows, s.admitted_rows, s.filtered_pushes, s.evicted_rows)
+    };
+    let (rows, admitted, filtered, evicted) = stats(&primary);
+    assert!(rows <= 30, "{rows} rows past the cap");
+    assert!(evicted > 0 && admitted > 30 && filtered > 0);
+    assert_eq!(stats(&backup), (rows, admitted, filtered, evicted));
+    assert_eq!(primary.shard.snapshot(), backup.shard.snapshot());
 }
 
 #[tokio::test]
