@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use ps_common::prometheus::{counter, gauge};
 
-use crate::store::Shard;
+use crate::store::{Shard, TableStats};
 
 pub use counters::{RequestCounters, ShardCounters};
 
@@ -183,25 +183,56 @@ impl Collector for ShardMetrics {
             counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
         }
         let tables = shard.table_stats();
-        let mut rows = encoder.encode_descriptor(
-            "ps_table_rows",
-            "Rows held by this shard",
-            None,
-            MetricType::Gauge,
-        )?;
-        for t in &tables {
-            ConstGauge::new(t.rows as i64)
-                .encode(rows.encode_family(&[("table", t.spec.name.as_str())])?)?;
-        }
-        let mut bytes = encoder.encode_descriptor(
-            "ps_table_bytes",
-            "Bytes of rows (weights and optimizer state)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for t in &tables {
-            ConstGauge::new(t.bytes as i64)
-                .encode(bytes.encode_family(&[("table", t.spec.name.as_str())])?)?;
+        type Of = fn(&TableStats) -> u64;
+        let families: [(&str, &str, MetricType, Of); 6] = [
+            (
+                "ps_table_rows",
+                "Rows held by this shard",
+                MetricType::Gauge,
+                |t| t.rows,
+            ),
+            (
+                "ps_table_bytes",
+                "Bytes of rows (weights and optimizer state)",
+                MetricType::Gauge,
+                |t| t.bytes,
+            ),
+            (
+                "ps_table_rows_in_memory",
+                "Rows held in memory (all rows: there is no disk tier)",
+                MetricType::Gauge,
+                |t| t.rows,
+            ),
+            (
+                "ps_table_admitted_rows",
+                "Ids given a row by the table's admission policy",
+                MetricType::Counter,
+                |t| t.admitted_rows,
+            ),
+            (
+                "ps_table_filtered_pushes",
+                "Pushed rows dropped because their id was not admitted",
+                MetricType::Counter,
+                |t| t.filtered_pushes,
+            ),
+            (
+                "ps_table_evicted_rows",
+                "Rows evicted (TTL, row cap or memory budget)",
+                MetricType::Counter,
+                |t| t.evicted_rows,
+            ),
+        ];
+        for (name, help, kind, of) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for t in &tables {
+                let labels = [("table", t.spec.name.as_str())];
+                match kind {
+                    MetricType::Counter => {
+                        ConstCounter::new(of(t)).encode(family.encode_family(&labels)?)?
+                    }
+                    _ => ConstGauge::new(of(t) as i64).encode(family.encode_family(&labels)?)?,
+                }
+            }
         }
         gauge(
             &mut encoder,
@@ -280,6 +311,18 @@ mod tests {
         let out = render(shard, Arc::default());
         assert!(out.contains("ps_table_rows{table=\"emb\"} 3"), "{out}");
         assert!(out.contains("ps_table_bytes{table=\"emb\"} 24"), "{out}");
+        assert!(
+            out.contains("ps_table_rows_in_memory{table=\"emb\"} 3"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ps_table_evicted_rows_total{table=\"emb\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ps_table_admitted_rows_total{table=\"emb\"} 0"),
+            "{out}"
+        );
         assert!(out.contains("ps_memory_budget_bytes 1073741824"), "{out}");
         assert!(out.contains("# TYPE ps_rows_pulled_total counter"), "{out}");
     }
