@@ -484,10 +484,14 @@ impl JobConfig {
         for spec in self.declared_table_specs() {
             if let Err(e) = spec.validate() {
                 let msg = e.to_string();
-                let field = ["dim", "rows", "block_rows", "initializer", "optimizer"]
-                    .into_iter()
-                    .find(|f| msg.contains(f))
-                    .unwrap_or("kind");
+                let field = if msg.contains("admission") || msg.contains("eviction") {
+                    "lifecycle"
+                } else {
+                    ["dim", "rows", "block_rows", "initializer", "optimizer"]
+                        .into_iter()
+                        .find(|f| msg.contains(f))
+                        .unwrap_or("kind")
+                };
                 return Err((format!("tables.{}.{field}", spec.name), msg));
             }
         }

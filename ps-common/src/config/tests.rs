@@ -202,3 +202,49 @@ fn the_row_cache_is_bounded_by_what_the_consistency_model_allows() {
         assert!(err.to_string().contains(says), "{err}");
     }
 }
+
+#[test]
+fn a_sparse_table_takes_admission_and_eviction_and_a_dense_one_refuses_them() {
+    use crate::lifecycle::{Admission, EvictionPolicy};
+    let lifecycle = "optimizer = { kind = \"adagrad\", lr = 0.05 }\nlifecycle = { admission = { kind = \"count\", min_count = 3 }, eviction = { ttl_pushes = 1000, max_rows = 50000, policy = \"lfu\" } }";
+    let job = JobConfig::from_toml(
+        &JOB.replace("optimizer = { kind = \"adagrad\", lr = 0.05 }", lifecycle),
+        Path::new("."),
+    )
+    .unwrap();
+    let spec = job
+        .table_specs()
+        .into_iter()
+        .find(|s| s.name == "weights")
+        .unwrap();
+    assert_eq!(
+        spec.lifecycle.admission,
+        Some(Admission::Count {
+            min_count: 3,
+            sketch_width: crate::lifecycle::DEFAULT_SKETCH_WIDTH
+        })
+    );
+    let eviction = spec.lifecycle.eviction.unwrap();
+    assert_eq!(
+        (eviction.ttl_pushes, eviction.max_rows, eviction.policy),
+        (Some(1000), Some(50000), EvictionPolicy::Lfu)
+    );
+
+    let err = error_of(&JOB.replace(
+        "optimizer = { kind = \"sgd\", lr = 0.01 }",
+        "optimizer = { kind = \"sgd\", lr = 0.01 }\nlifecycle = { eviction = { max_rows = 5 } }",
+    ));
+    assert_eq!(err.key.as_deref(), Some("tables.bias.lifecycle"), "{err}");
+    assert!(err.message.contains("sparse tables only"), "{err}");
+
+    let err = error_of(&JOB.replace(
+        "optimizer = { kind = \"adagrad\", lr = 0.05 }",
+        "optimizer = { kind = \"adagrad\", lr = 0.05 }\nlifecycle = { eviction = { max_rows = 0 } }",
+    ));
+    assert_eq!(
+        err.key.as_deref(),
+        Some("tables.weights.lifecycle"),
+        "{err}"
+    );
+    assert!(err.message.contains("max_rows must be >= 1"), "{err}");
+}
