@@ -11,6 +11,7 @@ use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 pub mod ctr26;
 pub mod memory;
 pub mod recovery;
+pub mod stream;
 pub mod throughput;
 
 /// The sparse table the store benches fill: `emb`, `dim` weights drawn

@@ -18,6 +18,9 @@ use ps_common::PsError;
 pub struct MemoryBudget {
     limit: AtomicU64,
     used: AtomicU64,
+    /// The largest reservation refused since [`MemoryBudget::take_refused`]
+    /// last read it (what an evictor must free for it to fit).
+    refused: AtomicU64,
 }
 
 impl Default for MemoryBudget {
@@ -26,6 +29,7 @@ impl Default for MemoryBudget {
         MemoryBudget {
             limit: AtomicU64::new(u64::MAX),
             used: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 }
@@ -39,6 +43,12 @@ impl MemoryBudget {
     /// Bytes held or reserved now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// The largest reservation refused since the last call (0: none), and
+    /// forgets it.
+    pub fn take_refused(&self) -> u64 {
+        self.refused.swap(0, Ordering::Relaxed)
     }
 
     /// Sets the limit (rows already held stay).
@@ -59,6 +69,7 @@ impl MemoryBudget {
                 bytes,
             });
         }
+        self.refused.fetch_max(bytes, Ordering::Relaxed);
         Err(PsError::ResourceExhausted(format!(
             "{} needs {bytes} bytes; this shard holds {} of its {} byte memory budget (--memory-budget)",
             what(),
@@ -102,7 +113,13 @@ pub struct Reservation<'a> {
 
 impl Reservation<'_> {
     /// `bytes` of the reservation are now held by rows: they stay counted.
+    /// Bytes kept beyond the reservation (rows a racing request made
+    /// admissible, see `Shard::make_room_for_push`) are charged, so the
+    /// budget never undercounts what is held.
     pub fn keep(&mut self, bytes: u64) {
+        if bytes > self.bytes {
+            self.budget.charge(bytes - self.bytes);
+        }
         self.bytes = self.bytes.saturating_sub(bytes);
     }
 }

@@ -20,6 +20,7 @@
 //! Requests go on between batches: eviction never holds a table. A backup
 //! evicts only what its primary sends it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,9 @@ pub struct Evictor {
     replication: Arc<Replication>,
     writer: Writer,
     wake: Notify,
+    /// A request found the budget full: the next pass frees memory down to
+    /// [`LOW_WATER`] even below [`HIGH_WATER`].
+    relief_asked: AtomicBool,
     passes: watch::Sender<u64>,
     last_halving: Mutex<Instant>,
 }
@@ -78,6 +82,7 @@ impl Evictor {
             shard,
             replication,
             wake: Notify::new(),
+            relief_asked: AtomicBool::new(false),
             passes: watch::channel(0).0,
             last_halving: Mutex::new(Instant::now()),
         })
@@ -107,11 +112,13 @@ impl Evictor {
         self.shard.budget.limit() != u64::MAX && !self.shard.evicting_tables().is_empty()
     }
 
-    /// Asks for a pass now and waits (at most [`RELIEF_WAIT`]) until one
-    /// has finished. Returns whether one did.
+    /// Asks for a pass now, one that frees memory down to [`LOW_WATER`],
+    /// and waits (at most [`RELIEF_WAIT`]) until one has finished. Returns
+    /// whether one did.
     pub async fn relieve(&self) -> bool {
         let mut passes = self.passes.subscribe();
         passes.mark_unchanged();
+        self.relief_asked.store(true, Ordering::Relaxed);
         self.wake.notify_one();
         matches!(
             tokio::time::timeout(RELIEF_WAIT, passes.changed()).await,
@@ -158,14 +165,30 @@ impl Evictor {
     }
 
     /// Evicts the coldest rows of `tables`, each in proportion to its
-    /// memory, while the shard holds more than [`HIGH_WATER`] of its budget.
+    /// memory, down to [`LOW_WATER`] of the budget when the shard holds
+    /// more than [`HIGH_WATER`] of it; asked for relief, down to whichever
+    /// is lower of [`LOW_WATER`] and what leaves room for the largest
+    /// reservation refused (with an eighth to spare).
     fn evict_for_budget(&self, tables: &[Arc<Table>]) -> u64 {
         let budget = &self.shard.budget;
         let limit = budget.limit();
-        if limit == u64::MAX || (budget.used() as f64) <= HIGH_WATER * limit as f64 {
+        let refused = budget.take_refused();
+        let asked = self.relief_asked.swap(false, Ordering::Relaxed);
+        if limit == u64::MAX {
             return 0;
         }
-        let need = budget.used() as f64 - LOW_WATER * limit as f64;
+        let (used, limit) = (budget.used() as f64, limit as f64);
+        let target = if asked {
+            (LOW_WATER * limit).min(limit - 1.125 * refused as f64)
+        } else if used > HIGH_WATER * limit {
+            LOW_WATER * limit
+        } else {
+            return 0;
+        };
+        if used <= target {
+            return 0;
+        }
+        let need = used - target;
         let held: u64 = tables
             .iter()
             .map(|t| t.len() as u64 * t.sparse_row_bytes())

@@ -139,11 +139,95 @@ enum Command {
         #[arg(long, default_value = "adagrad")]
         optimizer: String,
     },
+    /// An id stream that never ends (new ids arrive hottest and fade),
+    /// trained unbounded, then within a memory budget of `--budget-share`
+    /// of the unbounded run's peak (admission and LRU eviction), each run
+    /// in a fresh process; one JSON line.
+    Stream(StreamArgs),
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
     /// Write ctr26 samples as libffm lines.
     GenCtr26(GenArgs),
+}
+
+/// The stream measured by `ps-bench stream` (see `ps_benches::stream`).
+#[derive(Debug, Clone, Args)]
+struct StreamArgs {
+    /// Training steps.
+    #[arg(long, default_value_t = 1500)]
+    steps: u64,
+    /// Samples per step (8 ids each).
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+    /// Ages an id is drawn from (log-uniform).
+    #[arg(long, default_value_t = 200_000)]
+    window: u64,
+    /// Ids per field the head of the stream moves per step.
+    #[arg(long, default_value_t = 4)]
+    drift: u64,
+    /// Held-back samples scored after training.
+    #[arg(long, default_value_t = 20_000)]
+    val_samples: usize,
+    /// Pushes an id needs before it gets a row (bounded run; 1: no admission).
+    #[arg(long, default_value_t = 2)]
+    min_count: u32,
+    /// The budget as a share of the unbounded run's peak table bytes.
+    #[arg(long, default_value_t = 0.25)]
+    budget_share: f64,
+    /// Which rows the bounded run evicts first: lru or lfu.
+    #[arg(long, default_value = "lru", value_parser = eviction_policy)]
+    policy: ps_common::lifecycle::EvictionPolicy,
+    /// Stream seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Serve the measured shard with this budget in bytes (0: none) until
+    /// killed: the server process of a run.
+    #[arg(long, hide = true)]
+    serve: Option<u64>,
+}
+
+impl StreamArgs {
+    fn setup(&self, memory_budget: Option<u64>) -> ps_benches::stream::Setup {
+        ps_benches::stream::Setup {
+            steps: self.steps,
+            batch: self.batch,
+            window: self.window,
+            drift: self.drift,
+            val_samples: self.val_samples,
+            min_count: self.min_count,
+            policy: self.policy,
+            memory_budget,
+            seed: self.seed,
+        }
+    }
+
+    /// One run with `budget` bytes (0: none), against a fresh server process.
+    fn run(&self, budget: u64) -> anyhow::Result<ps_benches::stream::Run> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let mut serve = std::process::Command::new(exe);
+        serve.args(["stream", "--serve", &budget.to_string()]);
+        // The server's policy comes with the table spec; only the budget is its own.
+        ps_benches::stream::run(&self.setup((budget > 0).then_some(budget)), serve)
+    }
+}
+
+fn stream_bench(args: &StreamArgs) -> anyhow::Result<()> {
+    if !(args.budget_share > 0.0 && args.budget_share <= 1.0) {
+        bail!(
+            "--budget-share must be in (0, 1], got {}",
+            args.budget_share
+        );
+    }
+    if let Some(budget) = args.serve {
+        return ps_benches::stream::serve((budget > 0).then_some(budget));
+    }
+    let unbounded = args.run(0)?;
+    let budget = ((unbounded.peak_table_bytes as f64 * args.budget_share) as u64).max(1);
+    let bounded = args.run(budget)?;
+    let report = ps_benches::stream::Report::of(args.setup(Some(budget)), &bounded, &unbounded);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }
 
 /// `[communication]` options of the measured job.
@@ -181,6 +265,14 @@ impl TrafficArgs {
             row_cache_steps: self.row_cache_steps,
             row_cache_rows: None,
         }
+    }
+}
+
+fn eviction_policy(s: &str) -> Result<ps_common::lifecycle::EvictionPolicy, String> {
+    match s {
+        "lru" => Ok(ps_common::lifecycle::EvictionPolicy::Lru),
+        "lfu" => Ok(ps_common::lifecycle::EvictionPolicy::Lfu),
+        other => Err(format!("expected lru or lfu, got {other:?}")),
     }
 }
 
@@ -264,6 +356,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&measured)?);
             Ok(())
         }
+        Command::Stream(args) => stream_bench(&args),
         Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
         }),

@@ -53,7 +53,6 @@ impl Sketch {
 
     /// The estimated count of `key` (never below its true count since the
     /// last halving, halved counts aside).
-    #[cfg(test)]
     pub(crate) fn estimate(&self, key: u64) -> u8 {
         (self.slots(key).iter())
             .map(|&s| self.counters[s].load(Ordering::Relaxed))
@@ -122,6 +121,17 @@ impl Admitter {
         match policy {
             Admission::Count { sketch_width, .. } => DEPTH as u64 * u64::from(*sketch_width),
             Admission::Probability { .. } => 0,
+        }
+    }
+
+    /// Whether a pushed occurrence of `key` could be admitted now (an
+    /// upper bound for reserving memory; changes nothing).
+    pub(crate) fn may_admit(&self, key: u64) -> bool {
+        match (self.policy, &self.sketch) {
+            (Admission::Count { min_count, .. }, Some(sketch)) => {
+                u32::from(sketch.estimate(key)) + 1 >= min_count
+            }
+            _ => true,
         }
     }
 

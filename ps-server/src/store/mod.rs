@@ -153,12 +153,13 @@ impl Shard {
             .store(cap.unwrap_or(usize::MAX), Ordering::Relaxed);
     }
 
-    /// The distinct keys of `keys` that `table` does not hold yet.
-    fn fresh_keys(table: &Table, keys: &[u64]) -> usize {
+    /// The distinct keys of `keys` that `table` does not hold yet and
+    /// `may_create` accepts.
+    fn fresh_keys(table: &Table, keys: &[u64], may_create: &impl Fn(u64) -> bool) -> usize {
         let mut fresh: std::collections::HashSet<u64, IdBuildHasher> =
             std::collections::HashSet::default();
         for &k in keys {
-            if !table.contains(k) {
+            if !table.contains(k) && may_create(k) {
                 fresh.insert(k);
             }
         }
@@ -171,13 +172,34 @@ impl Shard {
     /// memory is needed to count). Refuses with RESOURCE_EXHAUSTED, before
     /// anything is created, a request that cannot fit.
     fn make_room(&self, table: &Table, keys: &[u64]) -> Result<Reservation<'_>, PsError> {
+        self.make_room_for(table, keys, |_| true)
+    }
+
+    /// Room for the rows a push may create: in a table with admission, only
+    /// for ids its policy may admit now ([`Table::may_admit`]; an id
+    /// admitted by a push racing this one is charged when created, so the
+    /// budget never undercounts).
+    fn make_room_for_push(&self, table: &Table, keys: &[u64]) -> Result<Reservation<'_>, PsError> {
+        match &table.admitter {
+            Some(admitter) => self.make_room_for(table, keys, |k| admitter.may_admit(k)),
+            None => self.make_room(table, keys),
+        }
+    }
+
+    /// [`Shard::make_room`] for the keys `may_create` accepts.
+    fn make_room_for(
+        &self,
+        table: &Table,
+        keys: &[u64],
+        may_create: impl Fn(u64) -> bool,
+    ) -> Result<Reservation<'_>, PsError> {
         if !table.is_sparse() {
             return self.budget.reserve(0, String::new);
         }
         let cap = self.row_cap.load(Ordering::Relaxed);
         let mut fresh = None;
         if cap != usize::MAX {
-            let new = Self::fresh_keys(table, keys);
+            let new = Self::fresh_keys(table, keys, &may_create);
             let held = table.len();
             if held + new > cap {
                 return Err(PsError::ResourceExhausted(format!(
@@ -196,8 +218,11 @@ impl Shard {
         }
         // Keys the table lacks, counted with their repeats (an upper bound
         // on the rows created that needs no memory to count).
-        let new =
-            fresh.unwrap_or_else(|| keys.iter().filter(|&&k| !table.contains(k)).count()) as u64;
+        let new = fresh.unwrap_or_else(|| {
+            (keys.iter())
+                .filter(|&&k| !table.contains(k) && may_create(k))
+                .count()
+        }) as u64;
         self.budget.reserve(new * per_row, || {
             format!("creating up to {new} rows of table '{}'", table.spec.name)
         })
@@ -318,7 +343,11 @@ impl Shard {
         keys: &[u64],
         mut each: impl FnMut(usize, &[f32]),
     ) -> Result<u32, PsError> {
-        let mut room = self.make_room(table, keys)?;
+        // A table with admission creates no row on a pull.
+        let mut room = match table.admitter {
+            Some(_) => self.budget.reserve(0, String::new)?,
+            None => self.make_room(table, keys)?,
+        };
         let dim = table.spec.dim as usize;
         let created = table.read_many(keys, |i, row| each(i, &row[..dim]));
         room.keep(created as u64 * table.sparse_row_bytes());
@@ -412,7 +441,7 @@ impl Shard {
         let rooms = tables
             .iter()
             .zip(pushes)
-            .map(|(table, p)| self.make_room(table, p.keys))
+            .map(|(table, p)| self.make_room_for_push(table, p.keys))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(PreparedPushes {
             shard: self,
