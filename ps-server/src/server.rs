@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// How often the evictor checks tables with eviction against their
     /// TTL, row cap and the memory budget ([`crate::evictor`]).
     pub evict_every: Duration,
+    /// Periodic checkpoints are incremental: a delta of what changed, with
+    /// a full base after this many deltas (`None`: every one is full).
+    pub checkpoint_deltas_per_base: Option<u64>,
 }
 
 /// The name periodic checkpoints are written under.
@@ -94,6 +97,7 @@ impl ServerConfig {
             restored_from: None,
             counters: Arc::default(),
             evict_every: Duration::from_millis(100),
+            checkpoint_deltas_per_base: None,
         }
     }
 
@@ -114,6 +118,11 @@ impl ServerConfig {
         if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
             return Err(ServeError::Config(
                 "--checkpoint-every-secs needs --checkpoint-dir".into(),
+            ));
+        }
+        if self.checkpoint_deltas_per_base.is_some() && self.checkpoint_every.is_none() {
+            return Err(ServeError::Config(
+                "--checkpoint-deltas-per-base needs --checkpoint-every-secs".into(),
             ));
         }
         if self.evict_every.is_zero() {
@@ -260,6 +269,7 @@ pub async fn run_replicated(
             Arc::clone(&replication),
             Arc::clone(checkpoints),
             every,
+            config.checkpoint_deltas_per_base,
         ))),
         _ => None,
     };
@@ -357,13 +367,14 @@ async fn report_role(
 }
 
 /// Writes checkpoint [`PERIODIC_CHECKPOINT`] every `every` while this
-/// server is a serving primary. A failed write is logged and retried at
-/// the next tick.
+/// server is a serving primary (with `deltas_per_base`, incrementally). A
+/// failed write is logged and retried at the next tick.
 async fn checkpoint_periodically(
     shard: Arc<Shard>,
     replication: Arc<Replication>,
     checkpoints: Arc<Checkpoints>,
     every: Duration,
+    deltas_per_base: Option<u64>,
 ) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -374,8 +385,11 @@ async fn checkpoint_periodically(
         }
         let (shard, checkpoints) = (Arc::clone(&shard), Arc::clone(&checkpoints));
         let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || checkpoints.save(&shard, PERIODIC_CHECKPOINT))
-            .await
+        match tokio::task::spawn_blocking(move || match deltas_per_base {
+            Some(n) => checkpoints.save_incremental(&shard, PERIODIC_CHECKPOINT, n),
+            None => checkpoints.save(&shard, PERIODIC_CHECKPOINT),
+        })
+        .await
         {
             Ok(Ok(written)) => tracing::info!(
                 path = %written.path.display(),

@@ -255,7 +255,10 @@ async fn checkpoint_names_stay_inside_the_folder_and_concurrent_ones_all_land() 
     .unwrap();
     for name in ["..", ".", ".hidden", "../x"] {
         let refused = c
-            .checkpoint(pb::CheckpointRequest { name: name.into() })
+            .checkpoint(pb::CheckpointRequest {
+                name: name.into(),
+                incremental: false,
+            })
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::InvalidArgument, "{name}");
@@ -270,6 +273,7 @@ async fn checkpoint_names_stay_inside_the_folder_and_concurrent_ones_all_land() 
             tokio::spawn(async move {
                 c.checkpoint(pb::CheckpointRequest {
                     name: "same".into(),
+                    incremental: false,
                 })
                 .await
             })
@@ -310,6 +314,7 @@ async fn a_server_restarted_with_restore_latest_serves_its_newest_checkpoint() {
     c.push(push(10)).await.unwrap();
     c.checkpoint(pb::CheckpointRequest {
         name: "older".into(),
+        incremental: false,
     })
     .await
     .unwrap();
@@ -317,6 +322,7 @@ async fn a_server_restarted_with_restore_latest_serves_its_newest_checkpoint() {
     c.push(push(20)).await.unwrap();
     c.checkpoint(pb::CheckpointRequest {
         name: "newer".into(),
+        incremental: false,
     })
     .await
     .unwrap();
@@ -443,8 +449,11 @@ async fn a_server_killed_mid_checkpoint_leaves_the_previous_one_restorable() {
         let checkpoint = |c: &mut Client| {
             let mut c = c.clone();
             async move {
-                c.checkpoint(pb::CheckpointRequest { name: "c".into() })
-                    .await
+                c.checkpoint(pb::CheckpointRequest {
+                    name: "c".into(),
+                    incremental: false,
+                })
+                .await
             }
         };
         checkpoint(&mut c).await.unwrap();

@@ -317,3 +317,96 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Periodic checkpoints as a chain (a base, then deltas of what changed):
+/// after `kill -9`, the server restored from the chain holds every row the
+/// last delta saw, and a delta of a few changed rows is a fraction of the
+/// base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_periodic_checkpoint_restores_every_row_after_kill_9() {
+    use std::time::{Duration, Instant, SystemTime};
+    let dir = temp_dir("incremental");
+    let root = dir.join("ckpt");
+    let flags = [
+        "--checkpoint-dir",
+        root.to_str().unwrap(),
+        "--checkpoint-every-secs",
+        "1",
+        "--checkpoint-deltas-per-base",
+        "5",
+    ];
+    let mut server = Server::start_with(0, 1, &flags);
+    let client = ps_worker::PsClient::connect(
+        std::slice::from_ref(&server.addr),
+        &ps_worker::ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    client
+        .create_table(&common::counting_table("emb", 4))
+        .await
+        .unwrap();
+    let all: Vec<u64> = (0..20_000).collect();
+    client
+        .push("emb", &all, &vec![-1.0; all.len() * 4])
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    // A few rows change after the base: the next periodic checkpoint is a
+    // delta holding them.
+    let base = root.join("periodic/shard-0.bin");
+    let waited = |path: &Path, after: SystemTime| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            if written.is_some_and(|w| w > after) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint at {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    waited(&base, SystemTime::UNIX_EPOCH);
+    let few: Vec<u64> = (0..50).collect();
+    client
+        .push("emb", &few, &vec![-1.0; few.len() * 4])
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let pushed = SystemTime::now();
+    let delta = root.join("periodic/shard-0.delta-000001.bin");
+    waited(&delta, pushed - Duration::from_millis(1));
+    let held = client.pull("emb", &all).await.unwrap();
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&delta) * 20 < size(&base),
+        "delta {} bytes, base {}",
+        size(&delta),
+        size(&base)
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    let restored = Server::start_with(
+        0,
+        1,
+        &["--restore", root.join("periodic").to_str().unwrap()],
+    );
+    let client = ps_worker::PsClient::connect(
+        std::slice::from_ref(&restored.addr),
+        &ps_worker::ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    client
+        .create_table(&common::counting_table("emb", 4))
+        .await
+        .unwrap();
+    assert_eq!(client.pull("emb", &all).await.unwrap(), held);
+    assert_eq!(held[0], 2.0, "the delta's rows are in");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -119,6 +119,11 @@ struct Args {
     /// Mutual TLS: refuse clients without a certificate signed by --tls-ca.
     #[arg(long)]
     tls_require_client_cert: bool,
+    /// Make the periodic checkpoints incremental: each writes only the rows
+    /// changed since the last, beside a full base written every N + 1
+    /// checkpoints (needs --checkpoint-every-secs).
+    #[arg(long, value_name = "N")]
+    checkpoint_deltas_per_base: Option<u64>,
     /// How often tables with eviction are checked against their TTL, row
     /// cap and the memory budget (milliseconds).
     #[arg(long, value_name = "MS", default_value_t = 100)]
@@ -184,6 +189,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         restored_from: None,
         counters: Arc::default(),
         evict_every: std::time::Duration::from_millis(args.evict_interval_ms),
+        checkpoint_deltas_per_base: args.checkpoint_deltas_per_base,
     };
     config.validate()?;
     if args.join.is_some() && (args.restore.is_some() || args.restore_latest) {

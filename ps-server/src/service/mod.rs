@@ -55,6 +55,9 @@ pub struct ShardService {
     evictor: Option<Arc<Evictor>>,
 }
 
+/// Deltas between two bases of an incremental Checkpoint call's chain.
+const DELTAS_PER_BASE: u64 = 15;
+
 /// Passes of the evictor a request refused for memory waits for at most.
 const RELIEF_TRIES: u32 = 3;
 
@@ -260,9 +263,12 @@ impl ShardService {
                 "this server was started without --checkpoint-dir".into(),
             )));
         };
-        let name = request.into_inner().name;
+        let pb::CheckpointRequest { name, incremental } = request.into_inner();
         let written = self
-            .blocking(move |shard| checkpoints.save(shard, &name))
+            .blocking(move |shard| match incremental {
+                true => checkpoints.save_incremental(shard, &name, DELTAS_PER_BASE),
+                false => checkpoints.save(shard, &name),
+            })
             .await?;
         tracing::info!(path = %written.path.display(), rows = written.rows, bytes = written.bytes, "checkpoint written");
         Ok(Response::new(pb::CheckpointResponse {

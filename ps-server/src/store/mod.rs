@@ -24,8 +24,10 @@
 //! - [`admission`]: which pushed ids get a row (count-min sketch or chance).
 //! - [`lifecycle`]: a sparse table's clock, and which rows are cold or expired.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
+//! - [`delta`]: what changed since the last checkpoint, for incremental ones.
 
 mod admission;
+mod delta;
 mod finite;
 mod lifecycle;
 mod snapshot;
@@ -42,6 +44,7 @@ use ps_common::{OptimizerSpec, PsError, ShardRouter, TableSpec};
 use crate::budget::{MemoryBudget, Reservation};
 use crate::optimizer;
 
+pub use delta::{ShardDelta, TableDelta};
 use finite::{
     Magnitudes, Proof, Undo, fingerprint_of_fresh, finite_and_fingerprint, provably_finite,
     scan_magnitudes,

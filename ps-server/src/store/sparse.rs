@@ -92,12 +92,14 @@ const META: usize = 2;
 pub const SEGMENTS_OVERHEAD: u64 = (SEGMENTS * std::mem::size_of::<RwLock<Segment>>()) as u64;
 
 /// Up to a full slab's rows of a segment: their keys, their floats back to
-/// back and, in a table that tracks touches, each row's last touch and
+/// back, a bit per row set when the row changes (cleared when a checkpoint
+/// takes it) and, in a table that tracks touches, each row's last touch and
 /// touch count (atomics, so a pull records its touch under a read lock).
 #[derive(Debug)]
 struct Chunk {
     keys: Box<[u64]>,
     rows: Box<[f32]>,
+    changed: Box<[u64]>,
     meta: Box<[AtomicU32]>,
 }
 
@@ -106,6 +108,7 @@ impl Chunk {
         Chunk {
             keys: vec![0; rows].into_boxed_slice(),
             rows: vec![0.0; rows * row_len].into_boxed_slice(),
+            changed: vec![0; rows.div_ceil(64)].into_boxed_slice(),
             meta: (0..if tracks { rows * META } else { 0 })
                 .map(|_| AtomicU32::new(0))
                 .collect(),
@@ -128,6 +131,9 @@ pub(crate) struct Segment {
     narrow_rows: usize,
     /// Whether rows record their touches (tables with eviction).
     tracks: bool,
+    /// Keys removed since the changes were last taken (kept only while
+    /// removals are recorded, see [`SparseRows::record_removals`]).
+    removed: Vec<u64>,
 }
 
 impl Segment {
@@ -140,7 +146,30 @@ impl Segment {
             chunk_bits: chunk_rows(row_len).ilog2(),
             narrow_rows,
             tracks,
+            removed: Vec::new(),
         }
+    }
+
+    /// Marks row `row` changed since the last checkpoint.
+    #[inline]
+    fn mark_changed(&mut self, row: usize) {
+        let (chunk, at) = self.locate(row);
+        self.chunks[chunk].changed[at / 64] |= 1 << (at % 64);
+    }
+
+    /// Whether row `row` changed since the last checkpoint took it.
+    #[inline]
+    fn is_changed(&self, row: usize) -> bool {
+        let (chunk, at) = self.locate(row);
+        self.chunks[chunk].changed[at / 64] >> (at % 64) & 1 == 1
+    }
+
+    /// Sets row `row`'s changed bit to `changed`.
+    #[inline]
+    fn set_changed(&mut self, row: usize, changed: bool) {
+        let (chunk, at) = self.locate(row);
+        let word = &mut self.chunks[chunk].changed[at / 64];
+        *word = (*word & !(1 << (at % 64))) | (u64::from(changed) << (at % 64));
     }
 
     /// Records a touch of row `row` at clock `now`.
@@ -268,6 +297,7 @@ impl Segment {
             let mut bigger = Chunk::with_rows(at * 2, row_len, self.tracks);
             bigger.keys[..at].copy_from_slice(&old.keys);
             bigger.rows[..old.rows.len()].copy_from_slice(&old.rows);
+            bigger.changed[..old.changed.len()].copy_from_slice(&old.changed);
             for (to, from) in bigger.meta.iter().zip(old.meta.iter()) {
                 to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
             }
@@ -308,8 +338,15 @@ impl Segment {
     }
 
     /// Removes the row of `key` if `remove` says so: the last row moves into
-    /// its place, and a slab left empty is freed.
-    fn remove_if(&mut self, key: u64, hash: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
+    /// its place, and a slab left empty is freed. `record`: the key is kept
+    /// in the removals a checkpoint's delta takes.
+    fn remove_if(
+        &mut self,
+        key: u64,
+        hash: u64,
+        record: bool,
+        remove: impl FnOnce(&[f32]) -> bool,
+    ) -> bool {
         let Some((at, row)) = self.find_entry(key, hash) else {
             return false;
         };
@@ -322,8 +359,13 @@ impl Segment {
             Entries::Narrow(ix) => ix.delete(at, key_of),
             Entries::Wide(ix) => ix.delete(at, key_of),
         }
+        if record {
+            self.removed.push(key);
+        }
         let last = self.len - 1;
         if row != last {
+            let moved_changed = self.is_changed(last);
+            self.set_changed(row, moved_changed);
             let (to_chunk, to) = self.locate(row);
             let (from_chunk, from) = self.locate(last);
             let moved = self.chunks[from_chunk].keys[from];
@@ -366,6 +408,9 @@ pub(crate) struct SparseRows {
     segments: Box<[RwLock<Segment>]>,
     /// Rows held, so that stats never walk the segments.
     len: AtomicUsize,
+    /// Whether removed keys are recorded for checkpoint deltas (set once an
+    /// incremental checkpoint chain starts, so no list grows unread).
+    record_removals: std::sync::atomic::AtomicBool,
     /// Floats per row.
     row_len: usize,
     /// The clock touches are recorded at (a tracking table's; its owner
@@ -387,6 +432,7 @@ impl SparseRows {
                 .map(|_| RwLock::new(Segment::new(row_len, narrow_rows, tracks)))
                 .collect(),
             len: AtomicUsize::new(0),
+            record_removals: std::sync::atomic::AtomicBool::new(false),
             row_len,
             now: AtomicU32::new(0),
         }
@@ -461,6 +507,7 @@ impl SparseRows {
         };
         f(segment.row_mut(row));
         segment.touch(row, self.now());
+        segment.mark_changed(row);
         created
     }
 
@@ -663,11 +710,49 @@ impl SparseRows {
     /// Removes row `key` if `remove(row)` says so. Returns whether it did.
     pub(crate) fn remove_if(&self, key: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
         let hash = mix64(key);
-        let removed = write(self.segment(hash)).remove_if(key, hash, remove);
+        let record = self.record_removals.load(Ordering::Relaxed);
+        let removed = write(self.segment(hash)).remove_if(key, hash, record, remove);
         if removed {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
         removed
+    }
+
+    /// From now on, keeps the keys of removed rows for
+    /// [`SparseRows::take_changes`].
+    pub(crate) fn record_removals(&self) {
+        self.record_removals.store(true, Ordering::Relaxed);
+    }
+
+    /// The changes since they were last taken, one segment at a time under
+    /// its write lock (so each segment's changes are taken whole): hands
+    /// every row that changed to `row` (`only_changed` false: every row)
+    /// and every key removed to `removed`, and clears both records. A
+    /// key removed and then created again is handed to both.
+    pub(crate) fn take_changes(
+        &self,
+        only_changed: bool,
+        mut row: impl FnMut(u64, &[f32]),
+        mut removed: impl FnMut(u64),
+    ) {
+        for lock in self.segments.iter() {
+            let mut segment = write(lock);
+            let segment = &mut *segment;
+            for key in segment.removed.drain(..) {
+                removed(key);
+            }
+            let mut left = segment.len;
+            for chunk in &mut segment.chunks {
+                let rows = chunk.rows.chunks_exact(segment.row_len);
+                for (at, (&key, values)) in chunk.keys.iter().zip(rows).take(left).enumerate() {
+                    if !only_changed || chunk.changed[at / 64] >> (at % 64) & 1 == 1 {
+                        row(key, values);
+                    }
+                }
+                chunk.changed.fill(0);
+                left = left.saturating_sub(chunk.keys.len());
+            }
+        }
     }
 
     /// Hands every row to `each` as `(key, floats)`, one segment at a time

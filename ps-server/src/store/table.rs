@@ -409,6 +409,29 @@ impl Table {
         u32::try_from(self.born.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
+    /// The rows that changed since the last call (`only_changed` false:
+    /// every row) to `row`, and a sparse table's removed keys to
+    /// `removed`; clears both records (see [`SparseRows::take_changes`]).
+    /// A dense table hands every row each time (it keeps no record).
+    pub(crate) fn take_changes(
+        &self,
+        only_changed: bool,
+        row: impl FnMut(u64, &[f32]),
+        removed: impl FnMut(u64),
+    ) {
+        match &self.rows {
+            Rows::Sparse(rows) => rows.take_changes(only_changed, row, removed),
+            Rows::Dense(_) => self.for_each_row(row),
+        }
+    }
+
+    /// From now on, records removed keys for [`Table::take_changes`].
+    pub(crate) fn record_removals(&self) {
+        if let Rows::Sparse(rows) = &self.rows {
+            rows.record_removals();
+        }
+    }
+
     /// Dense: the number of rows of the whole tensor (all shards).
     pub(crate) fn dense_rows(&self) -> Option<u64> {
         match &self.rows {

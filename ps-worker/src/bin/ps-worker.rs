@@ -148,6 +148,10 @@ enum Command {
         /// Checkpoint name: 1-128 characters from [A-Za-z0-9_.-].
         #[arg(long)]
         name: String,
+        /// Write only what changed since each server's last checkpoint of
+        /// this name (a delta beside its base).
+        #[arg(long)]
+        incremental: bool,
         /// Seconds to keep retrying servers that do not accept connections yet.
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,
@@ -295,6 +299,7 @@ fn main() -> anyhow::Result<()> {
         Command::Checkpoint {
             servers,
             name,
+            incremental,
             connect_timeout_secs,
         } => {
             let config = ps_worker::ClientConfig {
@@ -308,7 +313,7 @@ fn main() -> anyhow::Result<()> {
             let written = runtime
                 .block_on(async {
                     let client = ps_worker::PsClient::connect(&servers, &config).await?;
-                    client.checkpoint(&name).await
+                    client.checkpoint_as(&name, incremental).await
                 })
                 .with_context(|| format!("checkpoint {name:?} failed"))?;
             for (shard, w) in written.iter().enumerate() {

@@ -353,8 +353,20 @@ impl PsClient {
     /// `--checkpoint-dir`); returns each shard's answer, in shard order.
     /// Call [`PsClient::flush`] first so this worker's pushes are included.
     pub async fn checkpoint(&self, name: &str) -> Result<Vec<pb::CheckpointResponse>, PsError> {
+        self.checkpoint_as(name, false).await
+    }
+
+    /// [`PsClient::checkpoint`], `incremental`ly: each shard writes only
+    /// what changed since its last checkpoint of this name (a delta beside
+    /// its base), or a full base when it has none to follow.
+    pub async fn checkpoint_as(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<Vec<pb::CheckpointResponse>, PsError> {
         let request = pb::CheckpointRequest {
             name: name.to_string(),
+            incremental,
         };
         self.on_every_shard(move |shard| {
             let request = request.clone();

@@ -14,6 +14,13 @@
 //! A snapshot is taken row by row while the shard keeps serving: each row is
 //! consistent, but rows are not captured at one instant (the usual guarantee
 //! of asynchronous parameter servers).
+//!
+//! **Incremental checkpoints** ([`chain`]): a checkpoint may instead be a
+//! chain, a full base (`shard-I.bin`) followed by deltas
+//! (`shard-I.delta-NNNNNN.bin`), each holding only the rows that changed and
+//! the keys evicted since the one before. Restoring loads the base and
+//! applies the deltas in order. A periodic checkpoint then costs what
+//! changed, not the whole shard.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -26,6 +33,8 @@ use ps_common::routing::fnv1a64;
 use serde::Serialize;
 
 use crate::store::{Shard, ShardSnapshot, ShardSnapshotV1};
+
+mod chain;
 
 const MAGIC: &[u8; 8] = b"PSCKPT02";
 /// Format 1: the same, without the tables' admission counters.
@@ -97,8 +106,9 @@ fn storage(what: &str, path: &Path, e: impl std::fmt::Display) -> PsError {
 #[derive(Debug)]
 pub struct Checkpoints {
     root: PathBuf,
-    /// Held for the whole of one save.
-    writer: Mutex<()>,
+    /// Held for the whole of one save; names the incremental chain the
+    /// shard's change records belong to, if any.
+    writer: Mutex<Option<chain::Chain>>,
     /// Numbers this process's temporary files, so no two writes share one.
     temp_files: AtomicU64,
 }
@@ -108,7 +118,7 @@ impl Checkpoints {
     pub fn new(root: PathBuf) -> Checkpoints {
         Checkpoints {
             root,
-            writer: Mutex::new(()),
+            writer: Mutex::new(None),
             temp_files: AtomicU64::new(0),
         }
     }
@@ -123,19 +133,29 @@ impl Checkpoints {
     /// first. Runs file I/O: call it on a blocking thread.
     pub fn save(&self, shard: &Shard, name: &str) -> Result<Written, PsError> {
         ps_common::names::validate_checkpoint_name(name)?;
-        let _one_writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut chain = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        // Taking a base clears the shard's change records: a chain that
+        // relied on them ends here.
+        *chain = None;
+        let (written, _) = self.save_base(shard, name, false)?;
+        Ok(written)
+    }
+
+    /// Writes a full base of `shard` under `name` (with `chain`, the start
+    /// of an incremental chain). Returns what was written and the base's
+    /// checksum. The caller holds the writer lock.
+    fn save_base(&self, shard: &Shard, name: &str, chain: bool) -> Result<(Written, u64), PsError> {
         let dir = self.root.join(name);
         fs::create_dir_all(&dir).map_err(|e| storage("cannot create", &dir, e))?;
-        let snapshot = shard.snapshot();
+        let snapshot = shard.take_base(chain);
         let payload = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
             .map_err(|e| PsError::Storage(format!("cannot encode checkpoint: {e}")))?;
         let checksum = fnv1a64(&payload);
         let path = shard_file(&dir, shard.shard_id());
-        let mut file_bytes = Vec::with_capacity(HEADER_LEN);
-        file_bytes.extend_from_slice(MAGIC);
-        file_bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        file_bytes.extend_from_slice(&checksum.to_le_bytes());
-        self.write_atomically(&path, &[&file_bytes, &payload])?;
+        self.write_atomically(&path, &[&header(MAGIC, &payload), &payload])?;
+        // Deltas of an earlier base no longer apply (their base checksum
+        // says so, should removing one fail).
+        chain::remove_deltas(&dir, shard.shard_id());
         let manifest = Manifest {
             format: "PSCKPT02",
             shard_id: snapshot.shard_id,
@@ -157,11 +177,12 @@ impl Checkpoints {
             &dir.join(format!("shard-{}.json", shard.shard_id())),
             &[&json],
         )?;
-        Ok(Written {
+        let written = Written {
             path,
             rows: snapshot.tables.iter().map(|t| t.keys.len() as u64).sum(),
             bytes: manifest.bytes,
-        })
+        };
+        Ok((written, checksum))
     }
 
     /// Writes `parts` to `path` through a temporary file of its own: write,
@@ -210,12 +231,7 @@ impl Checkpoints {
         let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = entries
             .filter_map(Result::ok)
             .filter(|e| e.path().is_dir())
-            .filter_map(|e| {
-                let written = fs::metadata(shard_file(&e.path(), shard_id))
-                    .and_then(|m| m.modified())
-                    .ok()?;
-                Some((written, e.path()))
-            })
+            .filter_map(|e| Some((chain::last_written(&e.path(), shard_id)?, e.path())))
             .collect();
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
         let mut skipped = Vec::new();
@@ -264,18 +280,47 @@ fn write_then_rename(tmp: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), PsE
     Ok(())
 }
 
-/// Reads and verifies shard `shard_id`'s file of checkpoint directory `dir`.
-pub fn load(dir: &Path, shard_id: u32, num_shards: u32) -> Result<ShardSnapshot, PsError> {
-    let path = shard_file(dir, shard_id);
-    let bytes = fs::read(&path).map_err(|e| storage("cannot read checkpoint", &path, e))?;
-    let refuse = |why: String| {
-        PsError::FailedPrecondition(format!("checkpoint {} refused: {why}", path.display()))
-    };
-    if bytes.len() < HEADER_LEN || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
-        return Err(refuse(
-            "not a PSCKPT02 (or PSCKPT01) checkpoint file".into(),
-        ));
+/// A file's header: magic, payload length, payload checksum.
+fn header(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN);
+    bytes.extend_from_slice(magic);
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&fnv1a64(payload).to_le_bytes());
+    bytes
+}
+
+/// A checkpoint file read whole and verified: which magic it starts with,
+/// its bytes and its payload's checksum.
+struct Verified {
+    magic: [u8; 8],
+    bytes: Vec<u8>,
+    checksum: u64,
+}
+
+impl Verified {
+    fn payload(&self) -> &[u8] {
+        &self.bytes[HEADER_LEN..]
     }
+}
+
+/// The refusal of checkpoint file `path`, saying why.
+fn refused(path: &Path, why: impl std::fmt::Display) -> PsError {
+    PsError::FailedPrecondition(format!("checkpoint {} refused: {why}", path.display()))
+}
+
+/// Reads `path` and checks its header (one of `magics`), length and checksum.
+fn read_verified(path: &Path, magics: &[&[u8; 8]]) -> Result<Verified, PsError> {
+    let bytes = fs::read(path).map_err(|e| storage("cannot read checkpoint", path, e))?;
+    let Some(magic) = (magics.iter()).find(|m| bytes.len() >= HEADER_LEN && bytes[..8] == m[..])
+    else {
+        let names: Vec<String> = (magics.iter())
+            .map(|m| String::from_utf8_lossy(&m[..]).into_owned())
+            .collect();
+        return Err(refused(
+            path,
+            format!("not a {} checkpoint file", names.join(" or ")),
+        ));
+    };
     let word = |at: usize| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&bytes[at..at + 8]);
@@ -284,15 +329,40 @@ pub fn load(dir: &Path, shard_id: u32, num_shards: u32) -> Result<ShardSnapshot,
     let (len, checksum) = (word(8), word(16));
     let payload = &bytes[HEADER_LEN..];
     if payload.len() as u64 != len {
-        return Err(refuse(format!(
-            "truncated: header says {len} payload bytes, file has {}",
-            payload.len()
-        )));
+        return Err(refused(
+            path,
+            format!(
+                "truncated: header says {len} payload bytes, file has {}",
+                payload.len()
+            ),
+        ));
     }
     if fnv1a64(payload) != checksum {
-        return Err(refuse("checksum mismatch (the file is corrupted)".into()));
+        return Err(refused(path, "checksum mismatch (the file is corrupted)"));
     }
-    let decoded = if &bytes[..8] == MAGIC_V1 {
+    Ok(Verified {
+        magic: **magic,
+        bytes,
+        checksum,
+    })
+}
+
+/// Reads and verifies shard `shard_id`'s checkpoint in directory `dir`:
+/// its base file and, for an incremental chain, the deltas that follow it,
+/// applied in order.
+pub fn load(dir: &Path, shard_id: u32, num_shards: u32) -> Result<ShardSnapshot, PsError> {
+    let (mut snapshot, checksum) = load_base(dir, shard_id, num_shards)?;
+    chain::apply_deltas(dir, &mut snapshot, checksum)?;
+    Ok(snapshot)
+}
+
+/// The base file alone, and its checksum.
+fn load_base(dir: &Path, shard_id: u32, num_shards: u32) -> Result<(ShardSnapshot, u64), PsError> {
+    let path = shard_file(dir, shard_id);
+    let file = read_verified(&path, &[MAGIC, MAGIC_V1])?;
+    let refuse = |why: String| refused(&path, why);
+    let payload = file.payload();
+    let decoded = if &file.magic == MAGIC_V1 {
         bincode::serde::decode_from_slice(payload, bincode::config::standard())
             .map(|(v1, _): (ShardSnapshotV1, usize)| ShardSnapshot::from(v1))
     } else {
@@ -306,196 +376,8 @@ pub fn load(dir: &Path, shard_id: u32, num_shards: u32) -> Result<ShardSnapshot,
             snapshot.shard_id, snapshot.num_shards
         )));
     }
-    Ok(snapshot)
+    Ok((snapshot, file.checksum))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
-
-    fn trained_shard() -> Shard {
-        let shard = Shard::new(1, 2);
-        for (name, kind) in [
-            ("emb", TableKind::Sparse),
-            (
-                "mlp",
-                TableKind::Dense {
-                    rows: 40,
-                    block_rows: 4,
-                },
-            ),
-        ] {
-            shard
-                .create_table(TableSpec {
-                    name: name.into(),
-                    kind,
-                    dim: 3,
-                    initializer: InitializerSpec::Normal {
-                        mean: 0.0,
-                        std: 1.0,
-                    },
-                    optimizer: OptimizerSpec::Adam {
-                        lr: 0.1,
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                    },
-                    seed: 3,
-                    lifecycle: Default::default(),
-                })
-                .unwrap();
-        }
-        let router = ps_common::ShardRouter::new(2);
-        let keys: Vec<u64> = (0..200)
-            .filter(|&k| router.shard_of(ps_common::routing::Placement::Sparse, k) == 1)
-            .collect();
-        shard
-            .push("emb", &keys, &vec![0.5; keys.len() * 3])
-            .unwrap();
-        shard
-    }
-
-    fn temp_root(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ps-ckpt-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    #[test]
-    fn a_checkpoint_restores_weights_and_optimizer_state_exactly() {
-        let shard = trained_shard();
-        let root = temp_root("roundtrip");
-        let written = Checkpoints::new(root.clone()).save(&shard, "c1").unwrap();
-        assert_eq!(written.path, root.join("c1/shard-1.bin"));
-        assert!(root.join("c1/shard-1.json").exists());
-        let restored = Shard::restore(load(&root.join("c1"), 1, 2).unwrap()).unwrap();
-        assert_eq!(
-            restored.snapshot(),
-            shard.snapshot(),
-            "weights and optimizer state"
-        );
-        // Training continues identically from the restored state.
-        let key = shard.snapshot().tables[0].keys[0];
-        for s in [&shard, &restored] {
-            s.push("emb", &[key], &[1.0, -1.0, 0.25]).unwrap();
-        }
-        assert_eq!(restored.snapshot(), shard.snapshot());
-        fs::remove_dir_all(&root).ok();
-    }
-
-    #[test]
-    fn a_corrupted_or_foreign_checkpoint_is_refused() {
-        let shard = trained_shard();
-        let root = temp_root("corrupt");
-        let written = Checkpoints::new(root.clone()).save(&shard, "c1").unwrap();
-        let err = load(&root.join("c1"), 0, 2).unwrap_err();
-        assert!(err.to_string().contains("cannot read checkpoint"), "{err}");
-        fs::copy(&written.path, shard_file(&root.join("c1"), 0)).unwrap();
-        let err = load(&root.join("c1"), 0, 2).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("written by shard 1 of 2, this is shard 0 of 2"),
-            "{err}"
-        );
-
-        let mut bytes = fs::read(&written.path).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x40;
-        fs::write(&written.path, &bytes).unwrap();
-        let err = load(&root.join("c1"), 1, 2).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        assert!(err.to_string().contains("checksum mismatch"), "{err}");
-        fs::write(&written.path, &bytes[..bytes.len() - 10]).unwrap();
-        assert!(
-            load(&root.join("c1"), 1, 2)
-                .unwrap_err()
-                .to_string()
-                .contains("truncated")
-        );
-        fs::remove_dir_all(&root).ok();
-    }
-
-    #[test]
-    fn a_checkpoint_name_that_is_a_path_is_invalid_and_writes_nothing() {
-        let root = temp_root("name");
-        let outside = root.join("shard-1.bin");
-        let checkpoints = Checkpoints::new(root.join("inner"));
-        for name in ["../escape", "..", ".", ".hidden", "a/b"] {
-            let err = checkpoints.save(&trained_shard(), name).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err}");
-        }
-        assert!(!outside.exists(), "nothing written beside the root");
-        assert!(!root.join("inner").exists(), "nor under it");
-    }
-
-    #[test]
-    fn concurrent_checkpoints_of_one_name_all_succeed_and_leave_a_loadable_file() {
-        let shard = std::sync::Arc::new(trained_shard());
-        let root = temp_root("concurrent");
-        let checkpoints = std::sync::Arc::new(Checkpoints::new(root.clone()));
-        let writers: Vec<_> = (0..8)
-            .map(|_| {
-                let (shard, checkpoints) = (shard.clone(), checkpoints.clone());
-                std::thread::spawn(move || checkpoints.save(&shard, "same"))
-            })
-            .collect();
-        for writer in writers {
-            writer.join().unwrap().unwrap();
-        }
-        let restored = load(&root.join("same"), 1, 2).unwrap();
-        assert_eq!(restored, shard.snapshot());
-        let leftovers: Vec<_> = fs::read_dir(root.join("same"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| name.contains(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-        fs::remove_dir_all(&root).ok();
-    }
-
-    #[test]
-    fn the_newest_loadable_checkpoint_is_found_and_a_damaged_newer_one_skipped() {
-        let root = temp_root("latest");
-        let checkpoints = Checkpoints::new(root.clone());
-        let empty = checkpoints.latest(1, 2).unwrap();
-        assert!(empty.restored.is_none(), "no checkpoint yet: start empty");
-        let shard = trained_shard();
-        checkpoints.save(&shard, "old").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        shard
-            .push("emb", &[shard.snapshot().tables[0].keys[0]], &[1.0; 3])
-            .unwrap();
-        checkpoints.save(&shard, "new").unwrap();
-        let latest = checkpoints.latest(1, 2).unwrap();
-        let (dir, snapshot) = latest.restored.unwrap();
-        assert_eq!(dir, root.join("new"));
-        assert_eq!(snapshot, shard.snapshot());
-        // Damage the newest: the one before it is restored, and the damage named.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::write(root.join("new/shard-1.bin"), b"PSCKPT01 truncated").unwrap();
-        let latest = checkpoints.latest(1, 2).unwrap();
-        assert_eq!(latest.restored.unwrap().0, root.join("old"));
-        assert_eq!(latest.skipped.len(), 1);
-        assert_eq!(latest.skipped[0].0, root.join("new"));
-        // Another shard layout: none fits, which is an error, not an empty start.
-        let err = checkpoints.latest(1, 3).unwrap_err();
-        assert!(err.to_string().contains("none can be restored"), "{err}");
-        fs::remove_dir_all(&root).ok();
-    }
-
-    #[test]
-    fn shard_count_counts_the_shard_files_and_refuses_a_folder_without_any() {
-        let root = temp_root("count");
-        Checkpoints::new(root.clone())
-            .save(&trained_shard(), "c1")
-            .unwrap();
-        assert_eq!(shard_count(&root.join("c1")), Ok(1));
-        assert!(matches!(
-            shard_count(&root),
-            Err(PsError::FailedPrecondition(_))
-        ));
-        let err = shard_count(&root.join("missing")).unwrap_err();
-        assert!(err.to_string().contains("cannot read checkpoint"), "{err}");
-    }
-}
+mod tests;
