@@ -1,12 +1,12 @@
 //! What recovering one shard costs: writing its checkpoint, restoring it
-//! (`ps-server --restore`), and a new backup catching up through `Join`.
+//! (`ps-server --restore`), and a new backup catching up through `Join`;
+//! and what an incremental checkpoint costs when 1% of the rows changed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ps_common::OptimizerSpec;
-use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{ServerConfig, Shard, checkpoint};
 use serde::Serialize;
 
@@ -23,10 +23,17 @@ pub struct Recovery {
     pub save_ms: f64,
     /// Reading, verifying and loading it into a fresh shard.
     pub restore_ms: f64,
-    /// A backup's Join: snapshot, transfer over loopback gRPC, load.
+    /// A backup's start and Join: snapshot, transfer over loopback gRPC,
+    /// load (the snapshot is about `checkpoint_bytes`).
     pub join_ms: f64,
-    /// Bytes of the Join snapshot.
-    pub join_bytes: usize,
+    /// Writing the base of an incremental chain.
+    pub base_save_ms: f64,
+    /// Writing a delta after 1% of the rows changed.
+    pub delta_save_ms: f64,
+    /// Size of that delta.
+    pub delta_bytes: u64,
+    /// Restoring the base and the delta.
+    pub chain_restore_ms: f64,
 }
 
 /// A shard of `rows` rows of `dim` weights (Adagrad), every row touched.
@@ -69,25 +76,56 @@ pub fn measure(rows: u64, dim: u32) -> anyhow::Result<Recovery> {
     );
     std::fs::remove_dir_all(&dir).ok();
 
+    let chain = checkpoint::Checkpoints::new(dir.clone());
+    let started = Instant::now();
+    chain.save_incremental(&shard, "chain", 8)?;
+    let base_save_ms = ms(started.elapsed());
+    let changed: Vec<u64> = (0..rows).step_by(100).collect();
+    shard.push("emb", &changed, &vec![0.01; changed.len() * dim as usize])?;
+    let started = Instant::now();
+    let delta = chain.save_incremental(&shard, "chain", 8)?;
+    let delta_save_ms = ms(started.elapsed());
+    let started = Instant::now();
+    let restored = Shard::restore(checkpoint::load(&dir.join("chain"), 0, 1)?)?;
+    let chain_restore_ms = ms(started.elapsed());
+    anyhow::ensure!(
+        restored.snapshot() == shard.snapshot(),
+        "the chain restored another shard"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let (join_ms, join_bytes) = runtime.block_on(async {
+    let join_ms = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let primary = listener.local_addr()?.to_string();
+        // Joins are server-to-server calls: both sides hold the peer token.
+        let auth = ps_server::auth::Auth::default().with_peer_token("recovery-bench-peer-token");
         let server = tokio::spawn(ps_server::run(
             listener,
-            ServerConfig::new(0, 1),
+            ServerConfig {
+                auth: auth.clone(),
+                ..ServerConfig::new(0, 1)
+            },
             Arc::clone(&shard),
             std::future::pending(),
         ));
-        let backup = Replication::new(Arc::new(Shard::new(0, 1)), Role::Backup, Peer::default());
+        let backup_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let started = Instant::now();
-        // The backup's own address only matters for the stream that follows.
-        let (_, bytes) = backup
-            .join(&primary, "127.0.0.1:1", Duration::from_secs(30))
-            .await?;
+        let (_, backup) = ps_server::server::start_backup(
+            backup_listener,
+            ServerConfig {
+                auth,
+                ..ServerConfig::new(0, 1)
+            },
+            &primary,
+            Duration::from_secs(30),
+            std::future::pending(),
+        )
+        .await?;
         let elapsed = started.elapsed();
+        backup.abort();
         server.abort();
-        anyhow::Ok((ms(elapsed), bytes))
+        anyhow::Ok(ms(elapsed))
     })?;
     Ok(Recovery {
         rows,
@@ -96,6 +134,9 @@ pub fn measure(rows: u64, dim: u32) -> anyhow::Result<Recovery> {
         save_ms,
         restore_ms,
         join_ms,
-        join_bytes,
+        base_save_ms,
+        delta_save_ms,
+        delta_bytes: delta.bytes,
+        chain_restore_ms,
     })
 }
