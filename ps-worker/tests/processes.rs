@@ -97,6 +97,52 @@ fn a_malformed_job_file_is_reported_with_its_key_and_line() {
     assert!(err.contains("key `train.batch_size`"), "{err}");
 }
 
+/// The job file's lifecycle reaches the servers: a9a trained by two
+/// server processes whose weights table admits at the second push and keeps
+/// at most 40 rows per shard (of a9a's 123 features) still learns, and the
+/// servers count what they admitted, filtered and evicted.
+#[test]
+fn a_job_whose_table_admits_and_evicts_trains_and_the_servers_count_it() {
+    let dir = temp_dir("lifecycle");
+    let job = a9a_job_edited(
+        &dir,
+        "job.toml",
+        &[
+            ("epochs = 5", "epochs = 2"),
+            (
+                "kind = \"sparse\"\ndim = 1",
+                "kind = \"sparse\"\ndim = 1\nlifecycle = { admission = { kind = \"count\", min_count = 2, sketch_width = 4096 }, eviction = { max_rows = 40 } }",
+            ),
+        ],
+    );
+    let servers = [
+        Server::start_with(0, 2, &["--evict-interval-ms", "5"]),
+        Server::start_with(1, 2, &["--evict-interval-ms", "5"]),
+    ];
+    let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
+    let reports = run_workers(&job, &addrs, 1, &dir, "lifecycle");
+    let auc = reports[0]["val_auc"].as_f64().unwrap();
+    assert!(auc > 0.8, "AUC {auc}");
+    // The evictor's next pass (every 5 ms) has the tables within their cap.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (mut admitted, mut filtered, mut evicted) = (0, 0, 0);
+    for server in &servers {
+        let stats = common::stats_of(&server.addr);
+        let weights = stats.tables.iter().find(|t| t.name == "weights").unwrap();
+        assert!(weights.rows <= 40, "{weights:?}");
+        admitted += weights.admitted_rows;
+        filtered += weights.filtered_pushes;
+        evicted += weights.evicted_rows;
+    }
+    assert!(
+        admitted > 80 && filtered > 0 && evicted > 0,
+        "{admitted} {filtered} {evicted}"
+    );
+    eprintln!(
+        "lifecycle job: AUC {auc:.4}, admitted {admitted}, filtered {filtered}, evicted {evicted}"
+    );
+}
+
 #[test]
 fn a_missing_data_file_is_reported_before_anything_starts() {
     let dir = temp_dir("nodata");
@@ -144,6 +190,8 @@ fn every_flag_is_documented_in_help() {
                 "--tls-key",
                 "--tls-ca",
                 "--tls-require-client-cert",
+                "--checkpoint-deltas-per-base",
+                "--evict-interval-ms",
             ][..],
         ),
         (
@@ -194,7 +242,12 @@ fn every_flag_is_documented_in_help() {
         (
             "ps-worker",
             Some("checkpoint"),
-            &["--servers", "--name", "--connect-timeout-secs"][..],
+            &[
+                "--servers",
+                "--name",
+                "--incremental",
+                "--connect-timeout-secs",
+            ][..],
         ),
     ] {
         let mut cmd = Command::new(binary(bin));
