@@ -20,6 +20,7 @@
 //! rows, and close to it otherwise.
 
 use ps_common::lifecycle::{Eviction, EvictionPolicy};
+use ps_common::routing::IdBuildHasher;
 
 use super::table::Table;
 
@@ -74,16 +75,14 @@ impl Table {
         step: u32,
     ) -> Option<(Vec<u64>, Vec<f32>)> {
         let admitter = self.admitter.as_ref()?;
-        let mut admitted_now: Vec<u64> = Vec::new();
+        let mut admitted_now: std::collections::HashSet<u64, IdBuildHasher> =
+            std::collections::HashSet::default();
         let keep: Vec<bool> = keys
             .iter()
             .map(|&k| {
                 self.contains(k)
                     || admitted_now.contains(&k)
-                    || (admitter.admits(k, step) && {
-                        admitted_now.push(k);
-                        true
-                    })
+                    || (admitter.admits(k, step) && admitted_now.insert(k))
             })
             .collect();
         if keep.iter().all(|&k| k) {
