@@ -155,16 +155,17 @@ enum Command {
 #[derive(Debug, Clone, Args)]
 struct StreamArgs {
     /// Training steps.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 12_000)]
     steps: u64,
     /// Samples per step (8 ids each).
     #[arg(long, default_value_t = 1024)]
     batch: usize,
     /// Ages an id is drawn from (log-uniform).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 20_000)]
     window: u64,
-    /// Ids per field the head of the stream moves per step.
-    #[arg(long, default_value_t = 4)]
+    /// Ids per field the head of the stream moves per step (the default
+    /// turns the window over 12 times in 12,000 steps).
+    #[arg(long, default_value_t = 20)]
     drift: u64,
     /// Held-back samples scored after training.
     #[arg(long, default_value_t = 20_000)]
