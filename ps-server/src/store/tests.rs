@@ -2,8 +2,9 @@
 //! ownership, memory budget and concurrency.
 
 use super::*;
+use finite::{Magnitudes, provably_finite, scan_magnitudes};
 use ps_common::routing::Placement;
-use ps_common::{InitializerSpec, TableKind};
+use ps_common::{InitializerSpec, OptimizerSpec, TableKind};
 
 #[test]
 fn a_row_cap_refuses_requests_that_would_create_rows_past_it() {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use super::*;
+use index::Entries;
 
 /// Fills a fresh row with values derived from its key, so a row read back
 /// under the wrong key is caught.
