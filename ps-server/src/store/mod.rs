@@ -74,6 +74,19 @@ pub struct TableStats {
     pub evicted_rows: u64,
 }
 
+/// Checks that `values` values of `what` fit `keys` rows of `table`.
+fn check_len(table: &Table, keys: usize, values: usize, what: &str) -> Result<(), PsError> {
+    let dim = table.spec.dim as usize;
+    if values != keys * dim {
+        return Err(PsError::invalid(format!(
+            "table '{}' has dim {dim}: {keys} keys need {} {what}, got {values}",
+            table.spec.name,
+            keys * dim,
+        )));
+    }
+    Ok(())
+}
+
 /// Puts `values` at `at` in `out`, which holds everything before `at` (or
 /// more, when `values` fills a gap left earlier): rows handed over in
 /// request order are appended, a late one fills its gap.
@@ -337,15 +350,7 @@ impl Shard {
     pub fn assign(&self, table: &str, keys: &[u64], values: &[f32]) -> Result<usize, PsError> {
         let table = self.table(table)?;
         let dim = table.spec.dim as usize;
-        if values.len() != keys.len() * dim {
-            return Err(PsError::invalid(format!(
-                "table '{}' has dim {dim}: {} keys need {} values, got {}",
-                table.spec.name,
-                keys.len(),
-                keys.len() * dim,
-                values.len()
-            )));
-        }
+        check_len(&table, keys.len(), values.len(), "values")?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(PsError::invalid(format!(
                 "value for key {} of table '{}' is not finite ({}); nothing was assigned",

@@ -11,7 +11,7 @@ use super::finite::{
     Magnitudes, Proof, Undo, fingerprint_of_fresh, finite_and_fingerprint, provably_finite,
     scan_magnitudes,
 };
-use super::{Shard, Table};
+use super::{Shard, Table, check_len};
 use crate::budget::Reservation;
 use crate::optimizer;
 
@@ -122,15 +122,7 @@ impl Shard {
             )));
         }
         let dim = table.spec.dim as usize;
-        if grads.len() != keys.len() * dim {
-            return Err(PsError::invalid(format!(
-                "table '{}' has dim {dim}: {} keys need {} gradient values, got {}",
-                table.spec.name,
-                keys.len(),
-                keys.len() * dim,
-                grads.len()
-            )));
-        }
+        check_len(&table, keys.len(), grads.len(), "gradient values")?;
         let (max, sum, finite) = scan_magnitudes(grads);
         if !finite && let Some(i) = grads.iter().position(|g| !g.is_finite()) {
             return Err(PsError::invalid(format!(
