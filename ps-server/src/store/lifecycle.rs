@@ -38,9 +38,9 @@ impl Table {
         self.eviction().is_some_and(|e| e.ttl_seconds.is_some())
     }
 
-    /// Marks the start of a push call to the table: returns the call's
-    /// number (which probability admission hashes), and advances a push
-    /// clock.
+    /// Marks the start of a push call to a table with a lifecycle: returns
+    /// the call's number (which probability admission hashes), and advances
+    /// a push clock.
     pub(crate) fn begin_push(&self) -> u32 {
         let step = self
             .pushes

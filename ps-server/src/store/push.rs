@@ -228,24 +228,28 @@ impl PreparedPushes<'_, '_> {
         // Proven calls write their tables together (shared); an unproven
         // call writes alone (exclusive), so no proof reads bounds that an
         // unbounded write is about to pass. Locks are taken in one order.
-        // Admission decides first which rows of each push may be applied.
-        let admitted: Vec<Option<(Vec<u64>, Vec<f32>)>> = tables
-            .iter()
-            .zip(pushes)
-            .map(|(t, p)| {
-                let step = t.begin_push();
-                t.admit(p.keys, p.grads, t.spec.dim as usize, step)
-            })
-            .collect();
-        let admitted: Vec<Push<'_>> = pushes
-            .iter()
-            .zip(&admitted)
-            .map(|(p, kept)| match kept {
-                Some((keys, grads)) => Push { keys, grads, ..*p },
-                None => *p,
-            })
-            .collect();
-        let pushes = &admitted[..];
+        // Tables with a lifecycle advance their push clock, and admission
+        // decides which rows of each push may be applied; a call to tables
+        // without one (most) allocates nothing here.
+        let kept: Vec<Option<(Vec<u64>, Vec<f32>)>>;
+        let admitted: Vec<Push<'_>>;
+        let pushes = if tables.iter().all(|t| t.spec.lifecycle.is_default()) {
+            pushes
+        } else {
+            kept = (tables.iter().zip(pushes))
+                .map(|(t, p)| {
+                    let step = t.begin_push();
+                    t.admit(p.keys, p.grads, t.spec.dim as usize, step)
+                })
+                .collect();
+            admitted = (pushes.iter().zip(&kept))
+                .map(|(p, kept)| match kept {
+                    Some((keys, grads)) => Push { keys, grads, ..*p },
+                    None => *p,
+                })
+                .collect();
+            &admitted[..]
+        };
         let mut distinct: Vec<&Arc<Table>> = tables.iter().collect();
         distinct.sort_by_key(|t| Arc::as_ptr(t));
         distinct.dedup_by_key(|t| Arc::as_ptr(t));

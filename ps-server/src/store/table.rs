@@ -87,7 +87,9 @@ pub struct Table {
     pub(crate) admitter: Option<Admitter>,
     /// Rows evicted since the table was made here.
     pub(crate) evicted: AtomicU64,
-    /// Push calls applied to the table here (the push clock).
+    /// Push calls applied here to a table with a lifecycle (its push
+    /// clock; tables without one do not count, so pushes to them share no
+    /// counter).
     pub(crate) pushes: AtomicU32,
     /// When the table was made here: the origin of a seconds clock.
     born: Instant,
