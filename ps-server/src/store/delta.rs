@@ -63,32 +63,17 @@ fn counters((len, set): (u32, Vec<(u32, u8)>)) -> Option<Vec<u8>> {
     Some(counters)
 }
 
-/// Rows taken from a table, sorted by key.
-fn sorted_rows(keys: Vec<u64>, values: Vec<f32>, row_len: usize) -> (Vec<u64>, Vec<f32>) {
-    let mut order: Vec<usize> = (0..keys.len()).collect();
-    order.sort_unstable_by_key(|&i| keys[i]);
-    let mut sorted = Vec::with_capacity(values.len());
-    for &i in &order {
-        sorted.extend_from_slice(&values[i * row_len..(i + 1) * row_len]);
-    }
-    (order.iter().map(|&i| keys[i]).collect(), sorted)
-}
-
 impl Shard {
     /// Every table whole (rows sorted by key), as [`Shard::snapshot`],
     /// clearing the records of what changed: the base of an incremental
     /// chain. With `chain`, removals are recorded from now on, for the
     /// deltas that follow.
     pub fn take_base(&self, chain: bool) -> ShardSnapshot {
-        let delta = self.take(false, chain);
         ShardSnapshot {
-            shard_id: delta.shard_id,
-            num_shards: delta.num_shards,
-            tables: (delta.tables.into_iter())
-                .map(|t| TableSnapshot {
-                    admission: counters(t.admission).unwrap_or_default(),
-                    ..t.rows
-                })
+            shard_id: self.shard_id(),
+            num_shards: self.num_shards(),
+            tables: (self.take(false, chain).into_iter())
+                .map(|(rows, _)| rows)
                 .collect(),
         }
     }
@@ -96,49 +81,35 @@ impl Shard {
     /// The rows that changed and the keys removed since the last base or
     /// delta was taken, clearing those records.
     pub fn take_delta(&self) -> ShardDelta {
-        self.take(true, true)
+        ShardDelta {
+            shard_id: self.shard_id(),
+            num_shards: self.num_shards(),
+            tables: (self.take(true, true).into_iter())
+                .map(|(mut rows, removed)| TableDelta {
+                    admission: nonzero(std::mem::take(&mut rows.admission)),
+                    rows,
+                    removed,
+                })
+                .collect(),
+        }
     }
 
-    fn take(&self, only_changed: bool, record_removals: bool) -> ShardDelta {
-        let mut names: Vec<String> = self.tables.iter().map(|t| t.key().clone()).collect();
-        names.sort();
-        let tables = names
-            .into_iter()
-            .filter_map(|name| self.table(&name).ok())
+    /// Every table's changed rows (`only_changed` false: all its rows) and
+    /// removed keys, clearing those records; with `record_removals`,
+    /// removals are recorded from now on.
+    fn take(&self, only_changed: bool, record_removals: bool) -> Vec<(TableSnapshot, Vec<u64>)> {
+        (self.tables_by_name().iter())
             .map(|table| {
                 if record_removals {
                     table.record_removals();
                 }
-                let (mut keys, mut values, mut removed) = (Vec::new(), Vec::new(), Vec::new());
-                table.take_changes(
-                    only_changed,
-                    |key, row| {
-                        keys.push(key);
-                        values.extend_from_slice(row);
-                    },
-                    |key| removed.push(key),
-                );
-                let (keys, values) = sorted_rows(keys, values, table.row_len);
-                TableDelta {
-                    rows: TableSnapshot {
-                        spec: table.spec.clone(),
-                        row_len: table.row_len as u32,
-                        keys,
-                        values,
-                        admission: Vec::new(),
-                    },
-                    removed,
-                    admission: nonzero(
-                        (table.admitter.as_ref()).map_or_else(Vec::new, |a| a.counters()),
-                    ),
-                }
+                let mut removed = Vec::new();
+                let rows = TableSnapshot::of(table, |each| {
+                    table.take_changes(only_changed, each, |key| removed.push(key))
+                });
+                (rows, removed)
             })
-            .collect();
-        ShardDelta {
-            shard_id: self.shard_id(),
-            num_shards: self.num_shards(),
-            tables,
-        }
+            .collect()
     }
 }
 

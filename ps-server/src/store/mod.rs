@@ -397,10 +397,15 @@ impl Shard {
 
     /// The tables that evict, by name order.
     pub fn evicting_tables(&self) -> Vec<Arc<Table>> {
-        let mut tables: Vec<Arc<Table>> = (self.tables.iter())
-            .filter(|t| t.eviction().is_some())
-            .map(|t| Arc::clone(t.value()))
-            .collect();
+        let mut tables = self.tables_by_name();
+        tables.retain(|t| t.eviction().is_some());
+        tables
+    }
+
+    /// Every table, by name order.
+    fn tables_by_name(&self) -> Vec<Arc<Table>> {
+        let mut tables: Vec<Arc<Table>> =
+            self.tables.iter().map(|t| Arc::clone(t.value())).collect();
         tables.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         tables
     }

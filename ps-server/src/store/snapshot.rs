@@ -74,41 +74,44 @@ impl From<ShardSnapshotV1> for ShardSnapshot {
     }
 }
 
+impl TableSnapshot {
+    /// `table`'s spec, its admission counters and the rows `rows` hands to
+    /// its argument, sorted by key (one pass keeps keys and rows aligned
+    /// even while pushes create rows).
+    pub(super) fn of(table: &Table, rows: impl FnOnce(&mut dyn FnMut(u64, &[f32]))) -> Self {
+        let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
+        rows(&mut |key, row| {
+            unsorted_keys.push(key);
+            unsorted.extend_from_slice(row);
+        });
+        let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
+        order.sort_unstable_by_key(|&i| unsorted_keys[i]);
+        let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
+        let mut values = Vec::with_capacity(unsorted.len());
+        for &i in &order {
+            values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
+        }
+        TableSnapshot {
+            spec: table.spec.clone(),
+            row_len: table.row_len as u32,
+            keys,
+            values,
+            admission: (table.admitter.as_ref()).map_or_else(Vec::new, |a| a.counters()),
+        }
+    }
+}
+
 impl Shard {
-    /// A copy of every table (rows sorted by key), for checkpoints.
+    /// A copy of every table (rows sorted by key), for a joining backup;
+    /// unlike a checkpoint's base ([`Shard::take_base`]) it leaves the
+    /// records of what changed as they are.
     pub fn snapshot(&self) -> ShardSnapshot {
-        let mut names: Vec<String> = self.tables.iter().map(|t| t.key().clone()).collect();
-        names.sort();
-        let tables = names
-            .into_iter()
-            .filter_map(|name| self.table(&name).ok())
-            .map(|table| {
-                // One pass keeps keys and rows aligned even while pushes create rows.
-                let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
-                table.for_each_row(|key, row| {
-                    unsorted_keys.push(key);
-                    unsorted.extend_from_slice(row);
-                });
-                let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
-                order.sort_unstable_by_key(|&i| unsorted_keys[i]);
-                let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
-                let mut values = Vec::with_capacity(unsorted.len());
-                for &i in &order {
-                    values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
-                }
-                TableSnapshot {
-                    spec: table.spec.clone(),
-                    row_len: table.row_len as u32,
-                    keys,
-                    values,
-                    admission: (table.admitter.as_ref()).map_or_else(Vec::new, |a| a.counters()),
-                }
-            })
-            .collect();
         ShardSnapshot {
             shard_id: self.shard_id(),
             num_shards: self.num_shards(),
-            tables,
+            tables: (self.tables_by_name().iter())
+                .map(|table| TableSnapshot::of(table, |each| table.for_each_row(each)))
+                .collect(),
         }
     }
 
