@@ -3,8 +3,10 @@
 //!
 //! This library holds the workload generators the benches share, so every
 //! bench draws keys the same way: [`zipf_keys`] and the [`ctr26`] workload
-//! of `../shared/bench/ctr26.md`.
+//! of `../shared/bench/ctr26.md`; and [`proc_status`], how the memory
+//! benches read a process's resident set.
 
+use anyhow::Context;
 use ps_common::init::RowRng;
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
@@ -42,6 +44,25 @@ pub fn zipf_keys(n: usize, range: u64, seed: u64) -> Vec<u64> {
             (((range_f + 1.0).powf(u) - 1.0) as u64).min(range.saturating_sub(1))
         })
         .collect()
+}
+
+/// A size line (`VmRSS:`, `VmHWM:`, `RssAnon:`) of the status of process
+/// `process` (a pid, or `self`), in bytes.
+pub fn proc_status(process: &str, field: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{process}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .with_context(|| format!("{path} has no {field} line"))?;
+    Ok(kib * 1024)
 }
 
 #[cfg(test)]

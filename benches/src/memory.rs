@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use ps_common::OptimizerSpec;
 use ps_common::routing::mix64;
 use ps_server::Shard;
@@ -71,7 +71,7 @@ pub fn measure(rows: u64, dim: u32, optimizer_name: &str) -> anyhow::Result<RowM
     shard.create_table(crate::emb_table(dim, optimizer))?;
     let mut keys = vec![0u64; KEYS_PER_PULL];
     let mut checksum = 0f32;
-    let before = resident_bytes()?;
+    let before = crate::proc_status("self", "VmRSS:")?;
     let started = Instant::now();
     let mut next = 0u64;
     while next < rows {
@@ -84,7 +84,7 @@ pub fn measure(rows: u64, dim: u32, optimizer_name: &str) -> anyhow::Result<RowM
         next += n as u64;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let after = resident_bytes()?;
+    let after = crate::proc_status("self", "VmRSS:")?;
     let stats = &shard.table_stats()[0];
     if stats.rows != rows {
         bail!("the table holds {} rows, {rows} were pulled", stats.rows);
@@ -102,22 +102,4 @@ pub fn measure(rows: u64, dim: u32, optimizer_name: &str) -> anyhow::Result<RowM
         overhead_bytes_per_row: rss - raw,
         created_rows_per_s: rows as f64 / seconds,
     })
-}
-
-/// This process's resident set, from `/proc/self/status`.
-fn resident_bytes() -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    let kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .context("/proc/self/status has no VmRSS line")?;
-    Ok(kib * 1024)
 }

@@ -198,17 +198,18 @@ pub fn run(setup: &Setup, mut serve_command: std::process::Command) -> anyhow::R
         .strip_prefix("listening on ")
         .with_context(|| format!("the server printed {line:?}, not its address"))?
         .to_string();
-    let pid = server.0.id();
-    let rss_start = proc_status(pid, "VmRSS:")?;
+    let process = server.0.id().to_string();
+    let rss_start = crate::proc_status(&process, "VmRSS:")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let mut run = runtime.block_on(train(setup, addr, pid))?;
-    run.rss_growth_bytes = proc_status(pid, "VmHWM:")?.saturating_sub(rss_start);
+    let mut run = runtime.block_on(train(setup, addr, &process))?;
+    run.rss_growth_bytes = crate::proc_status(&process, "VmHWM:")?.saturating_sub(rss_start);
     Ok(run)
 }
 
-/// Trains and scores one run against the server at `addr` (process `pid`).
-async fn train(setup: &Setup, addr: String, pid: u32) -> anyhow::Result<Run> {
-    let anon_start = proc_status(pid, "RssAnon:")?;
+/// Trains and scores one run against the server at `addr` (process
+/// `process`).
+async fn train(setup: &Setup, addr: String, process: &str) -> anyhow::Result<Run> {
+    let anon_start = crate::proc_status(process, "RssAnon:")?;
     let mut anon_peak = anon_start;
     let client = PsClient::connect(&[addr], &ClientConfig::default()).await?;
     client
@@ -263,13 +264,13 @@ async fn train(setup: &Setup, addr: String, pid: u32) -> anyhow::Result<Run> {
         client.push_unique(TABLE, &keys, &values).await?;
         if step % STATS_EVERY == 0 {
             peak_table_bytes = peak_table_bytes.max(memory_used().await?);
-            anon_peak = anon_peak.max(proc_status(pid, "RssAnon:")?);
+            anon_peak = anon_peak.max(crate::proc_status(process, "RssAnon:")?);
         }
     }
     client.flush().await?;
     let seconds = started.elapsed().as_secs_f64();
     peak_table_bytes = peak_table_bytes.max(memory_used().await?);
-    anon_peak = anon_peak.max(proc_status(pid, "RssAnon:")?);
+    anon_peak = anon_peak.max(crate::proc_status(process, "RssAnon:")?);
 
     let mut held_back = Stream::new(setup, 2);
     let (mut val_ids, mut val_labels) = (Vec::new(), Vec::new());
@@ -295,24 +296,6 @@ async fn train(setup: &Setup, addr: String, pid: u32) -> anyhow::Result<Run> {
         filtered_pushes: table.filtered_pushes,
         evicted_rows: table.evicted_rows,
     })
-}
-
-/// A size line of process `pid`'s status (`VmRSS:`, `VmHWM:`), in bytes.
-fn proc_status(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    let kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .with_context(|| format!("{path} has no {field} line"))?;
-    Ok(kib * 1024)
 }
 
 /// The JSON line of `ps-bench stream`: both runs side by side.
