@@ -318,6 +318,20 @@ fn after_kill_9_of_server_and_worker_both_recover_from_the_periodic_checkpoint()
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A client of the server at `addr`, with table `emb` (4 floats that count
+/// the pushes applied to them) made there.
+async fn counting_client(addr: &str) -> ps_worker::PsClient {
+    let client =
+        ps_worker::PsClient::connect(&[addr.to_string()], &ps_worker::ClientConfig::default())
+            .await
+            .unwrap();
+    client
+        .create_table(&common::counting_table("emb", 4))
+        .await
+        .unwrap();
+    client
+}
+
 /// Periodic checkpoints as a chain (a base, then deltas of what changed):
 /// after `kill -9`, the server restored from the chain holds every row the
 /// last delta saw, and a delta of a few changed rows is a fraction of the
@@ -336,16 +350,7 @@ async fn an_incremental_periodic_checkpoint_restores_every_row_after_kill_9() {
         "5",
     ];
     let mut server = Server::start_with(0, 1, &flags);
-    let client = ps_worker::PsClient::connect(
-        std::slice::from_ref(&server.addr),
-        &ps_worker::ClientConfig::default(),
-    )
-    .await
-    .unwrap();
-    client
-        .create_table(&common::counting_table("emb", 4))
-        .await
-        .unwrap();
+    let client = counting_client(&server.addr).await;
     let all: Vec<u64> = (0..20_000).collect();
     client
         .push("emb", &all, &vec![-1.0; all.len() * 4])
@@ -396,16 +401,7 @@ async fn an_incremental_periodic_checkpoint_restores_every_row_after_kill_9() {
         1,
         &["--restore", root.join("periodic").to_str().unwrap()],
     );
-    let client = ps_worker::PsClient::connect(
-        std::slice::from_ref(&restored.addr),
-        &ps_worker::ClientConfig::default(),
-    )
-    .await
-    .unwrap();
-    client
-        .create_table(&common::counting_table("emb", 4))
-        .await
-        .unwrap();
+    let client = counting_client(&restored.addr).await;
     assert_eq!(client.pull("emb", &all).await.unwrap(), held);
     assert_eq!(held[0], 2.0, "the delta's rows are in");
     std::fs::remove_dir_all(&dir).ok();
