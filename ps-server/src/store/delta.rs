@@ -2,9 +2,9 @@
 //! deltas of incremental checkpoints, taken from a shard and applied to a
 //! base snapshot.
 //!
-//! A sparse table records which rows changed (a bit per row) and, once an
-//! incremental chain has started, which keys were removed; taking a delta
-//! or a base clears both, one segment at a time under its write lock, so a
+//! Once an incremental chain has started, a sparse table records which rows
+//! changed (a bit per row) and which keys were removed (before, writes pay
+//! nothing for it); taking a delta or a base clears both, one segment at a time under its write lock, so a
 //! write lands either in what is taken now or in the next delta. Dense
 //! tables keep no record: every delta carries them whole (they are the
 //! small tables of a model). A delta carries each table's admission counts
@@ -66,7 +66,7 @@ fn counters((len, set): (u32, Vec<(u32, u8)>)) -> Option<Vec<u8>> {
 impl Shard {
     /// Every table whole (rows sorted by key), as [`Shard::snapshot`],
     /// clearing the records of what changed: the base of an incremental
-    /// chain. With `chain`, removals are recorded from now on, for the
+    /// chain. With `chain`, changes are recorded from now on, for the
     /// deltas that follow.
     pub fn take_base(&self, chain: bool) -> ShardSnapshot {
         ShardSnapshot {
@@ -95,13 +95,15 @@ impl Shard {
     }
 
     /// Every table's changed rows (`only_changed` false: all its rows) and
-    /// removed keys, clearing those records; with `record_removals`,
-    /// removals are recorded from now on.
-    fn take(&self, only_changed: bool, record_removals: bool) -> Vec<(TableSnapshot, Vec<u64>)> {
+    /// removed keys, clearing those records; with `record_changes`,
+    /// changes are recorded from now on.
+    fn take(&self, only_changed: bool, record_changes: bool) -> Vec<(TableSnapshot, Vec<u64>)> {
         (self.tables_by_name().iter())
             .map(|table| {
-                if record_removals {
-                    table.record_removals();
+                // Recording starts before the walk, so a write to a segment
+                // already walked is in the next delta.
+                if record_changes {
+                    table.record_changes();
                 }
                 let mut removed = Vec::new();
                 let rows = TableSnapshot::of(table, |each| {

@@ -99,9 +99,11 @@ pub(crate) struct SparseRows {
     segments: Box<[RwLock<Segment>]>,
     /// Rows held, so that stats never walk the segments.
     len: AtomicUsize,
-    /// Whether removed keys are recorded for checkpoint deltas (set once an
-    /// incremental checkpoint chain starts, so no list grows unread).
-    record_removals: std::sync::atomic::AtomicBool,
+    /// Whether changes (a bit per changed row, the keys of removed rows)
+    /// are recorded for checkpoint deltas: set once an incremental
+    /// checkpoint chain starts, so no list grows unread and writes pay
+    /// nothing for it until then.
+    record_changes: std::sync::atomic::AtomicBool,
     /// Floats per row.
     row_len: usize,
     /// The clock touches are recorded at (a tracking table's; its owner
@@ -123,7 +125,7 @@ impl SparseRows {
                 .map(|_| RwLock::new(Segment::new(row_len, narrow_rows, tracks)))
                 .collect(),
             len: AtomicUsize::new(0),
-            record_removals: std::sync::atomic::AtomicBool::new(false),
+            record_changes: std::sync::atomic::AtomicBool::new(false),
             row_len,
             now: AtomicU32::new(0),
         }
@@ -198,7 +200,9 @@ impl SparseRows {
         };
         f(segment.row_mut(row));
         segment.touch(row, self.now());
-        segment.mark_changed(row);
+        if self.record_changes.load(Ordering::Relaxed) {
+            segment.mark_changed(row);
+        }
         created
     }
 
@@ -401,7 +405,7 @@ impl SparseRows {
     /// Removes row `key` if `remove(row)` says so. Returns whether it did.
     pub(crate) fn remove_if(&self, key: u64, remove: impl FnOnce(&[f32]) -> bool) -> bool {
         let hash = mix64(key);
-        let record = self.record_removals.load(Ordering::Relaxed);
+        let record = self.record_changes.load(Ordering::Relaxed);
         let removed = write(self.segment(hash)).remove_if(key, hash, record, remove);
         if removed {
             self.len.fetch_sub(1, Ordering::Relaxed);
@@ -409,10 +413,11 @@ impl SparseRows {
         removed
     }
 
-    /// From now on, keeps the keys of removed rows for
-    /// [`SparseRows::take_changes`].
-    pub(crate) fn record_removals(&self) {
-        self.record_removals.store(true, Ordering::Relaxed);
+    /// From now on, records which rows change and the keys of removed rows
+    /// for [`SparseRows::take_changes`] (the next take clears what was
+    /// recorded before, so it starts from a clean record).
+    pub(crate) fn record_changes(&self) {
+        self.record_changes.store(true, Ordering::Relaxed);
     }
 
     /// The changes since they were last taken, one segment at a time under

@@ -427,10 +427,11 @@ impl Table {
         }
     }
 
-    /// From now on, records removed keys for [`Table::take_changes`].
-    pub(crate) fn record_removals(&self) {
+    /// From now on, records changed rows and removed keys for
+    /// [`Table::take_changes`].
+    pub(crate) fn record_changes(&self) {
         if let Rows::Sparse(rows) = &self.rows {
-            rows.record_removals();
+            rows.record_changes();
         }
     }
 

@@ -10,8 +10,8 @@ use super::index::{Entries, Entry, Index, prefetch};
 use super::{META, chunk_rows};
 
 /// Up to a full slab's rows of a segment: their keys, their floats back to
-/// back, a bit per row set when the row changes (cleared when a checkpoint
-/// takes it) and, in a table that tracks touches, each row's last touch and
+/// back, a bit per row set when the row changes while changes are recorded
+/// (cleared when a checkpoint takes it) and, in a table that tracks touches, each row's last touch and
 /// touch count (atomics, so a pull records its touch under a read lock).
 #[derive(Debug)]
 pub(super) struct Chunk {
@@ -50,7 +50,7 @@ pub(crate) struct Segment {
     /// Whether rows record their touches (tables with eviction).
     pub(super) tracks: bool,
     /// Keys removed since the changes were last taken (kept only while
-    /// removals are recorded, see [`SparseRows::record_removals`]).
+    /// changes are recorded, see `SparseRows::record_changes`).
     pub(super) removed: Vec<u64>,
 }
 
