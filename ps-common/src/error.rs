@@ -38,6 +38,9 @@ pub enum PsError {
     /// The server cannot take the request now; retrying elsewhere or later may work.
     #[error("{0}")]
     Unavailable(String),
+    /// A position past what is held (a follower behind its primary's log).
+    #[error("{0}")]
+    OutOfRange(String),
     /// Reading or writing persistent state (checkpoints) failed.
     #[error("{0}")]
     Storage(String),
@@ -73,6 +76,7 @@ impl PsError {
             PsError::ResourceExhausted(_) => Code::ResourceExhausted,
             PsError::FailedPrecondition(_) => Code::FailedPrecondition,
             PsError::Unavailable(_) => Code::Unavailable,
+            PsError::OutOfRange(_) => Code::OutOfRange,
             PsError::Storage(_) | PsError::Internal(_) => Code::Internal,
             PsError::Shard { code, .. } => *code,
         }

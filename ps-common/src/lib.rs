@@ -19,6 +19,7 @@
 //! - [`tls`]: TLS files (`--tls-cert`, `--tls-key`, `--tls-ca`) as rustls configurations.
 //! - [`logging`]: stderr logging (text or JSON) with `RUST_LOG`, for both binaries.
 //! - [`prometheus`]: the `GET /metrics` endpoint and the collectors' helpers.
+//! - [`shutdown`]: the signals that stop a server process.
 
 pub mod auth;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod memory;
 pub mod names;
 pub mod prometheus;
 pub mod routing;
+pub mod shutdown;
 pub mod table;
 pub mod tls;
 pub mod wire;

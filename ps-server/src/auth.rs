@@ -4,7 +4,7 @@
 //! - the **worker** token (`--auth-token-file`): every worker call must
 //!   carry it when one is set;
 //! - the **peer** token (`--peer-token-file`): the server-to-server calls
-//!   (Join, Replicate, Lease) must carry it, and nothing else opens them; a
+//!   (Join, Replicate, Lease, and a follower's Follow and Tail) must carry it, and nothing else opens them; a
 //!   server without one refuses them, so replication is never open to
 //!   anyone who can reach the port, nor to a worker's token.
 //!
@@ -28,7 +28,7 @@ use tonic::codegen::http;
 const SERVICE: &str = "/ps.v1.ParameterServer/";
 
 /// The server-to-server calls.
-const PEER_CALLS: [&str; 3] = ["Join", "Replicate", "Lease"];
+const PEER_CALLS: [&str; 5] = ["Join", "Replicate", "Lease", "Follow", "Tail"];
 
 /// The expected tokens (`Bearer TOKEN`), if any.
 #[derive(Clone, Default)]

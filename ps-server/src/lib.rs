@@ -17,7 +17,9 @@
 //! - [`evictor`]: the background passes that keep tables with eviction
 //!   within their TTL, row cap and the memory budget, as replicated writes.
 //! - [`dedup`]: the `(writer, seq)` pairs applied, so a retried push applies once.
-//! - [`replication`]: primary-backup roles, write order, the stream to the backup.
+//! - [`replication`]: primary-backup roles, write order, the stream to the backup,
+//!   the follower log.
+//! - [`follower`]: a read replica's loop: snapshot, then tail the primary's log.
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
 //! - [`metrics`]: what the server counts (requests, rows, bytes, RPC latencies), as a Prometheus collector.
@@ -29,6 +31,7 @@ pub mod checkpoint;
 pub mod clock;
 pub mod dedup;
 pub mod evictor;
+pub mod follower;
 pub mod limits;
 pub mod metrics;
 pub mod optimizer;

@@ -269,6 +269,21 @@ impl Decoder {
 }
 
 impl Write {
+    /// About the bytes the write holds (keys and values): what it costs to
+    /// keep it in a follower log.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Write::CreateTable(_) => 256,
+            Write::Push(call) => call
+                .parts
+                .iter()
+                .map(|p| 64 + p.keys.len() * 8 + p.gradients.len())
+                .sum(),
+            Write::Assign(a) => 64 + a.keys.len() * 8 + a.values.len(),
+            Write::Evict(e) => 64 + e.keys.len() * 8,
+        }
+    }
+
     /// The write as the primary forwards it to its backup (encoded only
     /// then, on the forwarder's task, not on the write path).
     pub fn to_entry(&self) -> pb::ReplicaEntry {

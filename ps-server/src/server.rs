@@ -17,9 +17,10 @@ use crate::evictor::Evictor;
 use crate::limits::OversizeStatusLayer;
 use crate::metrics::ShardCounters;
 use crate::replication::{Peer, Replication, Role};
-use crate::request::Limits;
+use crate::request::{Decoder, Limits};
 use crate::service::ShardService;
 use crate::store::Shard;
+use crate::writer::Writer;
 
 /// Everything a shard process is configured with.
 #[derive(Debug, Clone)]
@@ -60,6 +61,11 @@ pub struct ServerConfig {
     /// Periodic checkpoints are incremental: a delta of what changed, with
     /// a full base after this many deltas (`None`: every one is full).
     pub checkpoint_deltas_per_base: Option<u64>,
+    /// A read replica of the primary at this address ([`crate::follower`]);
+    /// its replication must have the follower role.
+    pub follow: Option<String>,
+    /// Primary: the byte cap of its follower log.
+    pub follower_log_bytes: usize,
 }
 
 /// The name periodic checkpoints are written under.
@@ -98,6 +104,8 @@ impl ServerConfig {
             counters: Arc::default(),
             evict_every: Duration::from_millis(100),
             checkpoint_deltas_per_base: None,
+            follow: None,
+            follower_log_bytes: crate::replication::DEFAULT_FOLLOWER_LOG_BYTES,
         }
     }
 
@@ -157,9 +165,9 @@ impl ServerConfig {
 /// NOT_SERVING on the gRPC health service, lets in-flight requests finish
 /// (for at most `config.drain_timeout`), writes the shutdown checkpoint if
 /// configured, and returns. The standard `grpc.health.v1.Health` service
-/// answers for `ps.v1.ParameterServer` whether this server serves workers
-/// (SERVING only as a primary that was not deposed: a backup or a deposed
-/// primary is NOT_SERVING) and for `""` whether the process is up (SERVING
+/// answers for `ps.v1.ParameterServer` whether this server serves
+/// (SERVING as a primary that was not deposed, and as a follower, which
+/// serves pulls; a backup or a deposed primary is NOT_SERVING) and for `""` whether the process is up (SERVING
 /// until shutdown: liveness, where restarting a backup or a deposed primary
 /// would not help).
 pub async fn run(
@@ -236,7 +244,7 @@ pub async fn run_replicated(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let roles = replication.watch_role();
-    if *roles.borrow() == "primary" {
+    if matches!(*roles.borrow(), "primary" | "follower") {
         health
             .set_serving::<ParameterServerServer<ShardService>>()
             .await;
@@ -252,6 +260,21 @@ pub async fn run_replicated(
         Arc::clone(&config.counters),
     );
     let evicting = AbortOnDrop(tokio::spawn(Arc::clone(&evictor).run(config.evict_every)));
+    replication.set_follower_log_bytes(config.follower_log_bytes);
+    let _following = config.follow.clone().map(|primary| {
+        shard.set_read_only(true);
+        let writer = Writer::new(
+            Arc::clone(&shard),
+            Arc::clone(&replication),
+            Arc::clone(&config.counters),
+        );
+        AbortOnDrop(tokio::spawn(crate::follower::follow(
+            Arc::clone(&replication),
+            writer,
+            Decoder::new(config.limits),
+            primary,
+        )))
+    });
     let service = ParameterServerServer::new(
         ShardService::new(Arc::clone(&shard), config.limits, checkpoints.clone())
             .with_replication(Arc::clone(&replication))
@@ -343,14 +366,14 @@ impl Drop for CloseOnDrop {
 }
 
 /// Keeps the health status of `ps.v1.ParameterServer` on the role: SERVING
-/// only while this server is a primary that serves workers.
+/// while this server is a primary that serves workers, or a follower.
 async fn report_role(
     health: tonic_health::server::HealthReporter,
     mut roles: tokio::sync::watch::Receiver<&'static str>,
 ) {
     loop {
         let role = *roles.borrow_and_update();
-        if role == "primary" {
+        if matches!(role, "primary" | "follower") {
             health
                 .set_serving::<ParameterServerServer<ShardService>>()
                 .await;

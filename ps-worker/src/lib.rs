@@ -22,6 +22,8 @@
 //! - [`telemetry`]: where the workers of a process report (Prometheus metrics, progress bars); made by the binary, not global.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
 //! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
+//! - [`serving`]: online predictions (`serve`): REST and gRPC, batching, a
+//!   freshness-bounded row cache, serving bundles.
 
 pub mod backend;
 pub mod cache;
@@ -36,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod resume;
+pub mod serving;
 pub mod signal;
 pub mod synthetic;
 pub mod telemetry;

@@ -55,7 +55,37 @@ pub async fn listen(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Resul
 /// Serves `GET /metrics` on `listener` until the task is dropped. Other
 /// paths get 404, other methods 405.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, limits: EndpointLimits) {
-    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    accept_capped(listener, limits.max_connections, "metrics", move |stream| {
+        let registry = Arc::clone(&registry);
+        async move {
+            let service =
+                hyper::service::service_fn(move |request| answer(request, Arc::clone(&registry)));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+        }
+    })
+    .await
+}
+
+/// Accepts connections on `listener` until the task is dropped, serving
+/// each with `serve` on a task of its own, at most `max_connections` at
+/// once (the next ones wait in the kernel's backlog). A failing accept
+/// (out of file descriptors, say) is logged once and retried after a
+/// pause instead of spinning. `what` names the endpoint in the log.
+pub async fn accept_capped<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    what: &'static str,
+    mut serve: F,
+) where
+    F: FnMut(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let open = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut failures = 0u32;
     loop {
         let Ok(permit) = Arc::clone(&open).acquire_owned().await else {
@@ -67,26 +97,18 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, limits: Endpo
                 stream
             }
             Err(e) => {
-                // Out of file descriptors, say: back off instead of spinning.
                 failures = failures.saturating_add(1);
                 if failures == 1 {
-                    tracing::warn!("metrics endpoint cannot accept connections: {e}");
+                    tracing::warn!("{what} endpoint cannot accept connections: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let registry = Arc::clone(&registry);
+        let served = serve(stream);
         tokio::spawn(async move {
             let _open = permit;
-            let service =
-                hyper::service::service_fn(move |request| answer(request, Arc::clone(&registry)));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+            served.await;
         });
     }
 }

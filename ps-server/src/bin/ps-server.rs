@@ -98,6 +98,17 @@ struct Args {
     /// --listen address; required when listening on 0.0.0.0 or [::]).
     #[arg(long, value_name = "ADDR", requires = "join")]
     advertise: Option<String>,
+    /// Start as a read replica of the primary at ADDR (same --shard-id and
+    /// --num-shards): load its snapshot, then apply its writes as they
+    /// come, without acknowledging them; serve pulls (for inference) and
+    /// refuse writes. Needs --peer-token-file.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["join", "restore", "restore_latest"])]
+    follow: Option<String>,
+    /// A primary keeps the writes its followers have not read in memory,
+    /// up to this many bytes; a follower further behind starts again from
+    /// a snapshot.
+    #[arg(long, value_name = "BYTES", value_parser = ps_server::budget::parse_bytes, default_value = "256MiB")]
+    follower_log_bytes: u64,
     /// Seconds a backup keeps trying to reach its primary at start.
     #[arg(long, default_value_t = 60, requires = "join")]
     join_timeout_secs: u64,
@@ -162,6 +173,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             "--join needs --peer-token-file: the primary takes backups only with the peer token"
         );
     }
+    if args.follow.is_some() && !auth.takes_peers() {
+        anyhow::bail!(
+            "--follow needs --peer-token-file: the primary takes followers only with the peer token"
+        );
+    }
     let tls = TlsFiles {
         cert: args.tls_cert.clone(),
         key: args.tls_key.clone(),
@@ -190,6 +206,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         counters: Arc::default(),
         evict_every: std::time::Duration::from_millis(args.evict_interval_ms),
         checkpoint_deltas_per_base: args.checkpoint_deltas_per_base,
+        follow: args.follow.clone(),
+        follower_log_bytes: usize::try_from(args.follower_log_bytes).unwrap_or(usize::MAX),
     };
     config.validate()?;
     if args.join.is_some() && (args.restore.is_some() || args.restore_latest) {
@@ -226,19 +244,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port; keep it stable.
     println!("listening on {addr}");
     let shard = Arc::new(shard);
-    if let Some(metrics_addr) = args.metrics_listen {
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(ps_server::metrics::ShardMetrics {
-            shard: Arc::clone(&shard),
-            counters: Arc::clone(&config.counters),
-        }));
-        let bound = ps_common::prometheus::listen(metrics_addr, Arc::new(registry))
-            .await
-            .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
-        println!("metrics on {bound}");
-    }
     let role = if args.join.is_some() {
         Role::Backup
+    } else if args.follow.is_some() {
+        Role::Follower
     } else {
         Role::Primary
     };
@@ -247,6 +256,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tls: config.peer_tls.clone(),
     };
     let replication = Replication::new(Arc::clone(&shard), role, peer);
+    if let Some(metrics_addr) = args.metrics_listen {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(ps_server::metrics::ShardMetrics {
+            shard: Arc::clone(&shard),
+            counters: Arc::clone(&config.counters),
+            replication: Some(Arc::clone(&replication)),
+        }));
+        let bound = ps_common::prometheus::listen(metrics_addr, Arc::new(registry))
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
+        println!("metrics on {bound}");
+    }
     if let Some(primary) = args.join.clone() {
         let advertised = match &args.advertise {
             Some(advertised) => advertised.clone(),
@@ -323,25 +344,8 @@ fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
     Ok((shard, Some(dir)))
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// SIGINT or SIGTERM, logged.
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the server");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    ps_common::shutdown::signal().await;
     tracing::info!("shutdown signal received; draining in-flight requests");
 }

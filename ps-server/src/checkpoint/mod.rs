@@ -280,6 +280,28 @@ fn write_then_rename(tmp: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), PsE
     Ok(())
 }
 
+/// Writes `payload` to `path` framed as checkpoint files are (`magic`,
+/// length, checksum), atomically: through `path` + `.tmp`, fsynced, then
+/// renamed (other files in this format, such as serving bundles).
+pub fn write_framed(path: &Path, magic: &[u8; 8], payload: &[u8]) -> Result<(), PsError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written = write_then_rename(&tmp, path, &[&header(magic, payload), payload]);
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Reads a file written by [`write_framed`] with `magic`, checking its
+/// length and checksum; returns its payload.
+pub fn read_framed(path: &Path, magic: &[u8; 8]) -> Result<Vec<u8>, PsError> {
+    let mut verified = read_verified(path, &[magic])?;
+    verified.bytes.drain(..HEADER_LEN);
+    Ok(verified.bytes)
+}
+
 /// A file's header: magic, payload length, payload checksum.
 fn header(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN);

@@ -20,6 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use ps_common::prometheus::{counter, gauge};
 
+use crate::replication::Replication;
 use crate::store::{Shard, TableStats};
 
 pub use counters::{RequestCounters, ShardCounters};
@@ -55,9 +56,13 @@ pub enum Rpc {
     Join,
     /// `Lease`.
     Lease,
+    /// `Follow`.
+    Follow,
+    /// `Tail`.
+    Tail,
 }
 
-const RPCS: [(Rpc, &str); 14] = [
+const RPCS: [(Rpc, &str); 16] = [
     (Rpc::Describe, "describe"),
     (Rpc::CreateTable, "create_table"),
     (Rpc::Pull, "pull"),
@@ -72,6 +77,8 @@ const RPCS: [(Rpc, &str); 14] = [
     (Rpc::Promote, "promote"),
     (Rpc::Join, "join"),
     (Rpc::Lease, "lease"),
+    (Rpc::Follow, "follow"),
+    (Rpc::Tail, "tail"),
 ];
 
 /// Upper bounds (seconds) of the latency histogram buckets.
@@ -159,6 +166,8 @@ pub struct ShardMetrics {
     pub shard: Arc<Shard>,
     /// What the server serving them counts.
     pub counters: Arc<ShardCounters>,
+    /// The server's replication: a follower reports its lag.
+    pub replication: Option<Arc<Replication>>,
 }
 
 impl Collector for ShardMetrics {
@@ -249,6 +258,14 @@ impl Collector for ShardMetrics {
                 limit as f64,
             )?;
         }
+        if let Some(lag) = self.replication.as_ref().and_then(|r| r.lag()) {
+            gauge(
+                &mut encoder,
+                "ps_follower_lag_seconds",
+                "A read replica's staleness: it held every write its primary had applied this long ago",
+                lag.as_secs_f64(),
+            )?;
+        }
         Ok(())
     }
 }
@@ -260,7 +277,11 @@ mod tests {
 
     fn render(shard: Arc<Shard>, counters: Arc<ShardCounters>) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(ShardMetrics { shard, counters }));
+        registry.register_collector(Box::new(ShardMetrics {
+            shard,
+            counters,
+            replication: None,
+        }));
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).unwrap();
         out

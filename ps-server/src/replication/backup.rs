@@ -59,7 +59,7 @@ impl Replication {
             return Ok(Replicated::Promoted);
         }
         match &state.following {
-            Some(f) if state.role == Role::Backup && f.stream == stream => {}
+            Some(f) if state.role != Role::Primary && f.stream == stream => {}
             _ => {
                 return Err(PsError::FailedPrecondition(format!(
                     "this server does not follow replication stream {stream:x} of shard {}",
@@ -133,9 +133,20 @@ impl Replication {
             }
             _ => PsError::Unavailable(format!("Join {primary}: {}", s.message())),
         };
-        let mut chunks = client.join(request).await.map_err(failed)?.into_inner();
+        let chunks = client.join(request).await.map_err(failed)?.into_inner();
+        self.receive_snapshot(chunks, primary, failed).await
+    }
+
+    /// Reads a snapshot's chunks from `primary` and loads it; returns the
+    /// number of its last write and its size in bytes.
+    pub(super) async fn receive_snapshot(
+        &self,
+        mut chunks: tonic::Streaming<pb::JoinChunk>,
+        primary: &str,
+        failed: impl Fn(tonic::Status) -> PsError,
+    ) -> Result<(u64, usize), PsError> {
         let mut bytes = Vec::new();
-        while let Some(chunk) = chunks.message().await.map_err(failed)? {
+        while let Some(chunk) = chunks.message().await.map_err(&failed)? {
             bytes.extend_from_slice(&chunk.data);
             if chunk.last {
                 self.load(&bytes, chunk.seq, chunk.stream, primary)?;
@@ -143,18 +154,25 @@ impl Replication {
             }
         }
         Err(PsError::Unavailable(format!(
-            "Join {primary}: the snapshot stream ended early"
+            "{primary}: the snapshot stream ended early"
         )))
     }
 
-    /// Backup: loads a snapshot received from `primary` on `stream`.
-    fn load(&self, bytes: &[u8], seq: u64, stream: u64, primary: &str) -> Result<(), PsError> {
+    /// Backup or follower: loads a snapshot received from `primary` on
+    /// `stream`.
+    pub(super) fn load(
+        &self,
+        bytes: &[u8],
+        seq: u64,
+        stream: u64,
+        primary: &str,
+    ) -> Result<(), PsError> {
         let (snapshot, _): (JoinSnapshot, usize) =
             bincode::serde::decode_from_slice(bytes, bincode::config::standard())
                 .map_err(|e| PsError::invalid(format!("the primary's snapshot is corrupt: {e}")))?;
         let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
         let mut state = lock(&self.state);
-        if state.role != Role::Backup || state.deposed.is_some() {
+        if state.role == Role::Primary || state.deposed.is_some() {
             return Err(PsError::FailedPrecondition(
                 "this server is already primary; it cannot join another".into(),
             ));
@@ -298,6 +316,11 @@ impl Replication {
         }
         if state.role == Role::Primary {
             return Ok(None);
+        }
+        if state.role == Role::Follower {
+            return Err(PsError::FailedPrecondition(
+                "this server is a read replica (ps-server --follow): it is never promoted".into(),
+            ));
         }
         let Some(following) = &state.following else {
             return Err(PsError::FailedPrecondition(match &state.detached {

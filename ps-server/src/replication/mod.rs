@@ -32,10 +32,19 @@
 //! same backup. An idle primary sends an empty `Replicate` every
 //! [`HEARTBEAT`], so it notices without waiting for a write.
 //!
+//! A **follower** (a read replica, `ps-server --follow`) loads a snapshot
+//! and then tails the primary's log of writes ([`follower`]): it never
+//! counts for durability, is never promoted, and a slow one never holds
+//! the primary up. While a follower log exists the primary applies writes
+//! one at a time, as with a backup, so the log is in the order the rows
+//! saw them and a follower equals its primary row for row.
+//!
 //! - [`primary`]: attaching a backup, the join answer, the forwarder, dropping.
 //! - [`backup`]: joining, applying the stream, the lease, promotion.
+//! - [`follower`]: the follower log on the primary, and the follower's side.
 
 mod backup;
+mod follower;
 mod primary;
 
 use std::collections::VecDeque;
@@ -55,6 +64,7 @@ use crate::request::Write;
 use crate::store::{Shard, ShardSnapshot};
 
 pub use backup::Replicated;
+pub use follower::{DEFAULT_FOLLOWER_LOG_BYTES, FOLLOWER_IDLE, Tailed};
 pub use primary::{JoinStream, Joiner};
 
 /// How long a primary keeps retrying an unresponsive backup before it
@@ -78,6 +88,9 @@ pub enum Role {
     Primary,
     /// Applies the primary's writes; serves workers once promoted.
     Backup,
+    /// A read replica: applies the primary's writes from its log and
+    /// serves pulls; never promoted, never written to by workers.
+    Follower,
 }
 
 impl Role {
@@ -86,6 +99,7 @@ impl Role {
         match self {
             Role::Primary => "primary",
             Role::Backup => "backup",
+            Role::Follower => "follower",
         }
     }
 }
@@ -135,6 +149,10 @@ struct State {
     detached: Option<String>,
     /// The stream this server was the backup of before it was promoted.
     promoted_from: Option<u64>,
+    /// Primary: the log its followers tail (`None`: no follower).
+    log: Option<follower::FollowerLog>,
+    /// Follower: when it last held every write its primary had applied.
+    fresh_at: Option<Instant>,
 }
 
 /// What a joining backup receives: the shard and its applied pushes.
@@ -173,6 +191,10 @@ pub struct Description {
     pub backup: Option<String>,
     /// Backup: it has loaded its primary's snapshot and follows it.
     pub caught_up: bool,
+    /// Follower: the primary it follows.
+    pub primary: Option<String>,
+    /// Follower: how stale its rows may be ([`Replication::lag`]).
+    pub lag: Option<Duration>,
 }
 
 /// The replication state of one shard server.
@@ -204,6 +226,10 @@ pub struct Replication {
     leasing: std::sync::atomic::AtomicBool,
     /// The server stopped: background tasks (the lease, forwarders) end.
     closed: std::sync::atomic::AtomicBool,
+    /// Primary: the newest write in its follower log (wakes Tail calls).
+    logged: watch::Sender<u64>,
+    /// Primary: the byte cap of its follower log.
+    log_cap: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -228,6 +254,8 @@ impl Replication {
                 following: None,
                 detached: None,
                 promoted_from: None,
+                log: None,
+                fresh_at: None,
             }),
             replicated: watch::Sender::new(0),
             queued: Notify::new(),
@@ -237,6 +265,8 @@ impl Replication {
             peer,
             leasing: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicBool::new(false),
+            logged: watch::Sender::new(0),
+            log_cap: std::sync::atomic::AtomicUsize::new(DEFAULT_FOLLOWER_LOG_BYTES),
         })
     }
 
@@ -248,7 +278,8 @@ impl Replication {
         self.queued.notify_waiters();
     }
 
-    fn is_closed(&self) -> bool {
+    /// Whether the server stopped serving.
+    pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -265,10 +296,17 @@ impl Replication {
     /// The role now and what goes with it.
     pub fn description(&self) -> Description {
         let state = lock(&self.state);
+        let follower = state.role == Role::Follower;
         Description {
             role: Self::role_of(&state),
             backup: state.backup.as_ref().map(|b| b.addr.clone()),
             caught_up: state.following.is_some(),
+            primary: follower
+                .then(|| state.following.as_ref().map(|f| f.primary.clone()))
+                .flatten(),
+            lag: follower
+                .then(|| state.fresh_at.map(|at| at.elapsed()))
+                .flatten(),
         }
     }
 
@@ -300,12 +338,36 @@ impl Replication {
         if let Some(why) = &state.deposed {
             return Some(PsError::Unavailable(why.clone()));
         }
-        (state.role == Role::Backup).then(|| {
-            PsError::Unavailable(format!(
+        match state.role {
+            Role::Primary => None,
+            Role::Backup => Some(PsError::Unavailable(format!(
                 "this server is the backup of shard {}: it serves workers only after Promote",
                 self.shard.shard_id()
-            ))
-        })
+            ))),
+            Role::Follower => Some(PsError::Unavailable(format!(
+                "this server is a read replica of shard {} (ps-server --follow): it serves pulls only; send writes to its primary",
+                self.shard.shard_id()
+            ))),
+        }
+    }
+
+    /// Whether this server may serve pulls: a primary, or a follower that
+    /// has loaded its snapshot.
+    pub fn check_reading(&self) -> Result<(), PsError> {
+        let state = lock(&self.state);
+        if state.role == Role::Follower && state.deposed.is_none() {
+            return match state.following {
+                Some(_) => Ok(()),
+                None => Err(PsError::Unavailable(format!(
+                    "this read replica of shard {} has not loaded its primary's snapshot yet",
+                    self.shard.shard_id()
+                ))),
+            };
+        }
+        match self.refusal(&state) {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
     }
 
     /// Whether this server may serve workers: a backup and a deposed
@@ -333,7 +395,7 @@ impl Replication {
                 if let Some(err) = self.refusal(&state) {
                     return Err(err);
                 }
-                if state.backup.is_none() {
+                if state.backup.is_none() && state.log.is_none() {
                     // Numbers stay increasing so a backup joining later
                     // compares them with its own; nothing waits on them.
                     let seq = state.next_seq;
@@ -358,8 +420,10 @@ impl Replication {
         match apply(seq)? {
             Ordered::Fresh(value) => {
                 state.next_seq += 1;
+                let write = write();
+                self.log_write(&mut state, seq, &write);
                 if state.backup.is_some() {
-                    state.queue.push_back((seq, write()));
+                    state.queue.push_back((seq, write));
                     self.queued.notify_one();
                     Ok((value, seq))
                 } else {

@@ -19,7 +19,7 @@ const MAX_BATCH: usize = 256;
 const CHUNK_BYTES: usize = 4 << 20;
 /// How long a joining backup may leave a chunk of its snapshot unread
 /// before the primary gives the join up (and frees the snapshot).
-const JOIN_STALL: Duration = Duration::from_secs(10);
+pub(super) const JOIN_STALL: Duration = Duration::from_secs(10);
 /// How long the primary waits for the joining server to answer Describe.
 const JOIN_PROBE: Duration = Duration::from_secs(2);
 
@@ -158,12 +158,7 @@ impl Replication {
     fn attach(&self, joiner: &Joiner) -> Result<(Vec<u8>, u64, u64, u64), PsError> {
         let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
         self.check_free_for(joiner)?;
-        let snapshot = JoinSnapshot {
-            shard: self.shard.snapshot(),
-            writers: self.applied.snapshot(),
-        };
-        let bytes = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
-            .map_err(|e| PsError::Internal(format!("cannot encode the snapshot: {e}")))?;
+        let bytes = self.encoded_snapshot()?;
         let mut state = lock(&self.state);
         state.generation += 1;
         let stream = random_id();
@@ -177,6 +172,17 @@ impl Replication {
         state.queue.clear();
         tracing::info!(backup = %joiner.addr, through = state.next_seq - 1, bytes = bytes.len(), "backup attached");
         Ok((bytes, state.next_seq - 1, stream, state.generation))
+    }
+
+    /// The shard and its applied pushes, encoded for a joining backup or
+    /// follower. The caller holds the order lock exclusively.
+    pub(super) fn encoded_snapshot(&self) -> Result<Vec<u8>, PsError> {
+        let snapshot = JoinSnapshot {
+            shard: self.shard.snapshot(),
+            writers: self.applied.snapshot(),
+        };
+        bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
+            .map_err(|e| PsError::Internal(format!("cannot encode the snapshot: {e}")))
     }
 
     /// Primary: the backup on `stream` renews its lease. Granted while this
@@ -351,7 +357,7 @@ impl Replication {
 }
 
 /// A primary's answer to Join, cut into chunks.
-fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
+pub(super) fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
     let bytes = bytes::Bytes::from(bytes);
     let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
     (0..n)

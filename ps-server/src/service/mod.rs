@@ -127,9 +127,15 @@ impl ShardService {
         self
     }
 
-    /// Refuses worker calls on a backup or a deposed primary.
+    /// Refuses worker calls on a backup, a follower or a deposed primary.
     fn check_serving(&self) -> Result<(), Status> {
         self.replication.check_serving().map_err(|e| self.fail(e))
+    }
+
+    /// Refuses pulls on a backup, a deposed primary or a follower that has
+    /// not loaded its snapshot.
+    fn check_reading(&self) -> Result<(), Status> {
+        self.replication.check_reading().map_err(|e| self.fail(e))
     }
 
     /// Runs `f` (store work) on a blocking thread and counts errors.
@@ -219,6 +225,8 @@ impl ShardService {
             restored_from: self.restored_from.clone().unwrap_or_default(),
             server_id: self.replication.server_id(),
             caught_up: described.caught_up,
+            lag_seconds: described.lag.map_or(-1.0, |lag| lag.as_secs_f64()),
+            primary: described.primary.unwrap_or_default(),
         }))
     }
 
@@ -442,5 +450,21 @@ impl ParameterServer for ShardService {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         self.observed(Rpc::Lease, self.lease_inner(request)).await
+    }
+
+    type FollowStream = crate::replication::JoinStream;
+
+    async fn follow(
+        &self,
+        request: Request<pb::FollowRequest>,
+    ) -> Result<Response<crate::replication::JoinStream>, Status> {
+        self.observed(Rpc::Follow, self.follow_inner(request)).await
+    }
+
+    async fn tail(
+        &self,
+        request: Request<pb::TailRequest>,
+    ) -> Result<Response<pb::TailResponse>, Status> {
+        self.observed(Rpc::Tail, self.tail_inner(request)).await
     }
 }

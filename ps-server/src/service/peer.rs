@@ -1,5 +1,6 @@
 //! The replication calls of the service: Replicate and Join (from peers),
-//! Lease (from this primary's backup) and Promote (from workers or peers).
+//! Lease (from this primary's backup), Follow and Tail (from followers)
+//! and Promote (from workers or peers).
 //! They convert and delegate to [`crate::replication`]; who may call them
 //! is decided before they run ([`crate::auth`]).
 
@@ -74,5 +75,40 @@ impl ShardService {
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let granted = self.replication.grant_lease(request.into_inner().stream);
         Ok(Response::new(pb::LeaseResponse { granted }))
+    }
+
+    pub(super) async fn follow_inner(
+        &self,
+        request: Request<pb::FollowRequest>,
+    ) -> Result<Response<JoinStream>, Status> {
+        let req = request.into_inner();
+        let chunks = self
+            .replication
+            .answer_follow(req.shard_id, req.num_shards)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(chunks))
+    }
+
+    pub(super) async fn tail_inner(
+        &self,
+        request: Request<pb::TailRequest>,
+    ) -> Result<Response<pb::TailResponse>, Status> {
+        let req = request.into_inner();
+        let tailed = self
+            .replication
+            .answer_tail(
+                req.log,
+                req.after,
+                std::time::Duration::from_millis(u64::from(req.wait_ms)),
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::TailResponse {
+            first_seq: tailed.first_seq,
+            entries: tailed.writes.iter().map(|w| w.to_entry()).collect(),
+            newest: tailed.newest,
+            held_ms: tailed.held.as_millis().min(u128::from(u32::MAX)) as u32,
+        }))
     }
 }

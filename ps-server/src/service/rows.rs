@@ -45,7 +45,7 @@ impl ShardService {
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
         RequestCounters::add(&self.counters.requests.pull, 1);
-        self.check_serving()?;
+        self.check_reading()?;
         let req = request.into_inner();
         let request_bytes = req.encoded_len() as u64;
         let read = self.decoder.read(req).map_err(|e| self.fail(e))?;
@@ -59,7 +59,7 @@ impl ShardService {
     ) -> Result<Response<pb::PullManyResponse>, Status> {
         let counters = &self.counters.requests;
         RequestCounters::add(&counters.pull_many, 1);
-        self.check_serving()?;
+        self.check_reading()?;
         let req = request.into_inner();
         let request_bytes = req.encoded_len() as u64;
         RequestCounters::add(&counters.pull, req.pulls.len() as u64);

@@ -114,6 +114,8 @@ pub struct Shard {
     pub budget: MemoryBudget,
     /// Most rows a sparse table may hold on this shard (`usize::MAX`: no cap).
     row_cap: AtomicUsize,
+    /// Pulls create no rows (a read replica: its rows come from its primary).
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl Shard {
@@ -129,7 +131,15 @@ impl Shard {
             creating: Mutex::new(()),
             budget: MemoryBudget::default(),
             row_cap: AtomicUsize::new(usize::MAX),
+            read_only: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Pulls create no rows: a missing sparse row is answered as the
+    /// table's initializer makes it and not stored (a read replica, whose
+    /// rows come only from its primary's writes).
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::Relaxed);
     }
 
     /// Caps the rows each sparse table may hold on this shard (`None`: no
@@ -333,13 +343,14 @@ impl Shard {
         keys: &[u64],
         mut each: impl FnMut(usize, &[f32]),
     ) -> Result<u32, PsError> {
-        // A table with admission creates no row on a pull.
-        let mut room = match table.admitter {
-            Some(_) => self.budget.reserve(0, String::new)?,
-            None => self.make_room(table, keys)?,
+        // A table with admission, or a read-only shard, creates no row on a pull.
+        let create = table.admitter.is_none() && !self.read_only.load(Ordering::Relaxed);
+        let mut room = match create {
+            false => self.budget.reserve(0, String::new)?,
+            true => self.make_room(table, keys)?,
         };
         let dim = table.spec.dim as usize;
-        let created = table.read_many(keys, |i, row| each(i, &row[..dim]));
+        let created = table.read_many(keys, create, |i, row| each(i, &row[..dim]));
         room.keep(created as u64 * table.sparse_row_bytes());
         Ok(table.spec.dim)
     }

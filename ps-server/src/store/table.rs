@@ -292,14 +292,20 @@ impl Table {
 
     /// Calls `f(i, row)` (read-only) with the row of every `keys[i]`,
     /// creating missing sparse rows first: in request order, except that
-    /// rows this call creates come last. A table with admission creates
-    /// none: a missing row is answered as the initializer makes it. Returns
-    /// the rows created. Dense keys must be owned here (the caller checked).
-    pub(crate) fn read_many(&self, keys: &[u64], mut f: impl FnMut(usize, &[f32])) -> usize {
+    /// rows this call creates come last. Without `create` (and on a table
+    /// with admission) none is created: a missing row is answered as the
+    /// initializer makes it. Returns the rows created. Dense keys must be
+    /// owned here (the caller checked).
+    pub(crate) fn read_many(
+        &self,
+        keys: &[u64],
+        create: bool,
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> usize {
         match &self.rows {
             Rows::Sparse(rows) => rows.read_many(
                 keys,
-                self.admitter.is_none(),
+                create && self.admitter.is_none(),
                 |k, row| self.fill_fresh_row(k, row),
                 f,
             ),

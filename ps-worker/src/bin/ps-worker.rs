@@ -5,6 +5,8 @@
 //! - `eval`: metrics of checkpoints and of their averaged ensemble.
 //! - `checkpoint`: ask every shard of a running job to write a checkpoint.
 //! - `health`: exit 0 if every server answers SERVING (container health checks).
+//! - `serve`: online predictions over REST and gRPC, from servers or a bundle.
+//! - `export`: a checkpoint's model as a self-contained serving bundle.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -128,6 +130,74 @@ enum Command {
         /// Write the metrics as a JSON array to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Serve predictions of a job's model: REST in TensorFlow Serving's
+    /// shape (POST /v1/models/NAME:predict) and, with --grpc-listen, the
+    /// gRPC Predictor service. Rows come from --servers (read replicas:
+    /// `ps-server --follow`) or from a --bundle.
+    Serve {
+        /// The job file whose model is served (default: the embedded a9a
+        /// job); not with --bundle, which holds its job.
+        #[arg(long, conflicts_with = "bundle")]
+        config: Option<PathBuf>,
+        /// Servers holding the tables, in shard-id order (HOST:PORT,...).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "bundle",
+            conflicts_with = "bundle"
+        )]
+        servers: Vec<String>,
+        /// Serve a bundle written by `ps-worker export`, without servers.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// The REST endpoint's address (port 0 picks one, printed as
+        /// `serving NAME on http://ADDR`).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Also serve gRPC `ps.v1.Predictor` here (printed as `grpc on ADDR`).
+        #[arg(long)]
+        grpc_listen: Option<std::net::SocketAddr>,
+        /// The model's name in URLs and requests (default: the bundle's
+        /// name; the job file's name without `.toml`; `default` for the
+        /// embedded job).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Longest a request waits for others to share its batch (ms).
+        #[arg(long, default_value_t = 2)]
+        batch_wait_ms: u64,
+        /// Most instances computed in one batch.
+        #[arg(long, default_value_t = 1024)]
+        max_batch: usize,
+        /// Hot rows pulled from the servers are reused for this long (ms;
+        /// 0: no cache, every row is pulled).
+        #[arg(long, default_value_t = 200)]
+        cache_freshness_ms: u64,
+        /// Most rows the cache holds.
+        #[arg(long, default_value_t = 1_000_000)]
+        cache_rows: usize,
+        /// Largest request body (bytes).
+        #[arg(long, default_value_t = 16 << 20)]
+        max_body_bytes: usize,
+        /// Seconds to keep retrying servers that do not accept connections yet.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout_secs: u64,
+    },
+    /// Write a checkpoint's model as a serving bundle: the job and the
+    /// weights of only the tables its model reads, checksummed.
+    Export {
+        /// The job file (default: the embedded a9a job).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The checkpoint (DIR/NAME, as written by `checkpoint`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The model's name (default: the job file's name without `.toml`).
+        #[arg(long)]
+        model_name: Option<String>,
     },
     /// Exit 0 if every server answers SERVING on the standard gRPC health
     /// service (for container health checks), 1 otherwise.
@@ -277,6 +347,120 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Serve {
+            config,
+            servers,
+            bundle,
+            listen,
+            grpc_listen,
+            model_name,
+            batch_wait_ms,
+            max_batch,
+            cache_freshness_ms,
+            cache_rows,
+            max_body_bytes,
+            connect_timeout_secs,
+        } => {
+            if max_batch == 0 || max_body_bytes == 0 {
+                bail!("--max-batch and --max-body-bytes must be >= 1");
+            }
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let (job, rows, name) = match &bundle {
+                Some(path) => {
+                    let bundle = ps_worker::serving::bundle::Bundle::read(path)
+                        .with_context(|| format!("cannot serve --bundle {}", path.display()))?;
+                    let job = bundle
+                        .job()
+                        .with_context(|| format!("--bundle {}", path.display()))?;
+                    let name = model_name.unwrap_or_else(|| bundle.name.clone());
+                    let rows = ps_worker::serving::bundle::BundleRows::new(bundle)
+                        .with_context(|| format!("--bundle {}", path.display()))?;
+                    (job, ps_worker::serving::Rows::Bundle(rows), name)
+                }
+                None => {
+                    let job = job_or_default(config.as_deref(), Some(Device::Cpu))?;
+                    let client = ps_worker::ClientConfig {
+                        auth_token,
+                        tls,
+                        ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
+                    };
+                    let cache = (cache_freshness_ms > 0 && cache_rows > 0).then(|| {
+                        ps_worker::serving::rows::FreshRows::new(
+                            Duration::from_millis(cache_freshness_ms),
+                            cache_rows,
+                        )
+                    });
+                    let rows = runtime
+                        .block_on(ps_worker::serving::server_rows(
+                            &job, &servers, &client, cache,
+                        ))
+                        .context("cannot reach the servers")?;
+                    (
+                        job,
+                        rows,
+                        model_name.unwrap_or_else(|| default_name(config.as_deref())),
+                    )
+                }
+            };
+            let serve = ps_worker::serving::ServeConfig {
+                batch_wait: Duration::from_millis(batch_wait_ms),
+                max_batch,
+                ..ps_worker::serving::ServeConfig::new(name.clone())
+            };
+            let limits = ps_worker::serving::http::HttpLimits {
+                max_body_bytes,
+                ..Default::default()
+            };
+            runtime.block_on(async {
+                let metrics = std::sync::Arc::new(ps_worker::serving::ServeMetrics::default());
+                let predictor = ps_worker::serving::Predictor::start(&job, rows, &serve, metrics);
+                let listening = ps_worker::serving::listen(predictor, listen, grpc_listen, limits)
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on --listen {listen} or --grpc-listen")
+                    })?;
+                // Tests and scripts read these lines; keep them stable.
+                println!("serving {name} on http://{}", listening.http);
+                if let Some(grpc) = listening.grpc {
+                    println!("grpc on {grpc}");
+                }
+                ps_common::shutdown::signal().await;
+                drop(listening);
+                Ok::<_, anyhow::Error>(())
+            })
+        }
+        Command::Export {
+            config,
+            checkpoint,
+            out,
+            model_name,
+        } => {
+            let (job, text) = match &config {
+                Some(path) => (
+                    load_job(path)?,
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read job file {}", path.display()))?,
+                ),
+                None => (job_or_default(None, None)?, job::DEFAULT_JOB.to_string()),
+            };
+            let name = model_name.unwrap_or_else(|| default_name(config.as_deref()));
+            let bundle =
+                ps_worker::serving::bundle::Bundle::export(&job, &text, &name, &checkpoint)
+                    .with_context(|| {
+                        format!("cannot export --checkpoint {}", checkpoint.display())
+                    })?;
+            let bytes = bundle
+                .write(&out)
+                .with_context(|| format!("cannot write --out {}", out.display()))?;
+            let rows: usize = bundle.tables.iter().map(|t| t.keys.len()).sum();
+            println!(
+                "wrote bundle {name} to {} ({} tables, {rows} rows, {bytes} bytes)",
+                out.display(),
+                bundle.tables.len()
+            );
+            Ok(())
+        }
         Command::Health {
             servers,
             timeout_secs,
@@ -387,6 +571,14 @@ fn job_or_default(path: Option<&Path>, device: Option<Device>) -> anyhow::Result
         job.train.device = device;
     }
     Ok(job)
+}
+
+/// A served model's default name: the job file's name without `.toml`,
+/// `default` for the embedded job.
+fn default_name(config: Option<&Path>) -> String {
+    config
+        .and_then(|p| p.file_stem())
+        .map_or_else(|| "default".into(), |s| s.to_string_lossy().into_owned())
 }
 
 fn load_job(path: &Path) -> anyhow::Result<JobConfig> {

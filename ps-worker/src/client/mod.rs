@@ -302,6 +302,14 @@ impl PsClient {
             async move { call!(&shard, create_table, request) }
         })
         .await?;
+        self.register_table(spec)
+    }
+
+    /// Remembers the layout of `spec`, a table the servers already hold,
+    /// without asking them to create it (reading from read replicas, which
+    /// take no writes). A pull answered with another dim fails.
+    pub fn register_table(&self, spec: &TableSpec) -> Result<(), PsError> {
+        spec.validate()?;
         self.inner
             .tables
             .write()

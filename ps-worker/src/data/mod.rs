@@ -69,11 +69,49 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn new() -> Self {
+    /// A batch with no example.
+    pub fn new() -> Self {
         Batch {
             offsets: vec![0],
             ..Batch::default()
         }
+    }
+
+    /// Appends one example given as feature ids with their values and
+    /// (empty, or one per id) fields, labelled 0 for each of `tasks`.
+    /// The caller checked the lengths.
+    pub fn push_features(&mut self, ids: &[u64], values: &[f32], fields: &[u32], tasks: usize) {
+        if !fields.is_empty() && self.fields.len() < self.ids.len() {
+            self.fields.resize(self.ids.len(), 0);
+        }
+        self.ids.extend_from_slice(ids);
+        self.values.extend_from_slice(values);
+        if !fields.is_empty() {
+            self.fields.extend_from_slice(fields);
+        } else if !self.fields.is_empty() {
+            self.fields.resize(self.ids.len(), 0);
+        }
+        self.push_example(&vec![0.0; tasks.max(1)]);
+    }
+
+    /// Appends every example of `other`.
+    pub fn append(&mut self, other: &Batch) {
+        let base = self.ids.len();
+        let tasks = if other.is_empty() {
+            1
+        } else {
+            other.labels.len() / other.len()
+        };
+        for i in 0..other.len() {
+            let (from, to) = (other.offsets[i], other.offsets[i + 1]);
+            let fields = if other.fields.is_empty() {
+                &[][..]
+            } else {
+                &other.fields[from..to]
+            };
+            self.push_features(&other.ids[from..to], &other.values[from..to], fields, tasks);
+        }
+        debug_assert_eq!(self.ids.len(), base + other.ids.len());
     }
 
     /// Number of examples.
@@ -89,6 +127,46 @@ impl Batch {
     fn push_example(&mut self, labels: &[f32]) {
         self.labels.extend_from_slice(labels);
         self.offsets.push(self.ids.len());
+    }
+}
+
+/// How lines of a job's data format read, for one line at a time
+/// (serving: examples without their label).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LineFormat {
+    /// The format.
+    pub format: DataFormat,
+    /// libffm: fields are below this.
+    pub fields: u32,
+    /// Labels per example.
+    pub tasks: usize,
+    /// Criteo's integer columns.
+    pub integers: IntegerFeatures,
+}
+
+impl LineFormat {
+    /// The format of `job`'s data.
+    pub fn of_job(job: &JobConfig) -> LineFormat {
+        LineFormat {
+            format: job.data.format,
+            fields: job.data.fields,
+            tasks: job.model.tasks().len().max(1),
+            integers: job.data.integers,
+        }
+    }
+
+    /// Appends `text`, a line of this format without its label, to
+    /// `batch` (labelled 0); a malformed line leaves `batch` as it was
+    /// and says what is wrong with it.
+    pub fn parse_unlabeled(&self, text: &str, batch: &mut Batch) -> Result<(), String> {
+        let zeros = vec!["0"; self.tasks].join(",");
+        match self.format {
+            DataFormat::Libsvm => parse_libsvm_line(&format!("{zeros} {text}"), self.tasks, batch),
+            DataFormat::Libffm => {
+                parse_libffm_line(&format!("{zeros} {text}"), self.fields, self.tasks, batch)
+            }
+            DataFormat::Criteo => parse_criteo_line(&format!("0\t{text}"), self.integers, batch),
+        }
     }
 }
 

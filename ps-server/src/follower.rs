@@ -1,0 +1,111 @@
+//! A read replica's loop (`ps-server --follow PRIMARY`): load a snapshot
+//! of the primary's shard, then tail the primary's follower log and apply
+//! its writes through the shard's [`Writer`], in the primary's order.
+//!
+//! The follower never acknowledges anything: the primary does not wait for
+//! it. It measures its own staleness: when a Tail answer brings it to the
+//! primary's newest write, it held everything the primary had applied when
+//! that answer was composed, which is no earlier than the call's send time
+//! plus the time the primary held it ([`Replication::mark_fresh`]). A primary that cannot
+//! be reached leaves it serving its rows as they are, its lag growing; a
+//! follower that fell behind the log starts again from a fresh snapshot.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::replication::Replication;
+use crate::request::Decoder;
+use crate::writer::Writer;
+
+/// How long a Tail call may wait at the primary for a new write.
+const TAIL_WAIT: Duration = Duration::from_millis(500);
+/// The pause after a failed call before the next.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// Follows `primary` until the replication is closed: snapshots, then
+/// tails, then snapshots again whenever the log no longer serves it.
+pub async fn follow(
+    replication: Arc<Replication>,
+    writer: Writer,
+    decoder: Decoder,
+    primary: String,
+) {
+    let mut backoff = RETRY;
+    while !replication.is_closed() {
+        let log = match replication.follow_snapshot(&primary).await {
+            Ok((seq, bytes, log)) => {
+                tracing::info!(%primary, through = seq, bytes, "follower loaded its primary's snapshot");
+                backoff = RETRY;
+                log
+            }
+            Err(e) => {
+                tracing::warn!(%primary, "cannot follow yet: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        tail(&replication, &writer, &decoder, &primary, log).await;
+    }
+}
+
+/// Applies log `log` until it no longer serves this follower (OUT_OF_RANGE)
+/// or the replication is closed.
+async fn tail(
+    replication: &Arc<Replication>,
+    writer: &Writer,
+    decoder: &Decoder,
+    primary: &str,
+    log: u64,
+) {
+    while !replication.is_closed() {
+        let after = replication.applied_through();
+        let sent = Instant::now();
+        let answer = match replication.tail(primary, log, after, TAIL_WAIT).await {
+            Ok(answer) => answer,
+            Err(status) if status.code() == tonic::Code::OutOfRange => {
+                tracing::warn!(%primary, "{}", status.message());
+                return;
+            }
+            Err(status) => {
+                tracing::debug!(%primary, "Tail failed: {}", status.message());
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        let writes = answer
+            .entries
+            .into_iter()
+            .zip(answer.first_seq..)
+            .map(|(entry, seq)| decoder.replicated(entry, seq))
+            .collect::<Result<Vec<_>, _>>();
+        let writes = match writes {
+            Ok(writes) => writes,
+            Err(e) => {
+                tracing::error!(%primary, "the primary's log holds a write this follower cannot decode: {e}; following again from a snapshot");
+                return;
+            }
+        };
+        let (writer, first_seq) = (writer.clone(), answer.first_seq);
+        let applied =
+            tokio::task::spawn_blocking(move || writer.replicate(log, first_seq, &writes)).await;
+        match applied {
+            Ok(Ok(_)) => {
+                if replication.applied_through() >= answer.newest {
+                    // The primary composed its answer at least `held_ms`
+                    // after the call was sent.
+                    let held = Duration::from_millis(u64::from(answer.held_ms)).min(sent.elapsed());
+                    replication.mark_fresh(sent + held);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%primary, "applying the primary's log failed: {e}; following again from a snapshot");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("follower apply task failed: {e}");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Online serving: predictions equal `ps-worker eval`'s for the same
+//! checkpoint (from a bundle and from live servers), a read replica equals
+//! its primary row for row and serves while workers train, a push shows in
+//! predictions within the freshness bound, and bad requests get their status.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::workers::*;
+use common::{Server, peer_token_file, stats_of, temp_dir};
+use ps_common::config::{DataSource, JobConfig};
+use ps_worker::serving::bundle::{Bundle, BundleRows};
+use ps_worker::serving::{self, Instance, Predictor, Rows, ServeConfig, ServeMetrics};
+use ps_worker::{ClientConfig, LocalCluster, PsClient};
+
+/// One HTTP/1.1 exchange on a fresh connection: the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn predict(addr: &str, model: &str, instances: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, body) = http(
+        addr,
+        "POST",
+        &format!("/v1/models/{model}:predict"),
+        &serde_json::json!({ "instances": instances }).to_string(),
+    );
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+/// The FM example for one epoch, writing checkpoint `best`; its text.
+fn fm_job() -> (JobConfig, String) {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/a9a-fm.toml"),
+    )
+    .unwrap()
+    .replace("epochs = 4", "epochs = 1\nbest_checkpoint = \"best\"");
+    (JobConfig::from_toml(&text, Path::new(".")).unwrap(), text)
+}
+
+/// The test lines of a9a without their labels.
+fn test_instances(n: usize) -> Vec<Instance> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/a9a/a9a.test.libsvm"),
+    )
+    .unwrap();
+    text.lines()
+        .take(n)
+        .map(|l| Instance::Line(l.split_once(' ').unwrap().1.to_string()))
+        .collect()
+}
+
+fn predictions(
+    runtime: &tokio::runtime::Runtime,
+    job: &JobConfig,
+    rows: Rows,
+    instances: &[Instance],
+) -> Vec<f32> {
+    runtime.block_on(async {
+        let predictor = Predictor::start(
+            job,
+            rows,
+            &ServeConfig::new("m"),
+            Arc::new(ServeMetrics::default()),
+        );
+        let mut out = Vec::new();
+        for chunk in instances.chunks(997) {
+            for p in predictor.predict("m", chunk).await.unwrap() {
+                out.extend(p);
+            }
+        }
+        out
+    })
+}
+
+fn assert_close(served: &[f32], eval: &[f32], what: &str) {
+    assert_eq!(served.len(), eval.len(), "{what}");
+    let worst = served
+        .iter()
+        .zip(eval)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-6, "{what}: largest difference {worst}");
+}
+
+#[test]
+fn served_predictions_equal_eval_for_the_same_checkpoint_from_a_bundle_and_from_live_servers() {
+    let dir = temp_dir("serve-eval");
+    let (job, text) = fm_job();
+    let telemetry = ps_worker::telemetry::Telemetry::default();
+    let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
+    ps_worker::job::run_local_reporting(&job, 2, 1, &client, Some(dir.clone()), &telemetry)
+        .unwrap();
+    let checkpoint = dir.join("best");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    // What `ps-worker eval` computes: the model on shards restored from the checkpoint.
+    let cluster = runtime
+        .block_on(LocalCluster::restore(&checkpoint, Default::default()))
+        .unwrap();
+    let eval_client = runtime
+        .block_on(async {
+            let c = PsClient::connect(cluster.addrs(), &ClientConfig::default()).await?;
+            for spec in job.table_specs() {
+                let restored = cluster.shard(0).table(&spec.name)?.spec().clone();
+                c.create_table(&restored).await?;
+            }
+            Ok::<_, ps_common::PsError>(c)
+        })
+        .unwrap();
+    let test = DataSource::from("builtin:a9a/test".to_string());
+    let (eval, _) =
+        ps_worker::trainer::predict(runtime.handle(), &eval_client, &job, &test).unwrap();
+    let instances = test_instances(eval.len());
+    assert_eq!(instances.len(), 16_281);
+
+    // Live servers (here, the same restored shards).
+    let live = runtime
+        .block_on(serving::server_rows(
+            &job,
+            cluster.addrs(),
+            &ClientConfig::default(),
+            None,
+        ))
+        .unwrap();
+    assert_close(
+        &predictions(&runtime, &job, live, &instances),
+        &eval,
+        "live servers",
+    );
+
+    // A bundle exported from the checkpoint, served without servers.
+    let path = dir.join("model.bundle");
+    let bundle = Bundle::export(&job, &text, "m", &checkpoint).unwrap();
+    let names: Vec<String> = bundle
+        .tables
+        .iter()
+        .map(|t| t.keys.len().to_string())
+        .collect();
+    assert_eq!(
+        bundle.tables.len(),
+        3,
+        "weights, factors and bias only: {names:?}"
+    );
+    bundle.write(&path).unwrap();
+    let read = Bundle::read(&path).unwrap();
+    let from_bundle = Rows::Bundle(BundleRows::new(read).unwrap());
+    assert_close(
+        &predictions(&runtime, &job, from_bundle, &instances),
+        &eval,
+        "bundle",
+    );
+
+    // A damaged bundle is refused, naming the file.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let err = Bundle::read(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("model.bundle") && err.contains("checksum"),
+        "{err}"
+    );
+
+    runtime.block_on(cluster.shutdown()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `ps-worker serve` process; its REST and gRPC addresses.
+struct Serve {
+    child: Child,
+    http: String,
+    grpc: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(args: &[&str]) -> Serve {
+    let mut child = worker(
+        &[
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ],
+            args,
+        ]
+        .concat(),
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut read = || {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "serve exited");
+        line.trim().to_string()
+    };
+    let http = read().rsplit_once("http://").unwrap().1.to_string();
+    let grpc = read().strip_prefix("grpc on ").unwrap().to_string();
+    Serve { child, http, grpc }
+}
+
+fn rows_of(addr: &str, keys: &[u64]) -> Vec<f32> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = PsClient::connect(&[addr.to_string()], &ClientConfig::default())
+            .await
+            .unwrap();
+        let job = JobConfig::from_toml(ps_worker::job::DEFAULT_JOB, Path::new(".")).unwrap();
+        let mut rows = Vec::new();
+        for spec in job.table_specs() {
+            client.register_table(&spec).unwrap();
+            let keys: Vec<u64> = if spec.name == "bias" {
+                vec![0]
+            } else {
+                keys.to_vec()
+            };
+            rows.extend(client.pull(&spec.name, &keys).await.unwrap());
+        }
+        rows
+    })
+}
+
+#[test]
+fn a_follower_serves_while_workers_train_equals_its_primary_and_shows_a_push_within_the_bound() {
+    let dir = temp_dir("follow");
+    let job = a9a_job(&dir);
+    let primary = Server::primary(&dir, 0, 1);
+    let follower = Server::start_with(
+        0,
+        1,
+        &[
+            "--peer-token-file",
+            &peer_token_file(&dir),
+            "--follow",
+            &primary.addr,
+        ],
+    );
+    let served = serve(&[
+        "--config",
+        job.to_str().unwrap(),
+        "--servers",
+        &follower.addr,
+        "--model-name",
+        "ctr",
+        "--cache-freshness-ms",
+        "50",
+    ]);
+    let reports: Vec<PathBuf> = (0..2).map(|r| dir.join(format!("report-{r}"))).collect();
+    let workers: Vec<Child> = (0..2)
+        .map(|r| spawn_worker(&job, &primary.addr, r, 2, &reports[r]))
+        .collect();
+
+    // Serving goes on while both workers train, and no request fails once
+    // the workers have created the tables (before, the rows are unavailable).
+    let instances = serde_json::json!(["3:1 11:1 14:1 19:1 39:1", {"ids": [5, 7, 42]}]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = predict(&served.http, "ctr", &instances);
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(body.to_string().contains("does not exist"), "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the tables never appeared: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut requests, mut changes, mut last) = (0, 0, None);
+    let mut workers = workers;
+    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
+        let (status, body) = predict(&served.http, "ctr", &instances);
+        assert_eq!(
+            status, 200,
+            "a served request failed while training: {body}"
+        );
+        let p = body["predictions"].clone();
+        assert_eq!(p.as_array().unwrap().len(), 2, "{body}");
+        if last.as_ref().is_some_and(|l| *l != p) {
+            changes += 1;
+        }
+        last = Some(p);
+        requests += 1;
+    }
+    for (w, report) in workers.into_iter().zip(&reports) {
+        let r = report_of(w, report);
+        assert!(r["val_auc"].as_f64().unwrap() > 0.89, "{r}");
+    }
+    assert!(
+        requests > 10 && changes > 0,
+        "{requests} requests, {changes} saw training move"
+    );
+
+    // Once drained, the follower holds exactly the primary's rows (a9a's
+    // ids are 1..=123: a pull of another id would create a row on the
+    // primary, one the follower answers without storing).
+    let keys: Vec<u64> = (1..=123).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = rows_of(&primary.addr, &keys);
+    while rows_of(&follower.addr, &keys) != want {
+        assert!(Instant::now() < deadline, "the follower never caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (p, f) = (stats_of(&primary.addr), stats_of(&follower.addr));
+    let rows = |s: &ps_common::pb::StatsResponse, t: &str| {
+        s.tables.iter().find(|x| x.name == t).map(|x| x.rows)
+    };
+    assert_eq!(rows(&p, "weights"), rows(&f, "weights"));
+
+    // Freshness: a write acknowledged on the primary shows in a prediction.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime
+        .block_on(PsClient::connect(
+            std::slice::from_ref(&primary.addr),
+            &ClientConfig::default(),
+        ))
+        .unwrap();
+    for spec in JobConfig::from_toml(ps_worker::job::DEFAULT_JOB, Path::new("."))
+        .unwrap()
+        .table_specs()
+    {
+        client.register_table(&spec).unwrap();
+    }
+    let probe = serde_json::json!(["77:1"]);
+    let before = predict(&served.http, "ctr", &probe).1["predictions"][0]
+        .as_f64()
+        .unwrap();
+    runtime
+        .block_on(client.assign("weights", &[77], &[6.0]))
+        .unwrap();
+    let acknowledged = Instant::now();
+    loop {
+        let now = predict(&served.http, "ctr", &probe).1["predictions"][0]
+            .as_f64()
+            .unwrap();
+        if now > before + 0.1 {
+            break;
+        }
+        assert!(
+            acknowledged.elapsed() < Duration::from_secs(5),
+            "the push did not show in 5 s"
+        );
+    }
+    let freshness = acknowledged.elapsed();
+    eprintln!(
+        "freshness: a push acknowledged on the primary showed in a prediction after {freshness:?}"
+    );
+    assert!(freshness < Duration::from_secs(2), "{freshness:?}");
+
+    // Bad requests get 400 with a message that says what was wrong.
+    for (path, body, says) in [
+        (
+            "/v1/models/other:predict",
+            r#"{"instances": ["3:1"]}"#,
+            "unknown model",
+        ),
+        ("/v1/models/ctr:predict", r#"{"instances": ["#, "not JSON"),
+        ("/v1/models/ctr:predict", r#"{"rows": []}"#, "unknown key"),
+        (
+            "/v1/models/ctr:predict",
+            r#"{"instances": ["3:1 x:2"]}"#,
+            "instance 0",
+        ),
+        (
+            "/v1/models/ctr:predict",
+            r#"{"instances": [{"ids": [1], "values": [1, 2]}]}"#,
+            "values for",
+        ),
+    ] {
+        let (status, answer) = http(&served.http, "POST", path, body);
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    let (status, answer) = http(&served.http, "GET", "/v1/models/ctr", "");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("AVAILABLE"), "{answer}");
+    let (_, metrics) = http(&served.http, "GET", "/metrics", "");
+    assert!(
+        metrics.contains("ps_serve_request_duration_seconds_bucket{")
+            && metrics.contains("api=\"http\""),
+        "{metrics}"
+    );
+
+    // The gRPC twin answers the same, and refuses a bad instance.
+    let grpc = runtime.block_on(async {
+        let mut c = ps_common::pb::predictor_client::PredictorClient::connect(format!(
+            "http://{}",
+            served.grpc
+        ))
+        .await
+        .unwrap();
+        let line = |l: &str| ps_common::pb::Instance {
+            features: Some(ps_common::pb::instance::Features::Line(l.into())),
+        };
+        let ok = c
+            .predict(ps_common::pb::PredictRequest {
+                model: "ctr".into(),
+                instances: vec![line("77:1")],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bad = c
+            .predict(ps_common::pb::PredictRequest {
+                model: "ctr".into(),
+                instances: vec![line("77")],
+            })
+            .await
+            .unwrap_err();
+        (ok, bad)
+    });
+    assert_eq!(grpc.0.predictions.len(), 1);
+    assert!(grpc.0.predictions[0].probabilities[0] > before as f32 + 0.1);
+    assert_eq!(grpc.1.code(), tonic::Code::InvalidArgument, "{:?}", grpc.1);
+
+    // A follower takes no writes, and is never promoted.
+    let err = runtime
+        .block_on(async {
+            let c = PsClient::connect(
+                std::slice::from_ref(&follower.addr),
+                &ClientConfig::default(),
+            )
+            .await?;
+            for spec in JobConfig::from_toml(ps_worker::job::DEFAULT_JOB, Path::new("."))
+                .unwrap()
+                .table_specs()
+            {
+                c.register_table(&spec)?;
+            }
+            c.assign("weights", &[1], &[1.0]).await
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("read replica"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
