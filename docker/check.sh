@@ -31,7 +31,8 @@ echo "== hadolint docker/Dockerfile"
 
 echo "== kubernetes-validate --strict docker/k8s"
 "$VENV/bin/kubernetes-validate" --strict \
-  docker/k8s/service.yaml docker/k8s/statefulset.yaml docker/k8s/job.yaml docker/k8s/pdb.yaml
+  docker/k8s/service.yaml docker/k8s/statefulset.yaml docker/k8s/job.yaml docker/k8s/pdb.yaml \
+  docker/k8s/follower.yaml docker/k8s/serve.yaml
 
 if [ "$BIN" = target/debug ]; then
   cargo build -q -p ps-server -p ps-worker

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Manifest smoke test: run the StatefulSet's and the Job's containers as
-local processes, exactly as the manifests say (command, args, env from the
-ConfigMaps kustomization.yaml generates), with pod names, ordinals and
-completion indices substituted and pod DNS names mapped to 127.0.0.1 ports,
-then check that the job trains and the servers shut down cleanly.
+"""Manifest smoke test: run the StatefulSets', the Job's and the serving
+Deployment's containers as local processes, exactly as the manifests say
+(command, args, env from the ConfigMaps kustomization.yaml generates), with
+pod names, ordinals and completion indices substituted, pod DNS names
+mapped to 127.0.0.1 ports and the peer-token Secret to a file, then check
+that the job trains, that the followers and the serving pod answer
+predictions, and that the servers shut down cleanly.
 
 Usage: smoke.py BIN_DIR   (a folder holding ps-server and ps-worker)
 """
 
+import base64
 import json
 import os
 import shutil
@@ -17,6 +20,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 
 import yaml
 
@@ -24,9 +30,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 K8S = os.path.join(HERE, "k8s")
 
 
-def load(name):
+def load(name, kind=None):
+    """The manifest in `name` (of `kind`, when the file holds several)."""
     with open(os.path.join(K8S, name)) as f:
-        return yaml.safe_load(f)
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    if kind is not None:
+        docs = [d for d in docs if d["kind"] == kind]
+    if len(docs) != 1:
+        fail(f"{name}: expected one {kind or 'manifest'}, found {len(docs)}")
+    return docs[0]
 
 
 def fail(message):
@@ -44,8 +56,9 @@ def topology(kustomization):
                 literals[key] = value
     shards, workers = int(literals["shards"]), int(literals["workers"])
     replicas = {r["name"]: r["count"] for r in kustomization["replicas"]}
-    if replicas.get("ps-server") != shards:
-        fail(f"replicas of ps-server {replicas.get('ps-server')} != shards {shards}")
+    for name in ["ps-server", "ps-follower"]:
+        if replicas.get(name) != shards:
+            fail(f"replicas of {name} {replicas.get(name)} != shards {shards}")
     patch = yaml.safe_load(kustomization["patches"][0]["patch"])
     for op in patch:
         if op["value"] != workers:
@@ -139,6 +152,10 @@ def main():
 
     work = tempfile.mkdtemp(prefix="ps-smoke-")
     shutil.copy(os.path.join(K8S, "job.toml"), os.path.join(work, "job.toml"))
+    # The Secret ps-peer-token, mounted at /etc/ps-peer.
+    token = os.path.join(work, "peer-token")
+    with open(token, "w") as f:
+        f.write(base64.b64encode(os.urandom(32)).decode())
     wrappers = os.path.join(work, "bin")
     os.makedirs(wrappers)
     for name in ["ps-server", "ps-worker"]:
@@ -156,16 +173,10 @@ def main():
                 "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{ports[i]}"},
                 "--checkpoint-dir": {"/data/checkpoints": data},
                 "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
+                "--peer-token-file": {"/etc/ps-peer/token": token},
             }
-            env = container_env(server, config_maps, {
-                "HOSTNAME": f"{statefulset['metadata']['name']}-{i}",
-                "PATH": path,
-                "RUST_LOG": "warn",
-                "PS_SMOKE_REWRITES": json.dumps(rewrites),
-            })
-            proc = subprocess.Popen(server["command"] + server["args"], env=env,
-                                    stdout=subprocess.PIPE, text=True)
-            return proc, data
+            pod = f"{statefulset['metadata']['name']}-{i}"
+            return run_container(server, config_maps, path, rewrites, {"HOSTNAME": pod}), data
 
         for i in range(shards):
             proc, data = start_pod(i)
@@ -201,7 +212,8 @@ def main():
             if not r["val_auc"] or r["val_auc"] < 0.89:
                 fail(f"worker {rank} reached AUC {r['val_auc']}")
             print(f"smoke: worker {rank}: {r['train_samples']} samples, val AUC {r['val_auc']:.4f}")
-        for i, (proc, data) in enumerate(servers):
+        serving(config_maps, shards, dns, path, work, token, servers)
+        for i, (proc, data) in enumerate(servers[:shards]):
             proc.send_signal(signal.SIGTERM)
             if proc.wait(timeout=60) != 0:
                 fail(f"server {i} exited with {proc.returncode} on SIGTERM")
@@ -223,6 +235,73 @@ def main():
             if proc.poll() is None:
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_container(container, config_maps, path, rewrites, extra_env):
+    """A pod's container as a local process (stdout piped), its flag values
+    rewritten as `rewrites` says."""
+    env = container_env(container, config_maps, {
+        "PATH": path,
+        "RUST_LOG": "warn",
+        "PS_SMOKE_REWRITES": json.dumps(rewrites),
+        **extra_env,
+    })
+    return subprocess.Popen(container["command"] + container["args"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def serving(config_maps, shards, server_dns, path, work, token, pods):
+    """The followers (one per shard) and a serving pod, as follower.yaml
+    and serve.yaml run them: the pod answers a prediction."""
+    follower = load("follower.yaml", "StatefulSet")
+    container = follower["spec"]["template"]["spec"]["containers"][0]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    ports = [free_port() for _ in range(shards)]
+    for i in range(shards):
+        rewrites = {
+            "--listen": {f"0.0.0.0:{port}": f"127.0.0.1:{ports[i]}"},
+            "--follow": server_dns,
+            "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
+            "--peer-token-file": {"/etc/ps-peer/token": token},
+        }
+        pod = f"{follower['metadata']['name']}-{i}"
+        proc = run_container(container, config_maps, path, rewrites, {"HOSTNAME": pod})
+        pods.append((proc, None))
+        until_listening(proc, f"follower {i}")
+    service = follower["spec"]["serviceName"]
+    dns = {f"ps-follower-{i}.{service}:{port}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    deployment = load("serve.yaml", "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    http_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    model = container["readinessProbe"]["httpGet"]["path"].rsplit("/", 1)[1]
+    rewrites = {
+        "--servers": dns,
+        "--config": {"/etc/ps/job.toml": os.path.join(work, "job.toml")},
+        "--listen": {f"0.0.0.0:{http_port}": "127.0.0.1:0"},
+        "--grpc-listen": {"0.0.0.0:8500": "127.0.0.1:0"},
+    }
+    proc = run_container(container, config_maps, path, rewrites, {})
+    pods.append((proc, None))
+    line = proc.stdout.readline()
+    if " on http://" not in line:
+        fail(f"the serving pod printed {line!r}")
+    addr = line.strip().rsplit("http://", 1)[1]
+    body = json.dumps({"instances": ["3:1 11:1 14:1 19:1 39:1"]}).encode()
+    deadline = time.time() + 60
+    while True:
+        request = urllib.request.Request(f"http://{addr}/v1/models/{model}:predict", data=body)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                predictions = json.load(answer)["predictions"]
+                break
+        except urllib.error.HTTPError as e:
+            if time.time() > deadline:
+                fail(f"the serving pod answered {e.code}: {e.read()!r}")
+            time.sleep(0.2)
+    if len(predictions) != 1 or not 0.0 < predictions[0] < 1.0:
+        fail(f"the serving pod predicted {predictions!r}")
+    print(f"smoke: {shards} follower pods and a serving pod answered POST "
+          f"/v1/models/{model}:predict with {predictions[0]:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 pub mod ctr26;
 pub mod memory;
 pub mod recovery;
+pub mod serve;
 pub mod stream;
 pub mod throughput;
 

@@ -470,5 +470,35 @@ fn a_follower_serves_while_workers_train_equals_its_primary_and_shows_a_push_wit
         .unwrap_err()
         .to_string();
     assert!(err.contains("read replica"), "{err}");
+    let promote = runtime.block_on(async {
+        let mut c = ps_common::pb::parameter_server_client::ParameterServerClient::connect(
+            format!("http://{}", follower.addr),
+        )
+        .await
+        .unwrap();
+        let described = c
+            .describe(ps_common::pb::DescribeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let refused = c
+            .promote(ps_common::pb::PromoteRequest {})
+            .await
+            .unwrap_err();
+        (described, refused)
+    });
+    assert_eq!(promote.0.role, "follower");
+    assert_eq!(promote.0.primary, primary.addr);
+    assert!(
+        (0.0..5.0).contains(&promote.0.lag_seconds),
+        "lag {}",
+        promote.0.lag_seconds
+    );
+    assert_eq!(promote.1.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        promote.1.message().contains("never promoted"),
+        "{:?}",
+        promote.1
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

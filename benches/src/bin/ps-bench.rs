@@ -16,7 +16,7 @@
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -144,6 +144,31 @@ enum Command {
     /// of the unbounded run's peak (admission and LRU eviction), each run
     /// in a fresh process; one JSON line.
     Stream(StreamArgs),
+    /// Online predictions against a read replica while a worker trains
+    /// (ctr26 model, in this process over loopback): predictions/s and
+    /// p50/p99 latency at 1 and 256 instances per request, and freshness
+    /// from an acknowledged write to a prediction that reflects it; one
+    /// JSON line.
+    Serve {
+        /// Seconds each load phase runs.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Client threads (keep-alive connections) per phase.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Freshness probes.
+        #[arg(long, default_value_t = 50)]
+        probes: usize,
+        /// The serving row cache's freshness bound (ms).
+        #[arg(long, default_value_t = 200)]
+        cache_freshness_ms: u64,
+        /// Examples per training step.
+        #[arg(long, default_value_t = 1024)]
+        train_batch: usize,
+        /// How long the predictor waits to batch requests together (us).
+        #[arg(long, default_value_t = 1000)]
+        batch_wait_us: u64,
+    },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
@@ -343,6 +368,29 @@ fn main() -> anyhow::Result<()> {
             steps,
             traffic,
         } => bytes_bench(servers, max_workers, steps, &traffic),
+        Command::Serve {
+            seconds,
+            clients,
+            probes,
+            cache_freshness_ms,
+            train_batch,
+            batch_wait_us,
+        } => {
+            if clients == 0 || train_batch == 0 || !seconds.is_finite() || seconds <= 0.0 {
+                bail!("--clients, --train-batch and --seconds must be > 0");
+            }
+            let setup = ps_benches::serve::Setup {
+                seconds,
+                clients,
+                probes,
+                cache_freshness: Duration::from_millis(cache_freshness_ms),
+                train_batch,
+                batch_wait: Duration::from_micros(batch_wait_us),
+            };
+            let measured = ps_benches::serve::run(&ctr26_job()?, &setup)?;
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
+        }
         Command::Recovery { rows, dim } => {
             let measured = ps_benches::recovery::measure(rows, dim)?;
             println!("{}", serde_json::to_string(&measured)?);

@@ -163,9 +163,10 @@ enum Command {
         /// embedded job).
         #[arg(long)]
         model_name: Option<String>,
-        /// Longest a request waits for others to share its batch (ms).
-        #[arg(long, default_value_t = 2)]
-        batch_wait_ms: u64,
+        /// Longest a request waits for others to share its batch
+        /// (microseconds; 0: a request is computed with those already waiting).
+        #[arg(long, default_value_t = 1000)]
+        batch_wait_us: u64,
         /// Most instances computed in one batch.
         #[arg(long, default_value_t = 1024)]
         max_batch: usize,
@@ -354,7 +355,7 @@ fn main() -> anyhow::Result<()> {
             listen,
             grpc_listen,
             model_name,
-            batch_wait_ms,
+            batch_wait_us,
             max_batch,
             cache_freshness_ms,
             cache_rows,
@@ -404,7 +405,7 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             let serve = ps_worker::serving::ServeConfig {
-                batch_wait: Duration::from_millis(batch_wait_ms),
+                batch_wait: Duration::from_micros(batch_wait_us),
                 max_batch,
                 ..ps_worker::serving::ServeConfig::new(name.clone())
             };
