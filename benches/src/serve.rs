@@ -45,6 +45,8 @@ pub struct Setup {
     pub cache_freshness: Duration,
     /// Examples per training step.
     pub train_batch: usize,
+    /// Train while serving (false: serving alone, for comparison).
+    pub train: bool,
     /// How long the predictor waits to batch requests together.
     pub batch_wait: Duration,
 }
@@ -102,7 +104,7 @@ pub fn run(job: &JobConfig, setup: &Setup) -> anyhow::Result<Measured> {
     })?;
     let stop = Arc::new(AtomicBool::new(false));
     let trained = Arc::new(AtomicU64::new(0));
-    let training = {
+    let training = setup.train.then(|| {
         let (handle, client, stop, trained) = (
             runtime.handle().clone(),
             trainer.clone(),
@@ -111,7 +113,7 @@ pub fn run(job: &JobConfig, setup: &Setup) -> anyhow::Result<Measured> {
         );
         let (model, batch) = (Model::from_job(job), setup.train_batch);
         std::thread::spawn(move || train(&handle, &client, &model, batch, &stop, &trained))
-    };
+    });
     let cache = FreshRows::new(setup.cache_freshness, 1 << 20);
     let rows = runtime.block_on(serving::server_rows(
         job,
@@ -147,9 +149,11 @@ pub fn run(job: &JobConfig, setup: &Setup) -> anyhow::Result<Measured> {
     let training_samples_per_sec =
         (trained.load(Ordering::Relaxed) - trained_before) as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    training
-        .join()
-        .map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
+    if let Some(training) = training {
+        training
+            .join()
+            .map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
+    }
     drop(listening);
     freshness.sort_by(f64::total_cmp);
     Ok(Measured {
@@ -183,7 +187,7 @@ async fn start_shards() -> anyhow::Result<(String, String)> {
         };
         let config = ServerConfig {
             auth: auth.clone(),
-            follow: follow.and(addrs.first().cloned()),
+            follow: follow.and(addrs.first().cloned()).into_iter().collect(),
             ..ServerConfig::new(0, 1)
         };
         let replication = Replication::new(

@@ -2,6 +2,11 @@
 //! of the primary's shard, then tail the primary's follower log and apply
 //! its writes through the shard's [`Writer`], in the primary's order.
 //!
+//! A follower may be given the shard's primary and its backup: it follows
+//! whichever serves as primary, and after a failover (its primary
+//! unreachable or deposed for [`GIVE_UP`]) it moves to the next address
+//! and starts again from a snapshot there.
+//!
 //! The follower never acknowledges anything: the primary does not wait for
 //! it. It measures its own staleness: when a Tail answer brings it to the
 //! primary's newest write, it held everything the primary had applied when
@@ -21,18 +26,25 @@ use crate::writer::Writer;
 const TAIL_WAIT: Duration = Duration::from_millis(500);
 /// The pause after a failed call before the next.
 const RETRY: Duration = Duration::from_millis(200);
+/// How long Tail calls may fail in a row before the follower tries the
+/// next address.
+pub const GIVE_UP: Duration = Duration::from_secs(3);
 
-/// Follows `primary` until the replication is closed: snapshots, then
-/// tails, then snapshots again whenever the log no longer serves it.
+/// Follows the primary among `addrs` (tried in turn) until the replication
+/// is closed: snapshots, then tails, then snapshots again whenever the log
+/// no longer serves it.
 pub async fn follow(
     replication: Arc<Replication>,
     writer: Writer,
     decoder: Decoder,
-    primary: String,
+    addrs: Vec<String>,
 ) {
     let mut backoff = RETRY;
-    while !replication.is_closed() {
-        let log = match replication.follow_snapshot(&primary).await {
+    for primary in addrs.iter().cycle() {
+        if replication.is_closed() {
+            return;
+        }
+        let log = match replication.follow_snapshot(primary).await {
             Ok((seq, bytes, log)) => {
                 tracing::info!(%primary, through = seq, bytes, "follower loaded its primary's snapshot");
                 backoff = RETRY;
@@ -45,12 +57,12 @@ pub async fn follow(
                 continue;
             }
         };
-        tail(&replication, &writer, &decoder, &primary, log).await;
+        tail(&replication, &writer, &decoder, primary, log).await;
     }
 }
 
-/// Applies log `log` until it no longer serves this follower (OUT_OF_RANGE)
-/// or the replication is closed.
+/// Applies log `log` until it no longer serves this follower (OUT_OF_RANGE,
+/// or no answer for [`GIVE_UP`]) or the replication is closed.
 async fn tail(
     replication: &Arc<Replication>,
     writer: &Writer,
@@ -58,6 +70,7 @@ async fn tail(
     primary: &str,
     log: u64,
 ) {
+    let mut failing_since: Option<Instant> = None;
     while !replication.is_closed() {
         let after = replication.applied_through();
         let sent = Instant::now();
@@ -68,11 +81,17 @@ async fn tail(
                 return;
             }
             Err(status) => {
+                let since = *failing_since.get_or_insert(sent);
+                if since.elapsed() >= GIVE_UP {
+                    tracing::warn!(%primary, "the primary has not answered for {} s ({}); trying the next address", GIVE_UP.as_secs(), status.message());
+                    return;
+                }
                 tracing::debug!(%primary, "Tail failed: {}", status.message());
                 tokio::time::sleep(RETRY).await;
                 continue;
             }
         };
+        failing_since = None;
         let writes = answer
             .entries
             .into_iter()

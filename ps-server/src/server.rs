@@ -61,9 +61,10 @@ pub struct ServerConfig {
     /// Periodic checkpoints are incremental: a delta of what changed, with
     /// a full base after this many deltas (`None`: every one is full).
     pub checkpoint_deltas_per_base: Option<u64>,
-    /// A read replica of the primary at this address ([`crate::follower`]);
-    /// its replication must have the follower role.
-    pub follow: Option<String>,
+    /// A read replica of the shard's primary, found among these addresses
+    /// (the primary, and its backup) ([`crate::follower`]); its replication
+    /// must have the follower role. Empty: not a follower.
+    pub follow: Vec<String>,
     /// Primary: the byte cap of its follower log.
     pub follower_log_bytes: usize,
 }
@@ -104,7 +105,7 @@ impl ServerConfig {
             counters: Arc::default(),
             evict_every: Duration::from_millis(100),
             checkpoint_deltas_per_base: None,
-            follow: None,
+            follow: Vec::new(),
             follower_log_bytes: crate::replication::DEFAULT_FOLLOWER_LOG_BYTES,
         }
     }
@@ -261,7 +262,7 @@ pub async fn run_replicated(
     );
     let evicting = AbortOnDrop(tokio::spawn(Arc::clone(&evictor).run(config.evict_every)));
     replication.set_follower_log_bytes(config.follower_log_bytes);
-    let _following = config.follow.clone().map(|primary| {
+    let _following = (!config.follow.is_empty()).then(|| {
         shard.set_read_only(true);
         let writer = Writer::new(
             Arc::clone(&shard),
@@ -272,7 +273,7 @@ pub async fn run_replicated(
             Arc::clone(&replication),
             writer,
             Decoder::new(config.limits),
-            primary,
+            config.follow.clone(),
         )))
     });
     let service = ParameterServerServer::new(

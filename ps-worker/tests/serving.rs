@@ -502,3 +502,64 @@ fn a_follower_serves_while_workers_train_equals_its_primary_and_shows_a_push_wit
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_follower_given_the_primary_and_its_backup_follows_the_backup_after_a_failover() {
+    let dir = temp_dir("follow-failover");
+    let mut primary = Server::primary(&dir, 0, 1);
+    let backup = Server::backup_of(&dir, &primary, 0, 1);
+    let both = format!("{},{}", primary.addr, backup.addr);
+    let follower = Server::start_with(
+        0,
+        1,
+        &[
+            "--peer-token-file",
+            &peer_token_file(&dir),
+            "--follow",
+            &both,
+        ],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = ClientConfig {
+        backups: vec![backup.addr.clone()],
+        ..ClientConfig::default()
+    };
+    let client = runtime
+        .block_on(async {
+            let c = PsClient::connect(std::slice::from_ref(&primary.addr), &config).await?;
+            c.create_table(&common::counting_table("t", 1)).await?;
+            c.assign("t", &[1], &[1.0]).await?;
+            Ok::<_, ps_common::PsError>(c)
+        })
+        .unwrap();
+    let value_on_follower = |key: u64| -> Option<f32> {
+        runtime.block_on(async {
+            let c = PsClient::connect(
+                std::slice::from_ref(&follower.addr),
+                &ClientConfig::default(),
+            )
+            .await
+            .ok()?;
+            c.register_table(&common::counting_table("t", 1)).ok()?;
+            c.pull("t", &[key]).await.ok()?.first().copied()
+        })
+    };
+    let wait_for = |key: u64, want: f32| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while value_on_follower(key) != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "the follower never showed row {key} = {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(1, 1.0);
+    // The primary dies; the worker fails over to the backup and writes there.
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    runtime.block_on(client.assign("t", &[2], &[2.0])).unwrap();
+    wait_for(2, 2.0);
+    wait_for(1, 1.0);
+    std::fs::remove_dir_all(&dir).ok();
+}

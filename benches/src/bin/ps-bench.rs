@@ -166,8 +166,11 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         train_batch: usize,
         /// How long the predictor waits to batch requests together (us).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 0)]
         batch_wait_us: u64,
+        /// Serve without training meanwhile (for comparison).
+        #[arg(long)]
+        no_training: bool,
     },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
@@ -375,6 +378,7 @@ fn main() -> anyhow::Result<()> {
             cache_freshness_ms,
             train_batch,
             batch_wait_us,
+            no_training,
         } => {
             if clients == 0 || train_batch == 0 || !seconds.is_finite() || seconds <= 0.0 {
                 bail!("--clients, --train-batch and --seconds must be > 0");
@@ -386,6 +390,7 @@ fn main() -> anyhow::Result<()> {
                 cache_freshness: Duration::from_millis(cache_freshness_ms),
                 train_batch,
                 batch_wait: Duration::from_micros(batch_wait_us),
+                train: !no_training,
             };
             let measured = ps_benches::serve::run(&ctr26_job()?, &setup)?;
             println!("{}", serde_json::to_string(&measured)?);

@@ -98,12 +98,14 @@ struct Args {
     /// --listen address; required when listening on 0.0.0.0 or [::]).
     #[arg(long, value_name = "ADDR", requires = "join")]
     advertise: Option<String>,
-    /// Start as a read replica of the primary at ADDR (same --shard-id and
-    /// --num-shards): load its snapshot, then apply its writes as they
-    /// come, without acknowledging them; serve pulls (for inference) and
-    /// refuse writes. Needs --peer-token-file.
-    #[arg(long, value_name = "ADDR", conflicts_with_all = ["join", "restore", "restore_latest"])]
-    follow: Option<String>,
+    /// Start as a read replica of the shard's primary at ADDR (same
+    /// --shard-id and --num-shards): load its snapshot, then apply its
+    /// writes as they come, without acknowledging them; serve pulls (for
+    /// inference) and refuse writes. Give the primary and its backup
+    /// (ADDR,ADDR) to follow whichever serves after a failover. Needs
+    /// --peer-token-file.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',', conflicts_with_all = ["join", "restore", "restore_latest"])]
+    follow: Vec<String>,
     /// A primary keeps the writes its followers have not read in memory,
     /// up to this many bytes; a follower further behind starts again from
     /// a snapshot.
@@ -173,7 +175,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             "--join needs --peer-token-file: the primary takes backups only with the peer token"
         );
     }
-    if args.follow.is_some() && !auth.takes_peers() {
+    if !args.follow.is_empty() && !auth.takes_peers() {
         anyhow::bail!(
             "--follow needs --peer-token-file: the primary takes followers only with the peer token"
         );
@@ -246,7 +248,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let shard = Arc::new(shard);
     let role = if args.join.is_some() {
         Role::Backup
-    } else if args.follow.is_some() {
+    } else if !args.follow.is_empty() {
         Role::Follower
     } else {
         Role::Primary

@@ -163,9 +163,9 @@ enum Command {
         /// embedded job).
         #[arg(long)]
         model_name: Option<String>,
-        /// Longest a request waits for others to share its batch
-        /// (microseconds; 0: a request is computed with those already waiting).
-        #[arg(long, default_value_t = 1000)]
+        /// Longest a batch is held open for more requests (microseconds;
+        /// 0: a batch takes the requests already waiting when it starts).
+        #[arg(long, default_value_t = 0)]
         batch_wait_us: u64,
         /// Most instances computed in one batch.
         #[arg(long, default_value_t = 1024)]

@@ -1,7 +1,8 @@
-//! Bounded-time batching: requests that arrive within `batch_wait` of the
-//! first one waiting share one executed batch (up to `max_batch`
-//! instances), so concurrent small requests cost one pull and one forward
-//! pass. At most `max_waiting` requests wait; more are refused at once
+//! Bounded-time batching: the requests waiting when a batch starts, and
+//! those that arrive within `batch_wait` of the first one, share one
+//! executed batch (up to `max_batch` instances), so concurrent small
+//! requests cost one pull and one forward pass. Under load requests queue
+//! while batches run, so they batch with no wait at all (the default). At most `max_waiting` requests wait; more are refused at once
 //! rather than queued without bound. At most `max_running` batches are
 //! computed at a time.
 

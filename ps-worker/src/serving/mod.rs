@@ -90,12 +90,13 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// Defaults for the model `name`: 1 ms of batching, batches of up to
-    /// 1,024 instances, requests of up to 10,000.
+    /// Defaults for the model `name`: no batching wait (requests waiting
+    /// when a batch starts share it), batches of up to 1,024 instances,
+    /// requests of up to 10,000.
     pub fn new(name: impl Into<String>) -> ServeConfig {
         ServeConfig {
             name: name.into(),
-            batch_wait: Duration::from_millis(1),
+            batch_wait: Duration::ZERO,
             max_batch: 1024,
             max_instances: 10_000,
             max_waiting: 4096,
