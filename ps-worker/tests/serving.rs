@@ -563,3 +563,92 @@ fn a_follower_given_the_primary_and_its_backup_follows_the_backup_after_a_failov
     wait_for(1, 1.0);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn with_a_serving_token_only_requests_carrying_it_are_answered() {
+    use prost::Message;
+    let job = JobConfig::from_toml(ps_worker::job::DEFAULT_JOB, Path::new(".")).unwrap();
+    // The embedded LR job's tables, as a bundle: weight 1 for id 3, bias 0.
+    let tables = job
+        .table_specs()
+        .iter()
+        .map(|spec| serving::bundle::BundleTable {
+            spec: ps_common::pb::TableSpec::from(spec).encode_to_vec(),
+            keys: if spec.name == "bias" {
+                vec![0]
+            } else {
+                vec![3]
+            },
+            weights: if spec.name == "bias" {
+                vec![0.0]
+            } else {
+                vec![1.0]
+            },
+        })
+        .collect();
+    let bundle = Bundle {
+        name: "lr".into(),
+        job: ps_worker::job::DEFAULT_JOB.into(),
+        tables,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let token = "a-serving-token-of-the-test";
+    let listening = runtime.block_on(async {
+        let predictor = Predictor::start(
+            &job,
+            Rows::Bundle(BundleRows::new(bundle).unwrap()),
+            &ServeConfig {
+                token: Some(token.into()),
+                ..ServeConfig::new("lr")
+            },
+            Arc::new(ServeMetrics::default()),
+        );
+        serving::listen(
+            predictor,
+            "127.0.0.1:0".parse().unwrap(),
+            Some("127.0.0.1:0".parse().unwrap()),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+    });
+    let addr = listening.http.to_string();
+    let post = |auth: Option<&str>| {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        let body = r#"{"instances": ["3:1"]}"#;
+        let header = auth.map_or(String::new(), |a| format!("authorization: {a}\r\n"));
+        write!(
+            stream,
+            "POST /v1/models/lr:predict HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{header}content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        reply
+    };
+    let missing = post(None);
+    assert!(missing.starts_with("HTTP/1.1 401"), "{missing}");
+    assert!(missing.contains("--predict-token-file"), "{missing}");
+    assert!(post(Some("Bearer not-the-token-at-all")).starts_with("HTTP/1.1 401"));
+    let ok = post(Some(&format!("Bearer {token}")));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // sigmoid(0 + 1 * 1)
+    assert!(ok.contains("0.731058"), "{ok}");
+    let (status, _) = http(&addr, "GET", "/metrics", "");
+    assert_eq!(status, 200, "/metrics stays open");
+    let grpc = listening.grpc.unwrap();
+    let refused = runtime.block_on(async {
+        let mut c =
+            ps_common::pb::predictor_client::PredictorClient::connect(format!("http://{grpc}"))
+                .await
+                .unwrap();
+        c.predict(ps_common::pb::PredictRequest {
+            model: "lr".into(),
+            instances: Vec::new(),
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}

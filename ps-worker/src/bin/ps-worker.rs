@@ -180,6 +180,10 @@ enum Command {
         /// Largest request body (bytes).
         #[arg(long, default_value_t = 16 << 20)]
         max_body_bytes: usize,
+        /// Prediction requests must carry `authorization: Bearer TOKEN`
+        /// (this file's text), REST and gRPC alike; `/metrics` stays open.
+        #[arg(long, value_name = "FILE")]
+        predict_token_file: Option<PathBuf>,
         /// Seconds to keep retrying servers that do not accept connections yet.
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,
@@ -360,8 +364,14 @@ fn main() -> anyhow::Result<()> {
             cache_freshness_ms,
             cache_rows,
             max_body_bytes,
+            predict_token_file,
             connect_timeout_secs,
         } => {
+            let predict_token = predict_token_file
+                .as_deref()
+                .map(read_token_file)
+                .transpose()
+                .context("--predict-token-file")?;
             if max_batch == 0 || max_body_bytes == 0 {
                 bail!("--max-batch and --max-body-bytes must be >= 1");
             }
@@ -407,6 +417,7 @@ fn main() -> anyhow::Result<()> {
             let serve = ps_worker::serving::ServeConfig {
                 batch_wait: Duration::from_micros(batch_wait_us),
                 max_batch,
+                token: predict_token,
                 ..ps_worker::serving::ServeConfig::new(name.clone())
             };
             let limits = ps_worker::serving::http::HttpLimits {

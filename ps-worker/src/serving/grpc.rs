@@ -26,6 +26,7 @@ fn status(e: &ServeError) -> Status {
         ServeError::Overloaded(m) => Status::resource_exhausted(m.clone()),
         ServeError::Rows(_) => Status::unavailable(e.to_string()),
         ServeError::Internal(_) => Status::internal(e.to_string()),
+        ServeError::Unauthenticated(m) => Status::unauthenticated(m.clone()),
     }
 }
 
@@ -54,6 +55,16 @@ impl predictor_server::Predictor for PredictorService {
         request: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
         let started = Instant::now();
+        let token = request
+            .metadata()
+            .get(ps_common::auth::HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        if let Err(e) = self.predictor.check_token(token.as_deref()) {
+            self.predictor
+                .metrics()
+                .request("grpc", 0.0, Some(e.kind()));
+            return Err(status(&e));
+        }
         let request = request.into_inner();
         let instances: Vec<Instance> = request.instances.into_iter().map(Into::into).collect();
         let answer = self.predictor.predict(&request.model, &instances).await;

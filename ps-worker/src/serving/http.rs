@@ -6,6 +6,8 @@
 //! - `GET /v1/models/{name}` answers the model's status.
 //! - `GET /metrics` answers the serving metrics (Prometheus text).
 //!
+//! With a serving token, the model's URLs need `authorization: Bearer
+//! TOKEN` (401 otherwise; `/metrics` stays open, as on the servers).
 //! A malformed body, an unknown model or an instance that does not parse
 //! gets 400 with `{"error": "..."}` saying what was wrong; too many waiting
 //! requests get 503, rows the servers cannot give 503. A body is read up
@@ -101,6 +103,7 @@ fn status_of(e: &ServeError) -> StatusCode {
         ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ServeError::Overloaded(_) | ServeError::Rows(_) => StatusCode::SERVICE_UNAVAILABLE,
         ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ServeError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
     }
 }
 
@@ -116,6 +119,16 @@ impl Endpoint {
                 "not found: the API is POST /v1/models/NAME:predict, GET /v1/models/NAME and GET /metrics",
             );
         };
+        let token = request
+            .headers()
+            .get(ps_common::auth::HEADER)
+            .map(|v| v.as_bytes());
+        if let Err(e) = self.predictor.check_token(token) {
+            self.predictor
+                .metrics()
+                .request("http", 0.0, Some(e.kind()));
+            return error_response(StatusCode::UNAUTHORIZED, &e.to_string());
+        }
         if let Some(name) = rest.strip_suffix(":predict") {
             if request.method() != Method::POST {
                 return error_response(

@@ -55,6 +55,10 @@ pub enum ServeError {
     /// The rows could not be read (HTTP 503, UNAVAILABLE).
     #[error("cannot read the model's rows: {0}")]
     Rows(PsError),
+    /// The request lacks the serving token or carries another (HTTP 401,
+    /// UNAUTHENTICATED).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// A failure inside this process (HTTP 500, INTERNAL).
     #[error("internal error: {0}")]
     Internal(String),
@@ -67,6 +71,7 @@ impl ServeError {
             ServeError::BadRequest(_) => "bad_request",
             ServeError::Overloaded(_) => "overloaded",
             ServeError::Rows(_) => "rows",
+            ServeError::Unauthenticated(_) => "unauthenticated",
             ServeError::Internal(_) => "internal",
         }
     }
@@ -87,6 +92,8 @@ pub struct ServeConfig {
     pub max_waiting: usize,
     /// Batches computed at once.
     pub max_running: usize,
+    /// The bearer token prediction requests must carry (`None`: open).
+    pub token: Option<String>,
 }
 
 impl ServeConfig {
@@ -101,6 +108,7 @@ impl ServeConfig {
             max_instances: 10_000,
             max_waiting: 4096,
             max_running: 4,
+            token: None,
         }
     }
 }
@@ -164,6 +172,8 @@ impl Engine {
 #[derive(Debug, Clone)]
 pub struct Predictor {
     name: String,
+    /// `Bearer TOKEN` that requests must carry, if any.
+    bearer: Option<Arc<[u8]>>,
     format: LineFormat,
     tasks: usize,
     max_instances: usize,
@@ -183,6 +193,7 @@ impl Predictor {
         let engine = Arc::new(Engine::new(job, rows, Arc::clone(&metrics)));
         Predictor {
             name: config.name.clone(),
+            bearer: (config.token.as_ref()).map(|t| Arc::from(format!("Bearer {t}").into_bytes())),
             format: LineFormat::of_job(job),
             tasks: engine.tasks(),
             max_instances: config.max_instances,
@@ -204,6 +215,21 @@ impl Predictor {
     /// What this server counts.
     pub fn metrics(&self) -> &Arc<ServeMetrics> {
         &self.metrics
+    }
+
+    /// Checks the `authorization` header or metadata value of a request
+    /// (compared in constant time) when a token is set.
+    pub fn check_token(&self, given: Option<&[u8]>) -> Result<(), ServeError> {
+        match (&self.bearer, given) {
+            (None, _) => Ok(()),
+            (Some(want), Some(given)) if ps_common::auth::constant_time_eq(given, want) => Ok(()),
+            (Some(_), Some(_)) => Err(ServeError::Unauthenticated(
+                "the authorization header does not carry this server's token".into(),
+            )),
+            (Some(_), None) => Err(ServeError::Unauthenticated(
+                "this server needs `authorization: Bearer TOKEN` (--predict-token-file)".into(),
+            )),
+        }
     }
 
     /// Checks that `model` names the served model.
