@@ -45,6 +45,9 @@ pub struct Setup {
     /// Give every shard a backup (gRPC only): each push is acknowledged
     /// once the backup has applied it.
     pub replicated: bool,
+    /// Give every shard a read replica (gRPC only): the primaries then
+    /// apply writes one at a time and log them for it.
+    pub followers: bool,
 }
 
 /// What was measured.
@@ -111,6 +114,9 @@ pub fn run(job: &JobConfig, setup: &Setup, pools: Vec<Vec<Batch>>) -> anyhow::Re
             let mut cluster = LocalCluster::start(setup.servers, Limits::default()).await?;
             if setup.replicated {
                 cluster.add_backups().await?;
+            }
+            if setup.followers {
+                cluster.add_followers().await?;
             }
             for _ in 0..setup.workers {
                 clients.push(cluster.client(&config).await?);

@@ -26,6 +26,7 @@ pub struct LocalCluster {
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<Result<(), ServeError>>>,
     backups: Vec<(String, Arc<Shard>)>,
+    followers: Vec<(String, Arc<Shard>)>,
     /// The shards' credentials: no worker token, and a random peer token
     /// so that backups can join (see [`LocalCluster::add_backups`]).
     auth: Auth,
@@ -72,6 +73,7 @@ impl LocalCluster {
             stops: Vec::new(),
             tasks: Vec::new(),
             backups: Vec::new(),
+            followers: Vec::new(),
             auth: Auth::default().with_peer_token(&random_token()),
         };
         for (shard_id, shard) in (0..num_shards).zip(shards) {
@@ -105,13 +107,7 @@ impl LocalCluster {
     pub async fn add_backups(&mut self) -> Result<(), PsError> {
         let num_shards = self.shards.len() as u32;
         for shard_id in 0..num_shards {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|e| PsError::Internal(format!("cannot bind a backup: {e}")))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| PsError::Internal(e.to_string()))?
-                .to_string();
+            let (listener, addr) = bind_loopback("a backup").await?;
             let (stop, stopped) = oneshot::channel::<()>();
             let config = ServerConfig {
                 auth: self.auth.clone(),
@@ -132,6 +128,47 @@ impl LocalCluster {
             self.backups.push((addr, shard));
         }
         Ok(())
+    }
+
+    /// Starts a read replica (`ps-server --follow`) of every shard; each is
+    /// listening when this returns and loads its snapshot right after.
+    pub async fn add_followers(&mut self) -> Result<(), PsError> {
+        use ps_server::replication::{Peer, Replication, Role};
+        let num_shards = self.shards.len() as u32;
+        for shard_id in 0..num_shards {
+            let (listener, addr) = bind_loopback("a follower").await?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            let config = ServerConfig {
+                auth: self.auth.clone(),
+                follow: vec![self.addrs[shard_id as usize].clone()],
+                ..ServerConfig::new(shard_id, num_shards)
+            };
+            let shard = Arc::new(Shard::new(shard_id, num_shards));
+            let peer = Peer {
+                auth: self.auth.clone(),
+                tls: None,
+            };
+            let replication = Replication::new(Arc::clone(&shard), Role::Follower, peer);
+            self.tasks
+                .push(tokio::spawn(ps_server::server::run_replicated(
+                    listener,
+                    config,
+                    Arc::clone(&shard),
+                    replication,
+                    async {
+                        let _ = stopped.await;
+                    },
+                )));
+            self.stops.push(stop);
+            self.followers.push((addr, shard));
+        }
+        Ok(())
+    }
+
+    /// The followers' addresses and stores, in shard order (after
+    /// [`LocalCluster::add_followers`]).
+    pub fn followers(&self) -> &[(String, Arc<Shard>)] {
+        &self.followers
     }
 
     /// The backups' addresses and stores, in shard order (after [`LocalCluster::add_backups`]).
@@ -166,6 +203,19 @@ impl LocalCluster {
         }
         Ok(())
     }
+}
+
+/// A listener on a free loopback port, and its address; `what` names the
+/// replica in the error.
+async fn bind_loopback(what: &str) -> Result<(tokio::net::TcpListener, String), PsError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| PsError::Internal(format!("cannot bind {what}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PsError::Internal(e.to_string()))?
+        .to_string();
+    Ok((listener, addr))
 }
 
 /// A random token (32 hex digits) for the cluster's peer calls.

@@ -477,3 +477,57 @@ async fn a_flood_of_fresh_ids_past_the_row_cap_is_refused_with_resource_exhauste
     // Rows that exist are still served.
     assert_eq!(client.pull("emb", &[5, 6]).await.unwrap().len(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_s_follower_ends_with_its_primary_s_rows_after_concurrent_pushes() {
+    let (mut cluster, client) = cluster(2, Limits::default()).await;
+    cluster.add_followers().await.unwrap();
+    let table = TableSpec {
+        optimizer: OptimizerSpec::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-8,
+        },
+        ..sparse("emb", 4)
+    };
+    client.create_table(&table).await.unwrap();
+    // Two writers push overlapping keys at once: the order the rows saw
+    // them is the order the followers apply them (Adagrad depends on it).
+    let mut writers = Vec::new();
+    for w in 0..2u64 {
+        let c = cluster.client(&ClientConfig::default()).await.unwrap();
+        c.create_table(&table).await.unwrap();
+        writers.push(tokio::spawn(async move {
+            for step in 0..50u64 {
+                let keys: Vec<u64> = (0..64).map(|k| (k * 7 + step + w) % 100).collect();
+                let grads: Vec<f32> = (0..keys.len() * 4)
+                    .map(|i| ((i as u64 + step) % 5) as f32 * 0.1 - 0.2)
+                    .collect();
+                c.push("emb", &keys, &grads).await.unwrap();
+            }
+            c.flush().await.unwrap();
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let keys: Vec<u64> = (0..100).collect();
+    let want = client.pull("emb", &keys).await.unwrap();
+    let followers: Vec<String> = cluster.followers().iter().map(|(a, _)| a.clone()).collect();
+    let reader = PsClient::connect(&followers, &ClientConfig::default())
+        .await
+        .unwrap();
+    reader.register_table(&table).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = reader.pull("emb", &keys).await.unwrap();
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the followers never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -92,6 +92,9 @@ enum Command {
         /// Give every shard a backup: pushes are acknowledged once it applied them.
         #[arg(long, conflicts_with = "in_memory")]
         replicated: bool,
+        /// Give every shard a read replica (`ps-server --follow`).
+        #[arg(long, conflicts_with = "in_memory")]
+        followers: bool,
         /// Pre-generated batches per worker, reused in a cycle.
         #[arg(long, default_value_t = 32)]
         pool: usize,
@@ -351,6 +354,7 @@ fn main() -> anyhow::Result<()> {
             warmup,
             in_memory,
             replicated,
+            followers,
             pool,
             traffic,
         } => ctr26_bench(
@@ -361,6 +365,7 @@ fn main() -> anyhow::Result<()> {
                 steps,
                 in_memory,
                 replicated,
+                followers,
             },
             pool,
             &traffic,
@@ -727,6 +732,7 @@ fn bytes_bench(
             steps,
             in_memory: true,
             replicated: false,
+            followers: false,
         };
         let m = throughput::run(&job, &setup, ctr26_pools(&job, workers, 2))?;
         let n = workers as f64;
