@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ps_common::PsError;
 use ps_common::pb;
 
-use super::primary::{JOIN_STALL, join_chunks};
+use super::primary::stream_snapshot;
 use super::{JoinStream, Replication, Role, State, lock, random_id};
 use crate::request::Write;
 
@@ -112,18 +112,8 @@ impl Replication {
         let (bytes, seq, log) = tokio::task::spawn_blocking(move || this.snapshot_for_follower())
             .await
             .map_err(|e| PsError::Internal(format!("snapshot task failed: {e}")))??;
-        let (sender, receiver) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            for chunk in join_chunks(bytes, seq, log) {
-                let sent = tokio::time::timeout(JOIN_STALL, sender.send(Ok(chunk))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    return;
-                }
-            }
-        });
-        Ok(Box::pin(
-            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver),
-        ))
+        // A follower that stops reading holds nothing: the log outlives it.
+        Ok(stream_snapshot(bytes, seq, log, async {}))
     }
 
     fn snapshot_for_follower(&self) -> Result<(Vec<u8>, u64, u64), PsError> {
@@ -176,14 +166,15 @@ impl Replication {
                     )));
                 };
                 held.last_read = Instant::now();
-                if after + 1 < held.start {
+                let next = after.saturating_add(1);
+                if next < held.start {
                     return Err(PsError::OutOfRange(format!(
                         "the follower log starts at write {}, after this follower's {after} (it fell more than --follower-log-bytes behind): follow again from a snapshot",
                         held.start
                     )));
                 }
                 if after < newest {
-                    let skip = (after + 1 - held.start) as usize;
+                    let skip = usize::try_from(next - held.start).unwrap_or(usize::MAX);
                     let mut bytes = 0;
                     let writes = held
                         .writes
@@ -198,7 +189,7 @@ impl Replication {
                         .cloned()
                         .collect();
                     return Ok(Tailed {
-                        first_seq: after + 1,
+                        first_seq: next,
                         writes,
                         newest,
                         held: arrived.elapsed(),
@@ -206,7 +197,7 @@ impl Replication {
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(Tailed {
-                        first_seq: after + 1,
+                        first_seq: next,
                         writes: Vec::new(),
                         newest,
                         held: arrived.elapsed(),
@@ -284,7 +275,10 @@ impl Replication {
     /// primary had applied this long ago (`None` before its first
     /// snapshot, and on other roles).
     pub fn lag(&self) -> Option<Duration> {
-        let state = lock(&self.state);
+        Self::lag_of(&lock(&self.state))
+    }
+
+    pub(super) fn lag_of(state: &State) -> Option<Duration> {
         (state.role == Role::Follower)
             .then(|| state.fresh_at.map(|at| at.elapsed()))
             .flatten()

@@ -304,9 +304,7 @@ impl Replication {
             primary: follower
                 .then(|| state.following.as_ref().map(|f| f.primary.clone()))
                 .flatten(),
-            lag: follower
-                .then(|| state.fresh_at.map(|at| at.elapsed()))
-                .flatten(),
+            lag: Self::lag_of(&state),
         }
     }
 

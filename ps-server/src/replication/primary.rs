@@ -19,7 +19,7 @@ const MAX_BATCH: usize = 256;
 const CHUNK_BYTES: usize = 4 << 20;
 /// How long a joining backup may leave a chunk of its snapshot unread
 /// before the primary gives the join up (and frees the snapshot).
-pub(super) const JOIN_STALL: Duration = Duration::from_secs(10);
+const JOIN_STALL: Duration = Duration::from_secs(10);
 /// How long the primary waits for the joining server to answer Describe.
 const JOIN_PROBE: Duration = Duration::from_secs(2);
 
@@ -114,24 +114,14 @@ impl Replication {
                 .await
                 .map_err(|e| PsError::Internal(format!("snapshot task failed: {e}")))??;
         tokio::spawn(Arc::clone(self).forward(addr, generation));
-        let (sender, receiver) = tokio::sync::mpsc::channel(2);
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            for chunk in join_chunks(bytes, seq, stream) {
-                let sent = tokio::time::timeout(JOIN_STALL, sender.send(Ok(chunk))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    this.end_backup(
-                        generation,
-                        Ending::Abandoned("the joining backup stopped reading its snapshot".into()),
-                    )
-                    .await;
-                    return;
-                }
-            }
-        });
-        Ok(Box::pin(
-            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver),
-        ))
+        Ok(stream_snapshot(bytes, seq, stream, async move {
+            this.end_backup(
+                generation,
+                Ending::Abandoned("the joining backup stopped reading its snapshot".into()),
+            )
+            .await;
+        }))
     }
 
     /// Refuses a join on a server that is not a serving primary, or that
@@ -356,8 +346,32 @@ impl Replication {
     }
 }
 
+/// Streams a snapshot (`bytes`, through write `seq`, for `stream`) as
+/// Join chunks, at most two ahead of the reader; a reader that leaves a
+/// chunk unread for [`JOIN_STALL`] is given up, and `stalled` runs.
+pub(super) fn stream_snapshot(
+    bytes: Vec<u8>,
+    seq: u64,
+    stream: u64,
+    stalled: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinStream {
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        for chunk in join_chunks(bytes, seq, stream) {
+            let sent = tokio::time::timeout(JOIN_STALL, sender.send(Ok(chunk))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                stalled.await;
+                return;
+            }
+        }
+    });
+    Box::pin(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+        receiver,
+    ))
+}
+
 /// A primary's answer to Join, cut into chunks.
-pub(super) fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
+fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
     let bytes = bytes::Bytes::from(bytes);
     let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
     (0..n)

@@ -81,6 +81,24 @@ impl Batch {
     /// (empty, or one per id) fields, labelled 0 for each of `tasks`.
     /// The caller checked the lengths.
     pub fn push_features(&mut self, ids: &[u64], values: &[f32], fields: &[u32], tasks: usize) {
+        self.extend_features(ids, values, fields);
+        self.labels.extend(std::iter::repeat_n(0.0, tasks.max(1)));
+        self.offsets.push(self.ids.len());
+    }
+
+    /// Appends every example of `other`, labels included.
+    pub fn append(&mut self, other: &Batch) {
+        let base = self.ids.len();
+        self.extend_features(&other.ids, &other.values, &other.fields);
+        self.labels.extend_from_slice(&other.labels);
+        self.offsets
+            .extend(other.offsets.iter().skip(1).map(|&at| base + at));
+    }
+
+    /// Appends features (`fields` empty, or one per id), keeping `fields`
+    /// either empty or parallel to `ids` (a feature without one is in
+    /// field 0).
+    fn extend_features(&mut self, ids: &[u64], values: &[f32], fields: &[u32]) {
         if !fields.is_empty() && self.fields.len() < self.ids.len() {
             self.fields.resize(self.ids.len(), 0);
         }
@@ -91,27 +109,6 @@ impl Batch {
         } else if !self.fields.is_empty() {
             self.fields.resize(self.ids.len(), 0);
         }
-        self.push_example(&vec![0.0; tasks.max(1)]);
-    }
-
-    /// Appends every example of `other`.
-    pub fn append(&mut self, other: &Batch) {
-        let base = self.ids.len();
-        let tasks = if other.is_empty() {
-            1
-        } else {
-            other.labels.len() / other.len()
-        };
-        for i in 0..other.len() {
-            let (from, to) = (other.offsets[i], other.offsets[i + 1]);
-            let fields = if other.fields.is_empty() {
-                &[][..]
-            } else {
-                &other.fields[from..to]
-            };
-            self.push_features(&other.ids[from..to], &other.values[from..to], fields, tasks);
-        }
-        debug_assert_eq!(self.ids.len(), base + other.ids.len());
     }
 
     /// Number of examples.

@@ -6,6 +6,28 @@ mod examples {
     use super::super::*;
     use std::io::Write;
 
+    #[test]
+    fn appended_batches_keep_their_examples_labels_and_fields_in_order() {
+        let mut fielded = Batch::new();
+        fielded.push_features(&[7, 8], &[1.0, 0.5], &[2, 3], 2);
+        let mut plain = Batch::new();
+        parse_libsvm_line("1,0 5:1 6:2", 2, &mut plain).unwrap();
+        let mut merged = Batch::new();
+        merged.append(&plain);
+        merged.append(&fielded);
+        merged.append(&plain);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged.offsets, vec![0, 2, 4, 6]);
+        assert_eq!(merged.ids, vec![5, 6, 7, 8, 5, 6]);
+        assert_eq!(merged.values, vec![1.0, 2.0, 1.0, 0.5, 1.0, 2.0]);
+        assert_eq!(
+            merged.fields,
+            vec![0, 0, 2, 3, 0, 0],
+            "field 0 where none was given"
+        );
+        assert_eq!(merged.labels, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+
     /// A bounded fuzz harness (no extra tooling): random lines, some valid,
     /// most malformed, through every parser. A parser never panics; a line
     /// it refuses leaves the batch exactly as it was (nothing half-applied);

@@ -60,9 +60,7 @@ impl predictor_server::Predictor for PredictorService {
             .get(ps_common::auth::HEADER)
             .map(|v| v.as_bytes().to_vec());
         if let Err(e) = self.predictor.check_token(token.as_deref()) {
-            self.predictor
-                .metrics()
-                .request("grpc", 0.0, Some(e.kind()));
+            self.predictor.metrics().refused(e.kind());
             return Err(status(&e));
         }
         let request = request.into_inner();

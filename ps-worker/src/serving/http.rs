@@ -124,9 +124,7 @@ impl Endpoint {
             .get(ps_common::auth::HEADER)
             .map(|v| v.as_bytes());
         if let Err(e) = self.predictor.check_token(token) {
-            self.predictor
-                .metrics()
-                .request("http", 0.0, Some(e.kind()));
+            self.predictor.metrics().refused(e.kind());
             return error_response(StatusCode::UNAUTHORIZED, &e.to_string());
         }
         if let Some(name) = rest.strip_suffix(":predict") {

@@ -56,8 +56,14 @@ impl ServeMetrics {
             .get_or_create(&vec![("api", api)])
             .observe(seconds);
         if let Some(kind) = error {
-            self.errors.get_or_create(&vec![("kind", kind)]).inc();
+            self.refused(kind);
         }
+    }
+
+    /// Counts a failed request of `kind` without timing it (one refused
+    /// before it was served: no token).
+    pub fn refused(&self, kind: &'static str) {
+        self.errors.get_or_create(&vec![("kind", kind)]).inc();
     }
 
     /// A registry holding every series.
