@@ -20,9 +20,11 @@
 //! - [`logging`]: stderr logging (text or JSON) with `RUST_LOG`, for both binaries.
 //! - [`prometheus`]: the `GET /metrics` endpoint and the collectors' helpers.
 //! - [`shutdown`]: the signals that stop a server process.
+//! - [`coordinator`]: etcd as a job's coordinator (primaries, epochs, standbys).
 
 pub mod auth;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod ids;
 pub mod init;

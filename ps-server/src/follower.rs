@@ -107,7 +107,8 @@ async fn tail(
         };
         let (writer, first_seq) = (writer.clone(), answer.first_seq);
         let applied =
-            tokio::task::spawn_blocking(move || writer.replicate(log, first_seq, &writes)).await;
+            tokio::task::spawn_blocking(move || writer.replicate((log, 0), first_seq, &writes))
+                .await;
         match applied {
             Ok(Ok(_)) => {
                 if replication.applied_through() >= answer.newest {

@@ -19,6 +19,8 @@
 //! - [`dedup`]: the `(writer, seq)` pairs applied, so a retried push applies once.
 //! - [`replication`]: primary-backup roles, write order, the stream to the backup,
 //!   the follower log.
+//! - [`coordination`]: a server's part in a job coordinated by etcd (lease,
+//!   join or restore at start, standby promotion).
 //! - [`follower`]: a read replica's loop: snapshot, then tail the primary's log.
 //! - [`checkpoint`]: shard files written atomically with a checksum, and restore.
 //! - [`limits`]: a tower layer giving oversized messages their gRPC status.
@@ -29,6 +31,7 @@ pub mod auth;
 pub mod budget;
 pub mod checkpoint;
 pub mod clock;
+pub mod coordination;
 pub mod dedup;
 pub mod evictor;
 pub mod follower;

@@ -69,13 +69,14 @@ impl Writer {
             .write(|seq| self.apply(seq, &write), || Arc::clone(&write))
     }
 
-    /// Backup: applies the primary's writes `first_seq..` of `stream`, in
+    /// Backup: applies the primary's writes `first_seq..` of `stream` (its
+    /// id and the sender's epoch), in
     /// order, skipping those already applied (see
     /// [`Replication::apply_replicated`]). Runs store work: call it on a
     /// blocking thread.
     pub fn replicate(
         &self,
-        stream: u64,
+        stream: (u64, u64),
         first_seq: u64,
         writes: &[Write],
     ) -> Result<Replicated, PsError> {

@@ -310,6 +310,7 @@ async fn replicate_sent_straight_to_a_backup_is_refused_and_changes_nothing() {
     let forged = || pb::ReplicateRequest {
         first_seq: 1_000_000,
         stream: 12345,
+        epoch: 0,
         entries: vec![pb::ReplicaEntry {
             write: Some(pb::replica_entry::Write::Push(pb::PushManyRequest {
                 pushes: vec![pb::PushRequest {

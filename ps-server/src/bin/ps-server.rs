@@ -10,6 +10,7 @@ use ps_common::auth::read_token_file;
 use ps_common::logging::LogFormat;
 use ps_common::tls::TlsFiles;
 use ps_server::auth::Auth;
+use ps_server::coordination::{Coordinated, Coordination};
 use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{Limits, ServerConfig, Shard, checkpoint};
 
@@ -94,10 +95,26 @@ struct Args {
     /// workers once a worker promotes this server (failover).
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
-    /// The address the primary reaches this backup at (default: the bound
-    /// --listen address; required when listening on 0.0.0.0 or [::]).
-    #[arg(long, value_name = "ADDR", requires = "join")]
+    /// The address peers (and, with --etcd, workers) reach this server at
+    /// (default: the bound --listen address; required when listening on
+    /// 0.0.0.0 or [::]).
+    #[arg(long, value_name = "ADDR")]
     advertise: Option<String>,
+    /// Coordinate the job through etcd at these client URLs
+    /// (HOST:PORT,...): the server joins its shard's primary as backup, or
+    /// restores its newest checkpoint under --checkpoint-dir and becomes
+    /// primary; the standby is promoted when the primary's lease runs out.
+    /// Workers find the primaries with `ps-worker train --etcd`.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with_all = ["join", "follow", "restore", "restore_latest"], requires = "job")]
+    etcd: Vec<String>,
+    /// The job's name in etcd (keys under /ps/NAME/); every server and
+    /// worker of a job gives the same one.
+    #[arg(long, value_name = "NAME")]
+    job: Option<String>,
+    /// Seconds the etcd lease lives unrenewed: how long a dead or hung
+    /// primary holds its shard before the standby takes over.
+    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    lease_ttl_secs: u64,
     /// Start as a read replica of the shard's primary at ADDR (same
     /// --shard-id and --num-shards): load its snapshot, then apply its
     /// writes as they come, without acknowledging them; serve pulls (for
@@ -112,7 +129,7 @@ struct Args {
     #[arg(long, value_name = "BYTES", value_parser = ps_server::budget::parse_bytes, default_value = "256MiB")]
     follower_log_bytes: u64,
     /// Seconds a backup keeps trying to reach its primary at start.
-    #[arg(long, default_value_t = 60, requires = "join")]
+    #[arg(long, default_value_t = 60)]
     join_timeout_secs: u64,
     /// Write checkpoint `periodic` under --checkpoint-dir every N seconds
     /// (atomically replacing the last one).
@@ -169,6 +186,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             );
         }
         auth = auth.with_peer_token(&peer);
+    }
+    if !args.etcd.is_empty() && !auth.takes_peers() {
+        anyhow::bail!(
+            "--etcd needs --peer-token-file: the shard's servers replicate to each other with the peer token"
+        );
+    }
+    if !args.etcd.is_empty() && !(2..=3600).contains(&args.lease_ttl_secs) {
+        anyhow::bail!("--lease-ttl-secs must be in [2, 3600] (etcd's shortest lease is about 2 s)");
     }
     if args.join.is_some() && !auth.takes_peers() {
         anyhow::bail!(
@@ -246,7 +271,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port; keep it stable.
     println!("listening on {addr}");
     let shard = Arc::new(shard);
-    let role = if args.join.is_some() {
+    let role = if args.join.is_some() || !args.etcd.is_empty() {
+        // With etcd, a server serves nothing until it knows its role.
         Role::Backup
     } else if !args.follow.is_empty() {
         Role::Follower
@@ -270,16 +296,46 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on --metrics-listen {metrics_addr}"))?;
         println!("metrics on {bound}");
     }
+    let advertised = match &args.advertise {
+        Some(advertised) => advertised.clone(),
+        None if addr.ip().is_unspecified() && (args.join.is_some() || !args.etcd.is_empty()) => {
+            anyhow::bail!(
+                "--join or --etcd with --listen {addr} needs --advertise ADDR: the address peers reach this server at"
+            )
+        }
+        None => addr.to_string(),
+    };
+    let coordinated = match &args.job {
+        Some(job) if !args.etcd.is_empty() => {
+            let etcd = Arc::new(ps_common::coordinator::Etcd::new(&args.etcd)?);
+            let coordination = Coordination {
+                job: ps_common::coordinator::Job::new(etcd, job).context("--job")?,
+                advertised: advertised.clone(),
+                ttl: std::time::Duration::from_secs(args.lease_ttl_secs),
+                checkpoint_root: args.checkpoint_dir.clone(),
+                join_timeout: std::time::Duration::from_secs(args.join_timeout_secs),
+            };
+            let coordinated =
+                Coordinated::register(coordination, Arc::clone(&shard), Arc::clone(&replication))
+                    .await
+                    .with_context(|| {
+                        format!("cannot register with etcd at {}", args.etcd.join(","))
+                    })?;
+            let coordinated = Arc::new(coordinated);
+            let running = Arc::clone(&coordinated);
+            tokio::spawn(async move {
+                let ended = running.run().await;
+                tracing::error!("{ended}; exiting so that a restart rejoins the shard");
+                // Tests and scripts read this line; keep it stable.
+                println!("coordination ended: {ended}");
+                std::process::exit(3);
+            });
+            Some(coordinated)
+        }
+        _ => None,
+    };
     if let Some(primary) = args.join.clone() {
-        let advertised = match &args.advertise {
-            Some(advertised) => advertised.clone(),
-            None if addr.ip().is_unspecified() => {
-                anyhow::bail!(
-                    "--join with --listen {addr} needs --advertise ADDR: the address the primary reaches this server at"
-                )
-            }
-            None => addr.to_string(),
-        };
+        let advertised = advertised.clone();
         let replication = Arc::clone(&replication);
         let timeout = std::time::Duration::from_secs(args.join_timeout_secs);
         tokio::spawn(async move {
@@ -301,8 +357,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         });
     }
     tracing::info!(%addr, shard = args.shard_id, shards = args.num_shards, role = role.as_str(), "serving");
-    ps_server::server::run_replicated(listener, config, shard, replication, shutdown_signal())
-        .await?;
+    let shutdown = async move {
+        shutdown_signal().await;
+        if let Some(coordinated) = coordinated {
+            coordinated.resign().await;
+        }
+    };
+    ps_server::server::run_replicated(listener, config, shard, replication, shutdown).await?;
     tracing::info!("shut down");
     Ok(())
 }

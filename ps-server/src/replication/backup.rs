@@ -48,7 +48,7 @@ impl Replication {
     /// server promoted from that stream is answered [`Replicated::Promoted`].
     pub fn apply_replicated(
         &self,
-        stream: u64,
+        (stream, epoch): (u64, u64),
         first_seq: u64,
         n: usize,
         mut apply: impl FnMut(usize, u64) -> Result<(), PsError>,
@@ -57,6 +57,13 @@ impl Replication {
         let mut state = lock(&self.state);
         if state.promoted_from == Some(stream) {
             return Ok(Replicated::Promoted);
+        }
+        if epoch < state.epoch {
+            return Err(PsError::FailedPrecondition(format!(
+                "fenced: these writes come from epoch {epoch} of shard {}, and this server knows epoch {}",
+                self.shard.shard_id(),
+                state.epoch
+            )));
         }
         match &state.following {
             Some(f) if state.role != Role::Primary && f.stream == stream => {}
@@ -107,7 +114,7 @@ impl Replication {
                 Err(e) => return Err(e),
             }
         };
-        if !self.leasing.swap(true, Ordering::Relaxed) {
+        if !self.is_coordinated() && !self.leasing.swap(true, Ordering::Relaxed) {
             // A backup that just joined can be promoted at once: renew now.
             if let Ok(client) = self.peer_client(primary) {
                 self.renew_lease(&client, primary).await;
@@ -149,7 +156,7 @@ impl Replication {
         while let Some(chunk) = chunks.message().await.map_err(&failed)? {
             bytes.extend_from_slice(&chunk.data);
             if chunk.last {
-                self.load(&bytes, chunk.seq, chunk.stream, primary)?;
+                self.load(&bytes, (chunk.seq, chunk.stream, chunk.epoch), primary)?;
                 return Ok((chunk.seq, bytes.len()));
             }
         }
@@ -163,8 +170,7 @@ impl Replication {
     pub(super) fn load(
         &self,
         bytes: &[u8],
-        seq: u64,
-        stream: u64,
+        (seq, stream, epoch): (u64, u64, u64),
         primary: &str,
     ) -> Result<(), PsError> {
         let (snapshot, _): (JoinSnapshot, usize) =
@@ -180,6 +186,7 @@ impl Replication {
         self.shard.load(snapshot.shard)?;
         self.applied.restore(snapshot.writers);
         state.next_seq = seq + 1;
+        state.epoch = epoch;
         state.detached = None;
         state.following = Some(Following {
             primary: primary.to_string(),
@@ -265,6 +272,11 @@ impl Replication {
     /// out (its primary may have acknowledged writes without it since), or
     /// when its primary still answers as a serving primary.
     pub async fn promote(&self) -> Result<bool, PsError> {
+        if self.is_coordinated() && lock(&self.state).role != Role::Primary {
+            return Err(PsError::FailedPrecondition(
+                "this shard's failover is decided by its coordinator (etcd): a backup is promoted there, not by Promote".into(),
+            ));
+        }
         let primary = self.promotable()?;
         let Some(primary) = primary else {
             return Ok(false);
@@ -305,6 +317,54 @@ impl Replication {
             "promoted to primary"
         );
         Ok(true)
+    }
+
+    /// Coordinated: makes this server primary at `epoch`, which it won in
+    /// etcd (as the recorded standby, or as a fresh server with no
+    /// standby). A backup must follow its primary's stream (it then holds
+    /// every acknowledged write); a server that never joined starts from
+    /// what it restored. Refused for a follower and a deposed primary.
+    pub fn promote_to(&self, epoch: u64) -> Result<(), PsError> {
+        let _exclusive = self.order.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
+        if state.deposed.is_some() || state.role != Role::Backup {
+            return Err(PsError::FailedPrecondition(format!(
+                "a {} cannot be promoted",
+                Self::role_of(&state)
+            )));
+        }
+        state.promoted_from = state.following.take().map(|f| f.stream);
+        state.detached = None;
+        state.role = Role::Primary;
+        state.epoch = epoch;
+        self.replicated.send_replace(state.next_seq - 1);
+        self.caught_up.send_replace(true);
+        self.role_changed(&state);
+        tracing::warn!(
+            shard = self.shard.shard_id(),
+            epoch,
+            through = state.next_seq - 1,
+            "primary by the coordinator's decision"
+        );
+        Ok(())
+    }
+
+    /// Backup: whether it follows a primary's stream (has loaded its
+    /// snapshot and was not dropped since), and which.
+    pub fn following(&self) -> Option<String> {
+        lock(&self.state)
+            .following
+            .as_ref()
+            .map(|f| f.primary.clone())
+    }
+
+    /// Coordinated backup: stops following its primary (it was dropped as
+    /// standby, or another server was promoted), so that it joins again.
+    pub fn unfollow(&self, why: String) {
+        let stream = lock(&self.state).following.as_ref().map(|f| f.stream);
+        if let Some(stream) = stream {
+            self.detach(stream, why);
+        }
     }
 
     /// The primary this backup follows, if promoting it is safe as far as

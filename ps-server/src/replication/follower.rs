@@ -113,7 +113,7 @@ impl Replication {
             .await
             .map_err(|e| PsError::Internal(format!("snapshot task failed: {e}")))??;
         // A follower that stops reading holds nothing: the log outlives it.
-        Ok(stream_snapshot(bytes, seq, log, async {}))
+        Ok(stream_snapshot(bytes, (seq, log, 0), async {}))
     }
 
     fn snapshot_for_follower(&self) -> Result<(Vec<u8>, u64, u64), PsError> {
@@ -258,7 +258,8 @@ impl Replication {
         client.tail(request).await.map(tonic::Response::into_inner)
     }
 
-    /// Follower: the last write it holds.
+    /// The number of the last write applied here (a backup or follower:
+    /// of its primary's stream).
     pub fn applied_through(&self) -> u64 {
         lock(&self.state).next_seq - 1
     }

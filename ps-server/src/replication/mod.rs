@@ -39,6 +39,15 @@
 //! one at a time, as with a backup, so the log is in the order the rows
 //! saw them and a follower equals its primary row for row.
 //!
+//! **With a coordinator** (`ps-server --etcd`, [`crate::coordination`])
+//! etcd decides instead of the peer lease: a backup is promoted by a
+//! compare-and-swap in etcd, never by a worker's Promote, and only while
+//! etcd names it the standby; the primary names its backup standby once it
+//! has caught up and removes it there before it acknowledges a write
+//! without it ([`Standbys`]). A primary acknowledges only until its
+//! *fence* (the end of its etcd lease as far as it can know) and every
+//! write carries its epoch: a replica that knows a newer epoch refuses it.
+//!
 //! - [`primary`]: attaching a backup, the join answer, the forwarder, dropping.
 //! - [`backup`]: joining, applying the stream, the lease, promotion.
 //! - [`follower`]: the follower log on the primary, and the follower's side.
@@ -104,10 +113,30 @@ impl Role {
     }
 }
 
+/// Where a coordinated primary records its standby (etcd, through
+/// [`crate::coordination`]). Both calls answer once the record is written
+/// (or fail, and are retried).
+pub trait Standbys: Send + Sync + std::fmt::Debug {
+    /// The backup at `addr` (server `server_id`) holds every write: it may
+    /// be promoted. `Ok(false)`: this server no longer holds the shard.
+    fn caught_up(
+        &self,
+        addr: String,
+        server_id: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, PsError>> + Send>>;
+    /// The backup is being dropped: after this answers `Ok`, it can no
+    /// longer be promoted and the primary may acknowledge without it.
+    fn dropped(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, PsError>> + Send>>;
+}
+
 /// A primary's backup.
 #[derive(Debug)]
 struct Attached {
     addr: String,
+    /// Its Describe.server_id (as its Join said).
+    server_id: u64,
     stream: u64,
     generation: u64,
     /// When the primary last granted the backup's lease (`None`: never;
@@ -153,6 +182,14 @@ struct State {
     log: Option<follower::FollowerLog>,
     /// Follower: when it last held every write its primary had applied.
     fresh_at: Option<Instant>,
+    /// With a coordinator: this primary's epoch, or (backup) that of the
+    /// primary it follows; 0 without one.
+    epoch: u64,
+    /// With a coordinator: a primary acknowledges nothing from this
+    /// instant on (when its etcd lease may have run out) until it renews.
+    fence: Option<Instant>,
+    /// The lease was given back: the fence no longer moves.
+    resigned: bool,
 }
 
 /// What a joining backup receives: the shard and its applied pushes.
@@ -195,6 +232,8 @@ pub struct Description {
     pub primary: Option<String>,
     /// Follower: how stale its rows may be ([`Replication::lag`]).
     pub lag: Option<Duration>,
+    /// With a coordinator: the epoch (0 without).
+    pub epoch: u64,
 }
 
 /// The replication state of one shard server.
@@ -230,6 +269,11 @@ pub struct Replication {
     logged: watch::Sender<u64>,
     /// Primary: the byte cap of its follower log.
     log_cap: std::sync::atomic::AtomicUsize,
+    /// With a coordinator: where the standby is recorded (set once).
+    standbys: std::sync::OnceLock<Arc<dyn Standbys>>,
+    /// The checkpoint folder the shard was restored from after start (a
+    /// coordinated server restores only once it knows it must).
+    restored_from: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -256,6 +300,9 @@ impl Replication {
                 promoted_from: None,
                 log: None,
                 fresh_at: None,
+                epoch: 0,
+                fence: None,
+                resigned: false,
             }),
             replicated: watch::Sender::new(0),
             queued: Notify::new(),
@@ -267,7 +314,53 @@ impl Replication {
             closed: std::sync::atomic::AtomicBool::new(false),
             logged: watch::Sender::new(0),
             log_cap: std::sync::atomic::AtomicUsize::new(DEFAULT_FOLLOWER_LOG_BYTES),
+            standbys: std::sync::OnceLock::new(),
+            restored_from: Mutex::new(None),
         })
+    }
+
+    /// Hands promotion to a coordinator: the standby is recorded through
+    /// `standbys`, Promote is refused, and acknowledgements stop at the
+    /// fence ([`Replication::set_fence`]). Set before the server serves.
+    pub fn coordinate(&self, standbys: Arc<dyn Standbys>) {
+        let _ = self.standbys.set(standbys);
+    }
+
+    /// Whether a coordinator decides promotions.
+    pub fn is_coordinated(&self) -> bool {
+        self.standbys.get().is_some()
+    }
+
+    /// A coordinated primary may acknowledge writes until `until` (its
+    /// etcd lease, renewed, as far as it can know it holds).
+    pub fn set_fence(&self, until: Instant) {
+        let mut state = lock(&self.state);
+        if !state.resigned {
+            state.fence = Some(state.fence.map_or(until, |f| f.max(until)));
+        }
+    }
+
+    /// A coordinated primary giving its lease back: it acknowledges nothing
+    /// from now on, whatever renewal answers later.
+    pub fn set_fence_now(&self) {
+        let mut state = lock(&self.state);
+        state.resigned = true;
+        state.fence = Some(Instant::now());
+    }
+
+    /// The epoch (0 without a coordinator).
+    pub fn epoch(&self) -> u64 {
+        lock(&self.state).epoch
+    }
+
+    /// Records the checkpoint folder the shard was restored from (Describe).
+    pub fn set_restored_from(&self, dir: String) {
+        *lock(&self.restored_from) = Some(dir);
+    }
+
+    /// The checkpoint folder recorded by [`Replication::set_restored_from`].
+    pub fn restored_from(&self) -> Option<String> {
+        lock(&self.restored_from).clone()
     }
 
     /// The server stopped serving: its lease renewals and forwarders end
@@ -305,6 +398,7 @@ impl Replication {
                 .then(|| state.following.as_ref().map(|f| f.primary.clone()))
                 .flatten(),
             lag: Self::lag_of(&state),
+            epoch: state.epoch,
         }
     }
 
@@ -337,7 +431,13 @@ impl Replication {
             return Some(PsError::Unavailable(why.clone()));
         }
         match state.role {
-            Role::Primary => None,
+            Role::Primary => match state.fence {
+                Some(fence) if Instant::now() >= fence => Some(PsError::Unavailable(format!(
+                    "this primary of shard {} has not renewed its coordinator lease in time: it acknowledges nothing until it does (or another server is promoted)",
+                    self.shard.shard_id()
+                ))),
+                _ => None,
+            },
             Role::Backup => Some(PsError::Unavailable(format!(
                 "this server is the backup of shard {}: it serves workers only after Promote",
                 self.shard.shard_id()
@@ -443,7 +543,12 @@ impl Replication {
                 )));
             }
             if *replicated.borrow_and_update() >= seq {
-                return Ok(());
+                // A coordinated primary past its fence may have been
+                // replaced: the write may be lost with it, so no ack.
+                return match self.refusal(&lock(&self.state)) {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                };
             }
             if replicated.changed().await.is_err() {
                 return Err(PsError::Internal("replication state dropped".into()));

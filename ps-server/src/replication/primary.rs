@@ -115,7 +115,8 @@ impl Replication {
                 .map_err(|e| PsError::Internal(format!("snapshot task failed: {e}")))??;
         tokio::spawn(Arc::clone(self).forward(addr, generation));
         let this = Arc::clone(self);
-        Ok(stream_snapshot(bytes, seq, stream, async move {
+        let epoch = self.epoch();
+        Ok(stream_snapshot(bytes, (seq, stream, epoch), async move {
             this.end_backup(
                 generation,
                 Ending::Abandoned("the joining backup stopped reading its snapshot".into()),
@@ -154,6 +155,7 @@ impl Replication {
         let stream = random_id();
         state.backup = Some(Attached {
             addr: joiner.addr.clone(),
+            server_id: joiner.server_id,
             stream,
             generation: state.generation,
             granted: None,
@@ -207,13 +209,17 @@ impl Replication {
         // The first call carries no write: it returns once the backup has
         // loaded the snapshot, which acknowledges the writes it holds.
         let mut first = true;
+        // Coordinated: whether etcd names this backup standby yet.
+        let mut recorded = false;
         loop {
-            let (first_seq, entries, stream) = {
+            let (first_seq, entries, (stream, epoch, server_id)) = {
                 let notified = self.queued.notified();
                 let batch = {
                     let mut state = lock(&self.state);
                     let stream = match &state.backup {
-                        Some(b) if b.generation == generation && !self.is_closed() => b.stream,
+                        Some(b) if b.generation == generation && !self.is_closed() => {
+                            (b.stream, state.epoch, b.server_id)
+                        }
                         _ => return,
                     };
                     let n = state.queue.len().min(MAX_BATCH);
@@ -239,6 +245,7 @@ impl Replication {
                 first_seq,
                 entries: entries.iter().map(|w| w.to_entry()).collect(),
                 stream,
+                epoch,
             };
             match self.send(&client, request, catching_up).await {
                 Ok(answer) if answer.promoted => {
@@ -251,6 +258,25 @@ impl Replication {
                         *r = (*r).max(answer.applied_through);
                         grew
                     });
+                    if !recorded && let Some(standbys) = self.standbys.get() {
+                        // The backup holds every write acknowledged so far
+                        // and every later one waits for it: record it as
+                        // the standby. Inline, so a later drop (by this
+                        // same task) always comes after the record.
+                        match standbys.caught_up(addr.clone(), server_id).await {
+                            Ok(true) => {
+                                recorded = true;
+                                tracing::info!(standby = %addr, "recorded as the shard's standby");
+                            }
+                            Ok(false) => {
+                                recorded = true;
+                                tracing::warn!(standby = %addr, "not recorded as standby: this server no longer holds the shard");
+                            }
+                            Err(e) => {
+                                tracing::warn!(standby = %addr, "cannot record the standby yet: {e}")
+                            }
+                        }
+                    }
                 }
                 Err(status) => {
                     self.end_backup(generation, Ending::Failed(status.message().to_string()))
@@ -327,7 +353,31 @@ impl Replication {
                 Ending::Abandoned(why) => (why, None),
             }
         };
-        if let Some(until) = hold_until {
+        if let Some(standbys) = self.standbys.get() {
+            // Coordinated: the backup can be promoted only while etcd names
+            // it standby; remove it there before acknowledging alone. If
+            // etcd cannot be reached, writes stall, then the fence stops
+            // them and another server may be promoted.
+            tracing::warn!(
+                "backup failing ({why}); removing it as standby before acknowledging alone"
+            );
+            loop {
+                match standbys.dropped().await {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        tracing::error!(
+                            "this server no longer holds its shard in etcd; not acknowledging alone"
+                        );
+                        return;
+                    }
+                    Err(e) if !self.is_closed() => {
+                        tracing::warn!("cannot remove the standby yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(_) => return,
+                }
+            }
+        } else if let Some(until) = hold_until {
             tracing::warn!(
                 "backup failing ({why}); acknowledging writes alone once its lease has run out"
             );
@@ -351,13 +401,12 @@ impl Replication {
 /// chunk unread for [`JOIN_STALL`] is given up, and `stalled` runs.
 pub(super) fn stream_snapshot(
     bytes: Vec<u8>,
-    seq: u64,
-    stream: u64,
+    (seq, stream, epoch): (u64, u64, u64),
     stalled: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> JoinStream {
     let (sender, receiver) = tokio::sync::mpsc::channel(2);
     tokio::spawn(async move {
-        for chunk in join_chunks(bytes, seq, stream) {
+        for chunk in join_chunks(bytes, seq, stream, epoch) {
             let sent = tokio::time::timeout(JOIN_STALL, sender.send(Ok(chunk))).await;
             if !matches!(sent, Ok(Ok(()))) {
                 stalled.await;
@@ -371,7 +420,7 @@ pub(super) fn stream_snapshot(
 }
 
 /// A primary's answer to Join, cut into chunks.
-fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
+fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64, epoch: u64) -> Vec<pb::JoinChunk> {
     let bytes = bytes::Bytes::from(bytes);
     let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
     (0..n)
@@ -380,6 +429,7 @@ fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64) -> Vec<pb::JoinChunk> {
             seq,
             last: i + 1 == n,
             stream,
+            epoch,
         })
         .collect()
 }

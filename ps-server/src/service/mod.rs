@@ -222,11 +222,16 @@ impl ShardService {
             max_response_bytes: self.decoder.limits().max_response_bytes as u64,
             role: described.role.to_string(),
             backup: described.backup.unwrap_or_default(),
-            restored_from: self.restored_from.clone().unwrap_or_default(),
+            restored_from: self
+                .replication
+                .restored_from()
+                .or_else(|| self.restored_from.clone())
+                .unwrap_or_default(),
             server_id: self.replication.server_id(),
             caught_up: described.caught_up,
             lag_seconds: described.lag.map_or(-1.0, |lag| lag.as_secs_f64()),
             primary: described.primary.unwrap_or_default(),
+            epoch: described.epoch,
         }))
     }
 

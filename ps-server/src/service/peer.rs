@@ -32,7 +32,8 @@ impl ShardService {
             .map(|(entry, seq)| self.decoder.replicated(entry, seq))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.fail(e))?;
-        let (writer, stream, first_seq) = (self.writer.clone(), req.stream, req.first_seq);
+        let (writer, stream, first_seq) =
+            (self.writer.clone(), (req.stream, req.epoch), req.first_seq);
         let applied = self
             .blocking(move |_| writer.replicate(stream, first_seq, &writes))
             .await?;

@@ -57,13 +57,26 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "etcd",
+            conflicts_with = "etcd"
+        )]
         servers: Vec<String>,
         /// Backup server of each shard, in the same order (HOST:PORT,...):
         /// when a primary dies, the worker promotes its backup and goes on.
         /// Default: the backups the primaries report when the worker connects.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', conflicts_with = "etcd")]
         backups: Vec<String>,
+        /// Find the shards' primaries in etcd at these client URLs
+        /// (HOST:PORT,...), and follow failovers there (servers started
+        /// with `ps-server --etcd`).
+        #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "job")]
+        etcd: Vec<String>,
+        /// The job's name in etcd (as given to its servers).
+        #[arg(long, value_name = "NAME")]
+        job: Option<String>,
         /// This worker's rank in [0, --world); it reads lines i with i % world == rank.
         #[arg(long)]
         rank: usize,
@@ -261,6 +274,8 @@ fn main() -> anyhow::Result<()> {
             config,
             servers,
             backups,
+            etcd,
+            job: job_name,
             rank,
             world,
             report,
@@ -286,10 +301,18 @@ fn main() -> anyhow::Result<()> {
                     servers.len()
                 );
             }
+            let coordinator = match job_name {
+                Some(name) if !etcd.is_empty() => {
+                    let etcd = std::sync::Arc::new(ps_common::coordinator::Etcd::new(&etcd)?);
+                    Some(ps_common::coordinator::Job::new(etcd, &name).context("--job")?)
+                }
+                _ => None,
+            };
             let client = ps_worker::ClientConfig {
                 auth_token,
                 backups,
                 tls,
+                coordinator,
                 request_timeout: Duration::from_secs(request_timeout_secs),
                 ..job::client_config(&job, Duration::from_secs(connect_timeout_secs))
             };

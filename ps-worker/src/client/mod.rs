@@ -84,6 +84,10 @@ pub struct ClientConfig {
     /// TLS to the servers (`--tls-ca`, and `--tls-cert`/`--tls-key` for
     /// mutual TLS); `None` is plain TCP.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The job's coordinator (`--etcd`, `--job`): the primaries are found
+    /// there, and a failed primary's replacement is awaited there (the
+    /// client never promotes). `None`: the listed servers and backups.
+    pub coordinator: Option<ps_common::coordinator::Job>,
 }
 
 impl Default for ClientConfig {
@@ -97,6 +101,7 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(60),
             backups: Vec::new(),
             tls: None,
+            coordinator: None,
         }
     }
 }
@@ -195,7 +200,17 @@ impl PsClient {
     /// Connects to every shard, in shard order, retrying each for up to
     /// `config.connect_timeout`, and checks that each server is the shard its
     /// position says.
+    /// With a coordinator and no addresses, the primaries etcd names are
+    /// used ([`PsClient::discover`]).
     pub async fn connect(addrs: &[String], config: &ClientConfig) -> Result<PsClient, PsError> {
+        let discovered;
+        let addrs = match &config.coordinator {
+            Some(job) if addrs.is_empty() => {
+                discovered = Self::discover(job, config.connect_timeout).await?;
+                &discovered
+            }
+            _ => addrs,
+        };
         if addrs.is_empty() {
             return Err(PsError::invalid("at least one server address is required"));
         }
@@ -230,6 +245,61 @@ impl PsClient {
             shards[i] = Some(Replicas::new(i, conn, standby, config.clone()));
         }
         Ok(Self::over(shards.into_iter().flatten().collect(), config))
+    }
+
+    /// The primary of every shard of `job`, in shard order, as etcd names
+    /// them; waits up to `timeout` for the job's servers to register and
+    /// every shard to have a primary.
+    pub async fn discover(
+        job: &ps_common::coordinator::Job,
+        timeout: Duration,
+    ) -> Result<Vec<String>, PsError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let found = async {
+                let Some(n) = job.num_shards().await? else {
+                    return Ok((
+                        Err("no server of the job has registered yet".to_string()),
+                        0,
+                    ));
+                };
+                let (primaries, revision) = job.primaries(n).await?;
+                let missing: Vec<usize> = (0..primaries.len())
+                    .filter(|&i| primaries[i].is_none())
+                    .collect();
+                Ok::<_, PsError>(if missing.is_empty() {
+                    (
+                        Ok(primaries.into_iter().flatten().map(|p| p.addr).collect()),
+                        revision,
+                    )
+                } else {
+                    (
+                        Err(format!("shards {missing:?} of {n} have no primary yet")),
+                        revision,
+                    )
+                })
+            };
+            let (last, revision) = match found.await {
+                Ok((Ok(addrs), _)) => return Ok(addrs),
+                Ok((Err(why), revision)) => (why, revision),
+                Err(e) => (e.to_string(), 0),
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(PsError::Unavailable(format!(
+                    "job {} in etcd ({}): {last}",
+                    job.name(),
+                    job.etcd().endpoints().join(",")
+                )));
+            }
+            if revision == 0
+                || !job
+                    .wait_shards_change(revision, left.min(Duration::from_secs(1)))
+                    .await
+            {
+                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+            }
+        }
     }
 
     /// A client calling the services of `shards` (in shard order) directly,

@@ -4,10 +4,12 @@
 //! counting table whose rows count the pushes applied to them.
 //!
 //! - [`workers`]: `ps-worker` processes on the a9a job, and their reports.
+//! - [`etcd`]: real etcd clusters and `ps-server --etcd` processes.
 
 #![allow(dead_code)] // each test crate uses a part of it
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+pub mod etcd;
 pub mod workers;
 
 use std::io::{BufRead, BufReader};
