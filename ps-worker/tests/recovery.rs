@@ -406,3 +406,102 @@ async fn an_incremental_periodic_checkpoint_restores_every_row_after_kill_9() {
     assert_eq!(held[0], 2.0, "the delta's rows are in");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A job checkpointed by 2 servers restarts on 3 (`--restore` of the same
+/// folder): every row of a sparse and a dense table is served exactly as
+/// it was, from its new owner (optimizer state too: the unit test
+/// `checkpoint::tests::a_checkpoint_of_two_shards_restores_into_three_...`
+/// compares whole rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_two_shards_restored_into_three_serves_every_row_exactly() {
+    use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
+    use ps_worker::{ClientConfig, PsClient};
+
+    let dir = temp_dir("reshard");
+    let root = dir.join("ckpt");
+    let table = |name: &str, kind| TableSpec {
+        name: name.into(),
+        kind,
+        dim: 4,
+        initializer: InitializerSpec::Normal {
+            mean: 0.0,
+            std: 0.1,
+        },
+        optimizer: OptimizerSpec::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-8,
+        },
+        seed: 9,
+        lifecycle: Default::default(),
+    };
+    let specs = [
+        table("emb", TableKind::Sparse),
+        table(
+            "dense",
+            TableKind::Dense {
+                rows: 1000,
+                block_rows: 16,
+            },
+        ),
+    ];
+    let sparse_keys: Vec<u64> = (0..5000).map(|k| k * 7919).collect();
+    let dense_keys: Vec<u64> = (0..1000).collect();
+    let connect = |servers: &[Server]| {
+        let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        async move {
+            PsClient::connect(&addrs, &ClientConfig::default())
+                .await
+                .unwrap()
+        }
+    };
+    let flags = ["--checkpoint-dir", root.to_str().unwrap()];
+    let two = [
+        Server::start_with(0, 2, &flags),
+        Server::start_with(1, 2, &flags),
+    ];
+    let client = connect(&two).await;
+    for spec in &specs {
+        client.create_table(spec).await.unwrap();
+    }
+    for step in 0..3 {
+        let grads: Vec<f32> = (0..sparse_keys.len() * 4)
+            .map(|i| ((i + step) % 13) as f32 - 6.0)
+            .collect();
+        client.push("emb", &sparse_keys, &grads).await.unwrap();
+        let grads: Vec<f32> = (0..dense_keys.len() * 4)
+            .map(|i| ((i * 3 + step) % 7) as f32 - 3.0)
+            .collect();
+        client.push("dense", &dense_keys, &grads).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let sparse = client.pull("emb", &sparse_keys).await.unwrap();
+    let dense = client.pull("dense", &dense_keys).await.unwrap();
+    client.checkpoint("two").await.unwrap();
+    drop(client);
+    drop(two);
+
+    let saved = root.join("two");
+    let restore = ["--restore", saved.to_str().unwrap()];
+    let three: Vec<Server> = (0..3).map(|i| Server::start_with(i, 3, &restore)).collect();
+    let rows: usize = three
+        .iter()
+        .map(|s| {
+            let line = &s.before[0];
+            assert!(line.starts_with("restored "), "{line}");
+            line.split(' ').nth(1).unwrap().parse::<usize>().unwrap()
+        })
+        .sum();
+    assert_eq!(
+        rows,
+        sparse_keys.len() + dense_keys.len(),
+        "every row restored once"
+    );
+    let client = connect(&three).await;
+    for spec in &specs {
+        client.create_table(spec).await.unwrap(); // the restored tables have these specs
+    }
+    assert_eq!(client.pull("emb", &sparse_keys).await.unwrap(), sparse);
+    assert_eq!(client.pull("dense", &dense_keys).await.unwrap(), dense);
+    std::fs::remove_dir_all(&dir).ok();
+}

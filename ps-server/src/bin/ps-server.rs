@@ -51,7 +51,9 @@ struct Args {
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
     /// Start from a checkpoint folder (DIR/NAME) instead of empty tables;
-    /// refused if its checksum, shard id or shard count do not match.
+    /// refused if a checksum does not match. A checkpoint written by
+    /// another shard count is resharded: this shard reads every file and
+    /// keeps the rows it owns.
     #[arg(long, conflicts_with = "restore_latest")]
     restore: Option<PathBuf>,
     /// Start from the newest complete checkpoint of this shard under
@@ -374,7 +376,8 @@ fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
     let started = std::time::Instant::now();
     let (dir, snapshot) = match (&args.restore, &args.checkpoint_dir) {
         (Some(dir), _) => {
-            let snapshot = checkpoint::load(dir, args.shard_id, args.num_shards)
+            // Any shard count: each shard keeps the rows it owns now.
+            let snapshot = checkpoint::load_resharded(dir, args.shard_id, args.num_shards)
                 .with_context(|| format!("cannot --restore {}", dir.display()))?;
             (dir.clone(), snapshot)
         }

@@ -21,6 +21,9 @@
 //! the keys evicted since the one before. Restoring loads the base and
 //! applies the deltas in order. A periodic checkpoint then costs what
 //! changed, not the whole shard.
+//!
+//! **Resharding** ([`load_resharded`]): a checkpoint written by N shards
+//! restores into M; each new shard keeps the rows it owns from every file.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -35,6 +38,9 @@ use serde::Serialize;
 use crate::store::{Shard, ShardSnapshot, ShardSnapshotV1};
 
 mod chain;
+mod reshard;
+
+pub use reshard::load_resharded;
 
 const MAGIC: &[u8; 8] = b"PSCKPT02";
 /// Format 1: the same, without the tables' admission counters.

@@ -5,7 +5,13 @@ use super::*;
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
 fn trained_shard() -> Shard {
-    let shard = Shard::new(1, 2);
+    trained(1, 2)
+}
+
+/// Shard `shard_id` of `num_shards` with a sparse and a dense Adam table,
+/// the sparse one trained on the keys below 200 that the shard owns.
+fn trained(shard_id: u32, num_shards: u32) -> Shard {
+    let shard = Shard::new(shard_id, num_shards);
     for (name, kind) in [
         ("emb", TableKind::Sparse),
         (
@@ -36,9 +42,9 @@ fn trained_shard() -> Shard {
             })
             .unwrap();
     }
-    let router = ps_common::ShardRouter::new(2);
+    let router = ps_common::ShardRouter::new(num_shards);
     let keys: Vec<u64> = (0..200)
-        .filter(|&k| router.shard_of(ps_common::routing::Placement::Sparse, k) == 1)
+        .filter(|&k| router.shard_of(ps_common::routing::Placement::Sparse, k) == shard_id)
         .collect();
     shard
         .push("emb", &keys, &vec![0.5; keys.len() * 3])
@@ -359,5 +365,47 @@ fn a_stale_delta_is_skipped_and_a_damaged_or_missing_one_refuses_the_chain() {
     fs::rename(chain::delta_file(&dir, 0, 2), chain::delta_file(&dir, 0, 3)).unwrap();
     let err = load(&dir, 0, 1).unwrap_err().to_string();
     assert!(err.contains("delta 3 follows delta 0"), "{err}");
+    fs::remove_dir_all(&root).ok();
+}
+
+/// Every row of `shards`, by table and key (weights and optimizer state).
+fn rows_by_key(shards: &[ShardSnapshot]) -> std::collections::BTreeMap<(String, u64), Vec<f32>> {
+    let mut rows = std::collections::BTreeMap::new();
+    for shard in shards {
+        for t in &shard.tables {
+            for (key, row) in t.keys.iter().zip(t.values.chunks_exact(t.row_len as usize)) {
+                let old = rows.insert((t.spec.name.clone(), *key), row.to_vec());
+                assert!(
+                    old.is_none(),
+                    "row {key} of '{}' on two shards",
+                    t.spec.name
+                );
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_checkpoint_of_two_shards_restores_into_three_with_every_row_exact_on_its_new_owner() {
+    let root = temp_root("reshard");
+    let old: Vec<Shard> = (0..2).map(|i| trained(i, 2)).collect();
+    let checkpoints = Checkpoints::new(root.clone());
+    for shard in &old {
+        checkpoints.save(shard, "c").unwrap();
+    }
+    let dir = root.join("c");
+    let before = rows_by_key(&old.iter().map(Shard::snapshot).collect::<Vec<_>>());
+    let restored: Vec<Shard> = (0..3)
+        .map(|i| Shard::restore(load_resharded(&dir, i, 3).unwrap()).unwrap())
+        .collect();
+    let after = rows_by_key(&restored.iter().map(Shard::snapshot).collect::<Vec<_>>());
+    assert_eq!(after.len(), 40 + 200, "every dense and sparse row");
+    assert_eq!(after, before, "every row exact, on exactly one new shard");
+    // With the count that wrote it, it is the plain load.
+    assert_eq!(
+        load_resharded(&dir, 1, 2).unwrap(),
+        load(&dir, 1, 2).unwrap()
+    );
     fs::remove_dir_all(&root).ok();
 }
