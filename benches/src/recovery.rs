@@ -1,6 +1,7 @@
 //! What recovering one shard costs: writing its checkpoint, restoring it
 //! (`ps-server --restore`), and a new backup catching up through `Join`;
-//! and what an incremental checkpoint costs when 1% of the rows changed.
+//! what an incremental checkpoint costs when 1% of the rows changed; and
+//! restoring the same rows checkpointed by 2 shards into 3 (resharding).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,11 +35,22 @@ pub struct Recovery {
     pub delta_bytes: u64,
     /// Restoring the base and the delta.
     pub chain_restore_ms: f64,
+    /// The same rows checkpointed by 2 shards, restored into 3: the
+    /// slowest new shard (each reads both files and keeps its rows).
+    pub reshard_shard_ms: f64,
+    /// All 3 new shards, one after another.
+    pub reshard_total_ms: f64,
 }
 
 /// A shard of `rows` rows of `dim` weights (Adagrad), every row touched.
 fn filled_shard(rows: u64, dim: u32) -> anyhow::Result<Shard> {
-    let shard = Shard::new(0, 1);
+    filled_part(rows, dim, (0, 1))
+}
+
+/// Shard `id` of `n` holding its part of [`filled_shard`]'s rows.
+fn filled_part(rows: u64, dim: u32, (id, n): (u32, u32)) -> anyhow::Result<Shard> {
+    let shard = Shard::new(id, n);
+    let router = ps_common::ShardRouter::new(n);
     shard.create_table(crate::emb_table(
         dim,
         OptimizerSpec::Adagrad {
@@ -50,10 +62,33 @@ fn filled_shard(rows: u64, dim: u32) -> anyhow::Result<Shard> {
     let chunk: Vec<u64> = (0..4096).collect();
     let grads = vec![0.01f32; chunk.len() * dim as usize];
     for start in (0..rows).step_by(chunk.len()) {
-        let keys: Vec<u64> = (start..(start + chunk.len() as u64).min(rows)).collect();
+        let keys: Vec<u64> = (start..(start + chunk.len() as u64).min(rows))
+            .filter(|&k| router.shard_of(ps_common::routing::Placement::Sparse, k) == id)
+            .collect();
         shard.push("emb", &keys, &grads[..keys.len() * dim as usize])?;
     }
     Ok(shard)
+}
+
+/// Checkpoints `rows` rows on 2 shards, then restores them into 3;
+/// returns the slowest new shard's time and the sum.
+fn reshard(rows: u64, dim: u32, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
+    let checkpoints = checkpoint::Checkpoints::new(dir.to_path_buf());
+    for id in 0..2 {
+        checkpoints.save(&filled_part(rows, dim, (id, 2))?, "two")?;
+    }
+    let (mut slowest, mut total, mut restored_rows) = (0f64, 0f64, 0);
+    for id in 0..3 {
+        let started = Instant::now();
+        let shard = Shard::restore(checkpoint::load_resharded(&dir.join("two"), id, 3)?)?;
+        let took = ms(started.elapsed());
+        restored_rows += shard.table_stats()[0].rows;
+        slowest = slowest.max(took);
+        total += took;
+    }
+    anyhow::ensure!(restored_rows == rows, "resharding lost rows");
+    std::fs::remove_dir_all(dir).ok();
+    Ok((slowest, total))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -93,6 +128,8 @@ pub fn measure(rows: u64, dim: u32) -> anyhow::Result<Recovery> {
         "the chain restored another shard"
     );
     std::fs::remove_dir_all(&dir).ok();
+
+    let (reshard_shard_ms, reshard_total_ms) = reshard(rows, dim, &dir)?;
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let join_ms = runtime.block_on(async {
@@ -138,5 +175,7 @@ pub fn measure(rows: u64, dim: u32) -> anyhow::Result<Recovery> {
         delta_save_ms,
         delta_bytes: delta.bytes,
         chain_restore_ms,
+        reshard_shard_ms,
+        reshard_total_ms,
     })
 }
