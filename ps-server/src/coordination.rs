@@ -46,6 +46,9 @@ pub enum Ended {
     /// It could not take part (etcd refused, a bad checkpoint, a mismatch).
     #[error(transparent)]
     Failed(#[from] PsError),
+    /// It gave its lease back ([`Coordinated::resign`], on shutdown).
+    #[error("gave its etcd lease back")]
+    Resigned,
 }
 
 /// What a server brings to its job's coordination.
@@ -119,6 +122,7 @@ pub struct Coordinated {
     replication: Arc<Replication>,
     lease: i64,
     me: Arc<Mutex<Option<Holder>>>,
+    resigned: std::sync::atomic::AtomicBool,
 }
 
 impl Coordinated {
@@ -163,15 +167,21 @@ impl Coordinated {
             replication,
             lease,
             me,
+            resigned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Runs the lease and the role loop until the server loses its lease,
     /// is deposed, or fails.
     pub async fn run(self: Arc<Self>) -> Ended {
-        tokio::select! {
+        let ended = tokio::select! {
             ended = Arc::clone(&self).keep_lease() => ended,
             ended = Arc::clone(&self).roles() => ended,
+        };
+        if self.resigned.load(std::sync::atomic::Ordering::Relaxed) {
+            Ended::Resigned
+        } else {
+            ended
         }
     }
 
@@ -179,6 +189,8 @@ impl Coordinated {
     /// first, then its key goes at once and the standby takes over without
     /// waiting for the lease to run out.
     pub async fn resign(&self) {
+        self.resigned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.replication.set_fence_now();
         if let Err(e) = self.config.job.etcd().revoke(self.lease).await {
             tracing::warn!("cannot give the etcd lease back: {e}");

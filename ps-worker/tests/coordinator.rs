@@ -336,3 +336,45 @@ async fn training_goes_on_when_an_etcd_member_is_killed() {
     assert_eq!(client.pull("emb", &[5]).await.unwrap(), [pushed as f32]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A primary stopped with SIGTERM (a rolling update, a node drain) gives
+/// its lease back: the standby takes over without waiting for the lease to
+/// run out, and the old primary drains and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_a_primary_hands_its_shard_to_the_standby_at_once() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = temp_dir("etcd-sigterm");
+    let etcd = EtcdCluster::start(&dir, 1);
+    let (primary, standby) = primary_and_standby(&dir, &etcd, "sigterm").await;
+    let client = PsClient::connect(&[], &coordinated_client(&etcd, "sigterm"))
+        .await
+        .unwrap();
+    client
+        .create_table(&counting_table("emb", 1))
+        .await
+        .unwrap();
+    client.push("emb", &[1], &[-1.0]).await.unwrap();
+    client.flush().await.unwrap();
+    let started = Instant::now();
+    let (status, _standby) = tokio::task::spawn_blocking(move || {
+        let status = primary.terminate();
+        let mut standby = standby;
+        standby.wait_for_line("primary of shard 0 at epoch 2");
+        (status, standby)
+    })
+    .await
+    .unwrap();
+    let handed_over = started.elapsed();
+    assert!(status.success(), "the old primary exited with {status}");
+    assert!(
+        handed_over < Duration::from_secs(LEASE_TTL_SECS),
+        "the handover took {handed_over:?}, as long as the lease"
+    );
+    client.push("emb", &[1], &[-1.0]).await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(client.pull("emb", &[1]).await.unwrap(), [2.0]);
+    eprintln!("SIGTERM handover: {handed_over:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -327,6 +327,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let running = Arc::clone(&coordinated);
             tokio::spawn(async move {
                 let ended = running.run().await;
+                if matches!(ended, ps_server::coordination::Ended::Resigned) {
+                    // Shutting down: the drain and the shutdown checkpoint go on.
+                    return;
+                }
                 tracing::error!("{ended}; exiting so that a restart rejoins the shard");
                 // Tests and scripts read this line; keep it stable.
                 println!("coordination ended: {ended}");
