@@ -3,11 +3,15 @@
 Deployment's containers as local processes, exactly as the manifests say
 (command, args, env from the ConfigMaps kustomization.yaml generates), with
 pod names, ordinals and completion indices substituted, pod DNS names
-mapped to 127.0.0.1 ports and the peer-token Secret to a file, then check
-that the job trains, that the followers and the serving pod answer
-predictions, and that the servers shut down cleanly.
+mapped to 127.0.0.1 ports and the Secrets to files, then check that etcd
+(3 members) makes one server of each shard primary and the other its
+standby, that the job trains while the primary of shard 0 is killed
+(SIGKILL) mid-training and its standby takes over, that the followers and
+the serving pod answer predictions, that the servers shut down cleanly, and
+that a server pod restarted on its volume restores its checkpoint.
 
-Usage: smoke.py BIN_DIR   (a folder holding ps-server and ps-worker)
+Usage: smoke.py BIN_DIR   (a folder holding ps-server and ps-worker; the
+`etcd` binary must be on PATH)
 """
 
 import base64
@@ -56,7 +60,7 @@ def topology(kustomization):
                 literals[key] = value
     shards, workers = int(literals["shards"]), int(literals["workers"])
     replicas = {r["name"]: r["count"] for r in kustomization["replicas"]}
-    for name in ["ps-server", "ps-follower"]:
+    for name in ["ps-server-a", "ps-server-b", "ps-follower"]:
         if replicas.get(name) != shards:
             fail(f"replicas of {name} {replicas.get(name)} != shards {shards}")
     patch = yaml.safe_load(kustomization["patches"][0]["patch"])
@@ -68,6 +72,62 @@ def topology(kustomization):
 
 # Pod fields the manifests read through the downward API.
 POD_FIELDS = {"metadata.labels['batch.kubernetes.io/controller-uid']": "smoke-job-uid"}
+
+
+def read_until(proc, what, prefixes):
+    """Lines `proc` prints until one starting with one of `prefixes`
+    (included, last)."""
+    printed = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            fail(f"{what} exited before printing {prefixes!r}; it printed {printed!r}")
+        printed.append(line.strip())
+        if line.startswith(tuple(prefixes)):
+            return printed
+
+
+def expand(args, env):
+    """Kubernetes' $(VAR) expansion of container args."""
+    out = []
+    for arg in args:
+        for name, value in env.items():
+            arg = arg.replace(f"$({name})", value)
+        out.append(arg)
+    return out
+
+
+def start_etcd(work, path, pods):
+    """etcd.yaml's members as local processes; returns the DNS mapping of
+    their client endpoints."""
+    statefulset = load("etcd.yaml", "StatefulSet")
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    n = statefulset["spec"]["replicas"]
+    name, service = statefulset["metadata"]["name"], statefulset["spec"]["serviceName"]
+    clients = [free_port() for _ in range(n)]
+    peers = [free_port() for _ in range(n)]
+    client_dns = {f"{name}-{i}.{service}:2379": f"127.0.0.1:{p}" for i, p in enumerate(clients)}
+    peer_dns = {f"{name}-{i}.{service}:2380": f"127.0.0.1:{p}" for i, p in enumerate(peers)}
+    for i in range(n):
+        pod = f"{name}-{i}"
+        data = os.path.join(work, f"etcd-{i}")
+        rewrites = {
+            "--data-dir": {"/var/lib/etcd/data": data},
+            "--listen-client-urls": {"0.0.0.0:2379": f"127.0.0.1:{clients[i]}"},
+            "--advertise-client-urls": client_dns,
+            "--listen-peer-urls": {"0.0.0.0:2380": f"127.0.0.1:{peers[i]}"},
+            "--initial-advertise-peer-urls": peer_dns,
+            "--initial-cluster": peer_dns,
+        }
+        env = container_env(container, {}, {"PATH": path, "PS_SMOKE_REWRITES": json.dumps(rewrites)})
+        args = expand(container["args"], {"POD_NAME": pod})
+        log = open(os.path.join(work, f"etcd-{i}.log"), "w")
+        pods.append((subprocess.Popen(container["command"] + args, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=log), None))
+    return client_dns
+
+
+POD_FIELDS["metadata.name"] = None  # set per pod (etcd members)
 
 
 def container_env(container, config_maps, extra):
@@ -82,7 +142,8 @@ def container_env(container, config_maps, extra):
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
             if path not in POD_FIELDS:
                 fail(f"the smoke test does not know pod field {path}")
-            env[item["name"]] = POD_FIELDS[path]
+            if POD_FIELDS[path] is not None:
+                env[item["name"]] = POD_FIELDS[path]
     env.update(extra)
     return env
 
@@ -135,11 +196,23 @@ os.execv({json.dumps(real)}, [{json.dumps(real)}] + out)
 def main():
     if len(sys.argv) != 2:
         fail("usage: smoke.py BIN_DIR")
+    signal.alarm(1200)  # never hang CI: the whole test ends within 20 minutes
     bins = os.path.abspath(sys.argv[1])
+    if shutil.which("etcd") is None:
+        fail("no etcd binary on PATH (apt-get install etcd-server)")
     kustomization = load("kustomization.yaml")
     literals, shards, workers = topology(kustomization)
     config_maps = {"ps-topology": literals}
-    statefulset = load("statefulset.yaml")
+    server_sets = [d for d in yaml.safe_load_all(open(os.path.join(K8S, "statefulset.yaml"))) if d]
+    names = [d["metadata"]["name"] for d in server_sets]
+    if names != ["ps-server-a", "ps-server-b"]:
+        fail(f"statefulset.yaml holds {names}, not ps-server-a and ps-server-b")
+    # The two server sets differ only in name and replica-set label.
+    a, b = (yaml.safe_dump(d).replace(d["metadata"]["name"], "X").replace("replica-set: a", "replica-set: X")
+            .replace("replica-set: b", "replica-set: X") for d in server_sets)
+    if a != b:
+        fail("ps-server-a and ps-server-b differ beyond their name and replica-set label")
+    statefulset = server_sets[0]
     job = load("job.yaml")
     server = statefulset["spec"]["template"]["spec"]["containers"][0]
     worker = job["spec"]["template"]["spec"]["containers"][0]
@@ -152,45 +225,64 @@ def main():
 
     work = tempfile.mkdtemp(prefix="ps-smoke-")
     shutil.copy(os.path.join(K8S, "job.toml"), os.path.join(work, "job.toml"))
-    # The Secret ps-peer-token, mounted at /etc/ps-peer.
-    token = os.path.join(work, "peer-token")
-    with open(token, "w") as f:
-        f.write(base64.b64encode(os.urandom(32)).decode())
+    # The Secrets ps-peer-token and ps-auth-token, mounted as files.
+    tokens = {}
+    for secret, mount in [("peer", "/etc/ps-peer/token"), ("auth", "/etc/ps-auth/token")]:
+        tokens[mount] = os.path.join(work, f"{secret}-token")
+        with open(tokens[mount], "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode())
     wrappers = os.path.join(work, "bin")
     os.makedirs(wrappers)
     for name in ["ps-server", "ps-worker"]:
         write_wrapper(wrappers, name, os.path.join(bins, name))
+    write_wrapper(wrappers, "etcd", shutil.which("etcd"))
     path = wrappers + os.pathsep + os.environ["PATH"]
-    ports = [free_port() for _ in range(shards)]
     service = statefulset["spec"]["serviceName"]
-    dns = {f"ps-server-{i}.{service}:{grpc_port}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
-    servers = []
+    pods = {f"{n}-{i}": free_port() for n in names for i in range(shards)}
+    dns = {f"{pod}.{service}:{grpc_port}": f"127.0.0.1:{port}" for pod, port in pods.items()}
+    running = []
     try:
-        def start_pod(i):
-            """Server pod i, as the StatefulSet runs it, on its own volume."""
-            data = os.path.join(work, f"data-{i}")
+        etcd_dns = start_etcd(work, path, running)
+
+        def start_pod(pod):
+            """Server pod `pod` (NAME-ORDINAL), as its StatefulSet runs it,
+            on its own volume."""
+            data = os.path.join(work, f"data-{pod}")
             rewrites = {
-                "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{ports[i]}"},
+                "--listen": {f"0.0.0.0:{grpc_port}": f"127.0.0.1:{pods[pod]}"},
+                "--advertise": dns,
+                "--etcd": etcd_dns,
                 "--checkpoint-dir": {"/data/checkpoints": data},
                 "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
-                "--peer-token-file": {"/etc/ps-peer/token": token},
+                "--peer-token-file": tokens,
+                "--auth-token-file": tokens,
             }
-            pod = f"{statefulset['metadata']['name']}-{i}"
-            return run_container(server, config_maps, path, rewrites, {"HOSTNAME": pod}), data
+            proc = run_container(server, config_maps, path, rewrites, {"HOSTNAME": pod})
+            running.append((proc, data))
+            until_listening(proc, pod)
+            return proc, data
 
-        for i in range(shards):
-            proc, data = start_pod(i)
-            servers.append((proc, data))
-            printed = until_listening(proc, f"server {i}")
-            if not any(line.startswith("no checkpoint to restore") for line in printed):
-                fail(f"server {i} on an empty volume printed {printed!r}")
+        servers = {pod: start_pod(pod) for pod in pods}
+        primaries = {}
+        for pod, (proc, _) in servers.items():
+            said = read_until(proc, pod, ["primary of shard ", "joined "])
+            if said[-1].startswith("primary of shard "):
+                shard = int(said[-1].split()[3])
+                if shard in primaries:
+                    fail(f"two primaries of shard {shard}: {primaries[shard]} and {pod}")
+                primaries[shard] = pod
+        if sorted(primaries) != list(range(shards)):
+            fail(f"etcd named primaries of shards {sorted(primaries)}, not of all {shards}")
+        print(f"smoke: etcd (3 members) named a primary per shard ({primaries}); the other pods joined them")
+
         workers_running = []
         for rank in range(workers):
             report = os.path.join(work, f"report-{rank}.json")
             rewrites = {
-                "--servers": dns,
+                "--etcd": etcd_dns,
                 "--config": {"/etc/ps/job.toml": os.path.join(work, "job.toml")},
                 "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
+                "--auth-token-file": tokens,
             }
             env = container_env(worker, config_maps, {
                 "JOB_COMPLETION_INDEX": str(rank),
@@ -202,6 +294,16 @@ def main():
             proc = subprocess.Popen(worker["command"] + worker["args"], env=env,
                                     stdout=subprocess.DEVNULL)
             workers_running.append((proc, report))
+        # Mid-training, the primary of shard 0 dies (SIGKILL): its standby
+        # is promoted when the lease runs out and the workers follow.
+        time.sleep(2)
+        victim = primaries[0]
+        killed, _ = servers.pop(victim)
+        killed.kill()
+        killed.wait()
+        standby = next(pod for pod in servers if pod.endswith("-0"))
+        said = read_until(servers[standby][0], standby, ["primary of shard 0 at epoch "])
+        print(f"smoke: killed {victim} mid-training; {standby} says {said[-1]!r}")
         for rank, (proc, report) in enumerate(workers_running):
             if proc.wait(timeout=600) != 0:
                 fail(f"worker {rank} exited with {proc.returncode}")
@@ -211,27 +313,29 @@ def main():
                 fail(f"worker {rank} ran as {r['rank']} of {r['workers']} on {r['servers']} shards")
             if not r["val_auc"] or r["val_auc"] < 0.89:
                 fail(f"worker {rank} reached AUC {r['val_auc']}")
-            print(f"smoke: worker {rank}: {r['train_samples']} samples, val AUC {r['val_auc']:.4f}")
-        serving(config_maps, shards, dns, path, work, token, servers)
-        for i, (proc, data) in enumerate(servers[:shards]):
+            print(f"smoke: worker {rank}: {r['train_samples']} samples, val AUC {r['val_auc']:.4f}, "
+                  f"{r['pushes']['failovers']} failover(s)")
+        serving(config_maps, shards, dns, path, work, tokens, running)
+        for pod, (proc, data) in servers.items():
             proc.send_signal(signal.SIGTERM)
             if proc.wait(timeout=60) != 0:
-                fail(f"server {i} exited with {proc.returncode} on SIGTERM")
-            if not os.path.exists(os.path.join(data, "shutdown", f"shard-{i}.bin")):
-                fail(f"server {i} wrote no shutdown checkpoint")
-        print(f"smoke: {shards} server pods and {workers} worker pods ran from the manifests; "
+                fail(f"server {pod} exited with {proc.returncode} on SIGTERM")
+            shard = pod.rsplit("-", 1)[1]
+            if not os.path.exists(os.path.join(data, "shutdown", f"shard-{shard}.bin")):
+                fail(f"server {pod} wrote no shutdown checkpoint")
+        print(f"smoke: {len(servers)} live server pods and {workers} worker pods ran from the manifests; "
               "servers drained and wrote their shutdown checkpoints on SIGTERM")
-        # A server pod restarted on its volume restores its checkpoint.
-        restarted, data = start_pod(0)
-        servers[0] = (restarted, data)
-        printed = until_listening(restarted, "restarted server 0")
+        # A server pod restarted on its volume, with no other server of its
+        # shard alive, restores its checkpoint and serves.
+        proc, data = start_pod(standby)
+        printed = read_until(proc, f"restarted {standby}", ["primary of shard 0 at epoch "])
         rows = [line for line in printed if line.startswith("restored ") and " rows in " in line]
         origin = [line for line in printed if line.startswith("restored from ")]
         if not rows or int(rows[0].split()[1]) == 0 or not origin or not origin[0].endswith("shutdown"):
-            fail(f"the restarted server 0 did not restore its shutdown checkpoint: {printed!r}")
-        print(f"smoke: the restarted server pod {rows[0]} ({origin[0]})")
+            fail(f"the restarted server {standby} did not restore its shutdown checkpoint: {printed!r}")
+        print(f"smoke: the restarted server pod {standby} {rows[0]} ({origin[0]}) and serves ({printed[-1]})")
     finally:
-        for proc, _ in servers:
+        for proc, _ in running:
             if proc.poll() is None:
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
@@ -250,7 +354,7 @@ def run_container(container, config_maps, path, rewrites, extra_env):
                             stdout=subprocess.PIPE, text=True)
 
 
-def serving(config_maps, shards, server_dns, path, work, token, pods):
+def serving(config_maps, shards, server_dns, path, work, tokens, pods):
     """The followers (one per shard) and a serving pod, as follower.yaml
     and serve.yaml run them: the pod answers a prediction."""
     follower = load("follower.yaml", "StatefulSet")
@@ -262,7 +366,7 @@ def serving(config_maps, shards, server_dns, path, work, token, pods):
             "--listen": {f"0.0.0.0:{port}": f"127.0.0.1:{ports[i]}"},
             "--follow": server_dns,
             "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
-            "--peer-token-file": {"/etc/ps-peer/token": token},
+            "--peer-token-file": tokens,
         }
         pod = f"{follower['metadata']['name']}-{i}"
         proc = run_container(container, config_maps, path, rewrites, {"HOSTNAME": pod})

@@ -434,7 +434,7 @@ pub fn run_train(
         &stop,
         telemetry,
     )?;
-    let mut report = Report::new("train", job, world, servers.len(), &[summary]);
+    let mut report = Report::new("train", job, world, client.num_shards(), &[summary]);
     report.rank = Some(rank);
     report.add_traffic(&client); // training traffic only, before validation pulls
     report.set_validation(job, validate(&runtime, &client, job)?);

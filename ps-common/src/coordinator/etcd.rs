@@ -22,7 +22,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
-    channels: Vec<Channel>,
+    /// The members' endpoints, checked when given.
+    configured: Vec<tonic::transport::Endpoint>,
+    /// Their channels, made on first use (inside a runtime).
+    channels: std::sync::OnceLock<Vec<Channel>>,
     /// The member the last call succeeded on (tried first next time).
     current: AtomicUsize,
     /// One lease keep-alive stream at a time (it is bidirectional).
@@ -46,21 +49,18 @@ impl Etcd {
                 "--etcd needs at least one endpoint (host:port)",
             ));
         }
-        let channels = endpoints
+        let configured = endpoints
             .iter()
             .map(|e| {
                 crate::tls::endpoint(e, None)
-                    .map(|ep| {
-                        ep.connect_timeout(Duration::from_secs(1))
-                            .tcp_nodelay(true)
-                            .connect_lazy()
-                    })
+                    .map(|ep| ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true))
                     .map_err(|err| PsError::invalid(format!("etcd endpoint {e:?}: {err}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Etcd {
             endpoints: endpoints.to_vec(),
-            channels,
+            configured,
+            channels: std::sync::OnceLock::new(),
             current: AtomicUsize::new(0),
             keepalive: tokio::sync::Mutex::new(None),
             keepalive_member: Mutex::new(0),
@@ -72,6 +72,13 @@ impl Etcd {
         &self.endpoints
     }
 
+    /// A channel per member (lazy: each connects on first use); called
+    /// from async code only, which runs inside a runtime.
+    fn channels(&self) -> &[Channel] {
+        self.channels
+            .get_or_init(|| self.configured.iter().map(|e| e.connect_lazy()).collect())
+    }
+
     /// Runs `call` on the members in turn, starting with the last good
     /// one, until one answers; each try is bounded by [`CALL_TIMEOUT`].
     async fn on_members<T, F, Fut>(&self, what: &str, call: F) -> Result<T, PsError>
@@ -79,12 +86,12 @@ impl Etcd {
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let n = self.channels.len();
+        let n = self.configured.len();
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut last = String::new();
         for i in 0..n {
             let member = (first + i) % n;
-            match tokio::time::timeout(CALL_TIMEOUT, call(self.channels[member].clone())).await {
+            match tokio::time::timeout(CALL_TIMEOUT, call(self.channels()[member].clone())).await {
                 Ok(Ok(answer)) => {
                     self.current.store(member, Ordering::Relaxed);
                     return Ok(answer.into_inner());
@@ -192,7 +199,7 @@ impl Etcd {
     pub async fn keep_alive(&self, lease: i64) -> Result<i64, PsError> {
         let mut slot = self.keepalive.lock().await;
         let request = pb::LeaseKeepAliveRequest { id: lease };
-        for _ in 0..self.channels.len() {
+        for _ in 0..self.configured.len() {
             let renewed = async {
                 match slot.as_mut() {
                     Some(stream) => {
@@ -208,7 +215,7 @@ impl Etcd {
                             .unwrap_or_else(|p| p.into_inner());
                         let (send, receive) = tokio::sync::mpsc::channel(4);
                         send.send(request).await.ok()?;
-                        let mut answers = LeaseClient::new(self.channels[member].clone())
+                        let mut answers = LeaseClient::new(self.channels()[member].clone())
                             .lease_keep_alive(tokio_stream_of(receive))
                             .await
                             .ok()?
@@ -238,7 +245,7 @@ impl Etcd {
             .keepalive_member
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        *member = (*member + 1) % self.channels.len();
+        *member = (*member + 1) % self.configured.len();
     }
 
     /// Waits (at most `timeout`) for a change to a key in `[key,
@@ -252,7 +259,7 @@ impl Etcd {
         after: i64,
         timeout: Duration,
     ) -> bool {
-        let member = self.current.load(Ordering::Relaxed) % self.channels.len();
+        let member = self.current.load(Ordering::Relaxed) % self.configured.len();
         let create = pb::WatchRequest {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
                 pb::WatchCreateRequest {
@@ -268,7 +275,7 @@ impl Etcd {
             return false;
         }
         let watched = async {
-            let mut answers = WatchClient::new(self.channels[member].clone())
+            let mut answers = WatchClient::new(self.channels()[member].clone())
                 .watch(tokio_stream_of(receive))
                 .await
                 .ok()?
@@ -291,7 +298,7 @@ impl Etcd {
                 // The watch failed on this member: try another next time,
                 // after a pause so a dead member is not spun on.
                 self.current
-                    .store((member + 1) % self.channels.len(), Ordering::Relaxed);
+                    .store((member + 1) % self.configured.len(), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 false
             }
