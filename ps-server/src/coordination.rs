@@ -454,3 +454,88 @@ impl Coordinated {
 fn secs(ttl: i64) -> Duration {
     Duration::from_secs(u64::try_from(ttl).unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::{Peer, Replicated, Role};
+
+    /// Records nothing; answers that it did.
+    #[derive(Debug)]
+    struct Recorded;
+
+    impl Standbys for Recorded {
+        fn caught_up(
+            &self,
+            _addr: String,
+            _server_id: u64,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, PsError>> + Send>>
+        {
+            Box::pin(async { Ok(true) })
+        }
+
+        fn dropped(
+            &self,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, PsError>> + Send>>
+        {
+            Box::pin(async { Ok(true) })
+        }
+    }
+
+    fn coordinated(role: Role) -> Arc<Replication> {
+        let replication = Replication::new(Arc::new(Shard::new(0, 1)), role, Peer::default());
+        replication.coordinate(Arc::new(Recorded));
+        replication
+    }
+
+    #[tokio::test]
+    async fn a_coordinated_backup_is_promoted_by_its_coordinator_not_by_promote() {
+        let replication = coordinated(Role::Backup);
+        let refused = replication.promote().await.unwrap_err();
+        assert!(
+            matches!(refused, PsError::FailedPrecondition(_)),
+            "{refused}"
+        );
+        replication.set_fence(Instant::now() + Duration::from_secs(60));
+        replication.promote_to(4).unwrap();
+        assert_eq!(replication.description().role, "primary");
+        assert_eq!(replication.epoch(), 4);
+        replication.check_serving().unwrap();
+    }
+
+    #[test]
+    fn a_primary_past_its_fence_serves_nothing_until_it_renews() {
+        let replication = coordinated(Role::Backup);
+        replication.promote_to(1).unwrap();
+        replication.set_fence(Instant::now() - Duration::from_millis(1));
+        assert!(matches!(
+            replication.check_serving(),
+            Err(PsError::Unavailable(_))
+        ));
+        replication.set_fence(Instant::now() + Duration::from_secs(60));
+        replication.check_serving().unwrap();
+        // Given back: no later renewal moves the fence again.
+        replication.set_fence_now();
+        replication.set_fence(Instant::now() + Duration::from_secs(60));
+        assert!(matches!(
+            replication.check_serving(),
+            Err(PsError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn writes_of_an_older_epoch_are_refused() {
+        let replication = coordinated(Role::Backup);
+        replication.promote_to(3).unwrap();
+        // A promoted server refuses an older primary's writes whatever
+        // stream they name.
+        let refused = replication
+            .apply_replicated((77, 2), 1, 1, |_, _| Ok(()))
+            .unwrap_err();
+        assert!(refused.to_string().contains("fenced"), "{refused}");
+        assert!(!matches!(
+            replication.apply_replicated((77, 3), 1, 1, |_, _| Ok(())),
+            Ok(Replicated::Through(_))
+        ));
+    }
+}
