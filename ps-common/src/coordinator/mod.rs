@@ -38,6 +38,10 @@ pub mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// Most shards a job recorded in etcd may have: a worker allocates a slot
+/// per shard, so a count past this is refused rather than trusted.
+pub const MAX_SHARDS: u32 = 1 << 16;
+
 /// A server holding a role for a shard, as its etcd key records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
@@ -130,6 +134,11 @@ impl Job {
     /// Records `num_shards` for the job if none is, and refuses a count
     /// other than the one recorded.
     pub async fn claim_num_shards(&self, num_shards: u32) -> Result<(), PsError> {
+        if num_shards == 0 || num_shards > MAX_SHARDS {
+            return Err(PsError::invalid(format!(
+                "a coordinated job has 1 to {MAX_SHARDS} shards, not {num_shards}"
+            )));
+        }
         let key = self.key("num_shards");
         let answer = self
             .etcd
@@ -161,8 +170,13 @@ impl Job {
             Some(kv) => std::str::from_utf8(&kv.value)
                 .ok()
                 .and_then(|v| v.parse().ok())
+                .filter(|n| (1..=MAX_SHARDS).contains(n))
                 .map(Some)
-                .ok_or_else(|| PsError::FailedPrecondition(format!("{key} is not a number"))),
+                .ok_or_else(|| {
+                    PsError::FailedPrecondition(format!(
+                        "{key} in etcd is not a shard count in [1, {MAX_SHARDS}]"
+                    ))
+                }),
         }
     }
 

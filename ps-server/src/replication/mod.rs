@@ -537,18 +537,21 @@ impl Replication {
     pub async fn acknowledged(&self, seq: u64) -> Result<(), PsError> {
         let mut replicated = self.replicated.subscribe();
         loop {
-            if let Some(why) = &lock(&self.state).deposed {
-                return Err(PsError::Unavailable(format!(
-                    "{why}; the write may not have been replicated: retry it on the new primary"
-                )));
-            }
-            if *replicated.borrow_and_update() >= seq {
-                // A coordinated primary past its fence may have been
-                // replaced: the write may be lost with it, so no ack.
-                return match self.refusal(&lock(&self.state)) {
-                    Some(err) => Err(err),
-                    None => Ok(()),
-                };
+            {
+                let state = lock(&self.state);
+                if let Some(why) = &state.deposed {
+                    return Err(PsError::Unavailable(format!(
+                        "{why}; the write may not have been replicated: retry it on the new primary"
+                    )));
+                }
+                if *replicated.borrow_and_update() >= seq {
+                    // A coordinated primary past its fence may have been
+                    // replaced: the write may be lost with it, so no ack.
+                    return match self.refusal(&state) {
+                        Some(err) => Err(err),
+                        None => Ok(()),
+                    };
+                }
             }
             if replicated.changed().await.is_err() {
                 return Err(PsError::Internal("replication state dropped".into()));
