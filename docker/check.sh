@@ -38,6 +38,28 @@ if command -v kubectl >/dev/null 2>&1; then
   rendered=$(mktemp --suffix=.yaml)
   kubectl kustomize docker/k8s > "$rendered"
   "$VENV/bin/kubernetes-validate" --strict "$rendered"
+  echo "== the TLS overlay (docker/k8s-tls) renders, validates, and puts TLS on every ps pod"
+  kubectl kustomize docker/k8s-tls > "$rendered"
+  "$VENV/bin/kubernetes-validate" --strict "$rendered"
+  "$VENV/bin/python" - "$rendered" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+pods = [d for d in docs if d["kind"] in ("StatefulSet", "Job", "Deployment") and d["metadata"]["name"] != "ps-etcd"]
+assert len(pods) == 5, [d["metadata"]["name"] for d in pods]
+for d in pods:
+    spec = d["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    flags = container["env"][0]
+    name = d["metadata"]["name"]
+    assert flags["name"] == "PS_TLS_FLAGS" and "--tls-ca /etc/ps-tls/ca.crt" in flags["value"], (name, flags)
+    assert "${PS_TLS_FLAGS}" in container["args"][0], name
+    assert any(v["name"] == "tls" and v["secret"]["secretName"] == "ps-tls" for v in spec["volumes"]), name
+    assert any(m["mountPath"] == "/etc/ps-tls" for m in container["volumeMounts"]), name
+    if d["kind"] == "StatefulSet":
+        assert "--tls-require-client-cert" in flags["value"], name
+        assert "grpc" not in container["readinessProbe"] and "grpc" not in container["livenessProbe"], name
+print(f"tls overlay: {len(pods)} workloads on TLS")
+PY
   rm -f "$rendered"
 else
   cannot_render="kubectl not installed: the kustomization was not rendered"
