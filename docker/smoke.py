@@ -315,7 +315,7 @@ def main():
                 fail(f"worker {rank} reached AUC {r['val_auc']}")
             print(f"smoke: worker {rank}: {r['train_samples']} samples, val AUC {r['val_auc']:.4f}, "
                   f"{r['pushes']['failovers']} failover(s)")
-        serving(config_maps, shards, dns, path, work, tokens, running)
+        serving(config_maps, shards, etcd_dns, path, work, tokens, running)
         for pod, (proc, data) in servers.items():
             proc.send_signal(signal.SIGTERM)
             if proc.wait(timeout=60) != 0:
@@ -354,9 +354,10 @@ def run_container(container, config_maps, path, rewrites, extra_env):
                             stdout=subprocess.PIPE, text=True)
 
 
-def serving(config_maps, shards, server_dns, path, work, tokens, pods):
-    """The followers (one per shard) and a serving pod, as follower.yaml
-    and serve.yaml run them: the pod answers a prediction."""
+def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
+    """The followers (one per shard, following the primaries etcd names)
+    and a serving pod, as follower.yaml and serve.yaml run them: the pod
+    answers a prediction."""
     follower = load("follower.yaml", "StatefulSet")
     container = follower["spec"]["template"]["spec"]["containers"][0]
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
@@ -364,7 +365,7 @@ def serving(config_maps, shards, server_dns, path, work, tokens, pods):
     for i in range(shards):
         rewrites = {
             "--listen": {f"0.0.0.0:{port}": f"127.0.0.1:{ports[i]}"},
-            "--follow": server_dns,
+            "--etcd": etcd_dns,
             "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
             "--peer-token-file": tokens,
         }

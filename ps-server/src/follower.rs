@@ -5,7 +5,8 @@
 //! A follower may be given the shard's primary and its backup: it follows
 //! whichever serves as primary, and after a failover (its primary
 //! unreachable or deposed for [`GIVE_UP`]) it moves to the next address
-//! and starts again from a snapshot there.
+//! and starts again from a snapshot there. Or it asks the job's
+//! coordinator (etcd) which server is primary, each time it (re)starts.
 //!
 //! The follower never acknowledges anything: the primary does not wait for
 //! it. It measures its own staleness: when a Tail answer brings it to the
@@ -30,20 +31,53 @@ const RETRY: Duration = Duration::from_millis(200);
 /// next address.
 pub const GIVE_UP: Duration = Duration::from_secs(3);
 
-/// Follows the primary among `addrs` (tried in turn) until the replication
-/// is closed: snapshots, then tails, then snapshots again whenever the log
-/// no longer serves it.
+/// Where a follower finds its shard's primary.
+#[derive(Debug, Clone)]
+pub enum Primaries {
+    /// Among these addresses, tried in turn.
+    Listed(Vec<String>),
+    /// The server etcd names primary of the shard.
+    Coordinator(ps_common::coordinator::Job),
+}
+
+impl Primaries {
+    /// The address to follow next (the `attempt`-th try); `None` when
+    /// there is none to try yet (etcd names no primary, or cannot be read).
+    async fn next(&self, shard: u32, attempt: usize) -> Option<String> {
+        match self {
+            Primaries::Listed(addrs) if addrs.is_empty() => None,
+            Primaries::Listed(addrs) => Some(addrs[attempt % addrs.len()].clone()),
+            Primaries::Coordinator(job) => match job.shard(shard).await {
+                Ok(view) => view.primary.map(|p| p.addr),
+                Err(e) => {
+                    tracing::warn!("cannot read the shard's primary from etcd: {e}");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Follows the shard's primary, found as `primaries` says, until the
+/// replication is closed: snapshots, then tails, then snapshots again
+/// whenever the log no longer serves it.
 pub async fn follow(
     replication: Arc<Replication>,
     writer: Writer,
     decoder: Decoder,
-    addrs: Vec<String>,
+    (shard, primaries): (u32, Primaries),
 ) {
     let mut backoff = RETRY;
-    for primary in addrs.iter().cycle() {
+    for attempt in 0.. {
         if replication.is_closed() {
             return;
         }
+        let Some(primary) = primaries.next(shard, attempt).await else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            continue;
+        };
+        let primary = &primary;
         let log = match replication.follow_snapshot(primary).await {
             Ok((seq, bytes, log)) => {
                 tracing::info!(%primary, through = seq, bytes, "follower loaded its primary's snapshot");

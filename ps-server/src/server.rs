@@ -63,8 +63,11 @@ pub struct ServerConfig {
     pub checkpoint_deltas_per_base: Option<u64>,
     /// A read replica of the shard's primary, found among these addresses
     /// (the primary, and its backup) ([`crate::follower`]); its replication
-    /// must have the follower role. Empty: not a follower.
+    /// must have the follower role. Empty: not a follower (unless
+    /// `follow_coordinator` is set).
     pub follow: Vec<String>,
+    /// A read replica of the primary this job's etcd names (instead of `follow`).
+    pub follow_coordinator: Option<ps_common::coordinator::Job>,
     /// Primary: the byte cap of its follower log.
     pub follower_log_bytes: usize,
 }
@@ -106,6 +109,7 @@ impl ServerConfig {
             evict_every: Duration::from_millis(100),
             checkpoint_deltas_per_base: None,
             follow: Vec::new(),
+            follow_coordinator: None,
             follower_log_bytes: crate::replication::DEFAULT_FOLLOWER_LOG_BYTES,
         }
     }
@@ -262,7 +266,14 @@ pub async fn run_replicated(
     );
     let evicting = AbortOnDrop(tokio::spawn(Arc::clone(&evictor).run(config.evict_every)));
     replication.set_follower_log_bytes(config.follower_log_bytes);
-    let _following = (!config.follow.is_empty()).then(|| {
+    let primaries = match &config.follow_coordinator {
+        Some(job) => Some(crate::follower::Primaries::Coordinator(job.clone())),
+        None if !config.follow.is_empty() => {
+            Some(crate::follower::Primaries::Listed(config.follow.clone()))
+        }
+        None => None,
+    };
+    let _following = primaries.map(|primaries| {
         shard.set_read_only(true);
         let writer = Writer::new(
             Arc::clone(&shard),
@@ -273,7 +284,7 @@ pub async fn run_replicated(
             Arc::clone(&replication),
             writer,
             Decoder::new(config.limits),
-            config.follow.clone(),
+            (config.shard_id, primaries),
         )))
     });
     let service = ParameterServerServer::new(

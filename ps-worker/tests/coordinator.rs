@@ -378,3 +378,68 @@ async fn sigterm_of_a_primary_hands_its_shard_to_the_standby_at_once() {
     eprintln!("SIGTERM handover: {handed_over:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A read replica started with `--follow-etcd` follows whichever server
+/// etcd names primary: after the primary's kill -9 and the standby's
+/// promotion, a write acknowledged by the new primary shows on it, and the
+/// rows it held stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_the_coordinator_follows_the_promoted_standby() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = temp_dir("etcd-follower");
+    let etcd = EtcdCluster::start(&dir, 1);
+    let (mut primary, _standby) = primary_and_standby(&dir, &etcd, "follow").await;
+    let follower = common::Server::start_with(
+        0,
+        1,
+        &[
+            "--peer-token-file",
+            &common::peer_token_file(&dir),
+            "--etcd",
+            &etcd.flag(),
+            "--job",
+            "follow",
+            "--follow-etcd",
+        ],
+    );
+    let client = PsClient::connect(&[], &coordinated_client(&etcd, "follow"))
+        .await
+        .unwrap();
+    client.create_table(&counting_table("t", 1)).await.unwrap();
+    client.assign("t", &[1], &[1.0]).await.unwrap();
+    let on_follower = |key: u64, want: f32| {
+        let addr = follower.addr.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let seen = async {
+                    let c =
+                        PsClient::connect(std::slice::from_ref(&addr), &ClientConfig::default())
+                            .await
+                            .ok()?;
+                    c.register_table(&counting_table("t", 1)).ok()?;
+                    c.pull("t", &[key]).await.ok()?.first().copied()
+                }
+                .await;
+                if seen == Some(want) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the follower never showed row {key} = {want} (saw {seen:?})"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    on_follower(1, 1.0).await;
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    client.assign("t", &[2], &[2.0]).await.unwrap();
+    on_follower(2, 2.0).await;
+    on_follower(1, 1.0).await;
+    assert_eq!(describe(&follower.addr).await.role, "follower");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -109,6 +109,10 @@ struct Args {
     /// Workers find the primaries with `ps-worker train --etcd`.
     #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with_all = ["join", "follow", "restore", "restore_latest"], requires = "job")]
     etcd: Vec<String>,
+    /// With --etcd: start as a read replica (as --follow does) of whichever
+    /// server etcd names the shard's primary, asking again after a failover.
+    #[arg(long, requires = "etcd")]
+    follow_etcd: bool,
     /// The job's name in etcd (keys under /ps/NAME/); every server and
     /// worker of a job gives the same one.
     #[arg(long, value_name = "NAME")]
@@ -202,7 +206,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             "--join needs --peer-token-file: the primary takes backups only with the peer token"
         );
     }
-    if !args.follow.is_empty() && !auth.takes_peers() {
+    if (!args.follow.is_empty() || args.follow_etcd) && !auth.takes_peers() {
         anyhow::bail!(
             "--follow needs --peer-token-file: the primary takes followers only with the peer token"
         );
@@ -236,6 +240,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         evict_every: std::time::Duration::from_millis(args.evict_interval_ms),
         checkpoint_deltas_per_base: args.checkpoint_deltas_per_base,
         follow: args.follow.clone(),
+        follow_coordinator: None,
         follower_log_bytes: usize::try_from(args.follower_log_bytes).unwrap_or(usize::MAX),
     };
     config.validate()?;
@@ -273,11 +278,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port; keep it stable.
     println!("listening on {addr}");
     let shard = Arc::new(shard);
-    let role = if args.join.is_some() || !args.etcd.is_empty() {
+    let role = if args.follow_etcd || !args.follow.is_empty() {
+        Role::Follower
+    } else if args.join.is_some() || !args.etcd.is_empty() {
         // With etcd, a server serves nothing until it knows its role.
         Role::Backup
-    } else if !args.follow.is_empty() {
-        Role::Follower
     } else {
         Role::Primary
     };
@@ -307,11 +312,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }
         None => addr.to_string(),
     };
-    let coordinated = match &args.job {
+    let job = match &args.job {
         Some(job) if !args.etcd.is_empty() => {
             let etcd = Arc::new(ps_common::coordinator::Etcd::new(&args.etcd)?);
+            Some(ps_common::coordinator::Job::new(etcd, job).context("--job")?)
+        }
+        _ => None,
+    };
+    if args.follow_etcd {
+        config.follow_coordinator = job.clone();
+    }
+    let coordinated = match job {
+        Some(job) if !args.follow_etcd => {
             let coordination = Coordination {
-                job: ps_common::coordinator::Job::new(etcd, job).context("--job")?,
+                job,
                 advertised: advertised.clone(),
                 ttl: std::time::Duration::from_secs(args.lease_ttl_secs),
                 checkpoint_root: args.checkpoint_dir.clone(),

@@ -86,8 +86,12 @@ pub fn shard_count(dir: &Path) -> Result<u32, PsError> {
         .map_err(|e| storage("cannot read checkpoint", dir, e))?
         .filter_map(Result::ok)
         .filter(|e| {
+            // `shard-I.bin` only: not an incremental chain's deltas
+            // (`shard-I.delta-NNNNNN.bin`) or temporary files.
             let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with("shard-") && name.ends_with(".bin")
+            name.strip_prefix("shard-")
+                .and_then(|rest| rest.strip_suffix(".bin"))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
         })
         .count() as u32;
     if count == 0 {

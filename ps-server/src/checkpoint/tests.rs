@@ -187,6 +187,14 @@ fn shard_count_counts_the_shard_files_and_refuses_a_folder_without_any() {
         .save(&trained_shard(), "c1")
         .unwrap();
     assert_eq!(shard_count(&root.join("c1")), Ok(1));
+    // An incremental chain's deltas are not shards.
+    let chain = Checkpoints::new(root.clone());
+    let shard = trained_shard();
+    for _ in 0..3 {
+        chain.save_incremental(&shard, "chain", 8).unwrap();
+    }
+    assert!(root.join("chain/shard-1.delta-000002.bin").exists());
+    assert_eq!(shard_count(&root.join("chain")), Ok(1));
     assert!(matches!(
         shard_count(&root),
         Err(PsError::FailedPrecondition(_))
