@@ -255,8 +255,8 @@ async fn two_failovers_in_a_row_with_the_first_primary_restarted_lose_nothing_ac
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A lone server killed by SIGKILL and restarted as it was restores its
-/// newest checkpoint (there is no primary to rejoin) and says so in its
+/// A lone server checkpointed through etcd (`ps-worker checkpoint --etcd`),
+/// killed by SIGKILL and restarted as it was, restores its newest checkpoint (there is no primary to rejoin) and says so in its
 /// log and Describe; a client then reads every row the checkpoint held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_restarted_alone_restores_its_newest_checkpoint() {
@@ -279,7 +279,20 @@ async fn a_killed_server_restarted_alone_restores_its_newest_checkpoint() {
     let keys: Vec<u64> = (0..1000).collect();
     client.push("emb", &keys, &vec![-1.0; 1000]).await.unwrap();
     client.flush().await.unwrap();
-    client.checkpoint("saved").await.unwrap();
+    // The operator's checkpoint, of the primaries etcd names.
+    let out = common::workers::worker(&[
+        "checkpoint",
+        "--etcd",
+        &etcd.flag(),
+        "--job",
+        "restore",
+        "--name",
+        "saved",
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", common::workers::stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1000 rows"));
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 

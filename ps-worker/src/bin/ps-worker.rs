@@ -231,8 +231,20 @@ enum Command {
     /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
     Checkpoint {
         /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "etcd",
+            conflicts_with = "etcd"
+        )]
         servers: Vec<String>,
+        /// Checkpoint the primaries etcd names at these client URLs
+        /// (HOST:PORT,...) instead of listed servers.
+        #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "job")]
+        etcd: Vec<String>,
+        /// The job's name in etcd.
+        #[arg(long, value_name = "NAME")]
+        job: Option<String>,
         /// Checkpoint name: 1-128 characters from [A-Za-z0-9_.-].
         #[arg(long)]
         name: String,
@@ -244,6 +256,23 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,
     },
+}
+
+/// The job `--job` names in the etcd at `--etcd` (`None` without them).
+fn coordinator_of(
+    etcd: &[String],
+    job: Option<String>,
+) -> anyhow::Result<Option<ps_common::coordinator::Job>> {
+    match job {
+        Some(name) if !etcd.is_empty() => {
+            let etcd =
+                std::sync::Arc::new(ps_common::coordinator::Etcd::new(etcd).context("--etcd")?);
+            Ok(Some(
+                ps_common::coordinator::Job::new(etcd, &name).context("--job")?,
+            ))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -301,13 +330,7 @@ fn main() -> anyhow::Result<()> {
                     servers.len()
                 );
             }
-            let coordinator = match job_name {
-                Some(name) if !etcd.is_empty() => {
-                    let etcd = std::sync::Arc::new(ps_common::coordinator::Etcd::new(&etcd)?);
-                    Some(ps_common::coordinator::Job::new(etcd, &name).context("--job")?)
-                }
-                _ => None,
-            };
+            let coordinator = coordinator_of(&etcd, job_name)?;
             let client = ps_worker::ClientConfig {
                 auth_token,
                 backups,
@@ -517,6 +540,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Checkpoint {
             servers,
+            etcd,
+            job: job_name,
             name,
             incremental,
             connect_timeout_secs,
@@ -525,6 +550,7 @@ fn main() -> anyhow::Result<()> {
                 connect_timeout: Duration::from_secs(connect_timeout_secs),
                 auth_token,
                 tls,
+                coordinator: coordinator_of(&etcd, job_name)?,
                 ..ps_worker::ClientConfig::default()
             };
             let runtime =
