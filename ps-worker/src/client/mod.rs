@@ -17,6 +17,8 @@
 //!   bearer token), and connecting to one.
 //! - [`replicas`]: one shard's serving replica and backup: retries,
 //!   failover, the numbering of push calls.
+//! - [`discovery`]: the primaries a coordinator (etcd) names, at connect
+//!   and after a failure.
 //! - [`pull`] and [`push`]: the data path (planning per shard, coalescing,
 //!   the window of pushes in flight).
 
@@ -44,6 +46,7 @@ use crate::latency::Latencies;
 
 #[macro_use]
 mod link;
+mod discovery;
 mod pull;
 mod push;
 mod replicas;
@@ -245,61 +248,6 @@ impl PsClient {
             shards[i] = Some(Replicas::new(i, conn, standby, config.clone()));
         }
         Ok(Self::over(shards.into_iter().flatten().collect(), config))
-    }
-
-    /// The primary of every shard of `job`, in shard order, as etcd names
-    /// them; waits up to `timeout` for the job's servers to register and
-    /// every shard to have a primary.
-    pub async fn discover(
-        job: &ps_common::coordinator::Job,
-        timeout: Duration,
-    ) -> Result<Vec<String>, PsError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let found = async {
-                let Some(n) = job.num_shards().await? else {
-                    return Ok((
-                        Err("no server of the job has registered yet".to_string()),
-                        0,
-                    ));
-                };
-                let (primaries, revision) = job.primaries(n).await?;
-                let missing: Vec<usize> = (0..primaries.len())
-                    .filter(|&i| primaries[i].is_none())
-                    .collect();
-                Ok::<_, PsError>(if missing.is_empty() {
-                    (
-                        Ok(primaries.into_iter().flatten().map(|p| p.addr).collect()),
-                        revision,
-                    )
-                } else {
-                    (
-                        Err(format!("shards {missing:?} of {n} have no primary yet")),
-                        revision,
-                    )
-                })
-            };
-            let (last, revision) = match found.await {
-                Ok((Ok(addrs), _)) => return Ok(addrs),
-                Ok((Err(why), revision)) => (why, revision),
-                Err(e) => (e.to_string(), 0),
-            };
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return Err(PsError::Unavailable(format!(
-                    "job {} in etcd ({}): {last}",
-                    job.name(),
-                    job.etcd().endpoints().join(",")
-                )));
-            }
-            if revision == 0
-                || !job
-                    .wait_shards_change(revision, left.min(Duration::from_secs(1)))
-                    .await
-            {
-                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
-            }
-        }
     }
 
     /// A client calling the services of `shards` (in shard order) directly,
