@@ -44,27 +44,13 @@ pub enum Command {
         /// The job file (TOML).
         #[arg(long)]
         config: PathBuf,
-        /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            required_unless_present = "etcd",
-            conflicts_with = "etcd"
-        )]
-        servers: Vec<String>,
+        #[command(flatten)]
+        shards: Shards,
         /// Backup server of each shard, in the same order (HOST:PORT,...):
         /// when a primary dies, the worker promotes its backup and goes on.
         /// Default: the backups the primaries report when the worker connects.
         #[arg(long, value_delimiter = ',', conflicts_with = "etcd")]
         backups: Vec<String>,
-        /// Find the shards' primaries in etcd at these client URLs
-        /// (HOST:PORT,...), and follow failovers there (servers started
-        /// with `ps-server --etcd`).
-        #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "job")]
-        etcd: Vec<String>,
-        /// The job's name in etcd (as given to its servers).
-        #[arg(long, value_name = "NAME")]
-        job: Option<String>,
         /// This worker's rank in [0, --world); it reads lines i with i % world == rank.
         #[arg(long)]
         rank: usize,
@@ -218,21 +204,8 @@ pub enum Command {
     /// Ask every shard of a running job to write checkpoint NAME under its
     /// --checkpoint-dir (restore with `ps-server --restore DIR/NAME`).
     Checkpoint {
-        /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            required_unless_present = "etcd",
-            conflicts_with = "etcd"
-        )]
-        servers: Vec<String>,
-        /// Checkpoint the primaries etcd names at these client URLs
-        /// (HOST:PORT,...) instead of listed servers.
-        #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "job")]
-        etcd: Vec<String>,
-        /// The job's name in etcd.
-        #[arg(long, value_name = "NAME")]
-        job: Option<String>,
+        #[command(flatten)]
+        shards: Shards,
         /// Checkpoint name: 1-128 characters from [A-Za-z0-9_.-].
         #[arg(long)]
         name: String,
@@ -244,4 +217,25 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,
     },
+}
+
+/// Where a job's shards are: listed, or the primaries etcd names (servers
+/// started with `ps-server --etcd`, failovers followed there).
+#[derive(Debug, clap::Args)]
+pub struct Shards {
+    /// Server addresses in shard-id order, comma-separated (HOST:PORT,...).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    pub servers: Vec<String>,
+    /// Find the shards' primaries in etcd at these client URLs
+    /// (HOST:PORT,...) instead.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "job")]
+    pub etcd: Vec<String>,
+    /// The job's name in etcd (as given to its servers).
+    #[arg(long, value_name = "NAME")]
+    pub job: Option<String>,
 }

@@ -20,7 +20,7 @@ use ps_worker::telemetry::Telemetry;
 
 mod cli;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, Shards};
 
 /// The job `--job` names in the etcd at `--etcd` (`None` without them).
 fn coordinator_of(
@@ -65,10 +65,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Train {
             config,
-            servers,
+            shards:
+                Shards {
+                    servers,
+                    etcd,
+                    job: job_name,
+                },
             backups,
-            etcd,
-            job: job_name,
             rank,
             world,
             report,
@@ -303,9 +306,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Checkpoint {
-            servers,
-            etcd,
-            job: job_name,
+            shards:
+                Shards {
+                    servers,
+                    etcd,
+                    job: job_name,
+                },
             name,
             incremental,
             connect_timeout_secs,
