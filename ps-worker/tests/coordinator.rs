@@ -456,3 +456,45 @@ async fn a_follower_of_the_coordinator_follows_the_promoted_standby() {
     assert_eq!(describe(&follower.addr).await.role, "follower");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Operator mistakes are refused at start with a message that names them:
+/// a server of the job started with another shard count, a job name that
+/// is not one, and a coordinated server listening on 0.0.0.0 without the
+/// address its peers reach it at.
+#[test]
+fn a_server_started_with_another_shard_count_or_a_bad_job_name_is_refused() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = temp_dir("etcd-mistakes");
+    let etcd = EtcdCluster::start(&dir, 1);
+    let mut first = coordinated_server(&dir, &etcd, "mistakes", (0, 2), &[]);
+    first.wait_for_line("primary of shard 0 at epoch 1");
+    let refused = |shard: &str, shards: &str, job: &str, listen: &str| {
+        let out = std::process::Command::new(common::binary("ps-server"))
+            .args([
+                "--listen",
+                listen,
+                "--shard-id",
+                shard,
+                "--num-shards",
+                shards,
+            ])
+            .args(["--peer-token-file", &common::peer_token_file(&dir)])
+            .args(["--etcd", &etcd.flag(), "--job", job])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = refused("1", "3", "mistakes", "127.0.0.1:0");
+    assert!(
+        said.contains("runs 2 shards in etcd") && said.contains("--num-shards 3"),
+        "{said}"
+    );
+    let said = refused("0", "1", "no/such job", "127.0.0.1:0");
+    assert!(said.contains("job name"), "{said}");
+    let said = refused("0", "1", "mistakes-2", "0.0.0.0:0");
+    assert!(said.contains("--advertise"), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
+}
