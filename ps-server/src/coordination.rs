@@ -128,8 +128,33 @@ pub struct Coordinated {
 impl Coordinated {
     /// Registers the server with the job: takes a lease, checks the shard
     /// count, announces the server, and hands promotions of `replication`
-    /// to etcd. Call before the server serves.
+    /// to etcd. Call before the server serves. While no etcd member
+    /// answers (a cluster still starting), it tries again for up to
+    /// `config.join_timeout`; a refusal (another shard count) ends it at once.
     pub async fn register(
+        config: Coordination,
+        shard: Arc<Shard>,
+        replication: Arc<Replication>,
+    ) -> Result<Coordinated, PsError> {
+        let deadline = tokio::time::Instant::now() + config.join_timeout;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt =
+                Self::register_once(config.clone(), Arc::clone(&shard), Arc::clone(&replication));
+            match attempt.await {
+                Err(PsError::Unavailable(why))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::warn!("etcd does not answer yet: {why}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                registered => return registered,
+            }
+        }
+    }
+
+    async fn register_once(
         config: Coordination,
         shard: Arc<Shard>,
         replication: Arc<Replication>,
