@@ -4,7 +4,8 @@
 
 use super::*;
 
-/// Most times one call is sent before its error is returned.
+/// Most times one call is sent before its error is returned (without a
+/// coordinator; with one, the connect timeout bounds a call's retries).
 pub(super) const MAX_ATTEMPTS: u32 = 8;
 /// How often a client asks the serving replica of a shard for its backup.
 pub(super) const BACKUP_REFRESH: Duration = Duration::from_secs(2);
@@ -131,7 +132,16 @@ impl Replicas {
                 Err(status) => status,
             };
             attempt += 1;
-            if !retryable(status.code()) || attempt >= MAX_ATTEMPTS {
+            let failed = *failed_at.get_or_insert_with(std::time::Instant::now);
+            // With a coordinator, a primary may refuse for a while and then
+            // serve again (its lease renewal delayed by an etcd election)
+            // or be replaced after its lease: retry for the connect
+            // timeout, not a number of attempts.
+            let spent = match self.config.coordinator {
+                Some(_) => failed.elapsed() >= self.config.connect_timeout,
+                None => attempt >= MAX_ATTEMPTS,
+            };
+            if !retryable(status.code()) || spent {
                 let refused = self
                     .failover_refused
                     .lock()
@@ -164,7 +174,6 @@ impl Replicas {
                 return Err(conn.error(self.id, status));
             }
             stats.retries.fetch_add(1, Ordering::Relaxed);
-            let failed = *failed_at.get_or_insert_with(std::time::Instant::now);
             tracing::debug!(shard = self.id, addr = %conn.addr, attempt, "retrying after: {status}");
             if hung || !self.serving(&conn).await {
                 self.fail_over(generation, stats, failed).await;
