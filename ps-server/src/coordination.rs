@@ -448,12 +448,9 @@ impl Coordinated {
             return Ok(());
         };
         let started = Instant::now();
-        let latest = Checkpoints::new(root.clone())
-            .latest(self.shard.shard_id(), self.shard.num_shards())?;
-        for (dir, why) in &latest.skipped {
-            tracing::warn!(checkpoint = %dir.display(), "skipped a newer checkpoint: {why}");
-        }
-        let Some((dir, snapshot)) = latest.restored else {
+        let newest = Checkpoints::new(root.clone())
+            .newest(self.shard.shard_id(), self.shard.num_shards())?;
+        let Some((dir, snapshot)) = newest else {
             // Scripts read this line; keep it stable.
             println!("no checkpoint to restore; starting empty");
             return Ok(());

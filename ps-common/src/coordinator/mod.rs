@@ -334,30 +334,33 @@ impl Job {
         me: &Holder,
         standby: &Holder,
     ) -> Result<bool, PsError> {
-        let primary = self.shard_key(shard, "primary");
         let key = self.shard_key(shard, "standby");
-        let answer = self
-            .etcd
-            .txn(pb::TxnRequest {
-                compare: vec![value_is(&primary, &me.encode())],
-                success: vec![put_op(&key, &standby.encode(), 0)],
-                failure: vec![],
-            })
-            .await?;
-        Ok(answer.succeeded)
+        self.while_primary(shard, me, put_op(&key, &standby.encode(), 0))
+            .await
     }
 
     /// Primary `me`: deletes the standby record, if `me` still holds the
     /// primary key. Returns whether it did (after which `me` may
     /// acknowledge writes its backup has not applied).
     pub async fn clear_standby(&self, shard: u32, me: &Holder) -> Result<bool, PsError> {
-        let primary = self.shard_key(shard, "primary");
         let key = self.shard_key(shard, "standby");
+        self.while_primary(shard, me, delete_op(&key)).await
+    }
+
+    /// Applies `op` if `me` still holds shard `shard`'s primary key;
+    /// returns whether it did.
+    async fn while_primary(
+        &self,
+        shard: u32,
+        me: &Holder,
+        op: pb::RequestOp,
+    ) -> Result<bool, PsError> {
+        let primary = self.shard_key(shard, "primary");
         let answer = self
             .etcd
             .txn(pb::TxnRequest {
                 compare: vec![value_is(&primary, &me.encode())],
-                success: vec![delete_op(&key)],
+                success: vec![op],
                 failure: vec![],
             })
             .await?;

@@ -400,13 +400,10 @@ fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
             (dir.clone(), snapshot)
         }
         (None, Some(root)) if args.restore_latest => {
-            let latest = checkpoint::Checkpoints::new(root.clone())
-                .latest(args.shard_id, args.num_shards)
+            let newest = checkpoint::Checkpoints::new(root.clone())
+                .newest(args.shard_id, args.num_shards)
                 .with_context(|| format!("cannot --restore-latest from {}", root.display()))?;
-            for (dir, why) in &latest.skipped {
-                tracing::warn!(checkpoint = %dir.display(), "skipped a newer checkpoint: {why}");
-            }
-            match latest.restored {
+            match newest {
                 Some(found) => found,
                 None => {
                     tracing::info!(root = %root.display(), shard = args.shard_id, "no checkpoint of this shard yet; starting empty");

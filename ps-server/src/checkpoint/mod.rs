@@ -271,6 +271,23 @@ impl Checkpoints {
     }
 }
 
+impl Checkpoints {
+    /// [`Checkpoints::latest`] for a restore at start: each newer
+    /// checkpoint it had to skip is logged as a warning, and the one to
+    /// restore (if any) is returned.
+    pub fn newest(
+        &self,
+        shard_id: u32,
+        num_shards: u32,
+    ) -> Result<Option<(PathBuf, ShardSnapshot)>, PsError> {
+        let latest = self.latest(shard_id, num_shards)?;
+        for (dir, why) in &latest.skipped {
+            tracing::warn!(checkpoint = %dir.display(), "skipped a newer checkpoint: {why}");
+        }
+        Ok(latest.restored)
+    }
+}
+
 /// The steps of [`Checkpoints::write_atomically`].
 fn write_then_rename(tmp: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), PsError> {
     let mut file = File::create(tmp).map_err(|e| storage("cannot create", tmp, e))?;
