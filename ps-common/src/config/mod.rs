@@ -275,6 +275,58 @@ pub enum TableKindConfig {
     Dense,
 }
 
+impl TableConfig {
+    /// The spec of the table called `name`; without a `seed` key, the
+    /// initializer's seed is derived from `job_seed` and the name.
+    pub fn spec(&self, name: &str, job_seed: u64) -> TableSpec {
+        TableSpec {
+            name: name.to_string(),
+            kind: match self.kind {
+                TableKindConfig::Sparse => TableKind::Sparse,
+                TableKindConfig::Dense => {
+                    let rows = self.rows.unwrap_or(0);
+                    TableKind::Dense {
+                        rows,
+                        block_rows: self
+                            .block_rows
+                            .unwrap_or(rows.min(u64::from(u32::MAX)) as u32),
+                    }
+                }
+            },
+            dim: self.dim,
+            initializer: self.initializer,
+            optimizer: self.optimizer,
+            seed: self
+                .seed
+                .unwrap_or_else(|| mix64(job_seed ^ fnv1a64(name.as_bytes()))),
+            lifecycle: self.lifecycle,
+        }
+    }
+
+    /// Checks the keys that only one kind of table has; errors are
+    /// (key, message).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match self.kind {
+            TableKindConfig::Sparse => {
+                for (field, set) in [
+                    ("rows", self.rows.is_some()),
+                    ("block_rows", self.block_rows.is_some()),
+                ] {
+                    if set {
+                        return Err((field.into(), "only dense tables have this key".into()));
+                    }
+                }
+            }
+            TableKindConfig::Dense => {
+                if self.rows.is_none() {
+                    return Err(("kind".into(), "a dense table needs `rows`".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl JobConfig {
     /// Parses and validates a job file's text. Relative file paths are
     /// resolved against `base_dir`.
@@ -324,28 +376,7 @@ impl JobConfig {
     fn declared_table_specs(&self) -> Vec<TableSpec> {
         self.tables
             .iter()
-            .map(|(name, t)| TableSpec {
-                name: name.clone(),
-                kind: match t.kind {
-                    TableKindConfig::Sparse => TableKind::Sparse,
-                    TableKindConfig::Dense => {
-                        let rows = t.rows.unwrap_or(0);
-                        TableKind::Dense {
-                            rows,
-                            block_rows: t
-                                .block_rows
-                                .unwrap_or(rows.min(u64::from(u32::MAX)) as u32),
-                        }
-                    }
-                },
-                dim: t.dim,
-                initializer: t.initializer,
-                optimizer: t.optimizer,
-                seed: t
-                    .seed
-                    .unwrap_or_else(|| mix64(self.train.seed ^ fnv1a64(name.as_bytes()))),
-                lifecycle: t.lifecycle,
-            })
+            .map(|(name, t)| t.spec(name, self.train.seed))
             .collect()
     }
 
@@ -365,24 +396,9 @@ impl JobConfig {
             return Err(("tables".into(), "at least one table is required".into()));
         }
         for (name, table) in &self.tables {
-            let key = |field: &str| format!("tables.{name}.{field}");
-            match table.kind {
-                TableKindConfig::Sparse => {
-                    for (field, set) in [
-                        ("rows", table.rows.is_some()),
-                        ("block_rows", table.block_rows.is_some()),
-                    ] {
-                        if set {
-                            return Err((key(field), "only dense tables have this key".into()));
-                        }
-                    }
-                }
-                TableKindConfig::Dense => {
-                    if table.rows.is_none() {
-                        return Err((key("kind"), "a dense table needs `rows`".into()));
-                    }
-                }
-            }
+            table
+                .validate()
+                .map_err(|(field, msg)| (format!("tables.{name}.{field}"), msg))?;
         }
         for (key, value) in [
             ("clip_norm", t.clip_norm),
