@@ -342,6 +342,12 @@ impl PsClient {
         Ok(())
     }
 
+    /// Floats per row of `name`, a table created or registered through
+    /// this client.
+    pub fn table_dim(&self, name: &str) -> Result<usize, PsError> {
+        self.table(name).map(|info| info.dim)
+    }
+
     fn table(&self, name: &str) -> Result<TableInfo, PsError> {
         self.inner
             .tables

@@ -37,17 +37,28 @@ impl PsClient {
     /// Sums the gradients of duplicate keys and pushes them asynchronously.
     /// `grads` holds `keys.len() * dim` values in key order.
     pub async fn push(&self, table: &str, keys: &[u64], grads: &[f32]) -> Result<(), PsError> {
-        let info = self.table(table)?;
-        check_gradient_len(table, info.dim, keys, grads)?;
+        self.push_scaled(table, keys, grads, None).await
+    }
+
+    /// [`PsClient::push`] with the servers' learning rate for this push
+    /// multiplied by `lr_scale`; `None` is 1.
+    pub async fn push_scaled(
+        &self,
+        table: &str,
+        keys: &[u64],
+        grads: &[f32],
+        lr_scale: Option<f32>,
+    ) -> Result<(), PsError> {
+        let dim = self.table(table)?.dim;
+        check_gradient_len(table, dim, keys, grads)?;
         let unique = UniqueKeys::new(keys);
-        self.push_rows(
-            table,
-            info,
-            &unique.keys,
-            &unique.sum(grads, info.dim),
-            None,
-        )
-        .await
+        if unique.keys.len() == keys.len() {
+            // No duplicates: nothing to sum.
+            return self.push_unique_scaled(table, keys, grads, lr_scale).await;
+        }
+        let summed = unique.sum(grads, dim);
+        self.push_unique_scaled(table, &unique.keys, &summed, lr_scale)
+            .await
     }
 
     /// Pushes gradients of distinct `keys` asynchronously: returns once every
