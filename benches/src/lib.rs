@@ -10,6 +10,7 @@ use anyhow::Context;
 use ps_common::init::RowRng;
 use ps_common::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
+pub mod client_rows;
 pub mod ctr26;
 pub mod memory;
 pub mod recovery;

@@ -8,6 +8,8 @@
 //! - `ctr26`: the benchmark workload of `shared/bench/ctr26.md`, end to end
 //!   through real shards (loopback gRPC, or `--in-memory`).
 //! - `memory`: resident bytes per sparse row against the row's floats.
+//! - `client`: rows/s of the Rust client's pulls and pushes against running
+//!   servers (the reference of the Python package's benchmark).
 //! - `gen-ctr26`: writes ctr26 samples as a libffm file for end-to-end runs.
 //! - `gen-tasks`: writes the planted two-task data of the multi-task example.
 //!
@@ -174,6 +176,24 @@ enum Command {
         /// Serve without training meanwhile (for comparison).
         #[arg(long)]
         no_training: bool,
+    },
+    /// Rows/s of the Rust client's pulls and pushes of `--batch` distinct
+    /// ids against running servers (table `bench.emb`, created if absent);
+    /// one JSON line. `ps-python/bench/rows.py` runs it beside the Python
+    /// client.
+    Client {
+        /// The shards' addresses, comma-separated, in shard order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// Distinct ids per call.
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// Floats per row.
+        #[arg(long, default_value_t = 16)]
+        dim: u32,
+        /// Timed calls of each kind.
+        #[arg(long, default_value_t = 200)]
+        iters: usize,
     },
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
@@ -416,6 +436,26 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stream(args) => stream_bench(&args),
+        Command::Client {
+            servers,
+            batch,
+            dim,
+            iters,
+        } => {
+            if !(1..=1 << 20).contains(&batch) {
+                bail!("--batch must be between 1 and 1048576");
+            }
+            let setup = ps_benches::client_rows::Setup {
+                servers,
+                batch,
+                dim,
+                iters,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(ps_benches::client_rows::measure(&setup))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::GenCtr26(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ctr26::Generator::new(seed).write_libffm(rows, w)
         }),
