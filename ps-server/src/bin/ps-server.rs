@@ -166,7 +166,11 @@ struct Args {
     evict_interval_ms: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    ps_common::logging::exit_code(run())
+}
+
+fn run() -> anyhow::Result<()> {
     ps_common::memory::keep_freed_memory();
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?

@@ -39,7 +39,11 @@ fn coordinator_of(
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    ps_common::logging::exit_code(run())
+}
+
+fn run() -> anyhow::Result<()> {
     ps_common::memory::keep_freed_memory();
     let cli = Cli::parse();
     ps_common::logging::init(cli.log_format);
