@@ -44,14 +44,82 @@ pub enum Schedule {
     Hybrid,
 }
 
-/// One worker's view of the job's clocks.
-#[derive(Debug)]
-pub struct Gate {
+/// One worker's reports to a job's clocks on the servers (the `Clock`
+/// RPC of shard 0); the gates here and [`crate::barrier`] tick their own.
+#[derive(Debug, Clone)]
+pub struct JobClock {
     client: PsClient,
     job: String,
     worker: u32,
     workers: u32,
     lease_ms: u32,
+}
+
+impl JobClock {
+    /// Worker `rank` of `world` on the clocks of `job` (any name its
+    /// workers agree on); a worker silent for `lease_ms` is presumed dead.
+    pub fn new(client: &PsClient, job: String, rank: usize, world: usize, lease_ms: u32) -> Self {
+        JobClock {
+            client: client.clone(),
+            job,
+            worker: rank as u32,
+            workers: world as u32,
+            lease_ms: lease_ms.max(1),
+        }
+    }
+
+    /// This worker's rank.
+    pub fn worker(&self) -> u32 {
+        self.worker
+    }
+
+    /// How long a silent worker stays live.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.lease_ms))
+    }
+
+    /// The client the clocks are reached through.
+    pub fn client(&self) -> &PsClient {
+        &self.client
+    }
+
+    /// Reports this worker at `clock` and returns once every live worker
+    /// is at `wait_for` or past it (0: at once), or this one `finished`.
+    pub async fn report(
+        &self,
+        clock: u64,
+        wait_for: u64,
+        finished: bool,
+    ) -> Result<pb::ClockResponse, PsError> {
+        let answer = self
+            .client
+            .clock(pb::ClockRequest {
+                job: self.job.clone(),
+                worker: self.worker,
+                workers: self.workers,
+                clock,
+                wait_for,
+                finished,
+                lease_ms: self.lease_ms,
+                max_wait_ms: MAX_WAIT_MS,
+            })
+            .await?;
+        if !answer.expired.is_empty() {
+            tracing::warn!(
+                worker = self.worker,
+                job = %self.job,
+                expired = ?answer.expired,
+                "workers presumed dead (lease ran out); not waiting for them"
+            );
+        }
+        Ok(answer)
+    }
+}
+
+/// One worker's view of the job's clocks.
+#[derive(Debug)]
+pub struct Gate {
+    clock: JobClock,
     schedule: Schedule,
     max_staleness: AtomicU64,
 }
@@ -88,11 +156,7 @@ impl Gate {
         schedule: Schedule,
     ) -> Gate {
         Gate {
-            client: client.clone(),
-            job,
-            worker: rank as u32,
-            workers: world as u32,
-            lease_ms: lease_ms.max(1),
+            clock: JobClock::new(client, job, rank, world, lease_ms),
             schedule,
             max_staleness: AtomicU64::new(0),
         }
@@ -113,26 +177,7 @@ impl Gate {
     }
 
     async fn report(&self, clock: u64, wait_for: u64, finished: bool) -> Result<u64, PsError> {
-        let answer = self
-            .client
-            .clock(pb::ClockRequest {
-                job: self.job.clone(),
-                worker: self.worker,
-                workers: self.workers,
-                clock,
-                wait_for,
-                finished,
-                lease_ms: self.lease_ms,
-                max_wait_ms: MAX_WAIT_MS,
-            })
-            .await?;
-        if !answer.expired.is_empty() {
-            tracing::warn!(
-                worker = self.worker,
-                expired = ?answer.expired,
-                "workers presumed dead (lease ran out); not waiting for them"
-            );
-        }
+        let answer = self.clock.report(clock, wait_for, finished).await?;
         Ok(answer.min_clock_unfinished)
     }
 
@@ -157,7 +202,7 @@ impl Gate {
                 "Gate::ahead on a lockstep schedule".into(),
             ));
         };
-        self.client.flush().await?;
+        self.clock.client().flush().await?;
         let finished_steps = step.saturating_sub(1);
         let min = self
             .report(
@@ -173,7 +218,7 @@ impl Gate {
     /// Lockstep: before the pull of `step` (this worker's pushes of the
     /// step before were issued): every live worker has finished step `step - 1`.
     pub async fn before_pull(&self, step: u64) -> Result<(), PsError> {
-        self.client.flush().await?;
+        self.clock.client().flush().await?;
         let min = self.report(2 * step, 2 * step, false).await?;
         self.observe(step, min);
         Ok(())
@@ -189,7 +234,7 @@ impl Gate {
     /// This worker is done: its pushes are acknowledged and nobody waits
     /// for it any more.
     pub async fn finish(&self) -> Result<(), PsError> {
-        self.client.flush().await?;
+        self.clock.client().flush().await?;
         self.report(u64::MAX, 0, true).await?;
         Ok(())
     }

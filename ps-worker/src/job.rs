@@ -479,10 +479,15 @@ pub fn run_local_reporting(
         job.train.run_id = Some(format!("local-{}-{nanos}", std::process::id()));
     }
     let job = &job;
-    if job.train.best_checkpoint.is_some() && checkpoint_dir.is_none() {
-        return Err(JobError::Startup(
-            "train.best_checkpoint needs --checkpoint-dir so the local servers can write it".into(),
-        ));
+    for (key, set) in [
+        ("best_checkpoint", job.train.best_checkpoint.is_some()),
+        ("epoch_checkpoint", job.train.epoch_checkpoint.is_some()),
+    ] {
+        if set && checkpoint_dir.is_none() {
+            return Err(JobError::Startup(format!(
+                "train.{key} needs --checkpoint-dir so the local servers can write it"
+            )));
+        }
     }
     let runtime = runtime()?;
     let cluster = runtime

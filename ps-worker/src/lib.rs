@@ -26,6 +26,7 @@
 //!   freshness-bounded row cache, serving bundles.
 
 pub mod backend;
+pub mod barrier;
 pub mod cache;
 pub mod client;
 pub mod cluster;

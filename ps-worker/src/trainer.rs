@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendError};
+use crate::barrier::{EpochBarrier, ends_epochs};
 use crate::cache::{CacheStats, RowCache};
 use crate::client::PsClient;
 use crate::consistency::{Gate, Schedule};
@@ -299,6 +300,60 @@ impl Run<'_> {
         Ok(false)
     }
 
+    /// Worker 0 after `epoch`: its checkpoint (`epoch_checkpoint`),
+    /// validation into `record`, the best epoch and its checkpoint, and
+    /// whether early stopping ends training now (the others are told
+    /// through `stopped` before they go on).
+    fn end_epoch<B: Backend>(
+        &self,
+        backend: &B,
+        epoch: usize,
+        record: &mut EpochRecord,
+        summary: &mut TrainSummary,
+        since_best: &mut usize,
+        stopped: &Signal,
+    ) -> Result<bool, TrainError> {
+        let (job, train, client, runtime) = (self.job, &self.job.train, self.client, self.runtime);
+        runtime.block_on(client.flush())?;
+        if let Some(name) = train.epoch_checkpoint_name(epoch) {
+            runtime.block_on(client.checkpoint(&name))?;
+            tracing::info!(epoch, checkpoint = %name, "epoch checkpoint written");
+        }
+        let Some(source) = &job.data.validation else {
+            return Ok(false);
+        };
+        let per_task = evaluate_on(backend, runtime, client, job, source)?;
+        let m = per_task[0];
+        (record.val_auc, record.val_logloss, record.val_accuracy) =
+            (Some(m.auc), Some(m.logloss), Some(m.accuracy));
+        if per_task.len() > 1 {
+            record.val_task_auc = per_task.iter().map(|m| m.auc).collect();
+        }
+        let best_auc = summary
+            .best_epoch
+            .and_then(|e| summary.epochs.get(e - 1))
+            .and_then(|r| r.val_auc);
+        if best_auc.is_none_or(|best| m.auc > best) {
+            summary.best_epoch = Some(epoch);
+            *since_best = 0;
+            if let Some(name) = &train.best_checkpoint {
+                runtime.block_on(client.checkpoint(name))?;
+                tracing::info!(epoch, auc = format_args!("{:.4}", m.auc), checkpoint = %name, "new best");
+            }
+        } else {
+            *since_best += 1;
+        }
+        if train.early_stopping_patience > 0 && *since_best >= train.early_stopping_patience {
+            tracing::info!(
+                epoch,
+                "early stopping: no validation improvement for {since_best} epochs"
+            );
+            runtime.block_on(stopped.raise(client))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     fn train_on<B: Backend>(&self, backend: &B) -> Result<TrainSummary, TrainError> {
         let (job, train, client, runtime) = (self.job, &self.job.train, self.client, self.runtime);
         let model = Arc::new(Model::from_job(job));
@@ -310,6 +365,7 @@ impl Run<'_> {
         let stopped = Signal::new(job, "stop");
         let mut reported_bytes = client.bytes();
         let gate = Gate::for_job(client, job, self.rank, self.world).map(Arc::new);
+        let barrier = EpochBarrier::for_job(client, job, self.rank, self.world);
         let mut holdback = Holdback::for_job(job);
         let cache = model.row_cache(job);
         let positions = match train.progress_every_steps {
@@ -351,7 +407,11 @@ impl Run<'_> {
                 self.world,
                 train.batch_size,
                 &bad_lines,
-            )?;
+            )?
+            .shuffled(
+                job.data.shuffle_buffer,
+                mix64(train.seed ^ mix64(epoch as u64 ^ ((self.rank as u64) << 32))),
+            );
             for _ in 0..at {
                 match batches.next() {
                     Some(batch) => summary.skipped_samples += batch?.len() as u64,
@@ -431,29 +491,27 @@ impl Run<'_> {
                 val_accuracy: None,
                 val_task_auc: Vec::new(),
             };
-            if let (0, Some(source)) = (self.rank, &job.data.validation) {
-                runtime.block_on(client.flush())?;
-                let per_task = evaluate_on(backend, runtime, client, job, source)?;
-                let m = per_task[0];
-                (record.val_auc, record.val_logloss, record.val_accuracy) =
-                    (Some(m.auc), Some(m.logloss), Some(m.accuracy));
-                if per_task.len() > 1 {
-                    record.val_task_auc = per_task.iter().map(|m| m.auc).collect();
-                }
-                let best_auc = summary
-                    .best_epoch
-                    .and_then(|e| summary.epochs.get(e - 1))
-                    .and_then(|r| r.val_auc);
-                if best_auc.is_none_or(|best| m.auc > best) {
-                    summary.best_epoch = Some(epoch);
-                    since_best = 0;
-                    if let Some(name) = &train.best_checkpoint {
-                        runtime.block_on(client.checkpoint(name))?;
-                        tracing::info!(epoch, auc = format_args!("{:.4}", m.auc), checkpoint = %name, "new best");
-                    }
-                } else {
-                    since_best += 1;
-                }
+            // Validation reads the model at one point: every worker's
+            // pushes of this epoch applied, none of the next one's.
+            if let Some(barrier) = &barrier {
+                runtime.block_on(barrier.trained(epoch as u64))?;
+            }
+            let mut stop_now = false;
+            if self.rank == 0 && ends_epochs(job) {
+                let mut end = || {
+                    self.end_epoch(
+                        backend,
+                        epoch,
+                        &mut record,
+                        &mut summary,
+                        &mut since_best,
+                        &stopped,
+                    )
+                };
+                stop_now = match &barrier {
+                    Some(barrier) => barrier.validating(runtime, epoch as u64, end)??,
+                    None => end()?,
+                };
             }
             tracing::info!(
                 worker = self.rank,
@@ -467,14 +525,9 @@ impl Run<'_> {
                 "epoch done"
             );
             summary.epochs.push(record);
-            if train.early_stopping_patience > 0 && since_best >= train.early_stopping_patience {
-                tracing::info!(
-                    epoch,
-                    "early stopping: no validation improvement for {since_best} epochs"
-                );
+            if stop_now {
                 summary.stopped_early = epoch < train.epochs;
                 self.stop.store(true, Ordering::Relaxed);
-                runtime.block_on(stopped.raise(client))?;
                 break;
             }
         }
@@ -494,6 +547,9 @@ impl Run<'_> {
         if let Some(gate) = &gate {
             runtime.block_on(gate.finish())?;
             summary.max_staleness = Some(gate.max_staleness());
+        }
+        if let Some(barrier) = &barrier {
+            runtime.block_on(barrier.finish())?;
         }
         summary.bad_lines = bad_lines.load(Ordering::Relaxed);
         summary.seconds = started.elapsed().as_secs_f64();

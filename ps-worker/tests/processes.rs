@@ -84,7 +84,10 @@ fn a_worker_exits_non_zero_naming_an_unreachable_server() {
 fn a_malformed_job_file_is_reported_with_its_key_and_line() {
     let dir = temp_dir("badjob");
     let job = a9a_job_edited(&dir, "job.toml", &[("batch_size = 32", "batch_size = -4")]);
+    // A user's mistake: its message, without a backtrace even when asked
+    // for one, and without colour codes in a pipe.
     let out = worker(&["local", "--config", job.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -95,6 +98,39 @@ fn a_malformed_job_file_is_reported_with_its_key_and_line() {
     );
     assert!(err.contains("line 19"), "{err}");
     assert!(err.contains("key `train.batch_size`"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err:?}");
+}
+
+/// Logs written to a pipe or a file carry no colour codes; a shuffled job
+/// (every epoch in its own order) trains as well as the file's order.
+#[test]
+fn a_shuffled_local_run_logs_plain_text_to_a_pipe() {
+    let dir = temp_dir("plainlogs");
+    let job = a9a_job_edited(
+        &dir,
+        "job.toml",
+        &[
+            ("epochs = 5", "epochs = 2"),
+            ("[data]", "[data]\nshuffle_buffer = 5000"),
+        ],
+    );
+    let out = worker(&["local", "--config", job.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("INFO"), "{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err:?}");
+    let printed = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
+    let auc: f64 = printed
+        .split("): auc ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no AUC in {printed}"));
+    assert!(auc > 0.89, "AUC {auc}");
 }
 
 /// The job file's lifecycle reaches the servers: a9a trained by two

@@ -167,6 +167,26 @@ pub struct DataConfig {
     /// Criteo only: how the 13 integer columns become features.
     #[serde(default)]
     pub integers: IntegerFeatures,
+    /// With `on_bad_line = "skip"`: the share of a worker's lines that may
+    /// be malformed. Past it (checked from the 1,000th line on, and at the
+    /// end of the file) reading fails: a file of wrong format does not
+    /// train on nothing.
+    #[serde(default = "default_max_bad_line_fraction")]
+    pub max_bad_line_fraction: f64,
+    /// Training lines a worker shuffles among: each line read goes into a
+    /// buffer of this many and a random one comes out (as TensorFlow's
+    /// `shuffle(buffer_size)`), seeded by `train.seed`, the epoch and the
+    /// rank, so each epoch has its own order and a resumed epoch the same
+    /// one. 0 (the default): file order. Validation is never shuffled.
+    #[serde(default)]
+    pub shuffle_buffer: usize,
+}
+
+/// The largest `data.shuffle_buffer`: lines held in memory at once.
+pub const MAX_SHUFFLE_BUFFER: usize = 10_000_000;
+
+fn default_max_bad_line_fraction() -> f64 {
+    0.01
 }
 
 /// How Criteo's integer columns become features.
@@ -395,6 +415,19 @@ impl JobConfig {
         if self.tables.is_empty() {
             return Err(("tables".into(), "at least one table is required".into()));
         }
+        let fraction = self.data.max_bad_line_fraction;
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err((
+                "data.max_bad_line_fraction".into(),
+                "must be between 0 and 1".into(),
+            ));
+        }
+        if self.data.shuffle_buffer > MAX_SHUFFLE_BUFFER {
+            return Err((
+                "data.shuffle_buffer".into(),
+                format!("must be at most {MAX_SHUFFLE_BUFFER} lines"),
+            ));
+        }
         for (name, table) in &self.tables {
             table
                 .validate()
@@ -471,6 +504,26 @@ impl JobConfig {
                     format!(
                         "{} {}",
                         crate::names::quoted(name),
+                        crate::names::CHECKPOINT_NAME_RULE
+                    ),
+                )
+            })?;
+        }
+        if let Some(template) = &t.epoch_checkpoint {
+            let key = || "train.epoch_checkpoint".to_string();
+            if !template.contains("{epoch}") {
+                return Err((
+                    key(),
+                    "needs {epoch} in the name, or each epoch would overwrite the last (e.g. \"epoch-{epoch}\")".into(),
+                ));
+            }
+            let example = template.replace("{epoch}", "1");
+            crate::names::validate_checkpoint_name(&example).map_err(|_| {
+                (
+                    key(),
+                    format!(
+                        "{} {}",
+                        crate::names::quoted(template),
                         crate::names::CHECKPOINT_NAME_RULE
                     ),
                 )

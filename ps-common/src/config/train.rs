@@ -25,6 +25,11 @@ pub struct TrainConfig {
     /// Write a checkpoint of this name whenever validation AUC improves
     /// (needs `data.validation` and servers started with `--checkpoint-dir`).
     pub best_checkpoint: Option<String>,
+    /// Write a checkpoint after every epoch, named by this template with
+    /// `{epoch}` replaced by the epoch (e.g. `"epoch-{epoch}"`), at the
+    /// point the epoch's validation reads (needs servers started with
+    /// `--checkpoint-dir`).
+    pub epoch_checkpoint: Option<String>,
     /// Clip the dense tables' gradients to this global L2 norm.
     pub clip_norm: Option<f32>,
     /// Clip each sparse row's gradient to this L2 norm.
@@ -254,6 +259,7 @@ impl Default for TrainConfig {
             device: Device::Cpu,
             early_stopping_patience: 0,
             best_checkpoint: None,
+            epoch_checkpoint: None,
             clip_norm: None,
             clip_row_norm: None,
             freeze: Vec::new(),
@@ -266,5 +272,14 @@ impl Default for TrainConfig {
             worker_lease_seconds: 30.0,
             progress_every_steps: 100,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The name of `epoch`'s checkpoint under `epoch_checkpoint`.
+    pub fn epoch_checkpoint_name(&self, epoch: usize) -> Option<String> {
+        self.epoch_checkpoint
+            .as_ref()
+            .map(|template| template.replace("{epoch}", &epoch.to_string()))
     }
 }

@@ -40,6 +40,22 @@ pub enum DataError {
         /// What failed.
         message: String,
     },
+    /// More lines were malformed than `data.max_bad_line_fraction` allows.
+    #[error(
+        "{source_name}: {bad} of the {lines} lines read are malformed, more than \
+         data.max_bad_line_fraction = {max_fraction} (is data.format right? the first \
+         bad lines are logged above)"
+    )]
+    TooManyBadLines {
+        /// The file or builtin name.
+        source_name: String,
+        /// Malformed lines so far.
+        bad: u64,
+        /// This worker's lines read so far.
+        lines: u64,
+        /// The allowed share.
+        max_fraction: f64,
+    },
     /// A line does not parse.
     #[error("{source_name}:{line}: {message}")]
     Parse {
@@ -208,11 +224,39 @@ pub struct Batches {
     batch_size: usize,
     /// Lines read so far (the next line's number minus one).
     line: usize,
+    /// The line being parsed, and its 1-based number.
     buf: String,
+    current: usize,
+    /// The source has no more lines.
+    eof: bool,
     done: bool,
-    /// With `Some`, malformed lines are counted here and skipped instead of
+    /// With `Some`, malformed lines are counted and skipped instead of
     /// ending the stream with an error.
-    skipped: Option<Arc<AtomicU64>>,
+    skipped: Option<SkipBadLines>,
+    /// Lines of this worker's shard handed to a parser.
+    parsed_lines: u64,
+    shuffle: Option<Shuffle>,
+}
+
+/// Skipping malformed lines, within a share of them.
+struct SkipBadLines {
+    /// The job's count of skipped lines (all workers and epochs).
+    counter: Arc<AtomicU64>,
+    /// This stream's.
+    bad: u64,
+    max_fraction: f64,
+}
+
+/// Lines checked before the bad-line share is held against a stream (a
+/// bad line among the first few says little).
+const BAD_LINE_GRACE: u64 = 1000;
+
+/// A shuffle buffer of lines (`data.shuffle_buffer`).
+struct Shuffle {
+    capacity: usize,
+    /// (1-based line number, text).
+    lines: Vec<(usize, String)>,
+    rng: ps_common::init::RowRng,
 }
 
 impl Batches {
@@ -233,8 +277,21 @@ impl Batches {
             .tasks(job.model.tasks().len());
         Ok(match data.on_bad_line {
             OnBadLine::Fail => batches,
-            OnBadLine::Skip => batches.skip_bad_lines(Arc::clone(skipped)),
+            OnBadLine::Skip => {
+                batches.skip_bad_lines(Arc::clone(skipped), data.max_bad_line_fraction)
+            }
         })
+    }
+
+    /// Hands out lines through a shuffle buffer of `capacity` lines (0:
+    /// file order), in an order drawn from `seed`.
+    pub fn shuffled(mut self, capacity: usize, seed: u64) -> Self {
+        self.shuffle = (capacity > 1).then(|| Shuffle {
+            capacity,
+            lines: Vec::with_capacity(capacity.min(1 << 16)),
+            rng: ps_common::init::RowRng::new(seed, 0x5348_5546),
+        });
+        self
     }
 
     /// Labels per line (multi-task data: `1,0 ...`); default 1.
@@ -250,9 +307,14 @@ impl Batches {
     }
 
     /// Skips malformed lines (each logged with its number, the first ones
-    /// in full) and counts them in `counter`, instead of failing.
-    pub fn skip_bad_lines(mut self, counter: Arc<AtomicU64>) -> Self {
-        self.skipped = Some(counter);
+    /// in full) and counts them in `counter`, instead of failing, unless
+    /// more than `max_fraction` of the lines are malformed.
+    pub fn skip_bad_lines(mut self, counter: Arc<AtomicU64>, max_fraction: f64) -> Self {
+        self.skipped = Some(SkipBadLines {
+            counter,
+            bad: 0,
+            max_fraction,
+        });
         self
     }
 
@@ -289,14 +351,19 @@ impl Batches {
             batch_size: batch_size.max(1),
             line: 0,
             buf: String::new(),
+            current: 0,
+            eof: false,
             done: false,
             skipped: None,
+            parsed_lines: 0,
+            shuffle: None,
         })
     }
 
-    fn next_batch(&mut self) -> Result<Option<Batch>, DataError> {
-        let mut batch = Batch::new();
-        while batch.len() < self.batch_size {
+    /// Reads the next line of this worker's shard that holds an example
+    /// into `buf` (its number in `current`); false at the end.
+    fn read_shard_line(&mut self) -> Result<bool, DataError> {
+        loop {
             self.buf.clear();
             let n = self
                 .reader
@@ -306,8 +373,8 @@ impl Batches {
                     message: format!("read error after line {}: {e}", self.line),
                 })?;
             if n == 0 {
-                self.done = true;
-                break;
+                self.eof = true;
+                return Ok(false);
             }
             let index = self.line;
             self.line += 1;
@@ -318,6 +385,70 @@ impl Batches {
             if text.is_empty() || text.starts_with('#') {
                 continue;
             }
+            self.current = self.line;
+            return Ok(true);
+        }
+    }
+
+    /// The next line to parse, into `buf`: straight from the source, or
+    /// a random one of the shuffle buffer; false at the end.
+    fn next_line(&mut self) -> Result<bool, DataError> {
+        let Some(mut shuffle) = self.shuffle.take() else {
+            return self.read_shard_line();
+        };
+        let filled = (|| {
+            while shuffle.lines.len() < shuffle.capacity && !self.eof {
+                if self.read_shard_line()? {
+                    shuffle
+                        .lines
+                        .push((self.current, std::mem::take(&mut self.buf)));
+                }
+            }
+            Ok::<_, DataError>(())
+        })();
+        let picked = match filled {
+            Ok(()) if !shuffle.lines.is_empty() => {
+                let j = (shuffle.rng.next_u64() % shuffle.lines.len() as u64) as usize;
+                let (line, text) = shuffle.lines.swap_remove(j);
+                (self.current, self.buf) = (line, text);
+                Ok(true)
+            }
+            Ok(()) => Ok(false),
+            Err(e) => Err(e),
+        };
+        self.shuffle = Some(shuffle);
+        picked
+    }
+
+    /// Fails when more than the allowed share of lines were malformed:
+    /// from [`BAD_LINE_GRACE`] lines on, or at the end of the source.
+    fn check_bad_share(&self, at_end: bool) -> Result<(), DataError> {
+        let Some(skip) = &self.skipped else {
+            return Ok(());
+        };
+        let lines = self.parsed_lines;
+        let over = skip.bad as f64 > skip.max_fraction * lines as f64;
+        if over && (at_end || lines >= BAD_LINE_GRACE) {
+            return Err(DataError::TooManyBadLines {
+                source_name: self.source_name.clone(),
+                bad: skip.bad,
+                lines,
+                max_fraction: skip.max_fraction,
+            });
+        }
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Batch>, DataError> {
+        let mut batch = Batch::new();
+        while batch.len() < self.batch_size {
+            if !self.next_line()? {
+                self.done = true;
+                self.check_bad_share(true)?;
+                break;
+            }
+            self.parsed_lines += 1;
+            let text = self.buf.trim();
             let parsed = match self.format {
                 DataFormat::Libsvm => parse_libsvm_line(text, self.tasks, &mut batch),
                 DataFormat::Libffm => parse_libffm_line(text, self.fields, self.tasks, &mut batch),
@@ -326,18 +457,18 @@ impl Batches {
             if let Err(message) = parsed {
                 let error = DataError::Parse {
                     source_name: self.source_name.clone(),
-                    line: self.line,
+                    line: self.current,
                     message,
                 };
-                match &self.skipped {
-                    None => return Err(error),
-                    Some(counter) => {
-                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n <= 10 || n.is_power_of_two() {
-                            tracing::warn!(skipped = n, "skipping malformed line: {error}");
-                        }
-                    }
+                let Some(skip) = &mut self.skipped else {
+                    return Err(error);
+                };
+                skip.bad += 1;
+                let n = skip.counter.fetch_add(1, Ordering::Relaxed) + 1;
+                if n <= 10 || n.is_power_of_two() {
+                    tracing::warn!(skipped = n, "skipping malformed line: {error}");
                 }
+                self.check_bad_share(false)?;
             }
         }
         Ok((!batch.is_empty()).then_some(batch))

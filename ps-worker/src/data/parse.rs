@@ -105,6 +105,17 @@ pub(super) fn parse_libffm_line(
     Ok(())
 }
 
+/// An integer column's value: an integer, or a float with no fractional
+/// part (`260.0`, as some exports write integer columns).
+pub(super) fn parse_integer(text: &str) -> Option<i64> {
+    text.parse::<i64>().ok().or_else(|| {
+        let v = text.parse::<f64>().ok()?;
+        // i64's range is [-2^63, 2^63): both bounds are exact in f64.
+        (v.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&v))
+            .then_some(v as i64)
+    })
+}
+
 /// Criteo's integer and categorical column counts.
 pub(super) const CRITEO_INTEGERS: usize = 13;
 pub(super) const CRITEO_CATEGORIES: usize = 26;
@@ -142,9 +153,8 @@ pub(super) fn parse_criteo_line(
         if text.is_empty() {
             continue;
         }
-        let v: i64 = text
-            .parse()
-            .map_err(|_| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
+        let v = parse_integer(text)
+            .ok_or_else(|| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
         features.push(match integers {
             IntegerFeatures::Bucketize => {
                 let bucket = if v <= 2 {

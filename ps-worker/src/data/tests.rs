@@ -138,12 +138,141 @@ mod examples {
         let counter = Arc::new(AtomicU64::new(0));
         let batches: Vec<Batch> = Batches::open(&src, 0, 1, 10)
             .unwrap()
-            .skip_bad_lines(Arc::clone(&counter))
+            .skip_bad_lines(Arc::clone(&counter), 0.5)
             .map(Result::unwrap)
             .collect();
         assert_eq!(batches[0].ids, [1, 3]);
         assert_eq!(batches[0].labels, [1.0, 0.0]);
         assert_eq!(counter.load(Ordering::Relaxed), 2);
+    }
+
+    fn read_all(src: &DataSource, max_fraction: f64) -> Result<usize, DataError> {
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut examples = 0;
+        for batch in Batches::open(src, 0, 1, 64)?.skip_bad_lines(counter, max_fraction) {
+            examples += batch?.len();
+        }
+        Ok(examples)
+    }
+
+    #[test]
+    fn skipping_fails_once_more_than_the_allowed_share_of_lines_is_bad() {
+        // Every line bad (a file of another format): an error, not an
+        // empty training run.
+        let src = write_temp("all-bad", &"1,2,3,4\n".repeat(50));
+        let err = read_all(&src, 0.01).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "50 of the 50 lines read are malformed, more than data.max_bad_line_fraction = 0.01"
+            ),
+            "{err}"
+        );
+        // 1 bad line in 200 is within 1%; 3 are not (at the end).
+        let mut text = "1 1:1\n".repeat(199);
+        text.push_str("1 x\n");
+        assert_eq!(read_all(&write_temp("one-bad", &text), 0.01).unwrap(), 199);
+        let text = "1 1:1\n".repeat(197) + &"1 x\n".repeat(3);
+        assert!(read_all(&write_temp("three-bad", &text), 0.01).is_err());
+        // A long file that turns bad fails as it crosses the share, before
+        // its end.
+        let text = "1 1:1\n".repeat(1000) + &"1 x\n".repeat(100) + &"1 1:1\n".repeat(5000);
+        let src = write_temp("turns-bad", &text);
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut read = 0;
+        let mut failed = None;
+        for batch in Batches::open(&src, 0, 1, 64)
+            .unwrap()
+            .skip_bad_lines(counter, 0.01)
+        {
+            match batch {
+                Ok(b) => read += b.len(),
+                Err(e) => failed = Some(e),
+            }
+        }
+        assert!(failed.is_some() && read < 1100, "read {read}");
+    }
+
+    fn ids_in_order(src: &DataSource, buffer: usize, seed: u64) -> Vec<u64> {
+        Batches::open(src, 0, 1, 7)
+            .unwrap()
+            .shuffled(buffer, seed)
+            .flat_map(|b| b.unwrap().ids)
+            .collect()
+    }
+
+    #[test]
+    fn a_shuffle_buffer_reorders_every_line_once_per_seed() {
+        let text: String = (0..500).map(|i| format!("1 {i}:1\n")).collect();
+        let src = write_temp("shuffle", &text);
+        let file_order: Vec<u64> = (0..500).collect();
+        assert_eq!(ids_in_order(&src, 0, 1), file_order);
+        let a = ids_in_order(&src, 100, 1);
+        assert_ne!(a, file_order);
+        assert_eq!(
+            a,
+            ids_in_order(&src, 100, 1),
+            "the same seed, the same order"
+        );
+        assert_ne!(
+            a,
+            ids_in_order(&src, 100, 2),
+            "another epoch, another order"
+        );
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, file_order, "every line exactly once");
+        // A line comes out at most `buffer - 1` places before its own
+        // (it must have been read), and may come out any time after.
+        assert!(a.iter().enumerate().all(|(pos, &id)| id < pos as u64 + 100));
+        // A buffer of the whole file mixes its two halves.
+        let whole = ids_in_order(&src, 500, 1);
+        assert!(whole[..250].iter().filter(|&&id| id >= 250).count() > 50);
+    }
+
+    #[test]
+    fn a_shuffled_malformed_line_keeps_its_own_line_number() {
+        let text: String = (0..50)
+            .map(|i| {
+                if i == 20 {
+                    "1 oops\n".to_string()
+                } else {
+                    format!("1 {i}:1\n")
+                }
+            })
+            .collect();
+        let err = Batches::open(&write_temp("shuffle-bad", &text), 0, 1, 7)
+            .unwrap()
+            .shuffled(50, 3)
+            .find_map(Result::err)
+            .unwrap();
+        assert!(err.to_string().contains(":21: feature \"oops\""), "{err}");
+    }
+
+    #[test]
+    fn integer_columns_written_as_floats_are_integers() {
+        assert_eq!(parse::parse_integer("260"), Some(260));
+        assert_eq!(parse::parse_integer("260.0"), Some(260));
+        assert_eq!(parse::parse_integer("-3.0"), Some(-3));
+        assert_eq!(parse::parse_integer("1e3"), Some(1000));
+        for bad in ["2.5", "x", "", "1e30", "nan", "inf"] {
+            assert_eq!(parse::parse_integer(bad), None, "{bad}");
+        }
+        let cats = ["68fd1e64"; 26];
+        let mut as_int = Batch::new();
+        let mut as_float = Batch::new();
+        parse_criteo_line(
+            &criteo_line(1, &["260"; 13], &cats),
+            IntegerFeatures::Bucketize,
+            &mut as_int,
+        )
+        .unwrap();
+        parse_criteo_line(
+            &criteo_line(1, &["260.0"; 13], &cats),
+            IntegerFeatures::Bucketize,
+            &mut as_float,
+        )
+        .unwrap();
+        assert_eq!(as_int, as_float);
     }
 
     #[test]
