@@ -80,14 +80,14 @@ def main() -> None:
     client.create_table(
         f"{args.prefix}.w", kind="sparse", dim=1,
         initializer={"kind": "zeros"},
-        optimizer={"kind": "adagrad", "lr": 0.1},
+        optimizer={"kind": "adagrad", "lr": 0.05},
     )
-    # Gradients are batch means, so a row's gradient is ~1/batch: a small
-    # initial accumulator lets Adagrad's steps follow them from the start.
+    # Adagrad's accumulator starts at 0: its steps do not depend on the
+    # scale of the batch-mean gradients (see the README's "Tuning").
     client.create_table(
         f"{args.prefix}.v", kind="sparse", dim=args.dim,
         initializer={"kind": "normal", "std": 0.01},
-        optimizer={"kind": "adagrad", "lr": 0.05, "initial_accumulator": 1e-6},
+        optimizer={"kind": "adagrad", "lr": 0.05},
     )
     model = DeepFM(client, args.prefix, hidden=[64, 64])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -3,7 +3,7 @@
     python examples/python/numpy_lr.py --servers 127.0.0.1:7000,127.0.0.1:7001
 
 The same model and settings as examples/a9a-lr.toml (sparse weights and a
-dense bias, Adagrad lr 0.1 on the servers, batches of 32 in file order,
+dense bias, Adagrad lr 0.05 on the servers, batches of 32 in file order,
 5 epochs), so its AUC is the Rust LR's. Each step pulls the batch's
 distinct weights, computes the mean log-loss gradient, and pushes it
 without waiting. Prints one JSON line: val_auc, val_logloss, samples/s.
@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     client = ps_client.Client(args.servers)
-    adagrad = {"kind": "adagrad", "lr": 0.1}
+    adagrad = {"kind": "adagrad", "lr": 0.05}
     client.create_table(f"{args.prefix}.w", kind="sparse", dim=1, initializer={"kind": "zeros"}, optimizer=adagrad)
     client.create_table(f"{args.prefix}.b", kind="dense", rows=1, dim=1, initializer={"kind": "zeros"}, optimizer=adagrad)
     train = ps_client.load_libsvm(args.train)

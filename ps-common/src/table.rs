@@ -142,7 +142,7 @@ pub enum OptimizerSpec {
 }
 
 fn default_adagrad_initial() -> f32 {
-    0.1
+    0.0
 }
 fn default_eps() -> f32 {
     1e-8
