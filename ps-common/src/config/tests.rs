@@ -58,7 +58,10 @@ fn a_complete_job_parses_and_resolves_paths() {
         .unwrap()
         .optimizer
     {
-        assert_eq!(initial_accumulator, 0.0, "Adagrad's accumulator starts at 0");
+        assert_eq!(
+            initial_accumulator, 0.0,
+            "Adagrad's accumulator starts at 0"
+        );
     } else {
         panic!("weights should use adagrad");
     }
