@@ -411,6 +411,10 @@ impl Run<'_> {
             .shuffled(
                 job.data.shuffle_buffer,
                 mix64(train.seed ^ mix64(epoch as u64 ^ ((self.rank as u64) << 32))),
+            )
+            .sampled(
+                &job.data,
+                mix64(train.seed ^ mix64(epoch as u64) ^ 0x5341_4d50),
             );
             for _ in 0..at {
                 match batches.next() {

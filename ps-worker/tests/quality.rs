@@ -119,3 +119,64 @@ fn each_epochs_validation_auc_is_its_checkpoints_auc() {
         );
     }
 }
+
+/// Writes `rows` libsvm lines of a planted logistic model whose positives
+/// are rare (about 8%), and returns the oracle AUC.
+fn write_rare_positives(path: &Path, rows: usize, seed: u64) -> f64 {
+    const FEATURES: u64 = 300;
+    let weight = |id: u64| RowRng::new(4321, id).next_normal();
+    let mut rng = RowRng::new(seed, 0);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let (mut probs, mut labels) = (Vec::new(), Vec::new());
+    for _ in 0..rows {
+        let mut ids: Vec<u64> = (0..6).map(|_| 1 + rng.next_u64() % FEATURES).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let logit = -3.0 + ids.iter().map(|&id| weight(id) * 0.7).sum::<f64>();
+        let p = 1.0 / (1.0 + (-logit).exp());
+        let label = rng.next_f64() < p;
+        write!(out, "{}", if label { "+1" } else { "-1" }).unwrap();
+        for id in ids {
+            write!(out, " {id}:1").unwrap();
+        }
+        writeln!(out).unwrap();
+        probs.push(p as f32);
+        labels.push(if label { 1.0 } else { 0.0 });
+    }
+    auc(&probs, &labels)
+}
+
+/// Negatives kept at 10% train a model as good as all of them, and its
+/// probabilities, corrected back to the true base rate, are as calibrated.
+#[test]
+fn negatives_down_sampled_to_a_tenth_lose_little_and_their_logloss_is_corrected() {
+    let dir = TempDir::new("negatives");
+    let (train, test) = (dir.0.join("train.libsvm"), dir.0.join("test.libsvm"));
+    write_rare_positives(&train, 200_000, 1);
+    let oracle = write_rare_positives(&test, 20_000, 2);
+    let mut job = example_on("a9a-lr.toml", &train, &test, &dir.0);
+    job.train.epochs = 3;
+    let config = job::client_config(&job, std::time::Duration::from_secs(10));
+    let all = job::run_local(&job, 1, 2, &config, None).unwrap();
+    job.data.negative_sampling = Some(0.1);
+    let sampled = job::run_local(&job, 1, 2, &config, None).unwrap();
+    let (auc_all, auc_sampled) = (all.val_auc.unwrap(), sampled.val_auc.unwrap());
+    let (loss_all, loss_sampled) = (all.val_logloss.unwrap(), sampled.val_logloss.unwrap());
+    eprintln!(
+        "oracle AUC {oracle:.4}; all negatives: AUC {auc_all:.4} logloss {loss_all:.4} ({} samples); \
+         a tenth: AUC {auc_sampled:.4} logloss {loss_sampled:.4} ({} samples)",
+        all.train_samples, sampled.train_samples
+    );
+    assert!(
+        sampled.train_samples * 3 < all.train_samples,
+        "negatives were dropped"
+    );
+    assert!(
+        (auc_sampled - auc_all).abs() <= 0.005,
+        "AUC {auc_sampled} vs {auc_all}"
+    );
+    assert!(
+        (loss_sampled - loss_all).abs() <= 0.02 * loss_all,
+        "corrected logloss {loss_sampled} vs {loss_all}"
+    );
+}

@@ -180,6 +180,39 @@ pub struct DataConfig {
     /// one. 0 (the default): file order. Validation is never shuffled.
     #[serde(default)]
     pub shuffle_buffer: usize,
+    /// Negative down-sampling of training lines: each negative line is
+    /// kept with this probability, every positive one is (single-task
+    /// models). Predictions are corrected back to the true base rate,
+    /// `p / (p + (1 - p) / rate)`, in validation, evaluation, serving and
+    /// the report's logloss. Decided per line before it is parsed, seeded
+    /// by `train.seed` and the epoch (each epoch keeps other negatives).
+    #[serde(default)]
+    pub negative_sampling: Option<f64>,
+    /// Sampling by a feature: training lines holding the feature are kept
+    /// with probability `rate` (e.g. a fraction of one country's rows).
+    #[serde(default)]
+    pub sample_by_feature: Vec<FeatureSampling>,
+}
+
+/// One rule of `data.sample_by_feature`: lines whose field `field` holds
+/// `id` (libsvm, libffm; libsvm features are all in field 0) or `value`
+/// (Criteo: a categorical column, fields 13-38, and its hexadecimal text)
+/// are kept with probability `rate`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSampling {
+    /// The field (libffm's field, Criteo's column: 0-12 integers, 13-38
+    /// categories).
+    #[serde(default)]
+    pub field: u32,
+    /// The feature id (libsvm, libffm).
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// The column's text (Criteo categories).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Share of the matching lines kept, in (0, 1].
+    pub rate: f64,
 }
 
 /// The largest `data.shuffle_buffer`: lines held in memory at once.
@@ -421,6 +454,46 @@ impl JobConfig {
                 "data.max_bad_line_fraction".into(),
                 "must be between 0 and 1".into(),
             ));
+        }
+        if let Some(rate) = self.data.negative_sampling {
+            if !(rate > 0.0 && rate <= 1.0) {
+                return Err((
+                    "data.negative_sampling".into(),
+                    "must be a share of negatives kept, in (0, 1]".into(),
+                ));
+            }
+            if self.model.tasks().len() > 1 {
+                return Err((
+                    "data.negative_sampling".into(),
+                    "needs a single-task model (a multi-task line has no one label to call negative)"
+                        .into(),
+                ));
+            }
+        }
+        for (i, rule) in self.data.sample_by_feature.iter().enumerate() {
+            let key = format!("data.sample_by_feature[{i}]");
+            if !(rule.rate > 0.0 && rule.rate <= 1.0) {
+                return Err((key, "rate must be in (0, 1]".into()));
+            }
+            let criteo = self.data.format == DataFormat::Criteo;
+            match (&rule.id, &rule.value, criteo) {
+                (Some(_), None, false) | (None, Some(_), true) => {}
+                _ => {
+                    return Err((
+                        key,
+                        "give `id` (libsvm, libffm) or `value` (criteo), one of them".into(),
+                    ));
+                }
+            }
+            if criteo && !(13..=38).contains(&rule.field) {
+                return Err((
+                    key,
+                    "criteo samples by a categorical column: field 13-38".into(),
+                ));
+            }
+            if self.data.format == DataFormat::Libsvm && rule.field != 0 {
+                return Err((key, "libsvm has no fields: use field = 0".into()));
+            }
         }
         if self.data.shuffle_buffer > MAX_SHUFFLE_BUFFER {
             return Err((

@@ -15,7 +15,10 @@ use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
-use ps_common::config::{DataFormat, DataSource, IntegerFeatures, JobConfig, OnBadLine};
+use ps_common::config::{
+    DataConfig, DataFormat, DataSource, IntegerFeatures, JobConfig, OnBadLine,
+};
+use ps_common::routing::mix64;
 
 /// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
 const BUILTIN: &[(&str, &[u8])] = &[
@@ -137,6 +140,20 @@ impl Batch {
         self.len() == 0
     }
 
+    /// Keeps the first `examples` examples.
+    pub fn truncate(&mut self, examples: usize) {
+        if examples >= self.len() {
+            return;
+        }
+        let tasks = self.labels.len() / self.len().max(1);
+        let features = self.offsets[examples];
+        self.labels.truncate(examples * tasks);
+        self.offsets.truncate(examples + 1);
+        self.ids.truncate(features);
+        self.values.truncate(features);
+        self.fields.truncate(features.min(self.fields.len()));
+    }
+
     fn push_example(&mut self, labels: &[f32]) {
         self.labels.extend_from_slice(labels);
         self.offsets.push(self.ids.len());
@@ -236,6 +253,7 @@ pub struct Batches {
     /// Lines of this worker's shard handed to a parser.
     parsed_lines: u64,
     shuffle: Option<Shuffle>,
+    sampling: Option<Sampling>,
 }
 
 /// Skipping malformed lines, within a share of them.
@@ -250,6 +268,52 @@ struct SkipBadLines {
 /// Lines checked before the bad-line share is held against a stream (a
 /// bad line among the first few says little).
 const BAD_LINE_GRACE: u64 = 1000;
+
+/// Which training lines are kept: `data.negative_sampling` and
+/// `data.sample_by_feature`, each decision a coin seeded by the line's
+/// number, so a run (and a resumed epoch) keeps the same lines.
+#[derive(Debug, Clone)]
+struct Sampling {
+    negative_rate: Option<f64>,
+    /// (field, id, rate) of each rule.
+    rules: Vec<(u32, u64, f64)>,
+    seed: u64,
+}
+
+impl Sampling {
+    /// A uniform draw in [0, 1) for `line` and decision `salt`.
+    fn coin(&self, salt: u64, line: usize) -> f64 {
+        let bits = mix64(self.seed ^ mix64(line as u64 ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        (bits >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Whether a line labelled by `label` (its first token) is dropped as
+    /// a sampled-out negative; a label that does not parse is left to the
+    /// parser to report.
+    fn drops_negative(&self, label: &str, line: usize) -> bool {
+        match (self.negative_rate, label.parse::<f32>()) {
+            (Some(rate), Ok(v)) if v.is_finite() && v <= 0.0 => self.coin(0, line) >= rate,
+            _ => false,
+        }
+    }
+
+    /// Whether the last example of `batch` is dropped by a feature rule.
+    fn drops_example(&self, batch: &Batch, line: usize) -> bool {
+        let Some(example) = batch.len().checked_sub(1) else {
+            return false;
+        };
+        let (start, end) = (batch.offsets[example], batch.offsets[example + 1]);
+        self.rules
+            .iter()
+            .enumerate()
+            .any(|(r, &(field, id, rate))| {
+                let holds = (start..end).any(|i| {
+                    batch.ids[i] == id && batch.fields.get(i).copied().unwrap_or(0) == field
+                });
+                holds && self.coin(1 + r as u64, line) >= rate
+            })
+    }
+}
 
 /// A shuffle buffer of lines (`data.shuffle_buffer`).
 struct Shuffle {
@@ -281,6 +345,30 @@ impl Batches {
                 batches.skip_bad_lines(Arc::clone(skipped), data.max_bad_line_fraction)
             }
         })
+    }
+
+    /// Keeps only the lines `data`'s `negative_sampling` and
+    /// `sample_by_feature` keep, decided by coins drawn from `seed` (for
+    /// training data; validation is read whole).
+    pub fn sampled(mut self, data: &DataConfig, seed: u64) -> Self {
+        let rules: Vec<(u32, u64, f64)> = data
+            .sample_by_feature
+            .iter()
+            .map(|rule| {
+                let id = match (&rule.value, rule.id) {
+                    (Some(value), _) => parse::hashed_id(rule.field as usize, value.as_bytes()),
+                    (None, id) => id.unwrap_or_default(),
+                };
+                (rule.field, id, rule.rate)
+            })
+            .collect();
+        self.sampling =
+            (data.negative_sampling.is_some() || !rules.is_empty()).then_some(Sampling {
+                negative_rate: data.negative_sampling,
+                rules,
+                seed,
+            });
+        self
     }
 
     /// Hands out lines through a shuffle buffer of `capacity` lines (0:
@@ -357,6 +445,7 @@ impl Batches {
             skipped: None,
             parsed_lines: 0,
             shuffle: None,
+            sampling: None,
         })
     }
 
@@ -449,11 +538,26 @@ impl Batches {
             }
             self.parsed_lines += 1;
             let text = self.buf.trim();
+            if let Some(sampling) = &self.sampling {
+                let label = match self.format {
+                    DataFormat::Criteo => self.buf.split('\t').next(),
+                    DataFormat::Libsvm | DataFormat::Libffm => text.split_ascii_whitespace().next(),
+                };
+                if sampling.drops_negative(label.unwrap_or_default(), self.current) {
+                    continue;
+                }
+            }
             let parsed = match self.format {
                 DataFormat::Libsvm => parse_libsvm_line(text, self.tasks, &mut batch),
                 DataFormat::Libffm => parse_libffm_line(text, self.fields, self.tasks, &mut batch),
                 DataFormat::Criteo => parse_criteo_line(&self.buf, self.integers, &mut batch),
             };
+            if parsed.is_ok()
+                && let Some(sampling) = &self.sampling
+                && sampling.drops_example(&batch, self.current)
+            {
+                batch.truncate(batch.len() - 1);
+            }
             if let Err(message) = parsed {
                 let error = DataError::Parse {
                     source_name: self.source_name.clone(),

@@ -248,6 +248,98 @@ mod examples {
         assert!(err.to_string().contains(":21: feature \"oops\""), "{err}");
     }
 
+    fn data_config(extra: &str) -> ps_common::config::DataConfig {
+        let text = format!(
+            "[data]\nformat = \"libffm\"\nfields = 2\ntrain = \"x\"\n{extra}\n\
+             [model]\nkind = \"lr\"\n\
+             [tables.weights]\nkind = \"sparse\"\ndim = 1\ninitializer = {{ kind = \"zeros\" }}\noptimizer = {{ kind = \"sgd\", lr = 0.1 }}\n\
+             [tables.bias]\nkind = \"dense\"\nrows = 1\ndim = 1\ninitializer = {{ kind = \"zeros\" }}\noptimizer = {{ kind = \"sgd\", lr = 0.1 }}\n"
+        );
+        JobConfig::from_toml(&text, std::path::Path::new("."))
+            .unwrap()
+            .data
+    }
+
+    /// (label, has feature 1:7) of every example read with `extra` sampling.
+    fn sampled(src: &DataSource, extra: &str, seed: u64) -> Vec<(f32, bool)> {
+        let data = data_config(extra);
+        let mut out = Vec::new();
+        for batch in Batches::open_format(src, DataFormat::Libffm, 2, 0, 1, 100)
+            .unwrap()
+            .sampled(&data, seed)
+        {
+            let b = batch.unwrap();
+            for e in 0..b.len() {
+                let range = b.offsets[e]..b.offsets[e + 1];
+                let marked = range.clone().any(|i| b.fields[i] == 1 && b.ids[i] == 7);
+                out.push((b.labels[e], marked));
+            }
+        }
+        out
+    }
+
+    fn sampling_data() -> DataSource {
+        // 20,000 lines: every 4th positive, every other one holding 1:7.
+        let text: String = (0..20_000)
+            .map(|i| {
+                let label = if i % 4 == 0 { 1 } else { 0 };
+                let feature = if i % 2 == 0 { "1:7:1" } else { "1:8:1" };
+                format!("{label} 0:{i}:1 {feature}\n")
+            })
+            .collect();
+        write_temp("sampling", &text)
+    }
+
+    #[test]
+    fn negative_down_sampling_keeps_every_positive_and_a_share_of_negatives() {
+        let src = sampling_data();
+        let all = sampled(&src, "", 1);
+        assert_eq!(all.len(), 20_000);
+        let kept = sampled(&src, "negative_sampling = 0.1", 1);
+        let positives = kept.iter().filter(|(l, _)| *l > 0.0).count();
+        let negatives = kept.len() - positives;
+        assert_eq!(positives, 5_000, "every positive");
+        assert!(
+            (1_350..1_650).contains(&negatives),
+            "{negatives} of 15,000 negatives"
+        );
+        assert_eq!(kept, sampled(&src, "negative_sampling = 0.1", 1), "seeded");
+        assert_ne!(
+            kept,
+            sampled(&src, "negative_sampling = 0.1", 2),
+            "another epoch"
+        );
+    }
+
+    #[test]
+    fn sampling_by_a_feature_keeps_a_share_of_the_lines_holding_it() {
+        let src = sampling_data();
+        let rule = "sample_by_feature = [{ field = 1, id = 7, rate = 0.25 }]";
+        let kept = sampled(&src, rule, 1);
+        let marked = kept.iter().filter(|(_, m)| *m).count();
+        assert_eq!(
+            kept.len() - marked,
+            10_000,
+            "lines without the feature all kept"
+        );
+        assert!(
+            (2_250..2_750).contains(&marked),
+            "{marked} of 10,000 marked lines"
+        );
+    }
+
+    #[test]
+    fn a_batch_truncates_to_its_first_examples() {
+        let mut batch = Batch::new();
+        parse_libffm_line("1 0:1:1 1:2:1", 2, 1, &mut batch).unwrap();
+        let one = batch.clone();
+        parse_libffm_line("0 0:3:1", 2, 1, &mut batch).unwrap();
+        batch.truncate(1);
+        assert_eq!(batch, one);
+        batch.truncate(5);
+        assert_eq!(batch, one);
+    }
+
     #[test]
     fn integer_columns_written_as_floats_are_integers() {
         assert_eq!(parse::parse_integer("260"), Some(260));

@@ -131,7 +131,7 @@ impl Model {
                     .into_iter()
                     .enumerate()
                 {
-                    probs[b * tasks + t] = p;
+                    probs[b * tasks + t] = self.corrected(p);
                 }
             }
             heads.push((logits, dlogits, tape));

@@ -97,6 +97,9 @@ pub struct Model {
     /// One per task; the linear and FM parts add to head 0's logit.
     heads: Vec<Head>,
     frozen: BTreeSet<String>,
+    /// `data.negative_sampling`: the share of negatives training kept;
+    /// predicted probabilities are corrected back to the true base rate.
+    negative_rate: Option<f64>,
 }
 
 /// Epsilon of batch normalization.
@@ -328,6 +331,7 @@ impl Model {
             experts,
             heads,
             frozen: job.train.freeze.iter().cloned().collect(),
+            negative_rate: job.data.negative_sampling,
         }
     }
 
@@ -375,6 +379,19 @@ impl Model {
             }
         }
         norm
+    }
+
+    /// A probability predicted by a model trained on negatives kept at
+    /// `data.negative_sampling`, corrected back to the true base rate:
+    /// `p / (p + (1 - p) / rate)`, i.e. `ln(rate)` added to the logit.
+    pub fn corrected(&self, p: f32) -> f32 {
+        match self.negative_rate {
+            Some(rate) => {
+                let p = f64::from(p);
+                (p / (p + (1.0 - p) / rate)) as f32
+            }
+            None => p,
+        }
     }
 
     /// Keeps these tables fixed: their gradients are never pushed.
