@@ -82,7 +82,9 @@ fn fm_with_the_examples_settings_learns_a_planted_interaction() {
     let oracle = write_interactions(&test, 10_000, 2);
     let job = example_on("a9a-fm.toml", &train, &test, &dir.0);
     let config = job::client_config(&job, std::time::Duration::from_secs(10));
-    let report = job::run_local(&job, 1, 2, &config, None).unwrap();
+    // One worker: the order of updates (and the AUC) does not depend on
+    // how two asynchronous workers interleave on a loaded machine.
+    let report = job::run_local(&job, 1, 1, &config, None).unwrap();
     let learned = report.val_auc.unwrap();
     eprintln!("FM on planted interactions: AUC {learned:.4}, oracle {oracle:.4}");
     assert!(
