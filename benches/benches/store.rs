@@ -20,13 +20,15 @@ fn shard_with(optimizer: OptimizerSpec, dim: u32) -> Shard {
 
 fn optimizers() -> [(&'static str, OptimizerSpec); 3] {
     [
-        ("sgd", OptimizerSpec::Sgd { lr: 0.05 }),
+        ("sgd", OptimizerSpec::sgd(0.05)),
         (
             "adagrad",
             OptimizerSpec::Adagrad {
                 lr: 0.05,
                 initial_accumulator: 0.1,
                 eps: 1e-8,
+                l2: 0.0,
+                weight_decay: 0.0,
             },
         ),
         (
@@ -36,6 +38,8 @@ fn optimizers() -> [(&'static str, OptimizerSpec); 3] {
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
+                l2: 0.0,
+                weight_decay: 0.0,
             },
         ),
     ]
@@ -65,7 +69,7 @@ fn pull(c: &mut Criterion) {
     let mut group = c.benchmark_group("pull");
     group.throughput(Throughput::Elements(ROWS_PER_REQUEST as u64));
     for dim in [16u32, 64] {
-        let shard = shard_with(OptimizerSpec::Sgd { lr: 0.05 }, dim);
+        let shard = shard_with(OptimizerSpec::sgd(0.05), dim);
         let keys = zipf_keys(ROWS_PER_REQUEST, 1_000_000, 7);
         let mut out = Vec::new();
         shard.pull("emb", &keys, &mut out).expect("warm-up pull");

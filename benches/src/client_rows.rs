@@ -61,6 +61,8 @@ pub async fn measure(setup: &Setup) -> anyhow::Result<Report> {
             lr: 0.05,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
     );
     spec.name = "bench.emb".into();

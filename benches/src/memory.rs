@@ -41,17 +41,21 @@ pub struct RowMemory {
 /// The optimizers the bench knows, by name, with the defaults of the docs.
 pub fn optimizer(name: &str) -> anyhow::Result<OptimizerSpec> {
     Ok(match name {
-        "sgd" => OptimizerSpec::Sgd { lr: 0.05 },
+        "sgd" => OptimizerSpec::sgd(0.05),
         "adagrad" => OptimizerSpec::Adagrad {
             lr: 0.05,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         "adam" => OptimizerSpec::Adam {
             lr: 0.001,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         "ftrl" => OptimizerSpec::Ftrl {
             alpha: 0.05,

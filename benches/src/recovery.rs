@@ -57,6 +57,8 @@ fn filled_part(rows: u64, dim: u32, (id, n): (u32, u32)) -> anyhow::Result<Shard
             lr: 0.05,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
     ))?;
     let chunk: Vec<u64> = (0..4096).collect();

@@ -222,6 +222,8 @@ async fn train(setup: &Setup, addr: String, process: &str) -> anyhow::Result<Run
                 lr: 0.1,
                 initial_accumulator: 0.1,
                 eps: 1e-8,
+                l2: 0.0,
+                weight_decay: 0.0,
             },
             seed: 1,
             lifecycle: match setup.memory_budget {

@@ -99,6 +99,12 @@ pub enum OptimizerSpec {
     Sgd {
         /// Learning rate.
         lr: f32,
+        /// L2 strength: `l2 * w` is added to the gradient.
+        #[serde(default)]
+        l2: f32,
+        /// Decoupled weight decay: `w *= 1 - lr * weight_decay` per update.
+        #[serde(default)]
+        weight_decay: f32,
     },
     /// `acc += g^2; w -= lr * g / (sqrt(acc) + eps)`.
     Adagrad {
@@ -110,6 +116,12 @@ pub enum OptimizerSpec {
         /// Added to the denominator.
         #[serde(default = "default_eps")]
         eps: f32,
+        /// L2 strength: `l2 * w` is added to the gradient.
+        #[serde(default)]
+        l2: f32,
+        /// Decoupled weight decay: `w *= 1 - lr * weight_decay` per update.
+        #[serde(default)]
+        weight_decay: f32,
     },
     /// Per-row Adam with bias correction.
     Adam {
@@ -124,6 +136,13 @@ pub enum OptimizerSpec {
         /// Added to the denominator.
         #[serde(default = "default_eps")]
         eps: f32,
+        /// L2 strength: `l2 * w` is added to the gradient.
+        #[serde(default)]
+        l2: f32,
+        /// Decoupled weight decay (AdamW): `w *= 1 - lr * weight_decay`
+        /// per update.
+        #[serde(default)]
+        weight_decay: f32,
     },
     /// FTRL-proximal.
     Ftrl {
@@ -292,10 +311,60 @@ impl InitializerSpec {
 }
 
 impl OptimizerSpec {
+    /// Plain SGD at `lr`, no regularization.
+    pub fn sgd(lr: f32) -> OptimizerSpec {
+        OptimizerSpec::Sgd {
+            lr,
+            l2: 0.0,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// Adagrad at `lr` with the default accumulator and epsilon, no
+    /// regularization.
+    pub fn adagrad(lr: f32) -> OptimizerSpec {
+        OptimizerSpec::Adagrad {
+            lr,
+            initial_accumulator: default_adagrad_initial(),
+            eps: default_eps(),
+            l2: 0.0,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// Adam at `lr` with the default betas and epsilon, no regularization.
+    pub fn adam(lr: f32) -> OptimizerSpec {
+        OptimizerSpec::Adam {
+            lr,
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            eps: default_eps(),
+            l2: 0.0,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// The L2 strength and the decoupled weight decay (FTRL's `l2` is part
+    /// of its own update: (0, 0) here).
+    pub fn regularization(&self) -> (f32, f32) {
+        match *self {
+            OptimizerSpec::Sgd {
+                l2, weight_decay, ..
+            }
+            | OptimizerSpec::Adagrad {
+                l2, weight_decay, ..
+            }
+            | OptimizerSpec::Adam {
+                l2, weight_decay, ..
+            } => (l2, weight_decay),
+            OptimizerSpec::Ftrl { .. } => (0.0, 0.0),
+        }
+    }
+
     /// The same optimizer with its learning rate (FTRL: alpha) times `scale`.
     pub fn with_lr_scale(mut self, scale: f32) -> OptimizerSpec {
         match &mut self {
-            OptimizerSpec::Sgd { lr }
+            OptimizerSpec::Sgd { lr, .. }
             | OptimizerSpec::Adagrad { lr, .. }
             | OptimizerSpec::Adam { lr, .. } => *lr *= scale,
             OptimizerSpec::Ftrl { alpha, .. } => *alpha *= scale,
@@ -306,26 +375,33 @@ impl OptimizerSpec {
     /// Checks the hyper-parameters' ranges.
     pub fn validate(&self) -> Result<(), String> {
         match *self {
-            OptimizerSpec::Sgd { lr } => positive("optimizer lr", lr),
+            OptimizerSpec::Sgd { lr, .. } => {
+                positive("optimizer lr", lr)?;
+                self.validate_regularization(lr)
+            }
             OptimizerSpec::Adagrad {
                 lr,
                 initial_accumulator,
                 eps,
+                ..
             } => {
                 positive("optimizer lr", lr)?;
                 non_negative("optimizer initial_accumulator", initial_accumulator)?;
-                positive("optimizer eps", eps)
+                positive("optimizer eps", eps)?;
+                self.validate_regularization(lr)
             }
             OptimizerSpec::Adam {
                 lr,
                 beta1,
                 beta2,
                 eps,
+                ..
             } => {
                 positive("optimizer lr", lr)?;
                 unit_interval("optimizer beta1", beta1)?;
                 unit_interval("optimizer beta2", beta2)?;
-                positive("optimizer eps", eps)
+                positive("optimizer eps", eps)?;
+                self.validate_regularization(lr)
             }
             OptimizerSpec::Ftrl {
                 alpha,
@@ -344,6 +420,22 @@ impl OptimizerSpec {
                 non_negative("optimizer l2", l2)
             }
         }
+    }
+}
+
+impl OptimizerSpec {
+    /// `l2` and `weight_decay` in range, and a decay that shrinks a
+    /// weight by at most all of it per update (`lr * weight_decay <= 1`).
+    fn validate_regularization(&self, lr: f32) -> Result<(), String> {
+        let (l2, weight_decay) = self.regularization();
+        non_negative("optimizer l2", l2)?;
+        non_negative("optimizer weight_decay", weight_decay)?;
+        if lr * weight_decay > 1.0 {
+            return Err(format!(
+                "optimizer lr x weight_decay must be <= 1 (a decay past the whole weight), got {lr} x {weight_decay}"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -393,17 +485,25 @@ impl TryFrom<pb::TableSpec> for TableSpec {
             }
         };
         let optimizer = match p.optimizer.and_then(|o| o.kind) {
-            Some(pb::optimizer::Kind::Sgd(o)) => OptimizerSpec::Sgd { lr: o.lr },
+            Some(pb::optimizer::Kind::Sgd(o)) => OptimizerSpec::Sgd {
+                lr: o.lr,
+                l2: o.l2,
+                weight_decay: o.weight_decay,
+            },
             Some(pb::optimizer::Kind::Adagrad(o)) => OptimizerSpec::Adagrad {
                 lr: o.lr,
                 initial_accumulator: o.initial_accumulator,
                 eps: o.eps,
+                l2: o.l2,
+                weight_decay: o.weight_decay,
             },
             Some(pb::optimizer::Kind::Adam(o)) => OptimizerSpec::Adam {
                 lr: o.lr,
                 beta1: o.beta1,
                 beta2: o.beta2,
                 eps: o.eps,
+                l2: o.l2,
+                weight_decay: o.weight_decay,
             },
             Some(pb::optimizer::Kind::Ftrl(o)) => OptimizerSpec::Ftrl {
                 alpha: o.alpha,
@@ -453,26 +553,42 @@ impl From<&TableSpec> for pb::TableSpec {
             }
         };
         let optimizer = match s.optimizer {
-            OptimizerSpec::Sgd { lr } => pb::optimizer::Kind::Sgd(pb::Sgd { lr }),
+            OptimizerSpec::Sgd {
+                lr,
+                l2,
+                weight_decay,
+            } => pb::optimizer::Kind::Sgd(pb::Sgd {
+                lr,
+                l2,
+                weight_decay,
+            }),
             OptimizerSpec::Adagrad {
                 lr,
                 initial_accumulator,
                 eps,
+                l2,
+                weight_decay,
             } => pb::optimizer::Kind::Adagrad(pb::Adagrad {
                 lr,
                 initial_accumulator,
                 eps,
+                l2,
+                weight_decay,
             }),
             OptimizerSpec::Adam {
                 lr,
                 beta1,
                 beta2,
                 eps,
+                l2,
+                weight_decay,
             } => pb::optimizer::Kind::Adam(pb::Adam {
                 lr,
                 beta1,
                 beta2,
                 eps,
+                l2,
+                weight_decay,
             }),
             OptimizerSpec::Ftrl {
                 alpha,
@@ -521,6 +637,8 @@ mod tests {
                 lr: 0.1,
                 initial_accumulator: 0.1,
                 eps: 1e-8,
+                l2: 0.0,
+                weight_decay: 0.0,
             },
             seed: 1,
             lifecycle: Default::default(),
@@ -554,7 +672,7 @@ mod tests {
             (Box::new(|s| s.name = "a b".into()), "table name"),
             (Box::new(|s| s.name = String::new()), "table name"),
             (
-                Box::new(|s| s.optimizer = OptimizerSpec::Sgd { lr: f32::NAN }),
+                Box::new(|s| s.optimizer = OptimizerSpec::sgd(f32::NAN)),
                 "optimizer lr must be > 0",
             ),
             (
@@ -564,6 +682,8 @@ mod tests {
                         beta1: 1.0,
                         beta2: 0.9,
                         eps: 1e-8,
+                        l2: 0.0,
+                        weight_decay: 0.0,
                     }
                 }),
                 "beta1 must be in [0, 1)",
@@ -605,6 +725,8 @@ mod tests {
                         lr: 0.1,
                         initial_accumulator: 3e38,
                         eps: 1e-8,
+                        l2: 0.0,
+                        weight_decay: 0.0,
                     }
                 }),
                 "initial_accumulator must be >= 0 and <=",

@@ -252,7 +252,7 @@ mod tests {
             kind: TableKind::Sparse,
             dim: 4,
             initializer: InitializerSpec::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            optimizer: OptimizerSpec::sgd(0.1),
             seed: 0,
             lifecycle: Lifecycle {
                 admission: None,

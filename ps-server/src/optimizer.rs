@@ -61,16 +61,33 @@ pub fn init_state(spec: &OptimizerSpec, weights: &[f32], state: &mut [f32]) {
 pub fn apply(spec: &OptimizerSpec, row: &mut [f32], grad: &[f32]) {
     let dim = grad.len();
     let (w, state) = row.split_at_mut(dim);
+    // Regularization of the rows a push touches: `l2 * w` joins the
+    // gradient, and decoupled decay scales the weight before the step.
+    let decay = |lr: f32, weight_decay: f32| (1.0 - lr * weight_decay).max(0.0);
     match *spec {
-        OptimizerSpec::Sgd { lr } => {
+        OptimizerSpec::Sgd {
+            lr,
+            l2,
+            weight_decay,
+        } => {
+            let keep = decay(lr, weight_decay);
             for (w, &g) in w.iter_mut().zip(grad) {
-                *w -= lr * g;
+                let g = g + l2 * *w;
+                *w = *w * keep - lr * g;
             }
         }
-        OptimizerSpec::Adagrad { lr, eps, .. } => {
+        OptimizerSpec::Adagrad {
+            lr,
+            eps,
+            l2,
+            weight_decay,
+            ..
+        } => {
+            let keep = decay(lr, weight_decay);
             for ((w, acc), &g) in w.iter_mut().zip(state.iter_mut()).zip(grad) {
+                let g = g + l2 * *w;
                 *acc += g * g;
-                *w -= lr * g / (acc.sqrt() + eps);
+                *w = *w * keep - lr * g / (acc.sqrt() + eps);
             }
         }
         OptimizerSpec::Adam {
@@ -78,16 +95,20 @@ pub fn apply(spec: &OptimizerSpec, row: &mut [f32], grad: &[f32]) {
             beta1,
             beta2,
             eps,
+            l2,
+            weight_decay,
         } => {
+            let keep = decay(lr, weight_decay);
             let (m, rest) = state.split_at_mut(dim);
             let (v, powers) = rest.split_at_mut(dim);
             powers[0] *= beta1;
             powers[1] *= beta2;
             let (c1, c2) = (1.0 - powers[0], 1.0 - powers[1]);
             for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(grad) {
+                let g = g + l2 * *w;
                 *m = beta1 * *m + (1.0 - beta1) * g;
                 *v = beta2 * *v + (1.0 - beta2) * g * g;
-                *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                *w = *w * keep - lr * (*m / c1) / ((*v / c2).sqrt() + eps);
             }
         }
         OptimizerSpec::Ftrl {
@@ -135,7 +156,7 @@ mod tests {
 
     #[test]
     fn sgd_step_matches_hand_computation() {
-        let spec = OptimizerSpec::Sgd { lr: 0.1 };
+        let spec = OptimizerSpec::sgd(0.1);
         let mut row = row_for(&spec, &[1.0, -2.0]);
         apply(&spec, &mut row, &[0.5, -1.0]);
         // 1 - 0.1 * 0.5 = 0.95; -2 - 0.1 * -1 = -1.9
@@ -148,6 +169,8 @@ mod tests {
             lr: 0.5,
             initial_accumulator: 0.1,
             eps: 0.0,
+            l2: 0.0,
+            weight_decay: 0.0,
         };
         let mut row = row_for(&spec, &[1.0]);
         apply(&spec, &mut row, &[2.0]);
@@ -169,6 +192,8 @@ mod tests {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         };
         let mut row = row_for(&spec, &[0.0]);
         // Step 1: m = 0.1 g, v = 0.001 g^2, m_hat = g, v_hat = g^2 -> w -= lr * sign(g).
@@ -181,6 +206,67 @@ mod tests {
         let v_hat = 0.009991f32 / (1.0 - 0.999f32 * 0.999);
         let expected = -0.1 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
         assert!((row[0] - expected).abs() < 1e-5, "{} vs {expected}", row[0]);
+    }
+
+    /// L2 adds `l2 * w` to the gradient before the optimizer's step; decay
+    /// scales the weight by `1 - lr * weight_decay` beside it. With a zero
+    /// gradient either one alone shrinks a touched row as specified.
+    #[test]
+    fn l2_and_weight_decay_shrink_exactly_as_specified_for_each_optimizer() {
+        let sgd = |l2, weight_decay| OptimizerSpec::Sgd {
+            lr: 0.1,
+            l2,
+            weight_decay,
+        };
+        // l2 0.2: g' = 0.5 + 0.2 * 1 = 0.7, w = 1 - 0.1 * 0.7.
+        let mut row = row_for(&sgd(0.2, 0.0), &[1.0]);
+        apply(&sgd(0.2, 0.0), &mut row, &[0.5]);
+        assert!(close(row[0], 0.93), "{row:?}");
+        // decay 0.5: w = 1 * (1 - 0.05) - 0.1 * 0.5.
+        let mut row = row_for(&sgd(0.0, 0.5), &[1.0]);
+        apply(&sgd(0.0, 0.5), &mut row, &[0.5]);
+        assert!(close(row[0], 0.9), "{row:?}");
+
+        let adagrad = |l2, weight_decay| OptimizerSpec::Adagrad {
+            lr: 0.5,
+            initial_accumulator: 0.0,
+            eps: 1e-8,
+            l2,
+            weight_decay,
+        };
+        // l2 1, g 0: g' = 2 (w = 2), acc = 4, w = 2 - 0.5 * 2 / 2 = 1.5.
+        let mut row = row_for(&adagrad(1.0, 0.0), &[2.0]);
+        apply(&adagrad(1.0, 0.0), &mut row, &[0.0]);
+        assert!(close(row[1], 4.0) && close(row[0], 1.5), "{row:?}");
+        // decay 0.4, g 0: w = 2 * (1 - 0.2), the accumulator untouched.
+        let mut row = row_for(&adagrad(0.0, 0.4), &[2.0]);
+        apply(&adagrad(0.0, 0.4), &mut row, &[0.0]);
+        assert!(close(row[1], 0.0) && close(row[0], 1.6), "{row:?}");
+
+        let adam = |l2, weight_decay| OptimizerSpec::Adam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            l2,
+            weight_decay,
+        };
+        // l2 0.5, g 0, w 2: g' = 1; step 1 moves by lr * sign(g') (m^ = g',
+        // v^ = g'^2): w = 1.9, m = 0.1, v = 0.001.
+        let mut row = row_for(&adam(0.5, 0.0), &[2.0]);
+        apply(&adam(0.5, 0.0), &mut row, &[0.0]);
+        assert!(close(row[0], 1.9) && close(row[1], 0.1) && close(row[2], 0.001));
+        // AdamW, decay 0.5, g 0: w = 2 * (1 - 0.05), moments stay 0.
+        let mut row = row_for(&adam(0.0, 0.5), &[2.0]);
+        apply(&adam(0.0, 0.5), &mut row, &[0.0]);
+        assert!(
+            close(row[0], 1.9) && row[1] == 0.0 && row[2] == 0.0,
+            "{row:?}"
+        );
+        // Both, with a gradient: g' = 1 + 0.5 * 2 = 2; w = 2 * 0.95 - 0.1.
+        let mut row = row_for(&adam(0.5, 0.5), &[2.0]);
+        apply(&adam(0.5, 0.5), &mut row, &[1.0]);
+        assert!(close(row[0], 1.8) && close(row[1], 0.2), "{row:?}");
     }
 
     #[test]
@@ -225,17 +311,21 @@ mod tests {
     #[test]
     fn zero_gradients_leave_weights_unchanged() {
         for spec in [
-            OptimizerSpec::Sgd { lr: 1.0 },
+            OptimizerSpec::sgd(1.0),
             OptimizerSpec::Adagrad {
                 lr: 1.0,
                 initial_accumulator: 0.1,
                 eps: 1e-8,
+                l2: 0.0,
+                weight_decay: 0.0,
             },
             OptimizerSpec::Adam {
                 lr: 1.0,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
+                l2: 0.0,
+                weight_decay: 0.0,
             },
         ] {
             let mut row = row_for(&spec, &[0.5, -0.5]);

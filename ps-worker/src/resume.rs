@@ -82,7 +82,7 @@ impl Positions {
             dim: (FIELDS * PIECES) as u32,
             initializer: InitializerSpec::Zeros,
             // Nobody pushes to it; positions are assigned.
-            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            optimizer: OptimizerSpec::sgd(1.0),
             seed: 0,
             lifecycle: Default::default(),
         };

@@ -48,7 +48,7 @@ impl Signal {
                 },
                 dim: 1,
                 initializer: InitializerSpec::Zeros,
-                optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+                optimizer: OptimizerSpec::sgd(1.0),
                 seed: 0,
                 lifecycle: Default::default(),
             })

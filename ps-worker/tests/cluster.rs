@@ -21,7 +21,7 @@ fn sparse(name: &str, dim: u32) -> TableSpec {
             mean: 0.0,
             std: 1.0,
         },
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        optimizer: OptimizerSpec::sgd(1.0),
         seed: 5,
         lifecycle: Default::default(),
     }
@@ -487,6 +487,8 @@ async fn every_shard_s_follower_ends_with_its_primary_s_rows_after_concurrent_pu
             lr: 0.1,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         ..sparse("emb", 4)
     };

@@ -124,6 +124,8 @@ async fn dense_tables_are_refused_before_allocating_and_made_without_blocking_th
             lr: 0.1,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         seed: 1,
         lifecycle: Default::default(),

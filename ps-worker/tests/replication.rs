@@ -113,6 +113,8 @@ fn table() -> TableSpec {
             lr: 0.1,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         seed: 1,
         lifecycle: Default::default(),
@@ -158,6 +160,8 @@ async fn every_acknowledged_push_is_on_the_backup_with_the_same_values() {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         ..table()
     };

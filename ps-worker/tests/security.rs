@@ -255,6 +255,8 @@ async fn hostile_requests_get_their_status_and_leave_the_table_unchanged() {
             lr: 0.1,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         seed: 0,
         lifecycle: Default::default(),

@@ -504,7 +504,7 @@ impl MlpConfig {
         let dense = |name: String, rows: u32, dim: u32, initializer, optimizer| {
             dense_spec(name, rows, dim, initializer, optimizer, seed)
         };
-        let stats_optimizer = OptimizerSpec::Sgd { lr: 1.0 };
+        let stats_optimizer = OptimizerSpec::sgd(1.0);
         let mut specs = Vec::new();
         let mut width = input;
         for (i, &out) in self.hidden.iter().enumerate() {

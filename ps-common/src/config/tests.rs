@@ -107,6 +107,34 @@ fn an_invalid_value_names_the_key_and_line() {
 }
 
 #[test]
+fn l2_and_weight_decay_are_table_keys_checked_with_their_line() {
+    let job = JobConfig::from_toml(
+        &JOB.replace("lr = 0.05 }", "lr = 0.05, l2 = 1e-4, weight_decay = 0.01 }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let weights = job.table_specs().into_iter().find(|s| s.name == "weights");
+    assert_eq!(
+        weights.unwrap().optimizer.regularization(),
+        (1e-4, 0.01),
+        "both reach the table's spec"
+    );
+    let err = error_of(&JOB.replace("lr = 0.05 }", "lr = 0.05, l2 = -1.0 }"));
+    assert_eq!(err.line, Some(17), "{err}");
+    assert!(
+        err.to_string().contains("optimizer l2 must be >= 0"),
+        "{err}"
+    );
+    let err = error_of(&JOB.replace("lr = 0.05 }", "lr = 0.05, weight_decay = 30.0 }"));
+    assert!(
+        err.to_string().contains("lr x weight_decay must be <= 1"),
+        "{err}"
+    );
+    let err = error_of(&JOB.replace("lr = 0.01 }", "lr = 0.01, l1 = 0.1 }"));
+    assert!(err.to_string().contains("unknown field `l1`"), "{err}");
+}
+
+#[test]
 fn a_model_whose_table_is_missing_or_misshapen_is_refused() {
     let err = error_of(&JOB.replace("kind = \"lr\"", "kind = \"lr\"\nweights = \"w\""));
     assert_eq!(err.key.as_deref(), Some("model.weights"));

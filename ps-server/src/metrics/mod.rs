@@ -322,7 +322,7 @@ mod tests {
             kind: ps_common::TableKind::Sparse,
             dim: 2,
             initializer: ps_common::InitializerSpec::Zeros,
-            optimizer: ps_common::OptimizerSpec::Sgd { lr: 1.0 },
+            optimizer: ps_common::OptimizerSpec::sgd(1.0),
             seed: 0,
             lifecycle: Default::default(),
         };

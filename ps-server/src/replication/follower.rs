@@ -303,7 +303,7 @@ mod tests {
             kind: TableKind::Sparse,
             dim: 4,
             initializer: InitializerSpec::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            optimizer: OptimizerSpec::sgd(1.0),
             seed: 0,
             lifecycle: Default::default(),
         }))

@@ -14,7 +14,7 @@ async fn create(svc: &ShardService, dim: u32) {
         kind: TableKind::Sparse,
         dim,
         initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        optimizer: OptimizerSpec::sgd(1.0),
         seed: 0,
         lifecycle: Default::default(),
     };

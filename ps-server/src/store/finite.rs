@@ -78,7 +78,9 @@ pub(super) struct Proof {
 /// Whether `push` provably leaves every row of `table` finite, given the
 /// table's bounds on its weights and its optimizer state: the largest
 /// result of the optimizer's update, and every intermediate product,
-/// applied once per key occurrence, stays below [`SAFE_MAGNITUDE`]. FTRL
+/// applied once per key occurrence, stays below [`SAFE_MAGNITUDE`]. SGD
+/// with `lr * l2 > 1` and Adam with `l2 > 0` are proven for at most 64
+/// keys (their bound compounds per step). FTRL
 /// (whose weight divides by its accumulators) is proven only when
 /// `beta / alpha + l2` keeps that divisor away from zero, for at most 64
 /// keys. The bounds hold for any stored state, not only for states a
@@ -90,40 +92,65 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
     // Summed in f32 (rounding stays far inside the margin to f32::MAX).
     let (g_max, g_sum) = (f64::from(grads.max), f64::from(grads.sum));
     let (proof, intermediate) = match table.spec.optimizer.with_lr_scale(push.lr_scale) {
-        // |w'| <= |w| + lr sum|g|; lr g is part of that sum.
-        OptimizerSpec::Sgd { lr } => (
-            Proof {
-                weight: w + f64::from(lr) * g_sum,
-                state: s,
-            },
-            0.0,
-        ),
-        // acc grows by g^2 per occurrence and acc >= g^2 when it divides,
-        // so each update moves w by at most lr; lr g is computed first.
-        OptimizerSpec::Adagrad { lr, .. } => (
-            Proof {
-                weight: w + f64::from(lr) * n,
-                state: s + n * g_max * g_max,
-            },
-            f64::from(lr) * g_max,
-        ),
-        // m and v stay within max(|m|, |g|) and max(v, g^2), the step
+        // With l2 the step is w (keep - lr l2) - lr g, keep = 1 - lr wd in
+        // [0, 1], so |w'| <= k |w| + lr |g| with k = max(1, lr l2); k = 1
+        // gives |w| + lr sum|g| (lr g is part of that sum).
+        OptimizerSpec::Sgd { lr, l2, .. } => {
+            let (lr, l2) = (f64::from(lr), f64::from(l2));
+            let k = (lr * l2).max(1.0);
+            let weight = if k == 1.0 {
+                w + lr * g_sum
+            } else if push.keys.len() <= 64 {
+                (0..push.keys.len()).fold(w, |w, _| k * w + lr * g_max)
+            } else {
+                return None;
+            };
+            (Proof { weight, state: s }, lr * (g_max + l2 * weight))
+        }
+        // acc grows by g'^2 per occurrence (g' = g + l2 w) and acc >= g'^2
+        // when it divides, so each update moves w by at most lr (decay only
+        // shrinks it); lr g' is computed first.
+        OptimizerSpec::Adagrad { lr, l2, .. } => {
+            let (lr, l2) = (f64::from(lr), f64::from(l2));
+            let weight = w + lr * n;
+            let g = g_max + l2 * weight;
+            (
+                Proof {
+                    weight,
+                    state: s + n * g * g,
+                },
+                lr * g,
+            )
+        }
+        // m and v stay within max(|m|, |g'|) and max(v, g'^2), the step
         // powers within 1; the bias corrections divide by at least
-        // 1 - beta, and sqrt(v^) + eps >= eps.
+        // 1 - beta, and sqrt(v^) + eps >= eps. With l2 > 0, g' = g + l2 w
+        // grows with the weight: followed step by step for at most 64 keys.
         OptimizerSpec::Adam {
             lr,
             beta1,
             beta2,
             eps,
+            l2,
+            ..
         } => {
-            let lr = f64::from(lr);
-            let moment = s.max(g_max) / (1.0 - f64::from(beta1));
+            let (lr, l2) = (f64::from(lr), f64::from(l2));
+            let (beta1, beta2, eps) = (f64::from(beta1), f64::from(beta2), f64::from(eps));
+            let moment = |w: f64| s.max(g_max + l2 * w) / (1.0 - beta1);
+            let weight = if l2 == 0.0 {
+                w + n * lr * moment(w) / eps
+            } else if push.keys.len() <= 64 {
+                (0..push.keys.len()).fold(w, |w, _| w + lr * moment(w) / eps)
+            } else {
+                return None;
+            };
+            let g = g_max + l2 * weight;
             (
                 Proof {
-                    weight: w + n * lr * moment / f64::from(eps),
-                    state: s.max(g_max).max(g_max * g_max),
+                    weight,
+                    state: s.max(g).max(g * g),
                 },
-                (lr * moment).max(s.max(g_max * g_max) / (1.0 - f64::from(beta2))),
+                (lr * moment(weight)).max(s.max(g * g) / (1.0 - beta2)),
             )
         }
         // sigma = (sqrt(n + g^2) - sqrt(n)) / alpha <= |g| / alpha, so z

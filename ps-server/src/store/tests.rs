@@ -15,7 +15,7 @@ fn a_row_cap_refuses_requests_that_would_create_rows_past_it() {
             kind: TableKind::Sparse,
             dim: 1,
             initializer: InitializerSpec::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            optimizer: OptimizerSpec::sgd(1.0),
             seed: 0,
             lifecycle: Default::default(),
         })
@@ -54,10 +54,34 @@ fn spec(name: &str, kind: TableKind, dim: u32) -> TableSpec {
             mean: 0.0,
             std: 1.0,
         },
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        optimizer: OptimizerSpec::sgd(1.0),
         seed: 9,
         lifecycle: Default::default(),
     }
+}
+
+/// Regularization is lazy, as in sparse systems: a push decays the rows it
+/// touches, once per occurrence, and no other row.
+#[test]
+fn weight_decay_shrinks_only_the_rows_a_push_touches() {
+    let shard = Shard::new(0, 1);
+    let mut decayed = spec("w", TableKind::Sparse, 1);
+    decayed.optimizer = OptimizerSpec::Sgd {
+        lr: 0.5,
+        l2: 0.0,
+        weight_decay: 0.2,
+    };
+    shard.create_table(decayed).unwrap();
+    let mut before = Vec::new();
+    shard.pull("w", &[1, 2], &mut before).unwrap();
+    shard.push("w", &[1, 1], &[0.0, 0.0]).unwrap();
+    let mut after = Vec::new();
+    shard.pull("w", &[1, 2], &mut after).unwrap();
+    assert!(
+        (after[0] - before[0] * 0.9 * 0.9).abs() < 1e-6,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(after[1], before[1], "an untouched row keeps its weight");
 }
 
 #[test]
@@ -68,6 +92,8 @@ fn assign_sets_weights_with_fresh_state_all_or_nothing() {
         lr: 0.1,
         initial_accumulator: 0.5,
         eps: 1e-8,
+        l2: 0.0,
+        weight_decay: 0.0,
     };
     shard.create_table(adagrad).unwrap();
     shard.push("w", &[3], &[1.0, 1.0]).unwrap();
@@ -197,17 +223,21 @@ fn an_invalid_push_changes_nothing() {
 #[test]
 fn an_update_that_would_make_a_row_non_finite_is_refused_whole() {
     let optimizers = [
-        OptimizerSpec::Sgd { lr: 1.0 },
+        OptimizerSpec::sgd(1.0),
         OptimizerSpec::Adagrad {
             lr: 0.1,
             initial_accumulator: 0.1,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         OptimizerSpec::Adam {
             lr: 0.1,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            l2: 0.0,
+            weight_decay: 0.0,
         },
         OptimizerSpec::Ftrl {
             alpha: 0.1,
@@ -489,24 +519,52 @@ mod proofs {
     use super::*;
     use proptest::prelude::*;
 
+    /// An L2 strength (often none) and a decay share of the weight per
+    /// update (`lr * weight_decay`, so the pair is always valid).
+    fn regularization() -> impl Strategy<Value = (f32, f32)> {
+        (
+            prop_oneof![Just(0.0f32), 0.0f32..10.0],
+            prop_oneof![Just(0.0f32), 0.0f32..1.0],
+        )
+    }
+
     fn optimizer() -> impl Strategy<Value = OptimizerSpec> {
         prop_oneof![
-            (1e-4f32..10.0).prop_map(|lr| OptimizerSpec::Sgd { lr }),
-            (1e-4f32..10.0, 0.0f32..10.0, 1e-10f32..1e-2).prop_map(
-                |(lr, initial_accumulator, eps)| OptimizerSpec::Adagrad {
-                    lr,
-                    initial_accumulator,
-                    eps,
-                }
-            ),
-            (1e-4f32..1.0, 0.0f32..0.999, 0.0f32..0.9999, 1e-10f32..1e-2).prop_map(
-                |(lr, beta1, beta2, eps)| OptimizerSpec::Adam {
+            (1e-4f32..10.0, regularization()).prop_map(|(lr, (l2, share))| OptimizerSpec::Sgd {
+                lr,
+                l2,
+                weight_decay: share / lr,
+            }),
+            (
+                1e-4f32..10.0,
+                0.0f32..10.0,
+                1e-10f32..1e-2,
+                regularization()
+            )
+                .prop_map(|(lr, initial_accumulator, eps, (l2, share))| {
+                    OptimizerSpec::Adagrad {
+                        lr,
+                        initial_accumulator,
+                        eps,
+                        l2,
+                        weight_decay: share / lr,
+                    }
+                }),
+            (
+                1e-4f32..1.0,
+                0.0f32..0.999,
+                0.0f32..0.9999,
+                1e-10f32..1e-2,
+                regularization()
+            )
+                .prop_map(|(lr, beta1, beta2, eps, (l2, share))| OptimizerSpec::Adam {
                     lr,
                     beta1,
                     beta2,
                     eps,
-                }
-            ),
+                    l2,
+                    weight_decay: share / lr,
+                }),
             (1e-3f32..10.0, 0.0f32..2.0, 0.0f32..1.0, 0.0f32..1.0).prop_map(
                 |(alpha, beta, l1, l2)| OptimizerSpec::Ftrl {
                     alpha,

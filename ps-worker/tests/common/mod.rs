@@ -164,7 +164,7 @@ pub fn counting_table(name: &str, dim: u32) -> ps_common::TableSpec {
         kind: TableKind::Sparse,
         dim,
         initializer: InitializerSpec::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        optimizer: OptimizerSpec::sgd(1.0),
         seed: 0,
         lifecycle: Default::default(),
     }

@@ -18,7 +18,7 @@ fn table(lifecycle: Lifecycle, dim: u32) -> Shard {
             kind: TableKind::Sparse,
             dim,
             initializer: InitializerSpec::Constant { value: 0.5 },
-            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            optimizer: OptimizerSpec::sgd(1.0),
             seed: 3,
             lifecycle,
         })
@@ -228,7 +228,7 @@ fn dense_tables_and_unknown_tables_cannot_be_evicted() {
             },
             dim: 1,
             initializer: InitializerSpec::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+            optimizer: OptimizerSpec::sgd(1.0),
             seed: 0,
             lifecycle: Lifecycle::default(),
         })
