@@ -5,8 +5,9 @@
 //! offending key and its line, so a typo never silently falls back to a
 //! default. Relative data paths are resolved against the job file's folder.
 //!
-//! - this module: the document, `[data]`, `[communication]`, `[tables]`,
+//! - this module: the document, `[communication]`, `[tables]`,
 //!   parsing and validation, and locating a key's line in the source;
+//! - [`data`]: `[data]`, the input files and how lines become examples;
 //! - [`model`]: `[model]` and the tables a model reads;
 //! - [`train`]: `[train]`, consistency modes, schedules, the device.
 
@@ -18,9 +19,11 @@ use serde::Deserialize;
 use crate::routing::{fnv1a64, mix64};
 use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
+mod data;
 mod model;
 mod train;
 
+pub use data::*;
 pub use model::*;
 pub use train::*;
 
@@ -142,155 +145,6 @@ pub const DEFAULT_ROW_CACHE_ROWS: usize = 1 << 18;
 
 /// Most steps a cached row may serve.
 pub const MAX_ROW_CACHE_STEPS: u64 = 1024;
-
-/// Input files.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// File format of `train` and `validation`.
-    #[serde(default)]
-    pub format: DataFormat,
-    /// Training examples: a path (relative to the job file) or `builtin:NAME`.
-    pub train: DataSource,
-    /// Held-out examples evaluated after training.
-    #[serde(default)]
-    pub validation: Option<DataSource>,
-    /// Fields per example for the models' per-field pooling. libsvm has no
-    /// fields: every feature is in field 0 and the deep models see the sum of
-    /// an example's embeddings.
-    #[serde(default = "default_fields")]
-    pub fields: u32,
-    /// What a malformed line does: `fail` (stop with its file and line) or
-    /// `skip` (log it with its line number, count it, go on).
-    #[serde(default)]
-    pub on_bad_line: OnBadLine,
-    /// Criteo only: how the 13 integer columns become features.
-    #[serde(default)]
-    pub integers: IntegerFeatures,
-    /// With `on_bad_line = "skip"`: the share of a worker's lines that may
-    /// be malformed. Past it (checked from the 1,000th line on, and at the
-    /// end of the file) reading fails: a file of wrong format does not
-    /// train on nothing.
-    #[serde(default = "default_max_bad_line_fraction")]
-    pub max_bad_line_fraction: f64,
-    /// Training lines a worker shuffles among: each line read goes into a
-    /// buffer of this many and a random one comes out (as TensorFlow's
-    /// `shuffle(buffer_size)`), seeded by `train.seed`, the epoch and the
-    /// rank, so each epoch has its own order and a resumed epoch the same
-    /// one. 0 (the default): file order. Validation is never shuffled.
-    #[serde(default)]
-    pub shuffle_buffer: usize,
-    /// Negative down-sampling of training lines: each negative line is
-    /// kept with this probability, every positive one is (single-task
-    /// models). Predictions are corrected back to the true base rate,
-    /// `p / (p + (1 - p) / rate)`, in validation, evaluation, serving and
-    /// the report's logloss. Decided per line before it is parsed, seeded
-    /// by `train.seed` and the epoch (each epoch keeps other negatives).
-    #[serde(default)]
-    pub negative_sampling: Option<f64>,
-    /// Sampling by a feature: training lines holding the feature are kept
-    /// with probability `rate` (e.g. a fraction of one country's rows).
-    #[serde(default)]
-    pub sample_by_feature: Vec<FeatureSampling>,
-}
-
-/// One rule of `data.sample_by_feature`: lines whose field `field` holds
-/// `id` (libsvm, libffm; libsvm features are all in field 0) or `value`
-/// (Criteo: a categorical column, fields 13-38, and its hexadecimal text)
-/// are kept with probability `rate`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FeatureSampling {
-    /// The field (libffm's field, Criteo's column: 0-12 integers, 13-38
-    /// categories).
-    #[serde(default)]
-    pub field: u32,
-    /// The feature id (libsvm, libffm).
-    #[serde(default)]
-    pub id: Option<u64>,
-    /// The column's text (Criteo categories).
-    #[serde(default)]
-    pub value: Option<String>,
-    /// Share of the matching lines kept, in (0, 1].
-    pub rate: f64,
-}
-
-/// The largest `data.shuffle_buffer`: lines held in memory at once.
-pub const MAX_SHUFFLE_BUFFER: usize = 10_000_000;
-
-fn default_max_bad_line_fraction() -> f64 {
-    0.01
-}
-
-/// How Criteo's integer columns become features.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IntegerFeatures {
-    /// One id per (column, bucket), buckets `v` for `v <= 2` and
-    /// `floor(ln(v)^2)` above, value 1.
-    #[default]
-    Bucketize,
-    /// One id per column with value `ln(1 + v)` (negative values as 0): a
-    /// dense input scaling that column's weight and embedding.
-    Log,
-}
-
-/// The policy for malformed input lines.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnBadLine {
-    /// Stop with an error naming the file and line.
-    #[default]
-    Fail,
-    /// Log and count the line, then go on.
-    Skip,
-}
-
-fn default_fields() -> u32 {
-    1
-}
-
-/// Supported input formats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// `label idx:value idx:value ...` with labels in {-1, 0, 1} (+1 positive).
-    #[default]
-    Libsvm,
-    /// `label field:idx:value ...`; fields must be below `data.fields`.
-    Libffm,
-    /// Criteo's TSV: label, 13 integer columns, 26 categorical (hex)
-    /// columns, empty fields allowed; 39 fields.
-    Criteo,
-}
-
-/// Where a data file comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "String")]
-pub enum DataSource {
-    /// A file on disk (resolved against the job file's folder on load).
-    File(PathBuf),
-    /// A data set compiled into the worker binary, e.g. `builtin:a9a/train`.
-    Builtin(String),
-}
-
-impl From<String> for DataSource {
-    fn from(s: String) -> Self {
-        match s.strip_prefix("builtin:") {
-            Some(name) => DataSource::Builtin(name.to_string()),
-            None => DataSource::File(PathBuf::from(s)),
-        }
-    }
-}
-
-impl std::fmt::Display for DataSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DataSource::File(p) => write!(f, "{}", p.display()),
-            DataSource::Builtin(name) => write!(f, "builtin:{name}"),
-        }
-    }
-}
 
 /// One table as written in the job file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -448,59 +302,7 @@ impl JobConfig {
         if self.tables.is_empty() {
             return Err(("tables".into(), "at least one table is required".into()));
         }
-        let fraction = self.data.max_bad_line_fraction;
-        if !(0.0..=1.0).contains(&fraction) {
-            return Err((
-                "data.max_bad_line_fraction".into(),
-                "must be between 0 and 1".into(),
-            ));
-        }
-        if let Some(rate) = self.data.negative_sampling {
-            if !(rate > 0.0 && rate <= 1.0) {
-                return Err((
-                    "data.negative_sampling".into(),
-                    "must be a share of negatives kept, in (0, 1]".into(),
-                ));
-            }
-            if self.model.tasks().len() > 1 {
-                return Err((
-                    "data.negative_sampling".into(),
-                    "needs a single-task model (a multi-task line has no one label to call negative)"
-                        .into(),
-                ));
-            }
-        }
-        for (i, rule) in self.data.sample_by_feature.iter().enumerate() {
-            let key = format!("data.sample_by_feature[{i}]");
-            if !(rule.rate > 0.0 && rule.rate <= 1.0) {
-                return Err((key, "rate must be in (0, 1]".into()));
-            }
-            let criteo = self.data.format == DataFormat::Criteo;
-            match (&rule.id, &rule.value, criteo) {
-                (Some(_), None, false) | (None, Some(_), true) => {}
-                _ => {
-                    return Err((
-                        key,
-                        "give `id` (libsvm, libffm) or `value` (criteo), one of them".into(),
-                    ));
-                }
-            }
-            if criteo && !(13..=38).contains(&rule.field) {
-                return Err((
-                    key,
-                    "criteo samples by a categorical column: field 13-38".into(),
-                ));
-            }
-            if self.data.format == DataFormat::Libsvm && rule.field != 0 {
-                return Err((key, "libsvm has no fields: use field = 0".into()));
-            }
-        }
-        if self.data.shuffle_buffer > MAX_SHUFFLE_BUFFER {
-            return Err((
-                "data.shuffle_buffer".into(),
-                format!("must be at most {MAX_SHUFFLE_BUFFER} lines"),
-            ));
-        }
+        self.data.validate(self.model.tasks().len())?;
         for (name, table) in &self.tables {
             table
                 .validate()
@@ -607,21 +409,6 @@ impl JobConfig {
                 "train.early_stopping_patience".into(),
                 "needs data.validation".into(),
             ));
-        }
-        if self.data.format == DataFormat::Criteo && self.model.tasks().len() > 1 {
-            return Err((
-                "data.format".into(),
-                "Criteo data has one label; a multitask model needs libsvm or libffm lines with comma-separated labels".into(),
-            ));
-        }
-        if self.data.format == DataFormat::Criteo && self.data.fields != 39 {
-            return Err((
-                "data.fields".into(),
-                "Criteo data has 39 fields (13 integer + 26 categorical): set fields = 39".into(),
-            ));
-        }
-        if self.data.fields == 0 {
-            return Err(("data.fields".into(), "must be >= 1".into()));
         }
         for spec in self.declared_table_specs() {
             if let Err(e) = spec.validate() {

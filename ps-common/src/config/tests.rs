@@ -279,3 +279,76 @@ fn a_sparse_table_takes_admission_and_eviction_and_a_dense_one_refuses_them() {
     );
     assert!(err.message.contains("max_rows must be >= 1"), "{err}");
 }
+
+#[test]
+fn csv_columns_and_numeric_options_are_checked_with_their_key() {
+    let csv = |data: &str| {
+        JOB.replace(
+            "train = \"train.libsvm\"",
+            &format!("train = \"train.csv\"\nformat = \"csv\"\n{data}"),
+        )
+    };
+    let good =
+        "fields = 3\ncsv = { label = \"y\", numeric = [\"a\", \"b\"], categorical = [\"c\"] }";
+    let job = JobConfig::from_toml(&csv(good), Path::new(".")).unwrap();
+    assert_eq!(job.data.csv.as_ref().map(CsvConfig::fields), Some(3));
+    assert_eq!(job.data.csv.unwrap().delimiter, ',');
+    for (data, key, message) in [
+        ("", "data.csv", "needs [data.csv]"),
+        (
+            "fields = 2\ncsv = { label = \"y\", numeric = [\"a\", \"b\"], categorical = [\"c\"] }",
+            "data.fields",
+            "set fields = 3",
+        ),
+        (
+            "fields = 1\ncsv = { label = [\"y\", \"z\"], numeric = [\"a\"] }",
+            "data.csv.label",
+            "2 label column(s) for a model of 1 task(s)",
+        ),
+        (
+            "fields = 2\ncsv = { label = \"y\", numeric = [\"a\"], categorical = [\"y\"] }",
+            "data.csv",
+            "column \"y\" has two roles",
+        ),
+        (
+            "fields = 1\ncsv = { label = \"y\", numeric = [\"a\"], delimiter = \"\\\"\" }",
+            "data.csv.delimiter",
+            "one ASCII character",
+        ),
+        (
+            "fields = 1\ncsv = { label = \"y\" }",
+            "data.csv",
+            "at least one numeric",
+        ),
+        (
+            "fields = 1\ncsv = { label = \"y\", numeric = [\"a\"] }\nnumeric = { clip = [0.0, 1.0] }",
+            "data.numeric",
+            "set data.integers",
+        ),
+        (
+            "fields = 1\nintegers = \"value\"\ncsv = { label = \"y\", numeric = [\"a\"] }\nnumeric = { clip = [2.0, 1.0] }",
+            "data.numeric.clip",
+            "finite low < high",
+        ),
+        (
+            "fields = 1\nintegers = \"log\"\ncsv = { label = \"y\", numeric = [\"a\"] }\nnumeric = { normalize = \"min_max\" }",
+            "data.numeric.normalize",
+            "set clip",
+        ),
+        (
+            "fields = 2\ncsv = { label = \"y\", numeric = [\"a\"], categorical = [\"c\"] }\n\
+             sample_by_feature = [{ field = 0, value = \"x\", rate = 0.5 }]",
+            "data.sample_by_feature[0]",
+            "csv samples by a categorical column: field 1-1",
+        ),
+    ] {
+        let err = error_of(&csv(data));
+        assert_eq!(err.key.as_deref(), Some(key), "{data}: {err}");
+        assert!(err.message.contains(message), "{data}: {err}");
+    }
+    let err = error_of(&JOB.replace(
+        "validation =",
+        "csv = { label = \"y\", numeric = [\"a\"] }\nvalidation =",
+    ));
+    assert!(err.message.contains("is for format = \"csv\""), "{err}");
+}

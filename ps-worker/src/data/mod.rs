@@ -1,23 +1,27 @@
-//! Training data: streaming libsvm and libffm readers, per-worker sharding,
-//! batching, and parsing ahead on a thread of its own.
+//! Training data: streaming readers of libsvm, libffm, Criteo TSV and CSV,
+//! per-worker sharding, shuffling, sampling, batching, and parsing ahead on
+//! a thread of its own.
 //!
 //! The reader never holds the file in memory: it streams lines, keeps those
-//! of this worker's shard (line `i` goes to worker `i % world`) and emits
+//! of this worker's shard (line `i` goes to worker `i % world`; a CSV
+//! file's header is every worker's, and its data lines are counted from
+//! the line after) and emits
 //! [`Batch`]es in CSR form. A malformed line is an error naming the source and
 //! the line number. [`Batches::ahead`] moves parsing to its own thread with a
 //! bounded queue, so it overlaps the pulls and the compute.
 //!
-//! - [`parse`]: the line parsers of libsvm, libffm and Criteo TSV.
+//! - [`parse`]: the line parsers of libsvm, libffm and Criteo TSV, and
+//!   numeric columns' features;
+//! - [`csv`]: CSV with a header, columns by name.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
-use ps_common::config::{
-    DataConfig, DataFormat, DataSource, IntegerFeatures, JobConfig, OnBadLine,
-};
+use ps_common::config::{CsvConfig, DataConfig, DataFormat, DataSource, JobConfig, OnBadLine};
 use ps_common::routing::mix64;
 
 /// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
@@ -162,7 +166,7 @@ impl Batch {
 
 /// How lines of a job's data format read, for one line at a time
 /// (serving: examples without their label).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LineFormat {
     /// The format.
     pub format: DataFormat,
@@ -170,8 +174,10 @@ pub struct LineFormat {
     pub fields: u32,
     /// Labels per example.
     pub tasks: usize,
-    /// Criteo's integer columns.
-    pub integers: IntegerFeatures,
+    /// Numeric columns (Criteo, CSV).
+    pub numeric: Numeric,
+    /// CSV: the job's numeric then categorical columns, in its order.
+    pub csv: Option<CsvLayout>,
 }
 
 impl LineFormat {
@@ -181,7 +187,8 @@ impl LineFormat {
             format: job.data.format,
             fields: job.data.fields,
             tasks: job.model.tasks().len().max(1),
-            integers: job.data.integers,
+            numeric: Numeric::of(&job.data),
+            csv: job.data.csv.as_ref().map(CsvLayout::unlabeled),
         }
     }
 
@@ -195,7 +202,11 @@ impl LineFormat {
             DataFormat::Libffm => {
                 parse_libffm_line(&format!("{zeros} {text}"), self.fields, self.tasks, batch)
             }
-            DataFormat::Criteo => parse_criteo_line(&format!("0\t{text}"), self.integers, batch),
+            DataFormat::Criteo => parse_criteo_line(&format!("0\t{text}"), self.numeric, batch),
+            DataFormat::Csv => match &self.csv {
+                Some(layout) => layout.parse(text, self.numeric, self.tasks, batch),
+                None => Err("the job's format is csv but it has no [data.csv]".into()),
+            },
         }
     }
 }
@@ -233,8 +244,10 @@ pub struct Batches {
     reader: Box<dyn BufRead + Send>,
     format: DataFormat,
     fields: u32,
-    integers: IntegerFeatures,
+    numeric: Numeric,
     tasks: usize,
+    /// CSV: the configured columns, and where the header put them.
+    csv: Option<(CsvConfig, Option<CsvLayout>)>,
     source_name: String,
     rank: usize,
     world: usize,
@@ -336,9 +349,13 @@ impl Batches {
         skipped: &Arc<AtomicU64>,
     ) -> Result<Self, DataError> {
         let data = &job.data;
-        let batches = Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
-            .integers(data.integers)
-            .tasks(job.model.tasks().len());
+        let mut batches =
+            Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
+                .numeric(Numeric::of(data))
+                .tasks(job.model.tasks().len());
+        if let Some(csv) = &data.csv {
+            batches = batches.csv(csv.clone());
+        }
         Ok(match data.on_bad_line {
             OnBadLine::Fail => batches,
             OnBadLine::Skip => {
@@ -388,9 +405,15 @@ impl Batches {
         self
     }
 
-    /// How Criteo integer columns become features (default: bucketize).
-    pub fn integers(mut self, integers: IntegerFeatures) -> Self {
-        self.integers = integers;
+    /// How numeric columns become features (default: bucketize).
+    pub fn numeric(mut self, numeric: impl Into<Numeric>) -> Self {
+        self.numeric = numeric.into();
+        self
+    }
+
+    /// CSV: the columns by name (the layout comes from the header).
+    pub fn csv(mut self, csv: CsvConfig) -> Self {
+        self.csv = Some((csv, None));
         self
     }
 
@@ -431,8 +454,9 @@ impl Batches {
             reader: open(source)?,
             format,
             fields,
-            integers: IntegerFeatures::default(),
+            numeric: Numeric::default(),
             tasks: 1,
+            csv: None,
             source_name: source.to_string(),
             rank,
             world: world.max(1),
@@ -467,7 +491,14 @@ impl Batches {
             }
             let index = self.line;
             self.line += 1;
-            if index % self.world != self.rank {
+            // A CSV file's first line is its header, read by every worker;
+            // its data lines are dealt out from the line after.
+            let csv = self.format == DataFormat::Csv;
+            if index == 0 && csv {
+                self.read_header()?;
+                continue;
+            }
+            if (index - usize::from(csv)) % self.world != self.rank {
                 continue;
             }
             let text = self.buf.trim();
@@ -477,6 +508,20 @@ impl Batches {
             self.current = self.line;
             return Ok(true);
         }
+    }
+
+    /// Resolves the CSV columns from the header line in `buf`.
+    fn read_header(&mut self) -> Result<(), DataError> {
+        let error = |message: String| DataError::Parse {
+            source_name: self.source_name.clone(),
+            line: 1,
+            message,
+        };
+        let Some((csv, layout)) = &mut self.csv else {
+            return Err(error("format csv needs [data.csv] column names".into()));
+        };
+        *layout = Some(CsvLayout::from_header(&self.buf, csv).map_err(error)?);
+        Ok(())
     }
 
     /// The next line to parse, into `buf`: straight from the source, or
@@ -539,18 +584,25 @@ impl Batches {
             self.parsed_lines += 1;
             let text = self.buf.trim();
             if let Some(sampling) = &self.sampling {
-                let label = match self.format {
-                    DataFormat::Criteo => self.buf.split('\t').next(),
-                    DataFormat::Libsvm | DataFormat::Libffm => text.split_ascii_whitespace().next(),
+                let label = match (self.format, &self.csv) {
+                    (DataFormat::Criteo, _) => self.buf.split('\t').next().map(Cow::Borrowed),
+                    (DataFormat::Csv, Some((_, Some(layout)))) => layout.first_label(&self.buf),
+                    _ => text.split_ascii_whitespace().next().map(Cow::Borrowed),
                 };
-                if sampling.drops_negative(label.unwrap_or_default(), self.current) {
+                if sampling.drops_negative(label.as_deref().unwrap_or_default(), self.current) {
                     continue;
                 }
             }
             let parsed = match self.format {
                 DataFormat::Libsvm => parse_libsvm_line(text, self.tasks, &mut batch),
                 DataFormat::Libffm => parse_libffm_line(text, self.fields, self.tasks, &mut batch),
-                DataFormat::Criteo => parse_criteo_line(&self.buf, self.integers, &mut batch),
+                DataFormat::Criteo => parse_criteo_line(&self.buf, self.numeric, &mut batch),
+                DataFormat::Csv => match &self.csv {
+                    Some((_, Some(layout))) => {
+                        layout.parse(&self.buf, self.numeric, self.tasks, &mut batch)
+                    }
+                    _ => Err("no header read".into()),
+                },
             };
             if parsed.is_ok()
                 && let Some(sampling) = &self.sampling
@@ -649,8 +701,11 @@ pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
     open(source).map(drop)
 }
 
+mod csv;
 mod parse;
 #[cfg(test)]
 mod tests;
 
+pub use csv::CsvLayout;
+pub use parse::Numeric;
 use parse::{parse_criteo_line, parse_libffm_line, parse_libsvm_line};

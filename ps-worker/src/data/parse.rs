@@ -1,8 +1,9 @@
-//! The line parsers of the three formats (libsvm, libffm, Criteo TSV):
-//! each appends one example to a [`Batch`] or, on a malformed line, leaves
-//! it exactly as it was and says what was wrong.
+//! The line parsers of libsvm, libffm and Criteo TSV, and what a numeric
+//! column's number becomes ([`Numeric`]): each parser appends one example
+//! to a [`Batch`] or, on a malformed line, leaves it exactly as it was and
+//! says what was wrong.
 
-use ps_common::config::IntegerFeatures;
+use ps_common::config::{DataConfig, IntegerFeatures, Normalize};
 use ps_common::routing::{fnv1a64, mix64};
 
 use super::Batch;
@@ -116,6 +117,70 @@ pub(super) fn parse_integer(text: &str) -> Option<i64> {
     })
 }
 
+/// How a numeric column's number becomes a feature: `data.integers`,
+/// then, for values, `data.numeric`'s clipping and normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Numeric {
+    /// Bucket ids, or one id per column with a value.
+    pub mode: IntegerFeatures,
+    /// Values outside `[low, high]` are set to the nearer bound.
+    pub clip: Option<[f32; 2]>,
+    /// Clipped values are mapped onto [0, 1].
+    pub min_max: bool,
+}
+
+impl Numeric {
+    /// As `data` says.
+    pub fn of(data: &DataConfig) -> Numeric {
+        Numeric {
+            mode: data.integers,
+            clip: data.numeric.clip,
+            min_max: data.numeric.normalize == Normalize::MinMax,
+        }
+    }
+
+    /// The feature `(id, value)` of the finite number `v` in `field`; an
+    /// error when a value is past f32's range.
+    pub(super) fn feature(&self, field: usize, v: f64) -> Result<(u64, f32), String> {
+        let value = match self.mode {
+            IntegerFeatures::Bucketize => {
+                let bucket = if v <= 2.0 {
+                    v.floor() as i64
+                } else {
+                    v.ln().powi(2) as i64
+                };
+                return Ok((hashed_id(field, &bucket.to_le_bytes()), 1.0));
+            }
+            IntegerFeatures::Log => v.max(0.0).ln_1p(),
+            IntegerFeatures::Value => v,
+        };
+        let mut value = value as f32;
+        if !value.is_finite() {
+            return Err("past a 32-bit float's range".into());
+        }
+        if let Some([low, high]) = self.clip {
+            value = value.clamp(low, high);
+            if self.min_max {
+                value = (value - low) / (high - low);
+            }
+        }
+        let tag: &[u8] = match self.mode {
+            IntegerFeatures::Log => b"log",
+            _ => b"value",
+        };
+        Ok((hashed_id(field, tag), value))
+    }
+}
+
+impl From<IntegerFeatures> for Numeric {
+    fn from(mode: IntegerFeatures) -> Numeric {
+        Numeric {
+            mode,
+            ..Numeric::default()
+        }
+    }
+}
+
 /// Criteo's integer and categorical column counts.
 pub(super) const CRITEO_INTEGERS: usize = 13;
 pub(super) const CRITEO_CATEGORIES: usize = 26;
@@ -132,7 +197,7 @@ pub(super) fn hashed_id(field: usize, token: &[u8]) -> u64 {
 /// an empty integer is left out.
 pub(super) fn parse_criteo_line(
     line: &str,
-    integers: IntegerFeatures,
+    numeric: Numeric,
     batch: &mut Batch,
 ) -> Result<(), String> {
     let line = line.trim_end_matches(['\n', '\r']);
@@ -155,17 +220,10 @@ pub(super) fn parse_criteo_line(
         }
         let v = parse_integer(text)
             .ok_or_else(|| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
-        features.push(match integers {
-            IntegerFeatures::Bucketize => {
-                let bucket = if v <= 2 {
-                    v
-                } else {
-                    ((v as f64).ln().powi(2)) as i64
-                };
-                (i, hashed_id(i, &bucket.to_le_bytes()), 1.0)
-            }
-            IntegerFeatures::Log => (i, hashed_id(i, b"log"), (v.max(0) as f32).ln_1p()),
-        });
+        let (id, value) = numeric
+            .feature(i, v as f64)
+            .map_err(|e| format!("integer column I{} = {text:?}: {e}", i + 1))?;
+        features.push((i, id, value));
     }
     for (j, text) in columns[1 + CRITEO_INTEGERS..].iter().enumerate() {
         if !text.bytes().all(|b| b.is_ascii_hexdigit()) {

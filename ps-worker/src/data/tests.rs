@@ -4,6 +4,7 @@
 mod examples {
     use super::super::parse::*;
     use super::super::*;
+    use ps_common::config::IntegerFeatures;
     use std::io::Write;
 
     #[test]
@@ -57,7 +58,7 @@ mod examples {
                 let result = match format {
                     0 => parse_libsvm_line(&line, tasks, &mut batch),
                     1 => parse_libffm_line(&line, 3, tasks, &mut batch),
-                    _ => parse_criteo_line(&line, IntegerFeatures::default(), &mut batch),
+                    _ => parse_criteo_line(&line, Numeric::default(), &mut batch),
                 };
                 match result {
                     Err(_) => {
@@ -354,13 +355,13 @@ mod examples {
         let mut as_float = Batch::new();
         parse_criteo_line(
             &criteo_line(1, &["260"; 13], &cats),
-            IntegerFeatures::Bucketize,
+            IntegerFeatures::Bucketize.into(),
             &mut as_int,
         )
         .unwrap();
         parse_criteo_line(
             &criteo_line(1, &["260.0"; 13], &cats),
-            IntegerFeatures::Bucketize,
+            IntegerFeatures::Bucketize.into(),
             &mut as_float,
         )
         .unwrap();
@@ -445,7 +446,7 @@ mod examples {
         );
         let logged = Batches::open_format(&src, DataFormat::Criteo, 39, 0, 1, 10)
             .unwrap()
-            .integers(IntegerFeatures::Log)
+            .numeric(IntegerFeatures::Log)
             .next()
             .unwrap()
             .unwrap();
@@ -534,6 +535,7 @@ mod properties {
     use super::super::parse::*;
     use super::super::*;
     use proptest::prelude::*;
+    use ps_common::config::IntegerFeatures;
 
     /// Lines near the formats' grammar, and arbitrary text.
     fn any_line() -> impl Strategy<Value = String> {
@@ -590,7 +592,7 @@ mod properties {
     /// Parses `line` as Criteo into a batch already holding one Criteo
     /// example; checks it added one consistent example or changed nothing.
     /// Returns whether it was accepted.
-    fn check_criteo(line: &str, integers: IntegerFeatures) -> Result<bool, TestCaseError> {
+    fn check_criteo(line: &str, integers: Numeric) -> Result<bool, TestCaseError> {
         let mut batch = Batch::new();
         let first = ["1"]
             .into_iter()
@@ -632,7 +634,7 @@ mod properties {
         let accepted = (0..500)
             .filter(|_| {
                 let line = strategy.new_tree(&mut runner).unwrap().current();
-                check_criteo(&line, IntegerFeatures::Bucketize).unwrap()
+                check_criteo(&line, IntegerFeatures::Bucketize.into()).unwrap()
             })
             .count();
         assert!(
@@ -657,7 +659,7 @@ mod properties {
             let result = match format {
                 0 => parse_libsvm_line(&line, tasks, &mut batch),
                 1 => parse_libffm_line(&line, 4, tasks, &mut batch),
-                _ => parse_criteo_line(&line, IntegerFeatures::default(), &mut batch),
+                _ => parse_criteo_line(&line, Numeric::default(), &mut batch),
             };
             match result {
                 Err(message) => {
@@ -679,7 +681,7 @@ mod properties {
             log in any::<bool>(),
         ) {
             let integers = if log { IntegerFeatures::Log } else { IntegerFeatures::Bucketize };
-            check_criteo(&line, integers)?;
+            check_criteo(&line, integers.into())?;
         }
     }
 }

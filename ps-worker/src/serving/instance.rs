@@ -142,14 +142,15 @@ pub fn to_batch(instances: &[Instance], format: &LineFormat) -> Result<Batch, Se
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ps_common::config::{DataFormat, IntegerFeatures};
+    use ps_common::config::DataFormat;
 
     fn libsvm() -> LineFormat {
         LineFormat {
             format: DataFormat::Libsvm,
             fields: 1,
             tasks: 1,
-            integers: IntegerFeatures::default(),
+            numeric: Default::default(),
+            csv: None,
         }
     }
 
