@@ -1,9 +1,30 @@
 //! The readers' specifications: examples, a bounded fuzz harness, and
 //! properties of the line parsers over generated lines.
 
+/// A CSV layout for the fuzzers: label, one numeric column (values
+/// clipped), one categorical.
+fn csv_layout() -> super::CsvLayout {
+    let config = ps_common::config::CsvConfig {
+        delimiter: ',',
+        label: ps_common::config::Labels::One("y".into()),
+        numeric: vec!["a".into()],
+        categorical: vec!["c".into()],
+    };
+    super::CsvLayout::from_header("y,a,c", &config).expect("the header names every column")
+}
+
+fn csv_numeric() -> super::Numeric {
+    super::Numeric {
+        mode: ps_common::config::IntegerFeatures::Value,
+        clip: Some([-1.0, 1.0]),
+        min_max: true,
+    }
+}
+
 mod examples {
     use super::super::parse::*;
     use super::super::*;
+    use super::{csv_layout, csv_numeric};
     use ps_common::config::IntegerFeatures;
     use std::io::Write;
 
@@ -35,7 +56,8 @@ mod examples {
     /// a line it accepts adds exactly one consistent example.
     #[test]
     fn fuzzed_lines_never_panic_and_refused_lines_change_nothing() {
-        const ALPHABET: &[u8] = b"0123456789012345:::   \t,.-+eEnaNiIf#\x7f";
+        const ALPHABET: &[u8] = b"0123456789012345:::   \t,.-+eEnaNiIf#\x7f\"";
+        let csv = csv_layout();
         let mut rng = ps_common::init::RowRng::new(99, 0);
         let mut next = |n: u64| (rng.next_u64() % n) as usize;
         let (mut accepted, mut refused) = (0, 0);
@@ -51,14 +73,18 @@ mod examples {
             if case % 11 == 0 {
                 line.push(char::from_u32(0x80 + next(0x700) as u32).unwrap_or('x'));
             }
-            for format in 0..3 {
+            if case % 13 == 0 {
+                line = format!("{},{}.5,\"{}\"", next(2), next(50), next(9));
+            }
+            for format in 0..4 {
                 let mut batch = Batch::new();
-                let tasks = 1 + case % 2;
+                let tasks = if format == 3 { 1 } else { 1 + case % 2 };
                 let before = batch.clone();
                 let result = match format {
                     0 => parse_libsvm_line(&line, tasks, &mut batch),
                     1 => parse_libffm_line(&line, 3, tasks, &mut batch),
-                    _ => parse_criteo_line(&line, Numeric::default(), &mut batch),
+                    2 => parse_criteo_line(&line, Numeric::default(), &mut batch),
+                    _ => csv.parse(&line, csv_numeric(), tasks, &mut batch),
                 };
                 match result {
                     Err(_) => {
@@ -534,6 +560,7 @@ mod examples {
 mod properties {
     use super::super::parse::*;
     use super::super::*;
+    use super::{csv_layout, csv_numeric};
     use proptest::prelude::*;
     use ps_common::config::IntegerFeatures;
 
@@ -649,8 +676,9 @@ mod properties {
         fn a_line_adds_one_consistent_example_or_changes_nothing(
             line in any_line(),
             tasks in 1usize..3,
-            format in 0usize..3,
+            format in 0usize..4,
         ) {
+            let tasks = if format == 3 { 1 } else { tasks };
             // A batch that already holds an example.
             let mut batch = Batch::new();
             let first = if tasks == 2 { "1,0 3:1" } else { "1 3:1" };
@@ -659,7 +687,8 @@ mod properties {
             let result = match format {
                 0 => parse_libsvm_line(&line, tasks, &mut batch),
                 1 => parse_libffm_line(&line, 4, tasks, &mut batch),
-                _ => parse_criteo_line(&line, Numeric::default(), &mut batch),
+                2 => parse_criteo_line(&line, Numeric::default(), &mut batch),
+                _ => csv_layout().parse(&line, csv_numeric(), tasks, &mut batch),
             };
             match result {
                 Err(message) => {
