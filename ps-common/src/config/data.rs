@@ -120,6 +120,10 @@ pub struct NumericConfig {
     /// `clip`).
     #[serde(default)]
     pub normalize: Normalize,
+    /// The values go straight into the MLP's input, beside the pooled
+    /// embeddings (a missing value is 0), instead of being features.
+    #[serde(default)]
+    pub dense: bool,
 }
 
 /// Normalisation of numeric values (see [`NumericConfig`]).
@@ -245,6 +249,16 @@ impl std::fmt::Display for DataSource {
 }
 
 impl DataConfig {
+    /// The numeric columns an example feeds straight to the MLP
+    /// (`data.numeric.dense`): Criteo's 13, a CSV's `numeric`; 0 without.
+    pub fn dense_inputs(&self) -> u32 {
+        match (self.numeric.dense, self.format, &self.csv) {
+            (false, _, _) => 0,
+            (true, DataFormat::Csv, Some(csv)) => csv.numeric.len() as u32,
+            (true, _, _) => 13,
+        }
+    }
+
     /// The fields of categorical columns, where the format has them.
     fn categorical_fields(&self) -> Option<std::ops::Range<u32>> {
         match (self.format, &self.csv) {

@@ -272,10 +272,10 @@ impl JobConfig {
         let mut specs = self.declared_table_specs();
         if let Some(embeddings) = self.model.embeddings_table() {
             let dim = self.tables.get(embeddings).map_or(0, |t| t.dim);
-            specs.extend(
-                self.model
-                    .generated_table_specs(self.data.fields * dim, self.train.seed),
-            );
+            specs.extend(self.model.generated_table_specs(
+                self.data.fields * dim + self.data.dense_inputs(),
+                self.train.seed,
+            ));
         }
         specs
     }
@@ -303,6 +303,14 @@ impl JobConfig {
             return Err(("tables".into(), "at least one table is required".into()));
         }
         self.data.validate(self.model.tasks().len())?;
+        if self.data.numeric.dense
+            && matches!(self.model, ModelConfig::Lr { .. } | ModelConfig::Fm { .. })
+        {
+            return Err((
+                "data.numeric.dense".into(),
+                "feeds an MLP: use deepfm, wide_deep, dnn or multitask (lr and fm take numeric columns as features)".into(),
+            ));
+        }
         for (name, table) in &self.tables {
             table
                 .validate()

@@ -346,6 +346,11 @@ fn csv_columns_and_numeric_options_are_checked_with_their_key() {
         assert_eq!(err.key.as_deref(), Some(key), "{data}: {err}");
         assert!(err.message.contains(message), "{data}: {err}");
     }
+    let dense = "fields = 1\nintegers = \"log\"\nnumeric = { dense = true }\n\
+                 csv = { label = \"y\", numeric = [\"a\"] }";
+    let err = error_of(&csv(dense));
+    assert_eq!(err.key.as_deref(), Some("data.numeric.dense"), "{err}");
+    assert!(err.message.contains("feeds an MLP"), "{err}");
     let err = error_of(&JOB.replace(
         "validation =",
         "csv = { label = \"y\", numeric = [\"a\"] }\nvalidation =",

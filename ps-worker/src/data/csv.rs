@@ -118,6 +118,7 @@ impl CsvLayout {
         };
         let name = |field: usize| &self.numeric_names[field];
         let mut features = Vec::with_capacity(self.numeric.len() + self.categorical.len());
+        let mut dense = vec![0f32; if numeric.dense { self.numeric.len() } else { 0 }];
         for (field, &column) in self.numeric.iter().enumerate() {
             let text = cells[column].trim();
             if text.is_empty() {
@@ -130,10 +131,13 @@ impl CsvLayout {
                 .ok_or_else(|| {
                     format!("column {} = {text:?} is not a finite number", name(field))
                 })?;
-            let (id, value) = numeric
-                .feature(field, v)
-                .map_err(|e| format!("column {} = {text:?}: {e}", name(field)))?;
-            features.push((field, id, value));
+            let bad = |e| format!("column {} = {text:?}: {e}", name(field));
+            if numeric.dense {
+                dense[field] = numeric.value(v).map_err(bad)?;
+            } else {
+                let (id, value) = numeric.feature(field, v).map_err(bad)?;
+                features.push((field, id, value));
+            }
         }
         for (j, &column) in self.categorical.iter().enumerate() {
             let field = self.numeric.len() + j;
@@ -144,6 +148,7 @@ impl CsvLayout {
             batch.ids.push(id);
             batch.values.push(value);
         }
+        batch.dense.extend_from_slice(&dense);
         batch.push_example(&labels);
         Ok(())
     }
@@ -415,6 +420,31 @@ mod tests {
         .unwrap();
         assert_eq!(bucketized.values, [1.0; 6], "bucket ids carry value 1");
         assert_eq!(bucketized.ids[3], hashed_id(0, &2i64.to_le_bytes()));
+    }
+
+    #[test]
+    fn dense_numeric_columns_become_mlp_inputs_not_features() {
+        let path = write("dense", "click,age,price,country\n1,-5,50,de\n0,,7.5,fr\n");
+        let extra = COLUMNS.replace(
+            "integers = \"value\"",
+            "integers = \"value\"\nnumeric = { clip = [0.0, 10.0] }",
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        // The reader reads [data] only (the job's checks want an MLP model).
+        let mut job = job(&path, &extra);
+        job.data.numeric.dense = true;
+        let b = read(&job, 0, 1).unwrap();
+        assert_eq!(
+            b.dense,
+            [0.0, 10.0, 0.0, 7.5],
+            "clipped; a missing value is 0 ({text:?})"
+        );
+        assert_eq!(b.fields, [2, 2], "only the categorical column is a feature");
+        let mut served = Batch::new();
+        LineFormat::of_job(&job)
+            .parse_unlabeled("3,4,de", &mut served)
+            .unwrap();
+        assert_eq!(served.dense, [3.0, 4.0]);
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct Batch {
     /// Field of each feature, parallel to `ids`; empty when the format has
     /// no fields (every feature is then in field 0).
     pub fields: Vec<u32>,
+    /// Numeric columns fed straight to the MLP (`data.numeric.dense`), the
+    /// same number per example, example-major; empty without.
+    pub dense: Vec<f32>,
 }
 
 impl Batch {
@@ -114,6 +117,7 @@ impl Batch {
         let base = self.ids.len();
         self.extend_features(&other.ids, &other.values, &other.fields);
         self.labels.extend_from_slice(&other.labels);
+        self.dense.extend_from_slice(&other.dense);
         self.offsets
             .extend(other.offsets.iter().skip(1).map(|&at| base + at));
     }
@@ -150,8 +154,10 @@ impl Batch {
             return;
         }
         let tasks = self.labels.len() / self.len().max(1);
+        let dense = self.dense.len() / self.len().max(1);
         let features = self.offsets[examples];
         self.labels.truncate(examples * tasks);
+        self.dense.truncate(examples * dense);
         self.offsets.truncate(examples + 1);
         self.ids.truncate(features);
         self.values.truncate(features);

@@ -118,7 +118,8 @@ pub(super) fn parse_integer(text: &str) -> Option<i64> {
 }
 
 /// How a numeric column's number becomes a feature: `data.integers`,
-/// then, for values, `data.numeric`'s clipping and normalisation.
+/// then, for values, `data.numeric`'s clipping and normalisation; or,
+/// with `dense`, an input of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Numeric {
     /// Bucket ids, or one id per column with a value.
@@ -127,6 +128,8 @@ pub struct Numeric {
     pub clip: Option<[f32; 2]>,
     /// Clipped values are mapped onto [0, 1].
     pub min_max: bool,
+    /// Values go to [`Batch::dense`] (missing: 0), not to the features.
+    pub dense: bool,
 }
 
 impl Numeric {
@@ -136,25 +139,36 @@ impl Numeric {
             mode: data.integers,
             clip: data.numeric.clip,
             min_max: data.numeric.normalize == Normalize::MinMax,
+            dense: data.numeric.dense,
         }
     }
 
     /// The feature `(id, value)` of the finite number `v` in `field`; an
     /// error when a value is past f32's range.
     pub(super) fn feature(&self, field: usize, v: f64) -> Result<(u64, f32), String> {
-        let value = match self.mode {
-            IntegerFeatures::Bucketize => {
-                let bucket = if v <= 2.0 {
-                    v.floor() as i64
-                } else {
-                    v.ln().powi(2) as i64
-                };
-                return Ok((hashed_id(field, &bucket.to_le_bytes()), 1.0));
-            }
-            IntegerFeatures::Log => v.max(0.0).ln_1p(),
-            IntegerFeatures::Value => v,
+        if self.mode == IntegerFeatures::Bucketize {
+            let bucket = if v <= 2.0 {
+                v.floor() as i64
+            } else {
+                v.ln().powi(2) as i64
+            };
+            return Ok((hashed_id(field, &bucket.to_le_bytes()), 1.0));
+        }
+        let tag: &[u8] = match self.mode {
+            IntegerFeatures::Log => b"log",
+            _ => b"value",
         };
-        let mut value = value as f32;
+        Ok((hashed_id(field, tag), self.value(v)?))
+    }
+
+    /// The value of the finite number `v`: `ln(1 + max(v, 0))` under
+    /// `log`, then clipped and normalised.
+    pub(super) fn value(&self, v: f64) -> Result<f32, String> {
+        let v = match self.mode {
+            IntegerFeatures::Log => v.max(0.0).ln_1p(),
+            IntegerFeatures::Value | IntegerFeatures::Bucketize => v,
+        };
+        let mut value = v as f32;
         if !value.is_finite() {
             return Err("past a 32-bit float's range".into());
         }
@@ -164,11 +178,7 @@ impl Numeric {
                 value = (value - low) / (high - low);
             }
         }
-        let tag: &[u8] = match self.mode {
-            IntegerFeatures::Log => b"log",
-            _ => b"value",
-        };
-        Ok((hashed_id(field, tag), value))
+        Ok(value)
     }
 }
 
@@ -214,16 +224,20 @@ pub(super) fn parse_criteo_line(
         other => return Err(format!("label {other:?} is not 0 or 1")),
     };
     let mut features = Vec::with_capacity(CRITEO_INTEGERS + CRITEO_CATEGORIES);
+    let mut dense = [0f32; CRITEO_INTEGERS];
     for (i, text) in columns[1..=CRITEO_INTEGERS].iter().enumerate() {
         if text.is_empty() {
             continue;
         }
         let v = parse_integer(text)
             .ok_or_else(|| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
-        let (id, value) = numeric
-            .feature(i, v as f64)
-            .map_err(|e| format!("integer column I{} = {text:?}: {e}", i + 1))?;
-        features.push((i, id, value));
+        let column = |e| format!("integer column I{} = {text:?}: {e}", i + 1);
+        if numeric.dense {
+            dense[i] = numeric.value(v as f64).map_err(column)?;
+        } else {
+            let (id, value) = numeric.feature(i, v as f64).map_err(column)?;
+            features.push((i, id, value));
+        }
     }
     for (j, text) in columns[1 + CRITEO_INTEGERS..].iter().enumerate() {
         if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -239,6 +253,9 @@ pub(super) fn parse_criteo_line(
         batch.fields.push(field as u32);
         batch.ids.push(id);
         batch.values.push(value);
+    }
+    if numeric.dense {
+        batch.dense.extend_from_slice(&dense);
     }
     batch.push_example(&[label]);
     Ok(())

@@ -18,6 +18,7 @@ fn csv_numeric() -> super::Numeric {
         mode: ps_common::config::IntegerFeatures::Value,
         clip: Some([-1.0, 1.0]),
         min_max: true,
+        dense: false,
     }
 }
 
@@ -478,6 +479,24 @@ mod examples {
             .unwrap();
         assert!((logged.values[1] - 101f32.ln()).abs() < 1e-6);
         assert_eq!(logged.values[2], 0.0, "negative integers count as 0");
+        let dense = Batches::open_format(&src, DataFormat::Criteo, 39, 0, 1, 10)
+            .unwrap()
+            .numeric(Numeric {
+                mode: IntegerFeatures::Log,
+                dense: true,
+                ..Numeric::default()
+            })
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            dense.offsets,
+            [0, 26, 52],
+            "the 26 categories are the features"
+        );
+        assert_eq!(dense.dense.len(), 2 * 13, "13 MLP inputs per example");
+        assert!((dense.dense[1] - 101f32.ln()).abs() < 1e-6);
+        assert_eq!(dense.dense[3..13], [0.0; 10], "missing integers are 0");
     }
 
     #[test]

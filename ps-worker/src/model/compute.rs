@@ -49,7 +49,8 @@ impl Model {
         let x = match (&v, deep) {
             (Some(v), true) => {
                 let pooled = backend.gather_pool(v, &plan, Pooling::Field)?;
-                Some(backend.reshape(pooled, n, self.fields * self.embedding_dim())?)
+                let pooled = backend.reshape(pooled, n, self.fields * self.embedding_dim())?;
+                Some(self.beside_dense_inputs(backend, pooled, pulled)?)
             }
             _ => None,
         };
@@ -212,6 +213,7 @@ impl Model {
             (_, _, _, dh) => dh,
         };
         if let Some(dx) = dx {
+            let dx = self.without_dense_inputs(backend, dx, n)?;
             let de = backend.reshape(dx, n * self.fields, self.embedding_dim())?;
             let from_deep = backend.scatter_pool(&de, &plan, Pooling::Field)?;
             dv = Some(match dv {
@@ -368,6 +370,59 @@ impl Model {
             output = step.input;
         }
         Ok(dh)
+    }
+
+    /// The MLP's input: each example's pooled embeddings, then its dense
+    /// inputs (`data.numeric.dense`). Joined on the host (the backends
+    /// have no column concatenation): one download and upload a step.
+    fn beside_dense_inputs<B: Backend>(
+        &self,
+        backend: &B,
+        pooled: B::Tensor,
+        pulled: &Pulled,
+    ) -> Result<B::Tensor, BackendError> {
+        let (n, d) = (pulled.plan.examples, self.dense_inputs);
+        if d == 0 {
+            return Ok(pooled);
+        }
+        if pulled.inputs.len() != n * d {
+            return Err(crate::backend::shape_error(
+                "dense inputs",
+                format!(
+                    "the model takes {d} numeric inputs per example, the batch has {} for {n} examples",
+                    pulled.inputs.len()
+                ),
+            ));
+        }
+        let width = self.fields * self.embedding_dim();
+        let pooled = backend.download(&pooled)?;
+        let mut joined = Vec::with_capacity(n * (width + d));
+        for (row, inputs) in pooled.chunks(width.max(1)).zip(pulled.inputs.chunks(d)) {
+            joined.extend_from_slice(&row[..width]);
+            joined.extend_from_slice(inputs);
+        }
+        backend.upload(&joined, n, width + d)
+    }
+
+    /// The gradient of the pooled embeddings from that of the MLP's input
+    /// (the dense inputs' part is dropped: they are data).
+    fn without_dense_inputs<B: Backend>(
+        &self,
+        backend: &B,
+        dx: B::Tensor,
+        n: usize,
+    ) -> Result<B::Tensor, BackendError> {
+        let d = self.dense_inputs;
+        if d == 0 {
+            return Ok(dx);
+        }
+        let width = self.fields * self.embedding_dim();
+        let dx = backend.download(&dx)?;
+        let de: Vec<f32> = dx
+            .chunks(width + d)
+            .flat_map(|row| row[..width].iter().copied())
+            .collect();
+        backend.upload(&de, n, width)
     }
 
     fn embedding_dim(&self) -> usize {

@@ -90,6 +90,9 @@ pub struct Model {
     embeddings: Option<usize>,
     fm: bool,
     fields: usize,
+    /// Numbers per example fed to the MLP beside the pooled embeddings
+    /// (`data.numeric.dense`).
+    dense_inputs: usize,
     /// Shared bottom layers over the pooled embeddings (multi-task).
     shared: Option<Mlp>,
     /// MMoE experts over the pooled embeddings (multi-task).
@@ -118,6 +121,8 @@ pub struct Pulled {
     pub sparse: Vec<Vec<f32>>,
     /// All rows of each dense table (model order), `rows * dim`.
     pub dense: Vec<Vec<f32>>,
+    /// The examples' dense MLP inputs ([`Batch::dense`]).
+    pub inputs: Vec<f32>,
     /// With a row cache: the rows it covers this step (ascending indices
     /// into `keys`, see [`crate::cache::hot_rows`]); empty without one.
     pub hot: Vec<u32>,
@@ -221,7 +226,8 @@ impl Model {
             sparse.len() - 1
         });
         let fields = job.data.fields as usize;
-        let input = fields * k.map_or(0, |(_, d)| d);
+        let dense_inputs = job.data.dense_inputs() as usize;
+        let input = fields * k.map_or(0, |(_, d)| d) + dense_inputs;
         // The generated tables, in the order the config lists them.
         let first = dense.len();
         dense.extend(
@@ -327,6 +333,7 @@ impl Model {
                 ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }
             ),
             fields,
+            dense_inputs,
             shared,
             experts,
             heads,
@@ -448,6 +455,7 @@ impl Model {
             labels: batch.labels.clone(),
             sparse,
             dense,
+            inputs: batch.dense.clone(),
             hot: Vec::new(),
         }
     }

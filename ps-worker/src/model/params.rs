@@ -82,6 +82,7 @@ impl Model {
             labels: batch.labels.clone(),
             sparse,
             dense,
+            inputs: batch.dense.clone(),
             hot,
         })
     }

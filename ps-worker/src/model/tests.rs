@@ -8,13 +8,17 @@ use crate::backend::conformance::Rng;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Pooling};
 
-/// A job for `model` (a `[model]` body) with 8-dim embeddings and 3 fields.
+/// A job for `model` (a `[model]` body) with 4-dim embeddings and 3 fields.
 pub(crate) fn job(model: &str) -> JobConfig {
+    job_with("train = \"builtin:a9a/train\"\nfields = 3", model)
+}
+
+/// As [`job`], with `data` as the `[data]` section.
+fn job_with(data: &str, model: &str) -> JobConfig {
     let src = format!(
         r#"
 [data]
-train = "builtin:a9a/train"
-fields = 3
+{data}
 [model]
 {model}
 [tables.weights]
@@ -85,6 +89,7 @@ pub(crate) fn batch() -> Batch {
             1.0, 0.5, -1.0, 1.0, 2.0, 1.0, 0.5, 1.0, 1.0, -0.5, 1.0, 1.0, 1.5, 1.0,
         ],
         fields: vec![0, 1, 2, 1, 0, 0, 2, 1, 2, 0, 1, 1, 2, 0],
+        dense: Vec::new(),
     }
 }
 
@@ -109,56 +114,106 @@ fn mean_loss(model: &Model, p: &Pulled, mode: Mode) -> f64 {
 #[test]
 fn every_model_s_gradients_match_finite_differences() {
     let b = batch();
-    let mode = Mode::Train { seed: 42 };
     for &(name, body) in MODELS {
         let model = Model::from_job(&job(body));
-        let p = pulled(&model, &b, 7);
-        let grads = model.compute(&CpuBackend, &p, mode).unwrap().grads.unwrap();
-        // Small enough that batch norm over 6 examples stays locally linear.
-        let h = 2e-3f32;
-        let mut checked = 0;
-        let tables = model.sparse_tables().len();
-        for t in 0..tables + model.dense_tables().len() {
-            let table = if t < tables {
-                &model.sparse_tables()[t]
-            } else {
-                &model.dense_tables()[t - tables]
-            };
-            if table.name.ends_with(".bn_stats") {
-                continue; // a moving-average push, not a gradient
-            }
-            let (values, grad) = if t < tables {
-                (&p.sparse[t], &grads.sparse[t])
-            } else {
-                (&p.dense[t - tables], &grads.dense[t - tables])
-            };
-            assert_eq!(values.len(), grad.len(), "{name}: {}", table.name);
-            for i in 0..values.len() {
-                let at = |delta: f32| {
-                    let mut q = p.clone();
-                    let slot = if t < tables {
-                        &mut q.sparse[t]
-                    } else {
-                        &mut q.dense[t - tables]
-                    };
-                    slot[i] += delta;
-                    mean_loss(&model, &q, mode)
-                };
-                let (lp, lm) = (at(h), at(-h));
-                let numeric = (lp - lm) / (2.0 * f64::from(h));
-                let analytic = f64::from(grad[i]);
-                let tol =
-                    crate::backend::conformance::gradient_tolerance(numeric, analytic, lp, lm, h);
-                assert!(
-                    (numeric - analytic).abs() <= tol,
-                    "{name}: {}[{i}]: finite difference {numeric} vs backward {analytic} (tolerance {tol:.1e})",
-                    table.name,
-                );
-                checked += 1;
-            }
-        }
-        assert!(checked > 5, "{name}: checked {checked} values");
+        check_gradients(name, &model, &pulled(&model, &b, 7));
     }
+}
+
+/// Numeric columns fed to the MLP (`data.numeric.dense`): the first
+/// layer takes them beside the pooled embeddings, they change the
+/// prediction, and every gradient still matches finite differences.
+#[test]
+fn dense_inputs_join_the_mlp_input_and_gradients_still_match() {
+    let data = |labels: &str| {
+        format!(
+            "format = \"csv\"\ntrain = \"x.csv\"\nfields = 3\nintegers = \"value\"\n\
+             numeric = {{ dense = true }}\n\
+             csv = {{ label = {labels}, numeric = [\"a\", \"b\"], categorical = [\"c\"] }}"
+        )
+    };
+    let mut b = batch();
+    b.dense = vec![
+        0.5, -1.0, 2.0, 0.0, 1.0, 1.0, -0.5, 0.25, 0.0, 3.0, 1.5, -2.0,
+    ];
+    for &(name, body, labels) in &[
+        (MODELS[2].0, MODELS[2].1, "\"y\""),
+        (MODELS[8].0, MODELS[8].1, "[\"y\", \"z\"]"),
+        (MODELS[9].0, MODELS[9].1, "\"y\""),
+    ] {
+        let model = Model::from_job(&job_with(&data(labels), body));
+        let first = &model
+            .dense_tables()
+            .iter()
+            .find(|t| t.name.ends_with(".0.w"));
+        assert_eq!(first.and_then(|t| t.rows), Some(3 * 4 + 2), "{name}");
+        let p = pulled(&model, &b, 7);
+        check_gradients(name, &model, &p);
+        let mut other = p.clone();
+        other.inputs[0] += 1.0;
+        let probs = |p: &Pulled| model.compute(&CpuBackend, p, Mode::Eval).unwrap().probs;
+        assert_ne!(
+            probs(&p)[0],
+            probs(&other)[0],
+            "{name}: the inputs are used"
+        );
+        other.inputs.pop();
+        let err = model.compute(&CpuBackend, &other, Mode::Eval).unwrap_err();
+        assert!(
+            err.to_string().contains("2 numeric inputs per example"),
+            "{err}"
+        );
+    }
+}
+
+/// Each gradient of `model` on `p` against central finite differences of
+/// its mean loss.
+fn check_gradients(name: &str, model: &Model, p: &Pulled) {
+    let mode = Mode::Train { seed: 42 };
+    let grads = model.compute(&CpuBackend, p, mode).unwrap().grads.unwrap();
+    // Small enough that batch norm over 6 examples stays locally linear.
+    let h = 2e-3f32;
+    let mut checked = 0;
+    let tables = model.sparse_tables().len();
+    for t in 0..tables + model.dense_tables().len() {
+        let table = if t < tables {
+            &model.sparse_tables()[t]
+        } else {
+            &model.dense_tables()[t - tables]
+        };
+        if table.name.ends_with(".bn_stats") {
+            continue; // a moving-average push, not a gradient
+        }
+        let (values, grad) = if t < tables {
+            (&p.sparse[t], &grads.sparse[t])
+        } else {
+            (&p.dense[t - tables], &grads.dense[t - tables])
+        };
+        assert_eq!(values.len(), grad.len(), "{name}: {}", table.name);
+        for i in 0..values.len() {
+            let at = |delta: f32| {
+                let mut q = p.clone();
+                let slot = if t < tables {
+                    &mut q.sparse[t]
+                } else {
+                    &mut q.dense[t - tables]
+                };
+                slot[i] += delta;
+                mean_loss(model, &q, mode)
+            };
+            let (lp, lm) = (at(h), at(-h));
+            let numeric = (lp - lm) / (2.0 * f64::from(h));
+            let analytic = f64::from(grad[i]);
+            let tol = crate::backend::conformance::gradient_tolerance(numeric, analytic, lp, lm, h);
+            assert!(
+                (numeric - analytic).abs() <= tol,
+                "{name}: {}[{i}]: finite difference {numeric} vs backward {analytic} (tolerance {tol:.1e})",
+                table.name,
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 5, "{name}: checked {checked} values");
 }
 
 #[test]
@@ -170,6 +225,7 @@ fn lr_computes_bias_plus_weighted_features() {
         ids: vec![1, 2, 2, 2, 3],
         values: vec![1.0, 0.5, 1.0, 2.0, -1.0],
         fields: Vec::new(),
+        dense: Vec::new(),
     };
     let mut p = pulled(&model, &b, 1);
     p.sparse[0] = vec![0.5, -1.0, 2.0];

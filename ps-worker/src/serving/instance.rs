@@ -102,6 +102,13 @@ pub fn to_batch(instances: &[Instance], format: &LineFormat) -> Result<Batch, Se
                 values,
                 fields,
             } => {
+                if format.numeric.dense {
+                    return Err(bad(
+                        "the model reads numeric columns as MLP inputs (data.numeric.dense): \
+                         send the instance as a line"
+                            .into(),
+                    ));
+                }
                 if !values.is_empty() && values.len() != ids.len() {
                     return Err(bad(format!(
                         "{} values for {} ids: give one per id, or none (all 1)",

@@ -150,6 +150,7 @@ impl Engine {
             labels: batch.labels.clone(),
             sparse,
             dense,
+            inputs: batch.dense.clone(),
             hot: Vec::new(),
         };
         let model = Arc::clone(&self.model);
