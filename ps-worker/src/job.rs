@@ -57,6 +57,9 @@ pub struct Report {
     pub val_logloss: Option<f64>,
     /// Validation accuracy at threshold 0.5.
     pub val_accuracy: Option<f64>,
+    /// Validation predicted positives over observed ones (1: calibrated
+    /// on average).
+    pub val_calibration: Option<f64>,
     /// Multi-task models: validation metrics of every task (the `val_*`
     /// fields above are the first task's).
     pub val_tasks: Vec<TaskMetrics>,
@@ -134,6 +137,7 @@ impl Report {
             val_auc: None,
             val_logloss: None,
             val_accuracy: None,
+            val_calibration: None,
             val_tasks: Vec::new(),
             pull_bytes: 0,
             push_bytes: 0,
@@ -179,6 +183,7 @@ impl Report {
             self.val_auc = Some(m.auc);
             self.val_logloss = Some(m.logloss);
             self.val_accuracy = Some(m.accuracy);
+            self.val_calibration = Some(m.calibration);
         }
         if let Some(metrics) = metrics.filter(|m| m.len() > 1) {
             let names: Vec<String> = job.model.tasks().into_iter().map(|t| t.name).collect();
@@ -214,7 +219,7 @@ impl Report {
             .collect();
         format!(
             "trained {} samples in {:.2}s ({:.0} samples/s) on {} worker(s) x {} server(s); \
-             validation ({} examples): auc {} logloss {} accuracy {}{tasks}",
+             validation ({} examples): auc {} logloss {} accuracy {} calibration {}{tasks}",
             self.train_samples,
             self.train_seconds,
             self.samples_per_sec,
@@ -223,7 +228,8 @@ impl Report {
             self.val_examples,
             fmt(self.val_auc),
             fmt(self.val_logloss),
-            fmt(self.val_accuracy)
+            fmt(self.val_accuracy),
+            fmt(self.val_calibration)
         )
     }
 }
@@ -565,6 +571,8 @@ pub struct EvalEntry {
     pub logloss: f64,
     /// Accuracy at threshold 0.5.
     pub accuracy: f64,
+    /// Predicted positives over observed ones.
+    pub calibration: f64,
     /// Multi-task models: every task's metrics (the fields above are the
     /// first task's).
     pub tasks: Vec<TaskMetrics>,
@@ -577,6 +585,7 @@ impl EvalEntry {
             logloss: f64::NAN,
             auc: f64::NAN,
             accuracy: f64::NAN,
+            calibration: f64::NAN,
         });
         let names: Vec<String> = job.model.tasks().into_iter().map(|t| t.name).collect();
         EvalEntry {
@@ -585,6 +594,7 @@ impl EvalEntry {
             auc: first.auc,
             logloss: first.logloss,
             accuracy: first.accuracy,
+            calibration: first.calibration,
             tasks: if per_task.len() > 1 {
                 TaskMetrics::named(&names, per_task)
             } else {

@@ -1,4 +1,4 @@
-//! Binary-classification metrics: logloss, AUC, accuracy.
+//! Binary-classification metrics: logloss, AUC, accuracy, calibration.
 
 use serde::Serialize;
 
@@ -13,6 +13,10 @@ pub struct BinaryMetrics {
     pub auc: f64,
     /// Fraction of examples with `(p >= 0.5) == label`.
     pub accuracy: f64,
+    /// Predicted positives over observed ones, `sum(p) / sum(y)`: 1 when
+    /// the probabilities are right on average, above when they
+    /// over-predict. NaN without a positive.
+    pub calibration: f64,
 }
 
 impl BinaryMetrics {
@@ -22,9 +26,12 @@ impl BinaryMetrics {
         let n = probs.len();
         let mut logloss = 0f64;
         let mut correct = 0usize;
+        let (mut predicted, mut observed) = (0f64, 0f64);
         for (&p, &y) in probs.iter().zip(labels) {
             let p = f64::from(p).clamp(1e-7, 1.0 - 1e-7);
             let positive = y > 0.5;
+            predicted += p;
+            observed += f64::from(u8::from(positive));
             logloss -= if positive { p.ln() } else { (1.0 - p).ln() };
             correct += usize::from((p >= 0.5) == positive);
         }
@@ -33,6 +40,11 @@ impl BinaryMetrics {
             logloss: logloss / n.max(1) as f64,
             auc: auc(probs, labels),
             accuracy: correct as f64 / n.max(1) as f64,
+            calibration: if observed > 0.0 {
+                predicted / observed
+            } else {
+                f64::NAN
+            },
         }
     }
 
@@ -123,5 +135,9 @@ mod tests {
         assert!((m.logloss - (-(0.8f64.ln() + 0.4f64.ln()) / 2.0)).abs() < 1e-6);
         assert_eq!(m.accuracy, 0.5);
         assert_eq!(m.count, 2);
+        assert!((m.calibration - 0.6).abs() < 1e-6, "1.2 predicted of 2");
+        let over = BinaryMetrics::compute(&[0.5, 0.5, 0.5, 0.5], &[1.0, 0.0, 0.0, 0.0]);
+        assert!((over.calibration - 2.0).abs() < 1e-6, "2 predicted of 1");
+        assert!(BinaryMetrics::compute(&[0.1], &[0.0]).calibration.is_nan());
     }
 }

@@ -125,16 +125,22 @@ fn each_epochs_validation_auc_is_its_checkpoints_auc() {
 /// Writes `rows` libsvm lines of a planted logistic model whose positives
 /// are rare (about 8%), and returns the oracle AUC.
 fn write_rare_positives(path: &Path, rows: usize, seed: u64) -> f64 {
-    const FEATURES: u64 = 300;
+    write_planted(path, rows, seed, -3.0, 300)
+}
+
+/// Writes `rows` libsvm lines of a planted logistic model (logit `base`
+/// plus 0.7 x a normal weight for each of about 6 ids out of `features`),
+/// and returns the oracle AUC.
+fn write_planted(path: &Path, rows: usize, seed: u64, base: f64, features: u64) -> f64 {
     let weight = |id: u64| RowRng::new(4321, id).next_normal();
     let mut rng = RowRng::new(seed, 0);
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let (mut probs, mut labels) = (Vec::new(), Vec::new());
     for _ in 0..rows {
-        let mut ids: Vec<u64> = (0..6).map(|_| 1 + rng.next_u64() % FEATURES).collect();
+        let mut ids: Vec<u64> = (0..6).map(|_| 1 + rng.next_u64() % features).collect();
         ids.sort_unstable();
         ids.dedup();
-        let logit = -3.0 + ids.iter().map(|&id| weight(id) * 0.7).sum::<f64>();
+        let logit = base + ids.iter().map(|&id| weight(id) * 0.7).sum::<f64>();
         let p = 1.0 / (1.0 + (-logit).exp());
         let label = rng.next_f64() < p;
         write!(out, "{}", if label { "+1" } else { "-1" }).unwrap();
@@ -181,4 +187,40 @@ fn negatives_down_sampled_to_a_tenth_lose_little_and_their_logloss_is_corrected(
         (loss_sampled - loss_all).abs() <= 0.02 * loss_all,
         "corrected logloss {loss_sampled} vs {loss_all}"
     );
+}
+
+/// On imbalanced data (about 1.2% positives, 300 features), the
+/// asynchronous workers' models are as calibrated as one worker's: the
+/// bias is the hottest row, and two workers pushing it with stale values
+/// do not move the mean prediction (measured: LR 0.932 against 0.933, FM
+/// 0.955 against 0.958; the remaining 5-7% under-prediction is the same
+/// with one worker).
+#[test]
+fn two_asynchronous_workers_predict_as_calibrated_as_one_on_rare_positives() {
+    let dir = TempDir::new("calibration");
+    let (train, test) = (dir.0.join("train.libsvm"), dir.0.join("test.libsvm"));
+    write_planted(&train, 150_000, 1, -6.0, 300);
+    write_planted(&test, 20_000, 2, -6.0, 300);
+    for example in ["a9a-lr.toml", "a9a-fm.toml"] {
+        let mut job = example_on(example, &train, &test, &dir.0);
+        job.train.epochs = 2;
+        let config = job::client_config(&job, std::time::Duration::from_secs(10));
+        let calibration = |workers| {
+            let report = job::run_local(&job, 2, workers, &config, None).unwrap();
+            (report.val_calibration.unwrap(), report.val_logloss.unwrap())
+        };
+        let ((one, loss_one), (two, loss_two)) = (calibration(1), calibration(2));
+        eprintln!(
+            "{example}: calibration {one:.3} (1 worker) {two:.3} (2); logloss {loss_one:.4} {loss_two:.4}"
+        );
+        assert!((0.85..1.15).contains(&one), "{example}: calibration {one}");
+        assert!(
+            (two - one).abs() < 0.03,
+            "{example}: {two} with 2 workers, {one} with 1"
+        );
+        assert!(
+            loss_two < loss_one * 1.02,
+            "{example}: logloss {loss_two} vs {loss_one}"
+        );
+    }
 }
