@@ -131,9 +131,15 @@ pub fn run(job: &JobConfig, setup: &Setup) -> anyhow::Result<Measured> {
             },
             Arc::new(ServeMetrics::default()),
         );
-        serving::listen(predictor, "127.0.0.1:0".parse()?, None, Default::default())
-            .await
-            .context("cannot listen")
+        serving::listen(
+            predictor,
+            "127.0.0.1:0".parse()?,
+            None,
+            Default::default(),
+            None,
+        )
+        .await
+        .context("cannot listen")
     })?;
     let addr = listening.http.to_string();
     // Let the follower load its snapshot and the model take shape.

@@ -1,6 +1,7 @@
 //! TLS settings read from PEM files (`--tls-cert`, `--tls-key`,
 //! `--tls-ca`), turned into tonic's rustls configurations for servers,
-//! workers and the servers' connections to each other.
+//! workers and the servers' connections to each other, and into a plain
+//! rustls server configuration for the serving REST endpoint.
 //!
 //! One file set serves every role of a process: its certificate and key
 //! (a server's identity, or a client's for mutual TLS) and the CA bundle it
@@ -8,6 +9,7 @@
 //! certificates, to verify clients).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
@@ -116,6 +118,83 @@ impl TlsFiles {
             config = config.identity(identity);
         }
         Ok(Some(config))
+    }
+}
+
+impl TlsFiles {
+    /// A rustls server configuration from these files, for endpoints tonic
+    /// does not serve (the serving REST endpoint, HTTP/1.1): the
+    /// certificate chain and key; with `require_client_cert`, clients must
+    /// present a certificate signed by the CA. `names` are the flags that
+    /// name the certificate, key and CA files, for errors. `None` when no
+    /// file was given.
+    pub fn rustls_server(
+        &self,
+        require_client_cert: bool,
+        names: [&'static str; 3],
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let [cert_flag, key_flag, ca_flag] = names;
+        let (cert_path, key_path) = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (None, None) if self.ca.is_none() && !require_client_cert => return Ok(None),
+            _ => {
+                return Err(TlsError::Flags(format!(
+                    "a TLS endpoint needs {cert_flag} and {key_flag}{}",
+                    if require_client_cert {
+                        format!(" (and {ca_flag} to verify clients)")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+        };
+        let bad = |flag: &'static str, path: &Path, message: String| TlsError::File {
+            flag,
+            path: path.to_path_buf(),
+            message,
+        };
+        let certs = CertificateDer::pem_slice_iter(&read_pem(cert_flag, cert_path)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(cert_flag, cert_path, format!("bad certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad(cert_flag, cert_path, "holds no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read_pem(key_flag, key_path)?)
+            .map_err(|e| bad(key_flag, key_path, format!("holds no private key: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Flags(format!("TLS versions: {e}")))?;
+        let builder = if require_client_cert {
+            let ca_path = self.ca.as_ref().ok_or_else(|| {
+                TlsError::Flags(format!(
+                    "client certificates are verified against {ca_flag}: give it"
+                ))
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(&read_pem(ca_flag, ca_path)?) {
+                let ca = ca.map_err(|e| bad(ca_flag, ca_path, format!("bad certificate: {e}")))?;
+                roots
+                    .add(ca)
+                    .map_err(|e| bad(ca_flag, ca_path, format!("not a CA certificate: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad(ca_flag, ca_path, format!("cannot verify clients: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(key_flag, key_path, format!("does not fit {cert_flag}: {e}")))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
     }
 }
 

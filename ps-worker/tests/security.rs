@@ -7,6 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::pki::pki;
 use common::workers::*;
 use common::{Server, counting_table, peer_token_file, temp_dir};
 
@@ -49,43 +50,6 @@ fn a_server_with_a_token_file_serves_only_workers_with_the_same_token() {
     let out = train(Some(&token));
     assert!(out.status.success(), "{}", stderr_of(&out));
     std::fs::remove_dir_all(&dir).ok();
-}
-
-/// A CA and a server and a client certificate it signed, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    server: [PathBuf; 2],
-    client: [PathBuf; 2],
-}
-
-fn pki(dir: &Path, tag: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, Issuer, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let issuer: &Issuer<'_, KeyPair> = &ca;
-    let write = |name: &str, text: String| {
-        let path = dir.join(format!("{tag}-{name}.pem"));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let leaf = |name: &str, names: &[&str]| {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, issuer)
-            .unwrap();
-        [
-            write(&format!("{name}-cert"), cert.pem()),
-            write(&format!("{name}-key"), key.serialize_pem()),
-        ]
-    };
-    Pki {
-        server: leaf("server", &["127.0.0.1", "localhost"]),
-        client: leaf("client", &["worker"]),
-        ca: write("ca", ca.pem()),
-    }
 }
 
 #[tokio::test]

@@ -564,11 +564,16 @@ fn a_follower_given_the_primary_and_its_backup_follows_the_backup_after_a_failov
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn with_a_serving_token_only_requests_carrying_it_are_answered() {
+/// The embedded LR job served from a bundle (weight 1 for id 3, bias 0,
+/// so `"3:1"` predicts sigmoid(1)) with `config`, on free ports for REST
+/// and gRPC, with `tls`.
+fn serve_lr(
+    runtime: &tokio::runtime::Runtime,
+    config: ServeConfig,
+    tls: Option<serving::ServingTls>,
+) -> serving::Listening {
     use prost::Message;
     let job = JobConfig::from_toml(ps_worker::job::DEFAULT_JOB, Path::new(".")).unwrap();
-    // The embedded LR job's tables, as a bundle: weight 1 for id 3, bias 0.
     let tables = job
         .table_specs()
         .iter()
@@ -591,16 +596,11 @@ fn with_a_serving_token_only_requests_carrying_it_are_answered() {
         job: ps_worker::job::DEFAULT_JOB.into(),
         tables,
     };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let token = "a-serving-token-of-the-test";
-    let listening = runtime.block_on(async {
+    runtime.block_on(async {
         let predictor = Predictor::start(
             &job,
             Rows::Bundle(BundleRows::new(bundle).unwrap()),
-            &ServeConfig {
-                token: Some(token.into()),
-                ..ServeConfig::new("lr")
-            },
+            &config,
             Arc::new(ServeMetrics::default()),
         );
         serving::listen(
@@ -608,10 +608,22 @@ fn with_a_serving_token_only_requests_carrying_it_are_answered() {
             "127.0.0.1:0".parse().unwrap(),
             Some("127.0.0.1:0".parse().unwrap()),
             Default::default(),
+            tls,
         )
         .await
         .unwrap()
-    });
+    })
+}
+
+#[test]
+fn with_a_serving_token_only_requests_carrying_it_are_answered() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let token = "a-serving-token-of-the-test";
+    let config = ServeConfig {
+        token: Some(token.into()),
+        ..ServeConfig::new("lr")
+    };
+    let listening = serve_lr(&runtime, config, None);
     let addr = listening.http.to_string();
     let post = |auth: Option<&str>| {
         let mut stream = std::net::TcpStream::connect(&addr).unwrap();
@@ -651,4 +663,171 @@ fn with_a_serving_token_only_requests_carrying_it_are_answered() {
         .unwrap_err()
     });
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}
+
+/// One HTTPS exchange with the TLS client `tls` (trusting a CA, perhaps
+/// presenting a certificate): the reply, or the error that ended it.
+fn https_predict(
+    runtime: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    tls: tokio_rustls::rustls::ClientConfig,
+) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, stream)
+            .await?;
+        let body = r#"{"instances": ["3:1"]}"#;
+        let request = format!(
+            "POST /v1/models/lr:predict HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await?;
+        Ok(reply)
+    })
+}
+
+/// A TLS client trusting `ca`, presenting `identity` (certificate, key).
+fn tls_client(ca: &Path, identity: Option<&[PathBuf; 2]>) -> tokio_rustls::rustls::ClientConfig {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    match identity {
+        Some([cert, key]) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    }
+}
+
+#[test]
+fn over_tls_predictions_reach_only_clients_that_speak_it_and_with_mutual_tls_only_certified_ones() {
+    let dir = temp_dir("serving-tls");
+    let (ours, other) = (
+        common::pki::pki(&dir, "ours"),
+        common::pki::pki(&dir, "other"),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let files = |require: bool| ps_common::tls::TlsFiles {
+        cert: Some(ours.server[0].clone()),
+        key: Some(ours.server[1].clone()),
+        ca: require.then(|| ours.ca.clone()),
+    };
+    let sigmoid_1 = "0.731058";
+
+    // TLS only: an HTTPS client trusting our CA is answered; plain HTTP and
+    // a client trusting another CA are not.
+    let tls = serving::ServingTls::from_files(&files(false), false).unwrap();
+    let listening = serve_lr(&runtime, ServeConfig::new("lr"), tls);
+    let ok = https_predict(&runtime, listening.http, tls_client(&ours.ca, None)).unwrap();
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.contains(sigmoid_1),
+        "{ok}"
+    );
+    let plain = {
+        let mut stream = std::net::TcpStream::connect(listening.http).unwrap();
+        // The endpoint closes on a request that is no TLS handshake: the
+        // write or the read may end in a reset.
+        let _ = stream.write_all(b"GET /v1/models/lr HTTP/1.1\r\nhost: x\r\n\r\n");
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        reply
+    };
+    assert!(
+        !plain.contains("HTTP/1.1"),
+        "plain HTTP got an answer: {plain}"
+    );
+    assert!(https_predict(&runtime, listening.http, tls_client(&other.ca, None)).is_err());
+    let grpc = |listening: &serving::Listening, identity: Option<&[PathBuf; 2]>| {
+        let files = ps_common::tls::TlsFiles {
+            ca: Some(ours.ca.clone()),
+            cert: identity.map(|i| i[0].clone()),
+            key: identity.map(|i| i[1].clone()),
+        };
+        let addr = format!("localhost:{}", listening.grpc.unwrap().port());
+        runtime.block_on(async {
+            let channel = ps_common::tls::endpoint(&addr, files.client().unwrap())
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let request = ps_common::pb::PredictRequest {
+                model: "lr".into(),
+                instances: vec![ps_common::pb::Instance {
+                    features: Some(ps_common::pb::instance::Features::Line("3:1".into())),
+                }],
+            };
+            ps_common::pb::predictor_client::PredictorClient::new(channel)
+                .predict(request)
+                .await
+        })
+    };
+    let answer = grpc(&listening, None).unwrap().into_inner();
+    assert!(
+        (answer.predictions[0].probabilities[0] - 0.731_058_6).abs() < 1e-6,
+        "{answer:?}"
+    );
+    drop(listening);
+
+    // Mutual TLS: only a client with a certificate of our CA gets in.
+    let tls = serving::ServingTls::from_files(&files(true), true).unwrap();
+    let listening = serve_lr(&runtime, ServeConfig::new("lr"), tls);
+    let certified = https_predict(
+        &runtime,
+        listening.http,
+        tls_client(&ours.ca, Some(&ours.client)),
+    )
+    .unwrap();
+    assert!(certified.contains(sigmoid_1), "{certified}");
+    for refused in [
+        https_predict(&runtime, listening.http, tls_client(&ours.ca, None)),
+        https_predict(
+            &runtime,
+            listening.http,
+            tls_client(&ours.ca, Some(&other.client)),
+        ),
+    ] {
+        assert!(
+            refused
+                .as_ref()
+                .map_or(true, |reply| !reply.contains("200")),
+            "{refused:?}"
+        );
+    }
+    assert!(grpc(&listening, Some(&ours.client)).is_ok());
+    assert!(grpc(&listening, None).is_err());
+    assert!(grpc(&listening, Some(&other.client)).is_err());
+
+    // Files that do not fit are refused naming the flag.
+    let err = serving::ServingTls::from_files(
+        &ps_common::tls::TlsFiles {
+            cert: Some(ours.server[0].clone()),
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--predict-tls-key"), "{err}");
+    let err = serving::ServingTls::from_files(&files(false), true).unwrap_err();
+    assert!(err.to_string().contains("--predict-tls-ca"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

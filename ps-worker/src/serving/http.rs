@@ -13,7 +13,7 @@
 //! requests get 503, rows the servers cannot give 503. A body is read up
 //! to `max_body_bytes` (413 past it). Connections are kept alive, at most
 //! `max_connections` at once, each given `header_timeout` to send a
-//! request's head.
+//! request's head (and, with TLS, to finish its handshake).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +28,8 @@ use prometheus_client::registry::Registry;
 use ps_common::prometheus::http::accept_capped;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
 
 use super::{Instance, Predictor, ServeError};
 
@@ -58,30 +60,56 @@ struct Endpoint {
     limits: HttpLimits,
 }
 
-/// Serves `predictor` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, predictor: Predictor, limits: HttpLimits) {
+/// Serves `predictor` on `listener` until the task is dropped; with `tls`,
+/// every connection is TLS (a handshake not done within the header
+/// timeout closes it).
+pub async fn serve(
+    listener: TcpListener,
+    predictor: Predictor,
+    limits: HttpLimits,
+    tls: Option<Arc<ServerConfig>>,
+) {
     let registry = predictor.metrics().registry();
     let endpoint = Arc::new(Endpoint {
         predictor,
         registry,
         limits,
     });
+    let acceptor = tls.map(TlsAcceptor::from);
     accept_capped(listener, limits.max_connections, "serving", move |stream| {
         let _ = stream.set_nodelay(true);
         let endpoint = Arc::clone(&endpoint);
+        let acceptor = acceptor.clone();
         async move {
-            let service = hyper::service::service_fn(move |request| {
-                let endpoint = Arc::clone(&endpoint);
-                async move { Ok::<_, Infallible>(endpoint.answer(request).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let Some(acceptor) = acceptor else {
+                return serve_connection(stream, endpoint).await;
+            };
+            let timeout = endpoint.limits.header_timeout;
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, endpoint).await,
+                Ok(Err(e)) => tracing::debug!("serving: TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!("serving: no TLS handshake within {timeout:?}"),
+            }
         }
     })
     .await
+}
+
+/// Answers the requests of one connection, plain or TLS.
+async fn serve_connection<S>(stream: S, endpoint: Arc<Endpoint>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = endpoint.limits.header_timeout;
+    let service = hyper::service::service_fn(move |request| {
+        let endpoint = Arc::clone(&endpoint);
+        async move { Ok::<_, Infallible>(endpoint.answer(request).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {

@@ -300,13 +300,50 @@ impl Drop for Listening {
     }
 }
 
+/// TLS of the prediction endpoints (`ps-worker serve --predict-tls-*`).
+#[derive(Debug, Clone)]
+pub struct ServingTls {
+    /// The REST endpoint's (hyper over tokio-rustls).
+    pub rest: Arc<tokio_rustls::rustls::ServerConfig>,
+    /// The gRPC endpoint's (tonic).
+    pub grpc: tonic::transport::ServerTlsConfig,
+}
+
+/// The flags that name the prediction endpoints' TLS files.
+pub const TLS_FLAGS: [&str; 3] = [
+    "--predict-tls-cert",
+    "--predict-tls-key",
+    "--predict-tls-ca",
+];
+
+impl ServingTls {
+    /// From `files`: the certificate and key, and with
+    /// `require_client_cert`, the CA that clients' certificates must be
+    /// signed by. `None` when no file was given.
+    pub fn from_files(
+        files: &ps_common::tls::TlsFiles,
+        require_client_cert: bool,
+    ) -> Result<Option<ServingTls>, ps_common::tls::TlsError> {
+        let Some(rest) = files.rustls_server(require_client_cert, TLS_FLAGS)? else {
+            return Ok(None);
+        };
+        // The files were read and checked above, under their own flags.
+        let grpc = files.server(require_client_cert)?.ok_or_else(|| {
+            ps_common::tls::TlsError::Flags("TLS files for REST but not gRPC".into())
+        })?;
+        Ok(Some(ServingTls { rest, grpc }))
+    }
+}
+
 /// Serves `predictor` over REST on `http` and, if given, over gRPC on
-/// `grpc`, on the current runtime (port 0 picks a free port).
+/// `grpc`, on the current runtime (port 0 picks a free port); with `tls`,
+/// both endpoints take TLS connections only.
 pub async fn listen(
     predictor: Predictor,
     http: std::net::SocketAddr,
     grpc: Option<std::net::SocketAddr>,
     limits: http::HttpLimits,
+    tls: Option<ServingTls>,
 ) -> std::io::Result<Listening> {
     let listener = tokio::net::TcpListener::bind(http).await?;
     let http = listener.local_addr()?;
@@ -314,6 +351,7 @@ pub async fn listen(
         listener,
         predictor.clone(),
         limits,
+        tls.as_ref().map(|t| Arc::clone(&t.rest)),
     ))];
     let grpc = match grpc {
         Some(addr) => {
@@ -324,8 +362,14 @@ pub async fn listen(
             let service = ps_common::pb::predictor_server::PredictorServer::new(
                 grpc::PredictorService::new(predictor),
             );
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = &tls {
+                builder = builder
+                    .tls_config(tls.grpc.clone())
+                    .map_err(|e| std::io::Error::other(format!("gRPC TLS: {e}")))?;
+            }
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = tonic::transport::Server::builder()
+                if let Err(e) = builder
                     .add_service(service)
                     .serve_with_incoming(incoming)
                     .await

@@ -5,11 +5,13 @@
 //!
 //! - [`workers`]: `ps-worker` processes on the a9a job, and their reports.
 //! - [`etcd`]: real etcd clusters and `ps-server --etcd` processes.
+//! - [`pki`]: test certificates.
 
 #![allow(dead_code)] // each test crate uses a part of it
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 pub mod etcd;
+pub mod pki;
 pub mod workers;
 
 use std::io::{BufRead, BufReader};

@@ -171,6 +171,22 @@ pub enum Command {
         /// (this file's text), REST and gRPC alike; `/metrics` stays open.
         #[arg(long, value_name = "FILE")]
         predict_token_file: Option<PathBuf>,
+        /// Serve predictions over TLS (REST and gRPC) with this
+        /// certificate chain (PEM); needs --predict-tls-key. The global
+        /// --tls-* flags are for reaching the servers.
+        #[arg(long, value_name = "FILE")]
+        predict_tls_cert: Option<PathBuf>,
+        /// The private key of --predict-tls-cert (PEM).
+        #[arg(long, value_name = "FILE")]
+        predict_tls_key: Option<PathBuf>,
+        /// With --predict-require-client-cert: the CA bundle (PEM) that
+        /// clients' certificates must be signed by.
+        #[arg(long, value_name = "FILE")]
+        predict_tls_ca: Option<PathBuf>,
+        /// Only clients with a certificate signed by --predict-tls-ca
+        /// get in (mutual TLS).
+        #[arg(long)]
+        predict_require_client_cert: bool,
         /// Seconds to keep retrying servers that do not accept connections yet.
         #[arg(long, default_value_t = 30)]
         connect_timeout_secs: u64,

@@ -182,8 +182,25 @@ fn run() -> anyhow::Result<()> {
             cache_rows,
             max_body_bytes,
             predict_token_file,
+            predict_tls_cert,
+            predict_tls_key,
+            predict_tls_ca,
+            predict_require_client_cert,
             connect_timeout_secs,
         } => {
+            let predict_tls = ps_worker::serving::ServingTls::from_files(
+                &ps_common::tls::TlsFiles {
+                    cert: predict_tls_cert,
+                    key: predict_tls_key,
+                    ca: predict_tls_ca,
+                },
+                predict_require_client_cert,
+            )?;
+            let scheme = if predict_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let predict_token = predict_token_file
                 .as_deref()
                 .map(read_token_file)
@@ -244,13 +261,14 @@ fn run() -> anyhow::Result<()> {
             runtime.block_on(async {
                 let metrics = std::sync::Arc::new(ps_worker::serving::ServeMetrics::default());
                 let predictor = ps_worker::serving::Predictor::start(&job, rows, &serve, metrics);
-                let listening = ps_worker::serving::listen(predictor, listen, grpc_listen, limits)
-                    .await
-                    .with_context(|| {
-                        format!("cannot listen on --listen {listen} or --grpc-listen")
-                    })?;
+                let listening =
+                    ps_worker::serving::listen(predictor, listen, grpc_listen, limits, predict_tls)
+                        .await
+                        .with_context(|| {
+                            format!("cannot listen on --listen {listen} or --grpc-listen")
+                        })?;
                 // Tests and scripts read these lines; keep them stable.
-                println!("serving {name} on http://{}", listening.http);
+                println!("serving {name} on {scheme}://{}", listening.http);
                 if let Some(grpc) = listening.grpc {
                     println!("grpc on {grpc}");
                 }
