@@ -58,7 +58,11 @@ for d in pods:
     if d["kind"] == "StatefulSet":
         assert "--tls-require-client-cert" in flags["value"], name
         assert "grpc" not in container["readinessProbe"] and "grpc" not in container["livenessProbe"], name
-print(f"tls overlay: {len(pods)} workloads on TLS")
+    if name == "ps-serve":
+        assert "--predict-tls-cert /etc/ps-tls/tls.crt" in flags["value"], flags
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["scheme"] == "HTTPS", (probe, container[probe])
+print(f"tls overlay: {len(pods)} workloads on TLS, predictions over TLS")
 PY
   rm -f "$rendered"
 else
