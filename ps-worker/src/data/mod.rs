@@ -12,7 +12,9 @@
 //!
 //! - [`parse`]: the line parsers of libsvm, libffm and Criteo TSV, and
 //!   numeric columns' features;
-//! - [`csv`]: CSV with a header, columns by name.
+//! - [`csv`]: CSV with a header, columns by name;
+//! - [`batch`]: the batches the readers emit;
+//! - [`select`]: sampling and the shuffle buffer.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -22,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 use ps_common::config::{CsvConfig, DataConfig, DataFormat, DataSource, JobConfig, OnBadLine};
-use ps_common::routing::mix64;
 
 /// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
 const BUILTIN: &[(&str, &[u8])] = &[
@@ -73,101 +74,6 @@ pub enum DataError {
         /// What is wrong with it.
         message: String,
     },
-}
-
-/// A batch of examples in compressed-sparse-row form.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Batch {
-    /// Labels, 0 or 1: `tasks` per example (example-major).
-    pub labels: Vec<f32>,
-    /// Example `i`'s features are `ids[offsets[i]..offsets[i + 1]]`.
-    pub offsets: Vec<usize>,
-    /// Feature ids.
-    pub ids: Vec<u64>,
-    /// Feature values, parallel to `ids`.
-    pub values: Vec<f32>,
-    /// Field of each feature, parallel to `ids`; empty when the format has
-    /// no fields (every feature is then in field 0).
-    pub fields: Vec<u32>,
-    /// Numeric columns fed straight to the MLP (`data.numeric.dense`), the
-    /// same number per example, example-major; empty without.
-    pub dense: Vec<f32>,
-}
-
-impl Batch {
-    /// A batch with no example.
-    pub fn new() -> Self {
-        Batch {
-            offsets: vec![0],
-            ..Batch::default()
-        }
-    }
-
-    /// Appends one example given as feature ids with their values and
-    /// (empty, or one per id) fields, labelled 0 for each of `tasks`.
-    /// The caller checked the lengths.
-    pub fn push_features(&mut self, ids: &[u64], values: &[f32], fields: &[u32], tasks: usize) {
-        self.extend_features(ids, values, fields);
-        self.labels.extend(std::iter::repeat_n(0.0, tasks.max(1)));
-        self.offsets.push(self.ids.len());
-    }
-
-    /// Appends every example of `other`, labels included.
-    pub fn append(&mut self, other: &Batch) {
-        let base = self.ids.len();
-        self.extend_features(&other.ids, &other.values, &other.fields);
-        self.labels.extend_from_slice(&other.labels);
-        self.dense.extend_from_slice(&other.dense);
-        self.offsets
-            .extend(other.offsets.iter().skip(1).map(|&at| base + at));
-    }
-
-    /// Appends features (`fields` empty, or one per id), keeping `fields`
-    /// either empty or parallel to `ids` (a feature without one is in
-    /// field 0).
-    fn extend_features(&mut self, ids: &[u64], values: &[f32], fields: &[u32]) {
-        if !fields.is_empty() && self.fields.len() < self.ids.len() {
-            self.fields.resize(self.ids.len(), 0);
-        }
-        self.ids.extend_from_slice(ids);
-        self.values.extend_from_slice(values);
-        if !fields.is_empty() {
-            self.fields.extend_from_slice(fields);
-        } else if !self.fields.is_empty() {
-            self.fields.resize(self.ids.len(), 0);
-        }
-    }
-
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.offsets.len().saturating_sub(1)
-    }
-
-    /// True when the batch has no example.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Keeps the first `examples` examples.
-    pub fn truncate(&mut self, examples: usize) {
-        if examples >= self.len() {
-            return;
-        }
-        let tasks = self.labels.len() / self.len().max(1);
-        let dense = self.dense.len() / self.len().max(1);
-        let features = self.offsets[examples];
-        self.labels.truncate(examples * tasks);
-        self.dense.truncate(examples * dense);
-        self.offsets.truncate(examples + 1);
-        self.ids.truncate(features);
-        self.values.truncate(features);
-        self.fields.truncate(features.min(self.fields.len()));
-    }
-
-    fn push_example(&mut self, labels: &[f32]) {
-        self.labels.extend_from_slice(labels);
-        self.offsets.push(self.ids.len());
-    }
 }
 
 /// How lines of a job's data format read, for one line at a time
@@ -287,60 +193,6 @@ struct SkipBadLines {
 /// Lines checked before the bad-line share is held against a stream (a
 /// bad line among the first few says little).
 const BAD_LINE_GRACE: u64 = 1000;
-
-/// Which training lines are kept: `data.negative_sampling` and
-/// `data.sample_by_feature`, each decision a coin seeded by the line's
-/// number, so a run (and a resumed epoch) keeps the same lines.
-#[derive(Debug, Clone)]
-struct Sampling {
-    negative_rate: Option<f64>,
-    /// (field, id, rate) of each rule.
-    rules: Vec<(u32, u64, f64)>,
-    seed: u64,
-}
-
-impl Sampling {
-    /// A uniform draw in [0, 1) for `line` and decision `salt`.
-    fn coin(&self, salt: u64, line: usize) -> f64 {
-        let bits = mix64(self.seed ^ mix64(line as u64 ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        (bits >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Whether a line labelled by `label` (its first token) is dropped as
-    /// a sampled-out negative; a label that does not parse is left to the
-    /// parser to report.
-    fn drops_negative(&self, label: &str, line: usize) -> bool {
-        match (self.negative_rate, label.parse::<f32>()) {
-            (Some(rate), Ok(v)) if v.is_finite() && v <= 0.0 => self.coin(0, line) >= rate,
-            _ => false,
-        }
-    }
-
-    /// Whether the last example of `batch` is dropped by a feature rule.
-    fn drops_example(&self, batch: &Batch, line: usize) -> bool {
-        let Some(example) = batch.len().checked_sub(1) else {
-            return false;
-        };
-        let (start, end) = (batch.offsets[example], batch.offsets[example + 1]);
-        self.rules
-            .iter()
-            .enumerate()
-            .any(|(r, &(field, id, rate))| {
-                let holds = (start..end).any(|i| {
-                    batch.ids[i] == id && batch.fields.get(i).copied().unwrap_or(0) == field
-                });
-                holds && self.coin(1 + r as u64, line) >= rate
-            })
-    }
-}
-
-/// A shuffle buffer of lines (`data.shuffle_buffer`).
-struct Shuffle {
-    capacity: usize,
-    /// (1-based line number, text).
-    lines: Vec<(usize, String)>,
-    rng: ps_common::init::RowRng,
-}
 
 impl Batches {
     /// Batches of `source` read as the job's `[data]` section says (format,
@@ -707,11 +559,15 @@ pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
     open(source).map(drop)
 }
 
+mod batch;
 mod csv;
 mod parse;
+mod select;
 #[cfg(test)]
 mod tests;
 
+pub use batch::Batch;
 pub use csv::CsvLayout;
 pub use parse::Numeric;
 use parse::{parse_criteo_line, parse_libffm_line, parse_libsvm_line};
+use select::{Sampling, Shuffle};
