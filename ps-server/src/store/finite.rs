@@ -79,11 +79,11 @@ pub(super) struct Proof {
 /// table's bounds on its weights and its optimizer state: the largest
 /// result of the optimizer's update, and every intermediate product,
 /// applied once per key occurrence, stays below [`SAFE_MAGNITUDE`]. SGD
-/// with `lr * l2 > 1` and Adam with `l2 > 0` are proven for at most 64
-/// keys (their bound compounds per step). FTRL
+/// with `lr * l2 > 1` and Adam with `l2 > 0` are proven for at most
+/// [`MAX_STEPPED_KEYS`] keys (their bound compounds per step). FTRL
 /// (whose weight divides by its accumulators) is proven only when
-/// `beta / alpha + l2` keeps that divisor away from zero, for at most 64
-/// keys. The bounds hold for any stored state, not only for states a
+/// `beta / alpha + l2` keeps that divisor away from zero, for at most
+/// [`MAX_STEPPED_KEYS`] keys. The bounds hold for any stored state, not only for states a
 /// gradient history could produce.
 pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes) -> Option<Proof> {
     let (w, s) = table.bounds();
@@ -100,10 +100,8 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
             let k = (lr * l2).max(1.0);
             let weight = if k == 1.0 {
                 w + lr * g_sum
-            } else if push.keys.len() <= 64 {
-                (0..push.keys.len()).fold(w, |w, _| k * w + lr * g_max)
             } else {
-                return None;
+                stepped(push, w, |w| k * w + lr * g_max)?
             };
             (Proof { weight, state: s }, lr * (g_max + l2 * weight))
         }
@@ -125,7 +123,7 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
         // m and v stay within max(|m|, |g'|) and max(v, g'^2), the step
         // powers within 1; the bias corrections divide by at least
         // 1 - beta, and sqrt(v^) + eps >= eps. With l2 > 0, g' = g + l2 w
-        // grows with the weight: followed step by step for at most 64 keys.
+        // grows with the weight: followed step by step.
         OptimizerSpec::Adam {
             lr,
             beta1,
@@ -139,10 +137,8 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
             let moment = |w: f64| s.max(g_max + l2 * w) / (1.0 - beta1);
             let weight = if l2 == 0.0 {
                 w + n * lr * moment(w) / eps
-            } else if push.keys.len() <= 64 {
-                (0..push.keys.len()).fold(w, |w, _| w + lr * moment(w) / eps)
             } else {
-                return None;
+                stepped(push, w, |w| w + lr * moment(w) / eps)?
             };
             let g = g_max + l2 * weight;
             (
@@ -162,13 +158,10 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
         } => {
             let (alpha, beta, l2) = (f64::from(alpha), f64::from(beta), f64::from(l2));
             let floor = beta / alpha + l2;
-            if !(floor >= 1e-6 && alpha > 0.0) || push.keys.len() > 64 {
+            if !(floor >= 1e-6 && alpha > 0.0) {
                 return None;
             }
-            let mut z = s;
-            for _ in 0..push.keys.len() {
-                z += g_max + g_max * (z / floor).max(w) / alpha;
-            }
+            let z = stepped(push, s, |z| z + g_max + g_max * (z / floor).max(w) / alpha)?;
             let state = z.max(s + n * g_max * g_max);
             (
                 Proof {
@@ -180,6 +173,17 @@ pub(super) fn provably_finite(table: &Table, push: &Push<'_>, grads: Magnitudes)
         }
     };
     (proof.weight.max(proof.state).max(intermediate) < SAFE_MAGNITUDE).then_some(proof)
+}
+
+/// Keys a push may have for a bound that compounds per update to be
+/// followed step by step.
+const MAX_STEPPED_KEYS: usize = 64;
+
+/// A bound followed through one `step` per key occurrence of `push`, from
+/// `start`; `None` past [`MAX_STEPPED_KEYS`] keys (the push is then checked
+/// row by row).
+fn stepped(push: &Push<'_>, start: f64, step: impl Fn(f64) -> f64) -> Option<f64> {
+    (push.keys.len() <= MAX_STEPPED_KEYS).then(|| (0..push.keys.len()).fold(start, |b, _| step(b)))
 }
 
 /// The fingerprint of row `key` as the initializer creates it.
