@@ -67,8 +67,9 @@ pub struct DataConfig {
 
 /// One rule of `data.sample_by_feature`: lines whose field `field` holds
 /// `id` (libsvm, libffm; libsvm features are all in field 0) or `value`
-/// (Criteo: a categorical column, fields 13-38, and its hexadecimal text)
-/// are kept with probability `rate`.
+/// (Criteo: a categorical column, fields 13-38, and its hexadecimal text;
+/// CSV: a categorical column's field and its text) are kept with
+/// probability `rate`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureSampling {
@@ -79,7 +80,7 @@ pub struct FeatureSampling {
     /// The feature id (libsvm, libffm).
     #[serde(default)]
     pub id: Option<u64>,
-    /// The column's text (Criteo categories).
+    /// The column's text (Criteo and CSV categories).
     #[serde(default)]
     pub value: Option<String>,
     /// Share of the matching lines kept, in (0, 1].
@@ -220,6 +221,11 @@ pub enum DataFormat {
     Csv,
 }
 
+/// Criteo's integer columns (fields 0-12, after the label).
+pub const CRITEO_INTEGERS: usize = 13;
+/// Criteo's categorical columns (fields 13-38).
+pub const CRITEO_CATEGORIES: usize = 26;
+
 /// Where a data file comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(from = "String")]
@@ -255,14 +261,16 @@ impl DataConfig {
         match (self.numeric.dense, self.format, &self.csv) {
             (false, _, _) => 0,
             (true, DataFormat::Csv, Some(csv)) => csv.numeric.len() as u32,
-            (true, _, _) => 13,
+            (true, _, _) => CRITEO_INTEGERS as u32,
         }
     }
 
     /// The fields of categorical columns, where the format has them.
     fn categorical_fields(&self) -> Option<std::ops::Range<u32>> {
         match (self.format, &self.csv) {
-            (DataFormat::Criteo, _) => Some(13..39),
+            (DataFormat::Criteo, _) => {
+                Some(CRITEO_INTEGERS as u32..(CRITEO_INTEGERS + CRITEO_CATEGORIES) as u32)
+            }
             (DataFormat::Csv, Some(csv)) => Some(csv.numeric.len() as u32..csv.fields()),
             _ => None,
         }
@@ -341,7 +349,9 @@ impl DataConfig {
                 "Criteo data has one label; a multitask model needs libsvm or libffm lines with comma-separated labels".into(),
             ));
         }
-        if self.format == DataFormat::Criteo && self.fields != 39 {
+        if self.format == DataFormat::Criteo
+            && self.fields as usize != CRITEO_INTEGERS + CRITEO_CATEGORIES
+        {
             return Err((
                 "data.fields".into(),
                 "Criteo data has 39 fields (13 integer + 26 categorical): set fields = 39".into(),

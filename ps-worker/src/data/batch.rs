@@ -90,6 +90,24 @@ impl Batch {
         self.fields.truncate(features.min(self.fields.len()));
     }
 
+    /// Appends one example of `(field, id, value)` features, its dense
+    /// MLP inputs and its labels (a parser's last step, once the whole
+    /// line is known to be good).
+    pub(super) fn push_fielded_example(
+        &mut self,
+        features: &[(usize, u64, f32)],
+        dense: &[f32],
+        labels: &[f32],
+    ) {
+        for &(field, id, value) in features {
+            self.fields.push(field as u32);
+            self.ids.push(id);
+            self.values.push(value);
+        }
+        self.dense.extend_from_slice(dense);
+        self.push_example(labels);
+    }
+
     pub(super) fn push_example(&mut self, labels: &[f32]) {
         self.labels.extend_from_slice(labels);
         self.offsets.push(self.ids.len());

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use ps_common::config::CsvConfig;
 
 use super::Batch;
-use super::parse::{Numeric, hashed_id, parse_labels};
+use super::parse::{Numeric, hashed_id, parse_label};
 
 /// Where the label, numeric and categorical columns of a file are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +36,7 @@ impl CsvLayout {
         split(header.trim_end_matches(['\n', '\r']), delimiter, &mut cells)
             .map_err(|e| format!("header: {e}"))?;
         let names: Vec<&str> = cells.iter().map(|c| c.trim()).collect();
-        let find = |name: &String| -> Result<usize, String> {
+        let find = |name: &str| -> Result<usize, String> {
             let mut at = names.iter().enumerate().filter(|(_, n)| **n == name.trim());
             match (at.next(), at.next()) {
                 (Some((i, _)), None) => Ok(i),
@@ -47,12 +47,16 @@ impl CsvLayout {
                 )),
             }
         };
-        let columns = |list: &[String]| list.iter().map(find).collect::<Result<Vec<_>, _>>();
-        let labels: Vec<String> = csv.label.names().into_iter().map(String::from).collect();
+        let columns = |list: &[String]| list.iter().map(|n| find(n)).collect::<Result<Vec<_>, _>>();
         Ok(CsvLayout {
             delimiter,
             width: names.len(),
-            labels: columns(&labels)?,
+            labels: csv
+                .label
+                .names()
+                .into_iter()
+                .map(find)
+                .collect::<Result<_, _>>()?,
             numeric: columns(&csv.numeric)?,
             numeric_names: csv.numeric.clone(),
             categorical: columns(&csv.categorical)?,
@@ -113,12 +117,14 @@ impl CsvLayout {
         let labels = if self.labels.is_empty() {
             vec![0.0; tasks]
         } else {
-            let text: Vec<&str> = self.labels.iter().map(|&c| cells[c].trim()).collect();
-            parse_labels(&text.join(","), tasks)?
+            self.labels
+                .iter()
+                .map(|&c| parse_label(cells[c].trim()))
+                .collect::<Result<Vec<f32>, String>>()?
         };
         let name = |field: usize| &self.numeric_names[field];
         let mut features = Vec::with_capacity(self.numeric.len() + self.categorical.len());
-        let mut dense = vec![0f32; if numeric.dense { self.numeric.len() } else { 0 }];
+        let mut dense = vec![0f32; numeric.dense_inputs(self.numeric.len())];
         for (field, &column) in self.numeric.iter().enumerate() {
             let text = cells[column].trim();
             if text.is_empty() {
@@ -131,25 +137,15 @@ impl CsvLayout {
                 .ok_or_else(|| {
                     format!("column {} = {text:?} is not a finite number", name(field))
                 })?;
-            let bad = |e| format!("column {} = {text:?}: {e}", name(field));
-            if numeric.dense {
-                dense[field] = numeric.value(v).map_err(bad)?;
-            } else {
-                let (id, value) = numeric.feature(field, v).map_err(bad)?;
-                features.push((field, id, value));
-            }
+            numeric
+                .take(field, v, &mut features, &mut dense)
+                .map_err(|e| format!("column {} = {text:?}: {e}", name(field)))?;
         }
         for (j, &column) in self.categorical.iter().enumerate() {
             let field = self.numeric.len() + j;
             features.push((field, hashed_id(field, cells[column].as_bytes()), 1.0));
         }
-        for (field, id, value) in features {
-            batch.fields.push(field as u32);
-            batch.ids.push(id);
-            batch.values.push(value);
-        }
-        batch.dense.extend_from_slice(&dense);
-        batch.push_example(&labels);
+        batch.push_fielded_example(&features, &dense, &labels);
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! to a [`Batch`] or, on a malformed line, leaves it exactly as it was and
 //! says what was wrong.
 
+pub(super) use ps_common::config::{CRITEO_CATEGORIES, CRITEO_INTEGERS};
 use ps_common::config::{DataConfig, IntegerFeatures, Normalize};
 use ps_common::routing::{fnv1a64, mix64};
 
@@ -36,16 +37,12 @@ pub(super) fn parse_libsvm_line(text: &str, tasks: usize, batch: &mut Batch) -> 
     Ok(())
 }
 
-/// Parses a label token: `tasks` comma-separated numbers, each positive
-/// (> 0) meaning 1 and anything else 0 (libsvm's -1/+1 and 0/1 alike).
+/// Parses a label token: `tasks` comma-separated numbers, each read by
+/// [`parse_label`].
 pub(super) fn parse_labels(token: &str, tasks: usize) -> Result<Vec<f32>, String> {
     let labels = token
         .split(',')
-        .map(|t| match t.parse::<f32>() {
-            Ok(v) if v.is_finite() => Ok(if v > 0.0 { 1.0 } else { 0.0 }),
-            Ok(_) => Err(format!("label {t:?} is not finite")),
-            Err(_) => Err(format!("label {t:?} is not a number")),
-        })
+        .map(parse_label)
         .collect::<Result<Vec<f32>, String>>()?;
     if labels.len() != tasks {
         return Err(format!(
@@ -54,6 +51,16 @@ pub(super) fn parse_labels(token: &str, tasks: usize) -> Result<Vec<f32>, String
         ));
     }
     Ok(labels)
+}
+
+/// One label: a positive number (> 0) is 1, any other number 0 (libsvm's
+/// -1/+1 and 0/1 alike).
+pub(super) fn parse_label(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(if v > 0.0 { 1.0 } else { 0.0 }),
+        Ok(_) => Err(format!("label {text:?} is not finite")),
+        Err(_) => Err(format!("label {text:?} is not a number")),
+    }
 }
 
 /// Parses `label field:id:value ...` and appends it to `batch`; on error the
@@ -161,6 +168,30 @@ impl Numeric {
         Ok((hashed_id(field, tag), self.value(v)?))
     }
 
+    /// Takes the finite number `v` of numeric column `field`: into
+    /// `dense[field]` (with `dense`), or as a feature `(field, id, value)`.
+    pub(super) fn take(
+        &self,
+        field: usize,
+        v: f64,
+        features: &mut Vec<(usize, u64, f32)>,
+        dense: &mut [f32],
+    ) -> Result<(), String> {
+        if self.dense {
+            dense[field] = self.value(v)?;
+        } else {
+            let (id, value) = self.feature(field, v)?;
+            features.push((field, id, value));
+        }
+        Ok(())
+    }
+
+    /// The MLP inputs an example of `columns` numeric columns holds: all
+    /// of them with `dense`, else none.
+    pub(super) fn dense_inputs(&self, columns: usize) -> usize {
+        if self.dense { columns } else { 0 }
+    }
+
     /// The value of the finite number `v`: `ln(1 + max(v, 0))` under
     /// `log`, then clipped and normalised.
     pub(super) fn value(&self, v: f64) -> Result<f32, String> {
@@ -190,10 +221,6 @@ impl From<IntegerFeatures> for Numeric {
         }
     }
 }
-
-/// Criteo's integer and categorical column counts.
-pub(super) const CRITEO_INTEGERS: usize = 13;
-pub(super) const CRITEO_CATEGORIES: usize = 26;
 
 /// The id of `token` in field `field`: both hashed into 64 bits.
 pub(super) fn hashed_id(field: usize, token: &[u8]) -> u64 {
@@ -231,13 +258,9 @@ pub(super) fn parse_criteo_line(
         }
         let v = parse_integer(text)
             .ok_or_else(|| format!("integer column I{} = {text:?} is not an integer", i + 1))?;
-        let column = |e| format!("integer column I{} = {text:?}: {e}", i + 1);
-        if numeric.dense {
-            dense[i] = numeric.value(v as f64).map_err(column)?;
-        } else {
-            let (id, value) = numeric.feature(i, v as f64).map_err(column)?;
-            features.push((i, id, value));
-        }
+        numeric
+            .take(i, v as f64, &mut features, &mut dense)
+            .map_err(|e| format!("integer column I{} = {text:?}: {e}", i + 1))?;
     }
     for (j, text) in columns[1 + CRITEO_INTEGERS..].iter().enumerate() {
         if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -249,14 +272,10 @@ pub(super) fn parse_criteo_line(
         let field = CRITEO_INTEGERS + j;
         features.push((field, hashed_id(field, text.as_bytes()), 1.0));
     }
-    for (field, id, value) in features {
-        batch.fields.push(field as u32);
-        batch.ids.push(id);
-        batch.values.push(value);
-    }
-    if numeric.dense {
-        batch.dense.extend_from_slice(&dense);
-    }
-    batch.push_example(&[label]);
+    batch.push_fielded_example(
+        &features,
+        &dense[..numeric.dense_inputs(CRITEO_INTEGERS)],
+        &[label],
+    );
     Ok(())
 }
