@@ -42,16 +42,27 @@ pub struct TlsFiles {
     pub ca: Option<PathBuf>,
 }
 
+impl TlsError {
+    /// What is wrong with the file `path` that `flag` named.
+    fn file(flag: &'static str, path: &Path, message: String) -> TlsError {
+        TlsError::File {
+            flag,
+            path: path.to_path_buf(),
+            message,
+        }
+    }
+}
+
 /// Reads a PEM file, checking that it holds at least one PEM block.
 fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let fail = |message: String| TlsError::File {
-        flag,
-        path: path.to_path_buf(),
-        message,
-    };
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| TlsError::file(flag, path, format!("cannot read: {e}")))?;
     if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        return Err(fail("is not a PEM file (no -----BEGIN line)".into()));
+        return Err(TlsError::file(
+            flag,
+            path,
+            "is not a PEM file (no -----BEGIN line)".into(),
+        ));
     }
     Ok(bytes)
 }
@@ -150,11 +161,7 @@ impl TlsFiles {
                 )));
             }
         };
-        let bad = |flag: &'static str, path: &Path, message: String| TlsError::File {
-            flag,
-            path: path.to_path_buf(),
-            message,
-        };
+        let bad = TlsError::file;
         let certs = CertificateDer::pem_slice_iter(&read_pem(cert_flag, cert_path)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(cert_flag, cert_path, format!("bad certificate: {e}")))?;
