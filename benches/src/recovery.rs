@@ -126,7 +126,7 @@ pub fn measure(rows: u64, dim: u32) -> anyhow::Result<Recovery> {
     let restored = Shard::restore(checkpoint::load(&dir.join("chain"), 0, 1)?)?;
     let chain_restore_ms = ms(started.elapsed());
     anyhow::ensure!(
-        restored.snapshot() == shard.snapshot(),
+        restored.snapshot()? == shard.snapshot()?,
         "the chain restored another shard"
     );
     std::fs::remove_dir_all(&dir).ok();

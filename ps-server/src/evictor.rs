@@ -14,6 +14,13 @@
 //! proportion to the memory it holds, until the shard is down to
 //! [`LOW_WATER`].
 //!
+//! On a shard with a disk tier ([`crate::store::disk`]), rows evicted for
+//! `max_rows` or the budget move to disk instead of being dropped (so
+//! `max_rows` bounds the rows in memory), and once every
+//! [`DISK_SWEEP_EVERY`] the rows on disk past their TTL are dropped. A
+//! pass that moved rows ends with one durable commit of the tier, so its
+//! file reuses the pages the moves freed.
+//!
 //! Every eviction is a write ([`crate::request::Evict`]) of at most
 //! [`BATCH`] rows through the shard's [`Writer`]: ordered with the pushes
 //! and forwarded to the backup, so a backup equals its primary row for row.
@@ -43,6 +50,8 @@ pub const BATCH: usize = 4096;
 pub const LFU_HALF_LIFE: Duration = Duration::from_secs(60);
 /// Longest a request waits for a pass to free memory before it is refused.
 pub const RELIEF_WAIT: Duration = Duration::from_secs(5);
+/// How often a pass walks the disk tier for rows past their TTL.
+pub const DISK_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// What one pass evicted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +62,8 @@ pub struct Pass {
     pub over_cap: u64,
     /// Rows given up for the memory budget.
     pub for_budget: u64,
+    /// Rows past their TTL dropped from the disk tier.
+    pub expired_on_disk: u64,
 }
 
 /// The shard's evictor (share it: `Arc`).
@@ -67,6 +78,7 @@ pub struct Evictor {
     relief_asked: AtomicBool,
     passes: watch::Sender<u64>,
     last_halving: Mutex<Instant>,
+    last_disk_sweep: Mutex<Instant>,
 }
 
 impl Evictor {
@@ -85,6 +97,7 @@ impl Evictor {
             relief_asked: AtomicBool::new(false),
             passes: watch::channel(0).0,
             last_halving: Mutex::new(Instant::now()),
+            last_disk_sweep: Mutex::new(Instant::now()),
         })
     }
 
@@ -137,22 +150,24 @@ impl Evictor {
         if self.replication.check_serving().is_err() {
             return pass;
         }
-        let halve = {
-            let mut last = self.last_halving.lock().unwrap_or_else(|p| p.into_inner());
-            let due = last.elapsed() >= LFU_HALF_LIFE;
-            if due {
-                *last = Instant::now();
-            }
-            due
-        };
+        let halve = due(&self.last_halving, LFU_HALF_LIFE);
+        let sweep_disk = due(&self.last_disk_sweep, DISK_SWEEP_EVERY);
         for table in &tables {
             let Some(policy) = table.eviction() else {
                 continue;
             };
-            pass.expired += self.evict_while(table, |t| t.expired_keys(BATCH));
+            pass.expired += self.evict_while(table, false, |t| t.expired_keys(BATCH));
+            if sweep_disk {
+                pass.expired_on_disk += self.evict_while(table, false, |t| {
+                    t.expired_keys_on_disk(BATCH).unwrap_or_else(|e| {
+                        tracing::warn!(table = %t.spec().name, "cannot sweep the disk tier: {e}");
+                        Vec::new()
+                    })
+                });
+            }
             if let Some(cap) = policy.max_rows {
                 let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-                pass.over_cap += self.evict_while(table, |t| {
+                pass.over_cap += self.evict_while(table, true, |t| {
                     t.coldest_keys(t.len().saturating_sub(cap).min(BATCH))
                 });
             }
@@ -161,6 +176,12 @@ impl Evictor {
             }
         }
         pass.for_budget = self.evict_for_budget(&tables);
+        if pass.over_cap + pass.for_budget > 0
+            && let Some(tier) = self.shard.disk_tier()
+            && let Err(e) = tier.settle()
+        {
+            tracing::warn!("cannot commit the disk tier durably: {e}");
+        }
         pass
     }
 
@@ -200,7 +221,7 @@ impl Evictor {
         for table in tables {
             let share = need * (table.len() as u64 * table.sparse_row_bytes()) as f64 / held as f64;
             let mut left = (share / table.sparse_row_bytes() as f64).ceil() as usize;
-            evicted += self.evict_while(table, |t| {
+            evicted += self.evict_while(table, true, |t| {
                 let keys = t.coldest_keys(left.min(BATCH));
                 left -= keys.len().min(left);
                 keys
@@ -211,7 +232,13 @@ impl Evictor {
 
     /// Evicts the rows `choose` names, batch after batch, until it names
     /// none (or an eviction fails: logged, the pass goes on elsewhere).
-    fn evict_while(&self, table: &Table, mut choose: impl FnMut(&Table) -> Vec<u64>) -> u64 {
+    /// `spill`: to the disk tier, where the table has one.
+    fn evict_while(
+        &self,
+        table: &Table,
+        spill: bool,
+        mut choose: impl FnMut(&Table) -> Vec<u64>,
+    ) -> u64 {
         let mut evicted = 0;
         loop {
             let keys = choose(table);
@@ -221,6 +248,7 @@ impl Evictor {
             let write = Arc::new(Write::Evict(Evict {
                 table: table.spec().name.clone(),
                 keys,
+                spill: spill && table.has_disk(),
             }));
             match self.writer.write(write) {
                 Ok((Outcome::Evicted(0), _)) => return evicted,
@@ -236,6 +264,16 @@ impl Evictor {
             }
         }
     }
+}
+
+/// Whether `period` has passed since `last`; if so, `last` becomes now.
+fn due(last: &Mutex<Instant>, period: Duration) -> bool {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let due = last.elapsed() >= period;
+    if due {
+        *last = Instant::now();
+    }
+    due
 }
 
 #[cfg(test)]
@@ -320,10 +358,48 @@ mod tests {
         let t = shard.table("t").unwrap();
         assert_eq!(t.len(), 1_000);
         let mut held = Vec::new();
-        t.for_each_row(|k, _| held.push(k));
+        t.for_each_row(|k, _| held.push(k)).unwrap();
         assert!(
             (0..500).all(|k| held.contains(&k)),
             "the rows touched last stay"
+        );
+    }
+
+    #[test]
+    fn with_a_disk_tier_rows_past_max_rows_and_the_budget_move_to_disk_and_stay_readable() {
+        let dir = crate::store::disk::scratch::Dir::new();
+        let tier = crate::store::disk::DiskTier::create(dir.path(), 0, 1 << 20).unwrap();
+        let shard = Arc::new(Shard::new(0, 1).with_disk_tier(tier));
+        let cap = Eviction {
+            max_rows: Some(1_000),
+            ..Eviction::default()
+        };
+        shard.create_table(spec("t", Some(cap))).unwrap();
+        let replication = Replication::new(Arc::clone(&shard), Role::Primary, Peer::default());
+        let evictor = Evictor::new(Arc::clone(&shard), replication, Arc::default());
+        let keys: Vec<u64> = (0..5_000).collect();
+        shard.push("t", &keys, &vec![-1.0; 5_000 * 4]).unwrap();
+        assert_eq!(evictor.pass().over_cap, 4_000);
+        let t = shard.table("t").unwrap();
+        assert_eq!((t.len(), t.rows_on_disk()), (1_000, 4_000));
+        // The budget: down to low water, by moving more rows to disk.
+        shard.budget.set_limit(shard.budget.used() * 100 / 97);
+        let pass = evictor.pass();
+        assert!(pass.for_budget > 0, "{pass:?}");
+        assert_eq!(t.len() as u64 + t.rows_on_disk(), 5_000, "nothing dropped");
+        let snapshot = shard.snapshot().unwrap();
+        assert_eq!(snapshot.tables[0].keys, keys);
+        assert!(
+            snapshot.tables[0].values.iter().all(|&w| w == 0.1),
+            "every row kept its push"
+        );
+        // Rows on disk need memory to come back: past the budget, a pull
+        // of them is refused like one that would create rows.
+        let mut all = Vec::new();
+        let refused = shard.pull("t", &keys, &mut all).unwrap_err();
+        assert!(
+            matches!(refused, ps_common::PsError::ResourceExhausted(_)),
+            "{refused}"
         );
     }
 

@@ -70,6 +70,9 @@ pub struct Evict {
     pub table: String,
     /// The rows.
     pub keys: Vec<u64>,
+    /// Move them to the disk tier (a server without one drops them);
+    /// `false`: drop them from whichever tier holds them.
+    pub spill: bool,
 }
 
 /// The pushes of one Push or PushMany call.
@@ -208,6 +211,7 @@ impl Decoder {
                 Ok(Write::Evict(Evict {
                     table: req.table,
                     keys: req.keys,
+                    spill: req.spill,
                 }))
             }
             None => Err(PsError::invalid(format!("replicated write {seq} is empty"))),
@@ -314,6 +318,7 @@ impl Write {
             Write::Evict(e) => Entry::Evict(pb::EvictRequest {
                 table: e.table.clone(),
                 keys: e.keys.clone(),
+                spill: e.spill,
             }),
         };
         pb::ReplicaEntry { write: Some(write) }
@@ -448,6 +453,7 @@ mod tests {
             Write::Evict(Evict {
                 table: "emb".into(),
                 keys: vec![4, 5, 6],
+                spill: true,
             }),
         ];
         for write in writes {

@@ -97,7 +97,7 @@ impl Writer {
             Write::Push(call) => self.push(seq, call),
             Write::Assign(a) => Ok(Ordered::Fresh(Outcome::Assigned(self.assign(a)?))),
             Write::Evict(e) => Ok(Ordered::Fresh(Outcome::Evicted(
-                self.shard.evict(&e.table, &e.keys)?,
+                self.shard.evict(&e.table, &e.keys, e.spill)?,
             ))),
         }
     }

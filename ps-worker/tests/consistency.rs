@@ -121,7 +121,7 @@ fn train_and_dump(job: &JobConfig, workers: usize) -> BTreeMap<(String, u64), Ve
     let mut rows = BTreeMap::new();
     for i in 0..2 {
         // The model's tables, not the job's bookkeeping (`_ps.*`).
-        for table in cluster.shard(i).snapshot().tables {
+        for table in cluster.shard(i).snapshot().unwrap().tables {
             if table.spec.name.starts_with("_ps.") {
                 continue;
             }

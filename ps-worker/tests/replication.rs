@@ -40,9 +40,14 @@ fn auth() -> Auth {
 }
 
 async fn node(role: Role) -> Node {
+    node_on(role, Shard::new(0, 1)).await
+}
+
+/// A node serving `shard` (which may have a disk tier).
+async fn node_on(role: Role, shard: Shard) -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let shard = Arc::new(Shard::new(0, 1));
+    let shard = Arc::new(shard);
     let peer = Peer {
         auth: auth(),
         tls: None,
@@ -221,23 +226,7 @@ async fn a_backup_equals_its_primary_row_for_row_after_admissions_and_evictions(
         ..table()
     };
     client.create_table(&stream).await.unwrap();
-    for step in 0..60u64 {
-        // Ids drift: each step sees 20 ids, 4 of them new.
-        let keys: Vec<u64> = (step * 4..step * 4 + 20).collect();
-        client
-            .push_unique("stream", &keys, &vec![0.5; keys.len() * 2])
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
-        if step % 10 == 0 {
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-    }
-    // Let the evictor catch up, then push once more: its acknowledgement
-    // means the backup applied every write before it, evictions included.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    client.push_unique("emb", &[1], &[0.0, 0.0]).await.unwrap();
-    client.flush().await.unwrap();
+    push_drifting_ids(&client, false).await;
     let stats = |node: &Node| {
         let t = node.shard.table_stats();
         let s = t.iter().find(|t| t.spec.name == "stream").unwrap().clone();
@@ -247,7 +236,92 @@ async fn a_backup_equals_its_primary_row_for_row_after_admissions_and_evictions(
     assert!(rows <= 30, "{rows} rows past the cap");
     assert!(evicted > 0 && admitted > 30 && filtered > 0);
     assert_eq!(stats(&backup), (rows, admitted, filtered, evicted));
-    assert_eq!(primary.shard.snapshot(), backup.shard.snapshot());
+    assert_eq!(
+        primary.shard.snapshot().unwrap(),
+        backup.shard.snapshot().unwrap()
+    );
+}
+
+/// Pushes to table "stream" 60 steps of drifting ids (20 a step, 4 of them
+/// new; with `revisit`, every tenth step the first ten ids again), then,
+/// once the evictor has caught up, one more push: its acknowledgement
+/// means the backup applied every write before it, evictions included.
+async fn push_drifting_ids(client: &PsClient, revisit: bool) {
+    for step in 0..60u64 {
+        let mut keys: Vec<u64> = (step * 4..step * 4 + 20).collect();
+        if revisit && step % 10 == 9 {
+            keys.extend(0..10);
+        }
+        client
+            .push_unique("stream", &keys, &vec![0.5; keys.len() * 2])
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        if step % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.push_unique("emb", &[1], &[0.0, 0.0]).await.unwrap();
+    client.flush().await.unwrap();
+}
+
+/// With a disk tier on both, the rows the primary's row cap moves to disk
+/// move on the backup too (the eviction is a replicated write that says
+/// so), and come back on both when pushes touch them.
+#[tokio::test]
+async fn a_backup_with_a_disk_tier_moves_the_rows_its_primary_moves() {
+    use ps_common::lifecycle::{Eviction, Lifecycle};
+    use ps_server::store::disk::DiskTier;
+    let dir = std::env::temp_dir().join(format!("ps-tier-replication-{}", std::process::id()));
+    let tiered = |shard: u32| {
+        let tier = DiskTier::create(&dir.join(shard.to_string()), 0, 1 << 20).unwrap();
+        Shard::new(0, 1).with_disk_tier(tier)
+    };
+    let primary = node_on(Role::Primary, tiered(0)).await;
+    let backup = node_on(Role::Backup, tiered(1)).await;
+    backup
+        .replication
+        .join(&primary.addr, &backup.addr, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let client = PsClient::connect(
+        std::slice::from_ref(&primary.addr),
+        &ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    let stream = TableSpec {
+        name: "stream".into(),
+        lifecycle: Lifecycle {
+            admission: None,
+            eviction: Some(Eviction {
+                max_rows: Some(30),
+                ..Eviction::default()
+            }),
+        },
+        ..table()
+    };
+    client.create_table(&table()).await.unwrap();
+    client.create_table(&stream).await.unwrap();
+    push_drifting_ids(&client, true).await;
+    let stats = |node: &Node| {
+        let t = node.shard.table_stats();
+        let s = t.iter().find(|t| t.spec.name == "stream").unwrap().clone();
+        (s.rows, s.rows_on_disk, s.evicted_rows)
+    };
+    let (rows, on_disk, evicted) = stats(&primary);
+    assert!(
+        rows <= 31 && on_disk > 150 && evicted >= on_disk,
+        "{:?}",
+        stats(&primary)
+    );
+    assert_eq!(stats(&backup), (rows, on_disk, evicted));
+    assert_eq!(
+        primary.shard.snapshot().unwrap(),
+        backup.shard.snapshot().unwrap()
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test]

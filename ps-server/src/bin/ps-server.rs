@@ -164,6 +164,18 @@ struct Args {
     /// cap and the memory budget (milliseconds).
     #[arg(long, value_name = "MS", default_value_t = 100)]
     evict_interval_ms: u64,
+    /// Folder of this shard's disk tier: rows that tables with eviction
+    /// give up for `max_rows` or --memory-budget move to a file here
+    /// (shard-I.tier.redb, created anew at start) instead of being
+    /// dropped, and come back to memory when touched. Checkpoints carry
+    /// them. Backups and followers should have one too (without, they drop
+    /// such rows).
+    #[arg(long, value_name = "DIR")]
+    disk_tier: Option<PathBuf>,
+    /// Page cache of the disk tier's file (outside --memory-budget).
+    #[arg(long, value_name = "BYTES", value_parser = ps_server::budget::parse_bytes,
+          default_value_t = ps_server::store::disk::DEFAULT_CACHE_BYTES as u64)]
+    disk_tier_cache_bytes: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -412,14 +424,16 @@ fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
                 None => {
                     tracing::info!(root = %root.display(), shard = args.shard_id, "no checkpoint of this shard yet; starting empty");
                     println!("no checkpoint to restore; starting empty");
-                    return Ok((Shard::new(args.shard_id, args.num_shards), None));
+                    return Ok((empty_shard(args)?, None));
                 }
             }
         }
-        _ => return Ok((Shard::new(args.shard_id, args.num_shards), None)),
+        _ => return Ok((empty_shard(args)?, None)),
     };
-    let shard =
-        Shard::restore(snapshot).with_context(|| format!("cannot restore {}", dir.display()))?;
+    let shard = empty_shard(args)?;
+    shard
+        .load(snapshot)
+        .with_context(|| format!("cannot restore {}", dir.display()))?;
     let rows: usize = shard.table_stats().iter().map(|t| t.rows as usize).sum();
     let ms = started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(from = %dir.display(), rows, ms, "restored checkpoint");
@@ -427,6 +441,20 @@ fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
     println!("restored {rows} rows in {ms:.1} ms");
     println!("restored from {}", dir.display());
     Ok((shard, Some(dir)))
+}
+
+/// This server's shard with no tables yet, with its disk tier if
+/// `--disk-tier` names one.
+fn empty_shard(args: &Args) -> anyhow::Result<Shard> {
+    let shard = Shard::new(args.shard_id, args.num_shards);
+    let Some(dir) = &args.disk_tier else {
+        return Ok(shard);
+    };
+    let cache = usize::try_from(args.disk_tier_cache_bytes).unwrap_or(usize::MAX);
+    let tier = ps_server::store::disk::DiskTier::create(dir, args.shard_id, cache)
+        .with_context(|| format!("--disk-tier {}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), "disk tier");
+    Ok(shard.with_disk_tier(tier))
 }
 
 /// SIGINT or SIGTERM, logged.

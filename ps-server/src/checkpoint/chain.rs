@@ -148,7 +148,15 @@ impl Checkpoints {
             Some(c) if c.name == name && c.next <= full_every => {
                 let dir = self.root.join(name);
                 let path = delta_file(&dir, shard.shard_id(), c.next);
-                let delta = shard.take_delta();
+                let delta = match shard.take_delta() {
+                    Ok(delta) => delta,
+                    Err(e) => {
+                        // Some changes were taken and are in no file: only
+                        // a new base holds them now.
+                        *chain = None;
+                        return Err(e);
+                    }
+                };
                 let rows = (delta.tables.iter())
                     .map(|t| t.rows.keys.len() as u64)
                     .sum();

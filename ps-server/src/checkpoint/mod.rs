@@ -157,7 +157,7 @@ impl Checkpoints {
     fn save_base(&self, shard: &Shard, name: &str, chain: bool) -> Result<(Written, u64), PsError> {
         let dir = self.root.join(name);
         fs::create_dir_all(&dir).map_err(|e| storage("cannot create", &dir, e))?;
-        let snapshot = shard.take_base(chain);
+        let snapshot = shard.take_base(chain)?;
         let payload = bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
             .map_err(|e| PsError::Storage(format!("cannot encode checkpoint: {e}")))?;
         let checksum = fnv1a64(&payload);

@@ -69,16 +69,16 @@ fn a_checkpoint_restores_weights_and_optimizer_state_exactly() {
     assert!(root.join("c1/shard-1.json").exists());
     let restored = Shard::restore(load(&root.join("c1"), 1, 2).unwrap()).unwrap();
     assert_eq!(
-        restored.snapshot(),
-        shard.snapshot(),
+        restored.snapshot().unwrap(),
+        shard.snapshot().unwrap(),
         "weights and optimizer state"
     );
     // Training continues identically from the restored state.
-    let key = shard.snapshot().tables[0].keys[0];
+    let key = shard.snapshot().unwrap().tables[0].keys[0];
     for s in [&shard, &restored] {
         s.push("emb", &[key], &[1.0, -1.0, 0.25]).unwrap();
     }
-    assert_eq!(restored.snapshot(), shard.snapshot());
+    assert_eq!(restored.snapshot().unwrap(), shard.snapshot().unwrap());
     fs::remove_dir_all(&root).ok();
 }
 
@@ -142,7 +142,7 @@ fn concurrent_checkpoints_of_one_name_all_succeed_and_leave_a_loadable_file() {
         writer.join().unwrap().unwrap();
     }
     let restored = load(&root.join("same"), 1, 2).unwrap();
-    assert_eq!(restored, shard.snapshot());
+    assert_eq!(restored, shard.snapshot().unwrap());
     let leftovers: Vec<_> = fs::read_dir(root.join("same"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -162,13 +162,17 @@ fn the_newest_loadable_checkpoint_is_found_and_a_damaged_newer_one_skipped() {
     checkpoints.save(&shard, "old").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     shard
-        .push("emb", &[shard.snapshot().tables[0].keys[0]], &[1.0; 3])
+        .push(
+            "emb",
+            &[shard.snapshot().unwrap().tables[0].keys[0]],
+            &[1.0; 3],
+        )
         .unwrap();
     checkpoints.save(&shard, "new").unwrap();
     let latest = checkpoints.latest(1, 2).unwrap();
     let (dir, snapshot) = latest.restored.unwrap();
     assert_eq!(dir, root.join("new"));
-    assert_eq!(snapshot, shard.snapshot());
+    assert_eq!(snapshot, shard.snapshot().unwrap());
     // Damage the newest: the one before it is restored, and the damage named.
     std::thread::sleep(std::time::Duration::from_millis(20));
     fs::write(root.join("new/shard-1.bin"), b"PSCKPT01 truncated").unwrap();
@@ -268,7 +272,7 @@ fn base_plus_deltas_restores_bit_for_bit_the_same_shard_as_a_full_checkpoint() {
     // back, the dense table moves, a table is created.
     push(&shard, "stream", 10..20, -1.0);
     shard
-        .evict("stream", &(500..600).collect::<Vec<_>>())
+        .evict("stream", &(500..600).collect::<Vec<_>>(), false)
         .unwrap();
     for _ in 0..2 {
         push(&shard, "stream", 550..551, 0.25);
@@ -282,7 +286,7 @@ fn base_plus_deltas_restores_bit_for_bit_the_same_shard_as_a_full_checkpoint() {
     // Delta 2: an id admitted, another evicted again, a new table.
     push(&shard, "stream", 2_000..2_001, 1.0);
     push(&shard, "stream", 2_000..2_001, 1.0);
-    shard.evict("stream", &[550, 7]).unwrap();
+    shard.evict("stream", &[550, 7], false).unwrap();
     let mut other = shard.table_stats()[0].spec.clone();
     other.name = "later".into();
     other.lifecycle = Default::default();
@@ -296,11 +300,11 @@ fn base_plus_deltas_restores_bit_for_bit_the_same_shard_as_a_full_checkpoint() {
         .unwrap();
     let from_chain = load(&root.join("p"), 0, 1).unwrap();
     assert_eq!(from_chain, load(&full_root.join("full"), 0, 1).unwrap());
-    assert_eq!(from_chain, shard.snapshot());
+    assert_eq!(from_chain, shard.snapshot().unwrap());
     let restored = Shard::restore(from_chain).unwrap();
     assert_eq!(
-        restored.snapshot(),
-        shard.snapshot(),
+        restored.snapshot().unwrap(),
+        shard.snapshot().unwrap(),
         "rows, state and admission counts"
     );
     fs::remove_dir_all(&root).ok();
@@ -324,7 +328,7 @@ fn a_chain_starts_a_new_base_every_so_many_deltas_and_after_another_checkpoint()
     assert_eq!(paths[0], base);
     assert_eq!(paths[3], base);
     assert_eq!(deltas(), [chain::delta_file(&dir, 0, 1)]);
-    assert_eq!(load(&dir, 0, 1).unwrap(), shard.snapshot());
+    assert_eq!(load(&dir, 0, 1).unwrap(), shard.snapshot().unwrap());
 
     // A checkpoint of another name took the change records: the next
     // incremental one must be a base.
@@ -333,7 +337,7 @@ fn a_chain_starts_a_new_base_every_so_many_deltas_and_after_another_checkpoint()
     let written = checkpoints.save_incremental(&shard, "p", 2).unwrap();
     assert_eq!(written.path, base);
     assert!(deltas().is_empty());
-    assert_eq!(load(&dir, 0, 1).unwrap(), shard.snapshot());
+    assert_eq!(load(&dir, 0, 1).unwrap(), shard.snapshot().unwrap());
     fs::remove_dir_all(&root).ok();
 }
 
@@ -354,7 +358,7 @@ fn a_stale_delta_is_skipped_and_a_damaged_or_missing_one_refuses_the_chain() {
     fs::write(chain::delta_file(&dir, 0, 1), &first).unwrap();
     assert_eq!(
         load(&dir, 0, 1).unwrap(),
-        shard.snapshot(),
+        shard.snapshot().unwrap(),
         "stale delta skipped"
     );
 
@@ -407,11 +411,20 @@ fn a_checkpoint_of_two_shards_restores_into_three_with_every_row_exact_on_its_ne
         checkpoints.save(shard, "c").unwrap();
     }
     let dir = root.join("c");
-    let before = rows_by_key(&old.iter().map(Shard::snapshot).collect::<Vec<_>>());
+    let before = rows_by_key(
+        &old.iter()
+            .map(|s| s.snapshot().unwrap())
+            .collect::<Vec<_>>(),
+    );
     let restored: Vec<Shard> = (0..3)
         .map(|i| Shard::restore(load_resharded(&dir, i, 3).unwrap()).unwrap())
         .collect();
-    let after = rows_by_key(&restored.iter().map(Shard::snapshot).collect::<Vec<_>>());
+    let after = rows_by_key(
+        &restored
+            .iter()
+            .map(|s| s.snapshot().unwrap())
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(after.len(), 40 + 200, "every dense and sparse row");
     assert_eq!(after, before, "every row exact, on exactly one new shard");
     // With the count that wrote it, it is the plain load.

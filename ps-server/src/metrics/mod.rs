@@ -193,12 +193,12 @@ impl Collector for ShardMetrics {
         }
         let tables = shard.table_stats();
         type Of = fn(&TableStats) -> u64;
-        let families: [(&str, &str, MetricType, Of); 6] = [
+        let families: [(&str, &str, MetricType, Of); 7] = [
             (
                 "ps_table_rows",
-                "Rows held by this shard",
+                "Rows held by this shard, in memory and on its disk tier",
                 MetricType::Gauge,
-                |t| t.rows,
+                |t| t.rows + t.rows_on_disk,
             ),
             (
                 "ps_table_bytes",
@@ -208,9 +208,15 @@ impl Collector for ShardMetrics {
             ),
             (
                 "ps_table_rows_in_memory",
-                "Rows held in memory (all rows: there is no disk tier)",
+                "Rows held in memory",
                 MetricType::Gauge,
                 |t| t.rows,
+            ),
+            (
+                "ps_table_rows_on_disk",
+                "Rows held on the shard's disk tier (--disk-tier)",
+                MetricType::Gauge,
+                |t| t.rows_on_disk,
             ),
             (
                 "ps_table_admitted_rows",

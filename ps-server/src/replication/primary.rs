@@ -170,7 +170,7 @@ impl Replication {
     /// follower. The caller holds the order lock exclusively.
     pub(super) fn encoded_snapshot(&self) -> Result<Vec<u8>, PsError> {
         let snapshot = JoinSnapshot {
-            shard: self.shard.snapshot(),
+            shard: self.shard.snapshot()?,
             writers: self.applied.snapshot(),
         };
         bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())

@@ -517,12 +517,12 @@ mod properties {
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let svc = shard_with_rows(&runtime);
-            let before = svc.shard.snapshot();
+            let before = svc.shard.snapshot().unwrap();
             match runtime.block_on(svc.push(Request::new(push.clone()))) {
-                Ok(_) => prop_assert_eq!(rows_of(&svc.shard.snapshot()), reference(&before, &push)),
+                Ok(_) => prop_assert_eq!(rows_of(&svc.shard.snapshot().unwrap()), reference(&before, &push)),
                 Err(status) => {
                     prop_assert!(!status.message().is_empty());
-                    prop_assert_eq!(svc.shard.snapshot(), before);
+                    prop_assert_eq!(svc.shard.snapshot().unwrap(), before);
                 }
             }
         }

@@ -68,36 +68,42 @@ impl Shard {
     /// clearing the records of what changed: the base of an incremental
     /// chain. With `chain`, changes are recorded from now on, for the
     /// deltas that follow.
-    pub fn take_base(&self, chain: bool) -> ShardSnapshot {
-        ShardSnapshot {
+    pub fn take_base(&self, chain: bool) -> Result<ShardSnapshot, PsError> {
+        Ok(ShardSnapshot {
             shard_id: self.shard_id(),
             num_shards: self.num_shards(),
-            tables: (self.take(false, chain).into_iter())
+            tables: (self.take(false, chain)?.into_iter())
                 .map(|(rows, _)| rows)
                 .collect(),
-        }
+        })
     }
 
     /// The rows that changed and the keys removed since the last base or
-    /// delta was taken, clearing those records.
-    pub fn take_delta(&self) -> ShardDelta {
-        ShardDelta {
+    /// delta was taken, clearing those records. A delta that fails (the
+    /// disk tier could not be read) has cleared some records: the chain
+    /// must start again from a base.
+    pub fn take_delta(&self) -> Result<ShardDelta, PsError> {
+        Ok(ShardDelta {
             shard_id: self.shard_id(),
             num_shards: self.num_shards(),
-            tables: (self.take(true, true).into_iter())
+            tables: (self.take(true, true)?.into_iter())
                 .map(|(mut rows, removed)| TableDelta {
                     admission: nonzero(std::mem::take(&mut rows.admission)),
                     rows,
                     removed,
                 })
                 .collect(),
-        }
+        })
     }
 
     /// Every table's changed rows (`only_changed` false: all its rows) and
     /// removed keys, clearing those records; with `record_changes`,
     /// changes are recorded from now on.
-    fn take(&self, only_changed: bool, record_changes: bool) -> Vec<(TableSnapshot, Vec<u64>)> {
+    fn take(
+        &self,
+        only_changed: bool,
+        record_changes: bool,
+    ) -> Result<Vec<(TableSnapshot, Vec<u64>)>, PsError> {
         (self.tables_by_name().iter())
             .map(|table| {
                 // Recording starts before the walk, so a write to a segment
@@ -108,8 +114,8 @@ impl Shard {
                 let mut removed = Vec::new();
                 let rows = TableSnapshot::of(table, |each| {
                     table.take_changes(only_changed, each, |key| removed.push(key))
-                });
-                (rows, removed)
+                })?;
+                Ok((rows, removed))
             })
             .collect()
     }

@@ -227,12 +227,14 @@ impl Undo {
                 if table.remove_if(key, |row| finite_and_fingerprint(row).1 == left) {
                     budget.release(table.sparse_row_bytes());
                 }
-            } else {
-                table.update(key, |row| {
-                    if finite_and_fingerprint(row).1 == left {
-                        row.copy_from_slice(before);
-                    }
-                });
+            } else if let Err(e) = table.update(key, |row| {
+                if finite_and_fingerprint(row).1 == left {
+                    row.copy_from_slice(before);
+                }
+            }) {
+                // The row went to disk meanwhile and cannot come back: it
+                // keeps the refused push's (finite) update.
+                tracing::error!(table = %table.spec.name, key, "cannot put a row back: {e}");
             }
         }
     }

@@ -22,7 +22,11 @@
 use ps_common::lifecycle::{Eviction, EvictionPolicy};
 use ps_common::routing::IdBuildHasher;
 
+use super::disk::DiskError;
 use super::table::Table;
+
+/// The keys of a push an admission policy let through, and their gradients.
+pub(crate) type Admitted = (Vec<u64>, Vec<f32>);
 
 /// Rows sampled to find a coldness cutoff.
 pub const SAMPLE: usize = 16_384;
@@ -64,7 +68,7 @@ impl Table {
 
     /// The rows of `keys` (with `grads`, `dim` floats per key) that may be
     /// pushed, after the admission policy has seen them: `None` when all
-    /// may, else the admitted ones. An id the table holds always may; one
+    /// may, else the admitted ones. An id the table holds (in memory or on disk) always may; one
     /// it lacks is counted and admitted or dropped (a repeat of an id
     /// admitted earlier in the same call is kept).
     pub(crate) fn admit(
@@ -73,20 +77,22 @@ impl Table {
         grads: &[f32],
         dim: usize,
         step: u32,
-    ) -> Option<(Vec<u64>, Vec<f32>)> {
-        let admitter = self.admitter.as_ref()?;
+    ) -> Result<Option<Admitted>, DiskError> {
+        let Some(admitter) = self.admitter.as_ref() else {
+            return Ok(None);
+        };
         let mut admitted_now: std::collections::HashSet<u64, IdBuildHasher> =
             std::collections::HashSet::default();
-        let keep: Vec<bool> = keys
-            .iter()
-            .map(|&k| {
-                self.contains(k)
+        let mut keep = Vec::with_capacity(keys.len());
+        for &k in keys {
+            keep.push(
+                self.contains(k)?
                     || admitted_now.contains(&k)
-                    || (admitter.admits(k, step) && admitted_now.insert(k))
-            })
-            .collect();
+                    || (admitter.admits(k, step) && admitted_now.insert(k)),
+            );
+        }
         if keep.iter().all(|&k| k) {
-            return None;
+            return Ok(None);
         }
         let (mut kept_keys, mut kept_grads) = (Vec::new(), Vec::new());
         for ((&k, g), keep) in keys.iter().zip(grads.chunks_exact(dim)).zip(keep) {
@@ -95,20 +101,37 @@ impl Table {
                 kept_grads.extend_from_slice(g);
             }
         }
-        Some((kept_keys, kept_grads))
+        Ok(Some((kept_keys, kept_grads)))
     }
 
-    /// Up to `most` rows whose last touch is at least the TTL old.
+    /// Up to `most` rows in memory whose last touch is at least the TTL old.
     pub fn expired_keys(&self, most: usize) -> Vec<u64> {
-        let (Some(rows), Some(e)) = (self.sparse(), self.eviction()) else {
-            return Vec::new();
-        };
-        let Some(ttl) = e.ttl_pushes.or(e.ttl_seconds) else {
-            return Vec::new();
-        };
-        let ttl = u32::try_from(ttl).unwrap_or(u32::MAX);
-        let now = rows.now();
-        rows.keys_where(most, |touch, _| now.wrapping_sub(touch) >= ttl)
+        match (self.sparse(), self.ttl()) {
+            (Some(rows), Some(ttl)) => {
+                let now = rows.now();
+                rows.keys_where(most, |touch, _| now.wrapping_sub(touch) >= ttl)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Up to `most` rows on disk whose last touch is at least the TTL old
+    /// (a walk of the table's disk rows).
+    pub fn expired_keys_on_disk(&self, most: usize) -> Result<Vec<u64>, DiskError> {
+        match (self.sparse(), self.ttl()) {
+            (Some(rows), Some(ttl)) if rows.on_disk() > 0 => {
+                let now = rows.now();
+                rows.keys_on_disk_where(most, |touch, _| now.wrapping_sub(touch) >= ttl)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The TTL in the clock's units, if the table has one.
+    fn ttl(&self) -> Option<u32> {
+        let e = self.eviction()?;
+        let ttl = e.ttl_pushes.or(e.ttl_seconds)?;
+        Some(u32::try_from(ttl).unwrap_or(u32::MAX))
     }
 
     /// About the `n` coldest rows by the table's policy (exactly, when it

@@ -26,9 +26,12 @@
 //! - [`push`]: pushes checked, admitted and applied.
 //! - [`snapshot`]: the tables as plain data, for checkpoints and joins.
 //! - [`delta`]: what changed since the last checkpoint, for incremental ones.
+//! - [`disk`]: the disk tier, where evicted rows of a shard started with
+//!   `--disk-tier` move to and come back from.
 
 mod admission;
 mod delta;
+pub mod disk;
 mod finite;
 mod lifecycle;
 mod push;
@@ -47,8 +50,10 @@ use crate::budget::{MemoryBudget, Reservation};
 use crate::optimizer;
 
 pub use delta::{ShardDelta, TableDelta};
+use disk::DiskTier;
 pub use push::{PreparedPushes, Push};
 pub use snapshot::{ShardSnapshot, ShardSnapshotV1, TableSnapshot};
+use table::Added;
 use table::Owner;
 pub use table::{SPARSE_ROW_OVERHEAD, Table};
 
@@ -60,9 +65,9 @@ pub const MAX_TABLES: usize = 4096;
 pub struct TableStats {
     /// The table's spec.
     pub spec: TableSpec,
-    /// Rows held on this shard.
+    /// Rows held in memory on this shard.
     pub rows: u64,
-    /// Bytes of weights and optimizer state.
+    /// Bytes of weights and optimizer state in memory.
     pub bytes: u64,
     /// Memory the rows take as the budget counts it (with the store's overhead).
     pub memory_bytes: u64,
@@ -70,8 +75,10 @@ pub struct TableStats {
     pub admitted_rows: u64,
     /// Pushed rows dropped because their id was not admitted.
     pub filtered_pushes: u64,
-    /// Rows evicted.
+    /// Rows evicted (dropped, or moved to the disk tier).
     pub evicted_rows: u64,
+    /// Rows on the disk tier.
+    pub rows_on_disk: u64,
 }
 
 /// Checks that `values` values of `what` fit `keys` rows of `table`.
@@ -116,6 +123,8 @@ pub struct Shard {
     row_cap: AtomicUsize,
     /// Pulls create no rows (a read replica: its rows come from its primary).
     read_only: std::sync::atomic::AtomicBool,
+    /// Where evicted rows move to instead of being dropped (`--disk-tier`).
+    disk: Option<Arc<DiskTier>>,
 }
 
 impl Shard {
@@ -132,7 +141,21 @@ impl Shard {
             budget: MemoryBudget::default(),
             row_cap: AtomicUsize::new(usize::MAX),
             read_only: std::sync::atomic::AtomicBool::new(false),
+            disk: None,
         }
+    }
+
+    /// This shard with a disk tier: tables with eviction made from now on
+    /// move the rows their row cap or the memory budget gives up to `tier`
+    /// instead of dropping them, and bring them back when touched.
+    pub fn with_disk_tier(mut self, tier: Arc<DiskTier>) -> Self {
+        self.disk = Some(tier);
+        self
+    }
+
+    /// The shard's disk tier, if it has one.
+    pub fn disk_tier(&self) -> Option<&Arc<DiskTier>> {
+        self.disk.as_ref()
     }
 
     /// Pulls create no rows: a missing sparse row is answered as the
@@ -153,13 +176,13 @@ impl Shard {
             .store(cap.unwrap_or(usize::MAX), Ordering::Relaxed);
     }
 
-    /// The distinct keys of `keys` that `table` does not hold yet and
-    /// `may_create` accepts.
+    /// The distinct keys of `keys` that `table` does not hold in memory
+    /// yet and `may_create` accepts.
     fn fresh_keys(table: &Table, keys: &[u64], may_create: &impl Fn(u64) -> bool) -> usize {
         let mut fresh: std::collections::HashSet<u64, IdBuildHasher> =
             std::collections::HashSet::default();
         for &k in keys {
-            if !table.contains(k) && may_create(k) {
+            if !table.in_memory(k) && may_create(k) {
                 fresh.insert(k);
             }
         }
@@ -177,8 +200,8 @@ impl Shard {
 
     /// Room for the rows a push may create: in a table with admission, only
     /// for ids its policy may admit now ([`Table::may_admit`]; an id
-    /// admitted by a push racing this one is charged when created, so the
-    /// budget never undercounts).
+    /// admitted by a push racing this one, or a row brought back from disk,
+    /// is charged when it enters memory, so the budget never undercounts).
     fn make_room_for_push(&self, table: &Table, keys: &[u64]) -> Result<Reservation<'_>, PsError> {
         match &table.admitter {
             Some(admitter) => self.make_room_for(table, keys, |k| admitter.may_admit(k)),
@@ -220,7 +243,7 @@ impl Shard {
         // on the rows created that needs no memory to count).
         let new = fresh.unwrap_or_else(|| {
             (keys.iter())
-                .filter(|&&k| !table.contains(k) && may_create(k))
+                .filter(|&&k| !table.in_memory(k) && may_create(k))
                 .count()
         }) as u64;
         self.budget.reserve(new * per_row, || {
@@ -268,7 +291,7 @@ impl Shard {
         let mut reservation = self
             .budget
             .reserve(bytes, || format!("table '{}'", spec.name))?;
-        let mut table = Table::empty(spec);
+        let mut table = Table::empty(spec, self.disk.as_ref());
         table.fill_dense(&owned);
         reservation.keep(bytes);
         self.tables.insert(table.spec.name.clone(), Arc::new(table));
@@ -343,15 +366,17 @@ impl Shard {
         keys: &[u64],
         mut each: impl FnMut(usize, &[f32]),
     ) -> Result<u32, PsError> {
-        // A table with admission, or a read-only shard, creates no row on a pull.
-        let create = table.admitter.is_none() && !self.read_only.load(Ordering::Relaxed);
-        let mut room = match create {
+        // A table with admission, or a read-only shard, creates no row on a
+        // pull; only a read-only one leaves rows on disk where they lie.
+        let read_only = self.read_only.load(Ordering::Relaxed);
+        let create = table.admitter.is_none() && !read_only;
+        let mut room = match create || (!read_only && table.rows_on_disk() > 0) {
             false => self.budget.reserve(0, String::new)?,
             true => self.make_room(table, keys)?,
         };
         let dim = table.spec.dim as usize;
-        let created = table.read_many(keys, create, |i, row| each(i, &row[..dim]));
-        room.keep(created as u64 * table.sparse_row_bytes());
+        let added = table.read_many(keys, create, !read_only, |i, row| each(i, &row[..dim]))?;
+        room.keep(added as u64 * table.sparse_row_bytes());
         Ok(table.spec.dim)
     }
 
@@ -378,17 +403,19 @@ impl Shard {
             let (w, state) = row.split_at_mut(dim);
             w.copy_from_slice(weights);
             optimizer::init_state(&table.spec.optimizer, w, state);
-            if table.set(key, &row) == Some(true) {
+            if matches!(table.set(key, &row)?, Some(Added::Created | Added::Loaded)) {
                 room.keep(per_row);
             }
         }
         Ok(keys.len())
     }
 
-    /// Removes the rows of `keys` that sparse table `table` holds (an
-    /// eviction: the primary's evictor chose them, a backup repeats it) and
-    /// releases their memory. Returns the rows removed.
-    pub fn evict(&self, table: &str, keys: &[u64]) -> Result<usize, PsError> {
+    /// Evicts the rows of `keys` from sparse table `table` (the primary's
+    /// evictor chose them, a backup repeats it): with `spill`, on a table
+    /// with a disk tier, the rows in memory move to disk; otherwise they
+    /// are removed from whichever tier holds them. Releases the memory of
+    /// the rows that leave it. Returns the rows evicted.
+    pub fn evict(&self, table: &str, keys: &[u64], spill: bool) -> Result<usize, PsError> {
         let table = self.table(table)?;
         if !table.is_sparse() {
             return Err(PsError::invalid(format!(
@@ -396,14 +423,12 @@ impl Shard {
                 table.spec.name
             )));
         }
-        let removed = keys
-            .iter()
-            .filter(|&&k| table.remove_if(k, |_| true))
-            .count();
-        table.evicted.fetch_add(removed as u64, Ordering::Relaxed);
+        let dropped = table.evict(keys, spill)?;
+        let evicted = dropped.memory + dropped.disk;
+        table.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
         self.budget
-            .release(removed as u64 * table.sparse_row_bytes());
-        Ok(removed)
+            .release(dropped.memory as u64 * table.sparse_row_bytes());
+        Ok(evicted)
     }
 
     /// The tables that evict, by name order.
@@ -437,6 +462,7 @@ impl Shard {
                 filtered_pushes: (t.admitter.as_ref())
                     .map_or(0, |a| a.filtered.load(Ordering::Relaxed)),
                 evicted_rows: t.evicted_rows(),
+                rows_on_disk: t.rows_on_disk(),
             })
             .collect();
         stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));

@@ -11,6 +11,7 @@ use super::finite::{
     Magnitudes, Proof, Undo, fingerprint_of_fresh, finite_and_fingerprint, provably_finite,
     scan_magnitudes,
 };
+use super::table::Added;
 use super::{Shard, Table, check_len};
 use crate::budget::Reservation;
 use crate::optimizer;
@@ -150,16 +151,16 @@ impl Shard {
         push: &Push<'_>,
         room: &mut Reservation<'_>,
         proof: Proof,
-    ) -> usize {
+    ) -> Result<usize, PsError> {
         let dim = table.spec.dim as usize;
         let spec = table.spec.optimizer.with_lr_scale(push.lr_scale);
         let grads = push.grads;
-        let created = table.update_many(push.keys, |i, row| {
+        let added = table.update_many(push.keys, |i, row| {
             optimizer::apply(&spec, row, &grads[i * dim..(i + 1) * dim])
-        });
-        room.keep(created as u64 * table.sparse_row_bytes());
+        })?;
+        room.keep(added as u64 * table.sparse_row_bytes());
         table.raise_bounds(proof.weight as f32, proof.state as f32);
-        push.keys.len()
+        Ok(push.keys.len())
     }
 
     /// Applies a checked push (table `t` of the call), recording in
@@ -180,7 +181,7 @@ impl Shard {
         for (&key, grad) in push.keys.iter().zip(push.grads.chunks_exact(dim)) {
             let at = undo.before.len();
             let (mut stayed_finite, mut left) = (true, 0);
-            let created = table.update(key, |row| {
+            let added = table.update(key, |row| {
                 undo.before.extend_from_slice(row);
                 optimizer::apply(&spec, row, grad);
                 (stayed_finite, left) = finite_and_fingerprint(row);
@@ -189,9 +190,11 @@ impl Shard {
                 } else {
                     row.copy_from_slice(&undo.before[at..]);
                 }
-            });
-            let created = created == Some(true);
-            if created {
+            })?;
+            // A row back from disk takes memory, but was not created: the
+            // undo puts its values back rather than removing it.
+            let created = added == Some(Added::Created);
+            if matches!(added, Some(Added::Created | Added::Loaded)) {
                 room.keep(per_row);
             }
             if !stayed_finite {
@@ -241,7 +244,7 @@ impl PreparedPushes<'_, '_> {
                     let step = t.begin_push();
                     t.admit(p.keys, p.grads, t.spec.dim as usize, step)
                 })
-                .collect();
+                .collect::<Result<_, _>>()?;
             admitted = (pushes.iter().zip(&kept))
                 .map(|(p, kept)| match kept {
                     Some((keys, grads)) => Push { keys, grads, ..*p },
@@ -265,7 +268,7 @@ impl PreparedPushes<'_, '_> {
             for (((table, push), room), proof) in
                 tables.iter().zip(pushes).zip(&mut rooms).zip(proofs)
             {
-                rows.push(shard.apply_proven(table, push, room, proof));
+                rows.push(shard.apply_proven(table, push, room, proof)?);
             }
             drop(shared);
         } else {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ps_common::{PsError, TableSpec};
 use serde::{Deserialize, Serialize};
 
+use super::disk::DiskError;
 use super::{MAX_TABLES, Shard, Table};
 
 /// Everything a shard holds, in a form bincode can write.
@@ -78,12 +79,15 @@ impl TableSnapshot {
     /// `table`'s spec, its admission counters and the rows `rows` hands to
     /// its argument, sorted by key (one pass keeps keys and rows aligned
     /// even while pushes create rows).
-    pub(super) fn of(table: &Table, rows: impl FnOnce(&mut dyn FnMut(u64, &[f32]))) -> Self {
+    pub(super) fn of(
+        table: &Table,
+        rows: impl FnOnce(&mut dyn FnMut(u64, &[f32])) -> Result<(), DiskError>,
+    ) -> Result<Self, DiskError> {
         let (mut unsorted_keys, mut unsorted) = (Vec::new(), Vec::new());
         rows(&mut |key, row| {
             unsorted_keys.push(key);
             unsorted.extend_from_slice(row);
-        });
+        })?;
         let mut order: Vec<usize> = (0..unsorted_keys.len()).collect();
         order.sort_unstable_by_key(|&i| unsorted_keys[i]);
         let keys: Vec<u64> = order.iter().map(|&i| unsorted_keys[i]).collect();
@@ -91,28 +95,29 @@ impl TableSnapshot {
         for &i in &order {
             values.extend_from_slice(&unsorted[i * table.row_len..(i + 1) * table.row_len]);
         }
-        TableSnapshot {
+        Ok(TableSnapshot {
             spec: table.spec.clone(),
             row_len: table.row_len as u32,
             keys,
             values,
             admission: (table.admitter.as_ref()).map_or_else(Vec::new, |a| a.counters()),
-        }
+        })
     }
 }
 
 impl Shard {
-    /// A copy of every table (rows sorted by key), for a joining backup;
-    /// unlike a checkpoint's base ([`Shard::take_base`]) it leaves the
-    /// records of what changed as they are.
-    pub fn snapshot(&self) -> ShardSnapshot {
-        ShardSnapshot {
+    /// A copy of every table (rows sorted by key, those on the disk tier
+    /// too), for a joining backup; unlike a checkpoint's base
+    /// ([`Shard::take_base`]) it leaves the records of what changed as they
+    /// are.
+    pub fn snapshot(&self) -> Result<ShardSnapshot, PsError> {
+        Ok(ShardSnapshot {
             shard_id: self.shard_id(),
             num_shards: self.num_shards(),
             tables: (self.tables_by_name().iter())
                 .map(|table| TableSnapshot::of(table, |each| table.for_each_row(each)))
-                .collect(),
-        }
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     /// A shard holding exactly the snapshot's tables and rows. Refuses a
@@ -154,7 +159,7 @@ impl Shard {
         for t in snapshot.tables {
             t.spec.validate()?;
             let owned = Table::owned_blocks(&t.spec, &self.owner);
-            let mut table = Table::empty(t.spec);
+            let mut table = Table::empty(t.spec, self.disk.as_ref());
             let name = table.spec.name.clone();
             if t.row_len as usize != table.row_len || t.values.len() != t.keys.len() * table.row_len
             {
@@ -181,7 +186,7 @@ impl Shard {
             }
             table.fill_dense(&owned);
             for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
-                table.set(key, row);
+                table.set(key, row)?;
             }
             tables.push((name, Arc::new(table)));
         }

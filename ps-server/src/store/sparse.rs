@@ -33,11 +33,22 @@
 //! every cache line of the floats of the key [`AHEAD`] places on, so the
 //! misses of several keys overlap (ctr26 over gRPC: about +20%). Smaller
 //! tables stay cached and skip it.
+//!
+//! With a disk tier ([`super::disk`]) a table's cold rows can move to disk
+//! ([`SparseRows::spill`]) and come back when touched. Both moves happen
+//! under the row's segment write lock, and every lookup that misses in
+//! memory looks on disk under the same lock it missed under (read or
+//! write), so a row is always found in exactly one tier. A write or a
+//! storing pull loads the rows it misses back into memory; a pull that
+//! stores nothing (a read replica) reads them where they lie.
 
+use std::ops::RangeInclusive;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use ps_common::routing::mix64;
+
+use super::disk::{ColdRows, DiskError};
 
 mod index;
 mod segment;
@@ -109,13 +120,42 @@ pub(crate) struct SparseRows {
     /// The clock touches are recorded at (a tracking table's; its owner
     /// advances it).
     now: AtomicU32,
+    /// The table's rows on disk (a table with eviction on a shard with a
+    /// disk tier).
+    cold: Option<ColdRows>,
+}
+
+/// How a write found its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Added {
+    /// In memory.
+    Found,
+    /// On disk: it came back to memory.
+    Loaded,
+    /// Nowhere: it was created.
+    Created,
+}
+
+/// Rows an eviction that drops rows removed, by tier.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    pub(crate) memory: usize,
+    pub(crate) disk: usize,
+}
+
+/// The mixed keys of segment `s`'s rows: its range of keys on disk.
+fn segment_hashes(s: usize) -> RangeInclusive<u64> {
+    let low = (s as u64) << SEGMENT_SHIFT;
+    low..=low | ((1u64 << SEGMENT_SHIFT) - 1)
 }
 
 impl SparseRows {
     /// No rows yet, each `row_len` floats; `tracks`: rows record their
-    /// touches (for eviction).
-    pub(crate) fn new(row_len: usize, tracks: bool) -> SparseRows {
-        Self::with_narrow_rows(row_len, NARROW_ROWS, tracks)
+    /// touches (for eviction); `cold`: where cold rows may move to.
+    pub(crate) fn new(row_len: usize, tracks: bool, cold: Option<ColdRows>) -> SparseRows {
+        let mut rows = Self::with_narrow_rows(row_len, NARROW_ROWS, tracks);
+        rows.cold = cold;
+        rows
     }
 
     fn with_narrow_rows(row_len: usize, narrow_rows: usize, tracks: bool) -> SparseRows {
@@ -128,7 +168,59 @@ impl SparseRows {
             record_changes: std::sync::atomic::AtomicBool::new(false),
             row_len,
             now: AtomicU32::new(0),
+            cold: None,
         }
+    }
+
+    /// The rows on disk, if there are any. Ask under the segment lock a
+    /// lookup holds: a move to disk counts its rows before it releases the
+    /// lock, so a lookup that missed in memory then sees them.
+    fn cold(&self) -> Option<&ColdRows> {
+        self.cold.as_ref().filter(|c| c.len() > 0)
+    }
+
+    /// Rows on disk.
+    pub(crate) fn on_disk(&self) -> u64 {
+        self.cold.as_ref().map_or(0, ColdRows::len)
+    }
+
+    /// Whether cold rows can move to disk.
+    pub(crate) fn has_disk(&self) -> bool {
+        self.cold.is_some()
+    }
+
+    /// Brings the rows of `pairs` (`(key, mixed key)`, all in `segment`,
+    /// locked for writing) that are on disk back into memory, with their
+    /// touch records and changed marks. Returns how many came back.
+    fn load_into(
+        &self,
+        segment: &mut Segment,
+        pairs: impl Iterator<Item = (u64, u64)>,
+    ) -> Result<usize, DiskError> {
+        let Some(cold) = self.cold() else {
+            return Ok(0);
+        };
+        let mut missing: Vec<(u64, u64)> = pairs
+            .filter(|&(k, h)| segment.find(k, h).is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let hashes: Vec<u64> = missing.iter().map(|&(_, h)| h).collect();
+        let mut loaded = 0;
+        for ((key, hash), row) in missing.into_iter().zip(cold.take_many(&hashes)?) {
+            if let Some(row) = row {
+                let at = segment.insert(key, hash);
+                segment.row_mut(at).copy_from_slice(&row.floats);
+                segment.set_meta(at, row.meta);
+                segment.set_changed(at, row.changed);
+                loaded += 1;
+            }
+        }
+        self.len.fetch_add(loaded, Ordering::Relaxed);
+        Ok(loaded)
     }
 
     /// The clock touches are recorded at.
@@ -166,17 +258,26 @@ impl SparseRows {
         Some(f(segment.row(row)))
     }
 
-    /// Calls `f` with the floats of row `key` for writing, creating the row
-    /// first with `fresh` if it is missing. Returns whether it was created.
+    /// Calls `f` with the floats of row `key` for writing, bringing it
+    /// back from disk or creating it first with `fresh` if it is not in
+    /// memory. Says how it found the row.
     #[inline]
     pub(crate) fn update(
         &self,
         key: u64,
         fresh: impl FnOnce(&mut [f32]),
         f: impl FnOnce(&mut [f32]),
-    ) -> bool {
+    ) -> Result<Added, DiskError> {
         let hash = mix64(key);
-        self.write_locked(&mut write(self.segment(hash)), key, hash, fresh, f)
+        let mut segment = write(self.segment(hash));
+        if self.load_into(&mut segment, std::iter::once((key, hash)))? == 1 {
+            self.write_locked(&mut segment, key, hash, |_| (), f);
+            return Ok(Added::Loaded);
+        }
+        Ok(match self.write_locked(&mut segment, key, hash, fresh, f) {
+            true => Added::Created,
+            false => Added::Found,
+        })
     }
 
     /// [`SparseRows::update`] in a segment already locked for writing.
@@ -208,7 +309,8 @@ impl SparseRows {
 
     /// Updates the rows of `keys[i]` for every `i` of `run`, all in
     /// `segment` (`hashes[i]` is the hash of `keys[i]`), as
-    /// [`SparseRows::update_many`] does. Returns the number of rows created.
+    /// [`SparseRows::update_many`] does, first bringing back those on
+    /// disk. Returns the number of rows created or brought back.
     fn write_run(
         &self,
         segment: &mut Segment,
@@ -217,8 +319,8 @@ impl SparseRows {
         hashes: &[u64],
         fresh: &impl Fn(u64, &mut [f32]),
         f: &mut impl FnMut(usize, &mut [f32]),
-    ) -> usize {
-        let mut created = 0;
+    ) -> Result<usize, DiskError> {
+        let mut created = self.load_into(segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
         let prefetching = segment.len >= PREFETCH_ROWS;
         for (n, &i) in run.iter().enumerate() {
             if prefetching {
@@ -240,24 +342,27 @@ impl SparseRows {
             );
             created += usize::from(made);
         }
-        created
+        Ok(created)
     }
 
     /// Calls `f(i, floats)` with the row of every `keys[i]`, creating a
     /// missing row first with `fresh(key, floats)` (with `create` false, a
-    /// missing row is filled by `fresh` and handed over, not stored). The
-    /// segments the keys touch are read-locked together (in segment order,
-    /// so two callers cannot deadlock; a writer holds one segment at a
-    /// time) and the rows are handed over in request order; then the rows
-    /// that were missing are created and handed over, each segment under
-    /// one write lock. Returns the number of rows created.
+    /// missing row is filled by `fresh` and handed over, not stored). A row
+    /// on disk is brought back to memory with `load`, else read where it
+    /// lies. The segments the keys touch are read-locked together (in
+    /// segment order, so two callers cannot deadlock; a writer holds one
+    /// segment at a time) and the rows are handed over in request order;
+    /// then the rows that were missing in memory are handed over, each
+    /// segment under one lock. Returns the number of rows created or
+    /// brought back to memory.
     pub(crate) fn read_many(
         &self,
         keys: &[u64],
         create: bool,
+        load: bool,
         fresh: impl Fn(u64, &mut [f32]),
         mut f: impl FnMut(usize, &[f32]),
-    ) -> usize {
+    ) -> Result<usize, DiskError> {
         let now = self.now();
         let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
         let touched = hashes
@@ -298,51 +403,203 @@ impl SparseRows {
                 }
             }
         }
-        if !create {
-            let mut row = Vec::new();
+        let mut row = Vec::new();
+        let mut fresh_row = |i: usize, f: &mut dyn FnMut(usize, &[f32])| {
+            row.clear();
+            row.resize(self.row_len, 0.0);
+            fresh(keys[i], &mut row);
+            f(i, &row);
+        };
+        if !create && (self.cold.is_none() || missing.is_empty()) {
             for i in missing {
-                row.clear();
-                row.resize(self.row_len, 0.0);
-                fresh(keys[i], &mut row);
-                f(i, &row);
+                fresh_row(i, &mut f);
             }
-            return 0;
+            return Ok(0);
         }
-        let mut created = 0;
+        let mut added = 0;
         missing.sort_by_key(|&i| hashes[i] >> SEGMENT_SHIFT);
         for run in
             missing.chunk_by(|&a, &b| hashes[a] >> SEGMENT_SHIFT == hashes[b] >> SEGMENT_SHIFT)
         {
-            let mut segment = write(self.segment(hashes[run[0]]));
-            let mut hand_over = |i: usize, row: &mut [f32]| f(i, row);
-            created += self.write_run(&mut segment, run, keys, &hashes, &fresh, &mut hand_over);
+            let lock = self.segment(hashes[run[0]]);
+            if create {
+                let mut segment = write(lock);
+                let mut hand_over = |i: usize, row: &mut [f32]| f(i, row);
+                added +=
+                    self.write_run(&mut segment, run, keys, &hashes, &fresh, &mut hand_over)?;
+            } else if load {
+                let mut segment = write(lock);
+                added += self.load_into(&mut segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
+                for &i in run {
+                    match segment.find(keys[i], hashes[i]) {
+                        Some(at) => {
+                            f(i, segment.row(at));
+                            segment.touch(at, now);
+                        }
+                        None => fresh_row(i, &mut f),
+                    }
+                }
+            } else {
+                // Read where they lie: memory and disk under one read lock,
+                // so no move between them is half seen.
+                let segment = read(lock);
+                let on_disk = match self.cold() {
+                    Some(cold) => {
+                        cold.get_many(&run.iter().map(|&i| hashes[i]).collect::<Vec<_>>())?
+                    }
+                    None => vec![None; run.len()],
+                };
+                for (&i, disk) in run.iter().zip(on_disk) {
+                    match (segment.find(keys[i], hashes[i]), disk) {
+                        (Some(at), _) => f(i, segment.row(at)),
+                        (None, Some(disk)) => f(i, &disk.floats),
+                        (None, None) => fresh_row(i, &mut f),
+                    }
+                }
+            }
         }
-        created
+        Ok(added)
     }
 
     /// Calls `f(i, floats)` with the row of every `keys[i]` for writing,
-    /// creating a missing row first with `fresh(key, floats)`: segment by
-    /// segment, each under one write lock, and within a segment in request
-    /// order (so repeats of a key apply in order). Returns the number of
-    /// rows created.
+    /// bringing a row back from disk or creating a missing one first with
+    /// `fresh(key, floats)`: segment by segment, each under one write
+    /// lock, and within a segment in request order (so repeats of a key
+    /// apply in order). Returns the number of rows created or brought back.
     pub(crate) fn update_many(
         &self,
         keys: &[u64],
         fresh: impl Fn(u64, &mut [f32]),
         mut f: impl FnMut(usize, &mut [f32]),
-    ) -> usize {
+    ) -> Result<usize, DiskError> {
         let batch = Batch::of(keys);
-        batch
-            .runs(&self.segments)
-            .map(|(lock, run)| {
-                self.write_run(&mut write(lock), run, keys, &batch.hashes, &fresh, &mut f)
-            })
-            .sum()
+        let mut added = 0;
+        for (lock, run) in batch.runs(&self.segments) {
+            added += self.write_run(&mut write(lock), run, keys, &batch.hashes, &fresh, &mut f)?;
+        }
+        Ok(added)
     }
 
-    /// Whether row `key` exists.
-    pub(crate) fn contains(&self, key: u64) -> bool {
+    /// Whether row `key` is in memory.
+    pub(crate) fn in_memory(&self, key: u64) -> bool {
         self.read(key, |_| ()).is_some()
+    }
+
+    /// Whether row `key` exists, in memory or on disk.
+    pub(crate) fn contains(&self, key: u64) -> Result<bool, DiskError> {
+        let hash = mix64(key);
+        let segment = read(self.segment(hash));
+        if segment.find(key, hash).is_some() {
+            return Ok(true);
+        }
+        match self.cold() {
+            Some(cold) => Ok(cold.get_many(&[hash])?[0].is_some()),
+            None => Ok(false),
+        }
+    }
+
+    /// Moves the rows of `keys` that are in memory to disk, with their
+    /// touch records and changed marks (a move is not a removal: deltas do
+    /// not record it). Segment by segment: the rows are written to disk,
+    /// then removed from memory, under the segment's write lock. Returns
+    /// the rows moved.
+    pub(crate) fn spill(&self, keys: &[u64]) -> Result<usize, DiskError> {
+        let Some(cold) = &self.cold else {
+            return Ok(0);
+        };
+        let batch = Batch::of(keys);
+        let mut moved = 0;
+        for (lock, run) in batch.runs(&self.segments) {
+            let mut segment = write(lock);
+            let mut rows: Vec<(u64, u64, usize)> = (run.iter())
+                .filter_map(|&i| {
+                    let (key, hash) = (keys[i], batch.hashes[i]);
+                    segment.find(key, hash).map(|at| (hash, key, at))
+                })
+                .collect();
+            rows.sort_unstable();
+            rows.dedup();
+            if rows.is_empty() {
+                continue;
+            }
+            let segment_ref = &*segment;
+            cold.put_many(rows.iter().map(|&(hash, key, at)| {
+                (
+                    hash,
+                    key,
+                    segment_ref.meta(at),
+                    segment_ref.is_changed(at),
+                    segment_ref.row(at),
+                )
+            }))?;
+            for &(hash, key, _) in &rows {
+                segment.remove_if(key, hash, false, |_| true);
+            }
+            self.len.fetch_sub(rows.len(), Ordering::Relaxed);
+            moved += rows.len();
+        }
+        Ok(moved)
+    }
+
+    /// Removes the rows of `keys` from whichever tier holds them (an
+    /// eviction that drops rows; deltas record the removals). Returns the
+    /// rows removed from each tier.
+    pub(crate) fn drop_rows(&self, keys: &[u64]) -> Result<Dropped, DiskError> {
+        let batch = Batch::of(keys);
+        let record = self.record_changes.load(Ordering::Relaxed);
+        let mut dropped = Dropped::default();
+        for (lock, run) in batch.runs(&self.segments) {
+            let mut segment = write(lock);
+            let mut elsewhere = Vec::new();
+            for &i in run {
+                let (key, hash) = (keys[i], batch.hashes[i]);
+                if segment.remove_if(key, hash, record, |_| true) {
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    dropped.memory += 1;
+                } else {
+                    elsewhere.push(hash);
+                }
+            }
+            let Some(cold) = self.cold() else {
+                continue;
+            };
+            elsewhere.sort_unstable();
+            elsewhere.dedup();
+            let on_disk: Vec<(u64, u64)> = (elsewhere.iter().zip(cold.get_many(&elsewhere)?))
+                .filter_map(|(&hash, row)| row.map(|r| (hash, r.key)))
+                .collect();
+            let hashes: Vec<u64> = on_disk.iter().map(|&(h, _)| h).collect();
+            dropped.disk += cold.remove(&hashes)? as usize;
+            if record {
+                segment.removed.extend(on_disk.iter().map(|&(_, key)| key));
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Up to `most` keys of rows on disk whose `(last touch, touches)`
+    /// `pick` accepts, one segment at a time under its read lock.
+    pub(crate) fn keys_on_disk_where(
+        &self,
+        most: usize,
+        pick: impl Fn(u32, u32) -> bool,
+    ) -> Result<Vec<u64>, DiskError> {
+        let mut keys = Vec::new();
+        for (s, lock) in self.segments.iter().enumerate() {
+            let _segment = read(lock);
+            let Some(cold) = self.cold() else {
+                return Ok(keys);
+            };
+            cold.for_range(segment_hashes(s), |row| {
+                if keys.len() < most && pick(row.meta.0, row.meta.1) {
+                    keys.push(row.key);
+                }
+            })?;
+            if keys.len() >= most {
+                break;
+            }
+        }
+        Ok(keys)
     }
 
     /// Up to about `most` rows' `(last touch, touches)`, spread evenly over
@@ -422,16 +679,16 @@ impl SparseRows {
 
     /// The changes since they were last taken, one segment at a time under
     /// its write lock (so each segment's changes are taken whole): hands
-    /// every row that changed to `row` (`only_changed` false: every row)
-    /// and every key removed to `removed`, and clears both records. A
-    /// key removed and then created again is handed to both.
+    /// every row that changed to `row` (`only_changed` false: every row),
+    /// in memory or on disk, and every key removed to `removed`, and clears
+    /// both records. A key removed and then created again is handed to both.
     pub(crate) fn take_changes(
         &self,
         only_changed: bool,
         mut row: impl FnMut(u64, &[f32]),
         mut removed: impl FnMut(u64),
-    ) {
-        for lock in self.segments.iter() {
+    ) -> Result<(), DiskError> {
+        for (s, lock) in self.segments.iter().enumerate() {
             let mut segment = write(lock);
             let segment = &mut *segment;
             for key in segment.removed.drain(..) {
@@ -448,13 +705,27 @@ impl SparseRows {
                 chunk.changed.fill(0);
                 left = left.saturating_sub(chunk.keys.len());
             }
+            if let Some(cold) = self.cold() {
+                let mut taken = Vec::new();
+                cold.for_range(segment_hashes(s), |r| {
+                    if !only_changed || r.changed {
+                        row(r.key, &r.floats);
+                    }
+                    if r.changed {
+                        taken.push(mix64(r.key));
+                    }
+                })?;
+                cold.mark_unchanged(&taken)?;
+            }
         }
+        Ok(())
     }
 
-    /// Hands every row to `each` as `(key, floats)`, one segment at a time
-    /// under its read lock (rows are not captured at one instant).
-    pub(crate) fn for_each(&self, mut each: impl FnMut(u64, &[f32])) {
-        for lock in self.segments.iter() {
+    /// Hands every row to `each` as `(key, floats)`, in memory or on disk,
+    /// one segment at a time under its read lock (rows are not captured at
+    /// one instant).
+    pub(crate) fn for_each(&self, mut each: impl FnMut(u64, &[f32])) -> Result<(), DiskError> {
+        for (s, lock) in self.segments.iter().enumerate() {
             let segment = read(lock);
             let mut left = segment.len;
             for chunk in &segment.chunks {
@@ -464,7 +735,11 @@ impl SparseRows {
                 }
                 left = left.saturating_sub(chunk.keys.len());
             }
+            if let Some(cold) = self.cold() {
+                cold.for_range(segment_hashes(s), |r| each(r.key, &r.floats))?;
+            }
         }
+        Ok(())
     }
 
     /// Bytes the slabs and indexes hold now (allocated, whether filled or not).

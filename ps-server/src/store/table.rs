@@ -9,8 +9,8 @@
 //! when the table is made: a dense row costs its floats and nothing more.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use ps_common::init::init_row;
@@ -18,7 +18,9 @@ use ps_common::routing::{IdBuildHasher, Placement};
 use ps_common::{ShardRouter, TableKind, TableSpec};
 
 use super::admission::Admitter;
-use super::sparse::{self, SparseRows};
+use super::disk::{DiskError, DiskTier};
+pub(crate) use super::sparse::Added;
+use super::sparse::{self, Dropped, SparseRows};
 use crate::optimizer;
 
 /// Bytes a sparse row costs beyond its floats, at most: its key and its
@@ -110,14 +112,18 @@ impl Writers {
 }
 
 impl Table {
-    /// An empty table: no sparse row yet, no dense block allocated.
-    pub(crate) fn empty(spec: TableSpec) -> Table {
+    /// An empty table: no sparse row yet, no dense block allocated. A
+    /// sparse table with eviction moves its cold rows to `disk`, if given.
+    pub(crate) fn empty(spec: TableSpec, disk: Option<&Arc<DiskTier>>) -> Table {
         let dim = spec.dim as usize;
         let row_len = dim + optimizer::state_len(&spec.optimizer, dim);
+        let evicts = spec.lifecycle.eviction.is_some();
         let rows = match spec.kind {
-            TableKind::Sparse => {
-                Rows::Sparse(SparseRows::new(row_len, spec.lifecycle.eviction.is_some()))
-            }
+            TableKind::Sparse => Rows::Sparse(SparseRows::new(
+                row_len,
+                evicts,
+                disk.filter(|_| evicts).map(|tier| tier.table(row_len)),
+            )),
             TableKind::Dense { rows, block_rows } => Rows::Dense(DenseBlocks {
                 rows,
                 block_rows: u64::from(block_rows),
@@ -221,7 +227,17 @@ impl Table {
         &self.spec
     }
 
-    /// Rows held on this shard.
+    /// Rows held on this shard's disk tier.
+    pub fn rows_on_disk(&self) -> u64 {
+        self.sparse().map_or(0, SparseRows::on_disk)
+    }
+
+    /// Whether the table's cold rows move to disk when evicted.
+    pub fn has_disk(&self) -> bool {
+        self.sparse().is_some_and(SparseRows::has_disk)
+    }
+
+    /// Rows held in memory on this shard.
     pub fn len(&self) -> usize {
         match &self.rows {
             Rows::Sparse(rows) => rows.len(),
@@ -275,10 +291,19 @@ impl Table {
         optimizer::init_state(&self.spec.optimizer, w, state);
     }
 
-    /// Whether row `key` exists on this shard (dense rows owned here always do).
-    pub(crate) fn contains(&self, key: u64) -> bool {
+    /// Whether row `key` exists on this shard, in memory or on disk (dense
+    /// rows owned here always do).
+    pub(crate) fn contains(&self, key: u64) -> Result<bool, DiskError> {
         match &self.rows {
             Rows::Sparse(rows) => rows.contains(key),
+            Rows::Dense(_) => Ok(true),
+        }
+    }
+
+    /// Whether row `key` is in memory on this shard.
+    pub(crate) fn in_memory(&self, key: u64) -> bool {
+        match &self.rows {
+            Rows::Sparse(rows) => rows.in_memory(key),
             Rows::Dense(_) => true,
         }
     }
@@ -292,20 +317,23 @@ impl Table {
 
     /// Calls `f(i, row)` (read-only) with the row of every `keys[i]`,
     /// creating missing sparse rows first: in request order, except that
-    /// rows this call creates come last. Without `create` (and on a table
+    /// rows missing in memory come last. Without `create` (and on a table
     /// with admission) none is created: a missing row is answered as the
-    /// initializer makes it. Returns the rows created. Dense keys must be
-    /// owned here (the caller checked).
+    /// initializer makes it. With `load`, rows on disk come back to memory
+    /// (else they are read where they lie). Returns the rows created or
+    /// brought back. Dense keys must be owned here (the caller checked).
     pub(crate) fn read_many(
         &self,
         keys: &[u64],
         create: bool,
+        load: bool,
         mut f: impl FnMut(usize, &[f32]),
-    ) -> usize {
+    ) -> Result<usize, DiskError> {
         match &self.rows {
             Rows::Sparse(rows) => rows.read_many(
                 keys,
                 create && self.admitter.is_none(),
+                load,
                 |k, row| self.fill_fresh_row(k, row),
                 f,
             ),
@@ -316,22 +344,27 @@ impl Table {
                         f(i, &values[at..at + self.row_len]);
                     }
                 }
-                0
+                Ok(0)
             }
         }
     }
 
     /// Calls `f(i, row)` for writing with the row of every `keys[i]`,
-    /// creating missing sparse rows first; repeats of a key are applied in
-    /// request order. Returns the rows created.
-    pub(crate) fn update_many(&self, keys: &[u64], mut f: impl FnMut(usize, &mut [f32])) -> usize {
+    /// bringing sparse rows back from disk or creating missing ones first;
+    /// repeats of a key are applied in request order. Returns the rows
+    /// created or brought back.
+    pub(crate) fn update_many(
+        &self,
+        keys: &[u64],
+        mut f: impl FnMut(usize, &mut [f32]),
+    ) -> Result<usize, DiskError> {
         match &self.rows {
             Rows::Sparse(rows) => rows.update_many(keys, |k, row| self.fill_fresh_row(k, row), f),
             Rows::Dense(_) => {
                 for (i, &key) in keys.iter().enumerate() {
-                    self.update(key, |row| f(i, row));
+                    self.update(key, |row| f(i, row))?;
                 }
-                0
+                Ok(0)
             }
         }
     }
@@ -352,29 +385,53 @@ impl Table {
         }
     }
 
-    /// Calls `f` with row `key` for writing, creating a missing sparse row
-    /// first. Returns whether the row was created (`None`: a dense key this
-    /// shard does not hold).
+    /// Calls `f` with row `key` for writing, bringing a sparse row back
+    /// from disk or creating a missing one first. Says how it found the
+    /// row (`None`: a dense key this shard does not hold).
     #[inline]
-    pub(crate) fn update(&self, key: u64, f: impl FnOnce(&mut [f32])) -> Option<bool> {
+    pub(crate) fn update(
+        &self,
+        key: u64,
+        f: impl FnOnce(&mut [f32]),
+    ) -> Result<Option<Added>, DiskError> {
         match &self.rows {
-            Rows::Sparse(rows) => Some(rows.update(key, |row| self.fill_fresh_row(key, row), f)),
+            Rows::Sparse(rows) => rows
+                .update(key, |row| self.fill_fresh_row(key, row), f)
+                .map(Some),
             Rows::Dense(d) => {
-                let (block, at) = Self::locate(d, key, self.row_len)?;
+                let Some((block, at)) = Self::locate(d, key, self.row_len) else {
+                    return Ok(None);
+                };
                 let mut values = block.write().unwrap_or_else(|p| p.into_inner());
                 f(&mut values[at..at + self.row_len]);
-                Some(false)
+                Ok(Some(Added::Found))
             }
         }
     }
 
-    /// Replaces row `key` with `row` (`row_len` floats). Returns whether
-    /// the row was created.
-    pub(crate) fn set(&self, key: u64, row: &[f32]) -> Option<bool> {
+    /// Replaces row `key` with `row` (`row_len` floats). Says how it found
+    /// the row.
+    pub(crate) fn set(&self, key: u64, row: &[f32]) -> Result<Option<Added>, DiskError> {
         self.raise_bounds_to(row);
         match &self.rows {
-            Rows::Sparse(rows) => Some(rows.update(key, |_| (), |r| r.copy_from_slice(row))),
+            Rows::Sparse(rows) => rows
+                .update(key, |_| (), |r| r.copy_from_slice(row))
+                .map(Some),
             Rows::Dense(_) => self.update(key, |r| r.copy_from_slice(row)),
+        }
+    }
+
+    /// Moves the rows of `keys` that are in memory to disk (`spill`, on a
+    /// table with a disk tier), or removes them from either tier. Returns
+    /// the rows that left memory and those dropped from disk.
+    pub(crate) fn evict(&self, keys: &[u64], spill: bool) -> Result<Dropped, DiskError> {
+        match self.sparse() {
+            Some(rows) if spill && rows.has_disk() => Ok(Dropped {
+                memory: rows.spill(keys)?,
+                disk: 0,
+            }),
+            Some(rows) => rows.drop_rows(keys),
+            None => Ok(Dropped::default()),
         }
     }
 
@@ -387,9 +444,10 @@ impl Table {
         rows.remove_if(key, remove)
     }
 
-    /// Hands every row to `each` as `(key, row)`, each row read whole
-    /// under its lock (rows are not captured at one instant).
-    pub(crate) fn for_each_row(&self, mut each: impl FnMut(u64, &[f32])) {
+    /// Hands every row to `each` as `(key, row)`, in memory or on disk,
+    /// each row read whole under its lock (rows are not captured at one
+    /// instant).
+    pub(crate) fn for_each_row(&self, mut each: impl FnMut(u64, &[f32])) -> Result<(), DiskError> {
         match &self.rows {
             Rows::Sparse(rows) => rows.for_each(each),
             Rows::Dense(d) => {
@@ -400,6 +458,7 @@ impl Table {
                         each(first + i as u64, row);
                     }
                 }
+                Ok(())
             }
         }
     }
@@ -426,7 +485,7 @@ impl Table {
         only_changed: bool,
         row: impl FnMut(u64, &[f32]),
         removed: impl FnMut(u64),
-    ) {
+    ) -> Result<(), DiskError> {
         match &self.rows {
             Rows::Sparse(rows) => rows.take_changes(only_changed, row, removed),
             Rows::Dense(_) => self.for_each_row(row),

@@ -264,17 +264,21 @@ fn an_update_that_would_make_a_row_non_finite_is_refused_whole() {
         shard.push("emb", &[1, 2], &[0.5, -0.5]).unwrap();
         for (keys, grads, refusals) in hostile {
             let refused = refusals[o];
-            let before = shard.snapshot();
+            let before = shard.snapshot().unwrap();
             match shard.push("emb", keys, grads) {
                 Err(err) => {
                     assert!(refused, "{optimizer:?} {grads:?}: {err}");
                     assert_eq!(err.code(), tonic::Code::InvalidArgument);
                     assert!(err.to_string().contains("non-finite"), "{err}");
-                    assert_eq!(shard.snapshot(), before, "{optimizer:?}: refused whole");
+                    assert_eq!(
+                        shard.snapshot().unwrap(),
+                        before,
+                        "{optimizer:?}: refused whole"
+                    );
                 }
                 Ok(_) => assert!(!refused, "{optimizer:?} accepted {grads:?}"),
             }
-            let after = shard.snapshot();
+            let after = shard.snapshot().unwrap();
             assert!(
                 after.tables[0].values.iter().all(|v| v.is_finite()),
                 "{optimizer:?}: a row went non-finite"
@@ -497,7 +501,7 @@ fn loading_a_snapshot_replaces_the_budget_s_holdings_and_refuses_one_that_cannot
         .create_table(spec("emb", TableKind::Sparse, 2))
         .unwrap();
     shard.pull("emb", &[1, 2, 3], &mut Vec::new()).unwrap();
-    let snapshot = shard.snapshot();
+    let snapshot = shard.snapshot().unwrap();
     let used = shard.budget.used();
     let copy = Shard::new(0, 1);
     copy.load(snapshot.clone()).unwrap();
@@ -613,7 +617,7 @@ mod proofs {
             let (max, sum, _) = scan_magnitudes(&grads);
             if let Some(proof) = provably_finite(&table, &push, Magnitudes { max, sum }) {
                 shard.push_scaled("t", &keys, &grads, lr_scale).unwrap();
-                let after = shard.snapshot().tables[0].values.clone();
+                let after = shard.snapshot().unwrap().tables[0].values.clone();
                 prop_assert!(after.iter().all(|v| v.is_finite()), "{after:?}");
                 prop_assert!(f64::from(after[0].abs()) <= proof.weight * 1.0001, "{after:?} vs {proof:?}");
                 prop_assert!(after[1..].iter().all(|v| f64::from(v.abs()) <= proof.state * 1.0001), "{after:?} vs {proof:?}");

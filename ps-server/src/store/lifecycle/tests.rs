@@ -133,8 +133,8 @@ fn rows_untouched_for_ttl_pushes_expire_and_no_other() {
     let mut expired = t.expired_keys(100);
     expired.sort_unstable();
     assert_eq!(expired, [1, 3]);
-    assert_eq!(shard.evict("emb", &expired), Ok(2));
-    assert_eq!(shard.evict("emb", &expired), Ok(0), "gone already");
+    assert_eq!(shard.evict("emb", &expired, false), Ok(2));
+    assert_eq!(shard.evict("emb", &expired, false), Ok(0), "gone already");
     let s = stats(&shard);
     assert_eq!((s.rows, s.evicted_rows), (1, 2));
     assert_eq!(weights(&shard, &[1]), [0.5], "an evicted id starts afresh");
@@ -200,7 +200,7 @@ fn eviction_is_charged_and_released_in_the_memory_budget() {
         "floats, key and index, touch record"
     );
     assert_eq!(shard.budget.used() - before, 100 * per_row);
-    shard.evict("emb", &keys[..40]).unwrap();
+    shard.evict("emb", &keys[..40], false).unwrap();
     assert_eq!(shard.budget.used() - before, 60 * per_row);
 }
 
@@ -208,7 +208,7 @@ fn eviction_is_charged_and_released_in_the_memory_budget() {
 fn a_snapshot_keeps_the_admission_counts() {
     let shard = table(admit_at(3), 1);
     shard.push("emb", &[7, 7], &[1.0, 1.0]).unwrap();
-    let restored = Shard::restore(shard.snapshot()).unwrap();
+    let restored = Shard::restore(shard.snapshot().unwrap()).unwrap();
     assert_eq!(
         restored.push("emb", &[7], &[1.0]),
         Ok(1),
@@ -233,8 +233,8 @@ fn dense_tables_and_unknown_tables_cannot_be_evicted() {
             lifecycle: Lifecycle::default(),
         })
         .unwrap();
-    assert!(shard.evict("bias", &[0]).is_err());
-    assert!(shard.evict("nope", &[0]).is_err());
+    assert!(shard.evict("bias", &[0], false).is_err());
+    assert!(shard.evict("nope", &[0], false).is_err());
 }
 
 /// Pushes race evictions: no row is ever torn (every float of a row moves
@@ -264,7 +264,7 @@ fn eviction_during_concurrent_pushes_never_tears_a_row_or_loses_an_update_to_a_k
             let mut evicted = 0;
             for round in 0..200 {
                 let batch: Vec<u64> = odd.iter().copied().skip(round % 7).step_by(7).collect();
-                evicted += shard.evict("emb", &batch).unwrap();
+                evicted += shard.evict("emb", &batch, false).unwrap();
                 for row in weights(&shard, &[1, 2, 3]).chunks(DIM) {
                     assert!(row.iter().all(|&v| v == row[0]), "torn row {row:?}");
                 }
@@ -282,7 +282,8 @@ fn eviction_during_concurrent_pushes_never_tears_a_row_or_loses_an_update_to_a_k
     let mut rows = std::collections::HashMap::new();
     t.for_each_row(|k, row| {
         rows.insert(k, row.to_vec());
-    });
+    })
+    .unwrap();
     assert_eq!(rows.len(), t.len());
     for (k, row) in rows {
         assert!(row.iter().all(|&v| v == row[0]), "torn row {k}: {row:?}");

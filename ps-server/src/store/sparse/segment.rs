@@ -102,6 +102,17 @@ impl Segment {
         }
     }
 
+    /// Sets row `row`'s last touch and touch count (a row back from disk).
+    #[inline]
+    pub(super) fn set_meta(&self, row: usize, (touch, hits): (u32, u32)) {
+        if self.tracks {
+            let (chunk, at) = self.locate(row);
+            let meta = &self.chunks[chunk].meta[at * META..(at + 1) * META];
+            meta[0].store(touch, Ordering::Relaxed);
+            meta[1].store(hits, Ordering::Relaxed);
+        }
+    }
+
     /// Row `row`'s last touch and touch count (zeros when not tracking).
     #[inline]
     pub(super) fn meta(&self, row: usize) -> (u32, u32) {

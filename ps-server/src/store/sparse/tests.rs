@@ -1,7 +1,8 @@
-//! The sparse row store against a `HashMap` model, its memory bound, and
-//! its switch to wide index entries.
+//! The sparse row store against a `HashMap` model (with and without a
+//! disk tier), its memory bound, and its switch to wide index entries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use proptest::prelude::*;
 
@@ -22,13 +23,24 @@ fn expected(key: u64, len: usize) -> Vec<f32> {
     row
 }
 
-/// Every row `rows` holds, by key.
+/// Every row `rows` holds, in memory or on disk, by key.
 fn contents(rows: &SparseRows) -> HashMap<u64, Vec<f32>> {
     let mut all = HashMap::new();
     rows.for_each(|key, row| {
         assert!(all.insert(key, row.to_vec()).is_none(), "key {key} twice");
-    });
+    })
+    .unwrap();
     all
+}
+
+/// A disk tier in a directory of its own (removed with the guard).
+fn tier() -> (
+    crate::store::disk::scratch::Dir,
+    Arc<crate::store::disk::DiskTier>,
+) {
+    let dir = crate::store::disk::scratch::Dir::new();
+    let tier = crate::store::disk::DiskTier::create(dir.path(), 0, 1 << 20).unwrap();
+    (dir, tier)
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +53,13 @@ enum Op {
     /// One key, updated alone.
     PushOne(u64, f32),
     Remove(u64),
+    /// Rows moved to disk (a no-op without a disk tier).
+    Spill(Vec<u64>),
+    /// Rows dropped from whichever tier holds them.
+    Drop(Vec<u64>),
+    /// One batch read that neither creates nor brings rows back (a read
+    /// replica's).
+    Peek(Vec<u64>),
 }
 
 fn op(keys: u64) -> impl Strategy<Value = Op> {
@@ -50,27 +69,37 @@ fn op(keys: u64) -> impl Strategy<Value = Op> {
     let batch = prop::collection::vec(key.clone(), 1..80);
     prop_oneof![
         batch.clone().prop_map(Op::Pull),
-        (batch, -4.0f32..4.0).prop_map(|(k, d)| Op::Push(k, d)),
+        (batch.clone(), -4.0f32..4.0).prop_map(|(k, d)| Op::Push(k, d)),
         (key.clone(), -4.0f32..4.0).prop_map(|(k, d)| Op::PushOne(k, d)),
         key.prop_map(Op::Remove),
+        batch.clone().prop_map(Op::Spill),
+        batch.clone().prop_map(Op::Drop),
+        batch.prop_map(Op::Peek),
     ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Any sequence of creations, updates and removals leaves the store
-    /// holding exactly what a map would, narrow or wide index alike, and
-    /// every row's touch record (last touch, touches) follows its row
-    /// through slab growth and removals.
+    /// Any sequence of creations, updates, removals, moves to disk and
+    /// back, and drops leaves the store holding exactly what a map would,
+    /// narrow or wide index alike, with or without a disk tier; every
+    /// row's touch record (last touch, touches) follows its row through
+    /// slab growth, removals and the disk.
     #[test]
     fn the_store_holds_what_a_map_would(
         ops in prop::collection::vec(op(3000), 1..400),
         row_len in 1usize..5,
         narrow_rows in prop_oneof![Just(NARROW_ROWS), 1usize..40],
+        disk in any::<bool>(),
     ) {
-        let rows = SparseRows::with_narrow_rows(row_len, narrow_rows, true);
+        let (_dir, tier) = tier();
+        let mut rows = SparseRows::with_narrow_rows(row_len, narrow_rows, true);
+        if disk {
+            rows.cold = Some(tier.table(row_len));
+        }
         let mut model: HashMap<u64, Vec<f32>> = HashMap::new();
+        let mut on_disk: HashSet<u64> = HashSet::new();
         let mut touches: HashMap<u64, (u32, u32)> = HashMap::new();
         for op in ops {
             let now = rows.tick() + 1;
@@ -78,14 +107,22 @@ proptest! {
                 let t = touches.entry(key).or_insert((0, 0));
                 *t = (now, t.1 + 1);
             };
+            // Rows a write or a storing read creates or brings back.
+            let added = |keys: &[u64], model: &HashMap<u64, Vec<f32>>, on_disk: &HashSet<u64>| {
+                let mut new: Vec<u64> = (keys.iter().copied())
+                    .filter(|k| !model.contains_key(k) || on_disk.contains(k))
+                    .collect();
+                new.sort_unstable();
+                new.dedup();
+                new.len()
+            };
             match op {
                 Op::Pull(keys) => {
-                    let mut new: Vec<u64> = keys.iter().copied().filter(|k| !model.contains_key(k)).collect();
-                    new.sort_unstable();
-                    new.dedup();
+                    let want_added = added(&keys, &model, &on_disk);
                     let mut seen = vec![Vec::new(); keys.len()];
-                    let created = rows.read_many(&keys, true, fill, |i, r| seen[i] = r.to_vec());
-                    prop_assert_eq!(created, new.len());
+                    let created = rows.read_many(&keys, true, true, fill, |i, r| seen[i] = r.to_vec()).unwrap();
+                    prop_assert_eq!(created, want_added);
+                    keys.iter().for_each(|k| { on_disk.remove(k); });
                     for (key, seen) in keys.iter().zip(&seen) {
                         let want = model.entry(*key).or_insert_with(|| expected(*key, row_len));
                         prop_assert_eq!(seen, want);
@@ -93,11 +130,10 @@ proptest! {
                     }
                 }
                 Op::Push(keys, delta) => {
-                    let mut new: Vec<u64> = keys.iter().copied().filter(|k| !model.contains_key(k)).collect();
-                    new.sort_unstable();
-                    new.dedup();
-                    let created = rows.update_many(&keys, fill, |_, r| r.iter_mut().for_each(|v| *v += delta));
-                    prop_assert_eq!(created, new.len());
+                    let want_added = added(&keys, &model, &on_disk);
+                    let created = rows.update_many(&keys, fill, |_, r| r.iter_mut().for_each(|v| *v += delta)).unwrap();
+                    prop_assert_eq!(created, want_added);
+                    keys.iter().for_each(|k| { on_disk.remove(k); });
                     for key in &keys {
                         let want = model.entry(*key).or_insert_with(|| expected(*key, row_len));
                         want.iter_mut().for_each(|v| *v += delta);
@@ -105,23 +141,76 @@ proptest! {
                     }
                 }
                 Op::PushOne(key, delta) => {
-                    let was_new = !model.contains_key(&key);
-                    let created = rows.update(key, |r| fill(key, r), |r| r.iter_mut().for_each(|v| *v += delta));
-                    prop_assert_eq!(created, was_new);
+                    let how = match (model.contains_key(&key), on_disk.remove(&key)) {
+                        (false, _) => Added::Created,
+                        (true, true) => Added::Loaded,
+                        (true, false) => Added::Found,
+                    };
+                    let created = rows.update(key, |r| fill(key, r), |r| r.iter_mut().for_each(|v| *v += delta)).unwrap();
+                    prop_assert_eq!(created, how);
                     let want = model.entry(key).or_insert_with(|| expected(key, row_len));
                     want.iter_mut().for_each(|v| *v += delta);
                     touch(&mut touches, key);
                 }
                 Op::Remove(key) => {
-                    let removed = rows.remove_if(key, |_| true);
-                    prop_assert_eq!(removed, model.remove(&key).is_some());
-                    touches.remove(&key);
+                    // Only a row in memory: a refused push's row is never on disk.
+                    let in_memory = model.contains_key(&key) && !on_disk.contains(&key);
+                    prop_assert_eq!(rows.remove_if(key, |_| true), in_memory);
+                    if in_memory {
+                        model.remove(&key);
+                        touches.remove(&key);
+                    }
+                }
+                Op::Spill(keys) => {
+                    let mut moving: Vec<u64> = (keys.iter().copied())
+                        .filter(|k| disk && model.contains_key(k) && !on_disk.contains(k))
+                        .collect();
+                    moving.sort_unstable();
+                    moving.dedup();
+                    prop_assert_eq!(rows.spill(&keys).unwrap(), moving.len());
+                    on_disk.extend(moving);
+                }
+                Op::Drop(keys) => {
+                    let mut want = Dropped::default();
+                    for k in keys.iter().copied().collect::<HashSet<_>>() {
+                        if model.remove(&k).is_some() {
+                            touches.remove(&k);
+                            match on_disk.remove(&k) {
+                                true => want.disk += 1,
+                                false => want.memory += 1,
+                            }
+                        }
+                    }
+                    prop_assert_eq!(rows.drop_rows(&keys).unwrap(), want);
+                }
+                Op::Peek(keys) => {
+                    let mut seen = vec![Vec::new(); keys.len()];
+                    let added = rows.read_many(&keys, false, false, fill, |i, r| seen[i] = r.to_vec()).unwrap();
+                    prop_assert_eq!(added, 0);
+                    for (key, seen) in keys.iter().zip(&seen) {
+                        let want = model.get(key).cloned().unwrap_or_else(|| expected(*key, row_len));
+                        prop_assert_eq!(seen, &want);
+                        if model.contains_key(key) && !on_disk.contains(key) {
+                            touch(&mut touches, *key);
+                        }
+                    }
                 }
             }
-            prop_assert_eq!(rows.len(), model.len());
+            prop_assert_eq!(rows.len(), model.len() - on_disk.len());
+            prop_assert_eq!(rows.on_disk(), on_disk.len() as u64);
         }
         prop_assert_eq!(contents(&rows), model.clone());
+        if let Some(cold) = &rows.cold {
+            prop_assert_eq!(cold.stored(), on_disk.len() as u64);
+        }
         for (key, want) in &model {
+            if on_disk.contains(key) {
+                let cold = rows.cold.as_ref().unwrap().get_many(&[mix64(*key)]).unwrap();
+                let row = cold[0].as_ref().unwrap();
+                prop_assert_eq!(&row.floats, want);
+                prop_assert_eq!(Some(row.meta), touches.get(key).copied());
+                continue;
+            }
             let held = rows.read(*key, <[f32]>::to_vec);
             prop_assert_eq!(held.as_ref(), Some(want));
             prop_assert_eq!(rows.meta_of(*key), touches.get(key).copied());
@@ -131,21 +220,21 @@ proptest! {
 
 #[test]
 fn a_refused_removal_keeps_the_row() {
-    let rows = SparseRows::new(2, false);
-    rows.update(7, |r| fill(7, r), |_| ());
+    let rows = SparseRows::new(2, false, None);
+    rows.update(7, |r| fill(7, r), |_| ()).unwrap();
     assert!(!rows.remove_if(7, |_| false));
     assert_eq!(rows.read(7, <[f32]>::to_vec), Some(expected(7, 2)));
     assert!(!rows.remove_if(8, |_| true), "no row 8");
     assert!(rows.remove_if(7, |r| r == expected(7, 2).as_slice()));
     assert_eq!(rows.len(), 0);
-    assert!(!rows.contains(7));
+    assert!(!rows.contains(7).unwrap());
 }
 
 #[test]
 fn segments_past_the_narrow_limit_switch_to_wide_entries_and_keep_every_row() {
     let rows = SparseRows::with_narrow_rows(1, 8, false);
     for key in 0..5000u64 {
-        rows.update(key, |r| fill(key, r), |_| ());
+        rows.update(key, |r| fill(key, r), |_| ()).unwrap();
     }
     let wide = rows
         .segments
@@ -169,10 +258,10 @@ fn a_row_costs_at_most_sixteen_bytes_beyond_its_floats() {
     // segment fills several full slabs.
     for row_len in [2usize, 32] {
         for n in [200_000u64, 300_000] {
-            let rows = SparseRows::new(row_len, false);
+            let rows = SparseRows::new(row_len, false, None);
             for i in 0..n {
                 let key = mix64(i);
-                rows.update(key, |r| fill(key, r), |_| ());
+                rows.update(key, |r| fill(key, r), |_| ()).unwrap();
             }
             let floats = n * row_len as u64 * 4;
             let overhead = rows.allocated_bytes() - floats;
@@ -189,10 +278,10 @@ fn a_row_costs_at_most_sixteen_bytes_beyond_its_floats() {
 #[test]
 fn a_small_table_stays_small() {
     for row_len in [2usize, 300] {
-        let rows = SparseRows::new(row_len, false);
+        let rows = SparseRows::new(row_len, false, None);
         let n = 1000u64;
         for key in 0..n {
-            rows.update(key, |r| fill(key, r), |_| ());
+            rows.update(key, |r| fill(key, r), |_| ()).unwrap();
         }
         // About 16 rows per segment: each first slab holds less than twice
         // its rows; each index fewer than 64 entries.
@@ -223,9 +312,9 @@ fn slabs_hold_about_64_kib_and_at_least_one_row() {
 
 #[test]
 fn removing_every_row_frees_the_slabs() {
-    let rows = SparseRows::new(4, false);
+    let rows = SparseRows::new(4, false, None);
     for key in 0..10_000u64 {
-        rows.update(key, |r| fill(key, r), |_| ());
+        rows.update(key, |r| fill(key, r), |_| ()).unwrap();
     }
     for key in 0..10_000u64 {
         assert!(rows.remove_if(key, |_| true));
@@ -249,14 +338,17 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
     let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
     let rows = SparseRows::with_narrow_rows(2, narrow_rows, false);
     let keys: Vec<u64> = (0..n).collect();
-    rows.update_many(&keys, fill, |_, _| {});
+    rows.update_many(&keys, fill, |_, _| {}).unwrap();
     assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
     // Mostly held keys, some missing (>= n), some repeated.
     let probe: Vec<u64> = (0..20_000u64)
         .map(|i| mix64(i ^ 0xabc) % (n + n / 4))
         .collect();
     let mut seen = vec![None; probe.len()];
-    rows.read_many(&probe, true, fill, |i, row| seen[i] = Some(row.to_vec()));
+    rows.read_many(&probe, true, true, fill, |i, row| {
+        seen[i] = Some(row.to_vec())
+    })
+    .unwrap();
     for (key, row) in probe.iter().zip(&seen) {
         assert_eq!(
             row.as_deref(),
@@ -264,7 +356,8 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
             "key {key}"
         );
     }
-    rows.update_many(&probe, fill, |_, row| row[1] += 1.0);
+    rows.update_many(&probe, fill, |_, row| row[1] += 1.0)
+        .unwrap();
     let mut counts = HashMap::new();
     for &key in &probe {
         *counts.entry(key).or_insert(0.0f32) += 1.0;
