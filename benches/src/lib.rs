@@ -17,6 +17,7 @@ pub mod recovery;
 pub mod serve;
 pub mod stream;
 pub mod throughput;
+pub mod tier;
 
 /// The sparse table the store benches fill: `emb`, `dim` weights drawn
 /// from N(0, 0.01), updated by `optimizer`.

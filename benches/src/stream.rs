@@ -69,6 +69,9 @@ pub struct Setup {
     pub policy: EvictionPolicy,
     /// The shard's memory budget (`None`: the unbounded run).
     pub memory_budget: Option<u64>,
+    /// The bounded run's server moves evicted rows to a disk tier instead
+    /// of dropping them.
+    pub disk_tier: bool,
     /// Stream seed.
     pub seed: u64,
 }
@@ -86,8 +89,10 @@ pub struct Run {
     pub rss_growth_bytes: u64,
     /// Most the server's anonymous resident memory grew over the run.
     pub anon_growth_bytes: u64,
-    /// Rows held at the end.
+    /// Rows held in memory at the end.
     pub rows: u64,
+    /// Rows on the disk tier at the end.
+    pub rows_on_disk: u64,
     /// Ids admitted.
     pub admitted_rows: u64,
     /// Pushed rows dropped before their id was admitted.
@@ -148,12 +153,18 @@ pub fn lifecycle(min_count: u32, policy: EvictionPolicy) -> Lifecycle {
     }
 }
 
-/// Serves one shard on loopback with `budget` (`None`: none) until the
-/// process is killed: prints `listening on ADDR` once it accepts calls.
-pub fn serve(budget: Option<u64>) -> anyhow::Result<()> {
+/// Serves one shard on loopback with `budget` (`None`: none) and a disk
+/// tier in `disk` (if given) until the process is killed: prints
+/// `listening on ADDR` once it accepts calls.
+pub fn serve(budget: Option<u64>, disk: Option<&std::path::Path>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let shard = Arc::new(Shard::new(0, 1));
+        let mut shard = Shard::new(0, 1);
+        if let Some(dir) = disk {
+            let cache = ps_server::store::disk::DEFAULT_CACHE_BYTES;
+            shard = shard.with_disk_tier(ps_server::store::disk::DiskTier::create(dir, 0, cache)?);
+        }
+        let shard = Arc::new(shard);
         if let Some(budget) = budget {
             shard.budget.set_limit(budget);
         }
@@ -293,7 +304,8 @@ async fn train(setup: &Setup, addr: String, process: &str) -> anyhow::Result<Run
         peak_table_bytes,
         rss_growth_bytes: 0,
         anon_growth_bytes: anon_peak - anon_start,
-        rows: table.rows,
+        rows: table.rows_in_memory,
+        rows_on_disk: table.rows_on_disk,
         admitted_rows: table.admitted_rows,
         filtered_pushes: table.filtered_pushes,
         evicted_rows: table.evicted_rows,
@@ -326,8 +338,10 @@ pub struct Report {
     pub admitted_rows: u64,
     /// Pushed rows dropped before admission in the bounded run.
     pub filtered_pushes: u64,
-    /// Rows held at the end of the bounded run.
+    /// Rows held in memory at the end of the bounded run.
     pub rows: u64,
+    /// Rows on the disk tier at the end of the bounded run.
+    pub rows_on_disk: u64,
     /// The bounded run's validation AUC.
     pub val_auc: f64,
     /// The unbounded run's validation AUC (goal: `val_auc` within 0.005).
@@ -363,6 +377,7 @@ impl Report {
             admitted_rows: bounded.admitted_rows,
             filtered_pushes: bounded.filtered_pushes,
             rows: bounded.rows,
+            rows_on_disk: bounded.rows_on_disk,
             val_auc: bounded.val_auc,
             unbounded_val_auc: unbounded.val_auc,
             samples_per_sec: bounded.samples_per_sec,
@@ -390,6 +405,7 @@ mod tests {
             min_count: 2,
             policy: EvictionPolicy::Lru,
             memory_budget: None,
+            disk_tier: false,
             seed: 1,
         };
         let mut stream = Stream::new(&setup, 1);

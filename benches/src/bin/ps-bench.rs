@@ -149,6 +149,22 @@ enum Command {
     /// of the unbounded run's peak (admission and LRU eviction), each run
     /// in a fresh process; one JSON line.
     Stream(StreamArgs),
+    /// Pull latency of rows in memory and on the disk tier (one shard in
+    /// this process), at 1 and 256 keys per pull; one JSON line.
+    Tier {
+        /// Rows in the table.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Weights per row (Adagrad).
+        #[arg(long, default_value_t = 16)]
+        dim: u32,
+        /// Share of the rows moved to disk.
+        #[arg(long, default_value_t = 0.9)]
+        cold_share: f64,
+        /// Timed pulls per kind and batch size.
+        #[arg(long, default_value_t = 2_000)]
+        pulls: usize,
+    },
     /// Online predictions against a read replica while a worker trains
     /// (ctr26 model, in this process over loopback): predictions/s and
     /// p50/p99 latency at 1 and 256 instances per request, and freshness
@@ -233,10 +249,17 @@ struct StreamArgs {
     /// Stream seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The bounded run's server moves evicted rows to a disk tier (in a
+    /// temporary folder) instead of dropping them.
+    #[arg(long)]
+    disk_tier: bool,
     /// Serve the measured shard with this budget in bytes (0: none) until
     /// killed: the server process of a run.
     #[arg(long, hide = true)]
     serve: Option<u64>,
+    /// The served shard's disk tier folder (with --serve).
+    #[arg(long, hide = true)]
+    serve_disk_tier: Option<std::path::PathBuf>,
 }
 
 impl StreamArgs {
@@ -250,6 +273,7 @@ impl StreamArgs {
             min_count: self.min_count,
             policy: self.policy,
             memory_budget,
+            disk_tier: self.disk_tier && memory_budget.is_some(),
             seed: self.seed,
         }
     }
@@ -259,8 +283,19 @@ impl StreamArgs {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let mut serve = std::process::Command::new(exe);
         serve.args(["stream", "--serve", &budget.to_string()]);
-        // The server's policy comes with the table spec; only the budget is its own.
-        ps_benches::stream::run(&self.setup((budget > 0).then_some(budget)), serve)
+        // The server's policy comes with the table spec; the budget and
+        // the disk tier are its own.
+        let disk = (self.disk_tier && budget > 0).then(|| {
+            std::env::temp_dir().join(format!("ps-bench-stream-tier-{}", std::process::id()))
+        });
+        if let Some(dir) = &disk {
+            serve.arg("--serve-disk-tier").arg(dir);
+        }
+        let run = ps_benches::stream::run(&self.setup((budget > 0).then_some(budget)), serve);
+        if let Some(dir) = &disk {
+            std::fs::remove_dir_all(dir).ok();
+        }
+        run
     }
 }
 
@@ -272,7 +307,10 @@ fn stream_bench(args: &StreamArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(budget) = args.serve {
-        return ps_benches::stream::serve((budget > 0).then_some(budget));
+        return ps_benches::stream::serve(
+            (budget > 0).then_some(budget),
+            args.serve_disk_tier.as_deref(),
+        );
     }
     let unbounded = args.run(0)?;
     let budget = ((unbounded.peak_table_bytes as f64 * args.budget_share) as u64).max(1);
@@ -436,6 +474,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stream(args) => stream_bench(&args),
+        Command::Tier {
+            rows,
+            dim,
+            cold_share,
+            pulls,
+        } => {
+            let dir = std::env::temp_dir().join(format!("ps-bench-tier-{}", std::process::id()));
+            let setup = ps_benches::tier::Setup {
+                rows,
+                dim,
+                cold_share,
+                pulls,
+            };
+            let report = ps_benches::tier::measure(setup, &dir);
+            std::fs::remove_dir_all(&dir).ok();
+            println!("{}", serde_json::to_string(&report?)?);
+            Ok(())
+        }
         Command::Client {
             servers,
             batch,

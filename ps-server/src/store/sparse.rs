@@ -189,6 +189,59 @@ impl SparseRows {
         self.cold.is_some()
     }
 
+    /// Brings the rows of `positions` (in `keys`, whose mixed keys are
+    /// `hashes`) that are on disk back into memory in one commit: the
+    /// segments they fall in are write-locked together, in segment order
+    /// (as batch reads take their read locks; no lock is taken while the
+    /// disk's writer is held). A request that would bring rows back one
+    /// segment at a time would commit once per segment. Returns how many
+    /// came back. Rows moved to disk again before the request reaches them
+    /// come back in its own pass.
+    fn load_batch(
+        &self,
+        keys: &[u64],
+        hashes: &[u64],
+        positions: impl Iterator<Item = usize> + Clone,
+    ) -> Result<usize, DiskError> {
+        if self.cold.as_ref().is_none_or(|c| c.len() == 0) {
+            return Ok(0);
+        }
+        let touched =
+            (positions.clone()).fold(0u64, |set, i| set | 1 << (hashes[i] >> SEGMENT_SHIFT));
+        let mut guards: Vec<Option<_>> = (self.segments.iter().enumerate())
+            .map(|(s, lock)| (touched >> s & 1 == 1).then(|| write(lock)))
+            .collect();
+        let Some(cold) = self.cold() else {
+            return Ok(0);
+        };
+        let mut missing: Vec<(u64, u64)> = positions
+            .map(|i| (hashes[i], keys[i]))
+            .filter(|&(h, k)| {
+                let segment = guards[(h >> SEGMENT_SHIFT) as usize].as_ref();
+                segment.is_some_and(|s| s.find(k, h).is_none())
+            })
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let hashes: Vec<u64> = missing.iter().map(|&(h, _)| h).collect();
+        let mut loaded = 0;
+        for ((hash, key), row) in missing.into_iter().zip(cold.take_many(&hashes)?) {
+            if let (Some(row), Some(segment)) = (row, &mut guards[(hash >> SEGMENT_SHIFT) as usize])
+            {
+                let at = segment.insert(key, hash);
+                segment.row_mut(at).copy_from_slice(&row.floats);
+                segment.set_meta(at, row.meta);
+                segment.set_changed(at, row.changed);
+                loaded += 1;
+            }
+        }
+        self.len.fetch_add(loaded, Ordering::Relaxed);
+        Ok(loaded)
+    }
+
     /// Brings the rows of `pairs` (`(key, mixed key)`, all in `segment`,
     /// locked for writing) that are on disk back into memory, with their
     /// touch records and changed marks. Returns how many came back.
@@ -417,6 +470,9 @@ impl SparseRows {
             return Ok(0);
         }
         let mut added = 0;
+        if create || load {
+            added += self.load_batch(keys, &hashes, missing.iter().copied())?;
+        }
         missing.sort_by_key(|&i| hashes[i] >> SEGMENT_SHIFT);
         for run in
             missing.chunk_by(|&a, &b| hashes[a] >> SEGMENT_SHIFT == hashes[b] >> SEGMENT_SHIFT)
@@ -473,7 +529,7 @@ impl SparseRows {
         mut f: impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
         let batch = Batch::of(keys);
-        let mut added = 0;
+        let mut added = self.load_batch(keys, &batch.hashes, 0..keys.len())?;
         for (lock, run) in batch.runs(&self.segments) {
             added += self.write_run(&mut write(lock), run, keys, &batch.hashes, &fresh, &mut f)?;
         }
