@@ -7,21 +7,21 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn serving_from_a_follower_answers_every_request_and_shows_every_write_while_training() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ps-bench"))
-        .args(["serve", "--seconds", "1", "--clients", "2", "--probes", "3"])
-        .args(["--train-batch", "256"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::ps_bench(&[
+        "serve",
+        "--seconds",
+        "1",
+        "--clients",
+        "2",
+        "--probes",
+        "3",
+        "--train-batch",
+        "256",
+    ]);
     for phase in ["batch_1", "batch_256"] {
         assert_eq!(report[phase]["errors"], 0, "{report}");
         assert!(report[phase]["requests"].as_u64().unwrap() > 0, "{report}");

@@ -7,21 +7,21 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn a_drifting_stream_trains_within_a_quarter_of_its_unbounded_memory() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ps-bench"))
-        .args(["stream", "--steps", "800", "--batch", "1024"])
-        .args(["--window", "200000", "--val-samples", "10000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::ps_bench(&[
+        "stream",
+        "--steps",
+        "800",
+        "--batch",
+        "1024",
+        "--window",
+        "200000",
+        "--val-samples",
+        "10000",
+    ]);
     let field = |name: &str| {
         report[name]
             .as_f64()

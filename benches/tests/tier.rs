@@ -5,20 +5,11 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn pulls_of_rows_on_disk_are_measured_beside_pulls_of_rows_in_memory() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ps-bench"))
-        .args(["tier", "--rows", "20000", "--pulls", "100"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::ps_bench(&["tier", "--rows", "20000", "--pulls", "100"]);
     let on_disk = report["rows_on_disk"].as_u64().unwrap();
     assert!((17_000..19_000).contains(&on_disk), "{report}");
     let batches = report["batches"].as_array().unwrap();

@@ -214,13 +214,28 @@ impl SparseRows {
         let Some(cold) = self.cold() else {
             return Ok(0);
         };
-        let mut missing: Vec<(u64, u64)> = positions
+        let missing: Vec<(u64, u64)> = positions
             .map(|i| (hashes[i], keys[i]))
             .filter(|&(h, k)| {
                 let segment = guards[(h >> SEGMENT_SHIFT) as usize].as_ref();
                 segment.is_some_and(|s| s.find(k, h).is_none())
             })
             .collect();
+        let mut segments: Vec<Option<&mut Segment>> =
+            guards.iter_mut().map(|g| g.as_deref_mut()).collect();
+        self.take_back(cold, missing, &mut segments)
+    }
+
+    /// Takes the rows of `missing` (`(mixed key, key)`) that are on disk
+    /// off it in one commit and inserts each into its segment (locked for
+    /// writing by the caller, `segments[s]`), with its touch record and
+    /// changed mark. Returns how many came back.
+    fn take_back(
+        &self,
+        cold: &ColdRows,
+        mut missing: Vec<(u64, u64)>,
+        segments: &mut [Option<&mut Segment>],
+    ) -> Result<usize, DiskError> {
         missing.sort_unstable();
         missing.dedup();
         if missing.is_empty() {
@@ -229,7 +244,8 @@ impl SparseRows {
         let hashes: Vec<u64> = missing.iter().map(|&(h, _)| h).collect();
         let mut loaded = 0;
         for ((hash, key), row) in missing.into_iter().zip(cold.take_many(&hashes)?) {
-            if let (Some(row), Some(segment)) = (row, &mut guards[(hash >> SEGMENT_SHIFT) as usize])
+            if let (Some(row), Some(segment)) =
+                (row, &mut segments[(hash >> SEGMENT_SHIFT) as usize])
             {
                 let at = segment.insert(key, hash);
                 segment.row_mut(at).copy_from_slice(&row.floats);
@@ -253,27 +269,16 @@ impl SparseRows {
         let Some(cold) = self.cold() else {
             return Ok(0);
         };
-        let mut missing: Vec<(u64, u64)> = pairs
+        let missing: Vec<(u64, u64)> = pairs
             .filter(|&(k, h)| segment.find(k, h).is_none())
+            .map(|(k, h)| (h, k))
             .collect();
-        if missing.is_empty() {
+        let Some(&(hash, _)) = missing.first() else {
             return Ok(0);
-        }
-        missing.sort_unstable();
-        missing.dedup();
-        let hashes: Vec<u64> = missing.iter().map(|&(_, h)| h).collect();
-        let mut loaded = 0;
-        for ((key, hash), row) in missing.into_iter().zip(cold.take_many(&hashes)?) {
-            if let Some(row) = row {
-                let at = segment.insert(key, hash);
-                segment.row_mut(at).copy_from_slice(&row.floats);
-                segment.set_meta(at, row.meta);
-                segment.set_changed(at, row.changed);
-                loaded += 1;
-            }
-        }
-        self.len.fetch_add(loaded, Ordering::Relaxed);
-        Ok(loaded)
+        };
+        let mut segments: Vec<Option<&mut Segment>> = (0..SEGMENTS).map(|_| None).collect();
+        segments[(hash >> SEGMENT_SHIFT) as usize] = Some(segment);
+        self.take_back(cold, missing, &mut segments)
     }
 
     /// The clock touches are recorded at.
