@@ -47,6 +47,11 @@ use serde::{Deserialize, Serialize};
 pub const FIELDS: usize = 8;
 /// The table the runs train.
 pub const TABLE: &str = "w";
+/// The bounded run's disk tier page cache: small beside its budget (the
+/// server's default, 16 MiB, is more than the whole budget of the default
+/// stream; it is outside the budget).
+pub const TIER_CACHE_BYTES: usize = 2 << 20;
+
 /// Steps between two readings of the server's memory.
 pub const STATS_EVERY: u64 = 10;
 
@@ -161,8 +166,11 @@ pub fn serve(budget: Option<u64>, disk: Option<&std::path::Path>) -> anyhow::Res
     runtime.block_on(async {
         let mut shard = Shard::new(0, 1);
         if let Some(dir) = disk {
-            let cache = ps_server::store::disk::DEFAULT_CACHE_BYTES;
-            shard = shard.with_disk_tier(ps_server::store::disk::DiskTier::create(dir, 0, cache)?);
+            shard = shard.with_disk_tier(ps_server::store::disk::DiskTier::create(
+                dir,
+                0,
+                TIER_CACHE_BYTES,
+            )?);
         }
         let shard = Arc::new(shard);
         if let Some(budget) = budget {

@@ -313,6 +313,7 @@ fn stats_dict(py: Python<'_>, s: pb::StatsResponse) -> PyResult<Bound<'_, PyDict
         table.set_item("bytes", t.bytes)?;
         table.set_item("memory_bytes", t.memory_bytes)?;
         table.set_item("rows_in_memory", t.rows_in_memory)?;
+        table.set_item("rows_on_disk", t.rows_on_disk)?;
         table.set_item("admitted_rows", t.admitted_rows)?;
         table.set_item("filtered_pushes", t.filtered_pushes)?;
         table.set_item("evicted_rows", t.evicted_rows)?;

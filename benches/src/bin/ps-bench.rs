@@ -390,8 +390,17 @@ struct GenArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     ps_common::memory::keep_freed_memory();
-    match Cli::parse().command {
+    if let Command::Stream(StreamArgs {
+        serve_disk_tier: Some(_),
+        ..
+    }) = &cli.command
+    {
+        // As ps-server does with a disk tier.
+        ps_common::memory::one_arena();
+    }
+    match cli.command {
         Command::Kernels {
             device,
             examples,

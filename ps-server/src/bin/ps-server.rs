@@ -172,7 +172,9 @@ struct Args {
     /// such rows).
     #[arg(long, value_name = "DIR")]
     disk_tier: Option<PathBuf>,
-    /// Page cache of the disk tier's file (outside --memory-budget).
+    /// Page cache of the disk tier's file (outside --memory-budget). With a
+    /// disk tier the process allocates from one heap arena (see
+    /// `ps_common::memory::one_arena`).
     #[arg(long, value_name = "BYTES", value_parser = ps_server::budget::parse_bytes,
           default_value_t = ps_server::store::disk::DEFAULT_CACHE_BYTES as u64)]
     disk_tier_cache_bytes: u64,
@@ -183,10 +185,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
     ps_common::memory::keep_freed_memory();
+    if args.disk_tier.is_some() {
+        ps_common::memory::one_arena();
+    }
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?
-        .block_on(serve(Args::parse()))
+        .block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
