@@ -83,14 +83,13 @@ impl Table {
         };
         let mut admitted_now: std::collections::HashSet<u64, IdBuildHasher> =
             std::collections::HashSet::default();
-        let mut keep = Vec::with_capacity(keys.len());
-        for &k in keys {
-            keep.push(
-                self.contains(k)?
-                    || admitted_now.contains(&k)
-                    || (admitter.admits(k, step) && admitted_now.insert(k)),
-            );
-        }
+        let held = self.contains_many(keys)?;
+        let keep: Vec<bool> = (keys.iter().zip(held))
+            .map(|(&k, held)| {
+                held || admitted_now.contains(&k)
+                    || (admitter.admits(k, step) && admitted_now.insert(k))
+            })
+            .collect();
         if keep.iter().all(|&k| k) {
             return Ok(None);
         }

@@ -546,17 +546,30 @@ impl SparseRows {
         self.read(key, |_| ()).is_some()
     }
 
-    /// Whether row `key` exists, in memory or on disk.
-    pub(crate) fn contains(&self, key: u64) -> Result<bool, DiskError> {
-        let hash = mix64(key);
-        let segment = read(self.segment(hash));
-        if segment.find(key, hash).is_some() {
-            return Ok(true);
+    /// Whether each row of `keys` exists, in memory or on disk: the
+    /// segments the keys touch are read-locked together (in segment order,
+    /// as batch reads do) and the keys missing in memory looked up on disk
+    /// in one read, so no row moving between the tiers is missed.
+    pub(crate) fn contains_many(&self, keys: &[u64]) -> Result<Vec<bool>, DiskError> {
+        let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
+        let touched = (hashes.iter()).fold(0u64, |set, &h| set | 1 << (h >> SEGMENT_SHIFT));
+        let guards: Vec<Option<_>> = (self.segments.iter().enumerate())
+            .map(|(s, lock)| (touched >> s & 1 == 1).then(|| read(lock)))
+            .collect();
+        let mut held: Vec<bool> = (keys.iter().zip(&hashes))
+            .map(|(&k, &h)| {
+                let segment = guards[(h >> SEGMENT_SHIFT) as usize].as_ref();
+                segment.is_some_and(|s| s.find(k, h).is_some())
+            })
+            .collect();
+        if let Some(cold) = self.cold() {
+            let missing: Vec<usize> = (0..keys.len()).filter(|&i| !held[i]).collect();
+            let on_disk = cold.get_many(&missing.iter().map(|&i| hashes[i]).collect::<Vec<_>>())?;
+            for (i, row) in missing.into_iter().zip(on_disk) {
+                held[i] = row.is_some();
+            }
         }
-        match self.cold() {
-            Some(cold) => Ok(cold.get_many(&[hash])?[0].is_some()),
-            None => Ok(false),
-        }
+        Ok(held)
     }
 
     /// Moves the rows of `keys` that are in memory to disk, with their

@@ -291,12 +291,12 @@ impl Table {
         optimizer::init_state(&self.spec.optimizer, w, state);
     }
 
-    /// Whether row `key` exists on this shard, in memory or on disk (dense
-    /// rows owned here always do).
-    pub(crate) fn contains(&self, key: u64) -> Result<bool, DiskError> {
+    /// Whether each row of `keys` exists on this shard, in memory or on
+    /// disk (dense rows owned here always do).
+    pub(crate) fn contains_many(&self, keys: &[u64]) -> Result<Vec<bool>, DiskError> {
         match &self.rows {
-            Rows::Sparse(rows) => rows.contains(key),
-            Rows::Dense(_) => Ok(true),
+            Rows::Sparse(rows) => rows.contains_many(keys),
+            Rows::Dense(_) => Ok(vec![true; keys.len()]),
         }
     }
 

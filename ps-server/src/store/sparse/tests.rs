@@ -200,6 +200,9 @@ proptest! {
             prop_assert_eq!(rows.on_disk(), on_disk.len() as u64);
         }
         prop_assert_eq!(contents(&rows), model.clone());
+        let probe: Vec<u64> = model.keys().copied().chain([1 << 40, 7 << 40]).collect();
+        let held: Vec<bool> = probe.iter().map(|k| model.contains_key(k)).collect();
+        prop_assert_eq!(rows.contains_many(&probe).unwrap(), held);
         if let Some(cold) = &rows.cold {
             prop_assert_eq!(cold.stored(), on_disk.len() as u64);
         }
@@ -227,7 +230,7 @@ fn a_refused_removal_keeps_the_row() {
     assert!(!rows.remove_if(8, |_| true), "no row 8");
     assert!(rows.remove_if(7, |r| r == expected(7, 2).as_slice()));
     assert_eq!(rows.len(), 0);
-    assert!(!rows.contains(7).unwrap());
+    assert_eq!(rows.contains_many(&[7]).unwrap(), vec![false]);
 }
 
 #[test]
