@@ -44,7 +44,7 @@
 
 use std::ops::RangeInclusive;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use ps_common::routing::mix64;
 
@@ -123,6 +123,10 @@ pub(crate) struct SparseRows {
     /// The table's rows on disk (a table with eviction on a shard with a
     /// disk tier).
     cold: Option<ColdRows>,
+    /// Moves to disk so far (one per segment a move touched, counted
+    /// before its lock is released): a request that brought its rows back
+    /// skips looking again under a segment's lock if no move came since.
+    moves_out: AtomicU64,
 }
 
 /// How a write found its row.
@@ -134,6 +138,23 @@ pub(crate) enum Added {
     Loaded,
     /// Nowhere: it was created.
     Created,
+}
+
+/// What [`SparseRows::load_batch`] brought back from disk.
+#[derive(Debug, Clone, Copy)]
+struct Loaded {
+    /// Rows brought back.
+    rows: usize,
+    /// [`SparseRows::moves_out`] when it did.
+    moves_out: u64,
+}
+
+impl Loaded {
+    /// Nothing brought back, and every run looks on disk itself.
+    const NOTHING: Loaded = Loaded {
+        rows: 0,
+        moves_out: u64::MAX,
+    };
 }
 
 /// Rows an eviction that drops rows removed, by tier.
@@ -169,6 +190,7 @@ impl SparseRows {
             row_len,
             now: AtomicU32::new(0),
             cold: None,
+            moves_out: AtomicU64::new(0),
         }
     }
 
@@ -195,24 +217,27 @@ impl SparseRows {
     /// (as batch reads take their read locks; no lock is taken while the
     /// disk's writer is held). A request that would bring rows back one
     /// segment at a time would commit once per segment. Returns how many
-    /// came back. Rows moved to disk again before the request reaches them
-    /// come back in its own pass.
+    /// came back, and the count of moves to disk then ([`Loaded`]): rows
+    /// moved to disk again before the request reaches them come back in
+    /// its own pass ([`SparseRows::write_run`]).
     fn load_batch(
         &self,
         keys: &[u64],
         hashes: &[u64],
         positions: impl Iterator<Item = usize> + Clone,
-    ) -> Result<usize, DiskError> {
+    ) -> Result<Loaded, DiskError> {
+        let moves_out = self.moves_out.load(Ordering::Relaxed);
         if self.cold.as_ref().is_none_or(|c| c.len() == 0) {
-            return Ok(0);
+            return Ok(Loaded { rows: 0, moves_out });
         }
         let touched =
             (positions.clone()).fold(0u64, |set, i| set | 1 << (hashes[i] >> SEGMENT_SHIFT));
         let mut guards: Vec<Option<_>> = (self.segments.iter().enumerate())
             .map(|(s, lock)| (touched >> s & 1 == 1).then(|| write(lock)))
             .collect();
+        let moves_out = self.moves_out.load(Ordering::Relaxed);
         let Some(cold) = self.cold() else {
-            return Ok(0);
+            return Ok(Loaded { rows: 0, moves_out });
         };
         let missing: Vec<(u64, u64)> = positions
             .map(|i| (hashes[i], keys[i]))
@@ -223,7 +248,8 @@ impl SparseRows {
             .collect();
         let mut segments: Vec<Option<&mut Segment>> =
             guards.iter_mut().map(|g| g.as_deref_mut()).collect();
-        self.take_back(cold, missing, &mut segments)
+        let rows = self.take_back(cold, missing, &mut segments)?;
+        Ok(Loaded { rows, moves_out })
     }
 
     /// Takes the rows of `missing` (`(mixed key, key)`) that are on disk
@@ -368,17 +394,23 @@ impl SparseRows {
     /// Updates the rows of `keys[i]` for every `i` of `run`, all in
     /// `segment` (`hashes[i]` is the hash of `keys[i]`), as
     /// [`SparseRows::update_many`] does, first bringing back those on
-    /// disk. Returns the number of rows created or brought back.
+    /// disk (unless `loaded` did and no row moved to disk since). Returns
+    /// the number of rows created or brought back.
+    #[allow(clippy::too_many_arguments)]
     fn write_run(
         &self,
         segment: &mut Segment,
         run: &[usize],
         keys: &[u64],
         hashes: &[u64],
+        loaded: Loaded,
         fresh: &impl Fn(u64, &mut [f32]),
         f: &mut impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
-        let mut created = self.load_into(segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
+        let mut created = 0;
+        if self.moves_out.load(Ordering::Relaxed) != loaded.moves_out {
+            created += self.load_into(segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
+        }
         let prefetching = segment.len >= PREFETCH_ROWS;
         for (n, &i) in run.iter().enumerate() {
             if prefetching {
@@ -475,8 +507,10 @@ impl SparseRows {
             return Ok(0);
         }
         let mut added = 0;
+        let mut loaded = Loaded::NOTHING;
         if create || load {
-            added += self.load_batch(keys, &hashes, missing.iter().copied())?;
+            loaded = self.load_batch(keys, &hashes, missing.iter().copied())?;
+            added += loaded.rows;
         }
         missing.sort_by_key(|&i| hashes[i] >> SEGMENT_SHIFT);
         for run in
@@ -486,11 +520,21 @@ impl SparseRows {
             if create {
                 let mut segment = write(lock);
                 let mut hand_over = |i: usize, row: &mut [f32]| f(i, row);
-                added +=
-                    self.write_run(&mut segment, run, keys, &hashes, &fresh, &mut hand_over)?;
+                added += self.write_run(
+                    &mut segment,
+                    run,
+                    keys,
+                    &hashes,
+                    loaded,
+                    &fresh,
+                    &mut hand_over,
+                )?;
             } else if load {
                 let mut segment = write(lock);
-                added += self.load_into(&mut segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
+                if self.moves_out.load(Ordering::Relaxed) != loaded.moves_out {
+                    added +=
+                        self.load_into(&mut segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
+                }
                 for &i in run {
                     match segment.find(keys[i], hashes[i]) {
                         Some(at) => {
@@ -534,9 +578,11 @@ impl SparseRows {
         mut f: impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
         let batch = Batch::of(keys);
-        let mut added = self.load_batch(keys, &batch.hashes, 0..keys.len())?;
+        let loaded = self.load_batch(keys, &batch.hashes, 0..keys.len())?;
+        let mut added = loaded.rows;
         for (lock, run) in batch.runs(&self.segments) {
-            added += self.write_run(&mut write(lock), run, keys, &batch.hashes, &fresh, &mut f)?;
+            let segment = &mut write(lock);
+            added += self.write_run(segment, run, keys, &batch.hashes, loaded, &fresh, &mut f)?;
         }
         Ok(added)
     }
@@ -609,6 +655,7 @@ impl SparseRows {
             for &(hash, key, _) in &rows {
                 segment.remove_if(key, hash, false, |_| true);
             }
+            self.moves_out.fetch_add(1, Ordering::Relaxed);
             self.len.fetch_sub(rows.len(), Ordering::Relaxed);
             moved += rows.len();
         }
