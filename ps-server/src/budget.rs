@@ -13,6 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ps_common::PsError;
 
+/// Above this share of the budget, the evictor evicts ([`crate::evictor`]).
+pub const HIGH_WATER: f64 = 0.95;
+/// The share of the budget an evictor pass frees memory down to, and a
+/// restore into a shard with a disk tier fills memory up to (the rest of
+/// the rows of its tables with eviction go to disk).
+pub const LOW_WATER: f64 = 0.85;
+
 /// Bytes the shard's tables may hold, and bytes held or reserved now.
 #[derive(Debug)]
 pub struct MemoryBudget {

@@ -40,10 +40,7 @@ use crate::request::{Evict, Write};
 use crate::store::{Shard, Table};
 use crate::writer::{Outcome, Writer};
 
-/// Above this share of the memory budget, a pass evicts.
-pub const HIGH_WATER: f64 = 0.95;
-/// A pass that evicts for the budget stops at this share.
-pub const LOW_WATER: f64 = 0.85;
+pub use crate::budget::{HIGH_WATER, LOW_WATER};
 /// Rows evicted by one write at most.
 pub const BATCH: usize = 4096;
 /// How often an LFU table's touch counts halve.

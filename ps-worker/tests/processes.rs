@@ -179,6 +179,58 @@ fn a_job_whose_table_admits_and_evicts_trains_and_the_servers_count_it() {
     );
 }
 
+/// The same table capped at 40 rows in memory, on servers with a disk
+/// tier: evicted rows move to disk and come back when touched, so no
+/// weight is lost and the model trains as an unbounded one does.
+#[test]
+fn with_a_disk_tier_a_capped_table_keeps_every_row_and_trains_as_an_unbounded_one() {
+    let dir = temp_dir("disk-tier");
+    let job = a9a_job_edited(
+        &dir,
+        "job.toml",
+        &[
+            ("epochs = 5", "epochs = 2"),
+            (
+                "kind = \"sparse\"\ndim = 1",
+                "kind = \"sparse\"\ndim = 1\nlifecycle = { eviction = { max_rows = 40 } }",
+            ),
+        ],
+    );
+    let tier = |shard: u32| {
+        dir.join(format!("tier-{shard}"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let servers = [0, 1].map(|shard| {
+        let tier = tier(shard);
+        Server::start_with(
+            shard,
+            2,
+            &["--evict-interval-ms", "5", "--disk-tier", &tier],
+        )
+    });
+    let addrs = format!("{},{}", servers[0].addr, servers[1].addr);
+    let reports = run_workers(&job, &addrs, 1, &dir, "disk-tier");
+    let auc = reports[0]["val_auc"].as_f64().unwrap();
+    assert!(auc > 0.895, "AUC {auc}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (mut in_memory, mut on_disk) = (0, 0);
+    for server in &servers {
+        let stats = common::stats_of(&server.addr);
+        let weights = stats.tables.iter().find(|t| t.name == "weights").unwrap();
+        assert!(weights.rows_in_memory <= 40, "{weights:?}");
+        assert_eq!(weights.rows, weights.rows_in_memory + weights.rows_on_disk);
+        in_memory += weights.rows_in_memory;
+        on_disk += weights.rows_on_disk;
+    }
+    assert!(
+        on_disk > 0 && in_memory + on_disk > 100,
+        "{in_memory} + {on_disk}"
+    );
+    eprintln!("disk tier job: AUC {auc:.4}, {in_memory} rows in memory, {on_disk} on disk");
+}
+
 #[test]
 fn a_missing_data_file_is_reported_before_anything_starts() {
     let dir = temp_dir("nodata");
@@ -209,6 +261,8 @@ fn every_flag_is_documented_in_help() {
                 "--max-response-bytes",
                 "--memory-budget",
                 "--max-rows-per-table",
+                "--disk-tier",
+                "--disk-tier-cache-bytes",
                 "--checkpoint-dir",
                 "--restore",
                 "--restore-latest",

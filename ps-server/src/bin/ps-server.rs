@@ -453,6 +453,14 @@ fn restore(args: &Args) -> anyhow::Result<(Shard, Option<PathBuf>)> {
 /// `--disk-tier` names one.
 fn empty_shard(args: &Args) -> anyhow::Result<Shard> {
     let shard = Shard::new(args.shard_id, args.num_shards);
+    // Set before a restore loads the tables, so that it refuses tables
+    // that do not fit, or, with a disk tier, moves rows past it to disk.
+    if let Some(budget) = args
+        .memory_budget
+        .or_else(ps_server::budget::default_budget)
+    {
+        shard.budget.set_limit(budget);
+    }
     let Some(dir) = &args.disk_tier else {
         return Ok(shard);
     };

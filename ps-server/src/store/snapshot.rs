@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::disk::DiskError;
 use super::{MAX_TABLES, Shard, Table};
+use crate::budget::LOW_WATER;
 
 /// Everything a shard holds, in a form bincode can write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,7 +138,9 @@ impl Shard {
     /// Replaces every table of this shard with the snapshot's (a restore,
     /// or a backup catching up). The whole snapshot is checked first
     /// (specs, row layout, keys, finiteness, the memory budget): a refused
-    /// one changes nothing.
+    /// one changes nothing. On a shard with a disk tier, the tables with
+    /// eviction fill memory up to [`LOW_WATER`] of the budget and their
+    /// other rows go to disk.
     pub fn load(&self, snapshot: ShardSnapshot) -> Result<(), PsError> {
         if (snapshot.shard_id, snapshot.num_shards) != (self.shard_id(), self.num_shards()) {
             return Err(PsError::invalid(format!(
@@ -155,6 +158,16 @@ impl Shard {
             )));
         }
         let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        let before: u64 = self.tables.iter().map(|t| t.memory_bytes()).sum();
+        // With a disk tier, tables with eviction fill memory up to the
+        // budget's low water, and their other rows go to disk.
+        let limit = self.budget.limit();
+        let room = match limit {
+            u64::MAX => u64::MAX,
+            limit => ((limit as f64 * LOW_WATER) as u64)
+                .saturating_sub(self.budget.used().saturating_sub(before)),
+        };
+        let mut taken = 0u64;
         let mut tables = Vec::with_capacity(snapshot.tables.len());
         for t in snapshot.tables {
             t.spec.validate()?;
@@ -185,12 +198,28 @@ impl Shard {
                 )));
             }
             table.fill_dense(&owned);
-            for (&key, row) in t.keys.iter().zip(t.values.chunks_exact(table.row_len)) {
+            let in_memory = match table.has_disk() {
+                true => {
+                    let left = room.saturating_sub(taken + table.memory_bytes());
+                    usize::try_from(left / table.sparse_row_bytes()).unwrap_or(usize::MAX)
+                }
+                false => usize::MAX,
+            }
+            .min(t.keys.len());
+            for (&key, row) in
+                (t.keys.iter().zip(t.values.chunks_exact(table.row_len))).take(in_memory)
+            {
                 table.set(key, row)?;
             }
+            let row_len = table.row_len;
+            for (keys, rows) in (t.keys[in_memory..].chunks(4096))
+                .zip(t.values[in_memory * row_len..].chunks(4096 * row_len))
+            {
+                table.put_on_disk(keys, rows)?;
+            }
+            taken += table.memory_bytes();
             tables.push((name, Arc::new(table)));
         }
-        let before: u64 = self.tables.iter().map(|t| t.memory_bytes()).sum();
         let after: u64 = tables.iter().map(|(_, t)| t.memory_bytes()).sum();
         let growth = after.saturating_sub(before);
         let limit = self.budget.limit();

@@ -618,6 +618,22 @@ impl SparseRows {
         Ok(held)
     }
 
+    /// Writes `rows` (`(key, floats)`) straight to disk, in one commit: a
+    /// restore's rows past the memory budget, into a table no request sees
+    /// yet. A row already in memory is skipped (it stays the one). Returns
+    /// the rows written.
+    pub(crate) fn put_on_disk<'r>(
+        &self,
+        rows: impl Iterator<Item = (u64, &'r [f32])>,
+    ) -> Result<usize, DiskError> {
+        let Some(cold) = &self.cold else {
+            return Ok(0);
+        };
+        let rows: Vec<(u64, &[f32])> = rows.filter(|&(k, _)| !self.in_memory(k)).collect();
+        cold.put_many(rows.iter().map(|&(k, r)| (mix64(k), k, (0, 0), false, r)))?;
+        Ok(rows.len())
+    }
+
     /// Moves the rows of `keys` that are in memory to disk, with their
     /// touch records and changed marks (a move is not a removal: deltas do
     /// not record it). Segment by segment: the rows are written to disk,

@@ -421,6 +421,19 @@ impl Table {
         }
     }
 
+    /// Writes `keys`' rows (`rows`: `row_len` floats each) straight to the
+    /// disk tier: a restore's rows past the memory budget. Returns the rows
+    /// written (none without a tier).
+    pub(crate) fn put_on_disk(&self, keys: &[u64], rows: &[f32]) -> Result<usize, DiskError> {
+        let Some(sparse) = self.sparse() else {
+            return Ok(0);
+        };
+        let rows: Vec<&[f32]> = rows.chunks_exact(self.row_len).collect();
+        // Rows on disk come back into memory under the table's bounds.
+        rows.iter().for_each(|row| self.raise_bounds_to(row));
+        sparse.put_on_disk(keys.iter().copied().zip(rows))
+    }
+
     /// Moves the rows of `keys` that are in memory to disk (`spill`, on a
     /// table with a disk tier), or removes them from either tier. Returns
     /// the rows that left memory and those dropped from disk.

@@ -331,6 +331,52 @@ mod shard {
     }
 
     #[test]
+    fn a_restore_larger_than_the_budget_puts_the_rows_past_it_on_disk() {
+        let source = Shard::new(0, 1);
+        source
+            .create_table(spec(adam(), Eviction::default()))
+            .unwrap();
+        let keys: Vec<u64> = (0..50_000).collect();
+        source.push("emb", &keys, &grads(&keys, 0)).unwrap();
+        let snapshot = source.snapshot().unwrap();
+        // Room for the table and half its rows.
+        let empty = Shard::new(0, 1);
+        empty
+            .create_table(spec(adam(), Eviction::default()))
+            .unwrap();
+        let base = empty.budget.used();
+        let budget = base + (source.budget.used() - base) / 2;
+        // Without a tier: refused, nothing loaded.
+        let plain = Shard::new(0, 1);
+        plain.budget.set_limit(budget);
+        let refused = plain.load(snapshot.clone()).unwrap_err();
+        assert!(refused.to_string().contains("--memory-budget"), "{refused}");
+        // With one: memory up to the low water, the rest on disk, all there.
+        let (_dir, disk) = tier();
+        let tiered = Shard::new(0, 1).with_disk_tier(disk);
+        tiered.budget.set_limit(budget);
+        tiered.load(snapshot.clone()).unwrap();
+        let (rows, on_disk) = stats(&tiered);
+        assert_eq!(rows + on_disk, 50_000);
+        assert!(
+            rows > 10_000 && on_disk > 25_000,
+            "{rows} in memory, {on_disk} on disk"
+        );
+        let used = tiered.budget.used();
+        assert!(
+            used as f64 <= crate::budget::LOW_WATER * budget as f64,
+            "{used} of {budget}, {rows} rows"
+        );
+        assert_eq!(tiered.snapshot().unwrap(), snapshot);
+        // Rows restored to disk come back under the table's bounds: a push
+        // to them is applied as on the source.
+        let cold: Vec<u64> = (49_900..50_000).collect();
+        tiered.push("emb", &cold, &grads(&cold, 1)).unwrap();
+        source.push("emb", &cold, &grads(&cold, 1)).unwrap();
+        assert_eq!(tiered.snapshot().unwrap(), source.snapshot().unwrap());
+    }
+
+    #[test]
     fn rows_on_disk_past_their_ttl_are_found_and_dropped() {
         let (_dir, disk) = tier();
         let shard = Shard::new(0, 1).with_disk_tier(disk);
