@@ -193,6 +193,21 @@ impl SparseRows {
         &self.segments[(hash >> SEGMENT_SHIFT) as usize]
     }
 
+    /// The segments that the mixed keys `hashes` fall in, each locked once
+    /// with `lock` (`read` or `write`), in segment order, so that two
+    /// callers locking several segments cannot deadlock (a writer holds
+    /// one segment at a time); `None` for the segments not touched.
+    fn lock_touched<'a, G>(
+        &'a self,
+        hashes: impl Iterator<Item = u64>,
+        lock: fn(&'a RwLock<Segment>) -> G,
+    ) -> Vec<Option<G>> {
+        let touched = hashes.fold(0u64, |set, h| set | 1 << (h >> SEGMENT_SHIFT));
+        (self.segments.iter().enumerate())
+            .map(|(s, segment)| (touched >> s & 1 == 1).then(|| lock(segment)))
+            .collect()
+    }
+
     /// Calls `f` with the floats of row `key`, if it exists.
     #[inline]
     pub(crate) fn read<R>(&self, key: u64, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -315,17 +330,9 @@ impl SparseRows {
     ) -> Result<usize, DiskError> {
         let now = self.now();
         let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
-        let touched = hashes
-            .iter()
-            .fold(0u64, |set, &h| set | 1 << (h >> SEGMENT_SHIFT));
         let mut missing = Vec::new();
         {
-            let guards: Vec<Option<_>> = self
-                .segments
-                .iter()
-                .enumerate()
-                .map(|(s, lock)| (touched >> s & 1 == 1).then(|| read(lock)))
-                .collect();
+            let guards = self.lock_touched(hashes.iter().copied(), read);
             // Small tables stay in the CPU's caches: no hints for them.
             let prefetching = guards.iter().flatten().any(|s| s.len >= PREFETCH_ROWS);
             let ahead = |i: usize, step: fn(&Segment, u64)| {

@@ -78,15 +78,11 @@ impl SparseRows {
         hashes: &[u64],
         positions: impl Iterator<Item = usize> + Clone,
     ) -> Result<Loaded, DiskError> {
-        let moves_out = self.moves_out.load(Ordering::Relaxed);
-        if self.cold.as_ref().is_none_or(|c| c.len() == 0) {
+        if self.cold().is_none() {
+            let moves_out = self.moves_out.load(Ordering::Relaxed);
             return Ok(Loaded { rows: 0, moves_out });
         }
-        let touched =
-            (positions.clone()).fold(0u64, |set, i| set | 1 << (hashes[i] >> SEGMENT_SHIFT));
-        let mut guards: Vec<Option<_>> = (self.segments.iter().enumerate())
-            .map(|(s, lock)| (touched >> s & 1 == 1).then(|| write(lock)))
-            .collect();
+        let mut guards = self.lock_touched(positions.clone().map(|i| hashes[i]), write);
         let moves_out = self.moves_out.load(Ordering::Relaxed);
         let Some(cold) = self.cold() else {
             return Ok(Loaded { rows: 0, moves_out });
@@ -165,10 +161,7 @@ impl SparseRows {
     /// in one read, so no row moving between the tiers is missed.
     pub(crate) fn contains_many(&self, keys: &[u64]) -> Result<Vec<bool>, DiskError> {
         let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
-        let touched = (hashes.iter()).fold(0u64, |set, &h| set | 1 << (h >> SEGMENT_SHIFT));
-        let guards: Vec<Option<_>> = (self.segments.iter().enumerate())
-            .map(|(s, lock)| (touched >> s & 1 == 1).then(|| read(lock)))
-            .collect();
+        let guards = self.lock_touched(hashes.iter().copied(), read);
         let mut held: Vec<bool> = (keys.iter().zip(&hashes))
             .map(|(&k, &h)| {
                 let segment = guards[(h >> SEGMENT_SHIFT) as usize].as_ref();
