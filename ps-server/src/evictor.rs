@@ -364,8 +364,7 @@ mod tests {
 
     #[test]
     fn with_a_disk_tier_rows_past_max_rows_and_the_budget_move_to_disk_and_stay_readable() {
-        let dir = crate::store::disk::scratch::Dir::new();
-        let tier = crate::store::disk::DiskTier::create(dir.path(), 0, 1 << 20).unwrap();
+        let (_dir, tier) = crate::store::disk::scratch::tier();
         let shard = Arc::new(Shard::new(0, 1).with_disk_tier(tier));
         let cap = Eviction {
             max_rows: Some(1_000),

@@ -34,6 +34,8 @@ use redb::{Builder, Database, Durability, ReadableDatabase, ReadableTable, Table
 
 /// Bytes of a stored value before its floats.
 const HEADER: usize = 8 + 4 + 4 + 1;
+/// Where a stored value keeps its changed mark.
+const CHANGED_AT: usize = 16;
 
 /// Page cache of the tier's store, unless `--disk-tier-cache-bytes` says.
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
@@ -168,7 +170,7 @@ impl ColdRow {
         Some(ColdRow {
             key: u64::from_le_bytes(key),
             meta: (u32_at(8), u32_at(12)),
-            changed: bytes[16] != 0,
+            changed: bytes[CHANGED_AT] != 0,
             floats: bytes[HEADER..]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -203,6 +205,40 @@ impl ColdRows {
         TableDefinition::new(&self.name)
     }
 
+    /// Runs `body` on the table in one read transaction (`empty` when the
+    /// table has no rows yet: redb makes it at its first write).
+    fn reading<T>(
+        &self,
+        empty: impl FnOnce() -> T,
+        body: impl FnOnce(&redb::ReadOnlyTable<u64, &'static [u8]>) -> Result<T, DiskError>,
+    ) -> Result<T, DiskError> {
+        let e = |e: redb::Error| self.tier.error(e);
+        let txn = self.tier.db.begin_read().map_err(|x| e(x.into()))?;
+        match txn.open_table(self.def()) {
+            Ok(table) => body(&table),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(empty()),
+            Err(x) => Err(e(x.into())),
+        }
+    }
+
+    /// Runs `body` on the table in one write transaction, committed
+    /// without `fsync` (see the module doc).
+    fn writing<T>(
+        &self,
+        body: impl FnOnce(&mut redb::Table<'_, u64, &'static [u8]>) -> Result<T, redb::Error>,
+    ) -> Result<T, DiskError> {
+        let e = |e: redb::Error| self.tier.error(e);
+        let mut txn = self.tier.db.begin_write().map_err(|x| e(x.into()))?;
+        txn.set_durability(Durability::None)
+            .map_err(|x| self.tier.error(x))?;
+        let out = {
+            let mut table = txn.open_table(self.def()).map_err(|x| e(x.into()))?;
+            body(&mut table).map_err(e)?
+        };
+        txn.commit().map_err(|x| e(x.into()))?;
+        Ok(out)
+    }
+
     /// Rows on disk.
     pub(crate) fn len(&self) -> u64 {
         self.len.load(Ordering::Relaxed)
@@ -223,20 +259,17 @@ impl ColdRows {
     /// The rows of the mixed keys `hashes` that are on disk, in order
     /// (`None` where one is not), read without waiting for any writer.
     pub(crate) fn get_many(&self, hashes: &[u64]) -> Result<Vec<Option<ColdRow>>, DiskError> {
-        let e = |e: redb::Error| self.tier.error(e);
-        let txn = self.tier.db.begin_read().map_err(|x| e(x.into()))?;
-        let table = match txn.open_table(self.def()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![None; hashes.len()]),
-            Err(x) => return Err(e(x.into())),
-        };
-        hashes
-            .iter()
-            .map(|&h| match table.get(h).map_err(|x| e(x.into()))? {
-                Some(bytes) => self.decode(bytes.value()).map(Some),
-                None => Ok(None),
-            })
-            .collect()
+        self.reading(
+            || vec![None; hashes.len()],
+            |table| {
+                (hashes.iter())
+                    .map(|&h| match table.get(h).map_err(|x| self.tier.error(x))? {
+                        Some(bytes) => self.decode(bytes.value()).map(Some),
+                        None => Ok(None),
+                    })
+                    .collect()
+            },
+        )
     }
 
     /// Moves the rows of the mixed keys `hashes` that are on disk off it:
@@ -258,23 +291,14 @@ impl ColdRows {
         &self,
         rows: impl IntoIterator<Item = (u64, u64, (u32, u32), bool, &'r [f32])>,
     ) -> Result<(), DiskError> {
-        let e = |e: redb::Error| self.tier.error(e);
-        let mut txn = self.tier.db.begin_write().map_err(|x| e(x.into()))?;
-        txn.set_durability(Durability::None)
-            .map_err(|x| self.tier.error(x))?;
-        let mut added = 0;
-        {
-            let mut table = txn.open_table(self.def()).map_err(|x| e(x.into()))?;
-            let mut value = Vec::new();
+        let added = self.writing(|table| {
+            let (mut added, mut value) = (0, Vec::new());
             for (hash, key, meta, changed, floats) in rows {
                 ColdRow::encode(key, meta, changed, floats, &mut value);
-                let old = table
-                    .insert(hash, value.as_slice())
-                    .map_err(|x| e(x.into()))?;
-                added += u64::from(old.is_none());
+                added += u64::from(table.insert(hash, value.as_slice())?.is_none());
             }
-        }
-        txn.commit().map_err(|x| e(x.into()))?;
+            Ok(added)
+        })?;
         self.len.fetch_add(added, Ordering::Relaxed);
         Ok(())
     }
@@ -285,18 +309,13 @@ impl ColdRows {
         if hashes.is_empty() {
             return Ok(0);
         }
-        let e = |e: redb::Error| self.tier.error(e);
-        let mut txn = self.tier.db.begin_write().map_err(|x| e(x.into()))?;
-        txn.set_durability(Durability::None)
-            .map_err(|x| self.tier.error(x))?;
-        let mut removed = 0;
-        {
-            let mut table = txn.open_table(self.def()).map_err(|x| e(x.into()))?;
+        let removed = self.writing(|table| {
+            let mut removed = 0;
             for &h in hashes {
-                removed += u64::from(table.remove(h).map_err(|x| e(x.into()))?.is_some());
+                removed += u64::from(table.remove(h)?.is_some());
             }
-        }
-        txn.commit().map_err(|x| e(x.into()))?;
+            Ok(removed)
+        })?;
         self.len.fetch_sub(removed, Ordering::Relaxed);
         Ok(removed)
     }
@@ -308,18 +327,17 @@ impl ColdRows {
         range: RangeInclusive<u64>,
         mut each: impl FnMut(ColdRow),
     ) -> Result<(), DiskError> {
-        let e = |e: redb::Error| self.tier.error(e);
-        let txn = self.tier.db.begin_read().map_err(|x| e(x.into()))?;
-        let table = match txn.open_table(self.def()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(x) => return Err(e(x.into())),
-        };
-        for entry in table.range(range).map_err(|x| e(x.into()))? {
-            let (_, value) = entry.map_err(|x| e(x.into()))?;
-            each(self.decode(value.value())?);
-        }
-        Ok(())
+        self.reading(
+            || (),
+            |table| {
+                let e = |e: redb::StorageError| self.tier.error(e);
+                for entry in table.range(range).map_err(e)? {
+                    let (_, value) = entry.map_err(e)?;
+                    each(self.decode(value.value())?);
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Clears the changed mark of the rows of `hashes` in one commit.
@@ -327,27 +345,18 @@ impl ColdRows {
         if hashes.is_empty() {
             return Ok(());
         }
-        let e = |e: redb::Error| self.tier.error(e);
-        let mut txn = self.tier.db.begin_write().map_err(|x| e(x.into()))?;
-        txn.set_durability(Durability::None)
-            .map_err(|x| self.tier.error(x))?;
-        {
-            let mut table = txn.open_table(self.def()).map_err(|x| e(x.into()))?;
+        self.writing(|table| {
             for &h in hashes {
-                let value = table
-                    .get(h)
-                    .map_err(|x| e(x.into()))?
-                    .map(|v| v.value().to_vec());
+                let value = table.get(h)?.map(|v| v.value().to_vec());
                 if let Some(mut value) = value
                     && value.len() > HEADER
                 {
-                    value[16] = 0;
-                    table.insert(h, value.as_slice()).map_err(|x| e(x.into()))?;
+                    value[CHANGED_AT] = 0;
+                    table.insert(h, value.as_slice())?;
                 }
             }
-        }
-        txn.commit().map_err(|x| e(x.into()))?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Rows the store holds for this table, counted by redb (tests check
@@ -383,9 +392,19 @@ impl Drop for ColdRows {
 #[cfg(test)]
 mod tests;
 
-/// A directory removed when dropped (tests only).
+/// A disk tier in a directory removed when dropped (tests only).
 #[cfg(test)]
 pub(crate) mod scratch {
+    use std::sync::Arc;
+
+    /// A tier with a 1 MiB page cache, and its directory (keep it alive
+    /// as long as the tier).
+    pub(crate) fn tier() -> (Dir, Arc<super::DiskTier>) {
+        let dir = Dir::new();
+        let tier = super::DiskTier::create(dir.path(), 0, 1 << 20).expect("a disk tier");
+        (dir, tier)
+    }
+
     pub(crate) struct Dir(std::path::PathBuf);
     impl Dir {
         pub(crate) fn new() -> Dir {

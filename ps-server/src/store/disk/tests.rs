@@ -2,13 +2,7 @@
 //! move to disk and back.
 
 use super::*;
-use crate::store::disk::scratch;
-
-fn tier() -> (scratch::Dir, Arc<DiskTier>) {
-    let dir = scratch::Dir::new();
-    let tier = DiskTier::create(dir.path(), 0, 1 << 20).expect("tier");
-    (dir, tier)
-}
+use crate::store::disk::scratch::tier;
 
 #[test]
 fn rows_round_trip_bit_for_bit_with_their_touch_record_and_changed_mark() {

@@ -2,7 +2,6 @@
 //! disk tier), its memory bound, and its switch to wide index entries.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use proptest::prelude::*;
 
@@ -31,16 +30,6 @@ fn contents(rows: &SparseRows) -> HashMap<u64, Vec<f32>> {
     })
     .unwrap();
     all
-}
-
-/// A disk tier in a directory of its own (removed with the guard).
-fn tier() -> (
-    crate::store::disk::scratch::Dir,
-    Arc<crate::store::disk::DiskTier>,
-) {
-    let dir = crate::store::disk::scratch::Dir::new();
-    let tier = crate::store::disk::DiskTier::create(dir.path(), 0, 1 << 20).unwrap();
-    (dir, tier)
 }
 
 #[derive(Debug, Clone)]
@@ -93,7 +82,7 @@ proptest! {
         narrow_rows in prop_oneof![Just(NARROW_ROWS), 1usize..40],
         disk in any::<bool>(),
     ) {
-        let (_dir, tier) = tier();
+        let (_dir, tier) = crate::store::disk::scratch::tier();
         let mut rows = SparseRows::with_narrow_rows(row_len, narrow_rows, true);
         if disk {
             rows.cold = Some(tier.table(row_len));
