@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use ps_common::routing::mix64;
 
-use super::{Activation, Backend, BackendError, BatchNormMode, Dropout, Pooling, SparsePlan};
+use super::{
+    Activation, Backend, BackendError, BatchNormMode, Dropout, PoolKind, Pooling, SparsePlan,
+    Window,
+};
 
 /// One op's result on both backends.
 #[derive(Debug, Clone, PartialEq)]
@@ -368,7 +371,146 @@ pub fn compare<T: Backend, R: Backend>(
             reference.download(&reference.sigmoid(&rz)?)?,
         );
     }
+    compare_image_ops(test, reference, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// Image cases: `name, [images, height, width, channels], kernel, stride,
+/// padding`; a kernel of 0 is the whole image (global pooling).
+const IMAGE_CASES: &[(&str, [usize; 4], usize, usize, usize)] = &[
+    ("3x3_same", [3, 5, 6, 3], 3, 1, 1),
+    ("3x3_stride2", [2, 7, 7, 2], 3, 2, 1),
+    ("2x2_stride2", [2, 8, 8, 5], 2, 2, 0),
+    ("1x1", [4, 3, 3, 7], 1, 1, 0),
+    ("global", [5, 4, 4, 6], 0, 1, 0),
+    ("one_image", [1, 1, 1, 1], 1, 1, 0),
+];
+
+/// The image ops (convolution through im2col, col2im, pooling, column
+/// concatenation, softmax cross-entropy) on both backends.
+fn compare_image_ops<T: Backend, R: Backend>(
+    test: &T,
+    reference: &R,
+    rng: &mut Rng,
+    out: &mut Vec<Agreement>,
+) -> Result<(), BackendError> {
+    let mut record = |op: &str, case: &str, a: Vec<f32>, b: Vec<f32>| {
+        out.push(Agreement {
+            name: format!("{op}/{case}"),
+            relative_error: relative(&a, &b),
+        });
+    };
+    for &(case, shape, kernel, stride, padding) in IMAGE_CASES {
+        let mut win = Window::square(shape, kernel, stride, padding);
+        if kernel == 0 {
+            win.kernel = [shape[1], shape[2]];
+        }
+        let c_out = 1 + rng.below(6);
+        let x = rng.vec(win.in_rows() * win.channels);
+        let w = rng.vec(win.patch() * c_out);
+        let dy = rng.vec(win.out_rows() * c_out);
+        let (tx, rx) = (
+            test.upload(&x, win.in_rows(), win.channels)?,
+            reference.upload(&x, win.in_rows(), win.channels)?,
+        );
+        let (tw, rw) = (
+            test.upload(&w, win.patch(), c_out)?,
+            reference.upload(&w, win.patch(), c_out)?,
+        );
+        let (tdy, rdy) = (
+            test.upload(&dy, win.out_rows(), c_out)?,
+            reference.upload(&dy, win.out_rows(), c_out)?,
+        );
+        let (ty, tcols) = test.conv2d(&tx, &tw, &win)?;
+        let (ry, rcols) = reference.conv2d(&rx, &rw, &win)?;
+        record(
+            "conv2d",
+            case,
+            test.download(&ty)?,
+            reference.download(&ry)?,
+        );
+        let (tdx, tdw) = test.conv2d_backward(&tdy, &tcols, &tw, &win)?;
+        let (rdx, rdw) = reference.conv2d_backward(&rdy, &rcols, &rw, &win)?;
+        record(
+            "conv2d_dx",
+            case,
+            test.download(&tdx)?,
+            reference.download(&rdx)?,
+        );
+        record(
+            "conv2d_dw",
+            case,
+            test.download(&tdw)?,
+            reference.download(&rdw)?,
+        );
+        record(
+            "im2col",
+            case,
+            test.download(&test.im2col(&tx, &win)?)?,
+            reference.download(&reference.im2col(&rx, &win)?)?,
+        );
+        let cols = rng.vec(win.out_rows() * win.patch());
+        record(
+            "col2im",
+            case,
+            test.download(&test.col2im(&test.upload(&cols, win.out_rows(), win.patch())?, &win)?)?,
+            reference.download(
+                &reference.col2im(&reference.upload(&cols, win.out_rows(), win.patch())?, &win)?,
+            )?,
+        );
+        let g = rng.vec(win.out_rows() * win.channels);
+        let (tg, rg) = (
+            test.upload(&g, win.out_rows(), win.channels)?,
+            reference.upload(&g, win.out_rows(), win.channels)?,
+        );
+        for (label, kind) in [("max", PoolKind::Max), ("avg", PoolKind::Average)] {
+            record(
+                &format!("pool2d_{label}"),
+                case,
+                test.download(&test.pool2d(&tx, &win, kind)?)?,
+                reference.download(&reference.pool2d(&rx, &win, kind)?)?,
+            );
+            record(
+                &format!("pool2d_{label}_backward"),
+                case,
+                test.download(&test.pool2d_backward(&tg, &tx, &win, kind)?)?,
+                reference.download(&reference.pool2d_backward(&rg, &rx, &win, kind)?)?,
+            );
+        }
+        let (tj, rj) = (
+            test.concat_cols(&[&tx, &tdx, &tx])?,
+            reference.concat_cols(&[&rx, &rdx, &rx])?,
+        );
+        record(
+            "concat_cols",
+            case,
+            test.download(&tj)?,
+            reference.download(&rj)?,
+        );
+        record(
+            "slice_cols",
+            case,
+            test.download(&test.slice_cols(&tj, win.channels, win.channels)?)?,
+            reference.download(&reference.slice_cols(&rj, win.channels, win.channels)?)?,
+        );
+        let (n, k) = (win.out_rows(), c_out);
+        let labels: Vec<f32> = (0..n).map(|_| rng.below(k) as f32).collect();
+        let logits: Vec<f32> = rng.vec(n * k).iter().map(|v| v * 8.0).collect();
+        let (tl, tgrad) =
+            test.softmax_cross_entropy(&test.upload(&logits, n, k)?, &test.upload(&labels, n, 1)?)?;
+        let (rl, rgrad) = reference.softmax_cross_entropy(
+            &reference.upload(&logits, n, k)?,
+            &reference.upload(&labels, n, 1)?,
+        )?;
+        record("softmax_xent_loss", case, vec![tl as f32], vec![rl as f32]);
+        record(
+            "softmax_xent_grad",
+            case,
+            test.download(&tgrad)?,
+            reference.download(&rgrad)?,
+        );
+    }
+    Ok(())
 }
 
 /// How far a backward pass may be from a central finite difference of a

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use super::{
-    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
-    check_plan_rows, check_same_shape, shape_error,
+    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, PoolKind, Pooling,
+    SparsePlan, Window, check_plan_rows, check_same_shape, image, shape_error,
 };
 
 /// Host compute with ndarray.
@@ -550,6 +550,81 @@ impl Backend for CpuBackend {
 
     fn sigmoid(&self, x: &Array2<f32>) -> Result<Array2<f32>, BackendError> {
         Ok(x.mapv(sigmoid))
+    }
+
+    fn im2col(&self, x: &Array2<f32>, win: &Window) -> Result<Array2<f32>, BackendError> {
+        win.check_input("im2col", self.shape(x))?;
+        from_rows("im2col", image::im2col(&flat(x), win), win.patch())
+    }
+
+    fn col2im(&self, cols: &Array2<f32>, win: &Window) -> Result<Array2<f32>, BackendError> {
+        win.check_output("col2im", self.shape(cols), win.patch())?;
+        from_rows("col2im", image::col2im(&flat(cols), win), win.channels)
+    }
+
+    fn pool2d(&self, x: &Array2<f32>, win: &Window, kind: PoolKind) -> CpuResult {
+        win.check_input("pool2d", self.shape(x))?;
+        from_rows("pool2d", image::pool2d(&flat(x), win, kind), win.channels)
+    }
+
+    fn pool2d_backward(
+        &self,
+        grad: &Array2<f32>,
+        x: &Array2<f32>,
+        win: &Window,
+        kind: PoolKind,
+    ) -> CpuResult {
+        win.check_input("pool2d_backward", self.shape(x))?;
+        win.check_output("pool2d_backward", self.shape(grad), win.channels)?;
+        let dx = image::pool2d_backward(&flat(grad), &flat(x), win, kind);
+        from_rows("pool2d_backward", dx, win.channels)
+    }
+
+    fn concat_cols(&self, parts: &[&Array2<f32>]) -> CpuResult {
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(Axis(1), &views)
+            .map(|t| t.as_standard_layout().into_owned())
+            .map_err(|e| shape_error("concat_cols", e.to_string()))
+    }
+
+    fn slice_cols(&self, t: &Array2<f32>, start: usize, width: usize) -> CpuResult {
+        if start + width > t.ncols() {
+            return Err(shape_error(
+                "slice_cols",
+                format!("columns {start}..{} of {}", start + width, t.ncols()),
+            ));
+        }
+        Ok(t.slice(ndarray::s![.., start..start + width])
+            .as_standard_layout()
+            .into_owned())
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Array2<f32>,
+        labels: &Array2<f32>,
+    ) -> Result<(f64, Array2<f32>), BackendError> {
+        check_same_shape(
+            "softmax_cross_entropy",
+            [labels.nrows(), labels.ncols()],
+            [logits.nrows(), 1],
+        )?;
+        let (loss, grad) =
+            image::softmax_cross_entropy(&flat(logits), &flat(labels), logits.ncols())?;
+        Ok((
+            loss,
+            from_rows("softmax_cross_entropy", grad, logits.ncols())?,
+        ))
+    }
+}
+
+type CpuResult = Result<Array2<f32>, BackendError>;
+
+/// A tensor's elements in row-major order (borrowed when it is laid out so).
+fn flat(t: &Array2<f32>) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.iter().copied().collect()),
     }
 }
 

@@ -339,3 +339,139 @@ fn mix_backward_matches_finite_differences() {
     assert_eq!(B.slice_rows(&stacked, 1, 2).unwrap(), parts[1]);
     assert!(B.slice_rows(&stacked, 2, 2).is_err());
 }
+
+/// A random NHWC batch for `win` and a weight of `c_out` output channels.
+fn image_inputs(rng: &mut Rng, win: &Window, c_out: usize) -> (Vec<f32>, Vec<f32>) {
+    (
+        rng.vec(win.in_rows() * win.channels),
+        rng.vec(win.patch() * c_out),
+    )
+}
+
+#[test]
+fn conv2d_backward_matches_finite_differences() {
+    let mut rng = Rng::new(8);
+    for win in [
+        Window::square([2, 4, 5, 2], 3, 1, 1),
+        Window::square([1, 5, 5, 3], 3, 2, 1),
+        Window::square([2, 3, 3, 4], 1, 1, 0),
+    ] {
+        let c_out = 3;
+        let (x, w) = image_inputs(&mut rng, &win, c_out);
+        let r = rng.vec(win.out_rows() * c_out);
+        let conv = |x: &[f32], w: &[f32]| {
+            let (y, _) = B
+                .conv2d(
+                    &arr(x.to_vec(), win.in_rows(), win.channels),
+                    &arr(w.to_vec(), win.patch(), c_out),
+                    &win,
+                )
+                .unwrap();
+            dot(&y, &r)
+        };
+        let (_, cols) = B
+            .conv2d(
+                &arr(x.clone(), win.in_rows(), win.channels),
+                &arr(w.clone(), win.patch(), c_out),
+                &win,
+            )
+            .unwrap();
+        let (dx, dw) = B
+            .conv2d_backward(
+                &arr(r.clone(), win.out_rows(), c_out),
+                &cols,
+                &arr(w.clone(), win.patch(), c_out),
+                &win,
+            )
+            .unwrap();
+        check("conv2d x", &x, dx.as_slice().unwrap(), |v| conv(v, &w));
+        check("conv2d w", &w, dw.as_slice().unwrap(), |v| conv(&x, v));
+    }
+}
+
+#[test]
+fn a_convolution_by_hand() {
+    // One 3x3 image, one channel, a 2x2 kernel of ones, no padding: each
+    // output is the sum of a 2x2 block.
+    let x = arr((1..=9).map(|v| v as f32).collect(), 9, 1);
+    let win = Window::square([1, 3, 3, 1], 2, 1, 0);
+    let (y, _) = B.conv2d(&x, &arr(vec![1.0; 4], 4, 1), &win).unwrap();
+    assert_eq!(y.as_slice().unwrap(), [12.0, 16.0, 24.0, 28.0]);
+}
+
+#[test]
+fn pooling_backward_matches_finite_differences() {
+    let mut rng = Rng::new(9);
+    for (win, kind) in [
+        (Window::square([2, 4, 4, 3], 2, 2, 0), PoolKind::Max),
+        (Window::square([1, 5, 5, 2], 3, 1, 1), PoolKind::Max),
+        (Window::square([2, 5, 4, 2], 3, 2, 1), PoolKind::Average),
+        (
+            Window {
+                kernel: [3, 4],
+                ..Window::square([3, 3, 4, 2], 1, 1, 0)
+            },
+            PoolKind::Average,
+        ),
+    ] {
+        // Values at least 0.05 apart, so that the finite difference's
+        // steps of 0.01 never change which pixel is a window's maximum.
+        let n = win.in_rows() * win.channels;
+        let mut x: Vec<f32> = (0..n).map(|i| i as f32 * 0.05).collect();
+        for i in (1..n).rev() {
+            x.swap(i, rng.below(i + 1));
+        }
+        let r = rng.vec(win.out_rows() * win.channels);
+        let dx = B
+            .pool2d_backward(
+                &arr(r.clone(), win.out_rows(), win.channels),
+                &arr(x.clone(), win.in_rows(), win.channels),
+                &win,
+                kind,
+            )
+            .unwrap();
+        check(&format!("{kind:?} pool"), &x, dx.as_slice().unwrap(), |v| {
+            let y = B
+                .pool2d(&arr(v.to_vec(), win.in_rows(), win.channels), &win, kind)
+                .unwrap();
+            dot(&y, &r)
+        });
+    }
+}
+
+#[test]
+fn softmax_cross_entropy_matches_finite_differences() {
+    let mut rng = Rng::new(10);
+    let (n, k) = (5, 4);
+    let logits: Vec<f32> = rng.vec(n * k).iter().map(|v| v * 3.0).collect();
+    let labels = arr(vec![0.0, 3.0, 1.0, 1.0, 2.0], n, 1);
+    let (_, grad) = B
+        .softmax_cross_entropy(&arr(logits.clone(), n, k), &labels)
+        .unwrap();
+    check("softmax_xent", &logits, grad.as_slice().unwrap(), |v| {
+        let (loss, _) = B
+            .softmax_cross_entropy(&arr(v.to_vec(), n, k), &labels)
+            .unwrap();
+        loss / n as f64
+    });
+    let bad = arr(vec![4.0, 0.0, 0.0, 0.0, 0.0], n, 1);
+    assert!(
+        B.softmax_cross_entropy(&arr(logits, n, k), &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("label 4 is not a class index in 0..4")
+    );
+}
+
+#[test]
+fn image_ops_refuse_shapes_that_do_not_fit() {
+    let win = Window::square([2, 4, 4, 3], 3, 1, 1);
+    let wrong = arr(vec![0.0; 2 * 16 * 2], 32, 2);
+    assert!(B.im2col(&wrong, &win).is_err());
+    assert!(B.pool2d(&wrong, &win, PoolKind::Max).is_err());
+    let too_big = Window::square([1, 2, 2, 1], 5, 1, 0);
+    assert!(B.im2col(&arr(vec![0.0; 4], 4, 1), &too_big).is_err());
+    assert!(B.slice_cols(&wrong, 1, 2).is_err());
+    let rows = [arr(vec![0.0; 4], 2, 2), arr(vec![0.0; 3], 3, 1)];
+    assert!(B.concat_cols(&[&rows[0], &rows[1]]).is_err());
+}

@@ -17,17 +17,21 @@ use cudarc::driver::{
 };
 
 use super::{
-    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, Pooling, SparsePlan,
-    check_plan_rows, check_same_shape, shape_error,
+    Activation, Backend, BackendError, BatchNormMode, BatchNormSaved, Dropout, PoolKind, Pooling,
+    SparsePlan, Window, check_plan_rows, check_same_shape, shape_error,
 };
 
 /// All kernel sources, concatenated into one NVRTC program.
-const KERNELS: [&str; 4] = [
+const KERNELS: [&str; 5] = [
     include_str!("../../kernels/common.cuh"),
     include_str!("../../kernels/sparse.cu"),
     include_str!("../../kernels/dense.cu"),
     include_str!("../../kernels/norm_loss.cu"),
+    include_str!("../../kernels/image.cu"),
 ];
+
+#[path = "cuda_image.rs"]
+mod image;
 
 const THREADS: u32 = 256;
 
@@ -90,6 +94,12 @@ struct Kernels {
     bn_backward: CudaFunction,
     bce_with_logits: CudaFunction,
     sigmoid: CudaFunction,
+    im2col: CudaFunction,
+    col2im: CudaFunction,
+    pool2d: CudaFunction,
+    pool2d_backward: CudaFunction,
+    copy_cols: CudaFunction,
+    softmax_xent: CudaFunction,
 }
 
 impl Kernels {
@@ -121,6 +131,12 @@ impl Kernels {
             bn_backward: f("bn_backward")?,
             bce_with_logits: f("bce_with_logits")?,
             sigmoid: f("sigmoid")?,
+            im2col: f("im2col")?,
+            col2im: f("col2im")?,
+            pool2d: f("pool2d")?,
+            pool2d_backward: f("pool2d_backward")?,
+            copy_cols: f("copy_cols")?,
+            softmax_xent: f("softmax_xent")?,
         })
     }
 }
@@ -213,6 +229,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "mix",
     "mix_backward_experts",
     "mix_backward_gates",
+    "im2col",
+    "col2im",
+    "pool2d",
+    "pool2d_backward",
+    "copy_cols",
+    "softmax_xent",
 ];
 
 /// Whether the NVRTC library can be loaded (it needs no GPU). Never panics.
@@ -1102,5 +1124,53 @@ impl Backend for CudaBackend {
         // SAFETY: two buffers of n elements.
         unsafe { b.launch(linear(out.rows * out.cols)) }.map_err(device_error)?;
         Ok(out)
+    }
+
+    fn im2col(&self, x: &CudaTensor, win: &Window) -> Result<CudaTensor, BackendError> {
+        self.im2col_op(x, win)
+    }
+
+    fn col2im(&self, cols: &CudaTensor, win: &Window) -> Result<CudaTensor, BackendError> {
+        self.col2im_op(cols, win)
+    }
+
+    fn pool2d(
+        &self,
+        x: &CudaTensor,
+        win: &Window,
+        kind: PoolKind,
+    ) -> Result<CudaTensor, BackendError> {
+        self.pool2d_op(x, win, kind)
+    }
+
+    fn pool2d_backward(
+        &self,
+        grad: &CudaTensor,
+        x: &CudaTensor,
+        win: &Window,
+        kind: PoolKind,
+    ) -> Result<CudaTensor, BackendError> {
+        self.pool2d_backward_op(grad, x, win, kind)
+    }
+
+    fn concat_cols(&self, parts: &[&CudaTensor]) -> Result<CudaTensor, BackendError> {
+        self.concat_cols_op(parts)
+    }
+
+    fn slice_cols(
+        &self,
+        t: &CudaTensor,
+        start: usize,
+        width: usize,
+    ) -> Result<CudaTensor, BackendError> {
+        self.slice_cols_op(t, start, width)
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: &CudaTensor,
+        labels: &CudaTensor,
+    ) -> Result<(f64, CudaTensor), BackendError> {
+        self.softmax_cross_entropy_op(logits, labels)
     }
 }

@@ -15,8 +15,10 @@
 pub mod conformance;
 pub mod cpu;
 pub mod cuda;
+pub mod image;
 mod plan;
 
+pub use image::{PoolKind, Window};
 pub use plan::SparsePlan;
 
 use std::sync::Arc;
@@ -260,6 +262,84 @@ pub trait Backend {
     ) -> Result<(f64, Self::Tensor), BackendError>;
     /// `sigmoid(x)` elementwise.
     fn sigmoid(&self, x: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+
+    /// Each output pixel's window of an NHWC batch `[n * h * w, c]`,
+    /// flattened in (ky, kx, channel) order with zeros in the padding:
+    /// `[n * oh * ow, kh * kw * c]` (see [`image::im2col`]).
+    fn im2col(&self, x: &Self::Tensor, win: &Window) -> Result<Self::Tensor, BackendError>;
+    /// The adjoint of [`Backend::im2col`]: `[n * h * w, c]`.
+    fn col2im(&self, cols: &Self::Tensor, win: &Window) -> Result<Self::Tensor, BackendError>;
+    /// Max or average pooling of an NHWC batch: `[n * oh * ow, c]`.
+    fn pool2d(
+        &self,
+        x: &Self::Tensor,
+        win: &Window,
+        kind: PoolKind,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// The gradient of [`Backend::pool2d`] with respect to `x`.
+    fn pool2d_backward(
+        &self,
+        grad: &Self::Tensor,
+        x: &Self::Tensor,
+        win: &Window,
+        kind: PoolKind,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// The tensors (same row count) side by side: concatenation along
+    /// channels for NHWC images.
+    fn concat_cols(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor, BackendError>;
+    /// Columns `start..start + width` as a new tensor.
+    fn slice_cols(
+        &self,
+        t: &Self::Tensor,
+        start: usize,
+        width: usize,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// Softmax cross-entropy of `logits` `[n, k]` against class indices
+    /// `labels` `[n, 1]`: the summed loss and `d (mean loss) / d logits`.
+    /// A label that is not a class index is an error.
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        labels: &Self::Tensor,
+    ) -> Result<(f64, Self::Tensor), BackendError>;
+
+    /// 2-D convolution of an NHWC batch with `weight` `[kh * kw * c, c_out]`
+    /// as `im2col(x) @ weight`: `[n * oh * ow, c_out]`, and the patches
+    /// [`Backend::conv2d_backward`] needs.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        win: &Window,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError> {
+        let cols = if win.kernel == [1, 1] && win.stride == 1 && win.padding == 0 {
+            // A 1x1 convolution's patches are its input.
+            win.check_input("conv2d", self.shape(x))?;
+            self.copy(x)?
+        } else {
+            self.im2col(x, win)?
+        };
+        let y = self.matmul(&cols, weight, false, false)?;
+        Ok((y, cols))
+    }
+    /// Backward of [`Backend::conv2d`] from the patches it returned:
+    /// `(d x, d weight)`.
+    fn conv2d_backward(
+        &self,
+        grad: &Self::Tensor,
+        cols: &Self::Tensor,
+        weight: &Self::Tensor,
+        win: &Window,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError> {
+        let dweight = self.matmul(cols, grad, true, false)?;
+        let dcols = self.matmul(grad, weight, false, true)?;
+        let dx = if win.kernel == [1, 1] && win.stride == 1 && win.padding == 0 {
+            dcols
+        } else {
+            self.col2im(&dcols, win)?
+        };
+        Ok((dx, dweight))
+    }
 }
 
 /// A shape error for `op`.
