@@ -38,6 +38,14 @@ pub struct DataConfig {
     /// CSV only: the columns' roles, by the header's names.
     #[serde(default)]
     pub csv: Option<CsvConfig>,
+    /// Pixels only: the images' shape and scale.
+    #[serde(default)]
+    pub image: Option<ImageConfig>,
+    /// Pixels only: random changes to each training image, drawn from
+    /// `train.seed`, the epoch and the worker (validation is never
+    /// augmented).
+    #[serde(default)]
+    pub augment: Option<AugmentConfig>,
     /// With `on_bad_line = "skip"`: the share of a worker's lines that may
     /// be malformed. Past it (checked from the 1,000th line on, and at the
     /// end of the file) reading fails: a file of wrong format does not
@@ -219,6 +227,62 @@ pub enum DataFormat {
     /// Delimited text with a header line; the columns' roles by name in
     /// `[data.csv]`.
     Csv,
+    /// Images, one per line: `label,p0,p1,...` (commas or spaces), the
+    /// label a class index and then `[data.image]`'s height x width x
+    /// channels pixels, row by row, channels last.
+    Pixels,
+}
+
+/// The shape of `format = "pixels"` images.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Rows of pixels.
+    pub height: u32,
+    /// Pixels per row.
+    pub width: u32,
+    /// Values per pixel (1 for grey, 3 for RGB).
+    #[serde(default = "default_channels")]
+    pub channels: u32,
+    /// Every pixel value is divided by this (e.g. 255, or 16 for the
+    /// digits), so that inputs are about [0, 1].
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+}
+
+impl ImageConfig {
+    /// Values per image.
+    pub fn pixels(&self) -> usize {
+        self.height as usize * self.width as usize * self.channels as usize
+    }
+}
+
+/// The largest image: `height * width * channels` values.
+pub const MAX_IMAGE_VALUES: usize = 1 << 20;
+
+fn default_channels() -> u32 {
+    1
+}
+fn default_scale() -> f32 {
+    1.0
+}
+
+/// Data augmentation of training images, on the parsing thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Each image is moved by up to this many pixels in each direction
+    /// (drawn per image; uncovered pixels are 0): a random crop of the
+    /// image padded by `shift`.
+    #[serde(default)]
+    pub shift: u32,
+    /// Mirror each image left-right with probability 1/2 (not for data
+    /// whose meaning changes in a mirror, such as digits).
+    #[serde(default)]
+    pub flip: bool,
+    /// Standard deviation of Gaussian noise added to every scaled pixel.
+    #[serde(default)]
+    pub noise: f32,
 }
 
 /// Criteo's integer columns (fields 0-12, after the label).
@@ -360,8 +424,63 @@ impl DataConfig {
         if self.fields == 0 {
             return Err(("data.fields".into(), "must be >= 1".into()));
         }
+        self.validate_image(tasks)?;
         self.validate_csv(tasks)?;
         self.validate_numeric()
+    }
+
+    fn validate_image(&self, tasks: usize) -> Result<(), (String, String)> {
+        let pixels = self.format == DataFormat::Pixels;
+        let Some(image) = &self.image else {
+            if pixels {
+                return Err((
+                    "data.image".into(),
+                    "format = \"pixels\" needs [data.image]: height, width (and channels, scale)"
+                        .into(),
+                ));
+            }
+            if self.augment.is_some() {
+                return Err(("data.augment".into(), "is for format = \"pixels\"".into()));
+            }
+            return Ok(());
+        };
+        if !pixels {
+            return Err(("data.image".into(), "is for format = \"pixels\"".into()));
+        }
+        let dims = [image.height, image.width, image.channels];
+        let values = dims.iter().map(|&d| d as usize).product::<usize>();
+        if dims.contains(&0) || values > MAX_IMAGE_VALUES {
+            return Err((
+                "data.image".into(),
+                format!(
+                    "height, width and channels must be >= 1 with at most {MAX_IMAGE_VALUES} values per image"
+                ),
+            ));
+        }
+        if !(image.scale.is_finite() && image.scale > 0.0) {
+            return Err(("data.image.scale".into(), "must be finite and > 0".into()));
+        }
+        if tasks > 1 || self.negative_sampling.is_some() || !self.sample_by_feature.is_empty() {
+            return Err((
+                "data.format".into(),
+                "pixels data has one class label per image: no multitask model, negative_sampling or sample_by_feature".into(),
+            ));
+        }
+        if let Some(augment) = &self.augment {
+            if augment.shift >= image.height.min(image.width) {
+                return Err((
+                    "data.augment.shift".into(),
+                    "must be smaller than the image's height and width".into(),
+                ));
+            }
+            if !(augment.noise.is_finite() && augment.noise >= 0.0) {
+                return Err((
+                    "data.augment.noise".into(),
+                    "must be finite and >= 0".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_csv(&self, tasks: usize) -> Result<(), (String, String)> {

@@ -19,10 +19,12 @@ use serde::Deserialize;
 use crate::routing::{fnv1a64, mix64};
 use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
+mod convnet;
 mod data;
 mod model;
 mod train;
 
+pub use convnet::*;
 pub use data::*;
 pub use model::*;
 pub use train::*;
@@ -53,7 +55,8 @@ pub struct JobConfig {
     /// How much travels between workers and servers.
     #[serde(default)]
     pub communication: CommunicationConfig,
-    /// Tables by name.
+    /// Tables by name (the image models generate all of theirs).
+    #[serde(default)]
     pub tables: BTreeMap<String, TableConfig>,
 }
 
@@ -270,7 +273,14 @@ impl JobConfig {
     /// `[tables]` and the model's generated MLP tables.
     pub fn table_specs(&self) -> Vec<TableSpec> {
         let mut specs = self.declared_table_specs();
-        if let Some(embeddings) = self.model.embeddings_table() {
+        if let Some(image) = &self.data.image
+            && self.model.reads_images()
+        {
+            specs.extend(
+                self.model
+                    .generated_table_specs(image.channels, self.train.seed),
+            );
+        } else if let Some(embeddings) = self.model.embeddings_table() {
             let dim = self.tables.get(embeddings).map_or(0, |t| t.dim);
             specs.extend(self.model.generated_table_specs(
                 self.data.fields * dim + self.data.dense_inputs(),
@@ -299,10 +309,31 @@ impl JobConfig {
         if t.max_pushes_in_flight == 0 {
             return Err(("train.max_pushes_in_flight".into(), "must be >= 1".into()));
         }
-        if self.tables.is_empty() {
+        if self.tables.is_empty() && !self.model.reads_images() {
             return Err(("tables".into(), "at least one table is required".into()));
         }
         self.data.validate(self.model.tasks().len())?;
+        match (
+            self.data.format == DataFormat::Pixels,
+            self.model.reads_images(),
+        ) {
+            (true, false) => {
+                return Err((
+                    "model.kind".into(),
+                    "pixels data feeds the image models: kind = \"resnet\" or \"inception\"".into(),
+                ));
+            }
+            (false, true) => {
+                return Err((
+                    "data.format".into(),
+                    format!(
+                        "the {} model reads images: set format = \"pixels\" and [data.image]",
+                        self.model.kind_name()
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if self.data.numeric.dense
             && matches!(self.model, ModelConfig::Lr { .. } | ModelConfig::Fm { .. })
         {

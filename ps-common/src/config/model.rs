@@ -1,6 +1,7 @@
 //! `[model]`: the model kinds, their MLP and multi-task settings, and the
 //! tables each model reads (generated from these settings).
 
+use super::convnet::{self, ConvNet, InceptionConfig, ResnetConfig};
 use super::*;
 
 /// The model and the tables it reads.
@@ -96,6 +97,12 @@ pub enum ModelConfig {
         #[serde(default)]
         experts: Option<ExpertsConfig>,
     },
+    /// A convolutional residual network over images (`format = "pixels"`),
+    /// with a softmax over `classes`; see [`ResnetConfig`].
+    Resnet(ResnetConfig),
+    /// An Inception network over images (`format = "pixels"`), with a
+    /// softmax over `classes`; see [`InceptionConfig`].
+    Inception(InceptionConfig),
 }
 
 /// The experts of a multi-gate mixture-of-experts model.
@@ -196,6 +203,33 @@ impl ModelConfig {
             ModelConfig::Deepfm { .. } => "deepfm",
             ModelConfig::WideDeep { .. } => "wide_deep",
             ModelConfig::Dnn { .. } => "dnn",
+            ModelConfig::Resnet(_) => "resnet",
+            ModelConfig::Inception(_) => "inception",
+        }
+    }
+
+    /// The image model's layers over images of `channels` channels, for
+    /// the image models.
+    pub fn conv_net(&self, channels: u32) -> Option<ConvNet> {
+        match self {
+            ModelConfig::Resnet(c) => Some(ConvNet::resnet(c, channels)),
+            ModelConfig::Inception(c) => Some(ConvNet::inception(c, channels)),
+            _ => None,
+        }
+    }
+
+    /// Whether the model reads images (`format = "pixels"`).
+    pub fn reads_images(&self) -> bool {
+        matches!(self, ModelConfig::Resnet(_) | ModelConfig::Inception(_))
+    }
+
+    /// Classes of a multi-class model's softmax; 1 for the binary models
+    /// (one probability per task).
+    pub fn classes(&self) -> u32 {
+        match self {
+            ModelConfig::Resnet(c) => c.classes,
+            ModelConfig::Inception(c) => c.classes,
+            _ => 1,
         }
     }
 
@@ -208,7 +242,7 @@ impl ModelConfig {
             | ModelConfig::Deepfm { bias, .. }
             | ModelConfig::WideDeep { bias, .. }
             | ModelConfig::Dnn { bias, .. } => Some(bias),
-            ModelConfig::Multitask { .. } => None,
+            _ => None,
         }
     }
 
@@ -219,14 +253,14 @@ impl ModelConfig {
             | ModelConfig::Fm { weights, .. }
             | ModelConfig::Deepfm { weights, .. }
             | ModelConfig::WideDeep { weights, .. } => Some(weights),
-            ModelConfig::Dnn { .. } | ModelConfig::Multitask { .. } => None,
+            _ => None,
         }
     }
 
     /// The embeddings table, for models that have one.
     pub fn embeddings_table(&self) -> Option<&str> {
         match self {
-            ModelConfig::Lr { .. } => None,
+            ModelConfig::Lr { .. } | ModelConfig::Resnet(_) | ModelConfig::Inception(_) => None,
             ModelConfig::Fm { embeddings, .. }
             | ModelConfig::Deepfm { embeddings, .. }
             | ModelConfig::WideDeep { embeddings, .. }
@@ -255,8 +289,12 @@ impl ModelConfig {
 
     /// The generated dense tables of the model's MLPs, for `fields x k`
     /// embedding inputs, in the order the model reads them: shared bottom,
-    /// then per task its tower and its output bias.
+    /// then per task its tower and its output bias. For the image models,
+    /// `input` is the images' channels and the tables are the layers'.
     pub fn generated_table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
+        if let Some(net) = self.conv_net(input) {
+            return net.table_specs(seed);
+        }
         match self {
             ModelConfig::Multitask {
                 tasks,
@@ -326,6 +364,7 @@ impl ModelConfig {
         tables: &BTreeMap<String, TableConfig>,
     ) -> Result<(), (String, String)> {
         let model = self.kind_name();
+        self.validate_conv_net()?;
         let get = |field: &str, name: &str| {
             tables.get(name).ok_or_else(|| {
                 (
@@ -467,8 +506,67 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Checks the image models' keys.
+    fn validate_conv_net(&self) -> Result<(), (String, String)> {
+        let (name, momentum, optimizer) = match self {
+            ModelConfig::Resnet(c) => {
+                if c.stages.is_empty() {
+                    return Err(("model.stages".into(), "needs at least one stage".into()));
+                }
+                if !(1..=64).contains(&c.blocks) {
+                    return Err(("model.blocks".into(), "must be between 1 and 64".into()));
+                }
+                let stages = c.stages.iter().map(|&w| ("stages".to_string(), w));
+                convnet::validate_widths(
+                    c.classes,
+                    std::iter::once(("stem".to_string(), c.stem)).chain(stages),
+                )?;
+                (&c.name, c.bn_momentum, &c.optimizer)
+            }
+            ModelConfig::Inception(c) => {
+                if c.modules.is_empty() || c.modules.len() > 64 {
+                    return Err((
+                        "model.modules".into(),
+                        "needs between 1 and 64 modules".into(),
+                    ));
+                }
+                let mut widths = vec![("stem".to_string(), c.stem)];
+                for (i, m) in c.modules.iter().enumerate() {
+                    for (key, w) in [
+                        ("b1", m.b1),
+                        ("b3_reduce", m.b3_reduce),
+                        ("b3", m.b3),
+                        ("b5_reduce", m.b5_reduce),
+                        ("b5", m.b5),
+                        ("pool", m.pool),
+                        ("(their sum)", m.width()),
+                    ] {
+                        widths.push((format!("modules[{i}].{key}"), w));
+                    }
+                }
+                convnet::validate_widths(c.classes, widths)?;
+                (&c.name, c.bn_momentum, &c.optimizer)
+            }
+            _ => return Ok(()),
+        };
+        if name.len() > 100 || crate::names::validate_table_name(name).is_err() {
+            return Err((
+                "model.name".into(),
+                "must be 1-100 characters from [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(("model.bn_momentum".into(), "must be in [0, 1)".into()));
+        }
+        optimizer
+            .validate()
+            .map_err(|e| ("model.optimizer".into(), e.to_string()))
+    }
+}
+
 /// A dense table generated for a model, seeded from the job seed and its name.
-fn dense_spec(
+pub(super) fn dense_spec(
     name: String,
     rows: u32,
     dim: u32,

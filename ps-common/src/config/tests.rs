@@ -357,3 +357,122 @@ fn csv_columns_and_numeric_options_are_checked_with_their_key() {
     ));
     assert!(err.message.contains("is for format = \"csv\""), "{err}");
 }
+
+const IMAGES: &str = r#"
+[data]
+format = "pixels"
+train = "builtin:digits/train"
+image = { height = 8, width = 8, scale = 16.0 }
+augment = { shift = 1 }
+
+[model]
+kind = "resnet"
+classes = 10
+stages = [8, 16]
+optimizer = { kind = "adam", lr = 0.003 }
+"#;
+
+#[test]
+fn an_image_job_needs_no_tables_and_generates_its_layers() {
+    let job = JobConfig::from_toml(IMAGES, Path::new(".")).unwrap();
+    assert_eq!(job.model.classes(), 10);
+    let image = job.data.image.unwrap();
+    assert_eq!((image.pixels(), image.channels), (64, 1));
+    let names: Vec<String> = job.table_specs().into_iter().map(|s| s.name).collect();
+    assert_eq!(names[0], "resnet.stem.w");
+    assert!(names.contains(&"resnet.s1b0.proj.bn_stats".to_string()));
+    assert_eq!(names.last().map(String::as_str), Some("resnet.out.b"));
+    let inception = IMAGES.replace(
+        "kind = \"resnet\"\nclasses = 10\nstages = [8, 16]",
+        "kind = \"inception\"\nclasses = 10\nmodules = [{ b1 = 4, b3_reduce = 4, b3 = 8, b5_reduce = 2, b5 = 4, pool = 4 }]",
+    );
+    let job = JobConfig::from_toml(&inception, Path::new(".")).unwrap();
+    let specs = job.table_specs();
+    let out = specs.iter().find(|s| s.name == "inception.out.w").unwrap();
+    assert_eq!((out.kind.rows(), out.dim), (Some(20), 10));
+}
+
+#[test]
+fn image_settings_that_cannot_work_are_named() {
+    for (from, to, key, message) in [
+        (
+            "format = \"pixels\"",
+            "format = \"libsvm\"",
+            "data.image",
+            "is for format = \"pixels\"",
+        ),
+        (
+            "image = { height = 8, width = 8, scale = 16.0 }\naugment = { shift = 1 }",
+            "",
+            "data.image",
+            "needs [data.image]",
+        ),
+        ("height = 8,", "height = 0,", "data.image", "must be >= 1"),
+        (
+            "height = 8,",
+            "height = 200000,",
+            "data.image",
+            "at most 1048576 values",
+        ),
+        ("scale = 16.0", "scale = 0.0", "data.image.scale", "> 0"),
+        (
+            "shift = 1",
+            "shift = 8",
+            "data.augment.shift",
+            "smaller than the image",
+        ),
+        (
+            "shift = 1",
+            "noise = -1.0",
+            "data.augment.noise",
+            "finite and >= 0",
+        ),
+        ("classes = 10", "classes = 1", "model.classes", "between 2"),
+        (
+            "stages = [8, 16]",
+            "stages = []",
+            "model.stages",
+            "at least one",
+        ),
+        (
+            "stages = [8, 16]",
+            "stages = [8, 0]",
+            "model.stages",
+            "between 1 and 2048 channels, got 0",
+        ),
+        (
+            "stages = [8, 16]",
+            "stages = [8, 16]\nblocks = 0",
+            "model.blocks",
+            "between 1 and 64",
+        ),
+        (
+            "stages = [8, 16]",
+            "stages = [8, 16]\nname = \"a b\"",
+            "model.name",
+            "[A-Za-z0-9_.-]",
+        ),
+        (
+            "kind = \"resnet\"\nclasses = 10\nstages = [8, 16]\noptimizer = { kind = \"adam\", lr = 0.003 }",
+            "kind = \"lr\"\n[tables.weights]\nkind = \"sparse\"\ndim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"sgd\", lr = 0.1 }\n[tables.bias]\nkind = \"dense\"\nrows = 1\ndim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"sgd\", lr = 0.1 }",
+            "model.kind",
+            "feeds the image models",
+        ),
+    ] {
+        let src = IMAGES.replace(from, to);
+        assert_ne!(src, IMAGES, "{from:?} is in the job");
+        let err = error_of(&src);
+        assert_eq!(err.key.as_deref(), Some(key), "{from} -> {to}: {err}");
+        assert!(err.to_string().contains(message), "{from} -> {to}: {err}");
+    }
+    // An image model on data that is not images.
+    let err = error_of(&IMAGES.replace(
+        "format = \"pixels\"\ntrain = \"builtin:digits/train\"\nimage = { height = 8, width = 8, scale = 16.0 }\naugment = { shift = 1 }",
+        "train = \"builtin:a9a/train\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("data.format"), "{err}");
+    assert!(
+        err.to_string().contains("the resnet model reads images"),
+        "{err}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Training data: streaming readers of libsvm, libffm, Criteo TSV and CSV,
+//! Training data: streaming readers of libsvm, libffm, Criteo TSV, CSV and
+//! rows of pixels,
 //! per-worker sharding, shuffling, sampling, batching, and parsing ahead on
 //! a thread of its own.
 //!
@@ -14,7 +15,8 @@
 //!   numeric columns' features;
 //! - [`csv`]: CSV with a header, columns by name;
 //! - [`batch`]: the batches the readers emit;
-//! - [`select`]: sampling and the shuffle buffer.
+//! - [`select`]: sampling and the shuffle buffer;
+//! - [`image`]: the pixels format and augmentation.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -25,7 +27,8 @@ use std::sync::{Arc, mpsc};
 
 use ps_common::config::{CsvConfig, DataConfig, DataFormat, DataSource, JobConfig, OnBadLine};
 
-/// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default job.
+/// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default
+/// job, and the UCI handwritten digits (CC BY 4.0) for the image models.
 const BUILTIN: &[(&str, &[u8])] = &[
     (
         "a9a/train",
@@ -34,6 +37,14 @@ const BUILTIN: &[(&str, &[u8])] = &[
     (
         "a9a/test",
         include_bytes!("../../../data/a9a/a9a.test.libsvm"),
+    ),
+    (
+        "digits/train",
+        include_bytes!("../../../data/digits/digits.train.csv"),
+    ),
+    (
+        "digits/test",
+        include_bytes!("../../../data/digits/digits.test.csv"),
     ),
 ];
 
@@ -90,6 +101,8 @@ pub struct LineFormat {
     pub numeric: Numeric,
     /// CSV: the job's numeric then categorical columns, in its order.
     pub csv: Option<CsvLayout>,
+    /// Pixels: the images' shape and the classes.
+    pub pixels: Option<Pixels>,
 }
 
 impl LineFormat {
@@ -101,6 +114,7 @@ impl LineFormat {
             tasks: job.model.tasks().len().max(1),
             numeric: Numeric::of(&job.data),
             csv: job.data.csv.as_ref().map(CsvLayout::unlabeled),
+            pixels: Pixels::of_job(job),
         }
     }
 
@@ -118,6 +132,10 @@ impl LineFormat {
             DataFormat::Csv => match &self.csv {
                 Some(layout) => layout.parse(text, self.numeric, self.tasks, batch),
                 None => Err("the job's format is csv but it has no [data.csv]".into()),
+            },
+            DataFormat::Pixels => match &self.pixels {
+                Some(pixels) => pixels.parse_line(&format!("0,{text}"), batch),
+                None => Err(NO_IMAGE.into()),
             },
         }
     }
@@ -179,7 +197,13 @@ pub struct Batches {
     parsed_lines: u64,
     shuffle: Option<Shuffle>,
     sampling: Option<Sampling>,
+    /// Pixels: the images' shape and the classes.
+    pixels: Option<Pixels>,
+    /// Random changes to each image (training only).
+    augment: Option<Augment>,
 }
+
+const NO_IMAGE: &str = "format pixels needs [data.image]";
 
 /// Skipping malformed lines, within a share of them.
 struct SkipBadLines {
@@ -211,6 +235,7 @@ impl Batches {
             Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
                 .numeric(Numeric::of(data))
                 .tasks(job.model.tasks().len());
+        batches.pixels = Pixels::of_job(job);
         if let Some(csv) = &data.csv {
             batches = batches.csv(csv.clone());
         }
@@ -243,6 +268,16 @@ impl Batches {
                 rules,
                 seed,
             });
+        self
+    }
+
+    /// Changes each image as `data.augment` says, drawn from `seed` (for
+    /// training data; validation is read as it is).
+    pub fn augmented(mut self, data: &DataConfig, seed: u64) -> Self {
+        self.augment = match (data.augment, data.image) {
+            (Some(config), Some(image)) => Some(Augment::new(config, image, seed)),
+            _ => None,
+        };
         self
     }
 
@@ -328,6 +363,8 @@ impl Batches {
             parsed_lines: 0,
             shuffle: None,
             sampling: None,
+            pixels: None,
+            augment: None,
         })
     }
 
@@ -461,6 +498,10 @@ impl Batches {
                     }
                     _ => Err("no header read".into()),
                 },
+                DataFormat::Pixels => match &self.pixels {
+                    Some(pixels) => pixels.parse_line(text, &mut batch),
+                    None => Err(NO_IMAGE.into()),
+                },
             };
             if parsed.is_ok()
                 && let Some(sampling) = &self.sampling
@@ -484,6 +525,9 @@ impl Batches {
                 }
                 self.check_bad_share(false)?;
             }
+        }
+        if let Some(augment) = &mut self.augment {
+            augment.apply(&mut batch);
         }
         Ok((!batch.is_empty()).then_some(batch))
     }
@@ -561,6 +605,7 @@ pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
 
 mod batch;
 mod csv;
+mod image;
 mod parse;
 mod select;
 #[cfg(test)]
@@ -568,6 +613,7 @@ mod tests;
 
 pub use batch::Batch;
 pub use csv::CsvLayout;
+pub use image::{Augment, Pixels};
 pub use parse::Numeric;
 use parse::{parse_criteo_line, parse_libffm_line, parse_libsvm_line};
 use select::{Sampling, Shuffle};

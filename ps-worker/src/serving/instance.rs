@@ -102,6 +102,12 @@ pub fn to_batch(instances: &[Instance], format: &LineFormat) -> Result<Batch, Se
                 values,
                 fields,
             } => {
+                if format.pixels.is_some() {
+                    return Err(bad(
+                        "the model reads images: send each instance as a line of pixel values"
+                            .into(),
+                    ));
+                }
                 if format.numeric.dense {
                     return Err(bad(
                         "the model reads numeric columns as MLP inputs (data.numeric.dense): \
@@ -158,6 +164,7 @@ mod tests {
             tasks: 1,
             numeric: Default::default(),
             csv: None,
+            pixels: None,
         }
     }
 
