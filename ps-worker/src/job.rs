@@ -29,8 +29,12 @@ pub const DEFAULT_JOB: &str = include_str!("../../examples/a9a-lr.toml");
 pub struct Report {
     /// `local` or `train`.
     pub mode: &'static str,
-    /// The model kind (`lr`, `fm`, `deepfm`, `wide_deep`, `dnn`).
+    /// The model kind (`lr`, `fm`, `deepfm`, `wide_deep`, `dnn`,
+    /// `multitask`, `resnet`, `inception`).
     pub model: String,
+    /// Classes of a multi-class model (its `val_accuracy` is top-1 and
+    /// its `val_auc` the macro one-vs-rest AUC); 1 for binary tasks.
+    pub classes: u32,
     /// Where the workers computed (`cpu`, `cuda:0`).
     pub device: String,
     /// This worker's rank (`train` only).
@@ -55,10 +59,10 @@ pub struct Report {
     pub val_auc: Option<f64>,
     /// Validation mean logloss.
     pub val_logloss: Option<f64>,
-    /// Validation accuracy at threshold 0.5.
+    /// Validation accuracy at threshold 0.5; top-1 for multi-class models.
     pub val_accuracy: Option<f64>,
     /// Validation predicted positives over observed ones (1: calibrated
-    /// on average).
+    /// on average); none for multi-class models.
     pub val_calibration: Option<f64>,
     /// Multi-task models: validation metrics of every task (the `val_*`
     /// fields above are the first task's).
@@ -123,6 +127,7 @@ impl Report {
         Report {
             mode,
             model: job.model.kind_name().to_string(),
+            classes: job.model.classes(),
             device: job.train.device.to_string(),
             rank: None,
             workers,
@@ -183,7 +188,7 @@ impl Report {
             self.val_auc = Some(m.auc);
             self.val_logloss = Some(m.logloss);
             self.val_accuracy = Some(m.accuracy);
-            self.val_calibration = Some(m.calibration);
+            self.val_calibration = (self.classes <= 1).then_some(m.calibration);
         }
         if let Some(metrics) = metrics.filter(|m| m.len() > 1) {
             let names: Vec<String> = job.model.tasks().into_iter().map(|t| t.name).collect();
@@ -217,19 +222,32 @@ impl Report {
                 )
             })
             .collect();
+        let validation = if self.classes > 1 {
+            format!(
+                "top-1 accuracy {} logloss {} macro auc {} ({} classes)",
+                fmt(self.val_accuracy),
+                fmt(self.val_logloss),
+                fmt(self.val_auc),
+                self.classes
+            )
+        } else {
+            format!(
+                "auc {} logloss {} accuracy {} calibration {}{tasks}",
+                fmt(self.val_auc),
+                fmt(self.val_logloss),
+                fmt(self.val_accuracy),
+                fmt(self.val_calibration)
+            )
+        };
         format!(
             "trained {} samples in {:.2}s ({:.0} samples/s) on {} worker(s) x {} server(s); \
-             validation ({} examples): auc {} logloss {} accuracy {} calibration {}{tasks}",
+             validation ({} examples): {validation}",
             self.train_samples,
             self.train_seconds,
             self.samples_per_sec,
             self.workers,
             self.servers,
             self.val_examples,
-            fmt(self.val_auc),
-            fmt(self.val_logloss),
-            fmt(self.val_accuracy),
-            fmt(self.val_calibration)
         )
     }
 }
@@ -664,10 +682,9 @@ pub fn run_eval(
         runtime
             .block_on(cluster.shutdown())
             .map_err(|e| JobError::Startup(format!("local server failed: {e}")))?;
-        let tasks = job.model.tasks().len();
         entries.push(EvalEntry::new(
             name,
-            &BinaryMetrics::per_task(&probs, &labels, tasks),
+            &BinaryMetrics::for_job(&probs, &labels, job),
             job,
         ));
         if sum.is_empty() {
@@ -693,7 +710,7 @@ pub fn run_eval(
     let labels = reference_labels.unwrap_or_default();
     entries.push(EvalEntry::new(
         "ensemble".into(),
-        &BinaryMetrics::per_task(&mean, &labels, job.model.tasks().len()),
+        &BinaryMetrics::for_job(&mean, &labels, job),
         job,
     ));
     Ok(entries)

@@ -1,5 +1,8 @@
-//! Binary-classification metrics: logloss, AUC, accuracy, calibration.
+//! Classification metrics: logloss, AUC, accuracy, calibration for binary
+//! tasks; logloss, top-1 accuracy and macro one-vs-rest AUC for
+//! multi-class models.
 
+use ps_common::config::JobConfig;
 use serde::Serialize;
 
 /// Metrics of predicted probabilities against 0/1 labels.
@@ -45,6 +48,59 @@ impl BinaryMetrics {
             } else {
                 f64::NAN
             },
+        }
+    }
+
+    /// The metrics of `job`'s model's predictions: one set per task, or
+    /// for a multi-class model the one set of [`BinaryMetrics::multiclass`].
+    pub fn for_job(probs: &[f32], labels: &[f32], job: &JobConfig) -> Vec<Self> {
+        let (tasks, classes) = (job.model.tasks().len(), job.model.classes() as usize);
+        if classes > 1 {
+            vec![Self::multiclass(probs, labels, classes)]
+        } else {
+            Self::per_task(probs, labels, tasks)
+        }
+    }
+
+    /// A multi-class model's metrics, for `classes` probabilities per
+    /// example and one class index per label: `logloss` of the true
+    /// class, `accuracy` top-1 (ties go to the lower class), `auc` the
+    /// mean over classes of each class's one-vs-rest AUC (classes absent
+    /// from the labels or present in all of them are left out; NaN when
+    /// none is left). `calibration` is NaN.
+    pub fn multiclass(probs: &[f32], labels: &[f32], classes: usize) -> Self {
+        let k = classes.max(1);
+        assert_eq!(probs.len(), labels.len() * k, "{k} probabilities per label");
+        let n = labels.len();
+        let mut logloss = 0f64;
+        let mut correct = 0usize;
+        for (row, &y) in probs.chunks(k).zip(labels) {
+            let y = (y.max(0.0) as usize).min(k - 1);
+            logloss -= f64::from(row[y]).clamp(1e-7, 1.0).ln();
+            let top = (0..k).fold(0, |best, c| if row[c] > row[best] { c } else { best });
+            correct += usize::from(top == y);
+        }
+        let aucs: Vec<f64> = (0..k)
+            .map(|c| {
+                let scores: Vec<f32> = probs.iter().skip(c).step_by(k).copied().collect();
+                let is_c: Vec<f32> = labels
+                    .iter()
+                    .map(|&y| f32::from(u8::from(y as usize == c)))
+                    .collect();
+                auc(&scores, &is_c)
+            })
+            .filter(|a| !a.is_nan())
+            .collect();
+        BinaryMetrics {
+            count: n,
+            logloss: logloss / n.max(1) as f64,
+            auc: if aucs.is_empty() {
+                f64::NAN
+            } else {
+                aucs.iter().sum::<f64>() / aucs.len() as f64
+            },
+            accuracy: correct as f64 / n.max(1) as f64,
+            calibration: f64::NAN,
         }
     }
 
@@ -127,6 +183,23 @@ mod tests {
         // One inversion out of 2 x 2 pairs.
         assert_eq!(auc(&[0.1, 0.6, 0.5, 0.9], &[0.0, 0.0, 1.0, 1.0]), 0.75);
         assert!(auc(&[0.1, 0.2], &[1.0, 1.0]).is_nan());
+    }
+
+    #[test]
+    fn multiclass_metrics_by_hand() {
+        // Three examples, three classes: the first two right, the third
+        // wrong (class 2 predicted for class 1).
+        let probs = [0.7, 0.2, 0.1, 0.1, 0.8, 0.1, 0.2, 0.3, 0.5];
+        let m = BinaryMetrics::multiclass(&probs, &[0.0, 1.0, 1.0], 3);
+        assert_eq!(m.count, 3);
+        assert!((m.accuracy - 2.0 / 3.0).abs() < 1e-12);
+        let logloss = -(0.7f64.ln() + 0.8f64.ln() + 0.3f64.ln()) / 3.0;
+        assert!((m.logloss - logloss).abs() < 1e-6, "{}", m.logloss);
+        // Class 0: 0.7 ranks above both negatives (AUC 1); class 1: 0.8
+        // and 0.3 against 0.2 (AUC 1); class 2 never occurs (left out).
+        assert_eq!(m.auc, 1.0);
+        let swapped = BinaryMetrics::multiclass(&[0.4, 0.6, 0.6, 0.4], &[0.0, 1.0], 2);
+        assert_eq!((swapped.accuracy, swapped.auc), (0.0, 0.0));
     }
 
     #[test]

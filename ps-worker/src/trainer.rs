@@ -415,6 +415,10 @@ impl Run<'_> {
             .sampled(
                 &job.data,
                 mix64(train.seed ^ mix64(epoch as u64) ^ 0x5341_4d50),
+            )
+            .augmented(
+                &job.data,
+                mix64(train.seed ^ mix64(epoch as u64 ^ ((self.rank as u64) << 32)) ^ 0x0041_5547),
             );
             for _ in 0..at {
                 match batches.next() {
@@ -571,11 +575,7 @@ pub fn evaluate(
     source: &DataSource,
 ) -> Result<Vec<BinaryMetrics>, TrainError> {
     let (probs, labels) = predict(runtime, client, job, source)?;
-    Ok(BinaryMetrics::per_task(
-        &probs,
-        &labels,
-        job.model.tasks().len(),
-    ))
+    Ok(BinaryMetrics::for_job(&probs, &labels, job))
 }
 
 /// Predicted probabilities and labels of every example of `source`, in
@@ -603,11 +603,7 @@ fn evaluate_on<B: Backend>(
     source: &DataSource,
 ) -> Result<Vec<BinaryMetrics>, TrainError> {
     let (probs, labels) = predict_on(backend, runtime, client, job, source)?;
-    Ok(BinaryMetrics::per_task(
-        &probs,
-        &labels,
-        job.model.tasks().len(),
-    ))
+    Ok(BinaryMetrics::for_job(&probs, &labels, job))
 }
 
 fn predict_on<B: Backend>(

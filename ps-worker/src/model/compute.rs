@@ -17,6 +17,9 @@ impl Model {
         pulled: &Pulled,
         mode: Mode,
     ) -> Result<Output, BackendError> {
+        if let Some(conv) = &self.conv {
+            return conv.compute(backend, &self.dense, pulled, mode);
+        }
         let plan_host = &pulled.plan;
         let (n, unique, tasks) = (plan_host.examples, plan_host.unique, self.heads.len());
         let plan = backend.upload_plan(plan_host)?;
@@ -252,14 +255,8 @@ impl Model {
             let bias = self.upload_dense(backend, pulled, layer.dense + 1)?;
             let pre = backend.matmul(current, &weight, false, false)?;
             let (pre, norm) = if mlp.batch_norm {
-                let params = bn_params(pulled, layer);
-                let params = backend.upload(&params, 4, layer.output)?;
-                let bn_mode = match mode {
-                    Mode::Train { .. } => BatchNormMode::Batch,
-                    Mode::Eval => BatchNormMode::Running,
-                };
-                let (y, stats, saved) = backend.batch_norm(&pre, &params, bn_mode, BN_EPS)?;
-                (y, Some((params, stats, saved)))
+                let (y, norm) = norm_forward(backend, pre, pulled, layer, mode)?;
+                (y, Some(norm))
             } else {
                 (pre, None)
             };
@@ -348,13 +345,8 @@ impl Model {
                 backend.bias_act_backward(&dh, act, Activation::Relu, step.dropout)?;
             grads[layer.dense + 1] = backend.download(&dbias)?;
             let dlin = match &step.norm {
-                Some((params, stats, saved)) => {
-                    let (dx, dparams) = backend.batch_norm_backward(&dpre, params, saved)?;
-                    let dparams = backend.download(&dparams)?;
-                    grads[layer.dense + 2] = dparams[..layer.output].to_vec();
-                    grads[layer.dense + 3] =
-                        running_stats_push(pulled, layer, &backend.download(stats)?, mlp.momentum);
-                    dx
+                Some(norm) => {
+                    norm_backward(backend, dpre, norm, pulled, layer, mlp.momentum, grads)?
                 }
                 None => dpre,
             };
@@ -457,7 +449,46 @@ struct Step<T> {
     /// `dropout(relu(...))` (without, it is the next layer's input).
     act: Option<T>,
     dropout: Option<Dropout>,
-    norm: Option<(T, T, BatchNormSaved<T>)>,
+    norm: Option<Norm<T>>,
+}
+
+/// What a layer's batch norm keeps for its backward pass: the parameters
+/// `[4, width]`, the batch statistics `[2, width]`, and the op's own.
+pub(super) type Norm<T> = (T, T, BatchNormSaved<T>);
+
+/// Batch norm of a layer's `x W` with the layer's tables: the batch's
+/// statistics in training, the running ones in evaluation.
+pub(super) fn norm_forward<B: Backend>(
+    backend: &B,
+    pre: B::Tensor,
+    pulled: &Pulled,
+    layer: &Layer,
+    mode: Mode,
+) -> Result<(B::Tensor, Norm<B::Tensor>), BackendError> {
+    let params = backend.upload(&bn_params(pulled, layer), 4, layer.output)?;
+    let bn_mode = match mode {
+        Mode::Train { .. } => BatchNormMode::Batch,
+        Mode::Eval => BatchNormMode::Running,
+    };
+    let (y, stats, saved) = backend.batch_norm(&pre, &params, bn_mode, BN_EPS)?;
+    Ok((y, (params, stats, saved)))
+}
+
+/// Backward of [`norm_forward`]: fills the layer's `bn` gradient and its
+/// `bn_stats` push, returns `d (x W)`.
+pub(super) fn norm_backward<B: Backend>(
+    backend: &B,
+    grad: B::Tensor,
+    (params, stats, saved): &Norm<B::Tensor>,
+    pulled: &Pulled,
+    layer: &Layer,
+    momentum: f32,
+    grads: &mut [Vec<f32>],
+) -> Result<B::Tensor, BackendError> {
+    let (dx, dparams) = backend.batch_norm_backward(&grad, params, saved)?;
+    grads[layer.dense + 2] = backend.download(&dparams)?[..layer.output].to_vec();
+    grads[layer.dense + 3] = running_stats_push(pulled, layer, &backend.download(stats)?, momentum);
+    Ok(dx)
 }
 
 /// `[gamma, beta = 0, running mean, running var]` of a layer from its tables

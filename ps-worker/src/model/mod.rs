@@ -1,4 +1,5 @@
-//! The models: LR, FM, DeepFM and Wide&Deep over server-side tables.
+//! The models: LR, FM, DeepFM, Wide&Deep, DNN, multi-task and the image
+//! models (ResNet, Inception) over server-side tables.
 //!
 //! One [`Model`] covers all four: a linear part (sparse `weights`, dim 1) and
 //! a `bias`, optionally an FM interaction over a sparse `embeddings` table,
@@ -10,7 +11,8 @@
 //!
 //! - this file: the model's shape (tables, layers, heads) and its types.
 //! - [`params`]: pulls (through the row cache), updates and pushes.
-//! - [`compute`]: the forward and backward passes.
+//! - [`compute`]: the forward and backward passes;
+//! - [`convnet`]: the image models' passes.
 //!
 //! Layer order in the MLP: `x W` -> batch norm (optional) -> `+ b` -> ReLU
 //! -> dropout, plus the layer's input when `residual` and the width is kept.
@@ -18,13 +20,15 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ps_common::config::{JobConfig, MlpConfig, ModelConfig};
+use ps_common::config::{ConvNet, ImageConfig, JobConfig, MlpConfig, ModelConfig};
+use ps_common::table::TableSpec;
 
 use crate::backend::SparsePlan;
 use crate::data::Batch;
 use crate::dedup::UniqueKeys;
 
 mod compute;
+mod convnet;
 mod params;
 
 pub use params::push_updates;
@@ -41,6 +45,18 @@ pub struct TableUse {
     /// What is pushed is a moving-average update (batch-norm running
     /// statistics), not a gradient: never clipped.
     pub statistic: bool,
+}
+
+impl TableUse {
+    /// A dense table a model generated (its MLP's, its layers').
+    fn generated(spec: &TableSpec) -> TableUse {
+        TableUse {
+            name: spec.name.clone(),
+            rows: Some(spec.kind.rows().unwrap_or(1) as usize),
+            dim: spec.dim as usize,
+            statistic: spec.name.ends_with(".bn_stats"),
+        }
+    }
 }
 
 /// One hidden layer's tables.
@@ -103,6 +119,8 @@ pub struct Model {
     /// `data.negative_sampling`: the share of negatives training kept;
     /// predicted probabilities are corrected back to the true base rate.
     negative_rate: Option<f64>,
+    /// The image models (`resnet`, `inception`): everything else is unused.
+    conv: Option<convnet::ConvModel>,
 }
 
 /// Epsilon of batch normalization.
@@ -192,6 +210,11 @@ pub struct Output {
 impl Model {
     /// The model a job configures.
     pub fn from_job(job: &JobConfig) -> Model {
+        if let Some(image) = job.data.image
+            && let Some(net) = job.model.conv_net(image.channels)
+        {
+            return Model::images(job, net, image);
+        }
         let mut sparse = Vec::new();
         let mut dense = Vec::new();
         let linear = job.model.weights_table().map(|weights| {
@@ -234,12 +257,7 @@ impl Model {
             job.model
                 .generated_table_specs(input as u32, job.train.seed)
                 .iter()
-                .map(|s| TableUse {
-                    name: s.name.clone(),
-                    rows: Some(s.kind.rows().unwrap_or(1) as usize),
-                    dim: s.dim as usize,
-                    statistic: s.name.ends_with(".bn_stats"),
-                }),
+                .map(TableUse::generated),
         );
         let index = |name: &str| dense.iter().position(|t| t.name == name);
         let mlp = |config: &MlpConfig, prefix: &str, input: usize, salt: u64| {
@@ -339,6 +357,46 @@ impl Model {
             heads,
             frozen: job.train.freeze.iter().cloned().collect(),
             negative_rate: job.data.negative_sampling,
+            conv: None,
+        }
+    }
+
+    /// An image model: dense tables only, one softmax head.
+    fn images(job: &JobConfig, net: ConvNet, image: ImageConfig) -> Model {
+        let dense: Vec<TableUse> = net
+            .table_specs(job.train.seed)
+            .iter()
+            .map(TableUse::generated)
+            .collect();
+        let conv = convnet::ConvModel::new(net, image, &dense);
+        Model {
+            sparse: Vec::new(),
+            dense,
+            linear: None,
+            embeddings: None,
+            fm: false,
+            fields: 1,
+            dense_inputs: image.pixels(),
+            shared: None,
+            experts: Vec::new(),
+            heads: vec![Head {
+                tower: None,
+                bias: 0,
+                weight: 1.0,
+                gate: None,
+            }],
+            frozen: job.train.freeze.iter().cloned().collect(),
+            negative_rate: None,
+            conv: Some(conv),
+        }
+    }
+
+    /// Values predicted per example: the classes of a multi-class model,
+    /// else one probability per task.
+    pub fn outputs(&self) -> usize {
+        match &self.conv {
+            Some(conv) => conv.classes(),
+            None => self.heads.len(),
         }
     }
 
@@ -461,5 +519,7 @@ impl Model {
     }
 }
 
+#[cfg(test)]
+mod image_tests;
 #[cfg(test)]
 mod tests;

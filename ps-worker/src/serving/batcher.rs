@@ -115,12 +115,12 @@ async fn execute(engine: &Engine, group: Vec<Waiting>, metrics: &ServeMetrics) {
     metrics
         .batch_seconds
         .observe(started.elapsed().as_secs_f64());
-    let tasks = engine.tasks();
+    let outputs = engine.outputs();
     match result {
         Ok(probs) => {
             let mut at = 0;
             for w in group {
-                let n = w.batch.len() * tasks;
+                let n = w.batch.len() * outputs;
                 let share = probs.get(at..at + n).map(<[f32]>::to_vec).ok_or_else(|| {
                     ServeError::Internal(format!(
                         "the model answered {} probabilities for a batch of {} examples",

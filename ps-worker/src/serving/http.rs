@@ -244,11 +244,11 @@ impl Endpoint {
             .predict(name, &instances)
             .await
             .map_err(|e| (status_of(&e), e))?;
-        let tasks = self.predictor.tasks();
+        let outputs = self.predictor.outputs();
         let predictions: Vec<Value> = predictions
             .into_iter()
             .map(|p| {
-                if tasks == 1 {
+                if outputs == 1 {
                     json!(p.first().copied().unwrap_or(f32::NAN))
                 } else {
                     json!(p)

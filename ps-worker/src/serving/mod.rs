@@ -118,7 +118,6 @@ impl ServeConfig {
 pub struct Engine {
     model: Arc<Model>,
     rows: Rows,
-    tasks: usize,
     metrics: Arc<ServeMetrics>,
 }
 
@@ -128,12 +127,12 @@ impl Engine {
         Engine {
             model: Arc::new(Model::from_job(job)),
             rows,
-            tasks: job.model.tasks().len().max(1),
             metrics,
         }
     }
 
-    /// Probabilities of every example of `batch`, example-major, one per task.
+    /// Probabilities of every example of `batch`, example-major: one per
+    /// task, or a distribution over the classes of a multi-class model.
     pub async fn predict(&self, batch: &Batch) -> Result<Vec<f32>, ServeError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -162,9 +161,9 @@ impl Engine {
         Ok(output.probs)
     }
 
-    /// Probabilities per example.
-    pub fn tasks(&self) -> usize {
-        self.tasks
+    /// Probabilities per example: the tasks, or the classes.
+    pub fn outputs(&self) -> usize {
+        self.model.outputs().max(1)
     }
 }
 
@@ -176,7 +175,7 @@ pub struct Predictor {
     /// `Bearer TOKEN` that requests must carry, if any.
     bearer: Option<Arc<[u8]>>,
     format: LineFormat,
-    tasks: usize,
+    outputs: usize,
     max_instances: usize,
     batcher: Batcher,
     metrics: Arc<ServeMetrics>,
@@ -196,7 +195,7 @@ impl Predictor {
             name: config.name.clone(),
             bearer: (config.token.as_ref()).map(|t| Arc::from(format!("Bearer {t}").into_bytes())),
             format: LineFormat::of_job(job),
-            tasks: engine.tasks(),
+            outputs: engine.outputs(),
             max_instances: config.max_instances,
             batcher: Batcher::start(engine, config, Arc::clone(&metrics)),
             metrics,
@@ -208,9 +207,9 @@ impl Predictor {
         &self.name
     }
 
-    /// Probabilities per instance.
-    pub fn tasks(&self) -> usize {
-        self.tasks
+    /// Probabilities per instance: one per task, or one per class.
+    pub fn outputs(&self) -> usize {
+        self.outputs
     }
 
     /// What this server counts.
@@ -245,7 +244,7 @@ impl Predictor {
     }
 
     /// The probabilities of each of `instances` of model `model` (one per
-    /// task each). Nothing is predicted unless every instance parses.
+    /// task, or one per class, each). Nothing is predicted unless every instance parses.
     pub async fn predict(
         &self,
         model: &str,
@@ -262,7 +261,7 @@ impl Predictor {
         let batch = instance::to_batch(instances, &self.format)?;
         let probs = self.batcher.predict(batch).await?;
         self.metrics.predictions.inc_by(instances.len() as u64);
-        Ok(probs.chunks(self.tasks).map(<[f32]>::to_vec).collect())
+        Ok(probs.chunks(self.outputs).map(<[f32]>::to_vec).collect())
     }
 }
 
