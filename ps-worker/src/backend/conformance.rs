@@ -372,7 +372,56 @@ pub fn compare<T: Backend, R: Backend>(
         );
     }
     compare_image_ops(test, reference, &mut rng, &mut out)?;
+    compare_attention(test, reference, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// Attention cases: `name, sequences, positions, heads, head width`.
+const ATTENTION_CASES: &[(&str, usize, usize, usize, usize)] = &[
+    ("tasks", 37, 3, 2, 4),
+    ("one_token", 5, 1, 1, 3),
+    ("many_heads", 9, 6, 4, 5),
+    ("empty", 0, 2, 2, 2),
+];
+
+/// Attention forward and backward on both backends.
+fn compare_attention<T: Backend, R: Backend>(
+    test: &T,
+    reference: &R,
+    rng: &mut Rng,
+    out: &mut Vec<Agreement>,
+) -> Result<(), BackendError> {
+    for &(case, n, positions, heads, d) in ATTENTION_CASES {
+        let (rows, width) = (n * positions, heads * d);
+        let inputs: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(rows * width)).collect();
+        let t: Vec<T::Tensor> = inputs
+            .iter()
+            .map(|x| test.upload(x, rows, width))
+            .collect::<Result<_, _>>()?;
+        let r: Vec<R::Tensor> = inputs
+            .iter()
+            .map(|x| reference.upload(x, rows, width))
+            .collect::<Result<_, _>>()?;
+        let (to, tw) = test.attention(&t[0], &t[1], &t[2], positions, heads)?;
+        let (ro, rw) = reference.attention(&r[0], &r[1], &r[2], positions, heads)?;
+        let (tdq, tdk, tdv) =
+            test.attention_backward(&t[3], &t[0], &t[1], &t[2], &tw, positions, heads)?;
+        let (rdq, rdk, rdv) =
+            reference.attention_backward(&r[3], &r[0], &r[1], &r[2], &rw, positions, heads)?;
+        for (op, a, b) in [
+            ("attention", &to, &ro),
+            ("attention_weights", &tw, &rw),
+            ("attention_dq", &tdq, &rdq),
+            ("attention_dk", &tdk, &rdk),
+            ("attention_dv", &tdv, &rdv),
+        ] {
+            out.push(Agreement {
+                name: format!("{op}/{case}"),
+                relative_error: relative(&test.download(a)?, &reference.download(b)?),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Image cases: `name, [images, height, width, channels], kernel, stride,

@@ -13,6 +13,9 @@ use super::{
     SparsePlan, Window, check_plan_rows, check_same_shape, image, shape_error,
 };
 
+#[path = "cpu_attention.rs"]
+mod attention_ops;
+
 /// Host compute with ndarray.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -615,6 +618,30 @@ impl Backend for CpuBackend {
             loss,
             from_rows("softmax_cross_entropy", grad, logits.ncols())?,
         ))
+    }
+
+    fn attention(
+        &self,
+        q: &Array2<f32>,
+        k: &Array2<f32>,
+        v: &Array2<f32>,
+        positions: usize,
+        heads: usize,
+    ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
+        self.attention_op([q, k, v], positions, heads)
+    }
+
+    fn attention_backward(
+        &self,
+        grad: &Array2<f32>,
+        q: &Array2<f32>,
+        k: &Array2<f32>,
+        v: &Array2<f32>,
+        weights: &Array2<f32>,
+        positions: usize,
+        heads: usize,
+    ) -> Result<(Array2<f32>, Array2<f32>, Array2<f32>), BackendError> {
+        self.attention_backward_op([grad, q, k, v, weights], positions, heads)
     }
 }
 

@@ -475,3 +475,55 @@ fn image_ops_refuse_shapes_that_do_not_fit() {
     let rows = [arr(vec![0.0; 4], 2, 2), arr(vec![0.0; 3], 3, 1)];
     assert!(B.concat_cols(&[&rows[0], &rows[1]]).is_err());
 }
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let mut rng = Rng::new(11);
+    // 3 sequences of 4 tokens, width 6 in 2 heads.
+    let (positions, heads, rows, width) = (4, 2, 12, 6);
+    let (q, k, v, r) = (
+        rng.vec(rows * width),
+        rng.vec(rows * width),
+        rng.vec(rows * width),
+        rng.vec(rows * width),
+    );
+    let t = |x: &[f32]| arr(x.to_vec(), rows, width);
+    let (out, weights) = B
+        .attention(&t(&q), &t(&k), &t(&v), positions, heads)
+        .unwrap();
+    for row in weights.outer_iter() {
+        assert!(
+            (row.sum() - 1.0).abs() < 1e-5,
+            "each query's weights sum to 1"
+        );
+    }
+    assert_eq!(out.dim(), (rows, width));
+    let (dq, dk, dv) = B
+        .attention_backward(&t(&r), &t(&q), &t(&k), &t(&v), &weights, positions, heads)
+        .unwrap();
+    let loss = |q: &[f32], k: &[f32], v: &[f32]| {
+        dot(
+            &B.attention(&t(q), &t(k), &t(v), positions, heads)
+                .unwrap()
+                .0,
+            &r,
+        )
+    };
+    check("attention q", &q, dq.as_slice().unwrap(), |x| {
+        loss(x, &k, &v)
+    });
+    check("attention k", &k, dk.as_slice().unwrap(), |x| {
+        loss(&q, x, &v)
+    });
+    check("attention v", &v, dv.as_slice().unwrap(), |x| {
+        loss(&q, &k, x)
+    });
+    assert!(
+        B.attention(&t(&q), &t(&k), &t(&v), 5, heads).is_err(),
+        "12 rows, 5 positions"
+    );
+    assert!(
+        B.attention(&t(&q), &t(&k), &t(&v), positions, 4).is_err(),
+        "6 columns, 4 heads"
+    );
+}

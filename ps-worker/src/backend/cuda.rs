@@ -22,14 +22,17 @@ use super::{
 };
 
 /// All kernel sources, concatenated into one NVRTC program.
-const KERNELS: [&str; 5] = [
+const KERNELS: [&str; 6] = [
     include_str!("../../kernels/common.cuh"),
     include_str!("../../kernels/sparse.cu"),
     include_str!("../../kernels/dense.cu"),
     include_str!("../../kernels/norm_loss.cu"),
     include_str!("../../kernels/image.cu"),
+    include_str!("../../kernels/attention.cu"),
 ];
 
+#[path = "cuda_attention.rs"]
+mod attention_ops;
 #[path = "cuda_image.rs"]
 mod image;
 
@@ -100,6 +103,9 @@ struct Kernels {
     pool2d_backward: CudaFunction,
     copy_cols: CudaFunction,
     softmax_xent: CudaFunction,
+    attention_forward: CudaFunction,
+    attention_backward_queries: CudaFunction,
+    attention_backward_keys: CudaFunction,
 }
 
 impl Kernels {
@@ -137,6 +143,9 @@ impl Kernels {
             pool2d_backward: f("pool2d_backward")?,
             copy_cols: f("copy_cols")?,
             softmax_xent: f("softmax_xent")?,
+            attention_forward: f("attention_forward")?,
+            attention_backward_queries: f("attention_backward_queries")?,
+            attention_backward_keys: f("attention_backward_keys")?,
         })
     }
 }
@@ -235,6 +244,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "pool2d_backward",
     "copy_cols",
     "softmax_xent",
+    "attention_forward",
+    "attention_backward_queries",
+    "attention_backward_keys",
 ];
 
 /// Whether the NVRTC library can be loaded (it needs no GPU). Never panics.
@@ -1172,5 +1184,29 @@ impl Backend for CudaBackend {
         labels: &CudaTensor,
     ) -> Result<(f64, CudaTensor), BackendError> {
         self.softmax_cross_entropy_op(logits, labels)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        positions: usize,
+        heads: usize,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        self.attention_op([q, k, v], positions, heads)
+    }
+
+    fn attention_backward(
+        &self,
+        grad: &CudaTensor,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        weights: &CudaTensor,
+        positions: usize,
+        heads: usize,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor), BackendError> {
+        self.attention_backward_op([grad, q, k, v, weights], positions, heads)
     }
 }

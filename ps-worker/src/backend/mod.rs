@@ -12,12 +12,14 @@
 //! Dropout masks come from a counter-based hash of (seed, element), so both
 //! backends draw the same mask and can be compared bit for bit.
 
+pub mod attention;
 pub mod conformance;
 pub mod cpu;
 pub mod cuda;
 pub mod image;
 mod plan;
 
+pub use attention::Heads;
 pub use image::{PoolKind, Window};
 pub use plan::SparsePlan;
 
@@ -303,6 +305,33 @@ pub trait Backend {
         labels: &Self::Tensor,
     ) -> Result<(f64, Self::Tensor), BackendError>;
 
+    /// Scaled dot-product attention with `heads` heads over sequences of
+    /// `positions` tokens: `q`, `k`, `v` are `[positions * n, width]`,
+    /// position `p` of sequence `b` in row `p * n + b` (see
+    /// [`attention::attention`]). Returns the output (the shape of `q`) and
+    /// the attention weights `[n * heads * positions, positions]` that
+    /// [`Backend::attention_backward`] needs.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        positions: usize,
+        heads: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError>;
+    /// Backward of [`Backend::attention`]: `(d q, d k, d v)`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn attention_backward(
+        &self,
+        grad: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        weights: &Self::Tensor,
+        positions: usize,
+        heads: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor), BackendError>;
+
     /// 2-D convolution of an NHWC batch with `weight` `[kh * kw * c, c_out]`
     /// as `im2col(x) @ weight`: `[n * oh * ow, c_out]`, and the patches
     /// [`Backend::conv2d_backward`] needs.
@@ -345,6 +374,20 @@ pub trait Backend {
 /// A shape error for `op`.
 pub(crate) fn shape_error(op: &'static str, detail: String) -> BackendError {
     BackendError::Shape { op, detail }
+}
+
+/// The shape of an attention's operands, all of `q`'s shape (both backends).
+pub(crate) fn attention_shape(
+    op: &'static str,
+    shapes: &[[usize; 2]],
+    positions: usize,
+    heads: usize,
+) -> Result<Heads, BackendError> {
+    let first = shapes.first().copied().unwrap_or([0, 0]);
+    for &other in shapes {
+        check_same_shape(op, first, other)?;
+    }
+    Heads::of(op, first, positions, heads)
 }
 
 /// Checks that two `[rows, cols]` shapes are equal (both backends).
