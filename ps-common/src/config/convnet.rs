@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use super::dense_spec;
+use super::{ModelConfig, dense_spec};
 use crate::table::{InitializerSpec, OptimizerSpec, TableSpec};
 
 /// `kind = "resnet"`: a stem convolution, stages of basic blocks.
@@ -352,6 +352,65 @@ impl ConvNet {
             InitializerSpec::Zeros,
         ));
         specs
+    }
+}
+
+impl ModelConfig {
+    /// Checks the image models' keys.
+    pub(super) fn validate_conv_net(&self) -> Result<(), (String, String)> {
+        let (name, momentum, optimizer) = match self {
+            ModelConfig::Resnet(c) => {
+                if c.stages.is_empty() {
+                    return Err(("model.stages".into(), "needs at least one stage".into()));
+                }
+                if !(1..=64).contains(&c.blocks) {
+                    return Err(("model.blocks".into(), "must be between 1 and 64".into()));
+                }
+                let stages = c.stages.iter().map(|&w| ("stages".to_string(), w));
+                validate_widths(
+                    c.classes,
+                    std::iter::once(("stem".to_string(), c.stem)).chain(stages),
+                )?;
+                (&c.name, c.bn_momentum, &c.optimizer)
+            }
+            ModelConfig::Inception(c) => {
+                if c.modules.is_empty() || c.modules.len() > 64 {
+                    return Err((
+                        "model.modules".into(),
+                        "needs between 1 and 64 modules".into(),
+                    ));
+                }
+                let mut widths = vec![("stem".to_string(), c.stem)];
+                for (i, m) in c.modules.iter().enumerate() {
+                    for (key, w) in [
+                        ("b1", m.b1),
+                        ("b3_reduce", m.b3_reduce),
+                        ("b3", m.b3),
+                        ("b5_reduce", m.b5_reduce),
+                        ("b5", m.b5),
+                        ("pool", m.pool),
+                        ("(their sum)", m.width()),
+                    ] {
+                        widths.push((format!("modules[{i}].{key}"), w));
+                    }
+                }
+                validate_widths(c.classes, widths)?;
+                (&c.name, c.bn_momentum, &c.optimizer)
+            }
+            _ => return Ok(()),
+        };
+        if name.len() > 100 || crate::names::validate_table_name(name).is_err() {
+            return Err((
+                "model.name".into(),
+                "must be 1-100 characters from [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(("model.bn_momentum".into(), "must be in [0, 1)".into()));
+        }
+        optimizer
+            .validate()
+            .map_err(|e| ("model.optimizer".into(), e.to_string()))
     }
 }
 

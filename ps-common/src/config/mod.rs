@@ -22,11 +22,13 @@ use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 mod convnet;
 mod data;
 mod model;
+mod multitask;
 mod train;
 
 pub use convnet::*;
 pub use data::*;
 pub use model::*;
+pub use multitask::*;
 pub use train::*;
 
 /// A job file that could not be used, with the key and line at fault.

@@ -1,7 +1,8 @@
 //! `[model]`: the model kinds, their MLP and multi-task settings, and the
 //! tables each model reads (generated from these settings).
 
-use super::convnet::{self, ConvNet, InceptionConfig, ResnetConfig};
+use super::convnet::{ConvNet, InceptionConfig, ResnetConfig};
+use super::multitask::{self, CrossAttentionConfig, TaskEmbeddingConfig};
 use super::*;
 
 /// The model and the tables it reads.
@@ -10,6 +11,8 @@ use super::*;
 /// dense `bias` table (1 x 1). FM, DeepFM and Wide&Deep add a sparse
 /// `embeddings` table (dim k); DeepFM and Wide&Deep add an MLP whose weights
 /// are dense tables generated from `[model.mlp]` (see [`MlpConfig`]).
+// One per job, read once: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ModelConfig {
@@ -96,6 +99,13 @@ pub enum ModelConfig {
         /// mixed per task by a softmax gate (`{tower.name}.{task}.gate`).
         #[serde(default)]
         experts: Option<ExpertsConfig>,
+        /// Learned task vectors fed to the shared bottom (needs `shared`).
+        #[serde(default)]
+        task_embedding: Option<TaskEmbeddingConfig>,
+        /// Cross-attention among the tasks' representations before the
+        /// towers.
+        #[serde(default)]
+        cross_attention: Option<CrossAttentionConfig>,
     },
     /// A convolutional residual network over images (`format = "pixels"`),
     /// with a softmax over `classes`; see [`ResnetConfig`].
@@ -301,13 +311,19 @@ impl ModelConfig {
                 shared,
                 tower,
                 experts,
+                task_embedding,
+                cross_attention,
                 ..
             } => {
                 let mut specs = Vec::new();
                 let mut width = input;
                 if let Some(shared) = shared {
-                    specs.extend(shared.layer_specs(&shared.name, input, seed, false));
+                    let shared_input = input + task_embedding.map_or(0, |te| te.dim);
+                    specs.extend(shared.layer_specs(&shared.name, shared_input, seed, false));
                     width = shared.hidden.last().copied().unwrap_or(input);
+                }
+                if let Some(te) = task_embedding {
+                    specs.push(te.table_spec(tower, tasks.len(), seed));
                 }
                 if let Some(experts) = experts {
                     for e in 0..experts.count {
@@ -315,6 +331,10 @@ impl ModelConfig {
                         specs.extend(experts.mlp.layer_specs(&prefix, input, seed, false));
                     }
                     width = experts.mlp.hidden.last().copied().unwrap_or(input);
+                }
+                if let Some(ca) = cross_attention {
+                    specs.extend(ca.table_specs(tower, tasks, width, seed));
+                    width = ca.dim;
                 }
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);
@@ -395,9 +415,17 @@ impl ModelConfig {
             tasks,
             shared,
             experts,
+            task_embedding,
+            cross_attention,
             ..
         } = self
         {
+            multitask::validate(
+                task_embedding.as_ref(),
+                cross_attention.as_ref(),
+                shared.is_some(),
+                tasks.len(),
+            )?;
             if let Some(experts) = experts {
                 if shared.is_some() {
                     return Err((
@@ -503,65 +531,6 @@ impl ModelConfig {
             }
         }
         Ok(())
-    }
-}
-
-impl ModelConfig {
-    /// Checks the image models' keys.
-    fn validate_conv_net(&self) -> Result<(), (String, String)> {
-        let (name, momentum, optimizer) = match self {
-            ModelConfig::Resnet(c) => {
-                if c.stages.is_empty() {
-                    return Err(("model.stages".into(), "needs at least one stage".into()));
-                }
-                if !(1..=64).contains(&c.blocks) {
-                    return Err(("model.blocks".into(), "must be between 1 and 64".into()));
-                }
-                let stages = c.stages.iter().map(|&w| ("stages".to_string(), w));
-                convnet::validate_widths(
-                    c.classes,
-                    std::iter::once(("stem".to_string(), c.stem)).chain(stages),
-                )?;
-                (&c.name, c.bn_momentum, &c.optimizer)
-            }
-            ModelConfig::Inception(c) => {
-                if c.modules.is_empty() || c.modules.len() > 64 {
-                    return Err((
-                        "model.modules".into(),
-                        "needs between 1 and 64 modules".into(),
-                    ));
-                }
-                let mut widths = vec![("stem".to_string(), c.stem)];
-                for (i, m) in c.modules.iter().enumerate() {
-                    for (key, w) in [
-                        ("b1", m.b1),
-                        ("b3_reduce", m.b3_reduce),
-                        ("b3", m.b3),
-                        ("b5_reduce", m.b5_reduce),
-                        ("b5", m.b5),
-                        ("pool", m.pool),
-                        ("(their sum)", m.width()),
-                    ] {
-                        widths.push((format!("modules[{i}].{key}"), w));
-                    }
-                }
-                convnet::validate_widths(c.classes, widths)?;
-                (&c.name, c.bn_momentum, &c.optimizer)
-            }
-            _ => return Ok(()),
-        };
-        if name.len() > 100 || crate::names::validate_table_name(name).is_err() {
-            return Err((
-                "model.name".into(),
-                "must be 1-100 characters from [A-Za-z0-9_.-]".into(),
-            ));
-        }
-        if !(0.0..1.0).contains(&momentum) {
-            return Err(("model.bn_momentum".into(), "must be in [0, 1)".into()));
-        }
-        optimizer
-            .validate()
-            .map_err(|e| ("model.optimizer".into(), e.to_string()))
     }
 }
 

@@ -476,3 +476,92 @@ fn image_settings_that_cannot_work_are_named() {
         "{err}"
     );
 }
+
+const TASKS: &str = r#"
+[data]
+format = "libffm"
+fields = 4
+train = "train.ffm"
+
+[model]
+kind = "multitask"
+tasks = [{ name = "a" }, { name = "b" }]
+shared = { hidden = [8], optimizer = { kind = "adam", lr = 0.003 } }
+tower = { hidden = [4], optimizer = { kind = "adam", lr = 0.003 } }
+task_embedding = { dim = 4 }
+cross_attention = { heads = 2, dim = 8 }
+
+[tables.embeddings]
+kind = "sparse"
+dim = 4
+initializer = { kind = "normal", std = 0.1 }
+optimizer = { kind = "adagrad", lr = 0.02 }
+"#;
+
+#[test]
+fn task_embeddings_and_cross_attention_generate_their_tables() {
+    let job = JobConfig::from_toml(TASKS, Path::new(".")).unwrap();
+    let specs = job.table_specs();
+    let spec = |name: &str| specs.iter().find(|s| s.name == name).unwrap();
+    // The shared bottom reads 4 fields x 4 values and the task vector.
+    assert_eq!(spec("mlp.0.w").kind.rows(), Some(16 + 4));
+    assert_eq!(
+        (spec("mlp.task_emb").kind.rows(), spec("mlp.task_emb").dim),
+        (Some(2), 4)
+    );
+    assert_eq!(
+        (spec("mlp.b.enc.w").kind.rows(), spec("mlp.b.enc.w").dim),
+        (Some(8), 8)
+    );
+    assert_eq!(spec("mlp.attn.o").dim, 8);
+    // Each tower reads its token of 8 values.
+    assert_eq!(spec("mlp.a.0.w").kind.rows(), Some(8));
+}
+
+#[test]
+fn task_sharing_settings_that_cannot_work_are_named() {
+    for (from, to, key, message) in [
+        (
+            "heads = 2, dim = 8",
+            "heads = 3, dim = 8",
+            "model.cross_attention.heads",
+            "divide dim = 8",
+        ),
+        (
+            "heads = 2, dim = 8",
+            "heads = 0, dim = 8",
+            "model.cross_attention.heads",
+            ">= 1",
+        ),
+        (
+            "heads = 2, dim = 8",
+            "heads = 1, dim = 0",
+            "model.cross_attention.dim",
+            "between 1 and 1024",
+        ),
+        (
+            "tasks = [{ name = \"a\" }, { name = \"b\" }]",
+            "tasks = [{ name = \"a\" }]",
+            "model.cross_attention",
+            "at least two tasks",
+        ),
+        (
+            "task_embedding = { dim = 4 }",
+            "task_embedding = { dim = 0 }",
+            "model.task_embedding.dim",
+            "between 1",
+        ),
+        (
+            "shared = { hidden = [8], optimizer = { kind = \"adam\", lr = 0.003 } }",
+            "",
+            "model.task_embedding",
+            "feeds the shared bottom",
+        ),
+    ] {
+        let src = TASKS.replace(from, to);
+        assert_ne!(src, TASKS, "{from:?} is in the job");
+        let err = error_of(&src);
+        assert_eq!(err.key.as_deref(), Some(key), "{from} -> {to}: {err}");
+        assert!(err.to_string().contains(message), "{from} -> {to}: {err}");
+    }
+}

@@ -57,14 +57,26 @@ impl Model {
             }
             _ => None,
         };
-        let shared = match (&self.shared, &x) {
-            (Some(mlp), Some(x)) => Some(self.mlp_forward(backend, mlp, x, pulled, mode)?),
+        // With task embeddings the shared bottom runs once per task, on
+        // [x, e_t]; without, once.
+        let task_x = match (&self.task_embedding, &x) {
+            (Some(te), Some(x)) => Some(te.inputs(backend, x, tasks, pulled)?),
             _ => None,
         };
-        let h = match (&shared, &x) {
-            (Some((out, _)), _) => Some(out),
-            (None, Some(x)) => Some(x),
-            _ => None,
+        let mut shared = Vec::new();
+        if let (Some(mlp), Some(x)) = (&self.shared, &x) {
+            for input in task_x.as_ref().map_or(vec![x], |xs| xs.iter().collect()) {
+                shared.push(self.mlp_forward(backend, mlp, input, pulled, mode)?);
+            }
+        }
+        // Task t's representation before any gate: its shared output, the
+        // one shared output, or x.
+        let h = |t: usize| {
+            shared
+                .get(t)
+                .or(shared.first())
+                .map(|(out, _)| out)
+                .or(x.as_ref())
         };
         // MMoE: every expert over x, then per task a softmax gate mixes them.
         let mut expert_tapes = Vec::with_capacity(self.experts.len());
@@ -99,13 +111,30 @@ impl Model {
             Mode::Eval => vec![0f32; n * tasks],
             Mode::Train { .. } => Vec::new(),
         };
+        // Each task's representation (MMoE's mix, or h), and with
+        // cross-attention what the tasks gathered from one another.
+        let reps: Vec<Option<&B::Tensor>> = (0..tasks)
+            .map(|t| {
+                gating
+                    .get(t)
+                    .and_then(|g| g.as_ref())
+                    .map(|(_, _, mixed)| mixed)
+                    .or(h(t))
+            })
+            .collect();
+        let crossed = match (
+            &self.cross,
+            reps.iter().copied().collect::<Option<Vec<_>>>(),
+        ) {
+            (Some(cross), Some(inputs)) => {
+                Some(cross.forward(backend, &inputs, &self.dense, pulled)?)
+            }
+            _ => None,
+        };
+        let tower_input = |t: usize| crossed.as_ref().map(|(outs, _)| &outs[t]).or(reps[t]);
         let mut heads = Vec::with_capacity(tasks);
         for (t, head) in self.heads.iter().enumerate() {
-            let input = gating
-                .get(t)
-                .and_then(|g| g.as_ref())
-                .map(|(_, _, mixed)| mixed)
-                .or(h);
+            let input = tower_input(t);
             let (mut z, tape) = match (&head.tower, input) {
                 (Some(mlp), Some(input)) => {
                     let (out, tape) = self.mlp_forward(backend, mlp, input, pulled, mode)?;
@@ -161,6 +190,8 @@ impl Model {
                 None => Ok(d),
             }
         };
+        // The gradient of each tower's input.
+        let mut d_inputs: Vec<Option<B::Tensor>> = Vec::with_capacity(tasks);
         for (t, (head, (logits, dlogits, tape))) in self.heads.iter().zip(heads).enumerate() {
             let dlogits = if head.weight == 1.0 {
                 dlogits
@@ -179,11 +210,39 @@ impl Model {
                     dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
                 }
             }
+            d_inputs.push(match (&head.tower, tape, tower_input(t)) {
+                (Some(mlp), Some(tape), Some(input)) => Some(self.mlp_backward(
+                    backend,
+                    mlp,
+                    tape,
+                    dz,
+                    input,
+                    pulled,
+                    &mut dense_grads,
+                )?),
+                _ => None,
+            });
+        }
+        // Cross-attention: back to each task's representation.
+        let d_reps = match (&self.cross, crossed) {
+            (Some(cross), Some((_, tape))) => {
+                let inputs: Vec<&B::Tensor> = reps.iter().flatten().copied().collect();
+                let d_outs = d_inputs
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        crate::backend::shape_error("cross-attention", "a task has no tower".into())
+                    })?;
+                let d = cross.backward(backend, tape, &d_outs, &inputs, &mut dense_grads)?;
+                d.into_iter().map(Some).collect()
+            }
+            _ => d_inputs,
+        };
+        // With task embeddings, each task's gradient of its shared output.
+        let mut d_shared: Vec<Option<B::Tensor>> = Vec::with_capacity(tasks);
+        for (t, (head, d)) in self.heads.iter().zip(d_reps).enumerate() {
             let gate = gating.get(t).and_then(|g| g.as_ref());
-            let input = gate.map(|(_, _, mixed)| mixed).or(h);
-            if let (Some(mlp), Some(tape), Some(input)) = (&head.tower, tape, input) {
-                let d =
-                    self.mlp_backward(backend, mlp, tape, dz, input, pulled, &mut dense_grads)?;
+            if let Some(d) = d {
                 match (gate, &stacked, &x, head.gate) {
                     (Some((w_gate, gates, _)), Some(all), Some(x), Some(g)) => {
                         let (ds, dgates) = backend.mix_backward(&d, all, gates)?;
@@ -194,8 +253,11 @@ impl Model {
                         let dx = backend.matmul(&dlogits, w_gate, false, true)?;
                         dx_gates = Some(sum(dx_gates, dx)?);
                     }
+                    _ if task_x.is_some() => d_shared.push(Some(d)),
                     _ => dh = Some(sum(dh, d)?),
                 }
+            } else if task_x.is_some() {
+                d_shared.push(None);
             }
         }
         if let (Some(ds), Some(x)) = (dstacked, &x) {
@@ -209,11 +271,40 @@ impl Model {
         if let Some(d) = dx_gates {
             dh = Some(sum(dh, d)?);
         }
-        let dx = match (&self.shared, shared, &x, dh) {
-            (Some(mlp), Some((_, tape)), Some(x), Some(dh)) => {
-                Some(self.mlp_backward(backend, mlp, tape, dh, x, pulled, &mut dense_grads)?)
+        let dx = match (&self.shared, &x, task_x, &self.task_embedding) {
+            (Some(mlp), Some(_), Some(xs), Some(te)) => {
+                // One shared bottom ran once per task: its gradients add
+                // up, its running-statistics pushes are averaged.
+                let mut d_task_x = Vec::with_capacity(tasks);
+                for (((_, tape), input), d) in shared.into_iter().zip(&xs).zip(d_shared) {
+                    let d = d.ok_or_else(|| {
+                        crate::backend::shape_error("task embedding", "a task has no tower".into())
+                    })?;
+                    let mut own: Vec<Vec<f32>> = self.dense.iter().map(|_| Vec::new()).collect();
+                    d_task_x
+                        .push(self.mlp_backward(backend, mlp, tape, d, input, pulled, &mut own)?);
+                    for ((acc, g), table) in dense_grads.iter_mut().zip(own).zip(&self.dense) {
+                        let share = if table.statistic {
+                            1.0 / tasks as f32
+                        } else {
+                            1.0
+                        };
+                        if acc.is_empty() {
+                            *acc = g.iter().map(|v| v * share).collect();
+                        } else {
+                            acc.iter_mut().zip(&g).for_each(|(a, v)| *a += v * share);
+                        }
+                    }
+                }
+                te.backward(backend, d_task_x, &mut dense_grads)?
             }
-            (_, _, _, dh) => dh,
+            (Some(mlp), Some(x), _, _) => match (shared.pop(), dh) {
+                (Some((_, tape)), Some(dh)) => {
+                    Some(self.mlp_backward(backend, mlp, tape, dh, x, pulled, &mut dense_grads)?)
+                }
+                (_, dh) => dh,
+            },
+            _ => dh,
         };
         if let Some(dx) = dx {
             let dx = self.without_dense_inputs(backend, dx, n)?;

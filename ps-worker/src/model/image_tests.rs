@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::tests::{assert_agree, check_gradients_near_kinks};
+use super::tests::{assert_agree, check_gradients};
 use super::*;
 use crate::backend::Backend;
 use crate::backend::conformance::Rng;
@@ -63,7 +63,7 @@ fn every_image_model_s_gradients_match_finite_differences() {
             model.sparse_tables().is_empty(),
             "{name}: dense tables only"
         );
-        check_gradients_near_kinks(name, &model, &image_pulled(&model, 3), 0.02);
+        check_gradients(name, &model, &image_pulled(&model, 3));
     }
 }
 

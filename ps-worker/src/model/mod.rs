@@ -12,7 +12,8 @@
 //! - this file: the model's shape (tables, layers, heads) and its types.
 //! - [`params`]: pulls (through the row cache), updates and pushes.
 //! - [`compute`]: the forward and backward passes;
-//! - [`convnet`]: the image models' passes.
+//! - [`convnet`]: the image models' passes;
+//! - [`tasks`]: task embeddings and cross-attention of multi-task models.
 //!
 //! Layer order in the MLP: `x W` -> batch norm (optional) -> `+ b` -> ReLU
 //! -> dropout, plus the layer's input when `residual` and the width is kept.
@@ -20,7 +21,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ps_common::config::{ConvNet, ImageConfig, JobConfig, MlpConfig, ModelConfig};
+use ps_common::config::{
+    ConvNet, CrossAttentionConfig, ImageConfig, JobConfig, MlpConfig, ModelConfig,
+    TaskEmbeddingConfig,
+};
 use ps_common::table::TableSpec;
 
 use crate::backend::SparsePlan;
@@ -30,6 +34,7 @@ use crate::dedup::UniqueKeys;
 mod compute;
 mod convnet;
 mod params;
+mod tasks;
 
 pub use params::push_updates;
 
@@ -115,6 +120,10 @@ pub struct Model {
     experts: Vec<Mlp>,
     /// One per task; the linear and FM parts add to head 0's logit.
     heads: Vec<Head>,
+    /// Multi-task: learned task vectors joined to the shared bottom's input.
+    task_embedding: Option<tasks::TaskEmbedding>,
+    /// Multi-task: cross-attention among the tasks before their towers.
+    cross: Option<tasks::CrossAttention>,
     frozen: BTreeSet<String>,
     /// `data.negative_sampling`: the share of negatives training kept;
     /// predicted probabilities are corrected back to the true base rate.
@@ -286,17 +295,25 @@ impl Model {
                 salt,
             }
         };
+        let (mut task_embedding, mut cross) = (None, None);
         let (shared, experts, heads) = match &job.model {
             ModelConfig::Multitask {
                 tasks,
                 shared: shared_config,
                 tower,
                 experts: experts_config,
+                task_embedding: task_embedding_config,
+                cross_attention,
                 ..
             } => {
+                task_embedding = task_embedding_config.map(|te| tasks::TaskEmbedding {
+                    table: index(&TaskEmbeddingConfig::table(tower)).unwrap_or(first),
+                    dim: te.dim as usize,
+                });
+                let shared_input = input + task_embedding.as_ref().map_or(0, |te| te.dim);
                 let shared = shared_config
                     .as_ref()
-                    .map(|c| mlp(c, &c.name, input, 1 << 40));
+                    .map(|c| mlp(c, &c.name, shared_input, 1 << 40));
                 let experts: Vec<Mlp> = experts_config
                     .iter()
                     .flat_map(|c| {
@@ -315,6 +332,21 @@ impl Model {
                     .and_then(|c| c.hidden.last())
                     .or(experts_config.as_ref().and_then(|c| c.mlp.hidden.last()))
                     .map_or(input, |&w| w as usize);
+                cross = cross_attention.map(|ca| tasks::CrossAttention {
+                    heads: ca.heads as usize,
+                    dim: ca.dim as usize,
+                    encoders: tasks
+                        .iter()
+                        .map(|t| {
+                            let enc = CrossAttentionConfig::encoder(tower, &t.name);
+                            index(&format!("{enc}.w")).unwrap_or(first)
+                        })
+                        .collect(),
+                    projections: ["q", "k", "v", "o"].map(|which| {
+                        index(&CrossAttentionConfig::projection(tower, which)).unwrap_or(first)
+                    }),
+                });
+                let width = cross.as_ref().map_or(width, |ca| ca.dim);
                 let heads = tasks
                     .iter()
                     .enumerate()
@@ -355,6 +387,8 @@ impl Model {
             shared,
             experts,
             heads,
+            task_embedding,
+            cross,
             frozen: job.train.freeze.iter().cloned().collect(),
             negative_rate: job.data.negative_sampling,
             conv: None,
@@ -379,6 +413,8 @@ impl Model {
             dense_inputs: image.pixels(),
             shared: None,
             experts: Vec::new(),
+            task_embedding: None,
+            cross: None,
             heads: vec![Head {
                 tower: None,
                 bias: 0,
