@@ -224,3 +224,73 @@ fn two_asynchronous_workers_predict_as_calibrated_as_one_on_rare_positives() {
         );
     }
 }
+
+/// Three related tasks (`buy` depends on the click score, `stay` on its
+/// size): the cross-attention example as shipped (task embeddings and
+/// cross-attention over a shared bottom) against the same model with a
+/// plain shared bottom and with MMoE, on the same data; the test prints
+/// each one's AUCs beside the oracle's. Cross-attention matches the two,
+/// it does not beat them: with 200,000 training rows (README) its mean
+/// AUC over the tasks is 0.7998 against the shared bottom's 0.8002 and
+/// MMoE's 0.7997 (medians of 5 seeds); with the 40,000 rows here it
+/// trails the shared bottom by 0.0014-0.0022 and MMoE by 0.0004-0.0024.
+#[test]
+fn cross_attention_matches_a_shared_bottom_and_mmoe_on_related_tasks() {
+    let dir = TempDir::new("related");
+    let (train, test) = (dir.0.join("train.ffm"), dir.0.join("test.ffm"));
+    let write = |path: &Path, rows, seed| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        let truth = ps_worker::synthetic::write_related_tasks(&mut out, rows, seed).unwrap();
+        out.flush().unwrap();
+        truth.map(|(probs, labels)| auc(&probs, &labels))
+    };
+    write(&train, 40_000, 1);
+    let oracle = write(&test, 10_000, 2);
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multitask-cross-attention.toml"),
+    )
+    .unwrap()
+    .replace("../target/related/train.ffm", &train.display().to_string())
+    .replace("../target/related/test.ffm", &test.display().to_string());
+    let without = |keys: &[&str]| {
+        example
+            .lines()
+            .filter(|l| !keys.iter().any(|k| l.starts_with(k)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mmoe = without(&["shared", "task_embedding", "cross_attention"]).replace(
+        "tower = ",
+        "experts = { count = 4, mlp = { name = \"expert\", hidden = [32], optimizer = { kind = \"adam\", lr = 0.003 } } }\ntower = ",
+    );
+    let mean_auc = |text: &str| {
+        let job = JobConfig::from_toml(text, &dir.0).unwrap();
+        let config = job::client_config(&job, std::time::Duration::from_secs(10));
+        // One worker: the result does not depend on how workers interleave.
+        let report = job::run_local(&job, 2, 1, &config, None).unwrap();
+        let aucs: Vec<f64> = report.val_tasks.iter().map(|t| t.auc).collect();
+        (aucs.iter().sum::<f64>() / aucs.len() as f64, aucs)
+    };
+    let (cross, cross_tasks) = mean_auc(&example);
+    let (shared, shared_tasks) = mean_auc(&without(&["task_embedding", "cross_attention"]));
+    let (mixture, mixture_tasks) = mean_auc(&mmoe);
+    eprintln!(
+        "related tasks (click, buy, stay): oracle {oracle:.4?}\n  cross-attention {cross_tasks:.4?} mean {cross:.4}\n  \
+         shared bottom   {shared_tasks:.4?} mean {shared:.4} ({:+.4})\n  MMoE            {mixture_tasks:.4?} mean {mixture:.4} ({:+.4})",
+        cross - shared,
+        cross - mixture
+    );
+    assert!(
+        cross >= shared - 0.003,
+        "cross-attention {cross} vs shared bottom {shared}"
+    );
+    assert!(
+        cross >= mixture - 0.003,
+        "cross-attention {cross} vs MMoE {mixture}"
+    );
+    let oracle_mean = oracle.iter().sum::<f64>() / 3.0;
+    assert!(
+        cross > oracle_mean - 0.02,
+        "cross-attention {cross} vs oracle {oracle_mean}"
+    );
+}

@@ -11,7 +11,8 @@
 //! - `client`: rows/s of the Rust client's pulls and pushes against running
 //!   servers (the reference of the Python package's benchmark).
 //! - `gen-ctr26`: writes ctr26 samples as a libffm file for end-to-end runs.
-//! - `gen-tasks`: writes the planted two-task data of the multi-task example.
+//! - `gen-tasks`: writes the planted two-task data of the multi-task example;
+//! - `gen-related-tasks`: the three related tasks of the cross-attention example.
 //!
 //! Every subcommand prints one JSON object per line.
 
@@ -214,6 +215,10 @@ enum Command {
     /// Write the planted two-task data (`label_a,label_b field:id:1 ...`)
     /// used by `examples/multitask-mmoe.toml`.
     GenTasks(GenArgs),
+    /// Write the three related tasks (`click,buy,stay field:id:1 ...`)
+    /// used by `examples/multitask-cross-attention.toml`; prints each
+    /// task's oracle AUC.
+    GenRelatedTasks(GenArgs),
     /// Write ctr26 samples as libffm lines.
     GenCtr26(GenArgs),
 }
@@ -526,6 +531,14 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::GenTasks(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
             ps_worker::synthetic::write_shared_tasks(w, None, rows, seed)
+        }),
+        Command::GenRelatedTasks(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
+            let truth = ps_worker::synthetic::write_related_tasks(w, rows, seed)?;
+            for (task, (probs, labels)) in ["click", "buy", "stay"].iter().zip(&truth) {
+                let auc = ps_worker::metrics::auc(probs, labels);
+                println!("{{\"task\":\"{task}\",\"oracle_auc\":{auc:.4}}}");
+            }
+            Ok(())
         }),
     }
 }

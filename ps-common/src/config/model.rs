@@ -334,7 +334,7 @@ impl ModelConfig {
                 }
                 if let Some(ca) = cross_attention {
                     specs.extend(ca.table_specs(tower, tasks, width, seed));
-                    width = ca.dim;
+                    width += ca.dim;
                 }
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);

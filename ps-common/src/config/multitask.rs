@@ -20,12 +20,13 @@ pub struct TaskEmbeddingConfig {
     pub dim: u32,
 }
 
-/// `cross_attention = { heads, dim }`: each task's representation is
-/// projected to a token of `dim` values (`{tower}.{task}.enc.w`, `.b`,
-/// ReLU); the tokens of an example attend to one another (every task's,
-/// its own included) with `heads` heads (`{tower}.attn.q`, `.k`, `.v`,
-/// `.o`, each `dim x dim`); each task's tower reads its token plus what it
-/// gathered, `token_t + attention_t W_o`.
+/// `cross_attention = { heads, dim }`: each task's representation `r_t`
+/// is projected to a token of `dim` values, `r_t E_t + c_t`
+/// (`{tower}.{task}.enc.w`, `.b`); the tokens of an example attend to one
+/// another (every task's, its own included) with `heads` heads
+/// (`{tower}.attn.q`, `.k`, `.v`, `.o`, each `dim x dim`); each task's
+/// tower reads `[r_t, token_t + attention_t W_o]`: its own
+/// representation and what it gathered from the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CrossAttentionConfig {
@@ -72,7 +73,7 @@ impl CrossAttentionConfig {
     }
 
     /// The task encoders over representations of `width` values, then
-    /// the four projections.
+    /// the four projections. A tower then reads `width + dim` values.
     pub(super) fn table_specs(
         &self,
         tower: &MlpConfig,
@@ -104,11 +105,18 @@ impl CrossAttentionConfig {
             ));
         }
         for which in ["q", "k", "v", "o"] {
+            // W_o starts at zero: a tower first reads [r_t, token_t], and
+            // what the tasks gather from one another grows in as it helps.
+            let init = if which == "o" {
+                InitializerSpec::Zeros
+            } else {
+                normal(self.dim, 1.0)
+            };
             specs.push(dense(
                 Self::projection(tower, which),
                 self.dim,
                 self.dim,
-                normal(self.dim, 1.0),
+                init,
             ));
         }
         specs

@@ -514,8 +514,8 @@ fn task_embeddings_and_cross_attention_generate_their_tables() {
         (Some(8), 8)
     );
     assert_eq!(spec("mlp.attn.o").dim, 8);
-    // Each tower reads its token of 8 values.
-    assert_eq!(spec("mlp.a.0.w").kind.rows(), Some(8));
+    // Each tower reads its representation (8) beside its token (8).
+    assert_eq!(spec("mlp.a.0.w").kind.rows(), Some(8 + 8));
 }
 
 #[test]

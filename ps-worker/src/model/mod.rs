@@ -346,7 +346,7 @@ impl Model {
                         index(&CrossAttentionConfig::projection(tower, which)).unwrap_or(first)
                     }),
                 });
-                let width = cross.as_ref().map_or(width, |ca| ca.dim);
+                let width = cross.as_ref().map_or(width, |ca| width + ca.dim);
                 let heads = tasks
                     .iter()
                     .enumerate()

@@ -66,8 +66,8 @@ impl TaskEmbedding {
 }
 
 /// Cross-attention among the tasks: task `t`'s representation `r_t`
-/// becomes a token `relu(r_t E_t + c_t)`; an example's tokens attend to
-/// one another; task `t`'s tower reads `token_t + attention_t W_o`.
+/// becomes a token `r_t E_t + c_t`; an example's tokens attend to one
+/// another; task `t`'s tower reads `[r_t, token_t + attention_t W_o]`.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct CrossAttention {
     /// Attention heads.
@@ -87,7 +87,7 @@ pub(super) type Crossed<T> = (Vec<T>, CrossTape<T>);
 /// What [`CrossAttention::backward`] needs.
 pub(super) struct CrossTape<T> {
     encoders: Vec<T>,
-    /// Each task's token (the ReLU's output).
+    /// Each task's token.
     tokens: Vec<T>,
     /// The tokens stacked, task-major: `[tasks * n, dim]`.
     stacked: T,
@@ -117,7 +117,7 @@ impl CrossAttention {
         for (input, &enc) in inputs.iter().zip(&self.encoders) {
             let e = upload(enc)?;
             let pre = backend.matmul(input, &e, false, false)?;
-            tokens.push(backend.bias_act(&pre, &upload(enc + 1)?, Activation::Relu, None)?);
+            tokens.push(backend.bias_act(&pre, &upload(enc + 1)?, Activation::Identity, None)?);
             encoders.push(e);
         }
         let stacked = backend.stack_rows(&tokens.iter().collect::<Vec<_>>())?;
@@ -134,7 +134,7 @@ impl CrossAttention {
         let mixed = backend.matmul(&attended, &projections[3], false, false)?;
         let out = backend.add(&stacked, &mixed)?;
         let outs = (0..tasks)
-            .map(|t| backend.slice_rows(&out, t * n, n))
+            .map(|t| backend.concat_cols(&[inputs[t], &backend.slice_rows(&out, t * n, n)?]))
             .collect::<Result<_, _>>()?;
         let tape = CrossTape {
             encoders,
@@ -160,7 +160,15 @@ impl CrossAttention {
     ) -> Result<Vec<B::Tensor>, BackendError> {
         let tasks = self.encoders.len();
         let n = inputs.first().map_or(0, |x| backend.shape(x)[0]);
-        let d_out = backend.stack_rows(&d_outs.iter().collect::<Vec<_>>())?;
+        // Each tower read [r_t, u_t]: split its input's gradient.
+        let mut d_direct = Vec::with_capacity(tasks);
+        let mut d_u = Vec::with_capacity(tasks);
+        for (d, input) in d_outs.iter().zip(inputs) {
+            let width = backend.shape(input)[1];
+            d_direct.push(backend.slice_cols(d, 0, width)?);
+            d_u.push(backend.slice_cols(d, width, self.dim)?);
+        }
+        let d_out = backend.stack_rows(&d_u.iter().collect::<Vec<_>>())?;
         let [wq, wk, wv, wo] = &tape.projections;
         let [q, k, v] = &tape.qkv;
         let [iq, ik, iv, io] = self.projections;
@@ -183,10 +191,11 @@ impl CrossAttention {
         {
             let d_token = backend.slice_rows(&d_stacked, t * n, n)?;
             let (d_pre, d_bias) =
-                backend.bias_act_backward(&d_token, token, Activation::Relu, None)?;
+                backend.bias_act_backward(&d_token, token, Activation::Identity, None)?;
             grads[enc + 1] = backend.download(&d_bias)?;
             grads[enc] = backend.download(&backend.matmul(inputs[t], &d_pre, true, false)?)?;
-            d_inputs.push(backend.matmul(&d_pre, e, false, true)?);
+            let d_input = backend.matmul(&d_pre, e, false, true)?;
+            d_inputs.push(backend.add(&d_input, &d_direct[t])?);
         }
         Ok(d_inputs)
     }
