@@ -4,9 +4,11 @@
 #   2. CUDA-vs-CPU parity tests (every kernel, every model),
 #   3. kernel micro-benchmarks: gather/scatter GB/s next to the device's
 #      copy bandwidth measured in the same run,
-#   4. worker compute samples/s, CPU vs GPU, on ctr26, the DeepFM example and
-#      the multi-task MMoE example,
-#   5. end-to-end `ps-worker local` samples/s, CPU vs GPU (2 servers x 2 workers).
+#   4. worker compute samples/s, CPU vs GPU, on ctr26, the DeepFM example,
+#      the multi-task MMoE and cross-attention examples and the digits ResNet
+#      and Inception examples,
+#   5. end-to-end `ps-worker local` samples/s, CPU vs GPU (2 servers x 2 workers),
+#      and the digits examples' top-1 accuracy trained on each.
 #
 # Usage: benches/gpu.sh [RESULTS_DIR]        (default: target/gpu-bench)
 # Prebuilt: PS_BIN_DIR=DIR with ps-worker, ps-bench, test-cuda and
@@ -57,12 +59,21 @@ echo "== kernels"
 "$BIN/ps-bench" kernels --device cuda:0 | tee -a "$JSON"
 
 echo "== worker compute (forward + backward, parameters in memory)"
+"$BIN/ps-bench" gen-related-tasks --rows 20000 --out target/related/train.ffm
+"$BIN/ps-bench" gen-related-tasks --rows 5000 --seed 2 --out target/related/test.ffm
 "$BIN/ps-bench" gen-tasks --rows 20000 --out target/tasks/train.ffm
 "$BIN/ps-bench" gen-tasks --rows 5000 --seed 2 --out target/tasks/test.ffm
 for dev in cpu cuda:0; do
   "$BIN/ps-bench" compute --config examples/multitask-mmoe.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/ctr26.toml --data ctr26 --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/a9a-deepfm.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
+  "$BIN/ps-bench" compute --config examples/multitask-cross-attention.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
+  for model in resnet inception; do
+    for batch in 32 128; do
+      "$BIN/ps-bench" compute --config "examples/digits-$model.toml" --data job --device "$dev" \
+        --batch-size "$batch" --steps 30 | tee -a "$JSON"
+    done
+  done
 done
 
 echo "== end to end: ps-worker local, 2 servers x 2 workers"
@@ -72,6 +83,10 @@ for dev in cpu cuda:0; do
     --servers 2 --workers 2 --report "$RESULTS/ctr26-${dev/:/}.json"
   RUST_LOG=warn "$BIN/ps-worker" local --config examples/a9a-deepfm.toml --device "$dev" \
     --servers 2 --workers 2 --report "$RESULTS/deepfm-${dev/:/}.json"
+  for model in resnet inception; do
+    RUST_LOG=warn "$BIN/ps-worker" local --config "examples/digits-$model.toml" --device "$dev" \
+      --servers 2 --workers 2 --report "$RESULTS/digits-$model-${dev/:/}.json"
+  done
 done
 for f in "$RESULTS"/ctr26-*.json "$RESULTS"/deepfm-*.json; do
   tr -d '\n ' < "$f" >> "$JSON"

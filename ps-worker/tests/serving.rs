@@ -191,6 +191,85 @@ fn served_predictions_equal_eval_for_the_same_checkpoint_from_a_bundle_and_from_
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An image model is served like the others: each instance, a line of
+/// pixel values, gets its distribution over the classes, equal to what
+/// `ps-worker eval` computes from the same checkpoint; a line of the wrong
+/// length is a bad request naming the instance.
+#[test]
+fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_classes() {
+    let dir = temp_dir("serve-images");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/digits-resnet.toml"),
+    )
+    .unwrap()
+    .replace("epochs = 12", "epochs = 2\nbest_checkpoint = \"best\"");
+    let job = JobConfig::from_toml(&text, Path::new(".")).unwrap();
+    let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
+    ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.clone())).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime
+        .block_on(LocalCluster::restore(&dir.join("best"), Default::default()))
+        .unwrap();
+    let eval_client = runtime
+        .block_on(async {
+            let c = PsClient::connect(cluster.addrs(), &ClientConfig::default()).await?;
+            for spec in job.table_specs() {
+                c.create_table(&cluster.shard(0).table(&spec.name)?.spec().clone())
+                    .await?;
+            }
+            Ok::<_, ps_common::PsError>(c)
+        })
+        .unwrap();
+    let test = DataSource::from("builtin:digits/test".to_string());
+    let (eval, labels) =
+        ps_worker::trainer::predict(runtime.handle(), &eval_client, &job, &test).unwrap();
+    assert_eq!((eval.len(), labels.len()), (359 * 10, 359));
+    let lines = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/digits/digits.test.csv"),
+    )
+    .unwrap();
+    let instances: Vec<Instance> = lines
+        .lines()
+        .map(|l| Instance::Line(l.split_once(',').unwrap().1.to_string()))
+        .collect();
+    let rows = runtime
+        .block_on(serving::server_rows(
+            &job,
+            cluster.addrs(),
+            &ClientConfig::default(),
+            None,
+        ))
+        .unwrap();
+    runtime.block_on(async {
+        let predictor = Predictor::start(
+            &job,
+            rows,
+            &ServeConfig::new("m"),
+            Arc::new(ServeMetrics::default()),
+        );
+        assert_eq!(predictor.outputs(), 10);
+        let served = predictor.predict("m", &instances).await.unwrap();
+        for dist in &served {
+            assert_eq!(dist.len(), 10);
+            assert!((dist.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{dist:?}");
+        }
+        let flat: Vec<f32> = served.into_iter().flatten().collect();
+        assert_close(&flat, &eval, "image model");
+        let short = [Instance::Line("0,1,2".into())];
+        let err = predictor
+            .predict("m", &short)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("instance 0") && err.contains("3 pixel values"),
+            "{err}"
+        );
+    });
+    runtime.block_on(cluster.shutdown()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A `ps-worker serve` process; its REST and gRPC addresses.
 struct Serve {
     child: Child,

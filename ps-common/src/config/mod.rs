@@ -9,6 +9,9 @@
 //!   parsing and validation, and locating a key's line in the source;
 //! - [`data`]: `[data]`, the input files and how lines become examples;
 //! - [`model`]: `[model]` and the tables a model reads;
+//! - [`mlp`]: the MLP's keys and its layers' tables;
+//! - [`multitask`]: task embeddings and cross-attention of multi-task models;
+//! - [`convnet`]: the image models (ResNet, Inception) and their layers;
 //! - [`train`]: `[train]`, consistency modes, schedules, the device.
 
 use std::collections::BTreeMap;
@@ -21,12 +24,14 @@ use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 
 mod convnet;
 mod data;
+mod mlp;
 mod model;
 mod multitask;
 mod train;
 
 pub use convnet::*;
 pub use data::*;
+pub use mlp::*;
 pub use model::*;
 pub use multitask::*;
 pub use train::*;

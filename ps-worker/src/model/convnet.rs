@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use ps_common::config::{Body, ConvNet, ConvSpec, ImageConfig, InceptionModule, ResidualBlock};
 
-use super::compute::{Norm, norm_backward, norm_forward};
+use super::norm::{Norm, norm_backward, norm_forward};
 use super::{Gradients, Layer, Mode, Output, Pulled, TableUse};
 use crate::backend::{Activation, Backend, BackendError, PoolKind, Window, shape_error};
 

@@ -12,6 +12,7 @@
 //! - this file: the model's shape (tables, layers, heads) and its types.
 //! - [`params`]: pulls (through the row cache), updates and pushes.
 //! - [`compute`]: the forward and backward passes;
+//! - [`norm`]: batch norm of a layer with its server-side tables;
 //! - [`convnet`]: the image models' passes;
 //! - [`tasks`]: task embeddings and cross-attention of multi-task models.
 //!
@@ -33,6 +34,7 @@ use crate::dedup::UniqueKeys;
 
 mod compute;
 mod convnet;
+mod norm;
 mod params;
 mod tasks;
 
