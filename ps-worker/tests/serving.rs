@@ -98,6 +98,42 @@ fn predictions(
     })
 }
 
+/// `job`'s model from `checkpoint` on in-process shards: the shards, what
+/// `ps-worker eval` predicts for `builtin:{data}` (probabilities, labels),
+/// and those shards' rows for serving.
+fn eval_and_live_rows(
+    runtime: &tokio::runtime::Runtime,
+    job: &JobConfig,
+    checkpoint: &Path,
+    data: &str,
+) -> (LocalCluster, Vec<f32>, Vec<f32>, Rows) {
+    let cluster = runtime
+        .block_on(LocalCluster::restore(checkpoint, Default::default()))
+        .unwrap();
+    let eval_client = runtime
+        .block_on(async {
+            let c = PsClient::connect(cluster.addrs(), &ClientConfig::default()).await?;
+            for spec in job.table_specs() {
+                let restored = cluster.shard(0).table(&spec.name)?.spec().clone();
+                c.create_table(&restored).await?;
+            }
+            Ok::<_, ps_common::PsError>(c)
+        })
+        .unwrap();
+    let source = DataSource::from(format!("builtin:{data}"));
+    let (probs, labels) =
+        ps_worker::trainer::predict(runtime.handle(), &eval_client, job, &source).unwrap();
+    let rows = runtime
+        .block_on(serving::server_rows(
+            job,
+            cluster.addrs(),
+            &ClientConfig::default(),
+            None,
+        ))
+        .unwrap();
+    (cluster, probs, labels, rows)
+}
+
 fn assert_close(served: &[f32], eval: &[f32], what: &str) {
     assert_eq!(served.len(), eval.len(), "{what}");
     let worst = served
@@ -119,35 +155,11 @@ fn served_predictions_equal_eval_for_the_same_checkpoint_from_a_bundle_and_from_
     let checkpoint = dir.join("best");
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
-    // What `ps-worker eval` computes: the model on shards restored from the checkpoint.
-    let cluster = runtime
-        .block_on(LocalCluster::restore(&checkpoint, Default::default()))
-        .unwrap();
-    let eval_client = runtime
-        .block_on(async {
-            let c = PsClient::connect(cluster.addrs(), &ClientConfig::default()).await?;
-            for spec in job.table_specs() {
-                let restored = cluster.shard(0).table(&spec.name)?.spec().clone();
-                c.create_table(&restored).await?;
-            }
-            Ok::<_, ps_common::PsError>(c)
-        })
-        .unwrap();
-    let test = DataSource::from("builtin:a9a/test".to_string());
-    let (eval, _) =
-        ps_worker::trainer::predict(runtime.handle(), &eval_client, &job, &test).unwrap();
+    // What `ps-worker eval` computes: the model on shards restored from the
+    // checkpoint; and live servers (here, the same restored shards).
+    let (cluster, eval, _, live) = eval_and_live_rows(&runtime, &job, &checkpoint, "a9a/test");
     let instances = test_instances(eval.len());
     assert_eq!(instances.len(), 16_281);
-
-    // Live servers (here, the same restored shards).
-    let live = runtime
-        .block_on(serving::server_rows(
-            &job,
-            cluster.addrs(),
-            &ClientConfig::default(),
-            None,
-        ))
-        .unwrap();
     assert_close(
         &predictions(&runtime, &job, live, &instances),
         &eval,
@@ -207,22 +219,8 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
     let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
     ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.clone())).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let cluster = runtime
-        .block_on(LocalCluster::restore(&dir.join("best"), Default::default()))
-        .unwrap();
-    let eval_client = runtime
-        .block_on(async {
-            let c = PsClient::connect(cluster.addrs(), &ClientConfig::default()).await?;
-            for spec in job.table_specs() {
-                c.create_table(&cluster.shard(0).table(&spec.name)?.spec().clone())
-                    .await?;
-            }
-            Ok::<_, ps_common::PsError>(c)
-        })
-        .unwrap();
-    let test = DataSource::from("builtin:digits/test".to_string());
-    let (eval, labels) =
-        ps_worker::trainer::predict(runtime.handle(), &eval_client, &job, &test).unwrap();
+    let (cluster, eval, labels, rows) =
+        eval_and_live_rows(&runtime, &job, &dir.join("best"), "digits/test");
     assert_eq!((eval.len(), labels.len()), (359 * 10, 359));
     let lines = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/digits/digits.test.csv"),
@@ -232,14 +230,6 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
         .lines()
         .map(|l| Instance::Line(l.split_once(',').unwrap().1.to_string()))
         .collect();
-    let rows = runtime
-        .block_on(serving::server_rows(
-            &job,
-            cluster.addrs(),
-            &ClientConfig::default(),
-            None,
-        ))
-        .unwrap();
     runtime.block_on(async {
         let predictor = Predictor::start(
             &job,
