@@ -140,53 +140,54 @@ pub enum PoolKind {
     Average,
 }
 
-/// `[n * oh * ow, kh * kw * c]`: each output pixel's window, flattened in
-/// (ky, kx, channel) order, zeros in the padding.
-pub fn im2col(x: &[f32], win: &Window) -> Vec<f32> {
-    let (c, oh, ow) = (win.channels, win.out_height(), win.out_width());
-    let mut cols = vec![0f32; win.out_rows() * win.patch()];
+/// Walks every patch entry in [`im2col`]'s order (image, oy, ox, ky, kx):
+/// `each(at, pixel)` with `at` the entry's offset into the patches and
+/// `pixel` the offset of the input pixel it copies, `None` in the padding.
+fn each_patch_entry(win: &Window, mut each: impl FnMut(usize, Option<usize>)) {
+    let c = win.channels;
     let mut at = 0;
     for b in 0..win.images {
-        for oy in 0..oh {
-            for ox in 0..ow {
+        for oy in 0..win.out_height() {
+            for ox in 0..win.out_width() {
                 for ky in 0..win.kernel[0] {
                     for kx in 0..win.kernel[1] {
-                        if let Some((y, xx)) = win.source(oy, ox, ky, kx) {
-                            let from = ((b * win.height + y) * win.width + xx) * c;
-                            cols[at..at + c].copy_from_slice(&x[from..from + c]);
-                        }
+                        let pixel = win
+                            .source(oy, ox, ky, kx)
+                            .map(|(y, x)| ((b * win.height + y) * win.width + x) * c);
+                        each(at, pixel);
                         at += c;
                     }
                 }
             }
         }
     }
+}
+
+/// `[n * oh * ow, kh * kw * c]`: each output pixel's window, flattened in
+/// (ky, kx, channel) order, zeros in the padding.
+pub fn im2col(x: &[f32], win: &Window) -> Vec<f32> {
+    let c = win.channels;
+    let mut cols = vec![0f32; win.out_rows() * win.patch()];
+    each_patch_entry(win, |at, pixel| {
+        if let Some(from) = pixel {
+            cols[at..at + c].copy_from_slice(&x[from..from + c]);
+        }
+    });
     cols
 }
 
 /// The adjoint of [`im2col`]: each input pixel gets the sum of the
 /// patch entries that copied it, in (oy, ox, ky, kx) order.
 pub fn col2im(cols: &[f32], win: &Window) -> Vec<f32> {
-    let (c, oh, ow) = (win.channels, win.out_height(), win.out_width());
+    let c = win.channels;
     let mut x = vec![0f32; win.in_rows() * c];
-    let mut at = 0;
-    for b in 0..win.images {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                for ky in 0..win.kernel[0] {
-                    for kx in 0..win.kernel[1] {
-                        if let Some((y, xx)) = win.source(oy, ox, ky, kx) {
-                            let to = ((b * win.height + y) * win.width + xx) * c;
-                            for (o, v) in x[to..to + c].iter_mut().zip(&cols[at..at + c]) {
-                                *o += v;
-                            }
-                        }
-                        at += c;
-                    }
-                }
+    each_patch_entry(win, |at, pixel| {
+        if let Some(to) = pixel {
+            for (o, v) in x[to..to + c].iter_mut().zip(&cols[at..at + c]) {
+                *o += v;
             }
         }
-    }
+    });
     x
 }
 
