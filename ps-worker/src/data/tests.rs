@@ -306,7 +306,10 @@ mod examples {
         out
     }
 
-    fn sampling_data() -> DataSource {
+    /// The sampling tests' data, in a file of `test`'s own (tests run in
+    /// parallel: one rewriting a shared file under another's reader made
+    /// the reader see a short file).
+    fn sampling_data(test: &str) -> DataSource {
         // 20,000 lines: every 4th positive, every other one holding 1:7.
         let text: String = (0..20_000)
             .map(|i| {
@@ -315,12 +318,12 @@ mod examples {
                 format!("{label} 0:{i}:1 {feature}\n")
             })
             .collect();
-        write_temp("sampling", &text)
+        write_temp(&format!("sampling-{test}"), &text)
     }
 
     #[test]
     fn negative_down_sampling_keeps_every_positive_and_a_share_of_negatives() {
-        let src = sampling_data();
+        let src = sampling_data("negatives");
         let all = sampled(&src, "", 1);
         assert_eq!(all.len(), 20_000);
         let kept = sampled(&src, "negative_sampling = 0.1", 1);
@@ -341,7 +344,7 @@ mod examples {
 
     #[test]
     fn sampling_by_a_feature_keeps_a_share_of_the_lines_holding_it() {
-        let src = sampling_data();
+        let src = sampling_data("feature");
         let rule = "sample_by_feature = [{ field = 1, id = 7, rate = 0.25 }]";
         let kept = sampled(&src, rule, 1);
         let marked = kept.iter().filter(|(_, m)| *m).count();
