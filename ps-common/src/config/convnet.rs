@@ -422,14 +422,20 @@ fn he(fan_in: u32) -> InitializerSpec {
     }
 }
 
+/// Checks a multi-class model's `classes`.
+pub(super) fn validate_classes(classes: u32) -> Result<(), (String, String)> {
+    if !(2..=65_536).contains(&classes) {
+        return Err(("model.classes".into(), "must be between 2 and 65536".into()));
+    }
+    Ok(())
+}
+
 /// Checks an image model's keys: the key at fault and what is wrong.
 pub(super) fn validate_widths(
     classes: u32,
     widths: impl IntoIterator<Item = (String, u32)>,
 ) -> Result<(), (String, String)> {
-    if !(2..=65_536).contains(&classes) {
-        return Err(("model.classes".into(), "must be between 2 and 65536".into()));
-    }
+    validate_classes(classes)?;
     for (field, width) in widths {
         if !(1..=MAX_CHANNELS).contains(&width) {
             return Err((

@@ -10,7 +10,8 @@ use crate::table::{InitializerSpec, OptimizerSpec, TableKind, TableSpec};
 /// The MLP of DeepFM and Wide&Deep. Its weights are dense tables the job
 /// creates itself, named `{name}.{i}.w` (`in x out`), `{name}.{i}.b`
 /// (`1 x out`), `{name}.{i}.bn` and `{name}.{i}.bn_stats` with batch norm,
-/// and `{name}.out.w` (`last x 1`).
+/// and `{name}.out.w` (`last x outputs`: 1, or the classes of a
+/// multi-class model).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlpConfig {
@@ -76,14 +77,20 @@ pub(super) fn dense_spec(
 
 impl MlpConfig {
     /// The dense tables of an MLP over `input` features, in layer order,
-    /// named after `self.name`, with the output layer.
-    pub fn table_specs(&self, input: u32, seed: u64) -> Vec<TableSpec> {
-        self.layer_specs(&self.name, input, seed, true)
+    /// named after `self.name`, with an output layer of `outputs` columns.
+    pub fn table_specs(&self, input: u32, outputs: u32, seed: u64) -> Vec<TableSpec> {
+        self.layer_specs(&self.name, input, seed, Some(outputs))
     }
 
     /// The dense tables of the layers named `{prefix}.{i}.*`, and with
-    /// `output` the output layer `{prefix}.out.w` (`last x 1`).
-    pub fn layer_specs(&self, prefix: &str, input: u32, seed: u64, output: bool) -> Vec<TableSpec> {
+    /// `Some(outputs)` the output layer `{prefix}.out.w` (`last x outputs`).
+    pub fn layer_specs(
+        &self,
+        prefix: &str,
+        input: u32,
+        seed: u64,
+        outputs: Option<u32>,
+    ) -> Vec<TableSpec> {
         let dense = |name: String, rows: u32, dim: u32, initializer, optimizer| {
             dense_spec(name, rows, dim, initializer, optimizer, seed)
         };
@@ -127,11 +134,11 @@ impl MlpConfig {
             }
             width = out;
         }
-        if output {
+        if let Some(outputs) = outputs {
             specs.push(dense(
                 format!("{prefix}.out.w"),
                 width,
-                1,
+                outputs,
                 self.initializer.unwrap_or_else(|| he_normal(width)),
                 self.optimizer,
             ));

@@ -320,6 +320,21 @@ impl JobConfig {
             return Err(("tables".into(), "at least one table is required".into()));
         }
         self.data.validate(self.model.tasks().len())?;
+        if self.model.classes() > 1 && !self.model.reads_images() {
+            if self.data.format == DataFormat::Criteo {
+                return Err((
+                    "model.classes".into(),
+                    "criteo's label is a click (0 or 1): a multi-class model reads libsvm, libffm or csv lines whose label is a class index".into(),
+                ));
+            }
+            if self.data.negative_sampling.is_some() {
+                return Err((
+                    "data.negative_sampling".into(),
+                    "needs a binary model (a multi-class label has no one class to call negative)"
+                        .into(),
+                ));
+            }
+        }
         match (
             self.data.format == DataFormat::Pixels,
             self.model.reads_images(),

@@ -8,7 +8,9 @@ use super::*;
 /// The model and the tables it reads.
 ///
 /// Every model has a sparse `weights` table (dim 1, the linear part) and a
-/// dense `bias` table (1 x 1). FM, DeepFM and Wide&Deep add a sparse
+/// dense `bias` table (1 x 1); with `classes = C` (lr, dnn, wide_deep) they
+/// hold a value per class (dim C, 1 x C) and the MLP's output layer has C
+/// columns, under a softmax. FM, DeepFM and Wide&Deep add a sparse
 /// `embeddings` table (dim k); DeepFM and Wide&Deep add an MLP whose weights
 /// are dense tables generated from `[model.mlp]` (see [`MlpConfig`]).
 // One per job, read once: the size of its largest variant costs nothing.
@@ -18,15 +20,24 @@ use super::*;
 pub enum ModelConfig {
     /// Sparse logistic regression: `p = sigmoid(bias + sum_j w[j] * x_j)`.
     Lr {
-        /// Sparse table of dim 1 holding one weight per feature id.
+        /// Classes of a softmax output (labels `0..classes`); absent: one
+        /// probability of the positive label.
+        #[serde(default)]
+        classes: Option<u32>,
+        /// Sparse table of dim 1 (or `classes`) holding one weight per
+        /// feature id (and class).
         #[serde(default = "default_weights_table")]
         weights: String,
-        /// Dense table of 1 row x dim 1 holding the bias.
+        /// Dense table of 1 row x dim 1 (or `classes`) holding the bias.
         #[serde(default = "default_bias_table")]
         bias: String,
     },
     /// Factorization machine: LR plus `sum_{i<j} <v_i, v_j> x_i x_j`.
     Fm {
+        /// Classes of a softmax output (labels `0..classes`); absent: one
+        /// probability of the positive label.
+        #[serde(default)]
+        classes: Option<u32>,
         /// Sparse table of dim 1 (linear part).
         #[serde(default = "default_weights_table")]
         weights: String,
@@ -39,6 +50,10 @@ pub enum ModelConfig {
     },
     /// DeepFM: FM plus an MLP over the per-field pooled embeddings.
     Deepfm {
+        /// Classes of a softmax output (labels `0..classes`); absent: one
+        /// probability of the positive label.
+        #[serde(default)]
+        classes: Option<u32>,
         /// Sparse table of dim 1 (linear part).
         #[serde(default = "default_weights_table")]
         weights: String,
@@ -54,6 +69,10 @@ pub enum ModelConfig {
     /// Wide&Deep: the linear (wide) part plus an MLP over the per-field
     /// pooled embeddings.
     WideDeep {
+        /// Classes of a softmax output (labels `0..classes`); absent: one
+        /// probability of the positive label.
+        #[serde(default)]
+        classes: Option<u32>,
         /// Sparse table of dim 1 (wide part).
         #[serde(default = "default_weights_table")]
         weights: String,
@@ -70,6 +89,10 @@ pub enum ModelConfig {
     /// (no linear part; `hidden = []` is a single linear layer, as in the
     /// ctr26 benchmark).
     Dnn {
+        /// Classes of a softmax output (labels `0..classes`); absent: one
+        /// probability of the positive label.
+        #[serde(default)]
+        classes: Option<u32>,
         /// Dense 1 x 1 table (bias).
         #[serde(default = "default_bias_table")]
         bias: String,
@@ -197,7 +220,24 @@ impl ModelConfig {
         match self {
             ModelConfig::Resnet(c) => c.classes,
             ModelConfig::Inception(c) => c.classes,
-            _ => 1,
+            ModelConfig::Multitask { .. } => 1,
+            ModelConfig::Lr { classes, .. }
+            | ModelConfig::Fm { classes, .. }
+            | ModelConfig::Deepfm { classes, .. }
+            | ModelConfig::WideDeep { classes, .. }
+            | ModelConfig::Dnn { classes, .. } => classes.unwrap_or(1),
+        }
+    }
+
+    /// The `classes` a single-task model sets (`None`: binary).
+    fn declared_classes(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Lr { classes, .. }
+            | ModelConfig::Fm { classes, .. }
+            | ModelConfig::Deepfm { classes, .. }
+            | ModelConfig::WideDeep { classes, .. }
+            | ModelConfig::Dnn { classes, .. } => *classes,
+            _ => None,
         }
     }
 
@@ -277,7 +317,7 @@ impl ModelConfig {
                 let mut width = input;
                 if let Some(shared) = shared {
                     let shared_input = input + task_embedding.map_or(0, |te| te.dim);
-                    specs.extend(shared.layer_specs(&shared.name, shared_input, seed, false));
+                    specs.extend(shared.layer_specs(&shared.name, shared_input, seed, None));
                     width = shared.hidden.last().copied().unwrap_or(input);
                 }
                 if let Some(te) = task_embedding {
@@ -286,7 +326,7 @@ impl ModelConfig {
                 if let Some(experts) = experts {
                     for e in 0..experts.count {
                         let prefix = format!("{}.{e}", experts.mlp.name);
-                        specs.extend(experts.mlp.layer_specs(&prefix, input, seed, false));
+                        specs.extend(experts.mlp.layer_specs(&prefix, input, seed, None));
                     }
                     width = experts.mlp.hidden.last().copied().unwrap_or(input);
                 }
@@ -296,7 +336,7 @@ impl ModelConfig {
                 }
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);
-                    specs.extend(tower.layer_specs(&prefix, width, seed, true));
+                    specs.extend(tower.layer_specs(&prefix, width, seed, Some(1)));
                     specs.push(dense_spec(
                         format!("{prefix}.bias"),
                         1,
@@ -321,7 +361,7 @@ impl ModelConfig {
             }
             _ => self
                 .mlp()
-                .map(|m| m.table_specs(input, seed))
+                .map(|m| m.table_specs(input, self.classes(), seed))
                 .unwrap_or_default(),
         }
     }
@@ -343,6 +383,20 @@ impl ModelConfig {
     ) -> Result<(), (String, String)> {
         let model = self.kind_name();
         self.validate_conv_net()?;
+        if let Some(classes) = self.declared_classes() {
+            super::convnet::validate_classes(classes)?;
+            if matches!(self, ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }) {
+                return Err((
+                    "model.classes".into(),
+                    format!(
+                        "the {model} model's pairwise term is one score per example, which a softmax \
+                         over classes ignores: multi-class models are lr, dnn, wide_deep, resnet and inception"
+                    ),
+                ));
+            }
+        }
+        // The linear part and the bias hold one value per output.
+        let outputs = self.classes();
         let get = |field: &str, name: &str| {
             tables.get(name).ok_or_else(|| {
                 (
@@ -353,19 +407,25 @@ impl ModelConfig {
         };
         if let Some(weights) = self.weights_table() {
             let w = get("weights", weights)?;
-            if w.kind != TableKindConfig::Sparse || w.dim != 1 {
+            if w.kind != TableKindConfig::Sparse || w.dim != outputs {
                 return Err((
                     format!("tables.{weights}"),
-                    format!("the {model} model needs a sparse table with dim = 1"),
+                    format!(
+                        "the {model} model needs a sparse table with dim = {outputs}{}",
+                        per_class(outputs)
+                    ),
                 ));
             }
         }
         if let Some(bias) = self.bias_table() {
             let b = get("bias", bias)?;
-            if b.kind != TableKindConfig::Dense || b.dim != 1 || b.rows != Some(1) {
+            if b.kind != TableKindConfig::Dense || b.dim != outputs || b.rows != Some(1) {
                 return Err((
                     format!("tables.{bias}"),
-                    format!("the {model} model needs a dense table with rows = 1 and dim = 1"),
+                    format!(
+                        "the {model} model needs a dense table with rows = 1 and dim = {outputs}{}",
+                        per_class(outputs)
+                    ),
                 ));
             }
         }
@@ -489,5 +549,14 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// How a table's dim follows from `classes` in an error message.
+fn per_class(outputs: u32) -> String {
+    if outputs > 1 {
+        format!(" (one value per class: model.classes = {outputs})")
+    } else {
+        String::new()
     }
 }

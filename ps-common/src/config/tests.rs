@@ -565,3 +565,94 @@ fn task_sharing_settings_that_cannot_work_are_named() {
         assert!(err.to_string().contains(message), "{from} -> {to}: {err}");
     }
 }
+
+/// A Wide&Deep model over 5 classes: the wide part and the bias hold a
+/// value per class, and so does the MLP's output layer.
+const CLASSES: &str = r#"
+[data]
+train = "train.libsvm"
+fields = 1
+
+[model]
+kind = "wide_deep"
+classes = 5
+mlp = { hidden = [8], optimizer = { kind = "adam", lr = 0.003 } }
+
+[tables.weights]
+kind = "sparse"
+dim = 5
+initializer = { kind = "zeros" }
+optimizer = { kind = "adagrad", lr = 0.05 }
+
+[tables.bias]
+kind = "dense"
+rows = 1
+dim = 5
+initializer = { kind = "zeros" }
+optimizer = { kind = "adagrad", lr = 0.05 }
+
+[tables.embeddings]
+kind = "sparse"
+dim = 4
+initializer = { kind = "normal", std = 0.1 }
+optimizer = { kind = "adagrad", lr = 0.02 }
+"#;
+
+#[test]
+fn a_multiclass_model_holds_a_value_per_class_in_its_output_tables() {
+    let job = JobConfig::from_toml(CLASSES, Path::new(".")).unwrap();
+    assert_eq!(job.model.classes(), 5);
+    let specs = job.table_specs();
+    let out = specs.iter().find(|s| s.name == "mlp.out.w").unwrap();
+    assert_eq!((out.kind.rows(), out.dim), (Some(8), 5));
+    let binary = JobConfig::from_toml(JOB, Path::new(".")).unwrap();
+    assert_eq!(binary.model.classes(), 1, "no classes: binary");
+}
+
+#[test]
+fn multiclass_settings_that_cannot_work_are_named() {
+    for (from, to, key, message) in [
+        (
+            "classes = 5",
+            "classes = 1",
+            "model.classes",
+            "between 2 and 65536",
+        ),
+        (
+            "dim = 5\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\", lr = 0.05 }\n\n[tables.bias]",
+            "dim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"adagrad\", lr = 0.05 }\n\n[tables.bias]",
+            "tables.weights",
+            "dim = 5 (one value per class: model.classes = 5)",
+        ),
+        (
+            "rows = 1\ndim = 5",
+            "rows = 1\ndim = 1",
+            "tables.bias",
+            "rows = 1 and dim = 5",
+        ),
+        (
+            "kind = \"wide_deep\"",
+            "kind = \"deepfm\"",
+            "model.classes",
+            "multi-class models are lr, dnn, wide_deep",
+        ),
+        (
+            "train = \"train.libsvm\"",
+            "train = \"train.libsvm\"\nnegative_sampling = 0.5",
+            "data.negative_sampling",
+            "needs a binary model",
+        ),
+        (
+            "train = \"train.libsvm\"\nfields = 1",
+            "format = \"criteo\"\ntrain = \"day_0\"\nfields = 39",
+            "model.classes",
+            "criteo's label is a click",
+        ),
+    ] {
+        let src = CLASSES.replace(from, to);
+        assert_ne!(src, CLASSES, "{from:?} is in the job");
+        let err = error_of(&src);
+        assert_eq!(err.key.as_deref(), Some(key), "{from} -> {to}: {err}");
+        assert!(err.to_string().contains(message), "{from} -> {to}: {err}");
+    }
+}

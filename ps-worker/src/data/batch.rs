@@ -4,7 +4,8 @@
 /// A batch of examples in compressed-sparse-row form.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
-    /// Labels, 0 or 1: `tasks` per example (example-major).
+    /// Labels, example-major: 0 or 1 per task, or a multi-class example's
+    /// class index.
     pub labels: Vec<f32>,
     /// Example `i`'s features are `ids[offsets[i]..offsets[i + 1]]`.
     pub offsets: Vec<usize>,

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use ps_common::config::CsvConfig;
 
 use super::Batch;
-use super::parse::{Numeric, hashed_id, parse_label};
+use super::parse::{LabelFormat, Numeric, hashed_id};
 
 /// Where the label, numeric and categorical columns of a file are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +98,7 @@ impl CsvLayout {
         &self,
         line: &str,
         numeric: Numeric,
-        tasks: usize,
+        labels: LabelFormat,
         batch: &mut Batch,
     ) -> Result<(), String> {
         let mut cells = Vec::with_capacity(self.width);
@@ -115,11 +115,11 @@ impl CsvLayout {
             ));
         }
         let labels = if self.labels.is_empty() {
-            vec![0.0; tasks]
+            vec![0.0; labels.tasks]
         } else {
             self.labels
                 .iter()
-                .map(|&c| parse_label(cells[c].trim()))
+                .map(|&c| labels.parse_one(cells[c].trim()))
                 .collect::<Result<Vec<f32>, String>>()?
         };
         let name = |field: usize| &self.numeric_names[field];

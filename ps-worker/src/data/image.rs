@@ -9,6 +9,7 @@ use ps_common::config::{AugmentConfig, ImageConfig, JobConfig};
 use ps_common::init::RowRng;
 
 use super::Batch;
+use super::parse::parse_class;
 
 /// How a `pixels` line reads.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,16 +35,7 @@ impl Pixels {
         let mut tokens = text
             .split(|c: char| c == ',' || c.is_ascii_whitespace())
             .filter(|t| !t.is_empty());
-        let label = tokens.next().unwrap_or_default();
-        let class = match label.parse::<u32>() {
-            Ok(c) if (c as usize) < self.classes => c,
-            _ => {
-                return Err(format!(
-                    "label {label:?} is not a class index in 0..{}",
-                    self.classes
-                ));
-            }
-        };
+        let class = parse_class(tokens.next().unwrap_or_default(), self.classes)?;
         let want = self.image.pixels();
         let start = batch.dense.len();
         let mut count = 0;
@@ -72,7 +64,7 @@ impl Pixels {
                 "{found} pixel values, [data.image] says {h} x {w} x {c} = {want}"
             ));
         }
-        batch.push_example(&[class as f32]);
+        batch.push_example(&[class]);
         Ok(())
     }
 }

@@ -95,8 +95,8 @@ pub struct LineFormat {
     pub format: DataFormat,
     /// libffm: fields are below this.
     pub fields: u32,
-    /// Labels per example.
-    pub tasks: usize,
+    /// What a label holds (not read: served lines have none).
+    pub labels: LabelFormat,
     /// Numeric columns (Criteo, CSV).
     pub numeric: Numeric,
     /// CSV: the job's numeric then categorical columns, in its order.
@@ -111,7 +111,7 @@ impl LineFormat {
         LineFormat {
             format: job.data.format,
             fields: job.data.fields,
-            tasks: job.model.tasks().len().max(1),
+            labels: LabelFormat::of(&job.model),
             numeric: Numeric::of(&job.data),
             csv: job.data.csv.as_ref().map(CsvLayout::unlabeled),
             pixels: Pixels::of_job(job),
@@ -122,15 +122,15 @@ impl LineFormat {
     /// `batch` (labelled 0); a malformed line leaves `batch` as it was
     /// and says what is wrong with it.
     pub fn parse_unlabeled(&self, text: &str, batch: &mut Batch) -> Result<(), String> {
-        let zeros = vec!["0"; self.tasks].join(",");
+        let zeros = self.labels.placeholder();
         match self.format {
-            DataFormat::Libsvm => parse_libsvm_line(&format!("{zeros} {text}"), self.tasks, batch),
+            DataFormat::Libsvm => parse_libsvm_line(&format!("{zeros} {text}"), self.labels, batch),
             DataFormat::Libffm => {
-                parse_libffm_line(&format!("{zeros} {text}"), self.fields, self.tasks, batch)
+                parse_libffm_line(&format!("{zeros} {text}"), self.fields, self.labels, batch)
             }
             DataFormat::Criteo => parse_criteo_line(&format!("0\t{text}"), self.numeric, batch),
             DataFormat::Csv => match &self.csv {
-                Some(layout) => layout.parse(text, self.numeric, self.tasks, batch),
+                Some(layout) => layout.parse(text, self.numeric, self.labels, batch),
                 None => Err("the job's format is csv but it has no [data.csv]".into()),
             },
             DataFormat::Pixels => match &self.pixels {
@@ -175,7 +175,7 @@ pub struct Batches {
     format: DataFormat,
     fields: u32,
     numeric: Numeric,
-    tasks: usize,
+    labels: LabelFormat,
     /// CSV: the configured columns, and where the header put them.
     csv: Option<(CsvConfig, Option<CsvLayout>)>,
     source_name: String,
@@ -234,7 +234,7 @@ impl Batches {
         let mut batches =
             Self::open_format(source, data.format, data.fields, rank, world, batch_size)?
                 .numeric(Numeric::of(data))
-                .tasks(job.model.tasks().len());
+                .labels(LabelFormat::of(&job.model));
         batches.pixels = Pixels::of_job(job);
         if let Some(csv) = &data.csv {
             batches = batches.csv(csv.clone());
@@ -292,9 +292,14 @@ impl Batches {
         self
     }
 
-    /// Labels per line (multi-task data: `1,0 ...`); default 1.
-    pub fn tasks(mut self, tasks: usize) -> Self {
-        self.tasks = tasks.max(1);
+    /// Binary labels per line (multi-task data: `1,0 ...`); default 1.
+    pub fn tasks(self, tasks: usize) -> Self {
+        self.labels(LabelFormat::binary(tasks))
+    }
+
+    /// What a line's label holds (default: one binary label).
+    pub fn labels(mut self, labels: LabelFormat) -> Self {
+        self.labels = labels;
         self
     }
 
@@ -348,7 +353,7 @@ impl Batches {
             format,
             fields,
             numeric: Numeric::default(),
-            tasks: 1,
+            labels: LabelFormat::binary(1),
             csv: None,
             source_name: source.to_string(),
             rank,
@@ -489,12 +494,12 @@ impl Batches {
                 }
             }
             let parsed = match self.format {
-                DataFormat::Libsvm => parse_libsvm_line(text, self.tasks, &mut batch),
-                DataFormat::Libffm => parse_libffm_line(text, self.fields, self.tasks, &mut batch),
+                DataFormat::Libsvm => parse_libsvm_line(text, self.labels, &mut batch),
+                DataFormat::Libffm => parse_libffm_line(text, self.fields, self.labels, &mut batch),
                 DataFormat::Criteo => parse_criteo_line(&self.buf, self.numeric, &mut batch),
                 DataFormat::Csv => match &self.csv {
                     Some((_, Some(layout))) => {
-                        layout.parse(&self.buf, self.numeric, self.tasks, &mut batch)
+                        layout.parse(&self.buf, self.numeric, self.labels, &mut batch)
                     }
                     _ => Err("no header read".into()),
                 },
@@ -614,6 +619,6 @@ mod tests;
 pub use batch::Batch;
 pub use csv::CsvLayout;
 pub use image::{Augment, Pixels};
-pub use parse::Numeric;
+pub use parse::{LabelFormat, Numeric};
 use parse::{parse_criteo_line, parse_libffm_line, parse_libsvm_line};
 use select::{Sampling, Shuffle};

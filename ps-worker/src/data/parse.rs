@@ -4,16 +4,20 @@
 //! says what was wrong.
 
 pub(super) use ps_common::config::{CRITEO_CATEGORIES, CRITEO_INTEGERS};
-use ps_common::config::{DataConfig, IntegerFeatures, Normalize};
+use ps_common::config::{DataConfig, IntegerFeatures, ModelConfig, Normalize};
 use ps_common::routing::{fnv1a64, mix64};
 
 use super::Batch;
 
 /// Parses `label idx:val idx:val ...` and appends it to `batch`; on error the
 /// batch is left unchanged.
-pub(super) fn parse_libsvm_line(text: &str, tasks: usize, batch: &mut Batch) -> Result<(), String> {
+pub(super) fn parse_libsvm_line(
+    text: &str,
+    labels: LabelFormat,
+    batch: &mut Batch,
+) -> Result<(), String> {
     let mut fields = text.split_ascii_whitespace();
-    let labels = parse_labels(fields.next().unwrap_or_default(), tasks)?;
+    let labels = labels.parse(fields.next().unwrap_or_default())?;
     let start = batch.ids.len();
     for field in fields {
         let parsed = field
@@ -37,20 +41,74 @@ pub(super) fn parse_libsvm_line(text: &str, tasks: usize, batch: &mut Batch) -> 
     Ok(())
 }
 
-/// Parses a label token: `tasks` comma-separated numbers, each read by
-/// [`parse_label`].
-pub(super) fn parse_labels(token: &str, tasks: usize) -> Result<Vec<f32>, String> {
-    let labels = token
-        .split(',')
-        .map(parse_label)
-        .collect::<Result<Vec<f32>, String>>()?;
-    if labels.len() != tasks {
-        return Err(format!(
-            "{} label(s) in {token:?}, the model has {tasks} task(s)",
-            labels.len()
-        ));
+/// What a line's label token holds: a 0/1 label per task, or the class
+/// index of a multi-class model's example.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelFormat {
+    /// Labels per example (tasks of a multi-task model, else 1).
+    pub tasks: usize,
+    /// Classes of a multi-class model; 1 for binary labels.
+    pub classes: usize,
+}
+
+impl LabelFormat {
+    /// One binary label per task.
+    pub fn binary(tasks: usize) -> LabelFormat {
+        LabelFormat {
+            tasks: tasks.max(1),
+            classes: 1,
+        }
     }
-    Ok(labels)
+
+    /// The labels of `model`'s data.
+    pub fn of(model: &ModelConfig) -> LabelFormat {
+        LabelFormat {
+            tasks: model.tasks().len().max(1),
+            classes: model.classes().max(1) as usize,
+        }
+    }
+
+    /// A label token that parses (all zeros), for lines served without one.
+    pub(super) fn placeholder(&self) -> String {
+        vec!["0"; self.tasks].join(",")
+    }
+
+    /// Parses a label token: `tasks` comma-separated labels, each read
+    /// by [`LabelFormat::parse_one`].
+    pub(super) fn parse(&self, token: &str) -> Result<Vec<f32>, String> {
+        let labels = token
+            .split(',')
+            .map(|label| self.parse_one(label))
+            .collect::<Result<Vec<f32>, String>>()?;
+        if labels.len() != self.tasks {
+            return Err(format!(
+                "{} label(s) in {token:?}, the model has {} task(s)",
+                labels.len(),
+                self.tasks
+            ));
+        }
+        Ok(labels)
+    }
+
+    /// One label: a class index of a multi-class model, else binary
+    /// ([`parse_label`]).
+    pub(super) fn parse_one(&self, text: &str) -> Result<f32, String> {
+        if self.classes > 1 {
+            parse_class(text, self.classes)
+        } else {
+            parse_label(text)
+        }
+    }
+}
+
+/// A class index below `classes`.
+pub(super) fn parse_class(text: &str, classes: usize) -> Result<f32, String> {
+    match text.parse::<u32>() {
+        Ok(c) if (c as usize) < classes => Ok(c as f32),
+        _ => Err(format!(
+            "label {text:?} is not a class index in 0..{classes}"
+        )),
+    }
 }
 
 /// One label: a positive number (> 0) is 1, any other number 0 (libsvm's
@@ -68,11 +126,11 @@ pub(super) fn parse_label(text: &str) -> Result<f32, String> {
 pub(super) fn parse_libffm_line(
     text: &str,
     fields: u32,
-    tasks: usize,
+    labels: LabelFormat,
     batch: &mut Batch,
 ) -> Result<(), String> {
     let mut tokens = text.split_ascii_whitespace();
-    let labels = parse_labels(tokens.next().unwrap_or_default(), tasks)?;
+    let labels = labels.parse(tokens.next().unwrap_or_default())?;
     // `fields` may be shorter than `ids` (examples without fields).
     let (start, fields_start) = (batch.ids.len(), batch.fields.len());
     let fail = |batch: &mut Batch, message: String| {

@@ -34,7 +34,7 @@ mod examples {
         let mut fielded = Batch::new();
         fielded.push_features(&[7, 8], &[1.0, 0.5], &[2, 3], 2);
         let mut plain = Batch::new();
-        parse_libsvm_line("1,0 5:1 6:2", 2, &mut plain).unwrap();
+        parse_libsvm_line("1,0 5:1 6:2", LabelFormat::binary(2), &mut plain).unwrap();
         let mut merged = Batch::new();
         merged.append(&plain);
         merged.append(&fielded);
@@ -49,6 +49,40 @@ mod examples {
             "field 0 where none was given"
         );
         assert_eq!(merged.labels, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn a_multiclass_label_is_a_class_index_below_the_classes() {
+        let labels = LabelFormat {
+            tasks: 1,
+            classes: 4,
+        };
+        let mut batch = Batch::new();
+        parse_libsvm_line("3 1:1 2:0.5", labels, &mut batch).unwrap();
+        parse_libffm_line("0 0:7:1", 2, labels, &mut batch).unwrap();
+        assert_eq!(batch.labels, vec![3.0, 0.0]);
+        let before = batch.clone();
+        for (line, message) in [
+            ("4 1:1", "label \"4\" is not a class index in 0..4"),
+            ("-1 1:1", "label \"-1\" is not a class index"),
+            ("1.5 1:1", "label \"1.5\" is not a class index"),
+            ("1,2 1:1", "2 label(s) in \"1,2\", the model has 1 task(s)"),
+        ] {
+            let err = parse_libsvm_line(line, labels, &mut batch).unwrap_err();
+            assert!(err.contains(message), "{line}: {err}");
+        }
+        assert_eq!(batch, before, "refused lines change nothing");
+        // Served lines have no label: they read as class 0.
+        let served = LineFormat {
+            format: DataFormat::Libffm,
+            fields: 2,
+            labels,
+            numeric: Numeric::default(),
+            csv: None,
+            pixels: None,
+        };
+        served.parse_unlabeled("1:9:1", &mut batch).unwrap();
+        assert_eq!((batch.len(), batch.labels[2]), (3, 0.0));
     }
 
     /// A bounded fuzz harness (no extra tooling): random lines, some valid,
@@ -79,13 +113,20 @@ mod examples {
             }
             for format in 0..4 {
                 let mut batch = Batch::new();
-                let tasks = if format == 3 { 1 } else { 1 + case % 2 };
+                let labels = match (format, case % 3) {
+                    (_, 2) => LabelFormat {
+                        tasks: 1,
+                        classes: 4,
+                    },
+                    (3, _) => LabelFormat::binary(1),
+                    (_, tasks) => LabelFormat::binary(1 + tasks),
+                };
                 let before = batch.clone();
                 let result = match format {
-                    0 => parse_libsvm_line(&line, tasks, &mut batch),
-                    1 => parse_libffm_line(&line, 3, tasks, &mut batch),
+                    0 => parse_libsvm_line(&line, labels, &mut batch),
+                    1 => parse_libffm_line(&line, 3, labels, &mut batch),
                     2 => parse_criteo_line(&line, Numeric::default(), &mut batch),
-                    _ => csv.parse(&line, csv_numeric(), tasks, &mut batch),
+                    _ => csv.parse(&line, csv_numeric(), labels, &mut batch),
                 };
                 match result {
                     Err(_) => {
@@ -94,7 +135,7 @@ mod examples {
                     }
                     Ok(()) => {
                         accepted += 1;
-                        let width = if format == 2 { 1 } else { tasks };
+                        let width = if format == 2 { 1 } else { labels.tasks };
                         assert_eq!(batch.len(), 1, "{line:?}");
                         assert_eq!(batch.labels.len(), width, "{line:?}");
                         assert_eq!(batch.ids.len(), batch.values.len(), "{line:?}");
@@ -362,9 +403,9 @@ mod examples {
     #[test]
     fn a_batch_truncates_to_its_first_examples() {
         let mut batch = Batch::new();
-        parse_libffm_line("1 0:1:1 1:2:1", 2, 1, &mut batch).unwrap();
+        parse_libffm_line("1 0:1:1 1:2:1", 2, LabelFormat::binary(1), &mut batch).unwrap();
         let one = batch.clone();
-        parse_libffm_line("0 0:3:1", 2, 1, &mut batch).unwrap();
+        parse_libffm_line("0 0:3:1", 2, LabelFormat::binary(1), &mut batch).unwrap();
         batch.truncate(1);
         assert_eq!(batch, one);
         batch.truncate(5);
@@ -697,20 +738,25 @@ mod properties {
         #[test]
         fn a_line_adds_one_consistent_example_or_changes_nothing(
             line in any_line(),
-            tasks in 1usize..3,
+            kind in 0usize..3,
             format in 0usize..4,
         ) {
-            let tasks = if format == 3 { 1 } else { tasks };
+            // One or two binary labels, or a class index of 4 classes.
+            let labels = match (format, kind) {
+                (_, 2) => LabelFormat { tasks: 1, classes: 4 },
+                (3, _) => LabelFormat::binary(1),
+                (_, tasks) => LabelFormat::binary(1 + tasks),
+            };
             // A batch that already holds an example.
             let mut batch = Batch::new();
-            let first = if tasks == 2 { "1,0 3:1" } else { "1 3:1" };
-            prop_assert!(parse_libsvm_line(first, tasks, &mut batch).is_ok());
+            let first = if labels.tasks == 2 { "1,0 3:1" } else { "1 3:1" };
+            prop_assert!(parse_libsvm_line(first, labels, &mut batch).is_ok());
             let before = batch.clone();
             let result = match format {
-                0 => parse_libsvm_line(&line, tasks, &mut batch),
-                1 => parse_libffm_line(&line, 4, tasks, &mut batch),
+                0 => parse_libsvm_line(&line, labels, &mut batch),
+                1 => parse_libffm_line(&line, 4, labels, &mut batch),
                 2 => parse_criteo_line(&line, Numeric::default(), &mut batch),
-                _ => csv_layout().parse(&line, csv_numeric(), tasks, &mut batch),
+                _ => csv_layout().parse(&line, csv_numeric(), labels, &mut batch),
             };
             match result {
                 Err(message) => {

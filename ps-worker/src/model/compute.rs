@@ -23,7 +23,7 @@ impl Model {
         let (n, unique, tasks) = (plan_host.examples, plan_host.unique, self.heads.len());
         let plan = backend.upload_plan(plan_host)?;
         let w = match self.linear {
-            Some(i) => Some(backend.upload(&pulled.sparse[i], unique, 1)?),
+            Some(i) => Some(backend.upload(&pulled.sparse[i], unique, self.sparse[i].dim)?),
             None => None,
         };
         let v = match self.embeddings {
@@ -106,10 +106,13 @@ impl Model {
         let mut loss_sum = 0f64;
         // Probabilities are for evaluation; training needs only the loss and
         // its gradient (no sigmoid kernel and no copy back per step).
+        let outputs = self.outputs();
         let mut probs = match mode {
-            Mode::Eval => vec![0f32; n * tasks],
+            Mode::Eval => vec![0f32; n * outputs],
             Mode::Train { .. } => Vec::new(),
         };
+        // Where each head's probabilities start within an example's.
+        let mut first_output = 0;
         // Each task's representation (MMoE's mix, or h), and with
         // cross-attention what the tasks gathered from one another.
         let reps: Vec<Option<&B::Tensor>> = (0..tasks)
@@ -149,23 +152,24 @@ impl Model {
             }
             let z = match z {
                 Some(z) => z,
-                None => backend.upload(&vec![0.0; n], n, 1)?,
+                None => backend.upload(&vec![0.0; n * head.classes], n, head.classes)?,
             };
             let bias = self.upload_dense(backend, pulled, head.bias)?;
             let logits = backend.bias_act(&z, &bias, Activation::Identity, None)?;
             let labels: Vec<f32> = (0..n).map(|b| pulled.labels[b * tasks + t]).collect();
-            let labels = backend.upload(&labels, n, 1)?;
-            let (loss, dlogits) = backend.bce_with_logits(&logits, &labels)?;
+            let (loss, dlogits) = head_loss(backend, &logits, &labels)?;
             loss_sum += f64::from(head.weight) * loss;
             if mode == Mode::Eval {
-                for (b, p) in backend
-                    .download(&backend.sigmoid(&logits)?)?
-                    .into_iter()
-                    .enumerate()
-                {
-                    probs[b * tasks + t] = self.corrected(p);
+                let classes = head.classes;
+                for (b, p) in head_probs(backend, &logits)?.chunks(classes).enumerate() {
+                    let at = b * outputs + first_output;
+                    probs[at..at + classes].copy_from_slice(p);
+                    if classes == 1 {
+                        probs[at] = self.corrected(p[0]);
+                    }
                 }
             }
+            first_output += head.classes;
             heads.push((logits, dlogits, tape));
         }
         let Mode::Train { .. } = mode else {
@@ -520,6 +524,38 @@ impl Model {
         let t = &self.dense[i];
         backend.upload(&pulled.dense[i], t.rows.unwrap_or(1), t.dim)
     }
+}
+
+/// The loss summed over a head's logits `[n, classes]` against its labels
+/// (0/1, or class indices) and the gradient of its mean: binary
+/// cross-entropy for one column, softmax cross-entropy for several.
+pub(super) fn head_loss<B: Backend>(
+    backend: &B,
+    logits: &B::Tensor,
+    labels: &[f32],
+) -> Result<(f64, B::Tensor), BackendError> {
+    let [n, classes] = backend.shape(logits);
+    let labels = backend.upload(labels, n, 1)?;
+    if classes > 1 {
+        backend.softmax_cross_entropy(logits, &labels)
+    } else {
+        backend.bce_with_logits(logits, &labels)
+    }
+}
+
+/// A head's probabilities, example-major: the sigmoid of one logit, or the
+/// softmax over the classes.
+pub(super) fn head_probs<B: Backend>(
+    backend: &B,
+    logits: &B::Tensor,
+) -> Result<Vec<f32>, BackendError> {
+    let [_, classes] = backend.shape(logits);
+    let probs = if classes > 1 {
+        backend.softmax_rows(logits)?
+    } else {
+        backend.sigmoid(logits)?
+    };
+    backend.download(&probs)
 }
 
 /// What the MLP's forward pass keeps for the backward pass.

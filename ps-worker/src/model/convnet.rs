@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use ps_common::config::{Body, ConvNet, ConvSpec, ImageConfig, InceptionModule, ResidualBlock};
 
+use super::compute::{head_loss, head_probs};
 use super::norm::{Norm, norm_backward, norm_forward};
 use super::{Gradients, Layer, Mode, Output, Pulled, TableUse};
 use crate::backend::{Activation, Backend, BackendError, PoolKind, Window, shape_error};
@@ -174,12 +175,11 @@ impl ConvModel {
             Activation::Identity,
             None,
         )?;
-        let labels = backend.upload(&pulled.labels, n, 1)?;
-        let (loss_sum, dlogits) = backend.softmax_cross_entropy(&logits, &labels)?;
+        let (loss_sum, dlogits) = head_loss(backend, &logits, &pulled.labels)?;
         if mode == Mode::Eval {
             return Ok(Output {
                 loss_sum,
-                probs: backend.download(&backend.softmax_rows(&logits)?)?,
+                probs: head_probs(backend, &logits)?,
                 grads: None,
             });
         }

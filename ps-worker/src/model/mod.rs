@@ -1,10 +1,12 @@
 //! The models: LR, FM, DeepFM, Wide&Deep, DNN, multi-task and the image
 //! models (ResNet, Inception) over server-side tables.
 //!
-//! One [`Model`] covers all four: a linear part (sparse `weights`, dim 1) and
-//! a `bias`, optionally an FM interaction over a sparse `embeddings` table,
-//! optionally an MLP over the per-field pooled embeddings whose weights are
-//! dense tables. The worker holds nothing between steps: [`Model::pull`]
+//! One [`Model`] covers them all: a linear part (sparse `weights`, dim 1)
+//! and a `bias`, optionally an FM interaction over a sparse `embeddings`
+//! table, optionally an MLP over the per-field pooled embeddings whose
+//! weights are dense tables. Each head ends in one logit under a sigmoid,
+//! or (`classes`) one per class under a softmax, the linear part and the
+//! bias then holding a value per class. The worker holds nothing between steps: [`Model::pull`]
 //! fetches what a batch touches, [`Model::compute`] runs forward (and in
 //! training backward) on any [`crate::backend::Backend`], and
 //! [`Model::push`] sends the gradients.
@@ -95,8 +97,11 @@ struct Mlp {
 #[derive(Debug, Clone, PartialEq)]
 struct Head {
     tower: Option<Mlp>,
-    /// Index of the head's 1 x 1 bias among the dense tables.
+    /// Index of the head's `1 x classes` bias among the dense tables.
     bias: usize,
+    /// Logits of the head: 1 (a probability, binary cross-entropy) or the
+    /// classes of a softmax.
+    classes: usize,
     weight: f32,
     /// MMoE: index of the head's gate (`input x experts`) among the dense tables.
     gate: Option<usize>,
@@ -209,10 +214,12 @@ pub enum Mode {
 /// The result of one forward (and backward) pass.
 #[derive(Debug, Clone)]
 pub struct Output {
-    /// Summed binary cross-entropy over the batch.
+    /// Cross-entropy summed over the batch (binary per task, or over the
+    /// classes), tasks weighted.
     pub loss_sum: f64,
-    /// Predicted probabilities, example-major, one per task (evaluation
-    /// only: empty in training).
+    /// Predicted probabilities, example-major, [`Model::outputs`] per
+    /// example: one per task, or a distribution over the classes
+    /// (evaluation only: empty in training).
     pub probs: Vec<f32>,
     /// Gradients of the mean loss (training only).
     pub grads: Option<Gradients>,
@@ -228,11 +235,12 @@ impl Model {
         }
         let mut sparse = Vec::new();
         let mut dense = Vec::new();
+        let classes = job.model.classes().max(1) as usize;
         let linear = job.model.weights_table().map(|weights| {
             sparse.push(TableUse {
                 name: weights.into(),
                 rows: None,
-                dim: 1,
+                dim: classes,
                 statistic: false,
             });
             sparse.len() - 1
@@ -241,7 +249,7 @@ impl Model {
             dense.push(TableUse {
                 name: bias.into(),
                 rows: Some(1),
-                dim: 1,
+                dim: classes,
                 statistic: false,
             });
             dense.len() - 1
@@ -357,6 +365,7 @@ impl Model {
                         Head {
                             tower: Some(mlp(tower, &prefix, width, (t as u64 + 2) << 40)),
                             bias: index(&format!("{prefix}.bias")).unwrap_or(first),
+                            classes: 1,
                             weight: task.weight,
                             gate: index(&format!("{prefix}.gate")),
                         }
@@ -370,6 +379,7 @@ impl Model {
                 vec![Head {
                     tower: config.mlp().map(|c| mlp(c, &c.name, input, 0)),
                     bias: declared_bias.unwrap_or(0),
+                    classes,
                     weight: 1.0,
                     gate: None,
                 }],
@@ -420,6 +430,7 @@ impl Model {
             heads: vec![Head {
                 tower: None,
                 bias: 0,
+                classes: conv.classes(),
                 weight: 1.0,
                 gate: None,
             }],
@@ -432,10 +443,7 @@ impl Model {
     /// Values predicted per example: the classes of a multi-class model,
     /// else one probability per task.
     pub fn outputs(&self) -> usize {
-        match &self.conv {
-            Some(conv) => conv.classes(),
-            None => self.heads.len(),
-        }
+        self.heads.iter().map(|h| h.classes).sum()
     }
 
     /// Number of tasks (labels per example).

@@ -13,8 +13,13 @@ pub(crate) fn job(model: &str) -> JobConfig {
     job_with("train = \"builtin:a9a/train\"\nfields = 3", model)
 }
 
-/// As [`job`], with `data` as the `[data]` section.
+/// As [`job`], with `data` as the `[data]` section. With `classes = C` in
+/// `model`, the weights and the bias hold C values.
 fn job_with(data: &str, model: &str) -> JobConfig {
+    let outputs = model
+        .lines()
+        .find_map(|line| line.strip_prefix("classes = "))
+        .unwrap_or("1");
     let src = format!(
         r#"
 [data]
@@ -23,13 +28,13 @@ fn job_with(data: &str, model: &str) -> JobConfig {
 {model}
 [tables.weights]
 kind = "sparse"
-dim = 1
+dim = {outputs}
 initializer = {{ kind = "zeros" }}
 optimizer = {{ kind = "sgd", lr = 0.1 }}
 [tables.bias]
 kind = "dense"
 rows = 1
-dim = 1
+dim = {outputs}
 initializer = {{ kind = "zeros" }}
 optimizer = {{ kind = "sgd", lr = 0.1 }}
 [tables.embeddings]
@@ -93,6 +98,15 @@ pub(crate) const MODELS: &[(&str, &str)] = &[
         "cross_attention_mmoe",
         "kind = \"multitask\"\ntasks = [{ name = \"click\" }, { name = \"buy\" }]\nexperts = { count = 2, mlp = { name = \"expert\", hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } } }\ntower = { hidden = [3], optimizer = { kind = \"sgd\", lr = 0.1 } }\ncross_attention = { heads = 2, dim = 4 }",
     ),
+    ("lr_classes", "kind = \"lr\"\nclasses = 3"),
+    (
+        "wide_deep_classes",
+        "kind = \"wide_deep\"\nclasses = 4\nmlp = { hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+    (
+        "dnn_classes",
+        "kind = \"dnn\"\nclasses = 3\nmlp = { hidden = [6, 6], batch_norm = true, optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
 ];
 
 /// A batch of 6 examples over 5 distinct ids (with repeats) in 3 fields.
@@ -109,13 +123,19 @@ pub(crate) fn batch() -> Batch {
     }
 }
 
-/// Random values for every pulled table; labels for every task.
+/// Random values for every pulled table; labels for every task (class
+/// indices for a multi-class model).
 pub(crate) fn pulled(model: &Model, batch: &Batch, seed: u64) -> Pulled {
     let mut rng = Rng::new(seed);
     let mut batch = batch.clone();
     let tasks = model.tasks();
+    let values = if model.outputs() > tasks {
+        model.outputs()
+    } else {
+        2
+    };
     batch.labels = (0..batch.len() * tasks)
-        .map(|i| ((i / tasks + i % tasks + (i / tasks) / 2) % 2) as f32)
+        .map(|i| ((i / tasks + i % tasks + (i / tasks) / 2) % values) as f32)
         .collect();
     model.pulled_from(&batch, |t, n| {
         let scale = if t.rows.is_some() { 0.5 } else { 1.0 };
@@ -274,6 +294,38 @@ fn lr_computes_bias_plus_weighted_features() {
         (train.loss_sum - out.loss_sum).abs() < 1e-9,
         "same loss either way"
     );
+}
+
+#[test]
+fn multiclass_lr_is_a_softmax_over_each_class_s_weighted_features() {
+    let model = Model::from_job(&job("kind = \"lr\"\nclasses = 3"));
+    assert_eq!(model.outputs(), 3);
+    assert_eq!(model.sparse_tables()[0].dim, 3, "a weight per class");
+    let b = Batch {
+        labels: vec![2.0, 0.0],
+        offsets: vec![0, 2, 3],
+        ids: vec![1, 2, 2],
+        values: vec![1.0, 2.0, -1.0],
+        fields: Vec::new(),
+        dense: Vec::new(),
+    };
+    let mut p = pulled(&model, &b, 1);
+    p.labels = b.labels.clone();
+    // id 1: (1, 0, 0); id 2: (0, 0.5, -1); bias (0, 0, 0.5).
+    p.sparse[0] = vec![1.0, 0.0, 0.0, 0.0, 0.5, -1.0];
+    p.dense[0] = vec![0.0, 0.0, 0.5];
+    let out = model.compute(&CpuBackend, &p, Mode::Eval).unwrap();
+    let softmax = |z: [f64; 3]| {
+        let total: f64 = z.iter().map(|v| v.exp()).sum();
+        z.map(|v| v.exp() / total)
+    };
+    // Example 0: 1 * id1 + 2 * id2 + bias; example 1: -1 * id2 + bias.
+    let expect = [softmax([1.0, 1.0, -1.5]), softmax([0.0, -0.5, 1.5])];
+    let want_loss = -(expect[0][2].ln() + expect[1][0].ln());
+    for (got, want) in out.probs.iter().zip(expect.iter().flatten()) {
+        assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
+    }
+    assert!((out.loss_sum - want_loss).abs() < 1e-5, "{}", out.loss_sum);
 }
 
 #[test]

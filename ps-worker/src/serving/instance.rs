@@ -145,7 +145,7 @@ pub fn to_batch(instances: &[Instance], format: &LineFormat) -> Result<Batch, Se
                 } else {
                     values
                 };
-                batch.push_features(ids, values, fields, format.tasks);
+                batch.push_features(ids, values, fields, format.labels.tasks);
             }
         }
     }
@@ -161,7 +161,7 @@ mod tests {
         LineFormat {
             format: DataFormat::Libsvm,
             fields: 1,
-            tasks: 1,
+            labels: crate::data::LabelFormat::binary(1),
             numeric: Default::default(),
             csv: None,
             pixels: None,
