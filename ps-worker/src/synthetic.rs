@@ -16,32 +16,18 @@ pub fn write_shared_tasks(
     rows: usize,
     seed: u64,
 ) -> std::io::Result<()> {
-    const FIELDS: u64 = 10;
-    const VOCAB: u64 = 60;
-    let vector = |id: u64| {
-        let mut rng = RowRng::new(5, id);
-        [0; 4].map(|_| rng.next_normal() as f32)
+    let space = FieldVectors::<4> {
+        vocab: 60,
+        seed: 5,
+        scale: 0.35,
     };
     let (pa, pb) = ([1.0f32, -0.8, 0.6, 0.4], [0.5f32, -0.4, 0.3, 0.2]);
     let mut rng = RowRng::new(seed, 0);
     for _ in 0..rows {
-        let ids: Vec<u64> = (0..FIELDS)
-            .map(|f| f * VOCAB + rng.next_u64() % VOCAB)
-            .collect();
-        let mut r = [0f32; 4];
-        for &id in &ids {
-            for (d, v) in vector(id).iter().enumerate() {
-                r[d] += v * 0.35;
-            }
-        }
-        let logit = |p: &[f32; 4]| (0..4).map(|d| p[d] * r[d]).sum::<f32>();
+        let (ids, r) = space.draw(&mut rng);
         let mut draw = |z: f32| u8::from(rng.next_f64() < f64::from(1.0 / (1.0 + (-z).exp())));
-        let (a, b) = (draw(logit(&pa)), draw(logit(&pb)));
-        let features: String = ids
-            .iter()
-            .enumerate()
-            .map(|(f, id)| format!(" {f}:{id}:1"))
-            .collect();
+        let (a, b) = (draw(dot(&pa, &r)), draw(dot(&pb, &r)));
+        let features = libffm_features(&ids);
         writeln!(both, "{a},{b}{features}")?;
         if let Some(out) = b_only.as_deref_mut() {
             writeln!(out, "{b}{features}")?;
@@ -64,33 +50,17 @@ pub fn write_related_tasks(
     rows: usize,
     seed: u64,
 ) -> std::io::Result<[(Vec<f32>, Vec<f32>); 3]> {
-    const FIELDS: u64 = 10;
-    const VOCAB: u64 = 80;
-    const DIM: usize = 8;
-    let vector = |id: u64| {
-        let mut rng = RowRng::new(9, id);
-        [0; DIM].map(|_| rng.next_normal() as f32 * 0.3)
+    let space = FieldVectors::<8> {
+        vocab: 80,
+        seed: 9,
+        scale: 0.3,
     };
-    let direction = |k: u64| {
-        let mut rng = RowRng::new(10, k);
-        let v = [0; DIM].map(|_| rng.next_normal() as f32);
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.map(|x| x / norm * 1.6)
-    };
-    let p = [direction(1), direction(2), direction(3)];
+    let p = [1, 2, 3].map(|k| direction(10, k, 1.6));
     let mut rng = RowRng::new(seed, 0);
     let mut truth: [(Vec<f32>, Vec<f32>); 3] = Default::default();
     for _ in 0..rows {
-        let ids: Vec<u64> = (0..FIELDS)
-            .map(|f| f * VOCAB + rng.next_u64() % VOCAB)
-            .collect();
-        let mut r = [0f32; DIM];
-        for &id in &ids {
-            for (d, v) in vector(id).iter().enumerate() {
-                r[d] += v;
-            }
-        }
-        let s = p.map(|pk| (0..DIM).map(|d| pk[d] * r[d]).sum::<f32>());
+        let (ids, r) = space.draw(&mut rng);
+        let s = p.map(|pk| dot(&pk, &r));
         let logits = [
             s[0],
             1.5 * s[0].tanh() * s[1] - 0.5,
@@ -103,12 +73,105 @@ pub fn write_related_tasks(
             truth[k].0.push(prob);
             truth[k].1.push(f32::from(labels[k]));
         }
-        let features: String = ids
-            .iter()
-            .enumerate()
-            .map(|(f, id)| format!(" {f}:{id}:1"))
-            .collect();
+        let features = libffm_features(&ids);
         writeln!(out, "{},{},{}{features}", labels[0], labels[1], labels[2])?;
     }
     Ok(truth)
+}
+
+/// Classes of [`write_classes`].
+pub const PLANTED_CLASSES: usize = 5;
+
+/// A multi-class problem no linear model solves: each of 10 fields x 100
+/// ids has an 8-d vector, an example's representation `r` is the sum over
+/// its fields, and class `k`'s logit is `|a_k . r|`, the size of `r`'s
+/// projection on a planted direction: its sign says nothing, so a model
+/// linear in the features learns little. Writes `class field:id:1 ...`
+/// lines and returns the true class probabilities (example-major, 5 per
+/// example) and the drawn labels, for the oracle's top-1 accuracy.
+pub fn write_classes(
+    out: &mut impl Write,
+    rows: usize,
+    seed: u64,
+) -> std::io::Result<(Vec<f32>, Vec<f32>)> {
+    let space = FieldVectors::<8> {
+        vocab: 100,
+        seed: 21,
+        scale: 0.35,
+    };
+    let directions: Vec<[f32; 8]> = (0..PLANTED_CLASSES as u64)
+        .map(|k| direction(22, k, 4.0))
+        .collect();
+    let mut rng = RowRng::new(seed, 0);
+    let (mut probs, mut labels) = (Vec::new(), Vec::new());
+    for _ in 0..rows {
+        let (ids, r) = space.draw(&mut rng);
+        let z: Vec<f32> = directions.iter().map(|a| dot(a, &r).abs()).collect();
+        let top = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = z.iter().map(|v| (v - top).exp()).collect();
+        let total: f32 = e.iter().sum();
+        let draw = rng.next_f64() as f32 * total;
+        let mut class = PLANTED_CLASSES - 1;
+        let mut acc = 0.0;
+        for (k, v) in e.iter().enumerate() {
+            acc += v;
+            if draw < acc {
+                class = k;
+                break;
+            }
+        }
+        probs.extend(e.iter().map(|v| v / total));
+        labels.push(class as f32);
+        writeln!(out, "{class}{}", libffm_features(&ids))?;
+    }
+    Ok((probs, labels))
+}
+
+/// Examples of 10 categorical fields of `vocab` ids each (field `f`'s ids
+/// are `f * vocab ..`), each id a fixed random vector of N(0, scale^2)
+/// values: an example's representation is the sum of its ids' vectors.
+struct FieldVectors<const DIM: usize> {
+    vocab: u64,
+    /// Seeds the vectors.
+    seed: u64,
+    scale: f32,
+}
+
+impl<const DIM: usize> FieldVectors<DIM> {
+    const FIELDS: u64 = 10;
+
+    /// Draws an example: an id per field, and its representation.
+    fn draw(&self, rng: &mut RowRng) -> (Vec<u64>, [f32; DIM]) {
+        let ids: Vec<u64> = (0..Self::FIELDS)
+            .map(|f| f * self.vocab + rng.next_u64() % self.vocab)
+            .collect();
+        let mut r = [0f32; DIM];
+        for &id in &ids {
+            let mut vector = RowRng::new(self.seed, id);
+            for x in &mut r {
+                *x += vector.next_normal() as f32 * self.scale;
+            }
+        }
+        (ids, r)
+    }
+}
+
+/// A fixed random direction `k` of the given length, drawn from `seed`.
+fn direction<const DIM: usize>(seed: u64, k: u64, length: f32) -> [f32; DIM] {
+    let mut rng = RowRng::new(seed, k);
+    let v = [0; DIM].map(|_| rng.next_normal() as f32);
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.map(|x| x / norm * length)
+}
+
+fn dot<const DIM: usize>(a: &[f32; DIM], b: &[f32; DIM]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// An example's libffm features: ` f:id:1` for the id of each field `f`.
+fn libffm_features(ids: &[u64]) -> String {
+    ids.iter()
+        .enumerate()
+        .map(|(f, id)| format!(" {f}:{id}:1"))
+        .collect()
 }

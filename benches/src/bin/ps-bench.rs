@@ -13,6 +13,7 @@
 //! - `gen-ctr26`: writes ctr26 samples as a libffm file for end-to-end runs.
 //! - `gen-tasks`: writes the planted two-task data of the multi-task example;
 //! - `gen-related-tasks`: the three related tasks of the cross-attention example.
+//! - `gen-classes`: the planted 5-class data of the multi-class example.
 //!
 //! Every subcommand prints one JSON object per line.
 
@@ -219,6 +220,9 @@ enum Command {
     /// used by `examples/multitask-cross-attention.toml`; prints each
     /// task's oracle AUC.
     GenRelatedTasks(GenArgs),
+    /// Write the planted 5-class data (`class field:id:1 ...`) used by
+    /// `examples/multiclass-dnn.toml`; prints the oracle's top-1 accuracy.
+    GenClasses(GenArgs),
     /// Write ctr26 samples as libffm lines.
     GenCtr26(GenArgs),
 }
@@ -538,6 +542,19 @@ fn main() -> anyhow::Result<()> {
                 let auc = ps_worker::metrics::auc(probs, labels);
                 println!("{{\"task\":\"{task}\",\"oracle_auc\":{auc:.4}}}");
             }
+            Ok(())
+        }),
+        Command::GenClasses(GenArgs { rows, out, seed }) => write_data(&out, rows, |w| {
+            let (probs, labels) = ps_worker::synthetic::write_classes(w, rows, seed)?;
+            let oracle = ps_worker::metrics::BinaryMetrics::multiclass(
+                &probs,
+                &labels,
+                ps_worker::synthetic::PLANTED_CLASSES,
+            );
+            println!(
+                "{{\"oracle_top1\":{:.4},\"oracle_logloss\":{:.4}}}",
+                oracle.accuracy, oracle.logloss
+            );
             Ok(())
         }),
     }
