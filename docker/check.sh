@@ -81,13 +81,27 @@ import subprocess, sys, yaml
 bins = sys.argv[1]
 compose = yaml.safe_load(open("docker/compose.yaml"))
 services = compose["services"]
-assert sum(1 for s in services if s.startswith("ps-server-")) == 2, services
-assert sum(1 for s in services if s.startswith("ps-worker-")) == 2, services
+for prefix in ("ps-server-", "ps-worker-", "ps-follower-"):
+    assert sum(1 for s in services if s.startswith(prefix)) == 2, (prefix, services)
+def flag(service, name):
+    command = services[service]["command"]
+    return command[command.index(name) + 1]
+for shard in range(2):
+    follower = f"ps-follower-{shard}"
+    assert flag(follower, "--follow") == f"ps-server-{shard}:7000", follower
+    assert flag(follower, "--shard-id") == str(shard), follower
+    assert flag(follower, "--peer-token-file") == flag(f"ps-server-{shard}", "--peer-token-file"), follower
+assert flag("ps-serve", "--servers") == "ps-follower-0:7000,ps-follower-1:7000", "serving reads the followers"
+assert "--predict-token-file" in services["ps-serve"]["command"], "predictions need a token"
 commands = [(name, s["command"]) for name, s in services.items()]
 commands += [(f"{name} healthcheck", s["healthcheck"]["test"][1:])
-             for name, s in services.items() if "healthcheck" in s]
+             for name, s in services.items() if "test" in s.get("healthcheck", {})]
+shells = {"ps-tokens", "ps-serve healthcheck"}
 for name, command in commands:
     binary = command[0]
+    if binary in ("sh", "bash"):
+        assert name in shells, f"{name}: runs {binary}"
+        continue
     help_args = [f"{bins}/{binary}"] + ([command[1], "--help"] if binary == "ps-worker" else ["--help"])
     text = subprocess.run(help_args, capture_output=True, text=True, check=True).stdout
     for flag in (a for a in command if a.startswith("--")):

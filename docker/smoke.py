@@ -225,9 +225,11 @@ def main():
 
     work = tempfile.mkdtemp(prefix="ps-smoke-")
     shutil.copy(os.path.join(K8S, "job.toml"), os.path.join(work, "job.toml"))
-    # The Secrets ps-peer-token and ps-auth-token, mounted as files.
+    # The Secrets ps-peer-token, ps-auth-token and ps-predict-token,
+    # mounted as files.
     tokens = {}
-    for secret, mount in [("peer", "/etc/ps-peer/token"), ("auth", "/etc/ps-auth/token")]:
+    for secret, mount in [("peer", "/etc/ps-peer/token"), ("auth", "/etc/ps-auth/token"),
+                          ("predict", "/etc/ps-predict/token")]:
         tokens[mount] = os.path.join(work, f"{secret}-token")
         with open(tokens[mount], "w") as f:
             f.write(base64.b64encode(os.urandom(32)).decode())
@@ -357,7 +359,8 @@ def run_container(container, config_maps, path, rewrites, extra_env):
 def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
     """The followers (one per shard, following the primaries etcd names)
     and a serving pod, as follower.yaml and serve.yaml run them: the pod
-    answers a prediction."""
+    answers its probes' path without a token, refuses a prediction without
+    one, and answers one carrying the Secret's token."""
     follower = load("follower.yaml", "StatefulSet")
     container = follower["spec"]["template"]["spec"]["containers"][0]
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
@@ -378,8 +381,13 @@ def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
     deployment = load("serve.yaml", "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     http_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
-    model = container["readinessProbe"]["httpGet"]["path"].rsplit("/", 1)[1]
+    args = container["args"][0].split()
+    model = args[args.index("--model-name") + 1]
+    probe = container["readinessProbe"]["httpGet"]["path"]
+    with open(tokens["/etc/ps-predict/token"]) as f:
+        bearer = f"Bearer {f.read()}"
     rewrites = {
+        "--predict-token-file": tokens,
         "--servers": dns,
         "--config": {"/etc/ps/job.toml": os.path.join(work, "job.toml")},
         "--listen": {f"0.0.0.0:{http_port}": "127.0.0.1:0"},
@@ -391,10 +399,20 @@ def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
     if " on http://" not in line:
         fail(f"the serving pod printed {line!r}")
     addr = line.strip().rsplit("http://", 1)[1]
+    with urllib.request.urlopen(f"http://{addr}{probe}", timeout=10) as answer:
+        if answer.status != 200:
+            fail(f"the serving pod's probe path {probe} answered {answer.status}")
+    url = f"http://{addr}/v1/models/{model}:predict"
     body = json.dumps({"instances": ["3:1 11:1 14:1 19:1 39:1"]}).encode()
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10)
+        fail("the serving pod answered a prediction without the token")
+    except urllib.error.HTTPError as e:
+        if e.code != 401:
+            fail(f"the serving pod answered {e.code}, not 401, to a request without the token")
     deadline = time.time() + 60
     while True:
-        request = urllib.request.Request(f"http://{addr}/v1/models/{model}:predict", data=body)
+        request = urllib.request.Request(url, data=body, headers={"Authorization": bearer})
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 predictions = json.load(answer)["predictions"]
@@ -406,7 +424,7 @@ def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
     if len(predictions) != 1 or not 0.0 < predictions[0] < 1.0:
         fail(f"the serving pod predicted {predictions!r}")
     print(f"smoke: {shards} follower pods and a serving pod answered POST "
-          f"/v1/models/{model}:predict with {predictions[0]:.4f}")
+          f"/v1/models/{model}:predict with {predictions[0]:.4f} (with the token; 401 without)")
 
 
 if __name__ == "__main__":

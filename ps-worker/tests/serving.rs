@@ -718,6 +718,14 @@ fn with_a_serving_token_only_requests_carrying_it_are_answered() {
     assert!(ok.contains("0.731058"), "{ok}");
     let (status, _) = http(&addr, "GET", "/metrics", "");
     assert_eq!(status, 200, "/metrics stays open");
+    let (status, body) = http(&addr, "GET", "/healthz", "");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "/healthz stays open"
+    );
+    let (status, _) = http(&addr, "GET", "/v1/models/lr", "");
+    assert_eq!(status, 401, "the model's status needs the token");
     let grpc = listening.grpc.unwrap();
     let refused = runtime.block_on(async {
         let mut c =

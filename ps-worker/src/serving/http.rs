@@ -5,9 +5,12 @@
 //!   multi-task model one array of probabilities (in task order) each.
 //! - `GET /v1/models/{name}` answers the model's status.
 //! - `GET /metrics` answers the serving metrics (Prometheus text).
+//! - `GET /healthz` answers `ok` while the endpoint serves: what a
+//!   probe that holds no token reads.
 //!
 //! With a serving token, the model's URLs need `authorization: Bearer
-//! TOKEN` (401 otherwise; `/metrics` stays open, as on the servers).
+//! TOKEN` (401 otherwise; `/metrics` and `/healthz` stay open, as the
+//! servers' metrics do).
 //! A malformed body, an unknown model or an instance that does not parse
 //! gets 400 with `{"error": "..."}` saying what was wrong; too many waiting
 //! requests get 503, rows the servers cannot give 503. A body is read up
@@ -141,10 +144,13 @@ impl Endpoint {
         if path == "/metrics" {
             return self.metrics();
         }
+        if path == "/healthz" {
+            return Response::new(Full::new(Bytes::from_static(b"ok\n")));
+        }
         let Some(rest) = path.strip_prefix("/v1/models/") else {
             return error_response(
                 StatusCode::NOT_FOUND,
-                "not found: the API is POST /v1/models/NAME:predict, GET /v1/models/NAME and GET /metrics",
+                "not found: the API is POST /v1/models/NAME:predict, GET /v1/models/NAME, GET /metrics and GET /healthz",
             );
         };
         let token = request
