@@ -1,6 +1,7 @@
 //! What a serving process counts, for `/metrics`: request latency
 //! histograms per API, the size and time of executed batches,
-//! predictions, failures by kind, and the row cache's hits and misses.
+//! predictions, failures by kind, and the row cache's hits, misses and
+//! background refreshes.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +33,8 @@ pub struct ServeMetrics {
     pub cache_hits: Counter,
     /// Rows pulled from the servers.
     pub cache_misses: Counter,
+    /// Cached rows pulled again in the background before they expired.
+    pub cache_refreshed: Counter,
 }
 
 impl Default for ServeMetrics {
@@ -44,6 +47,7 @@ impl Default for ServeMetrics {
             errors: Family::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            cache_refreshed: Counter::default(),
         }
     }
 }
@@ -103,6 +107,11 @@ impl ServeMetrics {
             "ps_serve_cache_misses",
             "Rows pulled from the servers",
             self.cache_misses.clone(),
+        );
+        registry.register(
+            "ps_serve_cache_refreshed_rows",
+            "Cached rows pulled again in the background before they expired",
+            self.cache_refreshed.clone(),
         );
         registry
     }

@@ -278,7 +278,10 @@ pub async fn server_rows(
     for spec in job.table_specs() {
         client.register_table(&spec)?;
     }
-    Ok(Rows::Servers { client, cache })
+    Ok(Rows::Servers {
+        client,
+        cache: cache.map(std::sync::Arc::new),
+    })
 }
 
 /// Where a serving process answers; dropping it stops the endpoints.

@@ -3,12 +3,15 @@
 //!
 //! The cache keeps a row for at most `freshness`: a row older than that is
 //! pulled again, so a prediction never uses a row older than the bound
-//! (plus, on a read replica, the replica's own lag). It holds at most
-//! `max_rows` rows; when full, rows past their freshness are swept, and
-//! new rows are not kept until there is room.
+//! (plus, on a read replica, the replica's own lag). A row read when older
+//! than half the bound is pulled again in the background (one refresh at a
+//! time, at most [`MAX_REFRESH_ROWS`] rows), so hot rows are renewed before
+//! they expire and a request waits only for rows it is the first to ask
+//! for. It holds at most `max_rows` rows; when full, rows past their
+//! freshness are swept, and new rows are not kept until there is room.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -27,7 +30,7 @@ pub enum Rows {
         /// The connection to every shard, the model's tables registered.
         client: PsClient,
         /// Hot rows (`None`: every row is pulled).
-        cache: Option<FreshRows>,
+        cache: Option<Arc<FreshRows>>,
     },
     /// Held in memory from a serving bundle.
     Bundle(BundleRows),
@@ -87,6 +90,9 @@ impl Rows {
 /// A cached row: when it was pulled, and its weights.
 type Held = (Instant, Box<[f32]>);
 
+/// Most rows one background refresh pulls.
+pub const MAX_REFRESH_ROWS: usize = 1 << 16;
+
 /// Hot rows, each kept for at most `freshness`.
 #[derive(Debug)]
 pub struct FreshRows {
@@ -94,11 +100,19 @@ pub struct FreshRows {
     /// Table names, their index in the keys above.
     tables: Mutex<Vec<String>>,
     freshness: Duration,
+    /// A row read older than this is pulled again in the background.
+    refresh_after: Duration,
+    /// A background refresh is running.
+    refreshing: Arc<AtomicBool>,
     max_rows: usize,
     /// When rows past their freshness were last swept (ms since `born`).
     swept_ms: AtomicU64,
     born: Instant,
 }
+
+/// Rows of each table to pull again in the background: its name, index
+/// here, dim, and keys.
+type Aging = Vec<(String, u32, usize, Vec<u64>)>;
 
 impl FreshRows {
     /// A cache of at most `max_rows` rows, each used for `freshness`.
@@ -107,6 +121,8 @@ impl FreshRows {
             rows: DashMap::new(),
             tables: Mutex::new(Vec::new()),
             freshness,
+            refresh_after: freshness / 2,
+            refreshing: Arc::new(AtomicBool::new(false)),
             max_rows,
             swept_ms: AtomicU64::new(0),
             born: Instant::now(),
@@ -125,9 +141,10 @@ impl FreshRows {
     }
 
     /// The rows of `tables`: fresh ones from the cache, the others pulled
-    /// in one call and kept.
+    /// in one call and kept; rows past half their freshness are pulled
+    /// again in the background.
     async fn fetch(
-        &self,
+        self: &Arc<Self>,
         client: &PsClient,
         tables: &[(&TableUse, &[u64])],
         metrics: &ServeMetrics,
@@ -137,6 +154,9 @@ impl FreshRows {
         // Per table: its index here, and the positions and keys it misses.
         let mut missing: Vec<(u32, Vec<usize>, Vec<u64>)> = Vec::with_capacity(tables.len());
         let (mut hits, mut misses) = (0u64, 0u64);
+        let refresh = !self.refreshing.load(Ordering::Acquire);
+        let mut aging: Aging = Vec::new();
+        let mut aging_rows = 0;
         for (table, keys) in tables {
             let index = self.table_index(&table.name);
             let mut rows = vec![0.0f32; keys.len() * table.dim];
@@ -149,6 +169,16 @@ impl FreshRows {
                     {
                         rows[i * table.dim..(i + 1) * table.dim].copy_from_slice(&entry.1);
                         hits += 1;
+                        if refresh
+                            && aging_rows < MAX_REFRESH_ROWS
+                            && now.duration_since(entry.0) > self.refresh_after
+                        {
+                            match aging.last_mut() {
+                                Some((_, at, _, keys)) if *at == index => keys.push(key),
+                                _ => aging.push((table.name.clone(), index, table.dim, vec![key])),
+                            }
+                            aging_rows += 1;
+                        }
                     }
                     _ => {
                         positions.push(i);
@@ -162,6 +192,9 @@ impl FreshRows {
         }
         metrics.cache_hits.inc_by(hits);
         metrics.cache_misses.inc_by(misses);
+        if !aging.is_empty() {
+            self.refresh_in_background(client, aging, metrics);
+        }
         if misses == 0 {
             return Ok(out);
         }
@@ -199,6 +232,59 @@ impl FreshRows {
         Ok(out)
     }
 
+    /// Pulls `aging` again on a task of its own, unless a refresh is
+    /// running, and replaces the rows it finds still held by older pulls.
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        client: &PsClient,
+        aging: Aging,
+        metrics: &ServeMetrics,
+    ) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        /// Lets the next refresh start however this one ends.
+        struct Done(Arc<AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(Arc::clone(&self.refreshing));
+        let (cache, client, metrics) = (Arc::clone(self), client.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _done = done;
+            let requests: Vec<(&str, &[u64])> = aging
+                .iter()
+                .map(|(name, _, _, keys)| (name.as_str(), keys.as_slice()))
+                .collect();
+            let pulled_at = Instant::now();
+            let pulled = match client.pull_many(&requests).await {
+                Ok(pulled) => pulled,
+                Err(e) => {
+                    // The rows expire as they would without a refresh.
+                    tracing::debug!("background refresh of the row cache failed: {e}");
+                    return;
+                }
+            };
+            let mut refreshed = 0;
+            for ((_, index, dim, keys), values) in aging.iter().zip(pulled) {
+                if values.len() != keys.len() * dim {
+                    continue;
+                }
+                for (&key, row) in keys.iter().zip(values.chunks_exact((*dim).max(1))) {
+                    if let Some(mut held) = cache.rows.get_mut(&(*index, key))
+                        && held.0 < pulled_at
+                    {
+                        *held = (pulled_at, row.into());
+                        refreshed += 1;
+                    }
+                }
+            }
+            metrics.cache_refreshed.inc_by(refreshed);
+        });
+    }
+
     /// When full, drops the rows past their freshness (at most once per
     /// freshness period: a sweep walks every row).
     fn make_room(&self, now: Instant) {
@@ -228,5 +314,67 @@ impl FreshRows {
     /// Whether no row is held.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalCluster;
+    use ps_common::config::JobConfig;
+    use std::path::Path;
+
+    /// A row read past half its freshness is pulled again in the
+    /// background: a change on the servers shows before the row would
+    /// have expired, without a request waiting for a pull.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_read_past_half_its_freshness_is_renewed_in_the_background() {
+        let job = JobConfig::from_toml(crate::job::DEFAULT_JOB, Path::new(".")).unwrap();
+        let model = Model::from_job(&job);
+        let cluster = LocalCluster::start(2, Default::default()).await.unwrap();
+        let client = cluster.client(&Default::default()).await.unwrap();
+        for spec in job.table_specs() {
+            client.create_table(&spec).await.unwrap();
+        }
+        let freshness = Duration::from_secs(4);
+        let rows = Rows::Servers {
+            client: client.clone(),
+            cache: Some(Arc::new(FreshRows::new(freshness, 1 << 10))),
+        };
+        let metrics = ServeMetrics::default();
+        let weight = |fetched: Fetched| fetched.0[0][0];
+        client.assign("weights", &[7], &[0.5]).await.unwrap();
+        let pulled = Instant::now();
+        assert_eq!(
+            weight(rows.fetch(&model, &[7], &metrics).await.unwrap()),
+            0.5
+        );
+        client.assign("weights", &[7], &[-2.0]).await.unwrap();
+        // Fresh and young: the cached row.
+        assert_eq!(
+            weight(rows.fetch(&model, &[7], &metrics).await.unwrap()),
+            0.5
+        );
+        tokio::time::sleep(freshness / 2 + Duration::from_millis(200)).await;
+        // Older than half the bound: still served, and renewed meanwhile.
+        assert_eq!(
+            weight(rows.fetch(&model, &[7], &metrics).await.unwrap()),
+            0.5
+        );
+        let misses = metrics.cache_misses.get();
+        let mut seen = 0.5;
+        while seen != -2.0 && pulled.elapsed() < freshness - Duration::from_millis(300) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            seen = weight(rows.fetch(&model, &[7], &metrics).await.unwrap());
+        }
+        assert_eq!(seen, -2.0, "the change showed before the row expired");
+        assert!(pulled.elapsed() < freshness);
+        assert_eq!(
+            metrics.cache_misses.get(),
+            misses,
+            "no request pulled a row"
+        );
+        assert!(metrics.cache_refreshed.get() >= 1);
+        cluster.shutdown().await.unwrap();
     }
 }
