@@ -113,6 +113,10 @@ impl ServeConfig {
     }
 }
 
+/// Batches of at most this many instances are computed on the serving
+/// task itself; larger ones on a blocking thread.
+const INLINE_INSTANCES: usize = 16;
+
 /// A model's forward pass over rows from a [`Rows`] source.
 #[derive(Debug)]
 pub struct Engine {
@@ -152,12 +156,17 @@ impl Engine {
             inputs: batch.dense.clone(),
             hot: Vec::new(),
         };
-        let model = Arc::clone(&self.model);
-        let output =
+        // A small batch computes in well under a millisecond: on this
+        // task, rather than waiting for a blocking thread to wake.
+        let output = if batch.len() <= INLINE_INSTANCES {
+            self.model.compute(&CpuBackend, &pulled, Mode::Eval)
+        } else {
+            let model = Arc::clone(&self.model);
             tokio::task::spawn_blocking(move || model.compute(&CpuBackend, &pulled, Mode::Eval))
                 .await
                 .map_err(|e| ServeError::Internal(format!("the compute task failed: {e}")))?
-                .map_err(|e| ServeError::Internal(e.to_string()))?;
+        }
+        .map_err(|e| ServeError::Internal(e.to_string()))?;
         Ok(output.probs)
     }
 
