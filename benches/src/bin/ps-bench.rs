@@ -106,8 +106,10 @@ enum Command {
         traffic: TrafficArgs,
     },
     /// Bytes per worker step: a ring all-reduce of the ctr26 model's dense
-    /// gradient against the sparse pull + push measured through the real
-    /// client and services (in memory), for N = 2, 4, .., 64 workers.
+    /// gradient (PyTorch DDP, dense) and an all-gather of each rank's
+    /// coalesced sparse gradient (PyTorch DDP with sparse gradients, gloo)
+    /// against the sparse pull + push measured through the real client and
+    /// services (in memory), for N = 2, 4, .., 64 workers.
     Bytes {
         /// Shards.
         #[arg(long, default_value_t = 2)]
@@ -858,8 +860,34 @@ fn bytes_bench(
             rows * u64::from(spec.dim) * 4
         })
         .sum();
+    // PyTorch DDP with sparse gradients (gloo): each rank coalesces its
+    // sparse gradient and all-gathers it (an int64 index and the row's
+    // floats per distinct row); dense parameters go through a ring
+    // all-reduce.
+    let sparse_row_bytes: u64 = job
+        .table_specs()
+        .iter()
+        .filter(|spec| spec.kind == ps_common::TableKind::Sparse)
+        .map(|spec| 8 + 4 * u64::from(spec.dim))
+        .sum();
+    let dense_bytes: u64 = job
+        .table_specs()
+        .iter()
+        .filter_map(|spec| match spec.kind {
+            ps_common::TableKind::Dense { rows, .. } => Some(rows * u64::from(spec.dim) * 4),
+            ps_common::TableKind::Sparse => None,
+        })
+        .sum();
     let mut workers = 2;
     while workers <= max_workers {
+        let pools = ctr26_pools(&job, workers, 2);
+        let batches = pools.iter().flatten().count().max(1) as f64;
+        let distinct_rows = pools
+            .iter()
+            .flatten()
+            .map(|b| ps_worker::dedup::UniqueKeys::new(&b.ids).keys.len() as f64)
+            .sum::<f64>()
+            / batches;
         let setup = throughput::Setup {
             servers,
             workers,
@@ -869,9 +897,15 @@ fn bytes_bench(
             replicated: false,
             followers: false,
         };
-        let m = throughput::run(&job, &setup, ctr26_pools(&job, workers, 2))?;
+        let m = throughput::run(&job, &setup, pools)?;
         let n = workers as f64;
-        let allreduce = 2.0 * (n - 1.0) / n * model_bytes as f64;
+        // Bytes in + out per rank, as the pull + push beside them: a ring
+        // all-reduce sends and receives 2(N-1)/N of the gradient; in an
+        // all-gather every other rank's share passes through each rank
+        // once, in and out.
+        let allreduce = 4.0 * (n - 1.0) / n * model_bytes as f64;
+        let allgather = 2.0 * (n - 1.0) * distinct_rows * sparse_row_bytes as f64
+            + 4.0 * (n - 1.0) / n * dense_bytes as f64;
         let ps = m.pull_bytes_per_step + m.push_bytes_per_step;
         println!(
             "{}",
@@ -884,6 +918,9 @@ fn bytes_bench(
                 "ps_pull_bytes_per_step": m.pull_bytes_per_step.round(),
                 "ps_push_bytes_per_step": m.push_bytes_per_step.round(),
                 "allreduce_over_ps": allreduce / ps,
+                "distinct_rows_per_worker_step": distinct_rows.round(),
+                "sparse_allgather_bytes_per_worker_step": allgather.round(),
+                "sparse_allgather_over_ps": allgather / ps,
                 "communication": job.communication,
             })
         );
