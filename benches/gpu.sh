@@ -5,7 +5,8 @@
 #   3. kernel micro-benchmarks: gather/scatter GB/s next to the device's
 #      copy bandwidth measured in the same run,
 #   4. worker compute samples/s, CPU vs GPU, on ctr26, the DeepFM example,
-#      the multi-task MMoE and cross-attention examples and the digits ResNet
+#      the multi-task MMoE and cross-attention examples, the multi-class DNN
+#      and the digits ResNet
 #      and Inception examples,
 #   5. end-to-end `ps-worker local` samples/s, CPU vs GPU (2 servers x 2 workers),
 #      and the digits examples' top-1 accuracy trained on each.
@@ -63,11 +64,14 @@ echo "== worker compute (forward + backward, parameters in memory)"
 "$BIN/ps-bench" gen-related-tasks --rows 5000 --seed 2 --out target/related/test.ffm
 "$BIN/ps-bench" gen-tasks --rows 20000 --out target/tasks/train.ffm
 "$BIN/ps-bench" gen-tasks --rows 5000 --seed 2 --out target/tasks/test.ffm
+"$BIN/ps-bench" gen-classes --rows 20000 --out target/classes/train.ffm
+"$BIN/ps-bench" gen-classes --rows 5000 --seed 2 --out target/classes/test.ffm
 for dev in cpu cuda:0; do
   "$BIN/ps-bench" compute --config examples/multitask-mmoe.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/ctr26.toml --data ctr26 --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/a9a-deepfm.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
   "$BIN/ps-bench" compute --config examples/multitask-cross-attention.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
+  "$BIN/ps-bench" compute --config examples/multiclass-dnn.toml --data job --device "$dev" --steps 30 | tee -a "$JSON"
   for model in resnet inception; do
     for batch in 32 128; do
       "$BIN/ps-bench" compute --config "examples/digits-$model.toml" --data job --device "$dev" \
