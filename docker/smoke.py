@@ -371,6 +371,7 @@ def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
             "--etcd": etcd_dns,
             "--metrics-listen": {"0.0.0.0:9100": "127.0.0.1:0"},
             "--peer-token-file": tokens,
+            "--auth-token-file": tokens,
         }
         pod = f"{follower['metadata']['name']}-{i}"
         proc = run_container(container, config_maps, path, rewrites, {"HOSTNAME": pod})
@@ -383,11 +384,16 @@ def serving(config_maps, shards, etcd_dns, path, work, tokens, pods):
     http_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
     args = container["args"][0].split()
     model = args[args.index("--model-name") + 1]
+    for name, flags in [("follower.yaml", follower["spec"]["template"]["spec"]["containers"][0]["args"][0]),
+                        ("serve.yaml", container["args"][0])]:
+        if "--auth-token-file /etc/ps-auth/token" not in flags:
+            fail(f"{name}: the followers' reads need the workers' token (--auth-token-file)")
     probe = container["readinessProbe"]["httpGet"]["path"]
     with open(tokens["/etc/ps-predict/token"]) as f:
         bearer = f"Bearer {f.read()}"
     rewrites = {
         "--predict-token-file": tokens,
+        "--auth-token-file": tokens,
         "--servers": dns,
         "--config": {"/etc/ps/job.toml": os.path.join(work, "job.toml")},
         "--listen": {f"0.0.0.0:{http_port}": "127.0.0.1:0"},
