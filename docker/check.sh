@@ -93,6 +93,10 @@ for shard in range(2):
     assert flag(follower, "--peer-token-file") == flag(f"ps-server-{shard}", "--peer-token-file"), follower
 assert flag("ps-serve", "--servers") == "ps-follower-0:7000,ps-follower-1:7000", "serving reads the followers"
 assert "--predict-token-file" in services["ps-serve"]["command"], "predictions need a token"
+auth = flag("ps-server-0", "--auth-token-file")
+for name in services:
+    if name != "ps-tokens":
+        assert flag(name, "--auth-token-file") == auth, f"{name}: not on the servers' token"
 commands = [(name, s["command"]) for name, s in services.items()]
 commands += [(f"{name} healthcheck", s["healthcheck"]["test"][1:])
              for name, s in services.items() if "test" in s.get("healthcheck", {})]
