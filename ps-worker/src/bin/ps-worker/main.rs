@@ -156,11 +156,19 @@ fn run() -> anyhow::Result<()> {
             };
             let entries =
                 job::run_eval(&job, &checkpoints, &source).context("evaluation failed")?;
+            let classes = job.model.classes();
             for e in &entries {
-                println!(
-                    "{}: auc {:.4} logloss {:.4} accuracy {:.4} ({} examples)",
-                    e.checkpoint, e.auc, e.logloss, e.accuracy, e.examples
-                );
+                if classes > 1 {
+                    println!(
+                        "{}: top-1 accuracy {:.4} logloss {:.4} macro auc {:.4} ({} classes, {} examples)",
+                        e.checkpoint, e.accuracy, e.logloss, e.auc, classes, e.examples
+                    );
+                } else {
+                    println!(
+                        "{}: auc {:.4} logloss {:.4} accuracy {:.4} ({} examples)",
+                        e.checkpoint, e.auc, e.logloss, e.accuracy, e.examples
+                    );
+                }
             }
             if let Some(path) = report {
                 let json = serde_json::to_string_pretty(&entries)?;
