@@ -99,8 +99,9 @@ fn predictions(
 }
 
 /// `job`'s model from `checkpoint` on in-process shards: the shards, what
-/// `ps-worker eval` predicts for `builtin:{data}` (probabilities, labels),
-/// and those shards' rows for serving.
+/// `ps-worker eval` predicts for `data` (a source as a job names it:
+/// `builtin:NAME` or a path) (probabilities, labels), and those shards'
+/// rows for serving.
 fn eval_and_live_rows(
     runtime: &tokio::runtime::Runtime,
     job: &JobConfig,
@@ -120,7 +121,7 @@ fn eval_and_live_rows(
             Ok::<_, ps_common::PsError>(c)
         })
         .unwrap();
-    let source = DataSource::from(format!("builtin:{data}"));
+    let source = DataSource::from(data.to_string());
     let (probs, labels) =
         ps_worker::trainer::predict(runtime.handle(), &eval_client, job, &source).unwrap();
     let rows = runtime
@@ -132,6 +133,37 @@ fn eval_and_live_rows(
         ))
         .unwrap();
     (cluster, probs, labels, rows)
+}
+
+/// Serves `job`'s model (named `m`) from `rows` and checks that each of
+/// `instances` is answered with a distribution over `classes` classes,
+/// equal to `eval`'s; the predictor.
+async fn served_distributions_equal_eval(
+    job: &JobConfig,
+    rows: Rows,
+    instances: &[Instance],
+    classes: usize,
+    eval: &[f32],
+    what: &str,
+) -> Predictor {
+    let predictor = Predictor::start(
+        job,
+        rows,
+        &ServeConfig::new("m"),
+        Arc::new(ServeMetrics::default()),
+    );
+    assert_eq!(predictor.outputs(), classes, "{what}");
+    let served = predictor.predict("m", instances).await.unwrap();
+    for dist in &served {
+        assert_eq!(dist.len(), classes, "{what}");
+        assert!(
+            (dist.iter().sum::<f32>() - 1.0).abs() < 1e-5,
+            "{what}: {dist:?}"
+        );
+    }
+    let flat: Vec<f32> = served.into_iter().flatten().collect();
+    assert_close(&flat, eval, what);
+    predictor
 }
 
 fn assert_close(served: &[f32], eval: &[f32], what: &str) {
@@ -157,7 +189,8 @@ fn served_predictions_equal_eval_for_the_same_checkpoint_from_a_bundle_and_from_
 
     // What `ps-worker eval` computes: the model on shards restored from the
     // checkpoint; and live servers (here, the same restored shards).
-    let (cluster, eval, _, live) = eval_and_live_rows(&runtime, &job, &checkpoint, "a9a/test");
+    let (cluster, eval, _, live) =
+        eval_and_live_rows(&runtime, &job, &checkpoint, "builtin:a9a/test");
     let instances = test_instances(eval.len());
     assert_eq!(instances.len(), 16_281);
     assert_close(
@@ -220,7 +253,7 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
     ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.clone())).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (cluster, eval, labels, rows) =
-        eval_and_live_rows(&runtime, &job, &dir.join("best"), "digits/test");
+        eval_and_live_rows(&runtime, &job, &dir.join("best"), "builtin:digits/test");
     assert_eq!((eval.len(), labels.len()), (359 * 10, 359));
     let lines = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/digits/digits.test.csv"),
@@ -231,20 +264,8 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
         .map(|l| Instance::Line(l.split_once(',').unwrap().1.to_string()))
         .collect();
     runtime.block_on(async {
-        let predictor = Predictor::start(
-            &job,
-            rows,
-            &ServeConfig::new("m"),
-            Arc::new(ServeMetrics::default()),
-        );
-        assert_eq!(predictor.outputs(), 10);
-        let served = predictor.predict("m", &instances).await.unwrap();
-        for dist in &served {
-            assert_eq!(dist.len(), 10);
-            assert!((dist.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{dist:?}");
-        }
-        let flat: Vec<f32> = served.into_iter().flatten().collect();
-        assert_close(&flat, &eval, "image model");
+        let predictor =
+            served_distributions_equal_eval(&job, rows, &instances, 10, &eval, "image model").await;
         let short = [Instance::Line("0,1,2".into())];
         let err = predictor
             .predict("m", &short)
@@ -256,6 +277,54 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
             "{err}"
         );
     });
+    runtime.block_on(cluster.shutdown()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A multi-class DNN over sparse features is served like the image
+/// models: each libffm line without its label gets its distribution over
+/// the classes, equal to what `ps-worker eval` computes from the same
+/// checkpoint.
+#[test]
+fn a_served_multiclass_dnn_answers_each_line_with_its_distribution_over_the_classes() {
+    let dir = temp_dir("serve-classes");
+    let (train, test) = (dir.join("train.ffm"), dir.join("test.ffm"));
+    for (path, rows, seed) in [(&train, 5_000, 1), (&test, 300, 2)] {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        ps_worker::synthetic::write_classes(&mut out, rows, seed).unwrap();
+        out.flush().unwrap();
+    }
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multiclass-dnn.toml"),
+    )
+    .unwrap()
+    .replace("../target/classes/train.ffm", &train.display().to_string())
+    .replace("../target/classes/test.ffm", &test.display().to_string())
+    .replace("epochs = 4", "epochs = 1\nbest_checkpoint = \"best\"");
+    let job = JobConfig::from_toml(&text, Path::new(".")).unwrap();
+    let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
+    ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.clone())).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (cluster, eval, labels, rows) = eval_and_live_rows(
+        &runtime,
+        &job,
+        &dir.join("best"),
+        &test.display().to_string(),
+    );
+    assert_eq!((eval.len(), labels.len()), (300 * 5, 300));
+    let instances: Vec<Instance> = std::fs::read_to_string(&test)
+        .unwrap()
+        .lines()
+        .map(|l| Instance::Line(l.split_once(' ').unwrap().1.to_string()))
+        .collect();
+    runtime.block_on(served_distributions_equal_eval(
+        &job,
+        rows,
+        &instances,
+        5,
+        &eval,
+        "multi-class dnn",
+    ));
     runtime.block_on(cluster.shutdown()).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
