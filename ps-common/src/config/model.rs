@@ -220,12 +220,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Resnet(c) => c.classes,
             ModelConfig::Inception(c) => c.classes,
-            ModelConfig::Multitask { .. } => 1,
-            ModelConfig::Lr { classes, .. }
-            | ModelConfig::Fm { classes, .. }
-            | ModelConfig::Deepfm { classes, .. }
-            | ModelConfig::WideDeep { classes, .. }
-            | ModelConfig::Dnn { classes, .. } => classes.unwrap_or(1),
+            _ => self.declared_classes().unwrap_or(1),
         }
     }
 
