@@ -103,7 +103,7 @@ pub struct FreshRows {
     /// A row read older than this is pulled again in the background.
     refresh_after: Duration,
     /// A background refresh is running.
-    refreshing: Arc<AtomicBool>,
+    refreshing: AtomicBool,
     max_rows: usize,
     /// When rows past their freshness were last swept (ms since `born`).
     swept_ms: AtomicU64,
@@ -122,7 +122,7 @@ impl FreshRows {
             tables: Mutex::new(Vec::new()),
             freshness,
             refresh_after: freshness / 2,
-            refreshing: Arc::new(AtomicBool::new(false)),
+            refreshing: AtomicBool::new(false),
             max_rows,
             swept_ms: AtomicU64::new(0),
             born: Instant::now(),
@@ -243,17 +243,17 @@ impl FreshRows {
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
-        /// Lets the next refresh start however this one ends.
-        struct Done(Arc<AtomicBool>);
-        impl Drop for Done {
+        /// The cache, for the refresh; lets the next refresh start however
+        /// this one ends.
+        struct Refreshing(Arc<FreshRows>);
+        impl Drop for Refreshing {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
+                self.0.refreshing.store(false, Ordering::Release);
             }
         }
-        let done = Done(Arc::clone(&self.refreshing));
-        let (cache, client, metrics) = (Arc::clone(self), client.clone(), metrics.clone());
+        let cache = Refreshing(Arc::clone(self));
+        let (client, metrics) = (client.clone(), metrics.clone());
         tokio::spawn(async move {
-            let _done = done;
             let requests: Vec<(&str, &[u64])> = aging
                 .iter()
                 .map(|(name, _, _, keys)| (name.as_str(), keys.as_slice()))
@@ -273,7 +273,7 @@ impl FreshRows {
                     continue;
                 }
                 for (&key, row) in keys.iter().zip(values.chunks_exact((*dim).max(1))) {
-                    if let Some(mut held) = cache.rows.get_mut(&(*index, key))
+                    if let Some(mut held) = cache.0.rows.get_mut(&(*index, key))
                         && held.0 < pulled_at
                     {
                         *held = (pulled_at, row.into());
