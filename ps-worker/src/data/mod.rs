@@ -122,12 +122,10 @@ impl LineFormat {
     /// `batch` (labelled 0); a malformed line leaves `batch` as it was
     /// and says what is wrong with it.
     pub fn parse_unlabeled(&self, text: &str, batch: &mut Batch) -> Result<(), String> {
-        let zeros = self.labels.placeholder();
+        let labelled = || format!("{} {text}", self.labels.placeholder());
         match self.format {
-            DataFormat::Libsvm => parse_libsvm_line(&format!("{zeros} {text}"), self.labels, batch),
-            DataFormat::Libffm => {
-                parse_libffm_line(&format!("{zeros} {text}"), self.fields, self.labels, batch)
-            }
+            DataFormat::Libsvm => parse_libsvm_line(&labelled(), self.labels, batch),
+            DataFormat::Libffm => parse_libffm_line(&labelled(), self.fields, self.labels, batch),
             DataFormat::Criteo => parse_criteo_line(&format!("0\t{text}"), self.numeric, batch),
             DataFormat::Csv => match &self.csv {
                 Some(layout) => layout.parse(text, self.numeric, self.labels, batch),
