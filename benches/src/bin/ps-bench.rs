@@ -848,36 +848,24 @@ fn bytes_bench(
         bail!("--servers >= 1, --max-workers >= 2 and --steps >= 1 are needed");
     }
     let job = ctr26_job_with(traffic)?;
-    // Every parameter of the model, as an all-reduce would move its gradient.
-    let model_bytes: u64 = job
-        .table_specs()
-        .iter()
-        .map(|spec| {
-            let rows = match spec.kind {
-                ps_common::TableKind::Dense { rows, .. } => rows,
-                ps_common::TableKind::Sparse => ctr26::ROWS,
-            };
-            rows * u64::from(spec.dim) * 4
-        })
-        .sum();
-    // PyTorch DDP with sparse gradients (gloo): each rank coalesces its
-    // sparse gradient and all-gathers it (an int64 index and the row's
-    // floats per distinct row); dense parameters go through a ring
-    // all-reduce.
-    let sparse_row_bytes: u64 = job
-        .table_specs()
-        .iter()
-        .filter(|spec| spec.kind == ps_common::TableKind::Sparse)
-        .map(|spec| 8 + 4 * u64::from(spec.dim))
-        .sum();
-    let dense_bytes: u64 = job
-        .table_specs()
-        .iter()
-        .filter_map(|spec| match spec.kind {
-            ps_common::TableKind::Dense { rows, .. } => Some(rows * u64::from(spec.dim) * 4),
-            ps_common::TableKind::Sparse => None,
-        })
-        .sum();
+    // What each collective moves, from the tables once: an all-reduce the
+    // gradient of every parameter; PyTorch DDP with sparse gradients (gloo)
+    // all-gathers each rank's coalesced sparse gradient (an int64 index and
+    // the row's floats per distinct row) and all-reduces the dense tables.
+    let (mut model_bytes, mut dense_bytes, mut sparse_row_bytes) = (0u64, 0u64, 0u64);
+    for spec in job.table_specs() {
+        let row = u64::from(spec.dim) * 4;
+        match spec.kind {
+            ps_common::TableKind::Dense { rows, .. } => {
+                model_bytes += rows * row;
+                dense_bytes += rows * row;
+            }
+            ps_common::TableKind::Sparse => {
+                model_bytes += ctr26::ROWS * row;
+                sparse_row_bytes += 8 + row;
+            }
+        }
+    }
     let mut workers = 2;
     while workers <= max_workers {
         let pools = ctr26_pools(&job, workers, 2);
