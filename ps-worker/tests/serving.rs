@@ -166,6 +166,15 @@ async fn served_distributions_equal_eval(
     predictor
 }
 
+/// The job in `text`, trained by one worker on 2 in-process shards
+/// writing their checkpoints into `dir`.
+fn trained(text: &str, dir: &Path) -> JobConfig {
+    let job = JobConfig::from_toml(text, Path::new(".")).unwrap();
+    let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
+    ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.to_path_buf())).unwrap();
+    job
+}
+
 fn assert_close(served: &[f32], eval: &[f32], what: &str) {
     assert_eq!(served.len(), eval.len(), "{what}");
     let worst = served
@@ -248,9 +257,7 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
     )
     .unwrap()
     .replace("epochs = 12", "epochs = 2\nbest_checkpoint = \"best\"");
-    let job = JobConfig::from_toml(&text, Path::new(".")).unwrap();
-    let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
-    ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.clone())).unwrap();
+    let job = trained(&text, &dir);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (cluster, eval, labels, rows) =
         eval_and_live_rows(&runtime, &job, &dir.join("best"), "builtin:digits/test");
@@ -301,9 +308,7 @@ fn a_served_multiclass_dnn_answers_each_line_with_its_distribution_over_the_clas
     .replace("../target/classes/train.ffm", &train.display().to_string())
     .replace("../target/classes/test.ffm", &test.display().to_string())
     .replace("epochs = 4", "epochs = 1\nbest_checkpoint = \"best\"");
-    let job = JobConfig::from_toml(&text, Path::new(".")).unwrap();
-    let client = ps_worker::job::client_config(&job, Duration::from_secs(10));
-    ps_worker::job::run_local(&job, 2, 1, &client, Some(dir.clone())).unwrap();
+    let job = trained(&text, &dir);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (cluster, eval, labels, rows) = eval_and_live_rows(
         &runtime,

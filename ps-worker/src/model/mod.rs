@@ -6,8 +6,8 @@
 //! table, optionally an MLP over the per-field pooled embeddings whose
 //! weights are dense tables. Each head ends in one logit under a sigmoid,
 //! or (`classes`) one per class under a softmax, the linear part and the
-//! bias then holding a value per class. The worker holds nothing between steps: [`Model::pull`]
-//! fetches what a batch touches, [`Model::compute`] runs forward (and in
+//! bias then holding a value per class. The worker holds nothing between
+//! steps: [`Model::pull`] fetches what a batch touches, [`Model::compute`] runs forward (and in
 //! training backward) on any [`crate::backend::Backend`], and
 //! [`Model::push`] sends the gradients.
 //!
