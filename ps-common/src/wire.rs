@@ -1,9 +1,18 @@
 //! The wire codecs: row values as little-endian `f32`, `f16` or `bf16`, row
 //! after row; key lists as plain varints (protobuf's packed `uint64`) or
 //! sorted with delta + varint encoding.
+//!
+//! On a little-endian machine (every one this runs on) a float's memory is
+//! already its `f32` encoding: encoding and decoding `f32` are copies of
+//! bytes, a vector of floats becomes a message's bytes without a copy
+//! ([`values_into_bytes`]), and a message's aligned bytes are read as
+//! floats where they lie ([`values_view`]).
+
+use std::borrow::Cow;
 
 use bytes::{Bytes, BytesMut};
 use half::{bf16, f16};
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::error::PsError;
 use crate::pb::ValueEncoding;
@@ -24,8 +33,46 @@ pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
     out.freeze()
 }
 
+/// `values` encoded in `encoding`, taking the vector: `f32` values become
+/// the message's bytes as they are (the bytes own the vector), so the
+/// in-process link hands a shard the very floats the worker computed.
+pub fn values_into_bytes(values: Vec<f32>, encoding: ValueEncoding) -> Bytes {
+    if encoding == ValueEncoding::F32 && cfg!(target_endian = "little") {
+        Bytes::from_owner(LittleEndianF32s(values))
+    } else {
+        encode_values(&values, encoding)
+    }
+}
+
+/// Floats owned by a [`Bytes`] as their little-endian encoding (only built
+/// on a little-endian machine).
+struct LittleEndianF32s(Vec<f32>);
+
+impl AsRef<[u8]> for LittleEndianF32s {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// The values `bytes` of `encoding` carry: borrowed in place when they are
+/// `f32` bytes aligned for floats (a request built in this process, or one
+/// that happened to land aligned in the receive buffer), decoded otherwise.
+pub fn values_view(bytes: &[u8], encoding: ValueEncoding) -> Result<Cow<'_, [f32]>, PsError> {
+    if encoding == ValueEncoding::F32
+        && cfg!(target_endian = "little")
+        && let Ok(values) = <[f32]>::ref_from_bytes(bytes)
+    {
+        return Ok(Cow::Borrowed(values));
+    }
+    decode_values(bytes, encoding).map(Cow::Owned)
+}
+
 /// Appends `values` encoded in `encoding` to `out` (see [`encode_values`]).
 pub fn append_values(out: &mut BytesMut, values: &[f32], encoding: ValueEncoding) {
+    if encoding == ValueEncoding::F32 && cfg!(target_endian = "little") {
+        out.extend_from_slice(values.as_bytes());
+        return;
+    }
     let start = out.len();
     out.resize(start + values.len() * value_bytes(encoding), 0);
     write_values(&mut out[start..], values, encoding);
@@ -51,6 +98,9 @@ pub fn place_values(out: &mut BytesMut, at: usize, values: &[f32], encoding: Val
 /// response built out of order).
 pub fn write_values(out: &mut [u8], values: &[f32], encoding: ValueEncoding) {
     match encoding {
+        ValueEncoding::F32 if cfg!(target_endian = "little") => {
+            out.copy_from_slice(values.as_bytes());
+        }
         ValueEncoding::F32 => {
             for (o, v) in out.chunks_exact_mut(4).zip(values) {
                 o.copy_from_slice(&v.to_le_bytes());
@@ -179,11 +229,7 @@ pub fn decode_delta_keys(bytes: &[u8], max_keys: usize) -> Result<Vec<u64>, PsEr
 
 /// Encodes floats as little-endian bytes.
 pub fn encode_f32s(values: &[f32]) -> Bytes {
-    let mut out = BytesMut::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.freeze()
+    encode_values(values, ValueEncoding::F32)
 }
 
 /// Decodes little-endian bytes into `out`, which must hold exactly `bytes.len() / 4` floats.
@@ -196,8 +242,12 @@ pub fn decode_f32s_into(bytes: &[u8], out: &mut [f32]) -> Result<(), PsError> {
             bytes.len()
         )));
     }
-    for (chunk, v) in bytes.chunks_exact(4).zip(out.iter_mut()) {
-        *v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    if cfg!(target_endian = "little") {
+        out.as_mut_bytes().copy_from_slice(bytes);
+    } else {
+        for (chunk, v) in bytes.chunks_exact(4).zip(out.iter_mut()) {
+            *v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
     }
     Ok(())
 }
@@ -210,9 +260,7 @@ pub fn decode_f32s(bytes: &[u8]) -> Result<Vec<f32>, PsError> {
             bytes.len()
         )));
     }
-    let mut out = vec![0f32; bytes.len() / 4];
-    decode_f32s_into(bytes, &mut out)?;
-    Ok(out)
+    decode_values(bytes, ValueEncoding::F32)
 }
 
 #[cfg(test)]
@@ -239,6 +287,35 @@ mod tests {
             &[0x00, 0x00, 0x80, 0x3f],
             "little-endian"
         );
+    }
+
+    #[test]
+    fn f32_values_become_bytes_and_are_read_back_in_place_where_aligned() {
+        let values = vec![1.0, -2.5, f32::MIN_POSITIVE, f32::NAN, 3e38];
+        let bytes = values_into_bytes(values.clone(), ValueEncoding::F32);
+        assert_eq!(bytes, encode_f32s(&values), "the same bytes as the codec");
+        let view = values_view(&bytes, ValueEncoding::F32).unwrap();
+        assert!(
+            matches!(view, Cow::Borrowed(_)),
+            "aligned bytes are borrowed"
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&view), bits(&values));
+        // The same bytes one byte into a buffer are not aligned for floats:
+        // decoded instead, to the same values.
+        let mut shifted = BytesMut::from(&[0u8][..]);
+        shifted.extend_from_slice(&bytes);
+        let shifted = shifted.freeze().slice(1..);
+        let view = values_view(&shifted, ValueEncoding::F32).unwrap();
+        assert!(matches!(view, Cow::Owned(_)), "unaligned bytes are decoded");
+        assert_eq!(bits(&view), bits(&values));
+        let halves = values_into_bytes(values.clone(), ValueEncoding::Bf16);
+        assert_eq!(halves.len(), 10);
+        assert!(matches!(
+            values_view(&halves, ValueEncoding::Bf16).unwrap(),
+            Cow::Owned(_)
+        ));
+        assert!(values_view(&shifted[..3], ValueEncoding::F32).is_err());
     }
 
     #[test]

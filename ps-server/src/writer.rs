@@ -105,10 +105,12 @@ impl Writer {
     /// A push call: checked in full by the store, then claimed, then
     /// applied; a call refused at either step claims nothing.
     fn push(&self, seq: u64, call: &PushCall) -> Result<Ordered<Outcome>, PsError> {
+        // The request's own bytes where they can be read as floats (always
+        // over the in-process link), a decoded copy otherwise.
         let grads = call
             .parts
             .iter()
-            .map(|p| wire::decode_values(&p.gradients, p.encoding))
+            .map(|p| wire::values_view(&p.gradients, p.encoding))
             .collect::<Result<Vec<_>, _>>()?;
         let pushes: Vec<Push<'_>> = call
             .parts
@@ -153,7 +155,7 @@ impl Writer {
     }
 
     fn assign(&self, a: &Assign) -> Result<usize, PsError> {
-        let values = wire::decode_f32s(&a.values)?;
+        let values = wire::values_view(&a.values, ps_common::pb::ValueEncoding::F32)?;
         self.shard.assign(&a.table, &a.keys, &values)
     }
 }

@@ -131,7 +131,7 @@ impl PsClient {
                             wire.pull_values.as_str_name()
                         )));
                     }
-                    out.push((placed, wire::decode_values(&response.values, wire.pull_values)?));
+                    out.push((placed, response.values));
                 }
                 Ok(out)
             });
@@ -140,10 +140,20 @@ impl PsClient {
             .iter()
             .map(|(_, info, keys)| vec![0f32; keys.len() * info.dim])
             .collect();
+        // Each answered row is decoded straight into its place.
+        let width = wire::value_bytes(wire.pull_values);
         for (placed, values) in join_all_ok(tasks).await?.into_iter().flatten() {
             let (dim, rows) = (placed.dim, &mut out[placed.table]);
-            for (&pos, row) in placed.positions.iter().zip(values.chunks_exact(dim)) {
-                rows[pos * dim..(pos + 1) * dim].copy_from_slice(row);
+            for (&pos, row) in placed
+                .positions
+                .iter()
+                .zip(values.chunks_exact(dim * width))
+            {
+                wire::decode_values_into(
+                    row,
+                    wire.pull_values,
+                    &mut rows[pos * dim..(pos + 1) * dim],
+                )?;
             }
         }
         Ok(out)

@@ -15,7 +15,7 @@ impl PsClient {
             let request = pb::AssignRequest {
                 table: table.to_string(),
                 keys,
-                values: wire::encode_f32s(&rows),
+                values: wire::values_into_bytes(rows, ValueEncoding::F32),
             };
             let (shard, inner) = (
                 Arc::clone(&self.inner.shards[shard_id]),
@@ -159,7 +159,9 @@ impl PsClient {
                 let request = pb::PushRequest {
                     table: table.to_string(),
                     keys,
-                    gradients: wire::encode_values(&values, wire.push_values),
+                    // Each shard's rows are gathered once; in f32 that
+                    // vector is the request's bytes, not copied again.
+                    gradients: wire::values_into_bytes(values, wire.push_values),
                     lr_scale,
                     encoding: wire.push_values as i32,
                     delta_keys,
