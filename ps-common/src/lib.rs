@@ -26,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod http2;
 pub mod ids;
 pub mod init;
 pub mod lifecycle;

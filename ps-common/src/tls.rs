@@ -207,12 +207,13 @@ impl TlsFiles {
 
 /// An endpoint for `addr` (`HOST:PORT`, or a full URI kept as given):
 /// `https` with `tls`, `http` without. Every client of a server (workers,
-/// peer servers, health checks) builds its connection here.
+/// peer servers, health checks) builds its connection here, with the
+/// HTTP/2 settings of [`crate::http2`].
 pub fn endpoint(
     addr: &str,
     tls: Option<ClientTlsConfig>,
 ) -> Result<Endpoint, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(uri(addr, tls.is_some()))?;
+    let endpoint = crate::http2::client(Endpoint::from_shared(uri(addr, tls.is_some()))?);
     match tls {
         Some(tls) => endpoint.tls_config(tls),
         None => Ok(endpoint),

@@ -311,7 +311,7 @@ pub async fn run_replicated(
     // Small pulls and pushes are latency-bound: never let Nagle's algorithm hold them.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (requested, drain_started) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = ps_common::http2::server();
     if let Some(tls) = config.tls.clone() {
         builder = builder.tls_config(tls)?;
     }

@@ -373,7 +373,7 @@ pub async fn listen(
             let service = ps_common::pb::predictor_server::PredictorServer::new(
                 grpc::PredictorService::new(predictor),
             );
-            let mut builder = tonic::transport::Server::builder();
+            let mut builder = ps_common::http2::server();
             if let Some(tls) = &tls {
                 builder = builder
                     .tls_config(tls.grpc.clone())
