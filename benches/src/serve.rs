@@ -114,14 +114,18 @@ pub fn run(job: &JobConfig, setup: &Setup) -> anyhow::Result<Measured> {
         let (model, batch) = (Model::from_job(job), setup.train_batch);
         std::thread::spawn(move || train(&handle, &client, &model, batch, &stop, &trained))
     });
+    // Serving has its own runtime, as `ps-worker serve` has its own
+    // process: its requests never queue behind the trainer's or the
+    // shards' tasks on one runtime's threads.
+    let serving_runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     let cache = FreshRows::new(setup.cache_freshness, 1 << 20);
-    let rows = runtime.block_on(serving::server_rows(
+    let rows = serving_runtime.block_on(serving::server_rows(
         job,
         std::slice::from_ref(&follower),
         &ClientConfig::default(),
         Some(cache),
     ))?;
-    let listening = runtime.block_on(async {
+    let listening = serving_runtime.block_on(async {
         let predictor = Predictor::start(
             job,
             rows,
