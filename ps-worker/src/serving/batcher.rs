@@ -73,18 +73,7 @@ async fn run(
 ) {
     let running = Arc::new(Semaphore::new(config.max_running.max(1)));
     while let Some(first) = waiting.recv().await {
-        let deadline = tokio::time::Instant::now() + config.batch_wait;
-        let mut instances = first.batch.len();
-        let mut group = vec![first];
-        while instances < config.max_batch {
-            match tokio::time::timeout_at(deadline, waiting.recv()).await {
-                Ok(Some(next)) => {
-                    instances += next.batch.len();
-                    group.push(next);
-                }
-                _ => break,
-            }
-        }
+        let group = gather(first, &mut waiting, &config).await;
         let Ok(permit) = Arc::clone(&running).acquire_owned().await else {
             return;
         };
@@ -94,6 +83,35 @@ async fn run(
             execute(&engine, group, &metrics).await;
         });
     }
+}
+
+/// `first` and the requests that share its batch: those queued, and those
+/// arriving within `batch_wait`, up to `max_batch` instances.
+async fn gather(
+    first: Waiting,
+    waiting: &mut mpsc::Receiver<Waiting>,
+    config: &ServeConfig,
+) -> Vec<Waiting> {
+    let deadline = tokio::time::Instant::now() + config.batch_wait;
+    let mut instances = first.batch.len();
+    let mut group = vec![first];
+    while instances < config.max_batch {
+        // Without a wait, only the requests already queued join: a timeout
+        // of zero would still sleep until the timer's next tick (up to a
+        // millisecond, which was most of a lone prediction's latency).
+        let next = if config.batch_wait.is_zero() {
+            waiting.try_recv().ok()
+        } else {
+            tokio::time::timeout_at(deadline, waiting.recv())
+                .await
+                .ok()
+                .flatten()
+        };
+        let Some(next) = next else { break };
+        instances += next.batch.len();
+        group.push(next);
+    }
+    group
 }
 
 /// Computes one batch of requests and answers each with its share.
@@ -137,5 +155,67 @@ async fn execute(engine: &Engine, group: Vec<Waiting>, metrics: &ServeMetrics) {
                 let _ = w.reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn request() -> Waiting {
+        Waiting {
+            batch: Batch::new(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn config(batch_wait: Duration) -> ServeConfig {
+        ServeConfig {
+            batch_wait,
+            ..ServeConfig::new("m")
+        }
+    }
+
+    /// Under a paused clock, any timer the batcher set would move time on
+    /// (the runtime skips ahead to it when idle): time standing still
+    /// shows that no request waited for one.
+    #[tokio::test(start_paused = true)]
+    async fn without_a_wait_a_batch_takes_the_queued_requests_and_sets_no_timer() {
+        // Between two ticks of the timer, where a zero timeout would sleep
+        // to the next one.
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let (queue, mut waiting) = mpsc::channel(8);
+        for _ in 0..2 {
+            queue.try_send(request()).unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let group = gather(request(), &mut waiting, &config(Duration::ZERO)).await;
+        assert_eq!(group.len(), 3, "the first and the two queued");
+        assert_eq!(tokio::time::Instant::now(), started, "no timer ran");
+        let alone = gather(request(), &mut waiting, &config(Duration::ZERO)).await;
+        assert_eq!(alone.len(), 1);
+        assert_eq!(tokio::time::Instant::now(), started, "no timer ran");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_wait_requests_arriving_within_it_join_and_later_ones_do_not() {
+        let (queue, mut waiting) = mpsc::channel(8);
+        let sender = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            sender.try_send(request()).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            sender.try_send(request()).unwrap();
+        });
+        let started = tokio::time::Instant::now();
+        let group = gather(request(), &mut waiting, &config(Duration::from_millis(5))).await;
+        assert_eq!(
+            group.len(),
+            2,
+            "the one at 3 ms joined, the one at 13 ms did not"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(5));
     }
 }
