@@ -25,6 +25,13 @@ pub fn value_bytes(encoding: ValueEncoding) -> usize {
     }
 }
 
+/// Whether values of `encoding` are laid out as this machine holds floats
+/// (`f32` on a little-endian machine): encoding them is a byte copy, or
+/// none at all.
+fn in_memory_layout(encoding: ValueEncoding) -> bool {
+    encoding == ValueEncoding::F32 && cfg!(target_endian = "little")
+}
+
 /// Encodes floats in `encoding`. `f16` saturates at +-65504 (the largest
 /// finite half), so a finite value never becomes infinite on the wire.
 pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
@@ -37,7 +44,7 @@ pub fn encode_values(values: &[f32], encoding: ValueEncoding) -> Bytes {
 /// the message's bytes as they are (the bytes own the vector), so the
 /// in-process link hands a shard the very floats the worker computed.
 pub fn values_into_bytes(values: Vec<f32>, encoding: ValueEncoding) -> Bytes {
-    if encoding == ValueEncoding::F32 && cfg!(target_endian = "little") {
+    if in_memory_layout(encoding) {
         Bytes::from_owner(LittleEndianF32s(values))
     } else {
         encode_values(&values, encoding)
@@ -58,8 +65,7 @@ impl AsRef<[u8]> for LittleEndianF32s {
 /// `f32` bytes aligned for floats (a request built in this process, or one
 /// that happened to land aligned in the receive buffer), decoded otherwise.
 pub fn values_view(bytes: &[u8], encoding: ValueEncoding) -> Result<Cow<'_, [f32]>, PsError> {
-    if encoding == ValueEncoding::F32
-        && cfg!(target_endian = "little")
+    if in_memory_layout(encoding)
         && let Ok(values) = <[f32]>::ref_from_bytes(bytes)
     {
         return Ok(Cow::Borrowed(values));
@@ -69,7 +75,7 @@ pub fn values_view(bytes: &[u8], encoding: ValueEncoding) -> Result<Cow<'_, [f32
 
 /// Appends `values` encoded in `encoding` to `out` (see [`encode_values`]).
 pub fn append_values(out: &mut BytesMut, values: &[f32], encoding: ValueEncoding) {
-    if encoding == ValueEncoding::F32 && cfg!(target_endian = "little") {
+    if in_memory_layout(encoding) {
         out.extend_from_slice(values.as_bytes());
         return;
     }
@@ -98,7 +104,7 @@ pub fn place_values(out: &mut BytesMut, at: usize, values: &[f32], encoding: Val
 /// response built out of order).
 pub fn write_values(out: &mut [u8], values: &[f32], encoding: ValueEncoding) {
     match encoding {
-        ValueEncoding::F32 if cfg!(target_endian = "little") => {
+        _ if in_memory_layout(encoding) => {
             out.copy_from_slice(values.as_bytes());
         }
         ValueEncoding::F32 => {
@@ -242,7 +248,7 @@ pub fn decode_f32s_into(bytes: &[u8], out: &mut [f32]) -> Result<(), PsError> {
             bytes.len()
         )));
     }
-    if cfg!(target_endian = "little") {
+    if in_memory_layout(ValueEncoding::F32) {
         out.as_mut_bytes().copy_from_slice(bytes);
     } else {
         for (chunk, v) in bytes.chunks_exact(4).zip(out.iter_mut()) {
@@ -254,12 +260,6 @@ pub fn decode_f32s_into(bytes: &[u8], out: &mut [f32]) -> Result<(), PsError> {
 
 /// Decodes little-endian bytes into a new vector; the length must be a multiple of 4.
 pub fn decode_f32s(bytes: &[u8]) -> Result<Vec<f32>, PsError> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(PsError::invalid(format!(
-            "value bytes must be a multiple of 4 (little-endian f32), got {}",
-            bytes.len()
-        )));
-    }
     decode_values(bytes, ValueEncoding::F32)
 }
 
