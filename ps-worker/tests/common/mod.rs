@@ -33,6 +33,17 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build.args(["build", "-p", "ps-server", "--bin", "ps-server"]);
+        // cargo gives this test process the variables of the ps-worker
+        // package. Inherited, they make build scripts that watch them (ring
+        // watches CARGO_MANIFEST_DIR) look dirty, and ring, rustls, tonic
+        // and the workspace crates recompile here and again on the next
+        // outer build.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if is_package_variable(&key) {
+                build.env_remove(key.as_ref());
+            }
+        }
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -42,6 +53,22 @@ pub fn binary(name: &str) -> PathBuf {
         );
     });
     profile_dir.join(name)
+}
+
+/// Variables cargo sets for one package's test binary (not the ones that
+/// configure cargo itself, such as `CARGO_HOME` or `CARGO_TARGET_DIR`).
+fn is_package_variable(key: &str) -> bool {
+    const EXACT: [&str; 8] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&key) || key.starts_with("CARGO_PKG_") || key.starts_with("CARGO_BIN_EXE_")
 }
 
 /// A `ps-server` child process, killed on drop.
