@@ -307,17 +307,17 @@ impl Replication {
         self.replicated.send_modify(|_| {});
     }
 
-    /// Sends one batch, retrying failures for up to [`BACKUP_TIMEOUT`]. The
-    /// first call of a backup (`catching_up`) may wait while it loads its
-    /// snapshot; later ones get [`BACKUP_TIMEOUT`] each, so a hung backup
-    /// fails after about twice that.
+    /// Sends one batch, retrying failures for up to [`BACKUP_TIMEOUT`] (see
+    /// [`Retries`]). The first call of a backup (`catching_up`) may wait
+    /// while it loads its snapshot; later ones get [`BACKUP_TIMEOUT`] each,
+    /// so a hung backup fails after about twice that.
     async fn send(
         &self,
         client: &ParameterServerClient<Channel>,
         request: pb::ReplicateRequest,
         catching_up: bool,
     ) -> Result<pb::ReplicateResponse, tonic::Status> {
-        let deadline = tokio::time::Instant::now() + BACKUP_TIMEOUT;
+        let mut retries = Retries::new(tokio::time::Instant::now(), BACKUP_TIMEOUT);
         loop {
             let mut call = tonic::Request::new(request.clone());
             self.peer.auth.attach_peer(&mut call);
@@ -329,7 +329,7 @@ impl Replication {
             });
             match client.clone().replicate(call).await {
                 Ok(answer) => return Ok(answer.into_inner()),
-                Err(_) if tokio::time::Instant::now() < deadline => {
+                Err(_) if retries.failed(tokio::time::Instant::now()) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(status) => return Err(status),
@@ -396,6 +396,35 @@ impl Replication {
     }
 }
 
+/// When the primary stops retrying a Replicate call: once `timeout` has
+/// passed since the first attempt *and* at least two attempts failed.
+///
+/// One failure is never enough, however late it comes. A primary whose
+/// process was stalled (stopped, swapped out) past the timeout finds its
+/// in-flight call timed out as it wakes; meanwhile its backup may have been
+/// promoted. Dropping the backup then would leave two primaries; the second
+/// attempt is answered `promoted`, and the primary deposes itself.
+#[derive(Debug)]
+struct Retries {
+    deadline: tokio::time::Instant,
+    failures: u32,
+}
+
+impl Retries {
+    fn new(now: tokio::time::Instant, timeout: Duration) -> Retries {
+        Retries {
+            deadline: now + timeout,
+            failures: 0,
+        }
+    }
+
+    /// Counts a failed attempt (at `now`): whether to try again.
+    fn failed(&mut self, now: tokio::time::Instant) -> bool {
+        self.failures += 1;
+        self.failures < 2 || now < self.deadline
+    }
+}
+
 /// Streams a snapshot (`bytes`, through write `seq`, for `stream`) as
 /// Join chunks, at most two ahead of the reader; a reader that leaves a
 /// chunk unread for [`JOIN_STALL`] is given up, and `stalled` runs.
@@ -432,4 +461,33 @@ fn join_chunks(bytes: Vec<u8>, seq: u64, stream: u64, epoch: u64) -> Vec<pb::Joi
             epoch,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_retried_until_the_timeout() {
+        let start = tokio::time::Instant::now();
+        let mut retries = Retries::new(start, BACKUP_TIMEOUT);
+        assert!(retries.failed(start + Duration::from_millis(10)));
+        assert!(retries.failed(start + Duration::from_millis(60)));
+        assert!(retries.failed(start + BACKUP_TIMEOUT - Duration::from_millis(1)));
+        assert!(!retries.failed(start + BACKUP_TIMEOUT));
+    }
+
+    #[test]
+    fn a_first_failure_past_the_timeout_is_tried_once_more() {
+        // The process stalled for 10 s with a call in flight: as it wakes
+        // the call has timed out, long past the deadline.
+        let start = tokio::time::Instant::now();
+        let mut retries = Retries::new(start, BACKUP_TIMEOUT);
+        let woke = start + Duration::from_secs(10);
+        assert!(retries.failed(woke), "the first late failure is retried");
+        assert!(
+            !retries.failed(woke + Duration::from_millis(50)),
+            "a second failure past the deadline gives up"
+        );
+    }
 }
