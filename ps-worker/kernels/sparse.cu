@@ -113,7 +113,7 @@ extern "C" __global__ void reduce_chunks(
 }
 
 // Per (example, column): sums[b, d] = sum_e x v, and
-// terms[b, d] = sums^2 - sum_e x^2 v^2.
+// terms[b, d] = 0.5 (sums^2 - sum_e x^2 v^2).
 extern "C" __global__ void fm_sums(
     float* sums, float* terms, const float* rows, const unsigned int* entry_row,
     const float* entry_value, const unsigned int* segment_offsets,
@@ -130,26 +130,28 @@ extern "C" __global__ void fm_sums(
         q += xv * xv;
     }
     sums[t] = s;
-    terms[t] = s * s - q;
+    terms[t] = 0.5f * (s * s - q);
 }
 
-// out[b] = 0.5 * sum_d terms[b, d], summed in column order.
+// out[b] = sum_d terms[b, d], summed in column order.
 extern "C" __global__ void fm_reduce(float* out, const float* terms, int examples, int dim) {
     int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= examples) return;
     float acc = 0.0f;
     for (int d = 0; d < dim; ++d) acc += terms[(long long)b * dim + d];
-    out[b] = 0.5f * acc;
+    out[b] = acc;
 }
 
 // FM gradient, phase one of the chunked scatter: chunk c (of row u) sums
-// g[b] * (x sums[b, d] - x^2 rows[u, d]) over its occurrences; single-chunk
-// rows write out[u, d] directly, the others partial[c, d].
+// g * (x sums[b, d] - x^2 rows[u, d]) over its occurrences, g = grad[b]
+// (grad_cols 1: the summed interaction) or grad[b, d] (grad_cols dim: per
+// dimension); single-chunk rows write out[u, d] directly, the others
+// partial[c, d].
 extern "C" __global__ void fm_backward_chunks(
     float* out, float* partial, const float* grad, const float* sums, const float* rows,
     const unsigned int* chunk_offsets, const unsigned int* chunk_row,
     const unsigned int* row_chunks, const unsigned int* row_entry_segment,
-    const float* row_entry_value, int chunks, int dim, int fields) {
+    const float* row_entry_value, int chunks, int dim, int fields, int grad_cols) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)chunks * dim) return;
     int c = (int)(t / dim), d = (int)(t % dim);
@@ -159,7 +161,8 @@ extern "C" __global__ void fm_backward_chunks(
     for (unsigned int i = chunk_offsets[c]; i < chunk_offsets[c + 1]; ++i) {
         unsigned int b = row_entry_segment[i] / fields;
         float x = row_entry_value[i];
-        acc += grad[b] * (x * sums[(long long)b * dim + d] - x * x * v);
+        float g = grad_cols == 1 ? grad[b] : grad[(long long)b * dim + d];
+        acc += g * (x * sums[(long long)b * dim + d] - x * x * v);
     }
     bool alone = row_chunks[u + 1] - row_chunks[u] == 1;
     if (alone) out[(long long)u * dim + d] = acc; else partial[t] = acc;

@@ -152,6 +152,24 @@ pub fn compare<T: Backend, R: Backend>(
         let (tf, ts) = test.fm_forward(&tr, &tp)?;
         let (rf, rs) = reference.fm_forward(&rr, &rp)?;
         record("fm_forward", test.download(&tf)?, reference.download(&rf)?);
+        let (tpairs, _) = test.fm_pairs(&tr, &tp)?;
+        let (rpairs, _) = reference.fm_pairs(&rr, &rp)?;
+        record(
+            "fm_pairs",
+            test.download(&tpairs)?,
+            reference.download(&rpairs)?,
+        );
+        let g = rng.vec(examples * dim);
+        record(
+            "fm_backward_per_dim",
+            test.download(&test.fm_backward(&test.upload(&g, examples, dim)?, &ts, &tr, &tp)?)?,
+            reference.download(&reference.fm_backward(
+                &reference.upload(&g, examples, dim)?,
+                &rs,
+                &rr,
+                &rp,
+            )?)?,
+        );
         let g = rng.vec(examples);
         record(
             "fm_backward",

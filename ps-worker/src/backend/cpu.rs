@@ -24,6 +24,35 @@ use matvec::matvec;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
+/// Each example's FM pairwise term per factor dimension (`0.5 (s_d^2 -
+/// q_d)`, `s = sum_i x_i v_i`, `q = sum_i x_i^2 v_i^2`) and its sums `s`,
+/// with the same operations in the same order as the CUDA kernel.
+fn fm_pairs(rows: &Array2<f32>, plan: &SparsePlan) -> (Array2<f32>, Array2<f32>) {
+    let dim = rows.ncols();
+    let mut sums = Array2::<f32>::zeros((plan.examples, dim));
+    let mut pairs = Array2::<f32>::zeros((plan.examples, dim));
+    let mut squares = vec![0f32; dim];
+    for b in 0..plan.examples {
+        squares.iter_mut().for_each(|q| *q = 0.0);
+        let range = plan.segment_offsets[b * plan.fields] as usize
+            ..plan.segment_offsets[(b + 1) * plan.fields] as usize;
+        let mut sum = sums.row_mut(b);
+        for e in range {
+            let x = plan.entry_value[e];
+            let v = rows.row(plan.entry_row[e] as usize);
+            for d in 0..dim {
+                let xv = x * v[d];
+                sum[d] += xv;
+                squares[d] += xv * xv;
+            }
+        }
+        for (d, p) in pairs.row_mut(b).iter_mut().enumerate() {
+            *p = 0.5 * (sum[d] * sum[d] - squares[d]);
+        }
+    }
+    (pairs, sums)
+}
+
 fn same_shape(op: &'static str, a: &Array2<f32>, b: &Array2<f32>) -> Result<(), BackendError> {
     check_same_shape(op, [a.nrows(), a.ncols()], [b.nrows(), b.ncols()])
 }
@@ -157,28 +186,19 @@ impl Backend for CpuBackend {
         plan: &Arc<SparsePlan>,
     ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
         rows_match_plan("fm_forward", rows, plan)?;
-        let dim = rows.ncols();
-        let mut sums = Array2::<f32>::zeros((plan.examples, dim));
-        let mut out = Array2::<f32>::zeros((plan.examples, 1));
-        let mut squares = vec![0f32; dim];
-        for b in 0..plan.examples {
-            squares.iter_mut().for_each(|q| *q = 0.0);
-            let range = plan.segment_offsets[b * plan.fields] as usize
-                ..plan.segment_offsets[(b + 1) * plan.fields] as usize;
-            let mut sum = sums.row_mut(b);
-            for e in range {
-                let x = plan.entry_value[e];
-                let v = rows.row(plan.entry_row[e] as usize);
-                for d in 0..dim {
-                    // Same operations in the same order as the CUDA kernel.
-                    let xv = x * v[d];
-                    sum[d] += xv;
-                    squares[d] += xv * xv;
-                }
-            }
-            out[[b, 0]] = 0.5 * (0..dim).map(|d| sum[d] * sum[d] - squares[d]).sum::<f32>();
-        }
-        Ok((out, sums))
+        let (pairs, sums) = fm_pairs(rows, plan);
+        // Summed in column order, as the CUDA kernel does.
+        let out = pairs.map_axis(Axis(1), |p| p.iter().sum::<f32>());
+        Ok((out.insert_axis(Axis(1)), sums))
+    }
+
+    fn fm_pairs(
+        &self,
+        rows: &Array2<f32>,
+        plan: &Arc<SparsePlan>,
+    ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
+        rows_match_plan("fm_pairs", rows, plan)?;
+        Ok(fm_pairs(rows, plan))
     }
 
     fn fm_backward(
@@ -189,7 +209,11 @@ impl Backend for CpuBackend {
         plan: &Arc<SparsePlan>,
     ) -> Result<Array2<f32>, BackendError> {
         rows_match_plan("fm_backward", rows, plan)?;
-        if grad.dim() != (plan.examples, 1) || sums.dim() != (plan.examples, rows.ncols()) {
+        let per_dim = grad.ncols() == rows.ncols() && grad.ncols() != 1;
+        if grad.nrows() != plan.examples
+            || !(grad.ncols() == 1 || per_dim)
+            || sums.dim() != (plan.examples, rows.ncols())
+        {
             return Err(shape_error(
                 "fm_backward",
                 format!(
@@ -208,9 +232,10 @@ impl Backend for CpuBackend {
             for &e in &plan.row_entries[range] {
                 let e = e as usize;
                 let b = (plan.entry_segment[e] / fields) as usize;
-                let (x, g) = (plan.entry_value[e], grad[[b, 0]]);
+                let (x, g) = (plan.entry_value[e], grad.row(b));
                 let s = sums.row(b);
                 for d in 0..v.len() {
+                    let g = if per_dim { g[d] } else { g[0] };
                     target[d] += g * (x * s[d] - x * x * v[d]);
                 }
             }

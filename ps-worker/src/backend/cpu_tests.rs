@@ -87,6 +87,48 @@ fn fm_backward_matches_finite_differences() {
 }
 
 #[test]
+fn fm_backward_per_dimension_matches_finite_differences() {
+    let mut rng = Rng::new(3);
+    let plan = Arc::new(random_plan(&mut rng, 6, 5, 4, 3));
+    let rows = rng.vec(4 * 3);
+    let r = rng.vec(6 * 3);
+    let (_, sums) = B.fm_pairs(&arr(rows.clone(), 4, 3), &plan).unwrap();
+    let grad = B
+        .fm_backward(
+            &arr(r.clone(), 6, 3),
+            &sums,
+            &arr(rows.clone(), 4, 3),
+            &plan,
+        )
+        .unwrap();
+    check("fm_pairs", &rows, grad.as_slice().unwrap(), |x| {
+        dot(&B.fm_pairs(&arr(x.to_vec(), 4, 3), &plan).unwrap().0, &r)
+    });
+}
+
+#[test]
+fn fm_pairs_are_the_interaction_per_dimension() {
+    // Features (row 0, x = 1), (row 1, x = 2): v0_d * v1_d * 1 * 2 per d,
+    // and their sum is fm_forward's interaction.
+    let plan = Arc::new(SparsePlan::new(&[0, 2], &[0, 1], &[1.0, 2.0], None, 1, 2));
+    let rows = arr(vec![1.0, 2.0, 3.0, -1.0], 2, 2);
+    let (pairs, sums) = B.fm_pairs(&rows, &plan).unwrap();
+    assert_eq!(pairs.as_slice().unwrap(), [3.0 * 2.0, -2.0 * 2.0]);
+    assert_eq!(sums.as_slice().unwrap(), [1.0 + 6.0, 2.0 - 2.0]);
+    let (total, _) = B.fm_forward(&rows, &plan).unwrap();
+    assert_eq!(total.as_slice().unwrap(), [pairs.sum()]);
+}
+
+#[test]
+fn fm_backward_refuses_a_gradient_of_another_width() {
+    let plan = Arc::new(SparsePlan::new(&[0, 2], &[0, 1], &[1.0, 2.0], None, 1, 2));
+    let rows = arr(vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.5], 2, 3);
+    let (_, sums) = B.fm_pairs(&rows, &plan).unwrap();
+    let err = B.fm_backward(&arr(vec![1.0, 1.0], 1, 2), &sums, &rows, &plan);
+    assert!(err.is_err(), "a [1, 2] gradient for dim 3 is refused");
+}
+
+#[test]
 fn fm_forward_is_the_sum_over_pairs() {
     // One example, features (row 0, x = 1), (row 1, x = 2): <v0, v1> * 1 * 2.
     let plan = Arc::new(SparsePlan::new(&[0, 2], &[0, 1], &[1.0, 2.0], None, 1, 2));

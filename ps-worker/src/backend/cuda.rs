@@ -598,11 +598,29 @@ impl Backend for CudaBackend {
         plan: &CudaPlan,
     ) -> Result<(CudaTensor, CudaTensor), BackendError> {
         self.check_plan_rows("fm_forward", rows, plan)?;
-        let mut sums = self.zeros(plan.examples, rows.cols)?;
-        let mut terms = self.zeros(plan.examples, rows.cols)?;
         let mut out = self.zeros(plan.examples, 1)?;
+        let (terms, sums) = self.fm_pairs(rows, plan)?;
         if sums.len() == 0 {
             return Ok((out, sums));
+        }
+        let (n, dim) = (int(plan.examples, "fm")?, int(rows.cols, "fm")?);
+        let mut b = self.stream.launch_builder(&self.k.fm_reduce);
+        b.arg(&mut out.buf).arg(&terms.buf).arg(&n).arg(&dim);
+        // SAFETY: reads terms[0..n*dim], writes out[0..n].
+        unsafe { b.launch(linear(plan.examples)) }.map_err(device_error)?;
+        Ok((out, sums))
+    }
+
+    fn fm_pairs(
+        &self,
+        rows: &CudaTensor,
+        plan: &CudaPlan,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        self.check_plan_rows("fm_pairs", rows, plan)?;
+        let mut sums = self.zeros(plan.examples, rows.cols)?;
+        let mut terms = self.zeros(plan.examples, rows.cols)?;
+        if sums.len() == 0 {
+            return Ok((terms, sums));
         }
         let (n, dim, fields) = (
             int(plan.examples, "fm")?,
@@ -621,11 +639,7 @@ impl Backend for CudaBackend {
             .arg(&fields);
         // SAFETY: as gather_pool with per-example pooling; writes [n, dim] twice.
         unsafe { b.launch(linear(sums.rows * sums.cols)) }.map_err(device_error)?;
-        let mut b = self.stream.launch_builder(&self.k.fm_reduce);
-        b.arg(&mut out.buf).arg(&terms.buf).arg(&n).arg(&dim);
-        // SAFETY: reads terms[0..n*dim], writes out[0..n].
-        unsafe { b.launch(linear(plan.examples)) }.map_err(device_error)?;
-        Ok((out, sums))
+        Ok((terms, sums))
     }
 
     fn fm_backward(
@@ -636,7 +650,8 @@ impl Backend for CudaBackend {
         plan: &CudaPlan,
     ) -> Result<CudaTensor, BackendError> {
         self.check_plan_rows("fm_backward", rows, plan)?;
-        if (grad.rows, grad.cols) != (plan.examples, 1)
+        if grad.rows != plan.examples
+            || !(grad.cols == 1 || grad.cols == rows.cols)
             || (sums.rows, sums.cols) != (plan.examples, rows.cols)
         {
             return Err(shape_error(
@@ -652,10 +667,11 @@ impl Backend for CudaBackend {
         }
         let mut out = self.uninit(plan.unique, rows.cols)?;
         let mut partial = self.uninit(plan.chunks, rows.cols)?;
-        let (chunks, dim, fields) = (
+        let (chunks, dim, fields, grad_cols) = (
             int(plan.chunks, "fm")?,
             int(rows.cols, "fm")?,
             int(plan.fields, "fm")?,
+            int(grad.cols, "fm")?,
         );
         let mut b = self.stream.launch_builder(&self.k.fm_backward_chunks);
         b.arg(&mut out.buf)
@@ -667,9 +683,10 @@ impl Backend for CudaBackend {
             .arg(&plan.chunk_row)
             .arg(&plan.row_chunks);
         b.arg(&plan.row_entry_segment).arg(&plan.row_entry_value);
-        b.arg(&chunks).arg(&dim).arg(&fields);
-        // SAFETY: reads the plan and the [examples, dim] / [unique, dim]
-        // operands checked above, writes rows of out and partial.
+        b.arg(&chunks).arg(&dim).arg(&fields).arg(&grad_cols);
+        // SAFETY: reads the plan and the [examples, 1 or dim] / [examples,
+        // dim] / [unique, dim] operands checked above, writes rows of out
+        // and partial.
         unsafe { b.launch(linear(plan.chunks * rows.cols)) }.map_err(device_error)?;
         self.reduce_chunks(&mut out, &partial, plan)?;
         Ok(out)

@@ -154,15 +154,25 @@ pub trait Backend {
         pooling: Pooling,
     ) -> Result<Self::Tensor, BackendError>;
     /// Factorization-machine interaction per example,
-    /// `0.5 * sum_d [(sum_i x_i v_id)^2 - sum_i x_i^2 v_id^2]`, as `[examples, 1]`,
+    /// `sum_d 0.5 [(sum_i x_i v_id)^2 - sum_i x_i^2 v_id^2]`, as `[examples, 1]`,
     /// and the per-example sums `sum_i x_i v_i` (`[examples, dim]`) its backward needs.
     fn fm_forward(
         &self,
         rows: &Self::Tensor,
         plan: &Self::Plan,
     ) -> Result<(Self::Tensor, Self::Tensor), BackendError>;
+    /// The FM interaction per factor dimension, before the sum over `d`
+    /// that [`Backend::fm_forward`] takes: `[examples, dim]` (each
+    /// dimension's `sum_{i<j} x_i x_j v_id v_jd`), and the sums.
+    fn fm_pairs(
+        &self,
+        rows: &Self::Tensor,
+        plan: &Self::Plan,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError>;
     /// Gradient of the FM interaction with respect to `rows`, given the
-    /// upstream gradient `[examples, 1]` and the sums from the forward pass.
+    /// sums from the forward pass and the upstream gradient: `[examples,
+    /// 1]` for [`Backend::fm_forward`]'s sum, `[examples, dim]` for
+    /// [`Backend::fm_pairs`].
     fn fm_backward(
         &self,
         grad: &Self::Tensor,
