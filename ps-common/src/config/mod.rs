@@ -277,7 +277,8 @@ impl JobConfig {
     }
 
     /// The table specs the servers are asked to create: the job's
-    /// `[tables]` and the model's generated MLP tables.
+    /// `[tables]`, the model's generated MLP tables and a multi-class FM's
+    /// per-class weights.
     pub fn table_specs(&self) -> Vec<TableSpec> {
         let mut specs = self.declared_table_specs();
         if let Some(image) = &self.data.image
@@ -294,6 +295,7 @@ impl JobConfig {
                 self.train.seed,
             ));
         }
+        specs.extend(self.model.fm_classes_spec(&self.tables, self.train.seed));
         specs
     }
 

@@ -8,9 +8,10 @@ use super::*;
 /// The model and the tables it reads.
 ///
 /// Every model has a sparse `weights` table (dim 1, the linear part) and a
-/// dense `bias` table (1 x 1); with `classes = C` (lr, dnn, wide_deep) they
-/// hold a value per class (dim C, 1 x C) and the MLP's output layer has C
-/// columns, under a softmax. FM, DeepFM and Wide&Deep add a sparse
+/// dense `bias` table (1 x 1); with `classes = C` they hold a value per
+/// class (dim C, 1 x C) and the MLP's output layer has C columns, under a
+/// softmax; FM and DeepFM then weigh the factor dimensions per class (see
+/// [`ModelConfig::fm_classes_spec`]). FM, DeepFM and Wide&Deep add a sparse
 /// `embeddings` table (dim k); DeepFM and Wide&Deep add an MLP whose weights
 /// are dense tables generated from `[model.mlp]` (see [`MlpConfig`]).
 // One per job, read once: the size of its largest variant costs nothing.
@@ -361,6 +362,47 @@ impl ModelConfig {
         }
     }
 
+    /// A multi-class FM or DeepFM's weights of the factor dimensions per
+    /// class, the dense table `{embeddings}.classes` (`k x C`): class `c`'s
+    /// pairwise term is `sum_{i<j} <v_i, diag(p_c) v_j> x_i x_j`, where a
+    /// binary FM has one term with `p = 1`. (A single shared term would add
+    /// the same score to every class, which a softmax ignores.) Normal(0,
+    /// 1), so the classes start apart; trained with the embeddings table's
+    /// optimizer. `None` for other models and for binary ones.
+    pub fn fm_classes_spec(
+        &self,
+        tables: &BTreeMap<String, TableConfig>,
+        seed: u64,
+    ) -> Option<TableSpec> {
+        let (ModelConfig::Fm {
+            classes: Some(classes),
+            embeddings,
+            ..
+        }
+        | ModelConfig::Deepfm {
+            classes: Some(classes),
+            embeddings,
+            ..
+        }) = self
+        else {
+            return None;
+        };
+        let table = tables.get(embeddings)?;
+        (*classes > 1).then(|| {
+            dense_spec(
+                format!("{embeddings}.classes"),
+                table.dim,
+                *classes,
+                InitializerSpec::Normal {
+                    mean: 0.0,
+                    std: 1.0,
+                },
+                table.optimizer,
+                seed,
+            )
+        })
+    }
+
     /// The single-task models' MLP, for models that have one.
     pub fn mlp(&self) -> Option<&MlpConfig> {
         match self {
@@ -380,15 +422,6 @@ impl ModelConfig {
         self.validate_conv_net()?;
         if let Some(classes) = self.declared_classes() {
             super::convnet::validate_classes(classes)?;
-            if matches!(self, ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }) {
-                return Err((
-                    "model.classes".into(),
-                    format!(
-                        "the {model} model's pairwise term is one score per example, which a softmax \
-                         over classes ignores: multi-class models are lr, dnn, wide_deep, resnet and inception"
-                    ),
-                ));
-            }
         }
         // The linear part and the bias hold one value per output.
         let outputs = self.classes();

@@ -610,6 +610,44 @@ fn a_multiclass_model_holds_a_value_per_class_in_its_output_tables() {
 }
 
 #[test]
+fn a_multiclass_fm_weighs_the_factor_dimensions_per_class() {
+    let fm = |src: &str| {
+        src.replace("kind = \"wide_deep\"", "kind = \"fm\"")
+            .replace(
+                "mlp = { hidden = [8], optimizer = { kind = \"adam\", lr = 0.003 } }\n",
+                "",
+            )
+    };
+    for src in [
+        fm(CLASSES),
+        CLASSES.replace("kind = \"wide_deep\"", "kind = \"deepfm\""),
+    ] {
+        let kind = src
+            .lines()
+            .find(|l| l.starts_with("kind"))
+            .unwrap_or_default()
+            .to_string();
+        let job = JobConfig::from_toml(&src, Path::new(".")).unwrap();
+        let specs = job.table_specs();
+        let weights = specs.iter().find(|s| s.name == "embeddings.classes");
+        let weights = weights.unwrap_or_else(|| panic!("{kind}: no embeddings.classes"));
+        assert_eq!((weights.kind.rows(), weights.dim), (Some(4), 5), "k x C");
+        let embeddings = specs.iter().find(|s| s.name == "embeddings").unwrap();
+        assert_eq!(weights.optimizer, embeddings.optimizer, "{kind}");
+    }
+    let binary = fm(CLASSES)
+        .replace("classes = 5\n", "")
+        .replace("dim = 5", "dim = 1");
+    let job = JobConfig::from_toml(&binary, Path::new(".")).unwrap();
+    assert!(
+        job.table_specs()
+            .iter()
+            .all(|s| s.name != "embeddings.classes"),
+        "a binary FM has one summed term"
+    );
+}
+
+#[test]
 fn multiclass_settings_that_cannot_work_are_named() {
     for (from, to, key, message) in [
         (
@@ -631,10 +669,11 @@ fn multiclass_settings_that_cannot_work_are_named() {
             "rows = 1 and dim = 5",
         ),
         (
-            "kind = \"wide_deep\"",
-            "kind = \"deepfm\"",
-            "model.classes",
-            "multi-class models are lr, dnn, wide_deep",
+            "kind = \"wide_deep\"\nclasses = 5\nmlp = { hidden = [8], optimizer = { kind = \"adam\", lr = 0.003 } }\n",
+            "kind = \"deepfm\"\nclasses = 5\nmlp = { hidden = [8], optimizer = { kind = \"adam\", lr = 0.003 } }\n\n\
+             [tables.\"embeddings.classes\"]\nkind = \"sparse\"\ndim = 1\ninitializer = { kind = \"zeros\" }\noptimizer = { kind = \"sgd\", lr = 0.1 }\n",
+            "model",
+            "both named 'embeddings.classes'",
         ),
         (
             "train = \"train.libsvm\"",

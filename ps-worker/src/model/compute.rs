@@ -35,14 +35,14 @@ impl Model {
             Some(w) => Some(backend.gather_pool(w, &plan, Pooling::Example)?),
             None => None,
         };
-        let mut fm_sums = None;
-        if let (true, Some(v)) = (self.fm, &v) {
-            let (interaction, sums) = backend.fm_forward(v, &plan)?;
+        let mut fm_tape = None;
+        if let (Some(fm), Some(v)) = (self.fm, &v) {
+            let (interaction, tape) = self.fm_forward(backend, fm, v, &plan, pulled)?;
             wide = Some(match wide {
                 Some(z) => backend.add(&z, &interaction)?,
                 None => interaction,
             });
-            fm_sums = Some(sums);
+            fm_tape = Some(tape);
         }
         // The deep input: per-field pooled embeddings, through the shared bottom.
         let deep = self.heads.iter().any(|h| h.tower.is_some())
@@ -209,8 +209,15 @@ impl Model {
                     let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
                     sparse_grads[i] = backend.download(&dw)?;
                 }
-                if let (Some(sums), Some(v)) = (&fm_sums, &v) {
-                    dv = Some(backend.fm_backward(&dz, sums, v, &plan)?);
+                if let (Some(fm), Some(tape), Some(v)) = (self.fm, &fm_tape, &v) {
+                    dv = Some(self.fm_backward(
+                        backend,
+                        fm,
+                        (&dz, tape),
+                        v,
+                        &plan,
+                        &mut dense_grads,
+                    )?);
                 }
             }
             d_inputs.push(match (&head.tower, tape, tower_input(t)) {
@@ -515,7 +522,7 @@ impl Model {
         self.embeddings.map_or(0, |i| self.sparse[i].dim)
     }
 
-    fn upload_dense<B: Backend>(
+    pub(super) fn upload_dense<B: Backend>(
         &self,
         backend: &B,
         pulled: &Pulled,

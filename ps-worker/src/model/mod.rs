@@ -14,6 +14,7 @@
 //! - this file: the model's shape (tables, layers, heads) and its types.
 //! - [`params`]: pulls (through the row cache), updates and pushes.
 //! - [`compute`]: the forward and backward passes;
+//! - [`fm`]: the FM pairwise term, summed or per class;
 //! - [`norm`]: batch norm of a layer with its server-side tables;
 //! - [`convnet`]: the image models' passes;
 //! - [`tasks`]: task embeddings and cross-attention of multi-task models.
@@ -36,6 +37,7 @@ use crate::dedup::UniqueKeys;
 
 mod compute;
 mod convnet;
+mod fm;
 mod norm;
 mod params;
 mod tasks;
@@ -116,7 +118,7 @@ pub struct Model {
     linear: Option<usize>,
     /// Index of the `embeddings` table among the sparse tables.
     embeddings: Option<usize>,
-    fm: bool,
+    fm: Option<fm::Fm>,
     fields: usize,
     /// Numbers per example fed to the MLP beside the pooled embeddings
     /// (`data.numeric.dense`).
@@ -278,6 +280,19 @@ impl Model {
                 .iter()
                 .map(TableUse::generated),
         );
+        // A multi-class FM's class weights.
+        let fm_classes = job
+            .model
+            .fm_classes_spec(&job.tables, job.train.seed)
+            .map(|spec| {
+                dense.push(TableUse::generated(&spec));
+                dense.len() - 1
+            });
+        let fm = match (&job.model, fm_classes) {
+            (_, Some(table)) => Some(fm::Fm::PerClass(table)),
+            (ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }, None) => Some(fm::Fm::Summed),
+            _ => None,
+        };
         let index = |name: &str| dense.iter().position(|t| t.name == name);
         let mlp = |config: &MlpConfig, prefix: &str, input: usize, salt: u64| {
             let mut width = input;
@@ -390,10 +405,7 @@ impl Model {
             dense,
             linear,
             embeddings,
-            fm: matches!(
-                job.model,
-                ModelConfig::Fm { .. } | ModelConfig::Deepfm { .. }
-            ),
+            fm,
             fields,
             dense_inputs,
             shared,
@@ -420,7 +432,7 @@ impl Model {
             dense,
             linear: None,
             embeddings: None,
-            fm: false,
+            fm: None,
             fields: 1,
             dense_inputs: image.pixels(),
             shared: None,

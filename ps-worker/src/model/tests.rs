@@ -99,6 +99,11 @@ pub(crate) const MODELS: &[(&str, &str)] = &[
         "kind = \"multitask\"\ntasks = [{ name = \"click\" }, { name = \"buy\" }]\nexperts = { count = 2, mlp = { name = \"expert\", hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } } }\ntower = { hidden = [3], optimizer = { kind = \"sgd\", lr = 0.1 } }\ncross_attention = { heads = 2, dim = 4 }",
     ),
     ("lr_classes", "kind = \"lr\"\nclasses = 3"),
+    ("fm_classes", "kind = \"fm\"\nclasses = 3"),
+    (
+        "deepfm_classes",
+        "kind = \"deepfm\"\nclasses = 4\nmlp = { hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
     (
         "wide_deep_classes",
         "kind = \"wide_deep\"\nclasses = 4\nmlp = { hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } }",
