@@ -51,15 +51,11 @@ impl BinaryMetrics {
         }
     }
 
-    /// The metrics of `job`'s model's predictions: one set per task, or
-    /// for a multi-class model the one set of [`BinaryMetrics::multiclass`].
+    /// The metrics of `job`'s model's predictions, one set per task:
+    /// [`BinaryMetrics::compute`] for a binary head,
+    /// [`BinaryMetrics::multiclass`] for a softmax over classes.
     pub fn for_job(probs: &[f32], labels: &[f32], job: &JobConfig) -> Vec<Self> {
-        let (tasks, classes) = (job.model.tasks().len(), job.model.classes() as usize);
-        if classes > 1 {
-            vec![Self::multiclass(probs, labels, classes)]
-        } else {
-            Self::per_task(probs, labels, tasks)
-        }
+        Self::per_task(probs, labels, &job.model.task_classes())
     }
 
     /// A multi-class model's metrics, for `classes` probabilities per
@@ -104,15 +100,33 @@ impl BinaryMetrics {
         }
     }
 
-    /// One set of metrics per task, for example-major `probs` and `labels`
-    /// with `tasks` values per example.
-    pub fn per_task(probs: &[f32], labels: &[f32], tasks: usize) -> Vec<Self> {
-        let tasks = tasks.max(1);
-        (0..tasks)
-            .map(|t| {
-                let column =
-                    |v: &[f32]| v.iter().skip(t).step_by(tasks).copied().collect::<Vec<_>>();
-                Self::compute(&column(probs), &column(labels))
+    /// One set of metrics per task, for example-major `probs` (each
+    /// task's `classes[t]` values in task order: 1 for a binary task) and
+    /// `labels` (one per task).
+    pub fn per_task(probs: &[f32], labels: &[f32], classes: &[u32]) -> Vec<Self> {
+        let tasks = classes.len().max(1);
+        let outputs = classes
+            .iter()
+            .map(|&c| c.max(1) as usize)
+            .sum::<usize>()
+            .max(1);
+        let mut first = 0;
+        classes
+            .iter()
+            .enumerate()
+            .map(|(t, &c)| {
+                let c = c.max(1) as usize;
+                let task_labels: Vec<f32> = labels.iter().skip(t).step_by(tasks).copied().collect();
+                let task_probs: Vec<f32> = probs
+                    .chunks(outputs)
+                    .flat_map(|row| row[first..first + c].iter().copied())
+                    .collect();
+                first += c;
+                if c > 1 {
+                    Self::multiclass(&task_probs, &task_labels, c)
+                } else {
+                    Self::compute(&task_probs, &task_labels)
+                }
             })
             .collect()
     }
@@ -123,11 +137,11 @@ impl BinaryMetrics {
 pub struct TaskMetrics {
     /// Task name (`label` for single-task models).
     pub task: String,
-    /// ROC AUC.
+    /// ROC AUC (a multi-class task: the macro one-vs-rest AUC).
     pub auc: f64,
-    /// Mean logloss.
+    /// Mean logloss (a multi-class task: of the true class).
     pub logloss: f64,
-    /// Accuracy at threshold 0.5.
+    /// Accuracy at threshold 0.5 (a multi-class task: top-1).
     pub accuracy: f64,
 }
 
@@ -174,6 +188,25 @@ pub fn auc(scores: &[f32], labels: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_task_is_scored_on_its_own_outputs() {
+        // Two examples; task 0 binary, task 1 over 3 classes: 4 outputs each.
+        let probs = [0.9, 0.1, 0.7, 0.2, 0.2, 0.3, 0.3, 0.4];
+        let labels = [1.0, 1.0, 0.0, 2.0];
+        let [binary, classes] = BinaryMetrics::per_task(&probs, &labels, &[1, 3])[..] else {
+            panic!("one set per task");
+        };
+        // Debug forms: a multi-class calibration is NaN, never equal to itself.
+        let same = |a: BinaryMetrics, b: BinaryMetrics| format!("{a:?}") == format!("{b:?}");
+        assert!(same(
+            binary,
+            BinaryMetrics::compute(&[0.9, 0.2], &[1.0, 0.0])
+        ));
+        let expected = BinaryMetrics::multiclass(&[0.1, 0.7, 0.2, 0.3, 0.3, 0.4], &[1.0, 2.0], 3);
+        assert!(same(classes, expected), "{classes:?} vs {expected:?}");
+        assert_eq!(classes.accuracy, 1.0, "class 1, then class 2, both on top");
+    }
 
     #[test]
     fn auc_of_perfect_reversed_and_tied_rankings() {

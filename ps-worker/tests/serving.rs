@@ -291,9 +291,31 @@ fn a_served_image_model_answers_each_instance_with_its_distribution_over_the_cla
 /// A multi-class DNN over sparse features is served like the image
 /// models: each libffm line without its label gets its distribution over
 /// the classes, equal to what `ps-worker eval` computes from the same
-/// checkpoint.
+/// checkpoint. So is a multi-class FM (its per-class pairwise term reads
+/// a generated table).
 #[test]
 fn a_served_multiclass_dnn_answers_each_line_with_its_distribution_over_the_classes() {
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multiclass-dnn.toml"),
+    )
+    .unwrap();
+    let fm = format!(
+        "{}\n[tables.weights]\nkind = \"sparse\"\ndim = 5\ninitializer = {{ kind = \"zeros\" }}\n\
+         optimizer = {{ kind = \"adagrad\", lr = 0.1 }}\n",
+        example
+            .replace("kind = \"dnn\"", "kind = \"fm\"")
+            .lines()
+            .filter(|l| !l.starts_with("mlp = "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    served_multiclass(&example, "multi-class dnn");
+    served_multiclass(&fm, "multi-class fm");
+}
+
+/// Trains the multi-class job `example` on generated classes and checks
+/// its served distributions against eval's.
+fn served_multiclass(example: &str, what: &str) {
     let dir = temp_dir("serve-classes");
     let (train, test) = (dir.join("train.ffm"), dir.join("test.ffm"));
     for (path, rows, seed) in [(&train, 5_000, 1), (&test, 300, 2)] {
@@ -301,13 +323,10 @@ fn a_served_multiclass_dnn_answers_each_line_with_its_distribution_over_the_clas
         ps_worker::synthetic::write_classes(&mut out, rows, seed).unwrap();
         out.flush().unwrap();
     }
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multiclass-dnn.toml"),
-    )
-    .unwrap()
-    .replace("../target/classes/train.ffm", &train.display().to_string())
-    .replace("../target/classes/test.ffm", &test.display().to_string())
-    .replace("epochs = 4", "epochs = 1\nbest_checkpoint = \"best\"");
+    let text = example
+        .replace("../target/classes/train.ffm", &train.display().to_string())
+        .replace("../target/classes/test.ffm", &test.display().to_string())
+        .replace("epochs = 4", "epochs = 1\nbest_checkpoint = \"best\"");
     let job = trained(&text, &dir);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (cluster, eval, labels, rows) = eval_and_live_rows(
@@ -323,12 +342,7 @@ fn a_served_multiclass_dnn_answers_each_line_with_its_distribution_over_the_clas
         .map(|l| Instance::Line(l.split_once(' ').unwrap().1.to_string()))
         .collect();
     runtime.block_on(served_distributions_equal_eval(
-        &job,
-        rows,
-        &instances,
-        5,
-        &eval,
-        "multi-class dnn",
+        &job, rows, &instances, 5, &eval, what,
     ));
     runtime.block_on(cluster.shutdown()).unwrap();
     std::fs::remove_dir_all(&dir).ok();

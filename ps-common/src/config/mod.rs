@@ -322,7 +322,7 @@ impl JobConfig {
             return Err(("tables".into(), "at least one table is required".into()));
         }
         self.data.validate(self.model.tasks().len())?;
-        if self.model.classes() > 1 && !self.model.reads_images() {
+        if self.model.has_classes() && !self.model.reads_images() {
             if self.data.format == DataFormat::Criteo {
                 return Err((
                     "model.classes".into(),

@@ -158,6 +158,10 @@ pub struct TaskConfig {
     /// Weight of the task's loss in the joint loss.
     #[serde(default = "default_task_weight")]
     pub weight: f32,
+    /// Classes of the task's softmax head (its label is then a class
+    /// index `0..classes`); absent: one probability of a 0/1 label.
+    #[serde(default)]
+    pub classes: Option<u32>,
 }
 
 fn default_task_weight() -> f32 {
@@ -182,8 +186,24 @@ impl ModelConfig {
             _ => vec![TaskConfig {
                 name: "label".into(),
                 weight: 1.0,
+                classes: self.declared_classes(),
             }],
         }
+    }
+
+    /// Classes of each task's head, in task order (1: a binary task).
+    pub fn task_classes(&self) -> Vec<u32> {
+        match self {
+            ModelConfig::Multitask { tasks, .. } => {
+                tasks.iter().map(|t| t.classes.unwrap_or(1)).collect()
+            }
+            _ => vec![self.classes()],
+        }
+    }
+
+    /// Whether some head is a softmax over classes.
+    pub fn has_classes(&self) -> bool {
+        self.task_classes().iter().any(|&c| c > 1)
     }
 
     /// The model's `kind` as written in the job file.
@@ -332,11 +352,12 @@ impl ModelConfig {
                 }
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);
-                    specs.extend(tower.layer_specs(&prefix, width, seed, Some(1)));
+                    let classes = task.classes.unwrap_or(1);
+                    specs.extend(tower.layer_specs(&prefix, width, seed, Some(classes)));
                     specs.push(dense_spec(
                         format!("{prefix}.bias"),
                         1,
-                        1,
+                        classes,
                         InitializerSpec::Zeros,
                         tower.optimizer,
                         seed,
@@ -472,6 +493,12 @@ impl ModelConfig {
                 shared.is_some(),
                 tasks.len(),
             )?;
+            for (t, task) in tasks.iter().enumerate() {
+                if let Some(classes) = task.classes {
+                    super::convnet::validate_classes(classes)
+                        .map_err(|(_, why)| (format!("model.tasks[{t}].classes"), why))?;
+                }
+            }
             if let Some(experts) = experts {
                 if shared.is_some() {
                     return Err((

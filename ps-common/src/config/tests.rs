@@ -519,6 +519,24 @@ fn task_embeddings_and_cross_attention_generate_their_tables() {
 }
 
 #[test]
+fn a_task_with_classes_has_a_softmax_head_of_that_width() {
+    let src = TASKS.replace("{ name = \"b\" }", "{ name = \"b\", classes = 5 }");
+    let job = JobConfig::from_toml(&src, Path::new(".")).unwrap();
+    assert_eq!(job.model.task_classes(), [1, 5]);
+    assert_eq!(job.model.classes(), 1, "no single softmax over the model");
+    let specs = job.table_specs();
+    let dim = |name: &str| specs.iter().find(|s| s.name == name).unwrap().dim;
+    assert_eq!((dim("mlp.a.out.w"), dim("mlp.a.bias")), (1, 1));
+    assert_eq!((dim("mlp.b.out.w"), dim("mlp.b.bias")), (5, 5));
+    let sampled = src.replace(
+        "train = \"train.ffm\"",
+        "train = \"train.ffm\"\nnegative_sampling = 0.5",
+    );
+    let err = error_of(&sampled);
+    assert_eq!(err.key.as_deref(), Some("data.negative_sampling"), "{err}");
+}
+
+#[test]
 fn task_sharing_settings_that_cannot_work_are_named() {
     for (from, to, key, message) in [
         (
@@ -556,6 +574,12 @@ fn task_sharing_settings_that_cannot_work_are_named() {
             "",
             "model.task_embedding",
             "feeds the shared bottom",
+        ),
+        (
+            "{ name = \"b\" }",
+            "{ name = \"b\", classes = 1 }",
+            "model.tasks[1].classes",
+            "between 2 and 65536",
         ),
     ] {
         let src = TASKS.replace(from, to);

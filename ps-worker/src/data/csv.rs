@@ -98,7 +98,7 @@ impl CsvLayout {
         &self,
         line: &str,
         numeric: Numeric,
-        labels: LabelFormat,
+        labels: &LabelFormat,
         batch: &mut Batch,
     ) -> Result<(), String> {
         let mut cells = Vec::with_capacity(self.width);
@@ -119,7 +119,8 @@ impl CsvLayout {
         } else {
             self.labels
                 .iter()
-                .map(|&c| labels.parse_one(cells[c].trim()))
+                .enumerate()
+                .map(|(t, &c)| labels.parse_one(t, cells[c].trim()))
                 .collect::<Result<Vec<f32>, String>>()?
         };
         let name = |field: usize| &self.numeric_names[field];

@@ -124,11 +124,11 @@ impl LineFormat {
     pub fn parse_unlabeled(&self, text: &str, batch: &mut Batch) -> Result<(), String> {
         let labelled = || format!("{} {text}", self.labels.placeholder());
         match self.format {
-            DataFormat::Libsvm => parse_libsvm_line(&labelled(), self.labels, batch),
-            DataFormat::Libffm => parse_libffm_line(&labelled(), self.fields, self.labels, batch),
+            DataFormat::Libsvm => parse_libsvm_line(&labelled(), &self.labels, batch),
+            DataFormat::Libffm => parse_libffm_line(&labelled(), self.fields, &self.labels, batch),
             DataFormat::Criteo => parse_criteo_line(&format!("0\t{text}"), self.numeric, batch),
             DataFormat::Csv => match &self.csv {
-                Some(layout) => layout.parse(text, self.numeric, self.labels, batch),
+                Some(layout) => layout.parse(text, self.numeric, &self.labels, batch),
                 None => Err("the job's format is csv but it has no [data.csv]".into()),
             },
             DataFormat::Pixels => match &self.pixels {
@@ -492,12 +492,14 @@ impl Batches {
                 }
             }
             let parsed = match self.format {
-                DataFormat::Libsvm => parse_libsvm_line(text, self.labels, &mut batch),
-                DataFormat::Libffm => parse_libffm_line(text, self.fields, self.labels, &mut batch),
+                DataFormat::Libsvm => parse_libsvm_line(text, &self.labels, &mut batch),
+                DataFormat::Libffm => {
+                    parse_libffm_line(text, self.fields, &self.labels, &mut batch)
+                }
                 DataFormat::Criteo => parse_criteo_line(&self.buf, self.numeric, &mut batch),
                 DataFormat::Csv => match &self.csv {
                     Some((_, Some(layout))) => {
-                        layout.parse(&self.buf, self.numeric, self.labels, &mut batch)
+                        layout.parse(&self.buf, self.numeric, &self.labels, &mut batch)
                     }
                     _ => Err("no header read".into()),
                 },

@@ -13,7 +13,7 @@ use super::Batch;
 /// batch is left unchanged.
 pub(super) fn parse_libsvm_line(
     text: &str,
-    labels: LabelFormat,
+    labels: &LabelFormat,
     batch: &mut Batch,
 ) -> Result<(), String> {
     let mut fields = text.split_ascii_whitespace();
@@ -41,14 +41,14 @@ pub(super) fn parse_libsvm_line(
     Ok(())
 }
 
-/// What a line's label token holds: a 0/1 label per task, or the class
-/// index of a multi-class model's example.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a line's label token holds: one label per task, each 0/1 or, for
+/// a multi-class task (or model), a class index.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelFormat {
     /// Labels per example (tasks of a multi-task model, else 1).
     pub tasks: usize,
-    /// Classes of a multi-class model; 1 for binary labels.
-    pub classes: usize,
+    /// Classes of each task's label (`tasks` of them); 1 for binary.
+    classes: Vec<usize>,
 }
 
 impl LabelFormat {
@@ -56,15 +56,28 @@ impl LabelFormat {
     pub fn binary(tasks: usize) -> LabelFormat {
         LabelFormat {
             tasks: tasks.max(1),
-            classes: 1,
+            classes: vec![1; tasks.max(1)],
+        }
+    }
+
+    /// One class index below `classes`.
+    pub fn multiclass(classes: usize) -> LabelFormat {
+        LabelFormat {
+            tasks: 1,
+            classes: vec![classes.max(1)],
         }
     }
 
     /// The labels of `model`'s data.
     pub fn of(model: &ModelConfig) -> LabelFormat {
+        let classes: Vec<usize> = model
+            .task_classes()
+            .into_iter()
+            .map(|c| c.max(1) as usize)
+            .collect();
         LabelFormat {
-            tasks: model.tasks().len().max(1),
-            classes: model.classes().max(1) as usize,
+            tasks: classes.len(),
+            classes,
         }
     }
 
@@ -74,11 +87,12 @@ impl LabelFormat {
     }
 
     /// Parses a label token: `tasks` comma-separated labels, each read
-    /// by [`LabelFormat::parse_one`].
+    /// by [`LabelFormat::parse_one`] for its task.
     pub(super) fn parse(&self, token: &str) -> Result<Vec<f32>, String> {
         let labels = token
             .split(',')
-            .map(|label| self.parse_one(label))
+            .enumerate()
+            .map(|(t, label)| self.parse_one(t, label))
             .collect::<Result<Vec<f32>, String>>()?;
         if labels.len() != self.tasks {
             return Err(format!(
@@ -90,13 +104,13 @@ impl LabelFormat {
         Ok(labels)
     }
 
-    /// One label: a class index of a multi-class model, else binary
-    /// ([`parse_label`]).
-    pub(super) fn parse_one(&self, text: &str) -> Result<f32, String> {
-        if self.classes > 1 {
-            parse_class(text, self.classes)
-        } else {
-            parse_label(text)
+    /// Task `task`'s label: a class index of a multi-class task, else
+    /// binary ([`parse_label`]). Past the last task: binary (the caller
+    /// then finds too many labels).
+    pub(super) fn parse_one(&self, task: usize, text: &str) -> Result<f32, String> {
+        match self.classes.get(task) {
+            Some(&classes) if classes > 1 => parse_class(text, classes),
+            _ => parse_label(text),
         }
     }
 }
@@ -126,7 +140,7 @@ pub(super) fn parse_label(text: &str) -> Result<f32, String> {
 pub(super) fn parse_libffm_line(
     text: &str,
     fields: u32,
-    labels: LabelFormat,
+    labels: &LabelFormat,
     batch: &mut Batch,
 ) -> Result<(), String> {
     let mut tokens = text.split_ascii_whitespace();

@@ -34,7 +34,7 @@ mod examples {
         let mut fielded = Batch::new();
         fielded.push_features(&[7, 8], &[1.0, 0.5], &[2, 3], 2);
         let mut plain = Batch::new();
-        parse_libsvm_line("1,0 5:1 6:2", LabelFormat::binary(2), &mut plain).unwrap();
+        parse_libsvm_line("1,0 5:1 6:2", &LabelFormat::binary(2), &mut plain).unwrap();
         let mut merged = Batch::new();
         merged.append(&plain);
         merged.append(&fielded);
@@ -53,13 +53,10 @@ mod examples {
 
     #[test]
     fn a_multiclass_label_is_a_class_index_below_the_classes() {
-        let labels = LabelFormat {
-            tasks: 1,
-            classes: 4,
-        };
+        let labels = LabelFormat::multiclass(4);
         let mut batch = Batch::new();
-        parse_libsvm_line("3 1:1 2:0.5", labels, &mut batch).unwrap();
-        parse_libffm_line("0 0:7:1", 2, labels, &mut batch).unwrap();
+        parse_libsvm_line("3 1:1 2:0.5", &labels, &mut batch).unwrap();
+        parse_libffm_line("0 0:7:1", 2, &labels, &mut batch).unwrap();
         assert_eq!(batch.labels, vec![3.0, 0.0]);
         let before = batch.clone();
         for (line, message) in [
@@ -68,7 +65,7 @@ mod examples {
             ("1.5 1:1", "label \"1.5\" is not a class index"),
             ("1,2 1:1", "2 label(s) in \"1,2\", the model has 1 task(s)"),
         ] {
-            let err = parse_libsvm_line(line, labels, &mut batch).unwrap_err();
+            let err = parse_libsvm_line(line, &labels, &mut batch).unwrap_err();
             assert!(err.contains(message), "{line}: {err}");
         }
         assert_eq!(batch, before, "refused lines change nothing");
@@ -114,19 +111,16 @@ mod examples {
             for format in 0..4 {
                 let mut batch = Batch::new();
                 let labels = match (format, case % 3) {
-                    (_, 2) => LabelFormat {
-                        tasks: 1,
-                        classes: 4,
-                    },
+                    (_, 2) => LabelFormat::multiclass(4),
                     (3, _) => LabelFormat::binary(1),
                     (_, tasks) => LabelFormat::binary(1 + tasks),
                 };
                 let before = batch.clone();
                 let result = match format {
-                    0 => parse_libsvm_line(&line, labels, &mut batch),
-                    1 => parse_libffm_line(&line, 3, labels, &mut batch),
+                    0 => parse_libsvm_line(&line, &labels, &mut batch),
+                    1 => parse_libffm_line(&line, 3, &labels, &mut batch),
                     2 => parse_criteo_line(&line, Numeric::default(), &mut batch),
-                    _ => csv.parse(&line, csv_numeric(), labels, &mut batch),
+                    _ => csv.parse(&line, csv_numeric(), &labels, &mut batch),
                 };
                 match result {
                     Err(_) => {
@@ -403,9 +397,9 @@ mod examples {
     #[test]
     fn a_batch_truncates_to_its_first_examples() {
         let mut batch = Batch::new();
-        parse_libffm_line("1 0:1:1 1:2:1", 2, LabelFormat::binary(1), &mut batch).unwrap();
+        parse_libffm_line("1 0:1:1 1:2:1", 2, &LabelFormat::binary(1), &mut batch).unwrap();
         let one = batch.clone();
-        parse_libffm_line("0 0:3:1", 2, LabelFormat::binary(1), &mut batch).unwrap();
+        parse_libffm_line("0 0:3:1", 2, &LabelFormat::binary(1), &mut batch).unwrap();
         batch.truncate(1);
         assert_eq!(batch, one);
         batch.truncate(5);
@@ -593,6 +587,30 @@ mod examples {
     }
 
     #[test]
+    fn a_multi_class_task_reads_a_class_index_beside_binary_labels() {
+        let job = crate::model::tests::job(
+            "kind = \"multitask\"\ntasks = [{ name = \"click\" }, { name = \"topic\", classes = 4 }]\n\
+             tower = { hidden = [4], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+        );
+        let labels = LabelFormat::of(&job.model);
+        let mut batch = Batch::new();
+        parse_libffm_line("1,3 0:7:1", 2, &labels, &mut batch).unwrap();
+        parse_libffm_line("-1,0 0:7:1", 2, &labels, &mut batch).unwrap();
+        assert_eq!(batch.labels, [1.0, 3.0, 0.0, 0.0]);
+        let before = batch.clone();
+        for (line, message) in [
+            ("1,4 0:7:1", "label \"4\" is not a class index in 0..4"),
+            ("1,0.5 0:7:1", "label \"0.5\" is not a class index"),
+            ("x,1 0:7:1", "label \"x\" is not a number"),
+            ("1 0:7:1", "1 label(s) in \"1\", the model has 2 task(s)"),
+        ] {
+            let err = parse_libffm_line(line, 2, &labels, &mut batch).unwrap_err();
+            assert!(err.contains(message), "{line}: {err}");
+        }
+        assert_eq!(batch, before, "refused lines change nothing");
+    }
+
+    #[test]
     fn parsing_ahead_yields_the_same_batches() {
         let direct: Vec<Batch> = Batches::open(&DataSource::Builtin("a9a/test".into()), 1, 3, 100)
             .unwrap()
@@ -743,20 +761,20 @@ mod properties {
         ) {
             // One or two binary labels, or a class index of 4 classes.
             let labels = match (format, kind) {
-                (_, 2) => LabelFormat { tasks: 1, classes: 4 },
+                (_, 2) => LabelFormat::multiclass(4),
                 (3, _) => LabelFormat::binary(1),
                 (_, tasks) => LabelFormat::binary(1 + tasks),
             };
             // A batch that already holds an example.
             let mut batch = Batch::new();
             let first = if labels.tasks == 2 { "1,0 3:1" } else { "1 3:1" };
-            prop_assert!(parse_libsvm_line(first, labels, &mut batch).is_ok());
+            prop_assert!(parse_libsvm_line(first, &labels, &mut batch).is_ok());
             let before = batch.clone();
             let result = match format {
-                0 => parse_libsvm_line(&line, labels, &mut batch),
-                1 => parse_libffm_line(&line, 4, labels, &mut batch),
+                0 => parse_libsvm_line(&line, &labels, &mut batch),
+                1 => parse_libffm_line(&line, 4, &labels, &mut batch),
                 2 => parse_criteo_line(&line, Numeric::default(), &mut batch),
-                _ => csv_layout().parse(&line, csv_numeric(), labels, &mut batch),
+                _ => csv_layout().parse(&line, csv_numeric(), &labels, &mut batch),
             };
             match result {
                 Err(message) => {

@@ -380,7 +380,7 @@ impl Model {
                         Head {
                             tower: Some(mlp(tower, &prefix, width, (t as u64 + 2) << 40)),
                             bias: index(&format!("{prefix}.bias")).unwrap_or(first),
-                            classes: 1,
+                            classes: task.classes.unwrap_or(1).max(1) as usize,
                             weight: task.weight,
                             gate: index(&format!("{prefix}.gate")),
                         }
@@ -452,10 +452,15 @@ impl Model {
         }
     }
 
-    /// Values predicted per example: the classes of a multi-class model,
-    /// else one probability per task.
+    /// Values predicted per example: per task, one probability or (a
+    /// multi-class head) a distribution over its classes, in task order.
     pub fn outputs(&self) -> usize {
         self.heads.iter().map(|h| h.classes).sum()
+    }
+
+    /// Each task's classes: 1 for a binary head.
+    pub fn task_classes(&self) -> Vec<usize> {
+        self.heads.iter().map(|h| h.classes).collect()
     }
 
     /// Number of tasks (labels per example).
@@ -580,4 +585,4 @@ impl Model {
 #[cfg(test)]
 mod image_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

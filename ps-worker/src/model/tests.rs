@@ -101,6 +101,14 @@ pub(crate) const MODELS: &[(&str, &str)] = &[
     ("lr_classes", "kind = \"lr\"\nclasses = 3"),
     ("fm_classes", "kind = \"fm\"\nclasses = 3"),
     (
+        "multitask_classes",
+        "kind = \"multitask\"\ntasks = [{ name = \"click\" }, { name = \"topic\", classes = 3, weight = 0.5 }]\nshared = { hidden = [6], optimizer = { kind = \"sgd\", lr = 0.1 } }\ntower = { hidden = [4], optimizer = { kind = \"sgd\", lr = 0.1 } }",
+    ),
+    (
+        "cross_attention_classes",
+        "kind = \"multitask\"\ntasks = [{ name = \"a\", classes = 4 }, { name = \"b\" }]\nshared = { hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } }\ntower = { hidden = [3], optimizer = { kind = \"sgd\", lr = 0.1 } }\ncross_attention = { heads = 1, dim = 3 }",
+    ),
+    (
         "deepfm_classes",
         "kind = \"deepfm\"\nclasses = 4\nmlp = { hidden = [5], optimizer = { kind = \"sgd\", lr = 0.1 } }",
     ),
@@ -134,13 +142,9 @@ pub(crate) fn pulled(model: &Model, batch: &Batch, seed: u64) -> Pulled {
     let mut rng = Rng::new(seed);
     let mut batch = batch.clone();
     let tasks = model.tasks();
-    let values = if model.outputs() > tasks {
-        model.outputs()
-    } else {
-        2
-    };
+    let values: Vec<usize> = model.task_classes().iter().map(|&c| c.max(2)).collect();
     batch.labels = (0..batch.len() * tasks)
-        .map(|i| ((i / tasks + i % tasks + (i / tasks) / 2) % values) as f32)
+        .map(|i| ((i / tasks + i % tasks + (i / tasks) / 2) % values[i % tasks]) as f32)
         .collect();
     model.pulled_from(&batch, |t, n| {
         let scale = if t.rows.is_some() { 0.5 } else { 1.0 };
