@@ -346,8 +346,12 @@ impl Batches {
         world: usize,
         batch_size: usize,
     ) -> Result<Self, DataError> {
+        let mut reader = open(source)?;
+        if format == DataFormat::Pixels {
+            reader = idx::images_as_lines(source, reader)?;
+        }
         Ok(Batches {
-            reader: open(source)?,
+            reader,
             format,
             fields,
             numeric: Numeric::default(),
@@ -610,6 +614,7 @@ pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
 
 mod batch;
 mod csv;
+mod idx;
 mod image;
 mod parse;
 mod select;
