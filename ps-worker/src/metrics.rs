@@ -119,7 +119,12 @@ impl BinaryMetrics {
                 let task_labels: Vec<f32> = labels.iter().skip(t).step_by(tasks).copied().collect();
                 let task_probs: Vec<f32> = probs
                     .chunks(outputs)
-                    .flat_map(|row| row[first..first + c].iter().copied())
+                    .flat_map(|row| {
+                        row.get(first..first + c)
+                            .unwrap_or_default()
+                            .iter()
+                            .copied()
+                    })
                     .collect();
                 first += c;
                 if c > 1 {
