@@ -329,12 +329,20 @@ impl Replication {
             });
             match client.clone().replicate(call).await {
                 Ok(answer) => return Ok(answer.into_inner()),
-                Err(_) if retries.failed(tokio::time::Instant::now()) => {
+                Err(_) if retries.failed(tokio::time::Instant::now(), self.backup_leased()) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(status) => return Err(status),
             }
         }
+    }
+
+    /// Whether the attached backup was ever granted a lease.
+    fn backup_leased(&self) -> bool {
+        lock(&self.state)
+            .backup
+            .as_ref()
+            .is_some_and(|b| b.granted.is_some())
     }
 
     /// Stops replicating to the backup of `generation`. A backup that held
@@ -397,13 +405,16 @@ impl Replication {
 }
 
 /// When the primary stops retrying a Replicate call: once `timeout` has
-/// passed since the first attempt *and* at least two attempts failed.
+/// passed since the first attempt, and, for a backup this primary has
+/// granted a lease, once at least two attempts failed.
 ///
-/// One failure is never enough, however late it comes. A primary whose
-/// process was stalled (stopped, swapped out) past the timeout finds its
-/// in-flight call timed out as it wakes; meanwhile its backup may have been
-/// promoted. Dropping the backup then would leave two primaries; the second
-/// attempt is answered `promoted`, and the primary deposes itself.
+/// For a leased backup one failure is never enough, however late it comes.
+/// A primary whose process was stalled (stopped, swapped out) past the
+/// timeout finds its in-flight call timed out as it wakes; meanwhile its
+/// backup may have been promoted. Dropping the backup then would leave two
+/// primaries; the second attempt is answered `promoted`, and the primary
+/// deposes itself. A backup never granted a lease cannot have been
+/// promoted: its first failure past the deadline drops it.
 #[derive(Debug)]
 struct Retries {
     deadline: tokio::time::Instant,
@@ -418,10 +429,11 @@ impl Retries {
         }
     }
 
-    /// Counts a failed attempt (at `now`): whether to try again.
-    fn failed(&mut self, now: tokio::time::Instant) -> bool {
+    /// Counts a failed attempt (at `now`, to a backup that holds or held a
+    /// lease if `leased`): whether to try again.
+    fn failed(&mut self, now: tokio::time::Instant, leased: bool) -> bool {
         self.failures += 1;
-        self.failures < 2 || now < self.deadline
+        now < self.deadline || (leased && self.failures < 2)
     }
 }
 
@@ -470,24 +482,38 @@ mod tests {
     #[test]
     fn failures_are_retried_until_the_timeout() {
         let start = tokio::time::Instant::now();
-        let mut retries = Retries::new(start, BACKUP_TIMEOUT);
-        assert!(retries.failed(start + Duration::from_millis(10)));
-        assert!(retries.failed(start + Duration::from_millis(60)));
-        assert!(retries.failed(start + BACKUP_TIMEOUT - Duration::from_millis(1)));
-        assert!(!retries.failed(start + BACKUP_TIMEOUT));
+        for leased in [false, true] {
+            let mut retries = Retries::new(start, BACKUP_TIMEOUT);
+            assert!(retries.failed(start + Duration::from_millis(10), leased));
+            assert!(retries.failed(start + Duration::from_millis(60), leased));
+            let late = start + BACKUP_TIMEOUT - Duration::from_millis(1);
+            assert!(retries.failed(late, leased));
+            assert!(!retries.failed(start + BACKUP_TIMEOUT, leased));
+        }
     }
 
     #[test]
-    fn a_first_failure_past_the_timeout_is_tried_once_more() {
+    fn a_leased_backup_s_first_failure_past_the_timeout_is_tried_once_more() {
         // The process stalled for 10 s with a call in flight: as it wakes
         // the call has timed out, long past the deadline.
         let start = tokio::time::Instant::now();
         let mut retries = Retries::new(start, BACKUP_TIMEOUT);
         let woke = start + Duration::from_secs(10);
-        assert!(retries.failed(woke), "the first late failure is retried");
         assert!(
-            !retries.failed(woke + Duration::from_millis(50)),
+            retries.failed(woke, true),
+            "the first late failure is retried"
+        );
+        assert!(
+            !retries.failed(woke + Duration::from_millis(50), true),
             "a second failure past the deadline gives up"
         );
+    }
+
+    #[test]
+    fn a_backup_never_leased_is_given_up_at_its_first_late_failure() {
+        // A joining backup that never renewed cannot have been promoted.
+        let start = tokio::time::Instant::now();
+        let mut retries = Retries::new(start, BACKUP_TIMEOUT);
+        assert!(!retries.failed(start + BACKUP_TIMEOUT * 10, false));
     }
 }
