@@ -115,7 +115,7 @@ impl CsvLayout {
             ));
         }
         let labels = if self.labels.is_empty() {
-            vec![0.0; labels.tasks]
+            vec![0.0; labels.tasks()]
         } else {
             self.labels
                 .iter()

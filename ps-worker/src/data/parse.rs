@@ -45,9 +45,8 @@ pub(super) fn parse_libsvm_line(
 /// a multi-class task (or model), a class index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelFormat {
-    /// Labels per example (tasks of a multi-task model, else 1).
-    pub tasks: usize,
-    /// Classes of each task's label (`tasks` of them); 1 for binary.
+    /// Classes of each task's label, one entry per label of an example
+    /// (at least one); 1 for binary.
     classes: Vec<usize>,
 }
 
@@ -55,7 +54,6 @@ impl LabelFormat {
     /// One binary label per task.
     pub fn binary(tasks: usize) -> LabelFormat {
         LabelFormat {
-            tasks: tasks.max(1),
             classes: vec![1; tasks.max(1)],
         }
     }
@@ -63,27 +61,31 @@ impl LabelFormat {
     /// One class index below `classes`.
     pub fn multiclass(classes: usize) -> LabelFormat {
         LabelFormat {
-            tasks: 1,
             classes: vec![classes.max(1)],
         }
     }
 
+    /// Labels per example (tasks of a multi-task model, else 1).
+    pub fn tasks(&self) -> usize {
+        self.classes.len()
+    }
+
     /// The labels of `model`'s data.
     pub fn of(model: &ModelConfig) -> LabelFormat {
-        let classes: Vec<usize> = model
+        let mut classes: Vec<usize> = model
             .task_classes()
             .into_iter()
             .map(|c| c.max(1) as usize)
             .collect();
-        LabelFormat {
-            tasks: classes.len(),
-            classes,
+        if classes.is_empty() {
+            classes.push(1);
         }
+        LabelFormat { classes }
     }
 
     /// A label token that parses (all zeros), for lines served without one.
     pub(super) fn placeholder(&self) -> String {
-        vec!["0"; self.tasks].join(",")
+        vec!["0"; self.tasks()].join(",")
     }
 
     /// Parses a label token: `tasks` comma-separated labels, each read
@@ -94,11 +96,11 @@ impl LabelFormat {
             .enumerate()
             .map(|(t, label)| self.parse_one(t, label))
             .collect::<Result<Vec<f32>, String>>()?;
-        if labels.len() != self.tasks {
+        if labels.len() != self.tasks() {
             return Err(format!(
                 "{} label(s) in {token:?}, the model has {} task(s)",
                 labels.len(),
-                self.tasks
+                self.tasks()
             ));
         }
         Ok(labels)

@@ -129,7 +129,7 @@ mod examples {
                     }
                     Ok(()) => {
                         accepted += 1;
-                        let width = if format == 2 { 1 } else { labels.tasks };
+                        let width = if format == 2 { 1 } else { labels.tasks() };
                         assert_eq!(batch.len(), 1, "{line:?}");
                         assert_eq!(batch.labels.len(), width, "{line:?}");
                         assert_eq!(batch.ids.len(), batch.values.len(), "{line:?}");
@@ -767,7 +767,7 @@ mod properties {
             };
             // A batch that already holds an example.
             let mut batch = Batch::new();
-            let first = if labels.tasks == 2 { "1,0 3:1" } else { "1 3:1" };
+            let first = if labels.tasks() == 2 { "1,0 3:1" } else { "1 3:1" };
             prop_assert!(parse_libsvm_line(first, &labels, &mut batch).is_ok());
             let before = batch.clone();
             let result = match format {

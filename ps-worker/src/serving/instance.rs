@@ -145,7 +145,7 @@ pub fn to_batch(instances: &[Instance], format: &LineFormat) -> Result<Batch, Se
                 } else {
                     values
                 };
-                batch.push_features(ids, values, fields, format.labels.tasks);
+                batch.push_features(ids, values, fields, format.labels.tasks());
             }
         }
     }
