@@ -209,9 +209,10 @@ impl Backend for CpuBackend {
         plan: &Arc<SparsePlan>,
     ) -> Result<Array2<f32>, BackendError> {
         rows_match_plan("fm_backward", rows, plan)?;
-        let per_dim = grad.ncols() == rows.ncols() && grad.ncols() != 1;
+        // [examples, 1]: the summed term's gradient; [examples, dim]: per dimension.
+        let per_dim = grad.ncols() != 1;
         if grad.nrows() != plan.examples
-            || !(grad.ncols() == 1 || per_dim)
+            || (per_dim && grad.ncols() != rows.ncols())
             || sums.dim() != (plan.examples, rows.ncols())
         {
             return Err(shape_error(

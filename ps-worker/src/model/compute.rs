@@ -209,10 +209,9 @@ impl Model {
                     let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
                     sparse_grads[i] = backend.download(&dw)?;
                 }
-                if let (Some(fm), Some(tape), Some(v)) = (self.fm, &fm_tape, &v) {
-                    dv = Some(self.fm_backward(
+                if let (Some(tape), Some(v)) = (&fm_tape, &v) {
+                    dv = Some(Self::fm_backward(
                         backend,
-                        fm,
                         (&dz, tape),
                         v,
                         &plan,

@@ -19,8 +19,9 @@ pub(super) enum Fm {
 pub(super) struct FmTape<T> {
     /// `sum_i x_i v_i` per example.
     sums: T,
-    /// Per class: the per-dimension terms `[n, k]` and the class weights `[k, C]`.
-    per_class: Option<(T, T)>,
+    /// Per class: the index of the class weights among the dense tables,
+    /// the per-dimension terms `[n, k]` and the weights `[k, C]`.
+    per_class: Option<(usize, T, T)>,
 }
 
 impl Model {
@@ -48,7 +49,7 @@ impl Model {
                 let scores = backend.matmul(&pairs, &weights, false, false)?;
                 let tape = FmTape {
                     sums,
-                    per_class: Some((pairs, weights)),
+                    per_class: Some((table, pairs, weights)),
                 };
                 Ok((scores, tape))
             }
@@ -58,21 +59,19 @@ impl Model {
     /// The gradient of the embeddings' rows from the scores' gradient `dz`;
     /// a multi-class FM also fills its class weights' gradient.
     pub(super) fn fm_backward<B: Backend>(
-        &self,
         backend: &B,
-        fm: Fm,
         (dz, tape): (&B::Tensor, &FmTape<B::Tensor>),
         v: &B::Tensor,
         plan: &B::Plan,
         dense_grads: &mut [Vec<f32>],
     ) -> Result<B::Tensor, BackendError> {
-        match (fm, &tape.per_class) {
-            (Fm::PerClass(table), Some((pairs, weights))) => {
-                dense_grads[table] = backend.download(&backend.matmul(pairs, dz, true, false)?)?;
+        match &tape.per_class {
+            Some((table, pairs, weights)) => {
+                dense_grads[*table] = backend.download(&backend.matmul(pairs, dz, true, false)?)?;
                 let dpairs = backend.matmul(dz, weights, false, true)?;
                 backend.fm_backward(&dpairs, &tape.sums, v, plan)
             }
-            _ => backend.fm_backward(dz, &tape.sums, v, plan),
+            None => backend.fm_backward(dz, &tape.sums, v, plan),
         }
     }
 }
