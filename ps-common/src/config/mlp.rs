@@ -135,15 +135,22 @@ impl MlpConfig {
             width = out;
         }
         if let Some(outputs) = outputs {
-            specs.push(dense(
-                format!("{prefix}.out.w"),
-                width,
-                outputs,
-                self.initializer.unwrap_or_else(|| he_normal(width)),
-                self.optimizer,
-            ));
+            specs.push(self.output_spec(prefix, width, outputs, seed));
         }
         specs
+    }
+
+    /// The output layer `{prefix}.out.w` over `input` values (the last
+    /// hidden layer's, and whatever is read beside it).
+    pub fn output_spec(&self, prefix: &str, input: u32, outputs: u32, seed: u64) -> TableSpec {
+        dense_spec(
+            format!("{prefix}.out.w"),
+            input,
+            outputs,
+            self.initializer.unwrap_or_else(|| he_normal(input)),
+            self.optimizer,
+            seed,
+        )
     }
 }
 

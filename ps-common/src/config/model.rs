@@ -346,14 +346,24 @@ impl ModelConfig {
                     }
                     width = experts.mlp.hidden.last().copied().unwrap_or(input);
                 }
+                // Cross-attention sits between each tower's hidden layers
+                // and its output layer, which reads `last + dim` values.
+                let last = tower.hidden.last().copied().unwrap_or(width);
                 if let Some(ca) = cross_attention {
-                    specs.extend(ca.table_specs(tower, tasks, width, seed));
-                    width += ca.dim;
+                    specs.extend(ca.table_specs(tower, tasks, last, seed));
                 }
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);
                     let classes = task.classes.unwrap_or(1);
-                    specs.extend(tower.layer_specs(&prefix, width, seed, Some(classes)));
+                    match cross_attention {
+                        Some(ca) => {
+                            specs.extend(tower.layer_specs(&prefix, width, seed, None));
+                            specs.push(tower.output_spec(&prefix, last + ca.dim, classes, seed));
+                        }
+                        None => {
+                            specs.extend(tower.layer_specs(&prefix, width, seed, Some(classes)))
+                        }
+                    }
                     specs.push(dense_spec(
                         format!("{prefix}.bias"),
                         1,
@@ -482,6 +492,7 @@ impl ModelConfig {
             tasks,
             shared,
             experts,
+            tower,
             task_embedding,
             cross_attention,
             ..
@@ -491,6 +502,7 @@ impl ModelConfig {
                 task_embedding.as_ref(),
                 cross_attention.as_ref(),
                 shared.is_some(),
+                tower,
                 tasks.len(),
             )?;
             for (t, task) in tasks.iter().enumerate() {

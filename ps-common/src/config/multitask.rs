@@ -1,8 +1,8 @@
 //! `[model]` of `kind = "multitask"`: two more ways for tasks to share
 //! what they learn, beside a shared bottom and MMoE: learned task
 //! embeddings fed to the shared layers, and cross-attention among the
-//! tasks' representations before their towers. Their keys, checks and
-//! generated tables.
+//! towers, before their output layers. Their keys, checks and generated
+//! tables.
 
 use serde::Deserialize;
 
@@ -20,13 +20,17 @@ pub struct TaskEmbeddingConfig {
     pub dim: u32,
 }
 
-/// `cross_attention = { heads, dim }`: each task's representation `r_t`
-/// is projected to a token of `dim` values, `r_t E_t + c_t`
+/// `cross_attention = { heads, dim }`: between each tower's hidden
+/// layers and its output layer. Task `t`'s last hidden layer `h_t` is
+/// projected to a token of `dim` values, `h_t E_t + c_t`
 /// (`{tower}.{task}.enc.w`, `.b`); the tokens of an example attend to one
 /// another (every task's, its own included) with `heads` heads
 /// (`{tower}.attn.q`, `.k`, `.v`, `.o`, each `dim x dim`); each task's
-/// tower reads `[r_t, token_t + attention_t W_o]`: its own
-/// representation and what it gathered from the others.
+/// output layer (`{tower}.{task}.out.w`, `last + dim` rows) reads
+/// `[h_t, token_t + attention_t W_o]`: what its own tower computed and
+/// what it gathered from the other towers. So a task with few positive
+/// labels (a purchase after a click) can read what a task with many
+/// learned, rather than learn it again in its own tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CrossAttentionConfig {
@@ -72,8 +76,9 @@ impl CrossAttentionConfig {
         format!("{}.attn.{which}", tower.name)
     }
 
-    /// The task encoders over representations of `width` values, then
-    /// the four projections. A tower then reads `width + dim` values.
+    /// The task encoders over the towers' last hidden layers of `width`
+    /// values, then the four projections. An output layer then reads
+    /// `width + dim` values.
     pub(super) fn table_specs(
         &self,
         tower: &MlpConfig,
@@ -105,7 +110,7 @@ impl CrossAttentionConfig {
             ));
         }
         for which in ["q", "k", "v", "o"] {
-            // W_o starts at zero: a tower first reads [r_t, token_t], and
+            // W_o starts at zero: an output layer first reads [h_t, token_t], and
             // what the tasks gather from one another grows in as it helps.
             let init = if which == "o" {
                 InitializerSpec::Zeros
@@ -129,6 +134,7 @@ pub(super) fn validate(
     task_embedding: Option<&TaskEmbeddingConfig>,
     cross_attention: Option<&CrossAttentionConfig>,
     has_shared: bool,
+    tower: &MlpConfig,
     tasks: usize,
 ) -> Result<(), (String, String)> {
     if let Some(te) = task_embedding {
@@ -162,6 +168,14 @@ pub(super) fn validate(
             return Err((
                 "model.cross_attention.heads".into(),
                 format!("must be >= 1 and divide dim = {}", ca.dim),
+            ));
+        }
+        if tower.hidden.is_empty() {
+            return Err((
+                "model.tower.hidden".into(),
+                "cross-attention sits between the towers' hidden layers and their output \
+                 layers: give the tower at least one hidden layer"
+                    .into(),
             ));
         }
     }

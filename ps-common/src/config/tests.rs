@@ -509,13 +509,19 @@ fn task_embeddings_and_cross_attention_generate_their_tables() {
         (spec("mlp.task_emb").kind.rows(), spec("mlp.task_emb").dim),
         (Some(2), 4)
     );
+    // A token is made from the tower's last hidden layer (4 values).
     assert_eq!(
         (spec("mlp.b.enc.w").kind.rows(), spec("mlp.b.enc.w").dim),
-        (Some(8), 8)
+        (Some(4), 8)
     );
     assert_eq!(spec("mlp.attn.o").dim, 8);
-    // Each tower reads its representation (8) beside its token (8).
-    assert_eq!(spec("mlp.a.0.w").kind.rows(), Some(8 + 8));
+    // Each tower reads the shared bottom's 8 values; its output layer
+    // reads its last hidden layer (4) beside what it gathered (8).
+    assert_eq!(spec("mlp.a.0.w").kind.rows(), Some(8));
+    assert_eq!(
+        (spec("mlp.a.out.w").kind.rows(), spec("mlp.a.out.w").dim),
+        (Some(4 + 8), 1)
+    );
 }
 
 #[test]
@@ -580,6 +586,12 @@ fn task_sharing_settings_that_cannot_work_are_named() {
             "{ name = \"b\", classes = 1 }",
             "model.tasks[1].classes",
             "between 2 and 65536",
+        ),
+        (
+            "tower = { hidden = [4]",
+            "tower = { hidden = []",
+            "model.tower.hidden",
+            "at least one hidden layer",
         ),
     ] {
         let src = TASKS.replace(from, to);

@@ -113,8 +113,7 @@ impl Model {
         };
         // Where each head's probabilities start within an example's.
         let mut first_output = 0;
-        // Each task's representation (MMoE's mix, or h), and with
-        // cross-attention what the tasks gathered from one another.
+        // Each task's representation: MMoE's mix, or h.
         let reps: Vec<Option<&B::Tensor>> = (0..tasks)
             .map(|t| {
                 gating
@@ -124,26 +123,38 @@ impl Model {
                     .or(h(t))
             })
             .collect();
-        let crossed = match (
-            &self.cross,
-            reps.iter().copied().collect::<Option<Vec<_>>>(),
-        ) {
-            (Some(cross), Some(inputs)) => {
-                Some(cross.forward(backend, &inputs, &self.dense, pulled)?)
-            }
-            _ => None,
-        };
-        let tower_input = |t: usize| crossed.as_ref().map(|(outs, _)| &outs[t]).or(reps[t]);
-        let mut heads = Vec::with_capacity(tasks);
-        for (t, head) in self.heads.iter().enumerate() {
-            let input = tower_input(t);
-            let (mut z, tape) = match (&head.tower, input) {
+        // Each task's tower over its representation.
+        let mut tower_outs = Vec::with_capacity(tasks);
+        let mut tower_tapes = Vec::with_capacity(tasks);
+        for (head, rep) in self.heads.iter().zip(&reps) {
+            let (out, tape) = match (&head.tower, rep) {
                 (Some(mlp), Some(input)) => {
                     let (out, tape) = self.mlp_forward(backend, mlp, input, pulled, mode)?;
                     (Some(out), Some(tape))
                 }
                 _ => (None, None),
             };
+            tower_outs.push(out);
+            tower_tapes.push(tape);
+        }
+        // Cross-attention: the towers' last hidden layers attend to one
+        // another, then each task's output layer; its tape keeps the
+        // hidden layers for the backward pass.
+        let (zs, crossed) = match (
+            &self.cross,
+            tower_outs
+                .iter()
+                .map(Option::as_ref)
+                .collect::<Option<Vec<_>>>(),
+        ) {
+            (Some(cross), Some(hidden)) => {
+                let (zs, tape) = cross.forward(backend, &hidden, &self.dense, pulled)?;
+                (zs.into_iter().map(Some).collect(), Some((tower_outs, tape)))
+            }
+            _ => (tower_outs, None),
+        };
+        let mut heads = Vec::with_capacity(tasks);
+        for ((t, head), mut z) in self.heads.iter().enumerate().zip(zs) {
             if t == 0 {
                 z = match (z, wide.take()) {
                     (Some(a), Some(b)) => Some(backend.add(&a, &b)?),
@@ -170,7 +181,7 @@ impl Model {
                 }
             }
             first_output += head.classes;
-            heads.push((logits, dlogits, tape));
+            heads.push((logits, dlogits));
         }
         let Mode::Train { .. } = mode else {
             return Ok(Output {
@@ -193,9 +204,9 @@ impl Model {
                 None => Ok(d),
             }
         };
-        // The gradient of each tower's input.
-        let mut d_inputs: Vec<Option<B::Tensor>> = Vec::with_capacity(tasks);
-        for (t, (head, (logits, dlogits, tape))) in self.heads.iter().zip(heads).enumerate() {
+        // The gradient of each tower's result.
+        let mut d_zs: Vec<B::Tensor> = Vec::with_capacity(tasks);
+        for (t, (head, (logits, dlogits))) in self.heads.iter().zip(heads).enumerate() {
             let dlogits = if head.weight == 1.0 {
                 dlogits
             } else {
@@ -219,12 +230,25 @@ impl Model {
                     )?);
                 }
             }
-            d_inputs.push(match (&head.tower, tape, tower_input(t)) {
+            d_zs.push(dz);
+        }
+        // Cross-attention: back to each tower's last hidden layer.
+        let d_outs = match (&self.cross, crossed) {
+            (Some(cross), Some((hidden, tape))) => {
+                let hidden: Vec<&B::Tensor> = hidden.iter().flatten().collect();
+                cross.backward(backend, tape, &d_zs, &hidden, &mut dense_grads)?
+            }
+            _ => d_zs,
+        };
+        // Through each tower, back to each task's representation.
+        let mut d_reps: Vec<Option<B::Tensor>> = Vec::with_capacity(tasks);
+        for (((head, tape), rep), d) in self.heads.iter().zip(tower_tapes).zip(&reps).zip(d_outs) {
+            d_reps.push(match (&head.tower, tape, rep) {
                 (Some(mlp), Some(tape), Some(input)) => Some(self.mlp_backward(
                     backend,
                     mlp,
                     tape,
-                    dz,
+                    d,
                     input,
                     pulled,
                     &mut dense_grads,
@@ -232,21 +256,6 @@ impl Model {
                 _ => None,
             });
         }
-        // Cross-attention: back to each task's representation.
-        let d_reps = match (&self.cross, crossed) {
-            (Some(cross), Some((_, tape))) => {
-                let inputs: Vec<&B::Tensor> = reps.iter().flatten().copied().collect();
-                let d_outs = d_inputs
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        crate::backend::shape_error("cross-attention", "a task has no tower".into())
-                    })?;
-                let d = cross.backward(backend, tape, &d_outs, &inputs, &mut dense_grads)?;
-                d.into_iter().map(Some).collect()
-            }
-            _ => d_inputs,
-        };
         // With task embeddings, each task's gradient of its shared output.
         let mut d_shared: Vec<Option<B::Tensor>> = Vec::with_capacity(tasks);
         for (t, (head, d)) in self.heads.iter().zip(d_reps).enumerate() {

@@ -131,7 +131,8 @@ pub struct Model {
     heads: Vec<Head>,
     /// Multi-task: learned task vectors joined to the shared bottom's input.
     task_embedding: Option<tasks::TaskEmbedding>,
-    /// Multi-task: cross-attention among the tasks before their towers.
+    /// Multi-task: cross-attention among the towers before their output
+    /// layers.
     cross: Option<tasks::CrossAttention>,
     frozen: BTreeSet<String>,
     /// `data.negative_sampling`: the share of negatives training kept;
@@ -370,15 +371,27 @@ impl Model {
                     projections: ["q", "k", "v", "o"].map(|which| {
                         index(&CrossAttentionConfig::projection(tower, which)).unwrap_or(first)
                     }),
+                    outs: tasks
+                        .iter()
+                        .map(|t| {
+                            let prefix = format!("{}.{}", tower.name, t.name);
+                            index(&format!("{prefix}.out.w")).unwrap_or(first)
+                        })
+                        .collect(),
                 });
-                let width = cross.as_ref().map_or(width, |ca| width + ca.dim);
                 let heads = tasks
                     .iter()
                     .enumerate()
                     .map(|(t, task)| {
                         let prefix = format!("{}.{}", tower.name, task.name);
+                        let mut tower = mlp(tower, &prefix, width, (t as u64 + 2) << 40);
+                        if cross.is_some() {
+                            // The output layer reads what the towers
+                            // gathered from one another too.
+                            tower.out = None;
+                        }
                         Head {
-                            tower: Some(mlp(tower, &prefix, width, (t as u64 + 2) << 40)),
+                            tower: Some(tower),
                             bias: index(&format!("{prefix}.bias")).unwrap_or(first),
                             classes: task.classes.unwrap_or(1).max(1) as usize,
                             weight: task.weight,

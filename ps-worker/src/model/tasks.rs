@@ -1,7 +1,7 @@
 //! How the tasks of a multi-task model share beyond a shared bottom:
 //! task embeddings joined to the shared layers' input ([`TaskEmbedding`])
-//! and cross-attention among the tasks' representations before their
-//! towers ([`CrossAttention`]); forward and backward of each.
+//! and cross-attention among the towers before their output layers
+//! ([`CrossAttention`]); forward and backward of each.
 
 use super::{Pulled, TableUse};
 use crate::backend::{Activation, Backend, BackendError};
@@ -65,9 +65,10 @@ impl TaskEmbedding {
     }
 }
 
-/// Cross-attention among the tasks: task `t`'s representation `r_t`
-/// becomes a token `r_t E_t + c_t`; an example's tokens attend to one
-/// another; task `t`'s tower reads `[r_t, token_t + attention_t W_o]`.
+/// Cross-attention among the towers: task `t`'s last hidden layer `h_t`
+/// becomes a token `h_t E_t + c_t`; an example's tokens attend to one
+/// another; task `t`'s output layer reads `[h_t, token_t + attention_t
+/// W_o]`, so what one tower learned reaches the others' outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct CrossAttention {
     /// Attention heads.
@@ -79,9 +80,12 @@ pub(super) struct CrossAttention {
     pub encoders: Vec<usize>,
     /// The indices of `W_q`, `W_k`, `W_v`, `W_o`.
     pub projections: [usize; 4],
+    /// Per task, the index of its output layer (`(width + dim) x classes`).
+    pub outs: Vec<usize>,
 }
 
-/// The towers' inputs, and what [`CrossAttention::backward`] needs.
+/// The tasks' output-layer results, and what [`CrossAttention::backward`]
+/// needs.
 pub(super) type Crossed<T> = (Vec<T>, CrossTape<T>);
 
 /// What [`CrossAttention::backward`] needs.
@@ -95,10 +99,14 @@ pub(super) struct CrossTape<T> {
     qkv: [T; 3],
     weights: T,
     attended: T,
+    /// Each task's `[h_t, u_t]`, and its output layer.
+    read: Vec<T>,
+    out_ws: Vec<T>,
 }
 
 impl CrossAttention {
-    /// The towers' inputs from the tasks' representations `inputs`.
+    /// The output layers' results from the towers' last hidden layers
+    /// `inputs`.
     pub fn forward<B: Backend>(
         &self,
         backend: &B,
@@ -133,9 +141,14 @@ impl CrossAttention {
             backend.attention(&qkv[0], &qkv[1], &qkv[2], tasks, self.heads)?;
         let mixed = backend.matmul(&attended, &projections[3], false, false)?;
         let out = backend.add(&stacked, &mixed)?;
-        let outs = (0..tasks)
-            .map(|t| backend.concat_cols(&[inputs[t], &backend.slice_rows(&out, t * n, n)?]))
-            .collect::<Result<_, _>>()?;
+        let (mut read, mut out_ws, mut zs) = (Vec::new(), Vec::new(), Vec::new());
+        for (t, &o) in self.outs.iter().enumerate() {
+            let r = backend.concat_cols(&[inputs[t], &backend.slice_rows(&out, t * n, n)?])?;
+            let w = upload(o)?;
+            zs.push(backend.matmul(&r, &w, false, false)?);
+            read.push(r);
+            out_ws.push(w);
+        }
         let tape = CrossTape {
             encoders,
             tokens,
@@ -144,29 +157,35 @@ impl CrossAttention {
             qkv,
             weights,
             attended,
+            read,
+            out_ws,
         };
-        Ok((outs, tape))
+        Ok((zs, tape))
     }
 
-    /// From the gradients of the towers' inputs: fills the encoders' and
-    /// projections' gradients, returns each task's `d r_t`.
+    /// From the gradients of the output layers' results: fills the output
+    /// layers', encoders' and projections' gradients, returns each task's
+    /// `d h_t`.
     pub fn backward<B: Backend>(
         &self,
         backend: &B,
         tape: CrossTape<B::Tensor>,
-        d_outs: &[B::Tensor],
+        d_zs: &[B::Tensor],
         inputs: &[&B::Tensor],
         grads: &mut [Vec<f32>],
     ) -> Result<Vec<B::Tensor>, BackendError> {
         let tasks = self.encoders.len();
         let n = inputs.first().map_or(0, |x| backend.shape(x)[0]);
-        // Each tower read [r_t, u_t]: split its input's gradient.
+        // Each output layer read [h_t, u_t]: split its input's gradient.
         let mut d_direct = Vec::with_capacity(tasks);
         let mut d_u = Vec::with_capacity(tasks);
-        for (d, input) in d_outs.iter().zip(inputs) {
+        let reads = tape.read.iter().zip(&tape.out_ws).zip(&self.outs);
+        for (((read, w), &o), (d_z, input)) in reads.zip(d_zs.iter().zip(inputs)) {
+            grads[o] = backend.download(&backend.matmul(read, d_z, true, false)?)?;
+            let d = backend.matmul(d_z, w, false, true)?;
             let width = backend.shape(input)[1];
-            d_direct.push(backend.slice_cols(d, 0, width)?);
-            d_u.push(backend.slice_cols(d, width, self.dim)?);
+            d_direct.push(backend.slice_cols(&d, 0, width)?);
+            d_u.push(backend.slice_cols(&d, width, self.dim)?);
         }
         let d_out = backend.stack_rows(&d_u.iter().collect::<Vec<_>>())?;
         let [wq, wk, wv, wo] = &tape.projections;
