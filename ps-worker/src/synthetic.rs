@@ -36,15 +36,21 @@ pub fn write_shared_tasks(
     Ok(())
 }
 
-/// Three tasks whose labels depend on one another's latent scores, as a
-/// purchase depends on the click before it: each of 10 fields x 80 ids
-/// has an 8-d vector, an example's representation `r` is the sum over its
-/// fields, and with the scores `s_k = p_k . r` of three fixed directions,
-/// task `click`'s logit is `s_1`, task `buy`'s `1.5 tanh(s_1) s_2 - 0.5`
-/// (the buy direction only matters with a click score) and task `stay`'s
-/// `0.7 s_3 + 0.8 |s_1|`. Writes `click,buy,stay field:id:1 ...` lines and
-/// returns each task's true probabilities and labels, task-major (for
-/// the oracle AUC).
+/// Three tasks in a funnel, as a purchase follows a click: each of 10
+/// fields x 80 ids has an 8-d vector, an example's representation `r` is
+/// the sum over its fields, and with the scores `s_k = p_k . r` of four
+/// fixed directions:
+/// - `click` has the logit `3 i`, with the interest `i = tanh(2 s_1)
+///   tanh(2 s_2)`: an interaction that takes hidden layers to compute;
+/// - `stay` has the logit `0.7 s_4 + 0.8 |s_1|`;
+/// - `buy` needs a click: after one it happens with probability
+///   `sigmoid(2 i + s_4 - 5)`, so about 3% of examples are purchases.
+///
+/// `buy` has few positives, and what predicts it is what the other two
+/// tasks learn from many: a model whose `buy` tower can read the `click`
+/// and `stay` towers' work need not learn it again. Writes
+/// `click,buy,stay field:id:1 ...` lines and returns each task's true
+/// probabilities and labels, task-major (for the oracle AUC).
 pub fn write_related_tasks(
     out: &mut impl Write,
     rows: usize,
@@ -55,21 +61,24 @@ pub fn write_related_tasks(
         seed: 9,
         scale: 0.3,
     };
-    let p = [1, 2, 3].map(|k| direction(10, k, 1.6));
+    let p = [1, 2, 3, 4].map(|k| direction(10, k, 1.6));
+    let sigmoid = |z: f32| 1.0 / (1.0 + (-z).exp());
     let mut rng = RowRng::new(seed, 0);
     let mut truth: [(Vec<f32>, Vec<f32>); 3] = Default::default();
     for _ in 0..rows {
         let (ids, r) = space.draw(&mut rng);
         let s = p.map(|pk| dot(&pk, &r));
-        let logits = [
-            s[0],
-            1.5 * s[0].tanh() * s[1] - 0.5,
-            0.7 * s[2] + 0.8 * s[0].abs(),
-        ];
-        let mut labels = [0u8; 3];
-        for (k, z) in logits.iter().enumerate() {
-            let prob = 1.0 / (1.0 + (-z).exp());
-            labels[k] = u8::from(rng.next_f64() < f64::from(prob));
+        let interest = (2.0 * s[0]).tanh() * (2.0 * s[1]).tanh();
+        let click = sigmoid(3.0 * interest);
+        let buy_after_click = sigmoid(2.0 * interest + s[3] - 5.0);
+        let stay = sigmoid(0.7 * s[3] + 0.8 * s[0].abs());
+        let mut draw = |prob: f32| rng.next_f64() < f64::from(prob);
+        let clicked = draw(click);
+        let labels = [clicked, clicked && draw(buy_after_click), draw(stay)].map(u8::from);
+        for (k, prob) in [click, click * buy_after_click, stay]
+            .into_iter()
+            .enumerate()
+        {
             truth[k].0.push(prob);
             truth[k].1.push(f32::from(labels[k]));
         }

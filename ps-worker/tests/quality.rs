@@ -255,23 +255,22 @@ fn two_asynchronous_workers_predict_as_calibrated_as_one_on_rare_positives() {
     }
 }
 
-/// Three related tasks (`buy` depends on the click score, `stay` on its
-/// size): the cross-attention example as shipped (task embeddings and
-/// cross-attention over a shared bottom) against the same model with a
-/// plain shared bottom and with MMoE, on the same data; the test prints
-/// each one's AUCs beside the oracle's. Cross-attention matches the two,
-/// it does not beat them: with 200,000 training rows (README) its mean
-/// AUC over the tasks is 0.7998 against the shared bottom's 0.8002 and
-/// MMoE's 0.7997 (medians of 5 seeds); with the 40,000 rows here it
-/// trails the shared bottom by 0.0014-0.0022 and MMoE by 0.0004-0.0024.
+/// A purchase funnel (`click` an interaction, `buy` about 2% positives
+/// that follow a click, `stay` sharing a score with `buy`): the
+/// cross-attention example as shipped (task embeddings, and the towers
+/// attending to one another before their output layers) against the same
+/// widths with a plain shared bottom and with MMoE, on the same data; the
+/// test prints each one's AUCs (medians of 3 seeds) beside the oracle's.
+/// Cross-attention beats both on `buy`, whose output layer reads what the
+/// other towers learned from many labels, and is not worse on the mean.
 #[test]
-fn cross_attention_matches_a_shared_bottom_and_mmoe_on_related_tasks() {
+fn cross_attention_beats_a_shared_bottom_and_mmoe_on_a_purchase_funnel() {
     let dir = TempDir::new("related");
     let (example, truth) = generated_example(
         "multitask-cross-attention.toml",
         "related",
         &dir.0,
-        [40_000, 10_000],
+        [60_000, 20_000],
         ps_worker::synthetic::write_related_tasks,
     );
     let oracle = truth.map(|(probs, labels)| auc(&probs, &labels));
@@ -284,32 +283,61 @@ fn cross_attention_matches_a_shared_bottom_and_mmoe_on_related_tasks() {
     };
     let mmoe = without(&["shared", "task_embedding", "cross_attention"]).replace(
         "tower = ",
-        "experts = { count = 4, mlp = { name = \"expert\", hidden = [32], optimizer = { kind = \"adam\", lr = 0.003 } } }\ntower = ",
+        "experts = { count = 4, mlp = { name = \"expert\", hidden = [16], optimizer = { kind = \"adam\", lr = 0.003 } } }\ntower = ",
     );
-    let mean_auc = |text: &str| {
-        let job = JobConfig::from_toml(text, &dir.0).unwrap();
-        let config = job::client_config(&job, std::time::Duration::from_secs(10));
-        // One worker: the result does not depend on how workers interleave.
-        let report = job::run_local(&job, 2, 1, &config, None).unwrap();
-        let aucs: Vec<f64> = report.val_tasks.iter().map(|t| t.auc).collect();
-        (aucs.iter().sum::<f64>() / aucs.len() as f64, aucs)
+    // Per task the median AUC of three seeds (one seed's buy AUC moves by
+    // about 0.004), and their mean. One push in flight: a loaded machine
+    // does not make the rows staler.
+    let aucs = |text: &str| {
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        for seed in 1..=3 {
+            let text = text.replace(
+                "[train]",
+                &format!("[train]\nseed = {seed}\nmax_pushes_in_flight = 1"),
+            );
+            let job = JobConfig::from_toml(&text, &dir.0).unwrap();
+            let config = job::client_config(&job, std::time::Duration::from_secs(10));
+            let report = job::run_local(&job, 2, 1, &config, None).unwrap();
+            for (task, t) in runs.iter_mut().zip(&report.val_tasks) {
+                task.push(t.auc);
+            }
+        }
+        let medians: Vec<f64> = runs
+            .into_iter()
+            .map(|mut task| {
+                task.sort_by(f64::total_cmp);
+                task[1]
+            })
+            .collect();
+        (medians.iter().sum::<f64>() / 3.0, medians)
     };
-    let (cross, cross_tasks) = mean_auc(&example);
-    let (shared, shared_tasks) = mean_auc(&without(&["task_embedding", "cross_attention"]));
-    let (mixture, mixture_tasks) = mean_auc(&mmoe);
+    let (cross, cross_tasks) = aucs(&example);
+    let (shared, shared_tasks) = aucs(&without(&["task_embedding", "cross_attention"]));
+    let (mixture, mixture_tasks) = aucs(&mmoe);
     eprintln!(
-        "related tasks (click, buy, stay): oracle {oracle:.4?}\n  cross-attention {cross_tasks:.4?} mean {cross:.4}\n  \
-         shared bottom   {shared_tasks:.4?} mean {shared:.4} ({:+.4})\n  MMoE            {mixture_tasks:.4?} mean {mixture:.4} ({:+.4})",
+        "purchase funnel (click, buy, stay): oracle {oracle:.4?}\n  cross-attention {cross_tasks:.4?} mean {cross:.4}\n  \
+         shared bottom   {shared_tasks:.4?} mean {shared:.4} ({:+.4}; buy {:+.4})\n  \
+         MMoE            {mixture_tasks:.4?} mean {mixture:.4} ({:+.4}; buy {:+.4})",
         cross - shared,
-        cross - mixture
+        cross_tasks[1] - shared_tasks[1],
+        cross - mixture,
+        cross_tasks[1] - mixture_tasks[1],
+    );
+    for (other, tasks) in [("shared bottom", &shared_tasks), ("MMoE", &mixture_tasks)] {
+        assert!(
+            cross_tasks[1] > tasks[1],
+            "buy: cross-attention {} vs {other} {}",
+            cross_tasks[1],
+            tasks[1]
+        );
+    }
+    assert!(
+        cross > shared - 0.002,
+        "mean: cross-attention {cross} vs shared bottom {shared}"
     );
     assert!(
-        cross >= shared - 0.003,
-        "cross-attention {cross} vs shared bottom {shared}"
-    );
-    assert!(
-        cross >= mixture - 0.003,
-        "cross-attention {cross} vs MMoE {mixture}"
+        cross > mixture - 0.002,
+        "mean: cross-attention {cross} vs MMoE {mixture}"
     );
     let oracle_mean = oracle.iter().sum::<f64>() / 3.0;
     assert!(
