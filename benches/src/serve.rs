@@ -21,7 +21,6 @@ use anyhow::{Context, bail};
 use ps_common::auth::read_token_file;
 use ps_common::config::JobConfig;
 use ps_server::auth::Auth;
-use ps_server::replication::{Peer, Replication, Role};
 use ps_server::{ServerConfig, Shard};
 use ps_worker::backend::cpu::CpuBackend;
 use ps_worker::model::{Mode, Model};
@@ -185,39 +184,28 @@ async fn start_shards() -> anyhow::Result<(String, String)> {
     std::fs::write(&token_file, PEER_TOKEN)?;
     let auth = Auth::default().with_peer_token(&read_token_file(&token_file)?);
     std::fs::remove_dir_all(&dir).ok();
-    let mut addrs = Vec::new();
-    for follow in [None, Some(())] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
-        let shard = Arc::new(Shard::new(0, 1));
-        let role = if follow.is_some() {
-            Role::Follower
-        } else {
-            Role::Primary
-        };
-        let config = ServerConfig {
-            auth: auth.clone(),
-            follow: follow.and(addrs.first().cloned()).into_iter().collect(),
-            ..ServerConfig::new(0, 1)
-        };
-        let replication = Replication::new(
-            Arc::clone(&shard),
-            role,
-            Peer {
-                auth: auth.clone(),
-                tls: None,
-            },
-        );
-        tokio::spawn(ps_server::server::run_replicated(
-            listener,
-            config,
-            shard,
-            replication,
-            std::future::pending(),
-        ));
-        addrs.push(addr);
-    }
-    Ok((addrs[0].clone(), addrs[1].clone()))
+    let config = ServerConfig {
+        auth,
+        ..ServerConfig::new(0, 1)
+    };
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let listener = bind().await?;
+    let primary = listener.local_addr()?.to_string();
+    let shard = Arc::new(Shard::new(0, 1));
+    tokio::spawn(ps_server::run(
+        listener,
+        config.clone(),
+        shard,
+        std::future::pending(),
+    ));
+    let listener = bind().await?;
+    let follower = listener.local_addr()?.to_string();
+    let config = ServerConfig {
+        follow: vec![primary.clone()],
+        ..config
+    };
+    ps_server::server::start_follower(listener, config, std::future::pending());
+    Ok((primary, follower))
 }
 
 /// Trains `model` on ctr26 batches until `stop`, counting samples.

@@ -207,12 +207,45 @@ pub async fn start_backup(
         .local_addr()
         .map_err(|e| PsError::Internal(format!("a backup's listener has no address: {e}")))?
         .to_string();
+    let (shard, replication, task) = spawn_empty(listener, config, Role::Backup, shutdown);
+    if let Err(e) = replication.join(primary, &addr, join_timeout).await {
+        task.abort();
+        return Err(e);
+    }
+    Ok((shard, task))
+}
+
+/// Starts a read replica of shard `config.shard_id` serving on `listener`
+/// until `shutdown`; it follows the primaries `config.follow` names (or
+/// the coordinator's) and loads a snapshot right after it starts. Returns
+/// its store and its serving task once it is listening.
+pub fn start_follower(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Arc<Shard>, tokio::task::JoinHandle<Result<(), ServeError>>) {
+    let (shard, _, task) = spawn_empty(listener, config, Role::Follower, shutdown);
+    (shard, task)
+}
+
+/// A server of an empty store in `role`, spawned: its store, its
+/// replication and its serving task.
+fn spawn_empty(
+    listener: TcpListener,
+    config: ServerConfig,
+    role: Role,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    Arc<Shard>,
+    Arc<Replication>,
+    tokio::task::JoinHandle<Result<(), ServeError>>,
+) {
     let shard = Arc::new(Shard::new(config.shard_id, config.num_shards));
     let peer = Peer {
         auth: config.auth.clone(),
         tls: config.peer_tls.clone(),
     };
-    let replication = Replication::new(Arc::clone(&shard), Role::Backup, peer);
+    let replication = Replication::new(Arc::clone(&shard), role, peer);
     let task = tokio::spawn(run_replicated(
         listener,
         config,
@@ -220,11 +253,7 @@ pub async fn start_backup(
         Arc::clone(&replication),
         shutdown,
     ));
-    if let Err(e) = replication.join(primary, &addr, join_timeout).await {
-        task.abort();
-        return Err(e);
-    }
-    Ok((shard, task))
+    (shard, replication, task)
 }
 
 /// [`run`] for a server whose role and replication `replication` holds (a

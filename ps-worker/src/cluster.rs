@@ -133,7 +133,6 @@ impl LocalCluster {
     /// Starts a read replica (`ps-server --follow`) of every shard; each is
     /// listening when this returns and loads its snapshot right after.
     pub async fn add_followers(&mut self) -> Result<(), PsError> {
-        use ps_server::replication::{Peer, Replication, Role};
         let num_shards = self.shards.len() as u32;
         for shard_id in 0..num_shards {
             let (listener, addr) = bind_loopback("a follower").await?;
@@ -143,22 +142,10 @@ impl LocalCluster {
                 follow: vec![self.addrs[shard_id as usize].clone()],
                 ..ServerConfig::new(shard_id, num_shards)
             };
-            let shard = Arc::new(Shard::new(shard_id, num_shards));
-            let peer = Peer {
-                auth: self.auth.clone(),
-                tls: None,
-            };
-            let replication = Replication::new(Arc::clone(&shard), Role::Follower, peer);
-            self.tasks
-                .push(tokio::spawn(ps_server::server::run_replicated(
-                    listener,
-                    config,
-                    Arc::clone(&shard),
-                    replication,
-                    async {
-                        let _ = stopped.await;
-                    },
-                )));
+            let (shard, task) = ps_server::server::start_follower(listener, config, async {
+                let _ = stopped.await;
+            });
+            self.tasks.push(task);
             self.stops.push(stop);
             self.followers.push((addr, shard));
         }
