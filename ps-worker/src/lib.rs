@@ -21,7 +21,8 @@
 //! - [`signal`]: job-wide flags between worker processes, kept on the servers.
 //! - [`telemetry`]: where the workers of a process report (Prometheus metrics, progress bars); made by the binary, not global.
 //! - [`cluster`]: `LocalCluster`, shards in process on loopback ports.
-//! - [`job`]: whole jobs (`train`, `local`) and their [`job::Report`].
+//! - [`job`]: whole jobs (`train`, `local`, `eval`).
+//! - [`report`]: the [`report::Report`] a job ends in.
 //! - [`serving`]: online predictions (`serve`): REST and gRPC, batching, a
 //!   freshness-bounded row cache, serving bundles.
 
@@ -38,6 +39,7 @@ pub mod latency;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod report;
 pub mod resume;
 pub mod serving;
 pub mod signal;
