@@ -355,15 +355,9 @@ impl ModelConfig {
                 for task in tasks {
                     let prefix = format!("{}.{}", tower.name, task.name);
                     let classes = task.classes.unwrap_or(1);
-                    match cross_attention {
-                        Some(ca) => {
-                            specs.extend(tower.layer_specs(&prefix, width, seed, None));
-                            specs.push(tower.output_spec(&prefix, last + ca.dim, classes, seed));
-                        }
-                        None => {
-                            specs.extend(tower.layer_specs(&prefix, width, seed, Some(classes)))
-                        }
-                    }
+                    let read = last + cross_attention.map_or(0, |ca| ca.dim);
+                    specs.extend(tower.layer_specs(&prefix, width, seed, None));
+                    specs.push(tower.output_spec(&prefix, read, classes, seed));
                     specs.push(dense_spec(
                         format!("{prefix}.bias"),
                         1,

@@ -371,13 +371,8 @@ impl Model {
                     projections: ["q", "k", "v", "o"].map(|which| {
                         index(&CrossAttentionConfig::projection(tower, which)).unwrap_or(first)
                     }),
-                    outs: tasks
-                        .iter()
-                        .map(|t| {
-                            let prefix = format!("{}.{}", tower.name, t.name);
-                            index(&format!("{prefix}.out.w")).unwrap_or(first)
-                        })
-                        .collect(),
+                    // Filled as the heads are built: each tower's output layer.
+                    outs: Vec::new(),
                 });
                 let heads = tasks
                     .iter()
@@ -385,10 +380,10 @@ impl Model {
                     .map(|(t, task)| {
                         let prefix = format!("{}.{}", tower.name, task.name);
                         let mut tower = mlp(tower, &prefix, width, (t as u64 + 2) << 40);
-                        if cross.is_some() {
+                        if let Some(cross) = &mut cross {
                             // The output layer reads what the towers
                             // gathered from one another too.
-                            tower.out = None;
+                            cross.outs.push(tower.out.take().unwrap_or(first));
                         }
                         Head {
                             tower: Some(tower),
