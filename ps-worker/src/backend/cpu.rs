@@ -17,41 +17,14 @@ use super::{
 mod attention_ops;
 #[path = "cpu_matvec.rs"]
 mod matvec;
+#[path = "cpu_sparse.rs"]
+mod sparse;
 
 use matvec::matvec;
 
 /// Host compute with ndarray.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
-
-/// Each example's FM pairwise term per factor dimension (`0.5 (s_d^2 -
-/// q_d)`, `s = sum_i x_i v_i`, `q = sum_i x_i^2 v_i^2`) and its sums `s`,
-/// with the same operations in the same order as the CUDA kernel.
-fn fm_pairs(rows: &Array2<f32>, plan: &SparsePlan) -> (Array2<f32>, Array2<f32>) {
-    let dim = rows.ncols();
-    let mut sums = Array2::<f32>::zeros((plan.examples, dim));
-    let mut pairs = Array2::<f32>::zeros((plan.examples, dim));
-    let mut squares = vec![0f32; dim];
-    for b in 0..plan.examples {
-        squares.iter_mut().for_each(|q| *q = 0.0);
-        let range = plan.segment_offsets[b * plan.fields] as usize
-            ..plan.segment_offsets[(b + 1) * plan.fields] as usize;
-        let mut sum = sums.row_mut(b);
-        for e in range {
-            let x = plan.entry_value[e];
-            let v = rows.row(plan.entry_row[e] as usize);
-            for d in 0..dim {
-                let xv = x * v[d];
-                sum[d] += xv;
-                squares[d] += xv * xv;
-            }
-        }
-        for (d, p) in pairs.row_mut(b).iter_mut().enumerate() {
-            *p = 0.5 * (sum[d] * sum[d] - squares[d]);
-        }
-    }
-    (pairs, sums)
-}
 
 fn same_shape(op: &'static str, a: &Array2<f32>, b: &Array2<f32>) -> Result<(), BackendError> {
     check_same_shape(op, [a.nrows(), a.ncols()], [b.nrows(), b.ncols()])
@@ -123,24 +96,7 @@ impl Backend for CpuBackend {
         plan: &Arc<SparsePlan>,
         pooling: Pooling,
     ) -> Result<Array2<f32>, BackendError> {
-        rows_match_plan("gather_pool", rows, plan)?;
-        let stride = plan.stride(pooling);
-        let dim = rows.ncols();
-        let rows = rows.as_standard_layout();
-        let table = rows.as_slice().unwrap_or_default();
-        let mut out = vec![0f32; plan.pooled_rows(pooling) * dim];
-        // Plain slices: ndarray row views cost more than the 16 adds they hold.
-        for (o, target) in out.chunks_exact_mut(dim.max(1)).enumerate() {
-            let range = plan.segment_offsets[o * stride] as usize
-                ..plan.segment_offsets[(o + 1) * stride] as usize;
-            for e in range {
-                let (x, r) = (plan.entry_value[e], plan.entry_row[e] as usize);
-                for (t, v) in target.iter_mut().zip(&table[r * dim..(r + 1) * dim]) {
-                    *t += x * v;
-                }
-            }
-        }
-        from_rows("gather_pool", out, dim)
+        sparse::gather_pool(rows, plan, pooling)
     }
 
     fn scatter_pool(
@@ -149,35 +105,7 @@ impl Backend for CpuBackend {
         plan: &Arc<SparsePlan>,
         pooling: Pooling,
     ) -> Result<Array2<f32>, BackendError> {
-        if grad.nrows() != plan.pooled_rows(pooling) {
-            return Err(shape_error(
-                "scatter_pool",
-                format!(
-                    "{} gradient rows, expected {}",
-                    grad.nrows(),
-                    plan.pooled_rows(pooling)
-                ),
-            ));
-        }
-        let stride = plan.stride(pooling) as u32;
-        let dim = grad.ncols();
-        let grad = grad.as_standard_layout();
-        let pooled = grad.as_slice().unwrap_or_default();
-        let mut out = vec![0f32; plan.unique * dim];
-        for (u, target) in out.chunks_exact_mut(dim.max(1)).enumerate() {
-            let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
-            for &e in &plan.row_entries[range] {
-                let e = e as usize;
-                let (x, o) = (
-                    plan.entry_value[e],
-                    (plan.entry_segment[e] / stride) as usize,
-                );
-                for (t, g) in target.iter_mut().zip(&pooled[o * dim..(o + 1) * dim]) {
-                    *t += x * g;
-                }
-            }
-        }
-        from_rows("scatter_pool", out, dim)
+        sparse::scatter_pool(grad, plan, pooling)
     }
 
     fn fm_forward(
@@ -185,11 +113,7 @@ impl Backend for CpuBackend {
         rows: &Array2<f32>,
         plan: &Arc<SparsePlan>,
     ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
-        rows_match_plan("fm_forward", rows, plan)?;
-        let (pairs, sums) = fm_pairs(rows, plan);
-        // Summed in column order, as the CUDA kernel does.
-        let out = pairs.map_axis(Axis(1), |p| p.iter().sum::<f32>());
-        Ok((out.insert_axis(Axis(1)), sums))
+        sparse::fm_forward(rows, plan)
     }
 
     fn fm_pairs(
@@ -198,7 +122,7 @@ impl Backend for CpuBackend {
         plan: &Arc<SparsePlan>,
     ) -> Result<(Array2<f32>, Array2<f32>), BackendError> {
         rows_match_plan("fm_pairs", rows, plan)?;
-        Ok(fm_pairs(rows, plan))
+        Ok(sparse::fm_pairs(rows, plan))
     }
 
     fn fm_backward(
@@ -208,40 +132,7 @@ impl Backend for CpuBackend {
         rows: &Array2<f32>,
         plan: &Arc<SparsePlan>,
     ) -> Result<Array2<f32>, BackendError> {
-        rows_match_plan("fm_backward", rows, plan)?;
-        // [examples, 1]: the summed term's gradient; [examples, dim]: per dimension.
-        let per_dim = grad.ncols() != 1;
-        if grad.nrows() != plan.examples
-            || (per_dim && grad.ncols() != rows.ncols())
-            || sums.dim() != (plan.examples, rows.ncols())
-        {
-            return Err(shape_error(
-                "fm_backward",
-                format!(
-                    "grad {:?}, sums {:?} for {} examples",
-                    grad.dim(),
-                    sums.dim(),
-                    plan.examples
-                ),
-            ));
-        }
-        let fields = plan.fields as u32;
-        let mut out = Array2::<f32>::zeros(rows.dim());
-        for (u, mut target) in out.outer_iter_mut().enumerate() {
-            let v = rows.row(u);
-            let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
-            for &e in &plan.row_entries[range] {
-                let e = e as usize;
-                let b = (plan.entry_segment[e] / fields) as usize;
-                let (x, g) = (plan.entry_value[e], grad.row(b));
-                let s = sums.row(b);
-                for d in 0..v.len() {
-                    let g = if per_dim { g[d] } else { g[0] };
-                    target[d] += g * (x * s[d] - x * x * v[d]);
-                }
-            }
-        }
-        Ok(out)
+        sparse::fm_backward(grad, sums, rows, plan)
     }
 
     fn matmul(
