@@ -16,37 +16,17 @@
 //! - [`csv`]: CSV with a header, columns by name;
 //! - [`batch`]: the batches the readers emit;
 //! - [`select`]: sampling and the shuffle buffer;
-//! - [`image`]: the pixels format and augmentation.
+//! - [`image`]: the pixels format and augmentation;
+//! - [`source`]: files and the built-in data sets;
+//! - [`ahead`]: parsing on a thread of its own.
 
 use std::borrow::Cow;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 
 use ps_common::config::{CsvConfig, DataConfig, DataFormat, DataSource, JobConfig, OnBadLine};
-
-/// The a9a data set (UCI Adult, CC BY 4.0), compiled in for the default
-/// job, and the UCI handwritten digits (CC BY 4.0) for the image models.
-const BUILTIN: &[(&str, &[u8])] = &[
-    (
-        "a9a/train",
-        include_bytes!("../../../data/a9a/a9a.train.libsvm"),
-    ),
-    (
-        "a9a/test",
-        include_bytes!("../../../data/a9a/a9a.test.libsvm"),
-    ),
-    (
-        "digits/train",
-        include_bytes!("../../../data/digits/digits.train.csv"),
-    ),
-    (
-        "digits/test",
-        include_bytes!("../../../data/digits/digits.test.csv"),
-    ),
-];
 
 /// Errors reading training data.
 #[derive(Debug, thiserror::Error)]
@@ -136,34 +116,6 @@ impl LineFormat {
                 None => Err(NO_IMAGE.into()),
             },
         }
-    }
-}
-
-/// Opens a data source for streaming.
-pub fn open(source: &DataSource) -> Result<Box<dyn BufRead + Send>, DataError> {
-    match source {
-        DataSource::File(path) => {
-            let file = File::open(path).map_err(|e| DataError::Io {
-                source_name: path.display().to_string(),
-                message: format!("cannot open: {e}"),
-            })?;
-            Ok(Box::new(BufReader::with_capacity(1 << 16, file)))
-        }
-        DataSource::Builtin(name) => BUILTIN
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, bytes)| Box::new(*bytes) as Box<dyn BufRead + Send>)
-            .ok_or_else(|| DataError::Io {
-                source_name: format!("builtin:{name}"),
-                message: format!(
-                    "no such builtin data set (available: {})",
-                    BUILTIN
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            }),
     }
 }
 
@@ -542,53 +494,6 @@ impl Batches {
     }
 }
 
-impl Batches {
-    /// Parses on a thread of its own, up to `depth` batches ahead.
-    pub fn ahead(self, depth: usize) -> Ahead {
-        let (tx, rx) = mpsc::sync_channel(depth.max(1));
-        let thread = std::thread::Builder::new()
-            .name("ps-parse".into())
-            .spawn(move || {
-                for item in self {
-                    if tx.send(item).is_err() {
-                        break; // the consumer is gone
-                    }
-                }
-            });
-        match thread {
-            Ok(_) => Ahead {
-                rx: Some(rx),
-                error: None,
-            },
-            Err(e) => Ahead {
-                rx: None,
-                error: Some(DataError::Io {
-                    source_name: "parser thread".into(),
-                    message: format!("cannot start: {e}"),
-                }),
-            },
-        }
-    }
-}
-
-/// Batches parsed ahead on their own thread (see [`Batches::ahead`]).
-/// Dropping it stops the thread at its next batch.
-pub struct Ahead {
-    rx: Option<mpsc::Receiver<Result<Batch, DataError>>>,
-    error: Option<DataError>,
-}
-
-impl Iterator for Ahead {
-    type Item = Result<Batch, DataError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if let Some(e) = self.error.take() {
-            return Some(Err(e));
-        }
-        self.rx.as_ref()?.recv().ok()
-    }
-}
-
 impl Iterator for Batches {
     type Item = Result<Batch, DataError>;
 
@@ -607,23 +512,22 @@ impl Iterator for Batches {
     }
 }
 
-/// Fails early if a source cannot be opened.
-pub fn check_readable(source: &DataSource) -> Result<(), DataError> {
-    open(source).map(drop)
-}
-
+mod ahead;
 mod batch;
 mod csv;
 mod idx;
 mod image;
 mod parse;
 mod select;
+mod source;
 #[cfg(test)]
 mod tests;
 
+pub use ahead::Ahead;
 pub use batch::Batch;
 pub use csv::CsvLayout;
 pub use image::{Augment, Pixels};
 pub use parse::{LabelFormat, Numeric};
 use parse::{parse_criteo_line, parse_libffm_line, parse_libsvm_line};
 use select::{Sampling, Shuffle};
+pub use source::{check_readable, open};

@@ -148,7 +148,7 @@ mod examples {
 
     fn write_temp(name: &str, text: &str) -> DataSource {
         let path = std::env::temp_dir().join(format!("ps-data-{}-{name}", std::process::id()));
-        File::create(&path)
+        std::fs::File::create(&path)
             .unwrap()
             .write_all(text.as_bytes())
             .unwrap();
