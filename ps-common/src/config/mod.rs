@@ -26,6 +26,7 @@ mod convnet;
 mod data;
 mod mlp;
 mod model;
+mod model_checks;
 mod multitask;
 mod train;
 
