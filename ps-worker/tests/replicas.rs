@@ -349,8 +349,11 @@ async fn replicate_sent_straight_to_a_backup_is_refused_and_changes_nothing() {
 
 /// Ten Join calls whose snapshot streams are never read: one is taken (the
 /// others are refused, as the shard has a backup), its snapshot is the only
-/// one held, and the primary gives it up once it has gone unread for 10 s,
-/// after which a real backup joins.
+/// one held, and the primary gives the join up, after which a real backup
+/// joins. This 13 MB snapshot fits in the connection's buffers, so what
+/// gives it up here is the joiner's first Replicate call going unanswered
+/// (10 x BACKUP_TIMEOUT, 30 s), not the 10 s of an unread chunk; that one
+/// is `replication::primary`'s paused-clock unit test in ps-server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_join_streams_hold_one_snapshot_and_are_given_up() {
     let dir = temp_dir("unread-joins");
