@@ -156,8 +156,8 @@ pub(super) fn fm_backward(
         ));
     }
     let fields = plan.fields as u32;
-    let mut out = Array2::<f32>::zeros(rows.dim());
-    for (u, mut target) in out.outer_iter_mut().enumerate() {
+    let dim = rows.ncols();
+    let out = sums_by_row(rows.nrows(), dim, |u, target| {
         let v = rows.row(u);
         let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
         for &e in &plan.row_entries[range] {
@@ -165,11 +165,11 @@ pub(super) fn fm_backward(
             let b = (plan.entry_segment[e] / fields) as usize;
             let (x, g) = (plan.entry_value[e], grad.row(b));
             let s = sums.row(b);
-            for d in 0..v.len() {
+            for d in 0..dim {
                 let g = if per_dim { g[d] } else { g[0] };
                 target[d] += g * (x * s[d] - x * x * v[d]);
             }
         }
-    }
-    Ok(out)
+    });
+    from_rows("fm_backward", out, dim)
 }
