@@ -510,16 +510,17 @@ mod tests {
     }
 
     /// A snapshot of four chunks (two wait in the channel), read no further
-    /// than its first: the stream is given up once a chunk has waited [`JOIN_STALL`], not
-    /// before, and one read to the end is never given up.
+    /// than its first: the stream is given up once a chunk has waited
+    /// [`JOIN_STALL`], not before, and one read to the end is never given up.
     #[tokio::test(start_paused = true)]
     async fn a_snapshot_left_unread_is_given_up_after_the_join_stall() {
+        use std::sync::atomic::{AtomicBool, Ordering};
         use tonic::codegen::tokio_stream::StreamExt;
         let bytes = vec![7u8; 3 * CHUNK_BYTES + 1];
-        let stalled = |flag: Arc<std::sync::atomic::AtomicBool>| async move {
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stalled = |flag: Arc<AtomicBool>| async move {
+            flag.store(true, Ordering::SeqCst);
         };
-        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let given_up = Arc::new(AtomicBool::new(false));
         let mut unread = stream_snapshot(bytes.clone(), (1, 2, 3), stalled(Arc::clone(&given_up)));
         let first = unread
             .next()
@@ -528,17 +529,11 @@ mod tests {
             .expect("no error");
         assert_eq!((first.data.len(), first.last), (CHUNK_BYTES, false));
         tokio::time::sleep(JOIN_STALL - Duration::from_millis(100)).await;
-        assert!(
-            !given_up.load(std::sync::atomic::Ordering::SeqCst),
-            "not before the stall"
-        );
+        assert!(!given_up.load(Ordering::SeqCst), "not before the stall");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            given_up.load(std::sync::atomic::Ordering::SeqCst),
-            "given up after it"
-        );
+        assert!(given_up.load(Ordering::SeqCst), "given up after it");
 
-        let read_through = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let read_through = Arc::new(AtomicBool::new(false));
         let chunks: Vec<_> = stream_snapshot(bytes, (1, 2, 3), stalled(Arc::clone(&read_through)))
             .collect()
             .await;
@@ -550,7 +545,7 @@ mod tests {
                 .and_then(|c| c.as_ref().ok())
                 .is_some_and(|c| c.last)
         );
-        assert!(!read_through.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!read_through.load(Ordering::SeqCst));
     }
 
     #[test]
