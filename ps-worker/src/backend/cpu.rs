@@ -63,7 +63,27 @@ impl Backend for CpuBackend {
     }
 
     fn download(&self, t: &Array2<f32>) -> Result<Vec<f32>, BackendError> {
-        Ok(t.iter().copied().collect())
+        // One copy of the slice where the layout allows it; the iterator
+        // copies a value at a time (4% of a ctr26 step for its gradients).
+        Ok(match t.as_slice() {
+            Some(values) => values.to_vec(),
+            None => t.iter().copied().collect(),
+        })
+    }
+
+    fn download_owned(&self, t: Array2<f32>) -> Result<Vec<f32>, BackendError> {
+        if !t.is_standard_layout() {
+            return self.download(&t);
+        }
+        let n = t.len();
+        let (mut values, offset) = t.into_raw_vec_and_offset();
+        // A standard-layout array is `n` values in a row from its offset;
+        // only a view cut out of a larger buffer has anything around them.
+        let start = offset.unwrap_or(0);
+        if start != 0 || values.len() != n {
+            values = values[start..start + n].to_vec();
+        }
+        Ok(values)
     }
 
     fn shape(&self, t: &Array2<f32>) -> [usize; 2] {

@@ -26,6 +26,31 @@ fn sums_by_row(rows: usize, dim: usize, mut add: impl FnMut(usize, &mut [f32])) 
     out
 }
 
+/// Per distinct row, `dim` sums: `add(e, sums)` adds occurrence `e`'s
+/// terms to the sums of the row it reads. Occurrences are taken in their
+/// own order, so whatever an occurrence reads per example is read front to
+/// back and each row's sums are written where they lie. That is about four
+/// times faster for a ctr26 batch's gradient scatter (0.5-1.3 ms against
+/// 2.2-5.4 ms, `ps-bench kernels --device cpu --examples 4096`) than
+/// summing a row at a time through `row_entries`, which reads the
+/// gradients at random. A row's occurrences still arrive in ascending
+/// order, the order `row_entries` lists them in, so every sum is the same
+/// to the bit.
+fn sums_by_entry(
+    plan: &SparsePlan,
+    dim: usize,
+    mut add: impl FnMut(usize, &mut [f32]),
+) -> Vec<f32> {
+    // Written, not `vec![0.0; n]`: see `sums_by_row`.
+    let mut out = Vec::with_capacity(plan.unique * dim);
+    out.resize(plan.unique * dim, 0.0);
+    for (e, &u) in plan.entry_row.iter().enumerate() {
+        let u = u as usize;
+        add(e, &mut out[u * dim..(u + 1) * dim]);
+    }
+    out
+}
+
 /// Each example's FM pairwise term per factor dimension (`0.5 (s_d^2 -
 /// q_d)`, `s = sum_i x_i v_i`, `q = sum_i x_i^2 v_i^2`) and its sums `s`,
 /// with the same operations in the same order as the CUDA kernel.
@@ -102,17 +127,13 @@ pub(super) fn scatter_pool(
     let dim = grad.ncols();
     let grad = grad.as_standard_layout();
     let pooled = grad.as_slice().unwrap_or_default();
-    let out = sums_by_row(plan.unique, dim, |u, target| {
-        let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
-        for &e in &plan.row_entries[range] {
-            let e = e as usize;
-            let (x, o) = (
-                plan.entry_value[e],
-                (plan.entry_segment[e] / stride) as usize,
-            );
-            for (t, g) in target.iter_mut().zip(&pooled[o * dim..(o + 1) * dim]) {
-                *t += x * g;
-            }
+    let out = sums_by_entry(plan, dim, |e, target| {
+        let (x, o) = (
+            plan.entry_value[e],
+            (plan.entry_segment[e] / stride) as usize,
+        );
+        for (t, g) in target.iter_mut().zip(&pooled[o * dim..(o + 1) * dim]) {
+            *t += x * g;
         }
     });
     from_rows("scatter_pool", out, dim)
@@ -157,18 +178,14 @@ pub(super) fn fm_backward(
     }
     let fields = plan.fields as u32;
     let dim = rows.ncols();
-    let out = sums_by_row(rows.nrows(), dim, |u, target| {
-        let v = rows.row(u);
-        let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
-        for &e in &plan.row_entries[range] {
-            let e = e as usize;
-            let b = (plan.entry_segment[e] / fields) as usize;
-            let (x, g) = (plan.entry_value[e], grad.row(b));
-            let s = sums.row(b);
-            for d in 0..dim {
-                let g = if per_dim { g[d] } else { g[0] };
-                target[d] += g * (x * s[d] - x * x * v[d]);
-            }
+    let out = sums_by_entry(plan, dim, |e, target| {
+        let v = rows.row(plan.entry_row[e] as usize);
+        let b = (plan.entry_segment[e] / fields) as usize;
+        let (x, g) = (plan.entry_value[e], grad.row(b));
+        let s = sums.row(b);
+        for d in 0..dim {
+            let g = if per_dim { g[d] } else { g[0] };
+            target[d] += g * (x * s[d] - x * x * v[d]);
         }
     });
     from_rows("fm_backward", out, dim)

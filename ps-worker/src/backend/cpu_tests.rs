@@ -67,6 +67,63 @@ fn gather_pool_backward_is_scatter_pool() {
 }
 
 #[test]
+fn scatter_pool_sums_each_row_in_the_order_row_entries_lists() {
+    // Many occurrences over few rows, so rows are read by many examples.
+    let mut rng = Rng::new(7);
+    let plan = Arc::new(random_plan(&mut rng, 64, 4, 5, 3));
+    for pooling in [Pooling::Example, Pooling::Field] {
+        let (pooled, dim) = (plan.pooled_rows(pooling), 4);
+        let grad = rng.vec(pooled * dim);
+        let stride = plan.stride(pooling) as u32;
+        let mut expected = vec![0f32; plan.unique * dim];
+        for u in 0..plan.unique {
+            let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
+            for &e in &plan.row_entries[range] {
+                let (x, o) = (
+                    plan.entry_value[e as usize],
+                    (plan.entry_segment[e as usize] / stride) as usize,
+                );
+                for d in 0..dim {
+                    expected[u * dim + d] += x * grad[o * dim + d];
+                }
+            }
+        }
+        let got = B
+            .scatter_pool(&arr(grad, pooled, dim), &plan, pooling)
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(got.as_slice().unwrap()),
+            bits(&expected),
+            "{pooling:?}"
+        );
+    }
+}
+
+#[test]
+fn download_owned_hands_over_the_values_row_major() {
+    let whole = arr((0..12).map(|x| x as f32).collect(), 3, 4);
+    assert_eq!(
+        B.download_owned(whole.clone()).unwrap(),
+        B.download(&whole).unwrap()
+    );
+    // Rows 1.. of the buffer: standard layout at an offset.
+    let tail = whole.clone().slice_move(ndarray::s![1.., ..]);
+    assert_eq!(
+        B.download_owned(tail).unwrap(),
+        (4..12).map(|x| x as f32).collect::<Vec<_>>()
+    );
+    // Columns 1..3: neither contiguous nor starting at the buffer's front.
+    let middle = whole.clone().slice_move(ndarray::s![.., 1..3]);
+    assert_eq!(B.download_owned(middle).unwrap(), [1., 2., 5., 6., 9., 10.]);
+    let transposed = whole.reversed_axes();
+    assert_eq!(
+        B.download_owned(transposed).unwrap(),
+        [0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.]
+    );
+}
+
+#[test]
 fn fm_backward_matches_finite_differences() {
     let mut rng = Rng::new(2);
     let plan = Arc::new(random_plan(&mut rng, 6, 5, 4, 3));

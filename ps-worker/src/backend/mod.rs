@@ -124,6 +124,12 @@ pub trait Backend {
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor, BackendError>;
     /// Copies a tensor out, row-major.
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    /// A tensor's values, row-major, for a tensor no longer needed: a
+    /// backend whose tensors live in host memory hands over the buffer
+    /// instead of copying it.
+    fn download_owned(&self, t: Self::Tensor) -> Result<Vec<f32>, BackendError> {
+        self.download(&t)
+    }
     /// `[rows, cols]` of a tensor.
     fn shape(&self, t: &Self::Tensor) -> [usize; 2];
     /// Reinterprets a tensor with the same number of elements.

@@ -214,11 +214,11 @@ impl Model {
             };
             let (dz, dbias) =
                 backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
-            dense_grads[head.bias] = backend.download(&dbias)?;
+            dense_grads[head.bias] = backend.download_owned(dbias)?;
             if t == 0 {
                 if let Some(i) = self.linear {
                     let dw = backend.scatter_pool(&dz, &plan, Pooling::Example)?;
-                    sparse_grads[i] = backend.download(&dw)?;
+                    sparse_grads[i] = backend.download_owned(dw)?;
                 }
                 if let (Some(tape), Some(v)) = (&fm_tape, &v) {
                     dv = Some(Self::fm_backward(
@@ -267,7 +267,7 @@ impl Model {
                         dstacked = Some(sum(dstacked, ds)?);
                         let dlogits = backend.softmax_rows_backward(&dgates, gates)?;
                         dense_grads[g] =
-                            backend.download(&backend.matmul(x, &dlogits, true, false)?)?;
+                            backend.download_owned(backend.matmul(x, &dlogits, true, false)?)?;
                         let dx = backend.matmul(&dlogits, w_gate, false, true)?;
                         dx_gates = Some(sum(dx_gates, dx)?);
                     }
@@ -334,7 +334,7 @@ impl Model {
             });
         }
         if let (Some(dv), Some(i)) = (dv, self.embeddings) {
-            sparse_grads[i] = backend.download(&dv)?;
+            sparse_grads[i] = backend.download_owned(dv)?;
         }
         Ok(Output {
             loss_sum,
@@ -433,7 +433,7 @@ impl Model {
         let mut dh = match (mlp.out, &tape.out_w) {
             (Some(o), Some(out_w)) => {
                 let last = tape.last.as_ref().unwrap_or(input);
-                grads[o] = backend.download(&backend.matmul(last, &dout, true, false)?)?;
+                grads[o] = backend.download_owned(backend.matmul(last, &dout, true, false)?)?;
                 backend.matmul(&dout, out_w, false, true)?
             }
             _ => dout,
@@ -452,7 +452,7 @@ impl Model {
             };
             let (dpre, dbias) =
                 backend.bias_act_backward(&dh, act, Activation::Relu, step.dropout)?;
-            grads[layer.dense + 1] = backend.download(&dbias)?;
+            grads[layer.dense + 1] = backend.download_owned(dbias)?;
             let dlin = match &step.norm {
                 Some(norm) => {
                     norm_backward(backend, dpre, norm, pulled, layer, mlp.momentum, grads)?
@@ -461,7 +461,7 @@ impl Model {
             };
             let layer_input = step.input.as_ref().unwrap_or(input);
             grads[layer.dense] =
-                backend.download(&backend.matmul(layer_input, &dlin, true, false)?)?;
+                backend.download_owned(backend.matmul(layer_input, &dlin, true, false)?)?;
             let dinput = backend.matmul(&dlin, &step.weight, false, true)?;
             dh = if step.act.is_some() {
                 backend.add(&dinput, &dh)?

@@ -186,8 +186,8 @@ impl ConvModel {
         let mut grads: Vec<Vec<f32>> = dense.iter().map(|_| Vec::new()).collect();
         let (dz, dbias) =
             backend.bias_act_backward(&dlogits, &logits, Activation::Identity, None)?;
-        grads[self.out + 1] = backend.download(&dbias)?;
-        grads[self.out] = backend.download(&backend.matmul(&pooled, &dz, true, false)?)?;
+        grads[self.out + 1] = backend.download_owned(dbias)?;
+        grads[self.out] = backend.download_owned(backend.matmul(&pooled, &dz, true, false)?)?;
         let dpooled = backend.matmul(&dz, &out_w, false, true)?;
         let mut d = backend.pool2d_backward(&dpooled, &maps.t, &gap_win, PoolKind::Average)?;
         for tape in tapes.into_iter().rev() {
@@ -289,7 +289,7 @@ impl<B: Backend> Net<'_, B> {
         };
         let (dpre, dbias) = backend.bias_act_backward(&grad, &tape.output, act, None)?;
         let layer = &tape.layer;
-        grads[layer.dense + 1] = backend.download(&dbias)?;
+        grads[layer.dense + 1] = backend.download_owned(dbias)?;
         let dlin = match &tape.norm {
             Some(norm) => norm_backward(
                 backend,
@@ -303,7 +303,7 @@ impl<B: Backend> Net<'_, B> {
             None => dpre,
         };
         let (dx, dweight) = backend.conv2d_backward(&dlin, &tape.cols, &tape.weight, &tape.win)?;
-        grads[layer.dense] = backend.download(&dweight)?;
+        grads[layer.dense] = backend.download_owned(dweight)?;
         Ok(dx)
     }
 

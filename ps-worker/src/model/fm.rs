@@ -67,7 +67,8 @@ impl Model {
     ) -> Result<B::Tensor, BackendError> {
         match &tape.per_class {
             Some((table, pairs, weights)) => {
-                dense_grads[*table] = backend.download(&backend.matmul(pairs, dz, true, false)?)?;
+                dense_grads[*table] =
+                    backend.download_owned(backend.matmul(pairs, dz, true, false)?)?;
                 let dpairs = backend.matmul(dz, weights, false, true)?;
                 backend.fm_backward(&dpairs, &tape.sums, v, plan)
             }

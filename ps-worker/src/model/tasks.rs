@@ -48,7 +48,7 @@ impl TaskEmbedding {
         let mut de = vec![0f32; d_inputs.len() * self.dim];
         for (t, d) in d_inputs.into_iter().enumerate() {
             let width = backend.shape(&d)[1] - self.dim;
-            let d_e = backend.download(&backend.slice_cols(&d, width, self.dim)?)?;
+            let d_e = backend.download_owned(backend.slice_cols(&d, width, self.dim)?)?;
             for row in d_e.chunks(self.dim) {
                 for (g, v) in de[t * self.dim..(t + 1) * self.dim].iter_mut().zip(row) {
                     *g += v;
@@ -181,7 +181,7 @@ impl CrossAttention {
         let mut d_u = Vec::with_capacity(tasks);
         let reads = tape.read.iter().zip(&tape.out_ws).zip(&self.outs);
         for (((read, w), &o), (d_z, input)) in reads.zip(d_zs.iter().zip(inputs)) {
-            grads[o] = backend.download(&backend.matmul(read, d_z, true, false)?)?;
+            grads[o] = backend.download_owned(backend.matmul(read, d_z, true, false)?)?;
             let d = backend.matmul(d_z, w, false, true)?;
             let width = backend.shape(input)[1];
             d_direct.push(backend.slice_cols(&d, 0, width)?);
@@ -191,13 +191,14 @@ impl CrossAttention {
         let [wq, wk, wv, wo] = &tape.projections;
         let [q, k, v] = &tape.qkv;
         let [iq, ik, iv, io] = self.projections;
-        grads[io] = backend.download(&backend.matmul(&tape.attended, &d_out, true, false)?)?;
+        grads[io] =
+            backend.download_owned(backend.matmul(&tape.attended, &d_out, true, false)?)?;
         let d_attended = backend.matmul(&d_out, wo, false, true)?;
         let (dq, dk, dv) =
             backend.attention_backward(&d_attended, q, k, v, &tape.weights, tasks, self.heads)?;
         let mut d_stacked = d_out;
         for (i, w, d) in [(iq, wq, &dq), (ik, wk, &dk), (iv, wv, &dv)] {
-            grads[i] = backend.download(&backend.matmul(&tape.stacked, d, true, false)?)?;
+            grads[i] = backend.download_owned(backend.matmul(&tape.stacked, d, true, false)?)?;
             d_stacked = backend.add(&d_stacked, &backend.matmul(d, w, false, true)?)?;
         }
         let mut d_inputs = Vec::with_capacity(tasks);
@@ -211,8 +212,8 @@ impl CrossAttention {
             let d_token = backend.slice_rows(&d_stacked, t * n, n)?;
             let (d_pre, d_bias) =
                 backend.bias_act_backward(&d_token, token, Activation::Identity, None)?;
-            grads[enc + 1] = backend.download(&d_bias)?;
-            grads[enc] = backend.download(&backend.matmul(inputs[t], &d_pre, true, false)?)?;
+            grads[enc + 1] = backend.download_owned(d_bias)?;
+            grads[enc] = backend.download_owned(backend.matmul(inputs[t], &d_pre, true, false)?)?;
             let d_input = backend.matmul(&d_pre, e, false, true)?;
             d_inputs.push(backend.add(&d_input, &d_direct[t])?);
         }
