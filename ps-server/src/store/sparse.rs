@@ -550,7 +550,7 @@ impl SparseRows {
             .map(|lock| {
                 let segment = read(lock);
                 let slabs: usize = (segment.chunks.iter())
-                    .map(|c| c.keys.len() * 8 + c.rows.len() * 4)
+                    .map(|c| c.keys.len() * 8 + c.rows.allocated_bytes())
                     .sum();
                 (slabs + segment.index.bytes()) as u64
             })

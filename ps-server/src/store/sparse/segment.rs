@@ -16,7 +16,7 @@ use super::{META, chunk_rows};
 #[derive(Debug)]
 pub(super) struct Chunk {
     pub(super) keys: Box<[u64]>,
-    pub(super) rows: Box<[f32]>,
+    pub(super) rows: LineFloats,
     pub(super) changed: Box<[u64]>,
     pub(super) meta: Box<[AtomicU32]>,
 }
@@ -25,12 +25,64 @@ impl Chunk {
     pub(super) fn with_rows(rows: usize, row_len: usize, tracks: bool) -> Chunk {
         Chunk {
             keys: vec![0; rows].into_boxed_slice(),
-            rows: vec![0.0; rows * row_len].into_boxed_slice(),
+            rows: LineFloats::zeroed(rows * row_len),
             changed: vec![0; rows.div_ceil(64)].into_boxed_slice(),
             meta: (0..if tracks { rows * META } else { 0 })
                 .map(|_| AtomicU32::new(0))
                 .collect(),
         }
+    }
+}
+
+/// Bytes of a cache line.
+const LINE: usize = 64;
+
+/// A slab's floats, the first of them at the start of a cache line, so a
+/// row of 16 floats (dim 16, SGD) lies in one line and a row of 32 in two.
+/// The allocator aligns to 16 bytes only: from there, every such row of a
+/// slab could straddle a line boundary, and a random pull or push of it
+/// would miss the cache twice.
+#[derive(Debug)]
+pub(super) struct LineFloats {
+    /// Up to a line's worth more than `len` floats.
+    buf: Box<[f32]>,
+    /// Where the floats start in `buf`: its first line boundary.
+    start: usize,
+    len: usize,
+}
+
+impl LineFloats {
+    /// `len` zeros, starting on a cache line.
+    pub(super) fn zeroed(len: usize) -> LineFloats {
+        let per_line = LINE / size_of::<f32>();
+        let buf = vec![0.0f32; len + per_line - 1].into_boxed_slice();
+        // An f32 allocation is 4-byte aligned: skip whole floats to the
+        // line. The heap block does not move with the box, so this holds.
+        let into_line = buf.as_ptr().addr() % LINE / size_of::<f32>();
+        let start = (per_line - into_line) % per_line;
+        LineFloats { buf, start, len }
+    }
+
+    /// Bytes allocated, the padding included.
+    #[cfg(test)]
+    pub(super) fn allocated_bytes(&self) -> usize {
+        self.buf.len() * size_of::<f32>()
+    }
+}
+
+impl std::ops::Deref for LineFloats {
+    type Target = [f32];
+
+    #[inline]
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for LineFloats {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
     }
 }
 

@@ -268,6 +268,21 @@ fn a_row_costs_at_most_sixteen_bytes_beyond_its_floats() {
 }
 
 #[test]
+fn rows_of_a_cache_line_s_multiple_start_on_a_line() {
+    // 16 floats (dim 16, SGD) fill a 64-byte line; 32 (dim 16, Adagrad) two.
+    for row_len in [16usize, 32] {
+        let rows = SparseRows::new(row_len, false, None);
+        for key in 0..20_000u64 {
+            rows.update(key, |r| fill(key, r), |_| ()).unwrap();
+        }
+        for key in 0..20_000u64 {
+            let offset = rows.read(key, |r| r.as_ptr().addr() % 64);
+            assert_eq!(offset, Some(0), "row_len {row_len}, key {key}");
+        }
+    }
+}
+
+#[test]
 fn a_small_table_stays_small() {
     for row_len in [2usize, 300] {
         let rows = SparseRows::new(row_len, false, None);
