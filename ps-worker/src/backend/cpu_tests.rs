@@ -77,8 +77,9 @@ fn scatter_pool_sums_each_row_in_the_order_row_entries_lists() {
         let stride = plan.stride(pooling) as u32;
         let mut expected = vec![0f32; plan.unique * dim];
         for u in 0..plan.unique {
-            let range = plan.row_offsets[u] as usize..plan.row_offsets[u + 1] as usize;
-            for &e in &plan.row_entries[range] {
+            let range =
+                plan.by_row().row_offsets[u] as usize..plan.by_row().row_offsets[u + 1] as usize;
+            for &e in &plan.by_row().row_entries[range] {
                 let (x, o) = (
                     plan.entry_value[e as usize],
                     (plan.entry_segment[e as usize] / stride) as usize,

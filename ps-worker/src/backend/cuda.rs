@@ -262,6 +262,8 @@ impl Backend for CudaBackend {
 
     fn upload_plan(&self, plan: &Arc<SparsePlan>) -> Result<CudaPlan, BackendError> {
         let entry_value = self.upload_slice(&plan.entry_value)?;
+        // Built ahead by the prefetcher of a CUDA worker; here otherwise.
+        let by_row = plan.by_row();
         Ok(CudaPlan {
             examples: plan.examples,
             fields: plan.fields,
@@ -269,14 +271,14 @@ impl Backend for CudaBackend {
             entry_row: self.upload_slice(&plan.entry_row)?,
             entry_value,
             segment_offsets: self.upload_slice(&plan.segment_offsets)?,
-            row_entry_segment: self.upload_slice(&plan.row_entry_segment)?,
-            row_entry_value: self.upload_slice(&plan.row_entry_value)?,
-            chunks: plan.chunks(),
-            chunk_offsets: self.upload_slice(&plan.chunk_offsets)?,
-            row_chunks: self.upload_slice(&plan.row_chunks)?,
-            chunk_row: self.upload_slice(&plan.chunk_row)?,
-            multi_chunk_rows: plan.multi_chunk_rows.len(),
-            multi_rows: self.upload_slice(&plan.multi_chunk_rows)?,
+            row_entry_segment: self.upload_slice(&by_row.row_entry_segment)?,
+            row_entry_value: self.upload_slice(&by_row.row_entry_value)?,
+            chunks: by_row.chunks(),
+            chunk_offsets: self.upload_slice(&by_row.chunk_offsets)?,
+            row_chunks: self.upload_slice(&by_row.row_chunks)?,
+            chunk_row: self.upload_slice(&by_row.chunk_row)?,
+            multi_chunk_rows: by_row.multi_chunk_rows.len(),
+            multi_rows: self.upload_slice(&by_row.multi_chunk_rows)?,
         })
     }
 

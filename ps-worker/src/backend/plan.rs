@@ -1,4 +1,8 @@
-//! [`SparsePlan`]: a batch's sparse occurrences laid out for gather and scatter.
+//! [`SparsePlan`]: a batch's sparse occurrences laid out for gather and
+//! scatter, and [`RowGroups`]: the same occurrences grouped by distinct
+//! row, for a backend that scatters a row at a time (CUDA).
+
+use std::sync::OnceLock;
 
 /// The feature occurrences of a batch, laid out for pooling and for a
 /// deterministic gradient scatter.
@@ -6,8 +10,7 @@
 /// Occurrences are sorted (stably) by segment `example * fields + field`.
 /// `segment_offsets[s]..segment_offsets[s + 1]` are the occurrences of segment
 /// `s`; example `b`'s are `segment_offsets[b * fields]..segment_offsets[(b + 1) * fields]`.
-/// The transposed index lists, for each distinct row `u`, the occurrences
-/// that read it, in ascending order: `row_entries[row_offsets[u]..row_offsets[u + 1]]`.
+/// [`SparsePlan::by_row`] groups them by distinct row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparsePlan {
     /// Examples in the batch.
@@ -24,6 +27,16 @@ pub struct SparsePlan {
     pub entry_segment: Vec<u32>,
     /// `examples * fields + 1` offsets into the occurrences.
     pub segment_offsets: Vec<u32>,
+    /// Built on first use: the CPU backend walks the occurrences in order
+    /// and never needs it.
+    by_row: OnceLock<RowGroups>,
+}
+
+/// A plan's occurrences grouped by distinct row, in ascending order within
+/// a row: for each distinct row `u`, the occurrences that read it are
+/// `row_entries[row_offsets[u]..row_offsets[u + 1]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowGroups {
     /// `unique + 1` offsets into `row_entries`.
     pub row_offsets: Vec<u32>,
     /// Occurrence ids grouped by distinct row.
@@ -96,45 +109,6 @@ impl SparsePlan {
                 entry_segment[at] = s as u32;
             }
         }
-        // Transposed index: counting sort of occurrences by distinct row.
-        let mut row_offsets = vec![0u32; unique + 1];
-        for &r in &entry_row {
-            row_offsets[r as usize + 1] += 1;
-        }
-        for u in 0..unique {
-            row_offsets[u + 1] += row_offsets[u];
-        }
-        let mut fill = row_offsets.clone();
-        let mut row_entries = vec![0u32; n];
-        for (e, &r) in entry_row.iter().enumerate() {
-            row_entries[fill[r as usize] as usize] = e as u32;
-            fill[r as usize] += 1;
-        }
-        let mut chunk_offsets = vec![0u32];
-        let mut row_chunks = vec![0u32];
-        let mut chunk_row = Vec::new();
-        let mut multi_chunk_rows = Vec::new();
-        for u in 0..unique {
-            let (begin, end) = (row_offsets[u], row_offsets[u + 1]);
-            let mut at = begin;
-            while at < end {
-                at = (at + Self::CHUNK).min(end);
-                chunk_offsets.push(at);
-                chunk_row.push(u as u32);
-            }
-            row_chunks.push((chunk_offsets.len() - 1) as u32);
-            if row_chunks[u + 1] - row_chunks[u] != 1 {
-                multi_chunk_rows.push(u as u32);
-            }
-        }
-        let row_entry_segment = row_entries
-            .iter()
-            .map(|&e| entry_segment[e as usize])
-            .collect();
-        let row_entry_value = row_entries
-            .iter()
-            .map(|&e| entry_value[e as usize])
-            .collect();
         SparsePlan {
             examples,
             fields: num_fields,
@@ -143,24 +117,24 @@ impl SparsePlan {
             entry_value,
             entry_segment,
             segment_offsets,
-            row_offsets,
-            chunk_offsets,
-            row_chunks,
-            chunk_row,
-            multi_chunk_rows,
-            row_entry_segment,
-            row_entry_value,
-            row_entries,
+            by_row: OnceLock::new(),
         }
+    }
+
+    /// The occurrences grouped by distinct row, built on the first call.
+    /// Whoever lays out a batch for a backend that needs them (the
+    /// prefetcher, for a CUDA worker) calls it ahead, off the step's path.
+    pub fn by_row(&self) -> &RowGroups {
+        self.by_row.get_or_init(|| RowGroups::new(self))
+    }
+
+    /// Whether [`SparsePlan::by_row`] has been built.
+    pub fn is_grouped_by_row(&self) -> bool {
+        self.by_row.get().is_some()
     }
 
     /// Most occurrences one scatter chunk sums.
     pub const CHUNK: u32 = 32;
-
-    /// Number of scatter chunks.
-    pub fn chunks(&self) -> usize {
-        self.chunk_offsets.len() - 1
-    }
 
     /// Number of occurrences.
     pub fn entries(&self) -> usize {
@@ -184,6 +158,68 @@ impl SparsePlan {
     }
 }
 
+impl RowGroups {
+    /// Groups `plan`'s occurrences by distinct row (a counting sort, so
+    /// each row's occurrences stay in ascending order) and cuts each row's
+    /// into chunks.
+    fn new(plan: &SparsePlan) -> RowGroups {
+        let (unique, n) = (plan.unique, plan.entries());
+        let mut row_offsets = vec![0u32; unique + 1];
+        for &r in &plan.entry_row {
+            row_offsets[r as usize + 1] += 1;
+        }
+        for u in 0..unique {
+            row_offsets[u + 1] += row_offsets[u];
+        }
+        let mut fill = row_offsets.clone();
+        let mut row_entries = vec![0u32; n];
+        for (e, &r) in plan.entry_row.iter().enumerate() {
+            row_entries[fill[r as usize] as usize] = e as u32;
+            fill[r as usize] += 1;
+        }
+        let mut chunk_offsets = vec![0u32];
+        let mut row_chunks = vec![0u32];
+        let mut chunk_row = Vec::new();
+        let mut multi_chunk_rows = Vec::new();
+        for u in 0..unique {
+            let (begin, end) = (row_offsets[u], row_offsets[u + 1]);
+            let mut at = begin;
+            while at < end {
+                at = (at + SparsePlan::CHUNK).min(end);
+                chunk_offsets.push(at);
+                chunk_row.push(u as u32);
+            }
+            row_chunks.push((chunk_offsets.len() - 1) as u32);
+            if row_chunks[u + 1] - row_chunks[u] != 1 {
+                multi_chunk_rows.push(u as u32);
+            }
+        }
+        let row_entry_segment = row_entries
+            .iter()
+            .map(|&e| plan.entry_segment[e as usize])
+            .collect();
+        let row_entry_value = row_entries
+            .iter()
+            .map(|&e| plan.entry_value[e as usize])
+            .collect();
+        RowGroups {
+            row_offsets,
+            row_entries,
+            chunk_offsets,
+            row_chunks,
+            chunk_row,
+            multi_chunk_rows,
+            row_entry_segment,
+            row_entry_value,
+        }
+    }
+
+    /// Number of scatter chunks.
+    pub fn chunks(&self) -> usize {
+        self.chunk_offsets.len() - 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,14 +239,18 @@ mod tests {
         assert_eq!(plan.entry_value, [2.0, 1.0, 3.0]);
         assert_eq!(plan.entry_segment, [0, 1, 2]);
         assert_eq!(plan.segment_offsets, [0, 1, 2, 3, 3]);
-        assert_eq!(plan.row_offsets, [0, 1, 1, 3]);
-        assert_eq!(plan.row_entries, [0, 1, 2]);
-        assert_eq!(plan.chunk_offsets, [0, 1, 3]);
-        assert_eq!(plan.row_chunks, [0, 1, 1, 2]);
-        assert_eq!(plan.chunk_row, [0, 2]);
-        assert_eq!(plan.multi_chunk_rows, [1], "row 1 has no occurrence");
-        assert_eq!(plan.row_entry_segment, [0, 1, 2]);
-        assert_eq!(plan.row_entry_value, [2.0, 1.0, 3.0]);
+        assert_eq!(plan.by_row().row_offsets, [0, 1, 1, 3]);
+        assert_eq!(plan.by_row().row_entries, [0, 1, 2]);
+        assert_eq!(plan.by_row().chunk_offsets, [0, 1, 3]);
+        assert_eq!(plan.by_row().row_chunks, [0, 1, 1, 2]);
+        assert_eq!(plan.by_row().chunk_row, [0, 2]);
+        assert_eq!(
+            plan.by_row().multi_chunk_rows,
+            [1],
+            "row 1 has no occurrence"
+        );
+        assert_eq!(plan.by_row().row_entry_segment, [0, 1, 2]);
+        assert_eq!(plan.by_row().row_entry_value, [2.0, 1.0, 3.0]);
     }
 
     #[test]
@@ -218,10 +258,10 @@ mod tests {
         let n = SparsePlan::CHUNK as usize * 2 + 5;
         let offsets: Vec<usize> = (0..=n).collect();
         let plan = SparsePlan::new(&offsets, &vec![0; n], &vec![1.0; n], None, 1, 1);
-        assert_eq!(plan.row_chunks, [0, 3]);
-        assert_eq!(plan.chunk_offsets, [0, 32, 64, n as u32]);
-        assert_eq!(plan.chunk_row, [0, 0, 0]);
-        assert_eq!(plan.multi_chunk_rows, [0]);
+        assert_eq!(plan.by_row().row_chunks, [0, 3]);
+        assert_eq!(plan.by_row().chunk_offsets, [0, 32, 64, n as u32]);
+        assert_eq!(plan.by_row().chunk_row, [0, 0, 0]);
+        assert_eq!(plan.by_row().multi_chunk_rows, [0]);
     }
 
     #[test]
@@ -229,7 +269,7 @@ mod tests {
         let plan = SparsePlan::new(&[0], &[], &[], None, 3, 0);
         assert_eq!(plan.examples, 0);
         assert_eq!(plan.segment_offsets, [0]);
-        assert_eq!(plan.row_offsets, [0]);
-        assert_eq!(plan.chunks(), 0);
+        assert_eq!(plan.by_row().row_offsets, [0]);
+        assert_eq!(plan.by_row().chunks(), 0);
     }
 }

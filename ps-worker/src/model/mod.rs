@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ps_common::config::{
-    ConvNet, CrossAttentionConfig, ImageConfig, JobConfig, MlpConfig, ModelConfig,
+    ConvNet, CrossAttentionConfig, Device, ImageConfig, JobConfig, MlpConfig, ModelConfig,
     TaskEmbeddingConfig,
 };
 use ps_common::table::TableSpec;
@@ -140,6 +140,10 @@ pub struct Model {
     negative_rate: Option<f64>,
     /// The image models (`resnet`, `inception`): everything else is unused.
     conv: Option<convnet::ConvModel>,
+    /// Whether [`Model::plan`] groups occurrences by row as well
+    /// ([`SparsePlan::by_row`]): the job computes on a GPU, whose scatter
+    /// reads them; the CPU backend does not.
+    group_by_row: bool,
 }
 
 /// Epsilon of batch normalization.
@@ -424,6 +428,7 @@ impl Model {
             frozen: job.train.freeze.iter().cloned().collect(),
             negative_rate: job.data.negative_sampling,
             conv: None,
+            group_by_row: job.train.device != Device::Cpu,
         }
     }
 
@@ -457,6 +462,7 @@ impl Model {
             frozen: job.train.freeze.iter().cloned().collect(),
             negative_rate: None,
             conv: Some(conv),
+            group_by_row: false,
         }
     }
 
@@ -557,6 +563,10 @@ impl Model {
             self.fields,
             unique.keys.len(),
         );
+        if self.group_by_row {
+            // Here, in the prefetcher, rather than in the step.
+            plan.by_row();
+        }
         (unique.keys, Arc::new(plan))
     }
 

@@ -476,3 +476,22 @@ fn clipping_bounds_the_dense_norm_and_each_sparse_row() {
         }
     }
 }
+
+#[test]
+fn a_gpu_job_s_plan_groups_occurrences_by_row_ahead_and_a_cpu_job_s_does_not() {
+    let mut cpu = job(MODELS[2].1);
+    let (_, plan) = Model::from_job(&cpu).plan(&batch());
+    assert!(
+        !plan.is_grouped_by_row(),
+        "the CPU backend never reads them"
+    );
+    cpu.train.device = Device::Cuda(0);
+    let (_, plan) = Model::from_job(&cpu).plan(&batch());
+    assert!(
+        plan.is_grouped_by_row(),
+        "built in the prefetcher, off the step"
+    );
+    // Grouping on first use gives the same groups.
+    let (_, lazy) = Model::from_job(&job(MODELS[2].1)).plan(&batch());
+    assert_eq!(lazy.by_row(), plan.by_row());
+}
