@@ -32,10 +32,10 @@ fn sums_by_row(rows: usize, dim: usize, mut add: impl FnMut(usize, &mut [f32])) 
 /// back and each row's sums are written where they lie. That is about four
 /// times faster for a ctr26 batch's gradient scatter (0.5-1.3 ms against
 /// 2.2-5.4 ms, `ps-bench kernels --device cpu --examples 4096`) than
-/// summing a row at a time through `row_entries`, which reads the
-/// gradients at random. A row's occurrences still arrive in ascending
-/// order, the order `row_entries` lists them in, so every sum is the same
-/// to the bit.
+/// summing a row at a time through the plan's grouping by row
+/// ([`SparsePlan::by_row`]), which reads the gradients at random. A row's
+/// occurrences still arrive in ascending order, the order that grouping
+/// lists them in, so every sum is the same to the bit.
 fn sums_by_entry(
     plan: &SparsePlan,
     dim: usize,
