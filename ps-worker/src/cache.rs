@@ -388,14 +388,16 @@ impl RowCache {
 /// in the next; the rest would cost the cache's bookkeeping for nothing).
 pub const HOT_OCCURRENCES: u32 = 2;
 
-/// The hot rows of a batch (ascending indices into its distinct keys),
-/// from each distinct row's occurrence offsets (`unique + 1` of them).
-pub fn hot_rows(row_offsets: &[u32]) -> Vec<u32> {
-    row_offsets
-        .windows(2)
-        .enumerate()
-        .filter(|(_, w)| w[1] - w[0] >= HOT_OCCURRENCES)
-        .map(|(i, _)| i as u32)
+/// The hot rows of a batch (ascending indices into its `unique` distinct
+/// keys), from the distinct row of each occurrence (`entry_row`, each
+/// `< unique`).
+pub fn hot_rows(entry_row: &[u32], unique: usize) -> Vec<u32> {
+    let mut occurrences = vec![0u32; unique];
+    for &r in entry_row {
+        occurrences[r as usize] += 1;
+    }
+    (0..unique as u32)
+        .filter(|&u| occurrences[u as usize] >= HOT_OCCURRENCES)
         .collect()
 }
 
@@ -478,8 +480,8 @@ mod tests {
     #[test]
     fn hot_rows_are_those_occurring_at_least_twice_in_the_batch() {
         // Row 0 occurs once, row 1 three times, row 2 twice.
-        assert_eq!(hot_rows(&[0, 1, 4, 6]), [1, 2]);
-        assert!(hot_rows(&[0]).is_empty());
+        assert_eq!(hot_rows(&[1, 0, 2, 1, 2, 1], 3), [1, 2]);
+        assert!(hot_rows(&[], 0).is_empty());
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl Model {
         dense: bool,
     ) -> Result<Pulled, PsError> {
         let (keys, plan) = self.plan(batch);
-        let hot = cache.map_or_else(Vec::new, |_| hot_rows(&plan.by_row().row_offsets));
+        let hot = cache.map_or_else(Vec::new, |_| hot_rows(&plan.entry_row, plan.unique));
         let dense_tables: &[TableUse] = if dense { &self.dense } else { &[] };
         let (sparse, dense) = tokio::try_join!(
             self.pull_sparse_rows(client, &keys, &hot, cache),
