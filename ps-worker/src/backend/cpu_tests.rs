@@ -75,11 +75,11 @@ fn scatter_pool_sums_each_row_in_the_order_row_entries_lists() {
         let (pooled, dim) = (plan.pooled_rows(pooling), 4);
         let grad = rng.vec(pooled * dim);
         let stride = plan.stride(pooling) as u32;
+        let groups = plan.by_row();
         let mut expected = vec![0f32; plan.unique * dim];
         for u in 0..plan.unique {
-            let range =
-                plan.by_row().row_offsets[u] as usize..plan.by_row().row_offsets[u + 1] as usize;
-            for &e in &plan.by_row().row_entries[range] {
+            let range = groups.row_offsets[u] as usize..groups.row_offsets[u + 1] as usize;
+            for &e in &groups.row_entries[range] {
                 let (x, o) = (
                     plan.entry_value[e as usize],
                     (plan.entry_segment[e as usize] / stride) as usize,
