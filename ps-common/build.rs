@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["ps.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .bytes(".ps.v1")
+        // Encodes each message into one allocation of its length (src/codec.rs).
+        .codec_path("crate::codec::ReservingCodec")
         .compile_fds(fds)?;
     let etcd = protox::compile(["etcd.proto"], ["proto"])?;
     tonic_prost_build::configure()

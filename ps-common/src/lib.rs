@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`pb`]: the generated gRPC API (`proto/ps.proto`, package `ps.v1`).
+//! - [`codec`]: the gRPC codec `pb` uses: prost's, each message encoded into one allocation.
 //! - [`table`]: validated table specs ([`TableSpec`]), converted from and to
 //!   the protobuf types at the boundary.
 //! - [`ids`]: random ids for writers, servers and replication streams.
@@ -23,6 +24,7 @@
 //! - [`coordinator`]: etcd as a job's coordinator (primaries, epochs, standbys).
 
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod error;
