@@ -476,12 +476,12 @@ impl PsClient {
         for (shard_id, positions, shard_keys) in self.split(info, keys, sorted) {
             let shard = &self.inner.shards[shard_id];
             let chunk = shard.chunk_keys(dim);
-            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+            for (chunk_pos, chunk_keys) in positions.chunks(chunk).zip(chunked(shard_keys, chunk)) {
                 let mut rows = Vec::with_capacity(chunk_pos.len() * dim);
                 for &p in chunk_pos {
                     rows.extend_from_slice(&values[p * dim..(p + 1) * dim]);
                 }
-                out.push((shard_id, chunk_keys.to_vec(), rows));
+                out.push((shard_id, chunk_keys, rows));
             }
         }
         out
@@ -518,12 +518,25 @@ impl PsClient {
     }
 }
 
-/// A request's key fields: plain `keys`, or sorted keys as `delta_keys`.
-fn encode_keys(keys: &[u64], delta: bool) -> Result<(Vec<u64>, bytes::Bytes), PsError> {
+/// A request's key fields: plain `keys` (moved, not copied), or sorted
+/// keys as `delta_keys`.
+fn encode_keys(keys: Vec<u64>, delta: bool) -> Result<(Vec<u64>, bytes::Bytes), PsError> {
     if delta {
-        Ok((Vec::new(), wire::encode_delta_keys(keys)?))
+        Ok((Vec::new(), wire::encode_delta_keys(&keys)?))
     } else {
-        Ok((keys.to_vec(), bytes::Bytes::new()))
+        Ok((keys, bytes::Bytes::new()))
+    }
+}
+
+/// `items` cut into pieces of at most `size` (at least 1), as
+/// `slice::chunks` does: `items` itself, moved, when it fits in one.
+fn chunked<T: Clone>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    if items.is_empty() {
+        Vec::new()
+    } else if items.len() <= size {
+        vec![items]
+    } else {
+        items.chunks(size.max(1)).map(<[T]>::to_vec).collect()
     }
 }
 
@@ -548,4 +561,27 @@ async fn join_all_ok<T: 'static>(
         out.push(joined.map_err(|e| PsError::Internal(format!("request task failed: {e}")))??);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunked;
+
+    #[test]
+    fn keys_that_fit_one_request_are_moved_into_it_not_copied() {
+        let keys: Vec<u64> = (0..1000).collect();
+        let at = keys.as_ptr();
+        let pieces = chunked(keys, 1000);
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0].as_ptr(), at, "the same allocation");
+    }
+
+    #[test]
+    fn keys_past_the_limit_are_cut_in_order() {
+        assert_eq!(
+            chunked(vec![1, 2, 3, 4, 5], 2),
+            [vec![1, 2], vec![3, 4], vec![5]]
+        );
+        assert!(chunked(Vec::<u64>::new(), 2).is_empty());
+    }
 }

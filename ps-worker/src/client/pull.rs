@@ -55,7 +55,11 @@ impl PsClient {
         for (t, &(name, info, keys)) in tables.iter().enumerate() {
             for (shard_id, positions, shard_keys) in self.split(info, keys, wire.delta_keys) {
                 let chunk = self.inner.shards[shard_id].chunk_keys(info.dim);
-                for (pos, chunk_keys) in positions.chunks(chunk).zip(shard_keys.chunks(chunk)) {
+                for (pos, chunk_keys) in chunked(positions, chunk)
+                    .into_iter()
+                    .zip(chunked(shard_keys, chunk))
+                {
+                    let count = pos.len();
                     let (keys, delta_keys) = encode_keys(chunk_keys, wire.delta_keys)?;
                     let request = pb::PullRequest {
                         table: name.to_string(),
@@ -66,10 +70,10 @@ impl PsClient {
                     let placed = Placed {
                         table: t,
                         dim: info.dim,
-                        positions: pos.to_vec(),
+                        positions: pos,
                     };
-                    let answer = pos.len() * info.dim * wire::value_bytes(wire.pull_values);
-                    parts.push((shard_id, request, placed, pos.len(), answer));
+                    let answer = count * info.dim * wire::value_bytes(wire.pull_values);
+                    parts.push((shard_id, request, placed, count, answer));
                 }
             }
         }

@@ -155,7 +155,8 @@ impl PsClient {
             for (shard_id, chunk_keys, values) in
                 self.chunks_with_rows(info, keys, grads, wire.delta_keys)
             {
-                let (keys, delta_keys) = encode_keys(&chunk_keys, wire.delta_keys)?;
+                let count = chunk_keys.len();
+                let (keys, delta_keys) = encode_keys(chunk_keys, wire.delta_keys)?;
                 let request = pb::PushRequest {
                     table: table.to_string(),
                     keys,
@@ -167,7 +168,7 @@ impl PsClient {
                     delta_keys,
                     ..Default::default()
                 };
-                parts.push((shard_id, request, (), chunk_keys.len(), 0));
+                parts.push((shard_id, request, (), count, 0));
             }
         }
         for (shard_id, group) in self.coalesce(parts) {
