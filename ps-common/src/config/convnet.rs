@@ -3,8 +3,9 @@
 //! runs ([`ConvNet`]) and the dense tables those layers read.
 //!
 //! One expansion serves both sides: the job's table specs and the
-//! worker's network come from [`ConvNet::of`], so the two cannot disagree
-//! on a name or a shape.
+//! worker's network come from one [`ConvNet`] ([`ConvNet::resnet`] or
+//! [`ConvNet::inception`], then [`ConvNet::table_specs`]), so the two
+//! cannot disagree on a name or a shape.
 
 use serde::Deserialize;
 

@@ -199,7 +199,7 @@ impl Shard {
     }
 
     /// Room for the rows a push may create: in a table with admission, only
-    /// for ids its policy may admit now ([`Table::may_admit`]; an id
+    /// for ids its policy may admit now ([`admission::Admitter::may_admit`]; an id
     /// admitted by a push racing this one, or a row brought back from disk,
     /// is charged when it enters memory, so the budget never undercounts).
     fn make_room_for_push(&self, table: &Table, keys: &[u64]) -> Result<Reservation<'_>, PsError> {

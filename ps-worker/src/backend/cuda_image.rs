@@ -1,6 +1,6 @@
 //! The CUDA backend's image ops (`kernels/image.cu`): im2col and its
 //! adjoint, pooling, column concatenation and softmax cross-entropy. The
-//! [`Backend`](super::Backend) impl in `cuda.rs` calls these.
+//! [`Backend`] impl in `cuda.rs` calls these.
 
 use cudarc::driver::PushKernelArg;
 

@@ -1,6 +1,6 @@
 //! The CUDA backend's batch norm and binary losses (`kernels/norm_loss.cu`):
 //! batch norm forward and backward, BCE with logits and the sigmoid. The
-//! [`Backend`](super::Backend) impl in `cuda.rs` calls these.
+//! [`Backend`] impl in `cuda.rs` calls these.
 
 use cudarc::driver::PushKernelArg;
 

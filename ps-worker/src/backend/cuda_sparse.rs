@@ -1,7 +1,7 @@
 //! The CUDA backend's sparse ops (`kernels/sparse.cu`): pooled gathers of
 //! pulled rows and their scatter back (chunked per row, the chunks of hot
 //! rows reduced in a second pass), and the FM terms. The
-//! [`Backend`](super::Backend) impl in `cuda.rs` calls these.
+//! [`Backend`] impl in `cuda.rs` calls these.
 
 use cudarc::driver::PushKernelArg;
 

@@ -96,7 +96,7 @@ pub(crate) struct Segment {
     pub(super) row_len: usize,
     /// A full slab holds `1 << chunk_bits` rows.
     pub(super) chunk_bits: u32,
-    /// Rows the segment numbers with narrow index entries ([`NARROW_ROWS`];
+    /// Rows the segment numbers with narrow index entries ([`super::NARROW_ROWS`];
     /// tests lower it to reach the switch to wide ones).
     pub(super) narrow_rows: usize,
     /// Whether rows record their touches (tables with eviction).
