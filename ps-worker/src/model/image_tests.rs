@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use ps_common::config::JobConfig;
+
 use super::tests::{assert_agree, check_gradients};
 use super::*;
 use crate::backend::Backend;

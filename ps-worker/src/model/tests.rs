@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use ps_common::config::{Device, JobConfig};
+
 use super::*;
 use crate::backend::conformance::Rng;
 use crate::backend::cpu::CpuBackend;
