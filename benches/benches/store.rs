@@ -1,10 +1,12 @@
 //! Shard store throughput: optimizer apply (rows/s), pull (rows/s), the
-//! value codecs (MB/s) and delta key encoding (keys/s).
+//! value codecs (MB/s), delta key encoding (keys/s) and key routing
+//! (keys/s).
 //! Run: `cargo bench -p ps-benches --bench store`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ps_benches::{emb_table, zipf_keys};
 use ps_common::pb::ValueEncoding;
+use ps_common::routing::{Placement, ShardRouter, mix64};
 use ps_common::{OptimizerSpec, wire};
 use ps_server::Shard;
 
@@ -120,5 +122,34 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply, pull, codec);
+/// A request's keys routed to shards: one at a time, and eight at a time
+/// as the client's split and the shard's key check do.
+fn routing(c: &mut Criterion) {
+    // A ctr26 step's distinct keys (the client de-duplicates them): Zipf
+    // draws with their repeats, or a few thousand keys routed over and
+    // over, would let the branch predictor learn the keys' turns.
+    let keys: Vec<u64> = (0..50_000).map(|i| mix64(i) >> 40).collect();
+    let mut group = c.benchmark_group("routing");
+    group.throughput(Throughput::Elements(keys.len() as u64));
+    for shards in [2, 8, 64] {
+        let router = ShardRouter::new(shards);
+        group.bench_function(BenchmarkId::new("one_by_one", shards), |b| {
+            b.iter(|| {
+                keys.iter()
+                    .map(|&k| router.shard_of(Placement::Sparse, k))
+                    .collect::<Vec<u32>>()
+            })
+        });
+        group.bench_function(BenchmarkId::new("eight_at_a_time", shards), |b| {
+            b.iter(|| {
+                let mut out = Vec::new();
+                router.shards_of(Placement::Sparse, &keys, &mut out);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply, pull, codec, routing);
 criterion_main!(benches);

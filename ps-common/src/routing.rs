@@ -115,20 +115,153 @@ impl ShardRouter {
     /// The shard that owns `key` of a table with the given placement.
     #[inline]
     pub fn shard_of(&self, placement: Placement, key: u64) -> u32 {
-        let h = match placement {
+        jump_hash(placement.scramble(key), self.num_shards)
+    }
+
+    /// [`Self::shard_of`] of each of `keys`, appended to `out` in order:
+    /// the same shards, computed [`LANES`] keys at a time (about twice as
+    /// fast at 2 to 64 shards: `jump_hash_lanes` says why).
+    pub fn shards_of(&self, placement: Placement, keys: &[u64], out: &mut Vec<u32>) {
+        out.reserve(keys.len());
+        let mut blocks = keys.chunks_exact(LANES);
+        for block in &mut blocks {
+            let scrambled = std::array::from_fn(|l| placement.scramble(block[l]));
+            out.extend_from_slice(&jump_hash_lanes(scrambled, self.num_shards));
+        }
+        out.extend(
+            blocks
+                .remainder()
+                .iter()
+                .map(|&key| self.shard_of(placement, key)),
+        );
+    }
+
+    /// The first of `keys` that `shard` does not own, if any (a shard's
+    /// check of a request's keys), computed as [`Self::shards_of`] does.
+    pub fn first_foreign(&self, placement: Placement, keys: &[u64], shard: u32) -> Option<u64> {
+        let mut blocks = keys.chunks_exact(LANES);
+        for block in &mut blocks {
+            let scrambled = std::array::from_fn(|l| placement.scramble(block[l]));
+            let owners = jump_hash_lanes(scrambled, self.num_shards);
+            if let Some(l) = owners.iter().position(|&owner| owner != shard) {
+                return Some(block[l]);
+            }
+        }
+        blocks
+            .remainder()
+            .iter()
+            .copied()
+            .find(|&key| self.shard_of(placement, key) != shard)
+    }
+}
+
+impl Placement {
+    /// The 64 bits jump hash places for `key`.
+    #[inline]
+    fn scramble(self, key: u64) -> u64 {
+        match self {
             Placement::Sparse => mix64(key),
             Placement::Dense {
                 name_hash,
                 block_rows,
             } => mix64(name_hash ^ (key / block_rows)),
-        };
-        jump_hash(h, self.num_shards)
+        }
+    }
+}
+
+/// Keys [`jump_hash_lanes`] places together.
+const LANES: usize = 8;
+
+/// [`jump_hash`] of [`LANES`] keys at once, equal to it lane by lane.
+///
+/// A key's turns through jump hash's loop depend on the key (with 2
+/// buckets, one or two turns, each half the time), so key by key the loop's
+/// exit mispredicts about every other key and each turn waits on the one
+/// before's division. Here every lane takes the same turns, a lane's state
+/// changing only while its own loop would still run; the branch becomes a
+/// select and the lanes' divisions overlap. Each lane computes exactly the
+/// expressions `jump_hash` does, in the same order, so the buckets are the
+/// same bits; `routing::tests` compares them.
+#[inline]
+fn jump_hash_lanes(mut keys: [u64; LANES], buckets: u32) -> [u32; LANES] {
+    let buckets = i64::from(buckets);
+    let mut b = [-1i64; LANES];
+    let mut j = [0i64; LANES];
+    loop {
+        let mut running = false;
+        for l in 0..LANES {
+            let active = j[l] < buckets;
+            running |= active;
+            let key = keys[l]
+                .wrapping_mul(2_862_933_555_777_941_757)
+                .wrapping_add(1);
+            // A finished lane's `j` may be near i64::MAX: its `+ 1` wraps,
+            // and its result is thrown away.
+            let next = (j[l].wrapping_add(1) as f64
+                * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+            if active {
+                b[l] = j[l];
+                keys[l] = key;
+                j[l] = next;
+            }
+        }
+        if !running {
+            return b.map(|b| b as u32);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    fn placements() -> impl Strategy<Value = Placement> {
+        prop_oneof![
+            Just(Placement::Sparse),
+            (1u32..300).prop_map(|rows| Placement::dense("layer.w", rows)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn routing_many_keys_at_once_gives_each_key_its_own_shard(
+            shards in 1u32..70,
+            placement in placements(),
+            keys in prop::collection::vec(any::<u64>(), 0..100),
+        ) {
+            let router = ShardRouter::new(shards);
+            let mut many = vec![7];
+            router.shards_of(placement, &keys, &mut many);
+            let one_by_one: Vec<u32> = keys.iter().map(|&k| router.shard_of(placement, k)).collect();
+            prop_assert_eq!(many[0], 7, "what `out` held is kept");
+            prop_assert_eq!(&many[1..], &one_by_one[..]);
+        }
+
+        #[test]
+        fn the_first_foreign_key_is_the_first_another_shard_owns(
+            shards in 1u32..6,
+            shard in 0u32..6,
+            placement in placements(),
+            keys in prop::collection::vec(0u64..1000, 0..40),
+        ) {
+            let router = ShardRouter::new(shards);
+            let expected = keys.iter().copied().find(|&k| router.shard_of(placement, k) != shard);
+            prop_assert_eq!(router.first_foreign(placement, &keys, shard), expected);
+        }
+    }
+
+    #[test]
+    fn lanes_agree_with_jump_hash_on_a_million_keys() {
+        for buckets in [1, 2, 3, 5, 8, 64, 1000, u32::MAX] {
+            for block in 0..(1_000_000 / LANES as u64) {
+                let keys = std::array::from_fn(|l| mix64(block * LANES as u64 + l as u64));
+                let want = keys.map(|k| jump_hash(k, buckets));
+                assert_eq!(jump_hash_lanes(keys, buckets), want, "{buckets} buckets");
+            }
+        }
+    }
 
     fn loads(num_shards: u32, keys: u64) -> Vec<u64> {
         let router = ShardRouter::new(num_shards);

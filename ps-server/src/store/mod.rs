@@ -316,7 +316,11 @@ impl Shard {
                 table.spec.name
             )));
         }
-        if let Some(&bad) = keys.iter().find(|&&k| !self.owner.owns(table.placement, k)) {
+        if let Some(bad) =
+            self.owner
+                .router
+                .first_foreign(table.placement, keys, self.owner.shard_id)
+        {
             return Err(PsError::invalid(format!(
                 "key {bad} of table '{}' belongs to shard {}, not shard {} (client routing mismatch: check the order and count of --servers)",
                 table.spec.name,

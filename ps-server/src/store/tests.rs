@@ -294,6 +294,27 @@ fn an_update_that_would_make_a_row_non_finite_is_refused_whole() {
 }
 
 #[test]
+fn a_request_with_one_key_another_shard_owns_is_refused_whole_naming_it() {
+    let shard = Shard::new(0, 2);
+    shard
+        .create_table(spec("emb", TableKind::Sparse, 2))
+        .unwrap();
+    let router = ShardRouter::new(2);
+    let owned = |k: &u64| router.shard_of(Placement::Sparse, *k) == 0;
+    let mut keys: Vec<u64> = (0..100).filter(owned).take(19).collect();
+    let foreign = (0..100).find(|k| !owned(k)).unwrap();
+    // Eighth key of the second block of eight routed together.
+    keys.insert(15, foreign);
+    let err = shard.pull("emb", &keys, &mut vec![]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("key {foreign} of table 'emb' belongs to shard 1")),
+        "{err}"
+    );
+    assert_eq!(shard.table("emb").unwrap().len(), 0, "no row was created");
+}
+
+#[test]
 fn a_dense_table_holds_exactly_the_rows_this_shard_owns() {
     let kind = TableKind::Dense {
         rows: 100,

@@ -495,12 +495,23 @@ impl PsClient {
         keys: &[u64],
         sorted: bool,
     ) -> Vec<(usize, Vec<usize>, Vec<u64>)> {
-        let n = self.inner.shards.len();
-        let mut groups: Vec<(Vec<usize>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); n];
-        for (pos, &key) in keys.iter().enumerate() {
-            let shard = self.inner.router.shard_of(info.placement, key) as usize;
-            groups[shard].0.push(pos);
-            groups[shard].1.push(key);
+        // Owners first (routed eight keys at a time), then groups of exactly
+        // their size.
+        let mut owners = Vec::new();
+        self.inner
+            .router
+            .shards_of(info.placement, keys, &mut owners);
+        let mut sizes = vec![0usize; self.inner.shards.len()];
+        for &shard in &owners {
+            sizes[shard as usize] += 1;
+        }
+        let mut groups: Vec<(Vec<usize>, Vec<u64>)> = sizes
+            .iter()
+            .map(|&size| (Vec::with_capacity(size), Vec::with_capacity(size)))
+            .collect();
+        for (pos, (&key, &shard)) in keys.iter().zip(&owners).enumerate() {
+            groups[shard as usize].0.push(pos);
+            groups[shard as usize].1.push(key);
         }
         groups
             .into_iter()
