@@ -1,6 +1,7 @@
 //! Shard store throughput: optimizer apply (rows/s), pull (rows/s), the
 //! value codecs (MB/s), delta key encoding (keys/s) and key routing
-//! (keys/s).
+//! (keys/s); `large_table` pulls and pushes rows of a table past the CPU's
+//! caches (rows/s).
 //! Run: `cargo bench -p ps-benches --bench store`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -122,6 +123,55 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
+/// Pulls and SGD pushes of 25,000 distinct keys scattered over a shard of
+/// 1,000,000 rows (dim 16, 64 MB of floats: past the CPU's caches), as a
+/// ctr26 step sends each of two shards: the path that prefetches rows and
+/// index entries ahead. The benches above use a table that fits in cache.
+fn large_table(c: &mut Criterion) {
+    const ROWS: u64 = 1_000_000;
+    const KEYS: usize = 25_000;
+    let shard = shard_with(OptimizerSpec::sgd(0.05), 16);
+    let all: Vec<u64> = (0..ROWS).collect();
+    let mut out = Vec::new();
+    for block in all.chunks(100_000) {
+        out.clear();
+        shard.pull("emb", block, &mut out).expect("create rows");
+    }
+    // Sixteen requests in turn, so that one request's rows are not still
+    // cached from its last turn.
+    let requests: Vec<Vec<u64>> = (0..16u64)
+        .map(|r| {
+            let mut keys: Vec<u64> = (0..KEYS as u64 * 2)
+                .map(|i| mix64(r << 32 | i) % ROWS)
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.truncate(KEYS);
+            // Back to a scattered order.
+            keys.sort_unstable_by_key(|&k| mix64(k));
+            keys
+        })
+        .collect();
+    let grads = vec![0.01f32; KEYS * 16];
+    let mut group = c.benchmark_group("large_table");
+    group.throughput(Throughput::Elements(KEYS as u64));
+    let mut turn = 0;
+    group.bench_function(BenchmarkId::new("pull", 16), |b| {
+        b.iter(|| {
+            turn = (turn + 1) % requests.len();
+            out.clear();
+            shard.pull("emb", &requests[turn], &mut out).expect("pull");
+        })
+    });
+    group.bench_function(BenchmarkId::new("push_sgd", 16), |b| {
+        b.iter(|| {
+            turn = (turn + 1) % requests.len();
+            shard.push("emb", &requests[turn], &grads).expect("push");
+        })
+    });
+    group.finish();
+}
+
 /// A request's keys routed to shards: one at a time, and eight at a time
 /// as the client's split and the shard's key check do.
 fn routing(c: &mut Criterion) {
@@ -151,5 +201,5 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply, pull, codec, routing);
+criterion_group!(benches, apply, pull, large_table, codec, routing);
 criterion_main!(benches);
