@@ -130,7 +130,8 @@ fn codec(c: &mut Criterion) {
 fn large_table(c: &mut Criterion) {
     const ROWS: u64 = 1_000_000;
     const KEYS: usize = 25_000;
-    let shard = shard_with(OptimizerSpec::sgd(0.05), 16);
+    const DIM: u32 = 16;
+    let shard = shard_with(OptimizerSpec::sgd(0.05), DIM);
     let all: Vec<u64> = (0..ROWS).collect();
     let mut out = Vec::new();
     for block in all.chunks(100_000) {
@@ -152,18 +153,18 @@ fn large_table(c: &mut Criterion) {
             keys
         })
         .collect();
-    let grads = vec![0.01f32; KEYS * 16];
+    let grads = vec![0.01f32; KEYS * DIM as usize];
     let mut group = c.benchmark_group("large_table");
     group.throughput(Throughput::Elements(KEYS as u64));
     let mut turn = 0;
-    group.bench_function(BenchmarkId::new("pull", 16), |b| {
+    group.bench_function(BenchmarkId::new("pull", DIM), |b| {
         b.iter(|| {
             turn = (turn + 1) % requests.len();
             out.clear();
             shard.pull("emb", &requests[turn], &mut out).expect("pull");
         })
     });
-    group.bench_function(BenchmarkId::new("push_sgd", 16), |b| {
+    group.bench_function(BenchmarkId::new("push_sgd", DIM), |b| {
         b.iter(|| {
             turn = (turn + 1) % requests.len();
             shard.push("emb", &requests[turn], &grads).expect("push");

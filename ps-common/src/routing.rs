@@ -125,8 +125,7 @@ impl ShardRouter {
         out.reserve(keys.len());
         let mut blocks = keys.chunks_exact(LANES);
         for block in &mut blocks {
-            let scrambled = std::array::from_fn(|l| placement.scramble(block[l]));
-            out.extend_from_slice(&jump_hash_lanes(scrambled, self.num_shards));
+            out.extend_from_slice(&self.block_owners(placement, block));
         }
         out.extend(
             blocks
@@ -141,8 +140,7 @@ impl ShardRouter {
     pub fn first_foreign(&self, placement: Placement, keys: &[u64], shard: u32) -> Option<u64> {
         let mut blocks = keys.chunks_exact(LANES);
         for block in &mut blocks {
-            let scrambled = std::array::from_fn(|l| placement.scramble(block[l]));
-            let owners = jump_hash_lanes(scrambled, self.num_shards);
+            let owners = self.block_owners(placement, block);
             if let Some(l) = owners.iter().position(|&owner| owner != shard) {
                 return Some(block[l]);
             }
@@ -152,6 +150,13 @@ impl ShardRouter {
             .iter()
             .copied()
             .find(|&key| self.shard_of(placement, key) != shard)
+    }
+
+    /// The shards of one full block of [`LANES`] keys, routed together.
+    #[inline]
+    fn block_owners(&self, placement: Placement, block: &[u64]) -> [u32; LANES] {
+        let scrambled = std::array::from_fn(|l| placement.scramble(block[l]));
+        jump_hash_lanes(scrambled, self.num_shards)
     }
 }
 
