@@ -13,6 +13,7 @@
 //! - [`lifecycle`]: a sparse table's admission and eviction policies.
 //! - [`init`]: the deterministic row initializer, seeded by (table seed, key).
 //! - [`names`]: the rules for table and checkpoint names, and how a refused one is quoted.
+//! - [`prefetch`]: cache hints for batch code that touches memory at random places.
 //! - [`routing`]: the one function that maps a key to its shard.
 //! - [`wire`]: the little-endian `f32` codec for row values on the wire.
 //! - [`config`]: the job file (TOML) that drives every way of running a job.
@@ -35,6 +36,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod memory;
 pub mod names;
+pub mod prefetch;
 pub mod prometheus;
 pub mod routing;
 pub mod shutdown;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ps_common::{OptimizerSpec, PsError};
+use ps_common::{OptimizerSpec, PsError, prefetch};
 
 use super::finite::{
     Magnitudes, Proof, Undo, fingerprint_of_fresh, finite_and_fingerprint, provably_finite,
@@ -155,9 +155,14 @@ impl Shard {
         let dim = table.spec.dim as usize;
         let spec = table.spec.optimizer.with_lr_scale(push.lr_scale);
         let grads = push.grads;
-        let added = table.update_many(push.keys, |i, row| {
-            optimizer::apply(&spec, row, &grads[i * dim..(i + 1) * dim])
-        })?;
+        let grad = |i: usize| &grads[i * dim..(i + 1) * dim];
+        // Rows are visited segment by segment, so the gradients are read out
+        // of order: prefetched with their rows.
+        let added = table.update_many(
+            push.keys,
+            |i| prefetch::floats(grad(i)),
+            |i, row| optimizer::apply(&spec, row, grad(i)),
+        )?;
         room.keep(added as u64 * table.sparse_row_bytes());
         table.raise_bounds(proof.weight as f32, proof.state as f32);
         Ok(push.keys.len())

@@ -32,7 +32,10 @@
 //! prefetch: the index entry of the key [`AHEAD`] x 2 places on, the key and
 //! every cache line of the floats of the key [`AHEAD`] places on, so the
 //! misses of several keys overlap (ctr26 over gRPC: about +20%). Smaller
-//! tables stay cached and skip it.
+//! tables stay cached and skip it. A batch write visits rows segment by
+//! segment, not in request order, so it also lets its caller prefetch the
+//! input of the key [`AHEAD`] places on (a push's gradient), which would
+//! otherwise be read at random.
 //!
 //! With a disk tier ([`super::disk`]) a table's cold rows can move to disk
 //! ([`SparseRows::spill`]) and come back when touched. Both moves happen
@@ -281,6 +284,7 @@ impl SparseRows {
         hashes: &[u64],
         loaded: Loaded,
         fresh: &impl Fn(u64, &mut [f32]),
+        ahead: &impl Fn(usize),
         f: &mut impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
         let mut created = 0;
@@ -296,6 +300,7 @@ impl SparseRows {
                 }
                 if let Some(&j) = run.get(n + AHEAD) {
                     segment.prefetch_row(hashes[j]);
+                    ahead(j);
                 }
             }
             let key = keys[i];
@@ -395,6 +400,7 @@ impl SparseRows {
                     &hashes,
                     loaded,
                     &fresh,
+                    &|_| {},
                     &mut hand_over,
                 )?;
             } else if load {
@@ -439,10 +445,16 @@ impl SparseRows {
     /// `fresh(key, floats)`: segment by segment, each under one write
     /// lock, and within a segment in request order (so repeats of a key
     /// apply in order). Returns the number of rows created or brought back.
+    ///
+    /// On a table past [`PREFETCH_ROWS`] rows, `ahead(i)` is called a few
+    /// keys before `f(i, ..)`, when the row of `keys[i]` is prefetched: the
+    /// caller prefetches what `f` will read for `i` (a push's gradient,
+    /// which segment order visits out of request order).
     pub(crate) fn update_many(
         &self,
         keys: &[u64],
         fresh: impl Fn(u64, &mut [f32]),
+        ahead: impl Fn(usize),
         mut f: impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
         let batch = Batch::of(keys);
@@ -450,7 +462,16 @@ impl SparseRows {
         let mut added = loaded.rows;
         for (lock, run) in batch.runs(&self.segments) {
             let segment = &mut write(lock);
-            added += self.write_run(segment, run, keys, &batch.hashes, loaded, &fresh, &mut f)?;
+            added += self.write_run(
+                segment,
+                run,
+                keys,
+                &batch.hashes,
+                loaded,
+                &fresh,
+                &ahead,
+                &mut f,
+            )?;
         }
         Ok(added)
     }

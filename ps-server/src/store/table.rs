@@ -356,10 +356,13 @@ impl Table {
     pub(crate) fn update_many(
         &self,
         keys: &[u64],
+        ahead: impl Fn(usize),
         mut f: impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
         match &self.rows {
-            Rows::Sparse(rows) => rows.update_many(keys, |k, row| self.fill_fresh_row(k, row), f),
+            Rows::Sparse(rows) => {
+                rows.update_many(keys, |k, row| self.fill_fresh_row(k, row), ahead, f)
+            }
             Rows::Dense(_) => {
                 for (i, &key) in keys.iter().enumerate() {
                     self.update(key, |row| f(i, row))?;

@@ -4,6 +4,7 @@
 //! beside the rows and are read through a `key_of` function. Deletion
 //! shifts the rest of the probe run back, so there are no tombstones.
 
+use ps_common::prefetch;
 use ps_common::routing::mix64;
 
 /// One index entry: a tag (high bits of the hash) and a row number.
@@ -61,25 +62,6 @@ impl Entry for u64 {
     }
 }
 
-/// Hints the CPU to bring the cache line holding `value` into its caches
-/// (a no-op off x86_64). It changes no result: a batch lookup issues it a
-/// few keys ahead, so the random reads of a large table overlap.
-#[inline(always)]
-pub(super) fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    #[allow(unsafe_code)]
-    // SAFETY: `_mm_prefetch` is a hint: it reads nothing architecturally and
-    // cannot fault, and `value` is a valid reference besides; SSE, which it
-    // needs, is part of every x86_64 CPU.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-            (value as *const T).cast(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
-}
-
 /// Where a key's probe starts in an index of `len` entries (a multiply
 /// maps the hash's low 32 bits onto any length, not only powers of two).
 #[inline]
@@ -105,7 +87,7 @@ impl<E: Entry> Index<E> {
     #[inline]
     pub(super) fn prefetch_home(&self, hash: u64) {
         if let Some(e) = self.entries.get(home(hash, self.entries.len())) {
-            prefetch(e);
+            prefetch::line(e);
         }
     }
 

@@ -4,9 +4,10 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use ps_common::prefetch;
 use ps_common::routing::mix64;
 
-use super::index::{Entries, Entry, Index, prefetch};
+use super::index::{Entries, Entry, Index};
 use super::{META, chunk_rows};
 
 /// Up to a full slab's rows of a segment: their keys, their floats back to
@@ -226,15 +227,8 @@ impl Segment {
                 && let Some(key) = c.keys.get(at)
                 && let Some(floats) = c.rows.get(at * self.row_len..(at + 1) * self.row_len)
             {
-                prefetch(key);
-                // Every cache line of the row (16 floats each), and its end,
-                // which may start a line of its own.
-                for line in floats.iter().step_by(16) {
-                    prefetch(line);
-                }
-                if let Some(last) = floats.last() {
-                    prefetch(last);
-                }
+                prefetch::line(key);
+                prefetch::floats(floats);
             }
         }
     }

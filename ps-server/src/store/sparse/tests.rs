@@ -120,7 +120,7 @@ proptest! {
                 }
                 Op::Push(keys, delta) => {
                     let want_added = added(&keys, &model, &on_disk);
-                    let created = rows.update_many(&keys, fill, |_, r| r.iter_mut().for_each(|v| *v += delta)).unwrap();
+                    let created = rows.update_many(&keys, fill, |_| {}, |_, r| r.iter_mut().for_each(|v| *v += delta)).unwrap();
                     prop_assert_eq!(created, want_added);
                     keys.iter().for_each(|k| { on_disk.remove(k); });
                     for key in &keys {
@@ -345,7 +345,7 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
     let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
     let rows = SparseRows::with_narrow_rows(2, narrow_rows, false);
     let keys: Vec<u64> = (0..n).collect();
-    rows.update_many(&keys, fill, |_, _| {}).unwrap();
+    rows.update_many(&keys, fill, |_| {}, |_, _| {}).unwrap();
     assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
     // Mostly held keys, some missing (>= n), some repeated.
     let probe: Vec<u64> = (0..20_000u64)
@@ -363,7 +363,7 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
             "key {key}"
         );
     }
-    rows.update_many(&probe, fill, |_, row| row[1] += 1.0)
+    rows.update_many(&probe, fill, |_| {}, |_, row| row[1] += 1.0)
         .unwrap();
     let mut counts = HashMap::new();
     for &key in &probe {
