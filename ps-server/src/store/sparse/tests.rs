@@ -1,6 +1,7 @@
 //! The sparse row store against a `HashMap` model (with and without a
 //! disk tier), its memory bound, and its switch to wide index entries.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
@@ -363,8 +364,35 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
             "key {key}"
         );
     }
-    rows.update_many(&probe, fill, |_| {}, |_, row| row[1] += 1.0)
-        .unwrap();
+    // The caller's hint for position i (a push prefetches its gradient)
+    // comes once, before i is written; only the first few positions of
+    // each segment's run come unannounced.
+    let hinted = RefCell::new(vec![false; probe.len()]);
+    let written = RefCell::new(vec![false; probe.len()]);
+    let mut unannounced = 0;
+    rows.update_many(
+        &probe,
+        fill,
+        |i| {
+            assert!(!written.borrow()[i], "position {i} hinted after its write");
+            assert!(!hinted.borrow()[i], "position {i} hinted twice");
+            hinted.borrow_mut()[i] = true;
+        },
+        |i, row| {
+            row[1] += 1.0;
+            written.borrow_mut()[i] = true;
+            unannounced += usize::from(!hinted.borrow()[i]);
+        },
+    )
+    .unwrap();
+    assert!(
+        written.borrow().iter().all(|&w| w),
+        "every position written"
+    );
+    assert!(
+        unannounced <= SEGMENTS * AHEAD,
+        "{unannounced} positions written without a hint"
+    );
     let mut counts = HashMap::new();
     for &key in &probe {
         *counts.entry(key).or_insert(0.0f32) += 1.0;
