@@ -352,7 +352,10 @@ impl Table {
     /// Calls `f(i, row)` for writing with the row of every `keys[i]`,
     /// bringing sparse rows back from disk or creating missing ones first;
     /// repeats of a key are applied in request order. Returns the rows
-    /// created or brought back.
+    /// created or brought back. `ahead(i)` comes a few keys before
+    /// `f(i, ..)` on a large sparse table, for the caller to prefetch what
+    /// `f` reads (see [`SparseRows::update_many`]); dense rows are written
+    /// in request order and get no hints.
     pub(crate) fn update_many(
         &self,
         keys: &[u64],
