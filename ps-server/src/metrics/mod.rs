@@ -193,7 +193,7 @@ impl Collector for ShardMetrics {
         }
         let tables = shard.table_stats();
         type Of = fn(&TableStats) -> u64;
-        let families: [(&str, &str, MetricType, Of); 7] = [
+        let families: [(&str, &str, MetricType, Of); 8] = [
             (
                 "ps_table_rows",
                 "Rows held by this shard, in memory and on its disk tier",
@@ -235,6 +235,12 @@ impl Collector for ShardMetrics {
                 "Rows evicted (TTL, row cap or memory budget)",
                 MetricType::Counter,
                 |t| t.evicted_rows,
+            ),
+            (
+                "ps_table_push_rows_hinted",
+                "Pushed rows found where their pull found them, without an index lookup",
+                MetricType::Counter,
+                |t| t.hinted_rows,
             ),
         ];
         for (name, help, kind, of) in families {
@@ -348,6 +354,10 @@ mod tests {
         );
         assert!(
             out.contains("ps_table_admitted_rows_total{table=\"emb\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ps_table_push_rows_hinted_total{table=\"emb\"} 0"),
             "{out}"
         );
         assert!(out.contains("ps_memory_budget_bytes 1073741824"), "{out}");

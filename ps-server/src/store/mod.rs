@@ -79,6 +79,9 @@ pub struct TableStats {
     pub evicted_rows: u64,
     /// Rows on the disk tier.
     pub rows_on_disk: u64,
+    /// Pushed rows found through the rows their pull found, without an
+    /// index lookup.
+    pub hinted_rows: u64,
 }
 
 /// Checks that `values` values of `what` fit `keys` rows of `table`.
@@ -467,6 +470,7 @@ impl Shard {
                     .map_or(0, |a| a.filtered.load(Ordering::Relaxed)),
                 evicted_rows: t.evicted_rows(),
                 rows_on_disk: t.rows_on_disk(),
+                hinted_rows: t.hinted_rows(),
             })
             .collect();
         stats.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));

@@ -37,6 +37,12 @@
 //! input of the key [`AHEAD`] places on (a push's gradient), which would
 //! otherwise be read at random.
 //!
+//! A worker pushes the keys it pulled a step before, in the same order: a
+//! large pull leaves the row numbers it found, and the push of the same
+//! key list goes straight to them, skipping the index ([`hints`]). A
+//! hinted row is written only if it still holds the key, checked under
+//! the segment's write lock, so a row that moved in between is looked up.
+//!
 //! With a disk tier ([`super::disk`]) a table's cold rows can move to disk
 //! ([`SparseRows::spill`]) and come back when touched. Both moves happen
 //! under the row's segment write lock, and every lookup that misses in
@@ -54,12 +60,14 @@ use super::disk::{ColdRows, DiskError};
 pub(crate) use tiers::Dropped;
 use tiers::Loaded;
 
+mod hints;
 mod index;
 mod segment;
 mod tiers;
 mod touches;
 mod walk;
 
+use hints::{MIN_KEYS, NO_ROW, PulledRows};
 use index::Entry;
 use segment::Segment;
 
@@ -134,6 +142,10 @@ pub(crate) struct SparseRows {
     /// before its lock is released): a request that brought its rows back
     /// skips looking again under a segment's lock if no move came since.
     moves_out: AtomicU64,
+    /// The rows recent large pulls found, for the pushes of the same keys.
+    pulled: PulledRows,
+    /// Rows that pushes found through those hints, without an index lookup.
+    hinted: AtomicU64,
 }
 
 /// How a write found its row.
@@ -168,6 +180,8 @@ impl SparseRows {
             now: AtomicU32::new(0),
             cold: None,
             moves_out: AtomicU64::new(0),
+            pulled: PulledRows::default(),
+            hinted: AtomicU64::new(0),
         }
     }
 
@@ -190,6 +204,12 @@ impl SparseRows {
     /// Rows held.
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// Rows that pushes found through the row numbers of the pull before
+    /// them (see [`hints`]), so far.
+    pub(crate) fn hinted_rows(&self) -> u64 {
+        self.hinted.load(Ordering::Relaxed)
     }
 
     #[inline]
@@ -234,26 +254,30 @@ impl SparseRows {
         let hash = mix64(key);
         let mut segment = write(self.segment(hash));
         if self.load_into(&mut segment, std::iter::once((key, hash)))? == 1 {
-            self.write_locked(&mut segment, key, hash, |_| (), f);
+            self.write_locked(&mut segment, key, hash, None, |_| (), f);
             return Ok(Added::Loaded);
         }
-        Ok(match self.write_locked(&mut segment, key, hash, fresh, f) {
-            true => Added::Created,
-            false => Added::Found,
-        })
+        Ok(
+            match self.write_locked(&mut segment, key, hash, None, fresh, f) {
+                true => Added::Created,
+                false => Added::Found,
+            },
+        )
     }
 
-    /// [`SparseRows::update`] in a segment already locked for writing.
+    /// [`SparseRows::update`] in a segment already locked for writing;
+    /// `known` is the key's row if the caller knows it (checked).
     #[inline]
     fn write_locked(
         &self,
         segment: &mut Segment,
         key: u64,
         hash: u64,
+        known: Option<usize>,
         fresh: impl FnOnce(&mut [f32]),
         f: impl FnOnce(&mut [f32]),
     ) -> bool {
-        let (row, created) = match segment.find(key, hash) {
+        let (row, created) = match known.or_else(|| segment.find(key, hash)) {
             Some(row) => (row, false),
             None => {
                 let row = segment.insert(key, hash);
@@ -270,48 +294,58 @@ impl SparseRows {
         created
     }
 
-    /// Updates the rows of `keys[i]` for every `i` of `run`, all in
-    /// `segment` (`hashes[i]` is the hash of `keys[i]`), as
-    /// [`SparseRows::update_many`] does, first bringing back those on
-    /// disk (unless `loaded` did and no row moved to disk since). Returns
-    /// the number of rows created or brought back.
-    #[allow(clippy::too_many_arguments)]
+    /// Updates the rows of `request.keys[i]` for every `i` of `run`, all
+    /// in `segment`, as [`SparseRows::update_many`] does, first bringing
+    /// back those on disk (unless `request.loaded` did and no row moved to
+    /// disk since). Returns the number of rows created or brought back.
     fn write_run(
         &self,
         segment: &mut Segment,
         run: &[usize],
-        keys: &[u64],
-        hashes: &[u64],
-        loaded: Loaded,
+        request: &Written<'_>,
         fresh: &impl Fn(u64, &mut [f32]),
         ahead: &impl Fn(usize),
         f: &mut impl FnMut(usize, &mut [f32]),
     ) -> Result<usize, DiskError> {
+        let (keys, hashes) = (request.keys, request.hashes);
         let mut created = 0;
-        if self.moves_out.load(Ordering::Relaxed) != loaded.moves_out {
+        if self.moves_out.load(Ordering::Relaxed) != request.loaded.moves_out {
             created += self.load_into(segment, run.iter().map(|&i| (keys[i], hashes[i])))?;
         }
         let prefetching = segment.len >= PREFETCH_ROWS;
+        let mut hinted = 0;
         for (n, &i) in run.iter().enumerate() {
             if prefetching {
-                // As in `read_many`: entries 2 x AHEAD keys on, rows AHEAD on.
-                if let Some(&j) = run.get(n + 2 * AHEAD) {
+                // As in `read_many`: entries 2 x AHEAD keys on, rows AHEAD
+                // on; a hinted row needs no entry.
+                if let Some(&j) = run.get(n + 2 * AHEAD)
+                    && request.hint(j).is_none()
+                {
                     segment.prefetch_entry(hashes[j]);
                 }
                 if let Some(&j) = run.get(n + AHEAD) {
-                    segment.prefetch_row(hashes[j]);
+                    match request.hint(j) {
+                        Some(row) => segment.prefetch_row_at(row),
+                        None => segment.prefetch_row(hashes[j]),
+                    }
                     ahead(j);
                 }
             }
             let key = keys[i];
+            let known = request.hint(i).filter(|&row| segment.holds(row, key));
+            hinted += u64::from(known.is_some());
             let made = self.write_locked(
                 segment,
                 key,
                 hashes[i],
+                known,
                 |row| fresh(key, row),
                 |row| f(i, row),
             );
             created += usize::from(made);
+        }
+        if hinted > 0 {
+            self.hinted.fetch_add(hinted, Ordering::Relaxed);
         }
         Ok(created)
     }
@@ -337,10 +371,16 @@ impl SparseRows {
         let now = self.now();
         let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
         let mut missing = Vec::new();
+        // The rows found, for the push of these keys (a training pull of
+        // a large table: one that creates rows).
+        let mut found = Vec::new();
         {
             let guards = self.lock_touched(hashes.iter().copied(), read);
             // Small tables stay in the CPU's caches: no hints for them.
             let prefetching = guards.iter().flatten().any(|s| s.len >= PREFETCH_ROWS);
+            if create && prefetching && keys.len() >= MIN_KEYS {
+                found = vec![NO_ROW; keys.len()];
+            }
             let ahead = |i: usize, step: fn(&Segment, u64)| {
                 if let Some(&hash) = hashes.get(i)
                     && let Some(segment) = &guards[(hash >> SEGMENT_SHIFT) as usize]
@@ -361,10 +401,16 @@ impl SparseRows {
                     Some(row) => {
                         f(i, segment.row(row));
                         segment.touch(row, now);
+                        if let Some(slot) = found.get_mut(i) {
+                            *slot = u32::try_from(row).unwrap_or(NO_ROW);
+                        }
                     }
                     None => missing.push(i),
                 }
             }
+        }
+        if !found.is_empty() {
+            self.pulled.keep(&hashes, found);
         }
         let mut row = Vec::new();
         let mut fresh_row = |i: usize, f: &mut dyn FnMut(usize, &[f32])| {
@@ -393,16 +439,14 @@ impl SparseRows {
             if create {
                 let mut segment = write(lock);
                 let mut hand_over = |i: usize, row: &mut [f32]| f(i, row);
-                added += self.write_run(
-                    &mut segment,
-                    run,
+                let request = Written {
                     keys,
-                    &hashes,
+                    hashes: &hashes,
+                    hints: None,
                     loaded,
-                    &fresh,
-                    &|_| {},
-                    &mut hand_over,
-                )?;
+                };
+                added +=
+                    self.write_run(&mut segment, run, &request, &fresh, &|_| {}, &mut hand_over)?;
             } else if load {
                 let mut segment = write(lock);
                 if self.moves_out.load(Ordering::Relaxed) != loaded.moves_out {
@@ -450,6 +494,9 @@ impl SparseRows {
     /// keys before `f(i, ..)`, when the row of `keys[i]` is prefetched: the
     /// caller prefetches what `f` will read for `i` (a push's gradient,
     /// which segment order visits out of request order).
+    ///
+    /// If a recent pull had the same key list, its rows are tried first
+    /// (each checked to hold its key), before the index (see [`hints`]).
     pub(crate) fn update_many(
         &self,
         keys: &[u64],
@@ -459,19 +506,19 @@ impl SparseRows {
     ) -> Result<usize, DiskError> {
         let batch = Batch::of(keys);
         let loaded = self.load_batch(keys, &batch.hashes, 0..keys.len())?;
+        let hints = (keys.len() >= MIN_KEYS)
+            .then(|| self.pulled.take(&batch.hashes))
+            .flatten();
+        let request = Written {
+            keys,
+            hashes: &batch.hashes,
+            hints: hints.as_deref(),
+            loaded,
+        };
         let mut added = loaded.rows;
         for (lock, run) in batch.runs(&self.segments) {
             let segment = &mut write(lock);
-            added += self.write_run(
-                segment,
-                run,
-                keys,
-                &batch.hashes,
-                loaded,
-                &fresh,
-                &ahead,
-                &mut f,
-            )?;
+            added += self.write_run(segment, run, &request, &fresh, &ahead, &mut f)?;
         }
         Ok(added)
     }
@@ -505,6 +552,25 @@ impl SparseRows {
                 (slabs + segment.index.bytes()) as u64
             })
             .sum()
+    }
+}
+
+/// The keys a batch write updates, their hashes, for each the row a pull
+/// found it in if one did (a hint, to be checked), and what was already
+/// brought back from disk for them.
+struct Written<'a> {
+    keys: &'a [u64],
+    hashes: &'a [u64],
+    hints: Option<&'a [u32]>,
+    loaded: Loaded,
+}
+
+impl Written<'_> {
+    /// The hinted row of `keys[i]`, if any.
+    #[inline]
+    fn hint(&self, i: usize) -> Option<usize> {
+        let row = *self.hints?.get(i)?;
+        (row != NO_ROW).then_some(row as usize)
     }
 }
 

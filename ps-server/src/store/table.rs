@@ -232,6 +232,12 @@ impl Table {
         self.sparse().map_or(0, SparseRows::on_disk)
     }
 
+    /// Pushed rows found through the rows their pull found (no index
+    /// lookup), so far.
+    pub fn hinted_rows(&self) -> u64 {
+        self.sparse().map_or(0, SparseRows::hinted_rows)
+    }
+
     /// Whether the table's cold rows move to disk when evicted.
     pub fn has_disk(&self) -> bool {
         self.sparse().is_some_and(SparseRows::has_disk)

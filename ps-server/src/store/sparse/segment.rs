@@ -222,15 +222,28 @@ impl Segment {
             Entries::Wide(ix) => ix.likely_row(hash),
         };
         if let Some(row) = row {
-            let (chunk, at) = self.locate(row);
-            if let Some(c) = self.chunks.get(chunk)
-                && let Some(key) = c.keys.get(at)
-                && let Some(floats) = c.rows.get(at * self.row_len..(at + 1) * self.row_len)
-            {
-                prefetch::line(key);
-                prefetch::floats(floats);
-            }
+            self.prefetch_row_at(row);
         }
+    }
+
+    /// Loads the key and the floats of row number `row`, if there is one.
+    #[inline]
+    pub(super) fn prefetch_row_at(&self, row: usize) {
+        let (chunk, at) = self.locate(row);
+        if let Some(c) = self.chunks.get(chunk)
+            && let Some(key) = c.keys.get(at)
+            && let Some(floats) = c.rows.get(at * self.row_len..(at + 1) * self.row_len)
+        {
+            prefetch::line(key);
+            prefetch::floats(floats);
+        }
+    }
+
+    /// Whether row number `row` is one of the segment's rows and holds
+    /// `key` (so it is `key`'s row: a key has at most one).
+    #[inline]
+    pub(super) fn holds(&self, row: usize, key: u64) -> bool {
+        row < self.len && self.key(row) == key
     }
 
     /// The number of the row of `key`, if present.

@@ -403,3 +403,137 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
         assert_eq!(rows.read(key, <[f32]>::to_vec), Some(want), "key {key}");
     }
 }
+
+/// A table past the prefetch size (where pulls leave hints), its rows
+/// `0..n` created by a write, so no pull has left any hint yet.
+fn large_table() -> (SparseRows, u64) {
+    let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
+    let rows = SparseRows::with_narrow_rows(2, NARROW_ROWS, false);
+    let keys: Vec<u64> = (0..n).collect();
+    rows.update_many(&keys, fill, |_| {}, |_, _| {}).unwrap();
+    assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
+    assert_eq!(rows.pulled.held(), (0, 0), "a write leaves no hints");
+    (rows, n)
+}
+
+/// Pulls `keys` (creating missing rows), then pushes them, adding 1 to the
+/// second float of a row per occurrence of its key; returns the rows the
+/// push found through hints.
+fn pull_then_push(rows: &SparseRows, pulled: &[u64], pushed: &[u64]) -> u64 {
+    rows.read_many(pulled, true, true, fill, |_, _| {}).unwrap();
+    let before = rows.hinted_rows();
+    rows.update_many(pushed, fill, |_| {}, |_, row| row[1] += 1.0)
+        .unwrap();
+    rows.hinted_rows() - before
+}
+
+/// Every key's row is its fresh row plus one on the second float per
+/// occurrence of the key in `pushed`.
+fn assert_pushed_once_per_occurrence(rows: &SparseRows, pushed: &[u64]) {
+    let mut counts = HashMap::new();
+    for &key in pushed {
+        *counts.entry(key).or_insert(0.0f32) += 1.0;
+    }
+    for (&key, &times) in &counts {
+        let mut want = expected(key, 2);
+        want[1] += times;
+        assert_eq!(rows.read(key, <[f32]>::to_vec), Some(want), "key {key}");
+    }
+}
+
+#[test]
+fn a_push_of_the_keys_a_pull_found_writes_the_rows_it_found() {
+    let (rows, n) = large_table();
+    // Mostly held keys, some missing (created by the pull), some repeated.
+    let keys: Vec<u64> = (0..20_000u64)
+        .map(|i| mix64(i ^ 0x77) % (n + n / 4))
+        .collect();
+    let found_by_pull = keys.iter().filter(|&&k| k < n).count() as u64;
+    assert!(found_by_pull < keys.len() as u64, "some keys are new");
+    let hinted = pull_then_push(&rows, &keys, &keys);
+    assert_eq!(hinted, found_by_pull, "every row the pull found");
+    assert_pushed_once_per_occurrence(&rows, &keys);
+    assert_eq!(rows.pulled.held(), (0, 0), "the push took its hints");
+}
+
+#[test]
+fn a_push_of_other_keys_takes_no_hint() {
+    let (rows, _) = large_table();
+    let keys: Vec<u64> = (0..5_000u64).map(|i| i * 31).collect();
+    let mut reversed = keys.clone();
+    reversed.reverse();
+    assert_eq!(pull_then_push(&rows, &keys, &reversed), 0);
+    assert_eq!(rows.pulled.held(), (1, keys.len()), "the pull's hints stay");
+    assert_eq!(pull_then_push(&rows, &keys[..300], &keys[..300]), 300);
+    assert_pushed_once_per_occurrence(&rows, &[reversed.as_slice(), &keys[..300]].concat());
+}
+
+#[test]
+fn a_hint_to_a_row_that_moved_is_checked_and_the_key_looked_up() {
+    let (rows, n) = large_table();
+    let keys: Vec<u64> = (0..20_000u64).map(|i| mix64(i ^ 0x99) % n).collect();
+    rows.read_many(&keys, true, true, fill, |_, _| {}).unwrap();
+    // Removing rows moves each segment's last rows into the holes: some
+    // hinted rows now hold other keys, some are past the segment's end.
+    let removed: HashSet<u64> = keys.iter().copied().filter(|k| k % 3 == 0).collect();
+    for k in (0..n).filter(|k| k % 3 == 0) {
+        assert!(rows.remove_if(k, |_| true));
+    }
+    let before = rows.hinted_rows();
+    rows.update_many(&keys, fill, |_| {}, |_, row| row[1] += 1.0)
+        .unwrap();
+    let hinted = rows.hinted_rows() - before;
+    assert!(hinted > 0, "rows that did not move are still hinted");
+    let kept = keys.iter().filter(|k| !removed.contains(k)).count() as u64;
+    assert!(
+        hinted < kept,
+        "{hinted} of {kept} kept rows hinted: some moved"
+    );
+    // Removed keys came back fresh; every row is its own key's.
+    assert_pushed_once_per_occurrence(&rows, &keys);
+    assert_eq!(rows.len() as u64, n - n.div_ceil(3) + removed.len() as u64);
+}
+
+/// Pulls and pushes of one key list from two threads while a third removes
+/// and re-creates other rows of the same segments, moving the pushed rows
+/// about: a push never writes through a stale hint, so every pushed row
+/// ends with exactly the pushes made to it.
+#[test]
+fn hints_stay_right_while_rows_move_under_concurrent_removals() {
+    const ROUNDS: usize = 20;
+    const PUSHERS: usize = 2;
+    let (rows, n) = large_table();
+    let pushed: Vec<u64> = (0..n).filter(|k| k % 40 == 1).collect();
+    let churned: Vec<u64> = (0..n).filter(|k| k % 40 == 2).collect();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..PUSHERS {
+            let (rows, pushed, done) = (&rows, &pushed, &done);
+            scope.spawn(move || {
+                for _ in 0..ROUNDS {
+                    for chunk in pushed.chunks(4096) {
+                        pull_then_push(rows, chunk, chunk);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let (rows, churned, done) = (&rows, &churned, &done);
+        scope.spawn(move || {
+            while done.load(Ordering::SeqCst) < PUSHERS {
+                for &k in churned {
+                    rows.remove_if(k, |_| true);
+                }
+                for &k in churned {
+                    rows.update(k, |row| fill(k, row), |_| {}).unwrap();
+                }
+            }
+        });
+    });
+    assert!(rows.hinted_rows() > 0, "pushes went through hints");
+    for &key in &pushed {
+        let mut want = expected(key, 2);
+        want[1] += (PUSHERS * ROUNDS) as f32;
+        assert_eq!(rows.read(key, <[f32]>::to_vec), Some(want), "key {key}");
+    }
+}
