@@ -1,7 +1,8 @@
 //! Shard store throughput: optimizer apply (rows/s), pull (rows/s), the
 //! value codecs (MB/s), delta key encoding (keys/s) and key routing
 //! (keys/s); `large_table` pulls and pushes rows of a table past the CPU's
-//! caches (rows/s).
+//! caches (rows/s), apart and as a worker's step (a pull, then the push of
+//! its keys).
 //! Run: `cargo bench -p ps-benches --bench store`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -169,6 +170,17 @@ fn large_table(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("push_sgd", DIM), |b| {
         b.iter(|| {
             turn = (turn + 1) % requests.len();
+            shard.push("emb", &requests[turn], &grads).expect("push");
+        })
+    });
+    // A worker's step: the push of the keys just pulled goes to the rows
+    // the pull found (against `pull` + `push_sgd`, whose pushes mostly
+    // find no pull before them and look every key up).
+    group.bench_function(BenchmarkId::new("pull_then_push_sgd", DIM), |b| {
+        b.iter(|| {
+            turn = (turn + 1) % requests.len();
+            out.clear();
+            shard.pull("emb", &requests[turn], &mut out).expect("pull");
             shard.push("emb", &requests[turn], &grads).expect("push");
         })
     });
