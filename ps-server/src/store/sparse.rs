@@ -374,13 +374,12 @@ impl SparseRows {
         // The rows found, for the push of these keys (a training pull of
         // a large table: one that creates rows).
         let mut found = Vec::new();
+        let mut found_rows = 0;
         {
             let guards = self.lock_touched(hashes.iter().copied(), read);
             // Small tables stay in the CPU's caches: no hints for them.
             let prefetching = guards.iter().flatten().any(|s| s.len >= PREFETCH_ROWS);
-            if create && prefetching && keys.len() >= MIN_KEYS {
-                found = vec![NO_ROW; keys.len()];
-            }
+            let record = create && prefetching && keys.len() >= MIN_KEYS;
             let ahead = |i: usize, step: fn(&Segment, u64)| {
                 if let Some(&hash) = hashes.get(i)
                     && let Some(segment) = &guards[(hash >> SEGMENT_SHIFT) as usize]
@@ -401,15 +400,23 @@ impl SparseRows {
                     Some(row) => {
                         f(i, segment.row(row));
                         segment.touch(row, now);
-                        if let Some(slot) = found.get_mut(i) {
-                            *slot = u32::try_from(row).unwrap_or(NO_ROW);
+                        if record {
+                            // Allocated at the first row found: a pull of
+                            // new keys allocates nothing for hints.
+                            if found.is_empty() {
+                                found = vec![NO_ROW; keys.len()];
+                            }
+                            found[i] = u32::try_from(row).unwrap_or(NO_ROW);
+                            found_rows += 1;
                         }
                     }
                     None => missing.push(i),
                 }
             }
         }
-        if !found.is_empty() {
+        // A pull of mostly new keys (a table filling up) leaves nothing:
+        // its push would mostly look its keys up anyway.
+        if found_rows * 2 >= keys.len() && found_rows > 0 {
             self.pulled.keep(&hashes, found);
         }
         let mut row = Vec::new();

@@ -19,7 +19,8 @@
 //!
 //! The memo is bounded: at most [`MAX_LISTS`] key lists and [`MAX_ROWS`]
 //! row numbers (4 MiB) per table, the oldest dropped first, and a push
-//! takes its list out. Pulls of fewer than [`MIN_KEYS`] keys leave nothing.
+//! takes its list out. Pulls of fewer than [`MIN_KEYS`] keys leave nothing,
+//! nor do pulls that found fewer than half their keys (a table filling up).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

@@ -457,6 +457,21 @@ fn a_push_of_the_keys_a_pull_found_writes_the_rows_it_found() {
 }
 
 #[test]
+fn a_pull_of_mostly_new_keys_leaves_no_hints() {
+    let (rows, n) = large_table();
+    let new: Vec<u64> = (n..n + 5_000).collect();
+    rows.read_many(&new, true, true, fill, |_, _| {}).unwrap();
+    assert_eq!(
+        rows.pulled.held(),
+        (0, 0),
+        "a table filling up keeps no row numbers"
+    );
+    let half: Vec<u64> = (n - 2_500..n + 7_500).collect();
+    rows.read_many(&half, true, true, fill, |_, _| {}).unwrap();
+    assert_eq!(rows.pulled.held(), (1, half.len()), "most found: kept");
+}
+
+#[test]
 fn a_push_of_other_keys_takes_no_hint() {
     let (rows, _) = large_table();
     let keys: Vec<u64> = (0..5_000u64).map(|i| i * 31).collect();
