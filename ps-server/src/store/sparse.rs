@@ -67,7 +67,7 @@ mod tiers;
 mod touches;
 mod walk;
 
-use hints::{MIN_KEYS, NO_ROW, PulledRows};
+use hints::{MAX_ROWS, MIN_KEYS, NO_ROW, PulledRows};
 use index::Entry;
 use segment::Segment;
 
@@ -379,7 +379,8 @@ impl SparseRows {
             let guards = self.lock_touched(hashes.iter().copied(), read);
             // Small tables stay in the CPU's caches: no hints for them.
             let prefetching = guards.iter().flatten().any(|s| s.len >= PREFETCH_ROWS);
-            let record = create && prefetching && keys.len() >= MIN_KEYS;
+            // Past MAX_ROWS the memo would not keep the list: none is made.
+            let record = create && prefetching && (MIN_KEYS..=MAX_ROWS).contains(&keys.len());
             let ahead = |i: usize, step: fn(&Segment, u64)| {
                 if let Some(&hash) = hashes.get(i)
                     && let Some(segment) = &guards[(hash >> SEGMENT_SHIFT) as usize]

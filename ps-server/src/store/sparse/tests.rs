@@ -343,11 +343,7 @@ fn a_table_large_enough_to_prefetch_reads_and_writes_every_row_under_its_key() {
 }
 
 fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
-    let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
-    let rows = SparseRows::with_narrow_rows(2, narrow_rows, false);
-    let keys: Vec<u64> = (0..n).collect();
-    rows.update_many(&keys, fill, |_| {}, |_, _| {}).unwrap();
-    assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
+    let (rows, n) = large_table_with(narrow_rows);
     // Mostly held keys, some missing (>= n), some repeated.
     let probe: Vec<u64> = (0..20_000u64)
         .map(|i| mix64(i ^ 0xabc) % (n + n / 4))
@@ -393,22 +389,19 @@ fn prefetched_rows_are_the_keys_own(narrow_rows: usize) {
         unannounced <= SEGMENTS * AHEAD,
         "{unannounced} positions written without a hint"
     );
-    let mut counts = HashMap::new();
-    for &key in &probe {
-        *counts.entry(key).or_insert(0.0f32) += 1.0;
-    }
-    for (&key, &times) in &counts {
-        let mut want = expected(key, 2);
-        want[1] += times;
-        assert_eq!(rows.read(key, <[f32]>::to_vec), Some(want), "key {key}");
-    }
+    assert_pushed_once_per_occurrence(&rows, &probe);
 }
 
 /// A table past the prefetch size (where pulls leave hints), its rows
 /// `0..n` created by a write, so no pull has left any hint yet.
 fn large_table() -> (SparseRows, u64) {
+    large_table_with(NARROW_ROWS)
+}
+
+/// [`large_table`] with wide index entries past `narrow_rows` rows a segment.
+fn large_table_with(narrow_rows: usize) -> (SparseRows, u64) {
     let n = (SEGMENTS * PREFETCH_ROWS * 5 / 4) as u64;
-    let rows = SparseRows::with_narrow_rows(2, NARROW_ROWS, false);
+    let rows = SparseRows::with_narrow_rows(2, narrow_rows, false);
     let keys: Vec<u64> = (0..n).collect();
     rows.update_many(&keys, fill, |_| {}, |_, _| {}).unwrap();
     assert!(rows.segments.iter().all(|s| read(s).len >= PREFETCH_ROWS));
