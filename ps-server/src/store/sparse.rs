@@ -4,7 +4,8 @@
 //! key's hash ([`mix64`]), one lock each: a push holds its row's segment
 //! for writing, so it never tears a row, and a pull waits only for writes
 //! to the same segment, as with a concurrent map. Batch reads and writes
-//! take each segment they touch once per request, not once per row.
+//! take each segment they touch once per request, not once per row
+//! ([`batch`]).
 //!
 //! Within a segment, rows are numbered `0..len` in order of creation and
 //! stored in slabs of about 64 KiB (a power of two rows, [`chunk_rows`]):
@@ -60,6 +61,7 @@ use super::disk::{ColdRows, DiskError};
 pub(crate) use tiers::Dropped;
 use tiers::Loaded;
 
+mod batch;
 mod hints;
 mod index;
 mod segment;
@@ -67,6 +69,7 @@ mod tiers;
 mod touches;
 mod walk;
 
+use batch::{Batch, Written};
 use hints::{MAX_ROWS, MIN_KEYS, NO_ROW, PulledRows};
 use index::Entry;
 use segment::Segment;
@@ -560,70 +563,6 @@ impl SparseRows {
                 (slabs + segment.index.bytes()) as u64
             })
             .sum()
-    }
-}
-
-/// The keys a batch write updates, their hashes, for each the row a pull
-/// found it in if one did (a hint, to be checked), and what was already
-/// brought back from disk for them.
-struct Written<'a> {
-    keys: &'a [u64],
-    hashes: &'a [u64],
-    hints: Option<&'a [u32]>,
-    loaded: Loaded,
-}
-
-impl Written<'_> {
-    /// The hinted row of `keys[i]`, if any.
-    #[inline]
-    fn hint(&self, i: usize) -> Option<usize> {
-        let row = *self.hints?.get(i)?;
-        (row != NO_ROW).then_some(row as usize)
-    }
-}
-
-/// A request's keys grouped by segment: their hashes, and their positions
-/// ordered by segment (a stable counting sort).
-struct Batch {
-    hashes: Vec<u64>,
-    order: Vec<usize>,
-    starts: [usize; SEGMENTS + 1],
-}
-
-impl Batch {
-    fn of(keys: &[u64]) -> Batch {
-        let hashes: Vec<u64> = keys.iter().map(|&k| mix64(k)).collect();
-        let mut starts = [0usize; SEGMENTS + 1];
-        for &h in &hashes {
-            starts[(h >> SEGMENT_SHIFT) as usize + 1] += 1;
-        }
-        for s in 1..=SEGMENTS {
-            starts[s] += starts[s - 1];
-        }
-        let mut next = starts;
-        let mut order = vec![0; keys.len()];
-        for (i, &h) in hashes.iter().enumerate() {
-            let s = (h >> SEGMENT_SHIFT) as usize;
-            order[next[s]] = i;
-            next[s] += 1;
-        }
-        Batch {
-            hashes,
-            order,
-            starts,
-        }
-    }
-
-    /// Each segment the request touches, with the positions of its keys.
-    fn runs<'a>(
-        &'a self,
-        segments: &'a [RwLock<Segment>],
-    ) -> impl Iterator<Item = (&'a RwLock<Segment>, &'a [usize])> {
-        segments
-            .iter()
-            .zip(self.starts.windows(2))
-            .filter(|(_, w)| w[0] < w[1])
-            .map(|(lock, w)| (lock, &self.order[w[0]..w[1]]))
     }
 }
 

@@ -11,8 +11,9 @@ use std::sync::atomic::Ordering;
 
 use ps_common::routing::mix64;
 
+use super::batch::Batch;
 use super::segment::Segment;
-use super::{Batch, SEGMENT_SHIFT, SEGMENTS, SparseRows, read, write};
+use super::{SEGMENT_SHIFT, SEGMENTS, SparseRows, read, write};
 use crate::store::disk::{ColdRows, DiskError};
 
 /// What [`SparseRows::load_batch`] brought back from disk.
