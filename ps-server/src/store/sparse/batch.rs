@@ -75,3 +75,43 @@ impl Batch {
             .map(|(lock, w)| (lock, &self.order[w[0]..w[1]]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_visit_each_touched_segment_once_with_its_keys_in_request_order() {
+        let keys: Vec<u64> = (0..5_000u64).map(|i| i * 7_919 % 1_201).collect();
+        let batch = Batch::of(&keys);
+        let segments: Vec<RwLock<Segment>> = (0..SEGMENTS)
+            .map(|_| RwLock::new(Segment::new(1, 1 << 20, false)))
+            .collect();
+        let mut seen = vec![false; keys.len()];
+        let mut last_segment = None;
+        for (lock, run) in batch.runs(&segments) {
+            let s = segments
+                .iter()
+                .position(|l| std::ptr::eq(l, lock))
+                .expect("a segment of the table");
+            assert!(last_segment < Some(s), "segments in order, each once");
+            last_segment = Some(s);
+            assert!(!run.is_empty(), "only segments the request touches");
+            assert!(run.is_sorted(), "request order within a segment");
+            for &i in run {
+                assert_eq!(batch.hashes[i], mix64(keys[i]));
+                assert_eq!((batch.hashes[i] >> SEGMENT_SHIFT) as usize, s);
+                assert!(!std::mem::replace(&mut seen[i], true), "each key once");
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "every key in some run");
+    }
+
+    #[test]
+    fn an_empty_request_touches_no_segment() {
+        let segments: Vec<RwLock<Segment>> = (0..SEGMENTS)
+            .map(|_| RwLock::new(Segment::new(1, 1 << 20, false)))
+            .collect();
+        assert_eq!(Batch::of(&[]).runs(&segments).count(), 0);
+    }
+}
