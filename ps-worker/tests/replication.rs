@@ -132,6 +132,12 @@ fn rows(shard: &Shard, keys: &[u64]) -> Vec<f32> {
     out
 }
 
+/// The bits of `values`: replicas must agree to the bit, not only
+/// compare equal as floats (which would let -0.0 pass for 0.0).
+fn bits(values: Vec<f32>) -> Vec<u32> {
+    values.into_iter().map(f32::to_bits).collect()
+}
+
 /// Push calls a node applied, and those it answered as duplicates.
 fn counters(node: &Node) -> (u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -152,7 +158,7 @@ async fn train(client: &PsClient, steps: usize) {
     client.flush().await.unwrap();
 }
 
-/// Each push is on the backup, with the same values, by the time it is
+/// Each push is on the backup, with the same bits, by the time it is
 /// acknowledged (checked after every acknowledgement, not after a final
 /// flush), for an order-dependent optimizer (Adagrad) and for per-row Adam.
 #[tokio::test]
@@ -191,9 +197,9 @@ async fn every_acknowledged_push_is_on_the_backup_with_the_same_values() {
         );
         for table in ["emb", "adam"] {
             assert_eq!(
-                read(&primary.shard, table),
-                read(&backup.shard, table),
-                "step {step}, table {table}: the same values, applied in the same order"
+                bits(read(&primary.shard, table)),
+                bits(read(&backup.shard, table)),
+                "step {step}, table {table}: the same bits, applied in the same order"
             );
         }
     }
@@ -346,7 +352,10 @@ async fn when_the_primary_dies_the_client_fails_over_and_loses_no_acknowledged_p
     let acked_before_it = client.push_acks().acked;
     train(&client, 5).await;
     let keys: Vec<u64> = (0..50).collect();
-    assert_eq!(rows(&backup.shard, &keys), rows(&replacement.shard, &keys));
+    assert_eq!(
+        bits(rows(&backup.shard, &keys)),
+        bits(rows(&replacement.shard, &keys))
+    );
 
     // A worker restarted with the original addresses finds the promoted
     // backup when the listed primary is gone.
@@ -428,7 +437,10 @@ async fn a_push_whose_answer_is_lost_is_applied_once_when_retried() {
     assert!(retried.duplicate);
     assert_eq!(counters(&primary), (1, 1));
     assert_eq!(counters(&backup).0, 1, "replicated once");
-    assert_eq!(rows(&primary.shard, &[9]), rows(&backup.shard, &[9]));
+    assert_eq!(
+        bits(rows(&primary.shard, &[9])),
+        bits(rows(&backup.shard, &[9]))
+    );
 }
 
 #[tokio::test]
