@@ -78,18 +78,17 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
+    use super::super::SparseRows;
     use super::*;
 
     #[test]
     fn runs_visit_each_touched_segment_once_with_its_keys_in_request_order() {
         let keys: Vec<u64> = (0..5_000u64).map(|i| i * 7_919 % 1_201).collect();
         let batch = Batch::of(&keys);
-        let segments: Vec<RwLock<Segment>> = (0..SEGMENTS)
-            .map(|_| RwLock::new(Segment::new(1, 1 << 20, false)))
-            .collect();
+        let segments = &SparseRows::new(1, false, None).segments;
         let mut seen = vec![false; keys.len()];
         let mut last_segment = None;
-        for (lock, run) in batch.runs(&segments) {
+        for (lock, run) in batch.runs(segments) {
             let s = segments
                 .iter()
                 .position(|l| std::ptr::eq(l, lock))
@@ -109,9 +108,7 @@ mod tests {
 
     #[test]
     fn an_empty_request_touches_no_segment() {
-        let segments: Vec<RwLock<Segment>> = (0..SEGMENTS)
-            .map(|_| RwLock::new(Segment::new(1, 1 << 20, false)))
-            .collect();
-        assert_eq!(Batch::of(&[]).runs(&segments).count(), 0);
+        let table = SparseRows::new(1, false, None);
+        assert_eq!(Batch::of(&[]).runs(&table.segments).count(), 0);
     }
 }
